@@ -1,0 +1,250 @@
+// Softmax and log-softmax on the CPU, forward and backward, over any dim.
+//
+// Last dim (inner == 1), rows parallel over cores. A row that fits in cache takes the classic passes: max (one
+// read of x from memory), exp + sum storing exp (x from cache), then a scale in cache - one exp per element.
+// A row too long for the cache (> kOnlineRow) takes the online form instead: one read computes max and sum
+// together block by block, a second writes the result - two reads of x rather than three plus a re-read of y.
+// Other dims (inner > 1) run the same reductions across `inner`-contiguous slabs so they vectorize without a
+// transposing copy.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "common.h"
+#include "cpu/vec.h"
+
+namespace fastnn::cpu {
+namespace {
+
+constexpr int64_t kOnlineRow = 1 << 16;  // elements; x and y rows together then exceed half the 1 MiB L2
+constexpr int64_t kOnlineBlock = 2048;   // an L1-sized block of the online pass
+constexpr int64_t kInnerBlock = 64;      // columns of a non-last-dim slab handled together
+constexpr int64_t kGrain = 32768;        // elements per parallel task, ATen's default grain
+
+// One row, in the accumulation type. y may alias x.
+template <typename A, bool LOG> void softmax_row(const A* x, A* y, int64_t n) {
+  A m, s;
+  if (n <= kOnlineRow) {
+    m = max_of(x, n);
+    if constexpr (LOG) {
+      s = sum_exp<A, false>(x, m, nullptr, n);
+    } else {
+      s = sum_exp<A, true>(x, m, y, n);
+      const A inv = A(1) / s;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] *= inv;
+      return;
+    }
+  } else {
+    m = -std::numeric_limits<A>::infinity();
+    s = 0;
+    for (int64_t b = 0; b < n; b += kOnlineBlock) {
+      const int64_t len = std::min(kOnlineBlock, n - b);
+      const A mb = max_of(x + b, len);
+      if (mb != mb) { m = mb; break; }  // a NaN makes the whole row NaN
+      if (mb == -std::numeric_limits<A>::infinity()) continue;
+      const A sb = sum_exp<A, false>(x + b, mb, nullptr, len);
+      const A mn = std::max(m, mb);
+      s = s * exp(m - mn) + sb * exp(mb - mn);  // m = -inf at first: exp(-inf) = 0
+      m = mn;
+    }
+    if constexpr (!LOG) {
+      const A inv = A(1) / s;
+      for_chunks<A>(n, [&](int64_t i, int64_t len) { store(y + i, exp(load(x + i, len) - m) * inv, len); });
+      return;
+    }
+  }
+  const A c = m + std::log(s);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] - c;
+}
+
+// grad_input of one row: softmax  dx = y * (dy - sum(dy * y));  log_softmax  dx = dy - exp(y) * sum(dy).
+template <typename A, bool LOG> void softmax_bwd_row(const A* dy, const A* y, A* dx, int64_t n) {
+  if constexpr (LOG) {
+    const A s = sum(dy, n);
+    for_chunks<A>(n, [&](int64_t i, int64_t len) { store(dx + i, load(dy + i, len) - exp(load(y + i, len)) * s, len); });
+  } else {
+    const A d = dot(dy, y, n);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dx[i] = y[i] * (dy[i] - d);
+  }
+}
+
+int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)); }
+
+template <typename T, bool LOG> void fwd_lastdim(const T* x, T* y, int64_t rows, int64_t n) {
+  using A = acc_t<T>;
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<T, A>) {
+      for (int64_t r = begin; r < end; ++r) softmax_row<A, LOG>(x + r * n, y + r * n, n);
+    } else {
+      std::unique_ptr<A[]> buf(new A[n]);  // one buffer per task, not per row
+      for (int64_t r = begin; r < end; ++r) {
+        load_row(x + r * n, buf.get(), n);
+        softmax_row<A, LOG>(buf.get(), buf.get(), n);
+        store_row(buf.get(), y + r * n, n);
+      }
+    }
+  });
+}
+
+template <typename T, bool LOG> void bwd_lastdim(const T* dy, const T* y, T* dx, int64_t rows, int64_t n) {
+  using A = acc_t<T>;
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<T, A>) {
+      for (int64_t r = begin; r < end; ++r) softmax_bwd_row<A, LOG>(dy + r * n, y + r * n, dx + r * n, n);
+    } else {
+      std::unique_ptr<A[]> buf(new A[2 * n]);
+      A *bdy = buf.get(), *by = buf.get() + n;
+      for (int64_t r = begin; r < end; ++r) {
+        load_row(dy + r * n, bdy, n);
+        load_row(y + r * n, by, n);
+        softmax_bwd_row<A, LOG>(bdy, by, bdy, n);
+        store_row(bdy, dx + r * n, n);
+      }
+    }
+  });
+}
+
+// Non-last dim: each task owns a [size, w] slab of columns i0..i0+w of one outer index; the per-column
+// reductions run along `size` with the w columns contiguous, so the inner loops vectorize.
+template <typename T, typename F> void for_each_slab(const DimGeometry& g, F&& f) {
+  const int64_t blocks = (g.inner + kInnerBlock - 1) / kInnerBlock;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(g.size * kInnerBlock, 1));
+  at::parallel_for(0, g.outer * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o = t / blocks, i0 = (t % blocks) * kInnerBlock;
+      f(o * g.size * g.inner + i0, std::min(kInnerBlock, g.inner - i0));
+    }
+  });
+}
+
+// Columns j of a slab are loaded/stored through the accumulation type one vector at a time.
+template <typename T, typename A> static inline vec<A> load_cols(const T* p, int64_t len, A fill = A(0)) {
+  if constexpr (std::is_same_v<T, A>) {
+    return load(p, len, fill);
+  } else {
+    A buf[kW<A>];
+    load_row(p, buf, len);
+    return load(buf, len, fill);
+  }
+}
+template <typename T, typename A> static inline void store_cols(T* p, vec<A> v, int64_t len) {
+  if constexpr (std::is_same_v<T, A>) {
+    store(p, v, len);
+  } else {
+    A buf[kW<A>];
+    store(buf, v, len);
+    store_row(buf, p, len);
+  }
+}
+
+template <typename T, bool LOG> void fwd_inner(const T* x, T* y, const DimGeometry& g) {
+  using A = acc_t<T>;
+  const int64_t n = g.size, stride = g.inner;
+  constexpr A ninf = -std::numeric_limits<A>::infinity();
+  for_each_slab<T>(g, [&](int64_t base, int64_t w) {
+    alignas(32) A m[kInnerBlock], s[kInnerBlock];
+    std::fill(m, m + kInnerBlock, ninf);
+    std::fill(s, s + kInnerBlock, A(0));
+    for (int64_t k = 0; k < n; ++k) {
+      const T* xr = x + base + k * stride;
+      for_chunks<A>(w, [&](int64_t j, int64_t len) { store(m + j, vmax(load(m + j), load_cols<T, A>(xr + j, len, ninf))); });
+    }
+    for (int64_t k = 0; k < n; ++k) {
+      const T* xr = x + base + k * stride;
+      for_chunks<A>(w, [&](int64_t j, int64_t len) {
+        store(s + j, load(s + j) + exp(load_cols<T, A>(xr + j, len) - load(m + j)));
+      });
+    }
+    for (int64_t j = 0; j < w; ++j) s[j] = LOG ? m[j] + std::log(s[j]) : A(1) / s[j];
+    for (int64_t k = 0; k < n; ++k) {
+      const T* xr = x + base + k * stride;
+      T* yr = y + base + k * stride;
+      for_chunks<A>(w, [&](int64_t j, int64_t len) {
+        const vec<A> v = load_cols<T, A>(xr + j, len);
+        store_cols<T, A>(yr + j, LOG ? v - load(s + j) : exp(v - load(m + j)) * load(s + j), len);
+      });
+    }
+  });
+}
+
+template <typename T, bool LOG> void bwd_inner(const T* dy, const T* y, T* dx, const DimGeometry& g) {
+  using A = acc_t<T>;
+  const int64_t n = g.size, stride = g.inner;
+  for_each_slab<T>(g, [&](int64_t base, int64_t w) {
+    alignas(32) A d[kInnerBlock];
+    std::fill(d, d + kInnerBlock, A(0));
+    for (int64_t k = 0; k < n; ++k) {
+      const T *dyr = dy + base + k * stride, *yr = y + base + k * stride;
+      for_chunks<A>(w, [&](int64_t j, int64_t len) {
+        const vec<A> g_ = load_cols<T, A>(dyr + j, len);
+        store(d + j, load(d + j) + (LOG ? g_ : g_ * load_cols<T, A>(yr + j, len)));
+      });
+    }
+    for (int64_t k = 0; k < n; ++k) {
+      const T *dyr = dy + base + k * stride, *yr = y + base + k * stride;
+      T* dxr = dx + base + k * stride;
+      for_chunks<A>(w, [&](int64_t j, int64_t len) {
+        const vec<A> g_ = load_cols<T, A>(dyr + j, len), v = load_cols<T, A>(yr + j, len);
+        store_cols<T, A>(dxr + j, LOG ? g_ - exp(v) * load(d + j) : v * (g_ - load(d + j)), len);
+      });
+    }
+  });
+}
+
+at::Tensor softmax_fwd_cpu(const at::Tensor& input, int64_t dim, bool log) {
+  check_floating(input, "input");
+  dim = wrap_dim(dim, input.dim());
+  const at::Tensor x = input.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return y;
+  const DimGeometry g(x, dim);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_fwd_cpu", [&] {
+    const auto* xp = x.const_data_ptr<scalar_t>();
+    auto* yp = y.mutable_data_ptr<scalar_t>();
+    if (g.inner == 1) {
+      log ? fwd_lastdim<scalar_t, true>(xp, yp, g.outer, g.size) : fwd_lastdim<scalar_t, false>(xp, yp, g.outer, g.size);
+    } else {
+      log ? fwd_inner<scalar_t, true>(xp, yp, g) : fwd_inner<scalar_t, false>(xp, yp, g);
+    }
+  });
+  return y;
+}
+
+at::Tensor softmax_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& output, int64_t dim, bool log) {
+  check_floating(output, "output");
+  check_same(grad_output, "grad_output", output, "output");
+  dim = wrap_dim(dim, output.dim());
+  const at::Tensor dy = grad_output.contiguous(), y = output.contiguous();
+  at::Tensor dx = at::empty(y.sizes(), y.options());
+  if (y.numel() == 0) return dx;
+  const DimGeometry g(y, dim);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "softmax_bwd_cpu", [&] {
+    const auto *dyp = dy.const_data_ptr<scalar_t>(), *yp = y.const_data_ptr<scalar_t>();
+    auto* dxp = dx.mutable_data_ptr<scalar_t>();
+    if (g.inner == 1) {
+      log ? bwd_lastdim<scalar_t, true>(dyp, yp, dxp, g.outer, g.size)
+          : bwd_lastdim<scalar_t, false>(dyp, yp, dxp, g.outer, g.size);
+    } else {
+      log ? bwd_inner<scalar_t, true>(dyp, yp, dxp, g) : bwd_inner<scalar_t, false>(dyp, yp, dxp, g);
+    }
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
+  m.impl("softmax_fwd", &softmax_fwd_cpu);
+  m.impl("softmax_bwd", &softmax_bwd_cpu);
+}
+
+}  // namespace fastnn::cpu

@@ -1,0 +1,151 @@
+// SIMD building blocks of the CPU kernels, on GCC/Clang vector extensions: explicit 256-bit vectors (AVX2 with
+// -mavx2 -mfma, two SSE halves elsewhere) without intrinsics or ATen's Vectorized<T>, which an extension sees
+// only as its scalar fallback and whose exp calls SLEEF, hidden inside libtorch. The auto-vectorizer is no
+// substitute: GCC 12 leaves an exp-and-sum loop scalar ("control flow in loop").
+//
+// Loops use for_chunks(n, f): f(i, len) gets full vectors (len == W) and one tail (len < W); load()/store()
+// take len, so every loop is written once.
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace fastnn::cpu {
+
+template <typename A> struct VecTraits;
+template <> struct VecTraits<float> {
+  typedef float type __attribute__((vector_size(32)));
+  typedef int32_t mask __attribute__((vector_size(32)));
+  static constexpr int W = 8;
+};
+template <> struct VecTraits<double> {
+  typedef double type __attribute__((vector_size(32)));
+  typedef int64_t mask __attribute__((vector_size(32)));
+  static constexpr int W = 4;
+};
+template <typename A> using vec = typename VecTraits<A>::type;
+template <typename A> constexpr int kW = VecTraits<A>::W;
+
+template <typename A> static inline vec<A> splat(A a) { return vec<A>{} + a; }
+
+// len lanes from p, the rest `fill`.
+template <typename A> static inline vec<A> load(const A* p, int64_t len = kW<A>, A fill = A(0)) {
+  vec<A> v;
+  if (len == kW<A>) {
+    std::memcpy(&v, p, sizeof v);
+  } else {
+    v = splat<A>(fill);
+    for (int64_t i = 0; i < len; ++i) v[i] = p[i];
+  }
+  return v;
+}
+template <typename A> static inline void store(A* p, vec<A> v, int64_t len = kW<A>) {
+  if (len == kW<A>) std::memcpy(p, &v, sizeof v);
+  else for (int64_t i = 0; i < len; ++i) p[i] = v[i];
+}
+
+template <typename A, typename F> static inline void for_chunks(int64_t n, F&& f) {
+  int64_t i = 0;
+  for (; i + kW<A> <= n; i += kW<A>) f(i, int64_t(kW<A>));
+  if (i < n) f(i, n - i);
+}
+
+// Horizontal and lane-wise helpers, generic over the vector type V.
+template <typename V> static inline auto hsum(V v) {
+  auto s = v[0];
+  for (size_t i = 1; i < sizeof(V) / sizeof(v[0]); ++i) s += v[i];
+  return s;
+}
+template <typename V> static inline auto hmax(V v) {  // NaN wins
+  auto m = v[0];
+  for (size_t i = 1; i < sizeof(V) / sizeof(v[0]); ++i) m = (v[i] > m || v[i] != v[i]) ? v[i] : m;
+  return m;
+}
+template <typename V> static inline V vmax(V a, V b) {  // a NaN in b sticks, as in hmax
+  return (b > a) | (b != b) ? b : a;
+}
+
+// exp(x): x = n*ln2 + r with |r| <= ln2/2, exp(r) by Cephes' degree-6 minimax polynomial (about 1 ulp), 2^n
+// built in the exponent bits. NaN propagates; x < -87.3 flushes to 0 (the result would be denormal); x > 88.7
+// gives inf.
+static inline vec<float> exp(vec<float> x) {
+  using V = vec<float>;
+  using M = VecTraits<float>::mask;
+  const float hi = 88.3762626647950f, lo = -87.3365447505531f;
+  V xc = x > hi ? splat(hi) : x;
+  xc = xc < lo ? splat(lo) : xc;
+  const V magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to nearest
+  V n = (xc * 1.44269504088896341f + magic) - magic;
+  V r = n * -0.693359375f + xc;
+  r = n * 2.12194440e-4f + r;
+  V p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const M bits = (__builtin_convertvector(n, M) + 127) << 23;
+  V y = p * reinterpret_cast<const V&>(bits);
+  y = x < lo ? splat(0.0f) : y;
+  y = x > hi ? splat(std::numeric_limits<float>::infinity()) : y;
+  return y;
+}
+static inline vec<double> exp(vec<double> x) {  // float64 is for checking, not speed
+  for (int i = 0; i < 4; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+static inline float exp(float x) { return exp(splat(x))[0]; }
+static inline double exp(double x) { return std::exp(x); }
+
+// Accumulation type: half types compute in float.
+template <typename T> struct Acc { using type = T; };
+template <> struct Acc<c10::Half> { using type = float; };
+template <> struct Acc<c10::BFloat16> { using type = float; };
+template <typename T> using acc_t = typename Acc<T>::type;
+
+// ---- row reductions in the accumulation type (float or double) ----
+
+template <typename A> static inline A max_of(const A* x, int64_t n) {  // NaN wins, as torch's softmax needs
+  vec<A> m = splat(-std::numeric_limits<A>::infinity());
+  for_chunks<A>(n, [&](int64_t i, int64_t len) { m = vmax(m, load(x + i, len, -std::numeric_limits<A>::infinity())); });
+  return hmax(m);
+}
+
+// sum(exp(x - m)), storing exp(x - m) to y when STORE.
+template <typename A, bool STORE> static inline A sum_exp(const A* x, A m, A* y, int64_t n) {
+  vec<A> s{};
+  for_chunks<A>(n, [&](int64_t i, int64_t len) {
+    vec<A> e = exp(load(x + i, len) - m);
+    if (len < kW<A>) for (int64_t k = len; k < kW<A>; ++k) e[k] = 0;
+    if constexpr (STORE) store(y + i, e, len);
+    s += e;
+  });
+  return hsum(s);
+}
+
+template <typename A> static inline A dot(const A* a, const A* b, int64_t n) {
+  vec<A> s{};
+  for_chunks<A>(n, [&](int64_t i, int64_t len) { s += load(a + i, len) * load(b + i, len); });
+  return hsum(s);
+}
+
+template <typename A> static inline A sum(const A* a, int64_t n) {
+  vec<A> s{};
+  for_chunks<A>(n, [&](int64_t i, int64_t len) { s += load(a + i, len); });
+  return hsum(s);
+}
+
+// Storage <-> accumulation type, a row at a time (half types go through a float buffer).
+template <typename T, typename A> static inline void load_row(const T* src, A* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<A>(src[i]);
+}
+template <typename T, typename A> static inline void store_row(const A* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+}  // namespace fastnn::cpu

@@ -1,0 +1,102 @@
+"""Builds fastnn._C: csrc/cpu/*.cpp always, csrc/cuda/*.cu when the installed torch has CUDA.
+
+Environment:
+  FASTNN_CUDA=0          force a CPU-only build
+  FASTNN_CUDA=1          a missing CUDA toolchain is an error instead of a silent CPU-only build
+  TORCH_CUDA_ARCH_LIST   GPU architectures (default "8.0;9.0": A100 and H100/H200)
+  FASTNN_CXXFLAGS        extra host compiler flags (the sanitizer build uses it)
+
+Install with `pip install -e . --no-build-isolation`: an isolated build would compile against another torch
+than the one installed, and the extension then fails to import.
+"""
+import glob
+import os
+import platform
+import shlex
+import shutil
+
+from setuptools import find_packages, setup
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_wanted() -> bool:
+    flag = os.environ.get("FASTNN_CUDA", "auto").strip().lower()
+    nvcc = shutil.which("nvcc") or (
+        cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    )
+    have = torch.version.cuda is not None and bool(cpp_extension.CUDA_HOME) and bool(nvcc)
+    if flag in ("0", "false", "no", "off"):
+        return False
+    if flag in ("1", "true", "yes", "on") and not have:
+        raise RuntimeError(
+            "FASTNN_CUDA=1 but no CUDA toolchain: torch.version.cuda=%r, CUDA_HOME=%r. Install a CUDA build of "
+            "torch and nvcc, or unset FASTNN_CUDA for a CPU-only build." % (torch.version.cuda, cpp_extension.CUDA_HOME)
+        )
+    return have
+
+
+def _nvidia_include_dirs():
+    # CUDA builds of torch pull headers such as cusparse.h from the pip-installed nvidia packages.
+    try:
+        import nvidia  # noqa: F401
+    except ImportError:
+        return []
+    dirs = []
+    for base in getattr(nvidia, "__path__", []):
+        dirs += [d for d in glob.glob(os.path.join(base, "*", "include")) if os.path.isdir(d)]
+    return sorted(dirs)
+
+
+def build_extension():
+    with_cuda = _cuda_wanted()
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # OpenMP: ATen's parallel_for is an inline `#pragma omp parallel`, so without -fopenmp it runs serially.
+    # The loops are written for the compiler's auto-vectorizer; AVX2+FMA is the x86-64 baseline we target.
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        cxx += ["-mavx2", "-mfma", "-mf16c"]
+    cxx += shlex.split(os.environ.get("FASTNN_CXXFLAGS", ""))
+    extra = {"cxx": cxx}
+    ldflags = ["-fopenmp"] + shlex.split(os.environ.get("FASTNN_LDFLAGS", ""))
+    ext_cls = cpp_extension.CppExtension
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + shlex.split(
+            os.environ.get("FASTNN_NVCCFLAGS", "")
+        )
+        include_dirs += _nvidia_include_dirs()
+        ext_cls = cpp_extension.CUDAExtension
+    print(f"fastnn: building fastnn._C with {'CPU + CUDA' if with_cuda else 'CPU only'} kernels")
+    return ext_cls(
+        "fastnn._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args=extra,
+        extra_link_args=ldflags,
+        py_limited_api=False,
+    )
+
+
+setup(
+    name="fastnn",
+    version="0.1.0",
+    description="Fused training kernels for PyTorch: softmax, losses, attention, LSTM (Triton, CUDA, C++ CPU)",
+    packages=find_packages(include=["fastnn", "fastnn.*"]) + ["fastnn.kernels"],
+    # The Triton kernels sit in kernels/ at the top of the repository and install as fastnn.kernels.
+    package_dir={"fastnn.kernels": "kernels"},
+    ext_modules=[build_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.4"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "numpy"],
+        "bench": ["matplotlib"],
+        "translator": ["sentencepiece", "sacrebleu", "tqdm", "pyyaml", "matplotlib"],
+    },
+)

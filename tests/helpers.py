@@ -1,0 +1,57 @@
+"""Shared test helpers: which (device, backend) pairs run here, and the comparison rules of the brief."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastnn.backend import native_has, triton_interpret, triton_status
+
+
+def device_backends(op: str, reference: bool = False) -> list:
+    """pytest params (device, backend) for every backend of ``op``; CUDA ones marked `cuda` (skipped without
+    a GPU). The Triton backend on CPU needs the interpreter (tests/conftest.py turns it on without a GPU)."""
+    params = []
+    for device in ("cpu", "cuda"):
+        marks = [pytest.mark.cuda] if device == "cuda" else []
+        names = ["native"]
+        if triton_status()[0] and (device == "cuda" or triton_interpret()):
+            names.append("triton")
+        if reference:
+            names.append("reference")
+        for name in names:
+            if device == "cpu" and name == "native" and not native_has(op, "cpu"):
+                continue
+            params.append(pytest.param(device, name, marks=marks, id=f"{device}-{name}"))
+    return params
+
+
+# Tolerances against a float64 reference for full-precision dtypes.
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+LOW = (torch.float16, torch.bfloat16)
+
+
+def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    a, ref = a.double(), ref.double()
+    both_nan = a.isnan() & ref.isnan()
+    same_inf = (a == ref) & a.isinf()
+    d = (a - ref).abs().masked_fill(both_nan | same_inf, 0)
+    return d.max().item()
+
+
+def assert_matches(out: torch.Tensor, ref64: torch.Tensor, *, torch_out: torch.Tensor | None = None,
+                   name: str = "output", atol_floor: float = 1e-6) -> None:
+    """out vs a float64 reference. Full precision: TOL. Half types: FlashAttention's rule, error at most 2x
+    torch's own error in that dtype (``torch_out``) plus a small floor for when torch is exact."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert torch.equal(out.isnan(), ref64.isnan()), f"{name}: NaN pattern differs from the reference"
+    if out.dtype in LOW:
+        assert torch_out is not None, "low precision needs torch's own output to compare errors"
+        ours, theirs = max_err(out, ref64), max_err(torch_out, ref64)
+        assert ours <= 2 * theirs + atol_floor, f"{name}: error {ours:.3g} > 2 x torch's {theirs:.3g}"
+    else:
+        tol = TOL[out.dtype]
+        err = max_err(out, ref64)
+        bound = tol["atol"] + tol["rtol"] * ref64.abs().max().item() if ref64.numel() else 0
+        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"

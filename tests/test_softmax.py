@@ -1,0 +1,197 @@
+"""softmax / log_softmax through every backend against fastnn.reference in float64, forward and backward."""
+import pytest
+import torch
+from torch import nn
+
+import fastnn
+import fastnn.functional as F
+from helpers import assert_matches, device_backends
+
+FN = {False: F.softmax, True: F.log_softmax}
+TORCH_FN = {False: torch.softmax, True: torch.log_softmax}
+REF = {False: fastnn.reference.softmax, True: fastnn.reference.log_softmax}
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+SHAPES = [
+    ((1,), -1),            # one element: softmax is exactly 1
+    ((7,), 0),             # shorter than one SIMD vector: only the tail path runs
+    ((97, 1025), -1),      # 1025 = one past a power of two: Triton's block is 2048, mostly masked
+    ((113, 203), -1),      # both odd
+    ((113, 203), 0),       # reduce over a non-last dim: strided rows, no transposing copy
+    ((3, 5, 7, 9), 1),     # non-last dim with inner = 63, not a multiple of the vector width
+    ((2, 262144), -1),     # rows longer than one block: the online (two-pass) path of every backend
+    ((0, 5), -1),          # zero rows
+    ((4, 0), -1),          # zero-length rows
+    ((), 0),               # 0-d tensor, as torch accepts
+]
+
+
+def _run(fn, x, g, dim, **kw):
+    x = x.detach().clone().requires_grad_()
+    out = fn(x, dim, **kw)
+    (dx,) = torch.autograd.grad(out, x, g)
+    return out.detach(), dx
+
+
+@pytest.mark.parametrize("device,backend", device_backends("softmax", reference=True))
+@pytest.mark.parametrize("shape,dim", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_matches_reference(device, backend, shape, dim, dtype, log):
+    x = (3 * torch.randn(shape, dtype=torch.float64, device=device)).to(dtype)
+    g = torch.randn(shape, dtype=torch.float64, device=device).to(dtype)
+    ref, ref_dx = _run(REF[log], x.double(), g.double(), dim)
+    out, dx = _run(FN[log], x, g, dim, backend=backend)
+    t_out, t_dx = _run(TORCH_FN[log], x, g, dim)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_matches(out, ref, torch_out=t_out)
+    assert_matches(dx, ref_dx, torch_out=t_dx, name="grad_input")
+
+
+@pytest.mark.parametrize("device,backend", device_backends("softmax"))
+@pytest.mark.parametrize("make", [
+    lambda d: torch.randn(40, 60, device=d).t(),                  # transposed
+    lambda d: torch.randn(30, 80, device=d)[:, ::2],              # strided rows
+    lambda d: torch.randn(1, 50, device=d).expand(7, 50),         # stride-0 (expanded)
+    lambda d: torch.randn(2, 3, 4, 5, device=d).to(memory_format=torch.channels_last),
+], ids=["transposed", "strided", "expanded", "channels_last"])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_non_contiguous(device, backend, make, log):
+    x = make(device)
+    g = torch.randn(x.shape, device=device)
+    for dim in range(x.dim()):
+        ref, ref_dx = _run(REF[log], x.double(), g.double(), dim)
+        out, dx = _run(FN[log], x, g, dim, backend=backend)
+        assert_matches(out, ref)
+        assert_matches(dx, ref_dx, name="grad_input")
+
+
+@pytest.mark.parametrize("device,backend", device_backends("softmax"))
+@pytest.mark.parametrize("n", [5, 100000])  # register-resident row, and the online path
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_infinities_nan_and_extremes(device, backend, n, log):
+    x = torch.randn(5, n, device=device)
+    x[0] = float("-inf")                    # all -inf: NaN, as torch
+    x[1, ::2] = float("-inf")               # some -inf: those get 0 (log: -inf)
+    x[2, n // 2] = float("nan")             # a NaN poisons its row
+    x[3] = 1e4 * torch.randn(n, device=device).sign()  # +-1e4 must not overflow
+    x[4, 0] = float("inf")                  # a +inf: NaN, as torch
+    out = FN[log](x, -1, backend=backend)
+    expected = TORCH_FN[log](x.double(), -1)
+    assert torch.equal(out.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    torch.testing.assert_close(out[finite].double(), expected[finite], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", [p.values[1] for p in device_backends("softmax") if p.values[0] == "cpu"])
+@pytest.mark.parametrize("shape,dim", [((4, 7), -1), ((3, 5, 4), 1), ((2, 9000), -1)])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_gradcheck(backend, shape, dim, log):
+    if shape[-1] > 1000 and backend == "triton":
+        pytest.skip("the interpreter makes a long-row gradcheck slow; covered by test_matches_reference")
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: FN[log](t, dim, backend=backend), (x,), fast_mode=shape[-1] > 1000)
+
+
+@pytest.mark.parametrize("suffix", ["", "_triton"])
+@pytest.mark.parametrize("shape,dim", [((5, 33), -1), ((4, 6, 3), 1)])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_opcheck(suffix, shape, dim, log):
+    if suffix and not [p for p in device_backends("softmax") if p.values == ("cpu", "triton")]:
+        pytest.skip("no Triton on CPU here")
+    x = torch.randn(shape, requires_grad=True)
+    torch.library.opcheck(getattr(torch.ops.fastnn, "softmax_fwd" + suffix), (x, dim, log))
+    y = torch.softmax(x.detach(), dim)
+    torch.library.opcheck(getattr(torch.ops.fastnn, "softmax_bwd" + suffix), (torch.randn(shape), y, dim, log))
+
+
+@pytest.mark.parametrize("device,backend", device_backends("softmax"))
+def test_torch_compile_fullgraph(device, backend):
+    def f(x):
+        return F.softmax(x * 2, -1, backend=backend).sum(-1) + F.log_softmax(x, 0, backend=backend)[0]
+
+    x = torch.randn(6, 17, device=device, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(x)
+    (dx,) = torch.autograd.grad(out.sum(), x)
+    (dx_eager,) = torch.autograd.grad(f(x).sum(), x)
+    torch.testing.assert_close(out, f(x))
+    torch.testing.assert_close(dx, dx_eager)
+
+
+def test_dtype_argument_casts_first():
+    x = torch.randn(4, 9, dtype=torch.float64)
+    out = F.softmax(x, -1, dtype=torch.float32)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.softmax(x, -1, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("call,exc,words", [
+    (lambda: F.softmax(torch.arange(6)), TypeError, ["input", "int64"]),
+    (lambda: F.softmax(torch.randn(3, 4), 2), IndexError, ["dim", "[-2, 1]"]),
+    (lambda: F.log_softmax(torch.randn(3), -2), IndexError, ["dim"]),
+    (lambda: F.softmax([1.0, 2.0]), TypeError, ["input", "Tensor"]),
+    (lambda: F.softmax(torch.randn(3), 0.5), TypeError, ["dim", "int"]),
+    (lambda: F.softmax(torch.randn(3), backend="cudnn"), ValueError, ["backend"]),
+    (lambda: F.softmax(torch.randn(3, device="meta"), backend="native"), ValueError, ["native", "meta"]),
+    (lambda: torch.ops.fastnn.softmax_bwd(torch.randn(3, 4), torch.randn(4, 3), -1, False), RuntimeError,
+     ["grad_output", "output", "shape"]),
+    (lambda: torch.ops.fastnn.softmax_bwd(torch.randn(3), torch.randn(3).double(), -1, False), RuntimeError,
+     ["dtype"]),
+])
+def test_bad_input_raises_clear_error(call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in {info.value}"
+
+
+def test_backend_selection(monkeypatch):
+    x = torch.randn(3, 4)
+    assert fastnn.get_backend() == "auto"
+    with fastnn.use_backend("reference"):
+        assert fastnn.get_backend() == "reference"
+        with fastnn.use_backend("native"):
+            assert fastnn.get_backend() == "native"
+        assert fastnn.get_backend() == "reference"
+    monkeypatch.setenv("FASTNN_BACKEND", "native")
+    assert fastnn.get_backend() == "native"
+    torch.testing.assert_close(F.softmax(x), torch.softmax(x, -1))
+    monkeypatch.setenv("FASTNN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTNN_BACKEND"):
+        F.softmax(x)
+    with pytest.raises(ValueError, match="backend"):
+        with fastnn.use_backend("fast"):
+            pass
+
+
+@pytest.mark.parametrize("cls,twin", [(nn.Softmax, fastnn.nn.Softmax), (nn.LogSoftmax, fastnn.nn.LogSoftmax)])
+@pytest.mark.parametrize("dim", [0, 1, -1, None])
+def test_modules_match_torch(cls, twin, dim):
+    x = torch.randn(4, 6, 5)
+    with pytest.warns(UserWarning) if dim is None else _nullcontext():
+        ours = twin(dim)(x)
+    with pytest.warns(UserWarning) if dim is None else _nullcontext():
+        theirs = cls(dim)(x)
+    torch.testing.assert_close(ours, theirs)
+    assert repr(twin(dim)).endswith(f"(dim={dim})") and twin(dim).state_dict() == {}
+
+
+def test_patch_replaces_and_keeps_weights(capsys):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.ReLU(), nn.Softmax(dim=-1)), nn.LogSoftmax(1)).eval()
+    x = torch.randn(3, 8)
+    expected, state = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    patched = fastnn.patch(model)
+    assert patched is model
+    assert type(model[1][1]) is fastnn.nn.Softmax and type(model[2]) is fastnn.nn.LogSoftmax
+    assert not model[2].training
+    assert "replaced 2 module(s)" in capsys.readouterr().out
+    torch.testing.assert_close(model(x), expected)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert type(fastnn.patch(nn.Softmax(0), verbose=False)) is fastnn.nn.Softmax
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
