@@ -37,7 +37,10 @@ def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor, 
     written as max(-x, 0) + log1p(exp(-|x|)) so that no exp overflows; then summed or averaged over all
     elements ("mean" of nothing is NaN)."""
     x, y = _upcast(input), _upcast(target)
-    softplus_neg = torch.clamp(-x, min=0) + torch.log1p(torch.exp(-x.abs()))
+    # Both branches of each `where` are finite, and autograd's derivative at x = 0 is the true -1/2 (abs and
+    # clamp would give a one-sided subgradient there).
+    pos = x >= 0
+    softplus_neg = torch.log1p(torch.exp(torch.where(pos, -x, x))) - torch.where(pos, torch.zeros_like(x), x)
     log_weight = 1 if pos_weight is None else 1 + (_upcast(pos_weight) - 1) * y
     loss = (1 - y) * x + log_weight * softplus_neg
     if weight is not None:
