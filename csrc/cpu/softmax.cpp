@@ -60,9 +60,10 @@ template <typename A, bool LOG> void softmax_row(const A* x, A* y, int64_t n) {
       return;
     }
   }
-  const A c = m + std::log(s);
+  // (x - m) - log(s), not x - (m + log(s)): with |x| ~ 1e4 the sum m + log(s) would round away log(s).
+  const A ls = std::log(s);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] - c;
+  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - m) - ls;
 }
 
 // grad_input of one row: softmax  dx = y * (dy - sum(dy * y));  log_softmax  dx = dy - exp(y) * sum(dy).
@@ -164,13 +165,14 @@ template <typename T, bool LOG> void fwd_inner(const T* x, T* y, const DimGeomet
         store(s + j, load(s + j) + exp(load_cols<T, A>(xr + j, len) - load(m + j)));
       });
     }
-    for (int64_t j = 0; j < w; ++j) s[j] = LOG ? m[j] + std::log(s[j]) : A(1) / s[j];
+    for (int64_t j = 0; j < w; ++j) s[j] = LOG ? std::log(s[j]) : A(1) / s[j];
     for (int64_t k = 0; k < n; ++k) {
       const T* xr = x + base + k * stride;
       T* yr = y + base + k * stride;
       for_chunks<A>(w, [&](int64_t j, int64_t len) {
         const vec<A> v = load_cols<T, A>(xr + j, len);
-        store_cols<T, A>(yr + j, LOG ? v - load(s + j) : exp(v - load(m + j)) * load(s + j), len);
+        const vec<A> shifted = v - load(m + j);
+        store_cols<T, A>(yr + j, LOG ? shifted - load(s + j) : exp(shifted) * load(s + j), len);
       });
     }
   });
