@@ -43,3 +43,4 @@ def op(name: str, backend: str):
 
 
 from . import softmax  # noqa: E402,F401  (registers)
+from . import bce_with_logits  # noqa: E402,F401  (registers)
