@@ -25,3 +25,23 @@ def log_softmax(input: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = 
                 backend: str | None = None) -> torch.Tensor:
     """``torch.nn.functional.log_softmax``: x - logsumexp(x) over ``dim``. Args and Returns as ``softmax``."""
     return _softmax.softmax(input, dim, True, dtype, backend)
+
+
+# ---- LSTM
+
+def lstm_cell(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None, w_ih: torch.Tensor,
+              w_hh: torch.Tensor, b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None, *,
+              backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of ``torch.nn.LSTMCell`` (gate order i, f, g, o): the two products on BLAS, the rest one fused
+    kernel forward and one backward.
+
+    Args:
+        input: [B, I], or [I] unbatched.
+        hx: (h, c), each [B, H] ([H] unbatched), or None for zeros.
+        w_ih: [4H, I];  w_hh: [4H, H];  b_ih, b_hh: [4H] or None.
+    Returns:
+        (h', c'), each [B, H] ([H] unbatched).
+    """
+    from .ops import lstm as _lstm
+
+    return _lstm.lstm_cell(input, hx, w_ih, w_hh, b_ih, b_hh, backend)

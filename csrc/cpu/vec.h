@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace fastnn::cpu {
 
@@ -102,6 +103,36 @@ static inline vec<double> exp(vec<double> x) {  // float64 is for checking, not 
 static inline float exp(float x) { return exp(splat(x))[0]; }
 static inline double exp(double x) { return std::exp(x); }
 
+// sigmoid(x) = 1 / (1 + exp(-x)): exp(-x) overflows to inf for x < -88.7, giving exactly 0, and the result is
+// within a few ulp of the exact value everywhere else (one exp, one division).
+static inline vec<float> sigmoid(vec<float> x) { return 1.0f / (1.0f + exp(-x)); }
+static inline vec<double> sigmoid(vec<double> x) {
+  for (int i = 0; i < 4; ++i) x[i] = 1.0 / (1.0 + std::exp(-x[i]));
+  return x;
+}
+
+// tanh(x): |x| < 0.625 by Cephes' odd polynomial x + x^3 P(x^2) (1-2 ulp; the exp form would lose the
+// relative precision of small x to cancellation), else sign(x) (1 - 2 / (exp(2|x|) + 1)), which saturates to
+// +-1 once exp overflows. NaN propagates through both.
+static inline vec<float> tanh(vec<float> x) {
+  using V = vec<float>;
+  const V z = x * x;
+  V p = splat(-5.70498872745e-3f);
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const V small = p * z * x + x;
+  const V ax = x < 0.0f ? -x : x;
+  V big = 1.0f - 2.0f / (exp(ax + ax) + 1.0f);
+  big = x < 0.0f ? -big : big;
+  return ax < 0.625f ? small : big;
+}
+static inline vec<double> tanh(vec<double> x) {
+  for (int i = 0; i < 4; ++i) x[i] = std::tanh(x[i]);
+  return x;
+}
+
 // Accumulation type: half types compute in float.
 template <typename T> struct Acc { using type = T; };
 template <> struct Acc<c10::Half> { using type = float; };
@@ -146,6 +177,25 @@ template <typename T, typename A> static inline void load_row(const T* src, A* d
 }
 template <typename T, typename A> static inline void store_row(const A* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// One vector of T (any storage type) as the accumulation type A and back, for kernels that stream rows of half
+// types without a row buffer: len lanes, the rest `fill`.
+template <typename T, typename A> static inline vec<A> load_as(const T* p, int64_t len = kW<A>, A fill = A(0)) {
+  if constexpr (std::is_same_v<T, A>) {
+    return load(p, len, fill);
+  } else {
+    vec<A> v = splat<A>(fill);
+    for (int64_t i = 0; i < len; ++i) v[i] = static_cast<A>(p[i]);
+    return v;
+  }
+}
+template <typename T, typename A> static inline void store_as(T* p, vec<A> v, int64_t len = kW<A>) {
+  if constexpr (std::is_same_v<T, A>) {
+    store(p, v, len);
+  } else {
+    for (int64_t i = 0; i < len; ++i) p[i] = static_cast<T>(v[i]);
+  }
 }
 
 }  // namespace fastnn::cpu
