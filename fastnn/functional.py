@@ -51,3 +51,23 @@ def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor, 
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     return _bce.bce_with_logits(input, target, weight, reduction, pos_weight, backend)
+
+
+# ---- LSTM
+
+def lstm_cell(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None, w_ih: torch.Tensor,
+              w_hh: torch.Tensor, b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None, *,
+              backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of ``torch.nn.LSTMCell`` (gate order i, f, g, o): the two products on BLAS, the rest one fused
+    kernel forward and one backward.
+
+    Args:
+        input: [B, I], or [I] unbatched.
+        hx: (h, c), each [B, H] ([H] unbatched), or None for zeros.
+        w_ih: [4H, I];  w_hh: [4H, H];  b_ih, b_hh: [4H] or None.
+    Returns:
+        (h', c'), each [B, H] ([H] unbatched).
+    """
+    from .ops import lstm as _lstm
+
+    return _lstm.lstm_cell(input, hx, w_ih, w_hh, b_ih, b_hh, backend)

@@ -127,26 +127,6 @@ template <typename T, typename F> void for_each_slab(const DimGeometry& g, F&& f
   });
 }
 
-// Columns j of a slab are loaded/stored through the accumulation type one vector at a time.
-template <typename T, typename A> static inline vec<A> load_cols(const T* p, int64_t len, A fill = A(0)) {
-  if constexpr (std::is_same_v<T, A>) {
-    return load(p, len, fill);
-  } else {
-    A buf[kW<A>];
-    load_row(p, buf, len);
-    return load(buf, len, fill);
-  }
-}
-template <typename T, typename A> static inline void store_cols(T* p, vec<A> v, int64_t len) {
-  if constexpr (std::is_same_v<T, A>) {
-    store(p, v, len);
-  } else {
-    A buf[kW<A>];
-    store(buf, v, len);
-    store_row(buf, p, len);
-  }
-}
-
 template <typename T, bool LOG> void fwd_inner(const T* x, T* y, const DimGeometry& g) {
   using A = acc_t<T>;
   const int64_t n = g.size, stride = g.inner;
@@ -157,12 +137,12 @@ template <typename T, bool LOG> void fwd_inner(const T* x, T* y, const DimGeomet
     std::fill(s, s + kInnerBlock, A(0));
     for (int64_t k = 0; k < n; ++k) {
       const T* xr = x + base + k * stride;
-      for_chunks<A>(w, [&](int64_t j, int64_t len) { store(m + j, vmax(load(m + j), load_cols<T, A>(xr + j, len, ninf))); });
+      for_chunks<A>(w, [&](int64_t j, int64_t len) { store(m + j, vmax(load(m + j), load_as<A>(xr + j, len, ninf))); });
     }
     for (int64_t k = 0; k < n; ++k) {
       const T* xr = x + base + k * stride;
       for_chunks<A>(w, [&](int64_t j, int64_t len) {
-        store(s + j, load(s + j) + exp(load_cols<T, A>(xr + j, len) - load(m + j)));
+        store(s + j, load(s + j) + exp(load_as<A>(xr + j, len) - load(m + j)));
       });
     }
     for (int64_t j = 0; j < w; ++j) s[j] = LOG ? std::log(s[j]) : A(1) / s[j];
@@ -170,9 +150,9 @@ template <typename T, bool LOG> void fwd_inner(const T* x, T* y, const DimGeomet
       const T* xr = x + base + k * stride;
       T* yr = y + base + k * stride;
       for_chunks<A>(w, [&](int64_t j, int64_t len) {
-        const vec<A> v = load_cols<T, A>(xr + j, len);
+        const vec<A> v = load_as<A>(xr + j, len);
         const vec<A> shifted = v - load(m + j);
-        store_cols<T, A>(yr + j, LOG ? shifted - load(s + j) : exp(shifted) * load(s + j), len);
+        store_as<A>(yr + j, LOG ? shifted - load(s + j) : exp(shifted) * load(s + j), len);
       });
     }
   });
@@ -187,16 +167,16 @@ template <typename T, bool LOG> void bwd_inner(const T* dy, const T* y, T* dx, c
     for (int64_t k = 0; k < n; ++k) {
       const T *dyr = dy + base + k * stride, *yr = y + base + k * stride;
       for_chunks<A>(w, [&](int64_t j, int64_t len) {
-        const vec<A> g_ = load_cols<T, A>(dyr + j, len);
-        store(d + j, load(d + j) + (LOG ? g_ : g_ * load_cols<T, A>(yr + j, len)));
+        const vec<A> g_ = load_as<A>(dyr + j, len);
+        store(d + j, load(d + j) + (LOG ? g_ : g_ * load_as<A>(yr + j, len)));
       });
     }
     for (int64_t k = 0; k < n; ++k) {
       const T *dyr = dy + base + k * stride, *yr = y + base + k * stride;
       T* dxr = dx + base + k * stride;
       for_chunks<A>(w, [&](int64_t j, int64_t len) {
-        const vec<A> g_ = load_cols<T, A>(dyr + j, len), v = load_cols<T, A>(yr + j, len);
-        store_cols<T, A>(dxr + j, LOG ? g_ - exp(v) * load(d + j) : v * (g_ - load(d + j)), len);
+        const vec<A> g_ = load_as<A>(dyr + j, len), v = load_as<A>(yr + j, len);
+        store_as<A>(dxr + j, LOG ? g_ - exp(v) * load(d + j) : v * (g_ - load(d + j)), len);
       });
     }
   });

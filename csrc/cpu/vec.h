@@ -157,6 +157,36 @@ static inline vec<double> log1p(vec<double> x) {
 
 template <typename V> static inline V vabs(V v) { return v < 0 ? -v : v; }
 
+// sigmoid(x) = 1 / (1 + exp(-x)): exp(-x) overflows to inf for x < -88.7, giving exactly 0, and the result is
+// within a few ulp of the exact value everywhere else (one exp, one division).
+static inline vec<float> sigmoid(vec<float> x) { return 1.0f / (1.0f + exp(-x)); }
+static inline vec<double> sigmoid(vec<double> x) {
+  for (int i = 0; i < 4; ++i) x[i] = 1.0 / (1.0 + std::exp(-x[i]));
+  return x;
+}
+
+// tanh(x): |x| < 0.625 by Cephes' odd polynomial x + x^3 P(x^2) (1-2 ulp; the exp form would lose the
+// relative precision of small x to cancellation), else sign(x) (1 - 2 / (exp(2|x|) + 1)), which saturates to
+// +-1 once exp overflows. NaN propagates through both.
+static inline vec<float> tanh(vec<float> x) {
+  using V = vec<float>;
+  const V z = x * x;
+  V p = splat(-5.70498872745e-3f);
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const V small = p * z * x + x;
+  const V ax = x < 0.0f ? -x : x;
+  V big = 1.0f - 2.0f / (exp(ax + ax) + 1.0f);
+  big = x < 0.0f ? -big : big;
+  return ax < 0.625f ? small : big;
+}
+static inline vec<double> tanh(vec<double> x) {
+  for (int i = 0; i < 4; ++i) x[i] = std::tanh(x[i]);
+  return x;
+}
+
 // Accumulation type: half types compute in float.
 template <typename T> struct Acc { using type = T; };
 template <> struct Acc<c10::Half> { using type = float; };
@@ -203,23 +233,22 @@ template <typename T, typename A> static inline void store_row(const A* src, T* 
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-// One vector of storage type T, loaded into / stored from the accumulation type A (half types via a buffer).
+// One vector of storage type T as the accumulation type A and back (half types lane by lane, no row buffer):
+// len lanes, the rest `fill`. A is explicit, T deduced: load_as<float>(p).
 template <typename A, typename T> static inline vec<A> load_as(const T* p, int64_t len = kW<A>, A fill = A(0)) {
   if constexpr (std::is_same_v<T, A>) {
     return load(p, len, fill);
   } else {
-    A buf[kW<A>];
-    load_row(p, buf, len);
-    return load(buf, len, fill);
+    vec<A> v = splat<A>(fill);
+    for (int64_t i = 0; i < len; ++i) v[i] = static_cast<A>(p[i]);
+    return v;
   }
 }
 template <typename A, typename T> static inline void store_as(T* p, vec<A> v, int64_t len = kW<A>) {
   if constexpr (std::is_same_v<T, A>) {
     store(p, v, len);
   } else {
-    A buf[kW<A>];
-    store(buf, v, len);
-    store_row(buf, p, len);
+    for (int64_t i = 0; i < len; ++i) p[i] = static_cast<T>(v[i]);
   }
 }
 
