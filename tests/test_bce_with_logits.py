@@ -68,11 +68,24 @@ def _d(t):
     return None if t is None else t.double()
 
 
+def _params_all_shapes():
+    # every shape, dtype and reduction with weight and pos_weight both given (the path with the most terms)
+    for shape in SHAPES:
+        for dtype in DTYPES:
+            for reduction in REDUCTIONS:
+                yield pytest.param(shape, dtype, reduction, "both", id=f"{shape}-{dtype}-{reduction}")
+
+
+def _params_all_options():
+    # every weight / pos_weight combination and reduction on one odd 2-d shape, full and low precision
+    for option in OPTIONS:
+        for dtype in (torch.float32, torch.bfloat16):
+            for reduction in REDUCTIONS:
+                yield pytest.param((113, 203), dtype, reduction, option, id=f"{option}-{dtype}-{reduction}")
+
+
 @pytest.mark.parametrize("device,backend", device_backends("bce_with_logits", reference=True))
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("shape,dtype,reduction,option", [*_params_all_shapes(), *_params_all_options()])
 def test_matches_reference(device, backend, shape, dtype, reduction, option):
     x, y, w, pw = _inputs(shape, dtype, device, option)
     out, dx, dy, g = _run(F.binary_cross_entropy_with_logits, x, y, w, pw, reduction, backend=backend)
@@ -187,7 +200,8 @@ def test_gradcheck(backend, reduction, shape, wshape, pwshape):
     def f(x, y):
         return F.binary_cross_entropy_with_logits(x, y, w, reduction=reduction, pos_weight=pw, backend=backend)
 
-    assert torch.autograd.gradcheck(f, (x, y))
+    # fast mode for the interpreter: the full Jacobian would be 2 x 28 interpreted launches per output element
+    assert torch.autograd.gradcheck(f, (x, y), fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("suffix", ["", "_triton"])
