@@ -97,6 +97,35 @@ def patch(model: nn.Module, *, verbose: bool = True) -> nn.Module:
     return model
 
 
+# ---- binary cross-entropy with logits ----
+@_patchable(nn.BCEWithLogitsLoss)
+class BCEWithLogitsLoss(nn.Module):
+    """``torch.nn.BCEWithLogitsLoss`` on fastnn's fused kernel: same constructor, and ``weight`` / ``pos_weight``
+    registered as buffers (None when not given), so ``state_dict`` keys match torch's.
+
+    Shape: input (*), target (*) of the same shape; output (*) for ``reduction="none"``, else a scalar.
+    """
+
+    __constants__ = ["reduction"]
+
+    def __init__(self, weight: torch.Tensor | None = None, size_average=None, reduce=None, reduction: str = "mean",
+                 pos_weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = nn._reduction.legacy_get_string(size_average, reduce)
+        self.reduction = reduction
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(input, target, self.weight, pos_weight=self.pos_weight,
+                                                  reduction=self.reduction)
+
+    @classmethod
+    def from_torch(cls, module: nn.Module) -> "BCEWithLogitsLoss":
+        return cls(module.weight, reduction=module.reduction, pos_weight=module.pos_weight)
+
+
 # ---- LSTM ------------------------------------------------------------------------------------------------------
 # The twins subclass their torch.nn classes for the constructor, parameter names, initialization and extra_repr,
 # and replace only forward.

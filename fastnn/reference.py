@@ -30,6 +30,28 @@ def log_softmax(input: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return (shifted - torch.log(torch.exp(shifted).sum(dim, keepdim=True))).to(input.dtype)
 
 
+# ---- binary cross-entropy with logits ----
+def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                                     reduction: str = "mean", pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """weight * ((1 - y) * x + (1 + (pos_weight - 1) * y) * softplus(-x)), with softplus(-x) = -log(sigmoid(x))
+    written as max(-x, 0) + log1p(exp(-|x|)) so that no exp overflows; then summed or averaged over all
+    elements ("mean" of nothing is NaN)."""
+    x, y = _upcast(input), _upcast(target)
+    # Both branches of each `where` are finite, and autograd's derivative at x = 0 is the true -1/2 (abs and
+    # clamp would give a one-sided subgradient there).
+    pos = x >= 0
+    softplus_neg = torch.log1p(torch.exp(torch.where(pos, -x, x))) - torch.where(pos, torch.zeros_like(x), x)
+    log_weight = 1 if pos_weight is None else 1 + (_upcast(pos_weight) - 1) * y
+    loss = (1 - y) * x + log_weight * softplus_neg
+    if weight is not None:
+        loss = loss * _upcast(weight)
+    if reduction == "mean":
+        loss = loss.sum() / loss.numel()
+    elif reduction == "sum":
+        loss = loss.sum()
+    return loss.to(input.dtype)
+
+
 # ---- LSTM (gate order i, f, g, o, as torch.nn.LSTMCell)
 
 def lstm_cell_gates(gates: torch.Tensor, bias: torch.Tensor | None, c: torch.Tensor):

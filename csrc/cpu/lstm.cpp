@@ -39,17 +39,17 @@ template <typename T> void cell_fwd_row(const T* pre, const T* bias, const T* cp
   for_chunks<A>(H, [&](int64_t j, int64_t len) {
     vec<A> z[4];
     for (int k = 0; k < 4; ++k) {
-      z[k] = load_as<T, A>(pre + k * H + j, len);
-      if (bias) z[k] += load_as<T, A>(bias + k * H + j, len);
+      z[k] = load_as<A>(pre + k * H + j, len);
+      if (bias) z[k] += load_as<A>(bias + k * H + j, len);
     }
     const vec<A> i = sigmoid(z[0]), f = sigmoid(z[1]), g = tanh(z[2]), o = sigmoid(z[3]);
-    const vec<A> cn = f * load_as<T, A>(cp + j, len) + i * g;
-    store_as<T, A>(act + j, i, len);
-    store_as<T, A>(act + H + j, f, len);
-    store_as<T, A>(act + 2 * H + j, g, len);
-    store_as<T, A>(act + 3 * H + j, o, len);
-    store_as<T, A>(c + j, cn, len);
-    store_as<T, A>(h + j, o * tanh(cn), len);
+    const vec<A> cn = f * load_as<A>(cp + j, len) + i * g;
+    store_as<A>(act + j, i, len);
+    store_as<A>(act + H + j, f, len);
+    store_as<A>(act + 2 * H + j, g, len);
+    store_as<A>(act + 3 * H + j, o, len);
+    store_as<A>(c + j, cn, len);
+    store_as<A>(h + j, o * tanh(cn), len);
   });
 }
 
@@ -60,19 +60,19 @@ template <typename T> void cell_bwd_row(const T* dh, const T* dh2, const T* dc, 
                                         const T* cp, T* dgates, T* dcp, int64_t H) {
   using A = acc_t<T>;
   for_chunks<A>(H, [&](int64_t j, int64_t len) {
-    const vec<A> i = load_as<T, A>(act + j, len), f = load_as<T, A>(act + H + j, len);
-    const vec<A> g = load_as<T, A>(act + 2 * H + j, len), o = load_as<T, A>(act + 3 * H + j, len);
-    const vec<A> c0 = load_as<T, A>(cp + j, len);
+    const vec<A> i = load_as<A>(act + j, len), f = load_as<A>(act + H + j, len);
+    const vec<A> g = load_as<A>(act + 2 * H + j, len), o = load_as<A>(act + 3 * H + j, len);
+    const vec<A> c0 = load_as<A>(cp + j, len);
     const vec<A> tc = tanh(f * c0 + i * g);
-    vec<A> gh = load_as<T, A>(dh + j, len), gc = load_as<T, A>(dc + j, len);
-    if (dh2) gh += load_as<T, A>(dh2 + j, len);
-    if (dc2) gc += load_as<T, A>(dc2 + j, len);
+    vec<A> gh = load_as<A>(dh + j, len), gc = load_as<A>(dc + j, len);
+    if (dh2) gh += load_as<A>(dh2 + j, len);
+    if (dc2) gc += load_as<A>(dc2 + j, len);
     gc += gh * o * (A(1) - tc * tc);
-    store_as<T, A>(dgates + j, gc * g * i * (A(1) - i), len);
-    store_as<T, A>(dgates + H + j, gc * c0 * f * (A(1) - f), len);
-    store_as<T, A>(dgates + 2 * H + j, gc * i * (A(1) - g * g), len);
-    store_as<T, A>(dgates + 3 * H + j, gh * tc * o * (A(1) - o), len);
-    store_as<T, A>(dcp + j, gc * f, len);
+    store_as<A>(dgates + j, gc * g * i * (A(1) - i), len);
+    store_as<A>(dgates + H + j, gc * c0 * f * (A(1) - f), len);
+    store_as<A>(dgates + 2 * H + j, gc * i * (A(1) - g * g), len);
+    store_as<A>(dgates + 3 * H + j, gh * tc * o * (A(1) - o), len);
+    store_as<A>(dcp + j, gc * f, len);
   });
 }
 

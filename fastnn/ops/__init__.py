@@ -45,4 +45,5 @@ def op(name: str, backend: str):
 
 
 from . import softmax  # noqa: E402,F401  (registers)
+from . import bce_with_logits  # noqa: E402,F401  (registers)
 from . import lstm  # noqa: E402,F401  (registers)
