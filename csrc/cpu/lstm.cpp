@@ -23,6 +23,7 @@
 
 #include "common.h"
 #include "cpu/vec.h"
+#include "lstm_common.h"
 
 namespace fastnn::cpu {
 namespace {
@@ -75,31 +76,13 @@ template <typename T> void cell_bwd_row(const T* dh, const T* dh2, const T* dc, 
   });
 }
 
-void check_cell_args(const at::Tensor& gates, const at::Tensor& cx, const char* gname) {
-  check_floating(gates, gname);
-  TORCH_CHECK(cx.dim() == 2 && gates.dim() == 2, gname, " and cx must be 2-d, got ", gates.sizes(), " and ",
-              cx.sizes());
-  TORCH_CHECK(gates.size(0) == cx.size(0) && gates.size(1) == 4 * cx.size(1), gname,
-              " must be [B, 4H] for cx [B, H], got ", gates.sizes(), " and ", cx.sizes());
-  TORCH_CHECK(gates.device() == cx.device() && gates.scalar_type() == cx.scalar_type(), gname,
-              " and cx must have the same dtype and device, got ", gates.scalar_type(), " on ", gates.device(),
-              " and ", cx.scalar_type(), " on ", cx.device());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tensor& gates_,
                                                                  const std::optional<at::Tensor>& bias_,
                                                                  const at::Tensor& cx_) {
-  check_cell_args(gates_, cx_, "gates");
+  check_lstm_cell(gates_, cx_, "gates");
   const int64_t B = cx_.size(0), H = cx_.size(1);
   const at::Tensor gates = gates_.contiguous(), cx = cx_.contiguous();
-  at::Tensor bias;
-  if (bias_.has_value() && bias_->defined()) {
-    TORCH_CHECK(bias_->dim() == 1 && bias_->size(0) == 4 * H, "bias must be [4H] = [", 4 * H, "], got ",
-                bias_->sizes());
-    TORCH_CHECK(bias_->scalar_type() == gates.scalar_type(), "bias must have gates' dtype ", gates.scalar_type(),
-                ", got ", bias_->scalar_type());
-    bias = bias_->contiguous();
-  }
+  const at::Tensor bias = checked_lstm_bias(bias_, gates, H);
   at::Tensor hy = at::empty({B, H}, cx.options()), cy = at::empty({B, H}, cx.options());
   at::Tensor act = at::empty({B, 4 * H}, cx.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cx.scalar_type(), "lstm_cell_fwd_cpu", [&] {
@@ -117,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> lstm_cell_bwd_cpu(const at::Tensor& grad_hy_, const at::Tensor& grad_cy_,
                                                      const at::Tensor& act_, const at::Tensor& cx_) {
-  check_cell_args(act_, cx_, "act");
+  check_lstm_cell(act_, cx_, "act");
   check_same(grad_hy_, "grad_hy", cx_, "cx");
   check_same(grad_cy_, "grad_cy", cx_, "cx");
   const int64_t B = cx_.size(0), H = cx_.size(1);
@@ -139,45 +122,12 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_bwd_cpu(const at::Tensor& grad_hy_,
 
 // ---- the layer ----
 
-struct LayerGeometry {
-  int64_t T, B, H;
-  const int64_t* len = nullptr;  // null: every row runs all T steps
-  bool active(int64_t t, int64_t b) const { return len == nullptr || t < len[b]; }
-};
-
-LayerGeometry check_layer_args(const at::Tensor& seq, const char* sname, const at::Tensor& w_hh,
-                               const at::Tensor& c0, const std::optional<at::Tensor>& lengths,
-                               at::Tensor& len_holder) {
-  check_floating(seq, sname);
-  TORCH_CHECK(seq.dim() == 3 && w_hh.dim() == 2 && c0.dim() == 2, sname, " must be [T, B, 4H], w_hh [4H, H] and ",
-              "the states [B, H], got ", seq.sizes(), ", ", w_hh.sizes(), " and ", c0.sizes());
-  const int64_t T = seq.size(0), B = seq.size(1), H = w_hh.size(1);
-  TORCH_CHECK(w_hh.size(0) == 4 * H && seq.size(2) == 4 * H && c0.size(0) == B && c0.size(1) == H, sname,
-              " [T, B, 4H], w_hh [4H, H] and the states [B, H] disagree: ", seq.sizes(), ", ", w_hh.sizes(), ", ",
-              c0.sizes());
-  TORCH_CHECK(seq.scalar_type() == w_hh.scalar_type() && seq.scalar_type() == c0.scalar_type(), sname,
-              ", w_hh and the states must share a dtype, got ", seq.scalar_type(), ", ", w_hh.scalar_type(),
-              ", ", c0.scalar_type());
-  LayerGeometry g{T, B, H};
-  if (lengths.has_value() && lengths->defined()) {
-    TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == B && lengths->scalar_type() == at::kLong &&
-                    lengths->device().is_cpu(),
-                "lengths must be an int64 CPU tensor of shape [B] = [", B, "], got ", lengths->scalar_type(), " ",
-                lengths->sizes(), " on ", lengths->device());
-    len_holder = lengths->contiguous();
-    g.len = len_holder.const_data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK(g.len[b] >= 0 && g.len[b] <= T, "lengths must lie in [0, T] = [0, ", T, "], got ", g.len[b]);
-  }
-  return g;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(const at::Tensor& gx_, const at::Tensor& w_hh_,
                                                                   const at::Tensor& h0_, const at::Tensor& c0_,
                                                                   const std::optional<at::Tensor>& lengths,
                                                                   bool reverse) {
   at::Tensor len_holder;
-  const LayerGeometry geo = check_layer_args(gx_, "gx", w_hh_, c0_, lengths, len_holder);
+  const LstmLayerGeometry geo = check_lstm_layer(gx_, "gx", w_hh_, c0_, lengths, len_holder);
   check_same(h0_, "h0", c0_, "c0");
   const int64_t T = geo.T, B = geo.B, H = geo.H;
   const at::Tensor gx = gx_.contiguous(), w_hh_t = w_hh_.t(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
@@ -211,15 +161,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
     const at::Tensor& grad_hs_, const at::Tensor& grad_cs_, const at::Tensor& w_hh_, const at::Tensor& c0_,
     const at::Tensor& cs_, const at::Tensor& act_, const std::optional<at::Tensor>& lengths, bool reverse) {
   at::Tensor len_holder;
-  const LayerGeometry geo = check_layer_args(act_, "act", w_hh_, c0_, lengths, len_holder);
+  const LstmLayerGeometry geo = check_lstm_layer(act_, "act", w_hh_, c0_, lengths, len_holder);
   const int64_t T = geo.T, B = geo.B, H = geo.H;
-  TORCH_CHECK(grad_hs_.sizes() == cs_.sizes() && grad_cs_.sizes() == cs_.sizes() &&
-                  cs_.sizes() == at::IntArrayRef({T, B, H}),
-              "grad_hs, grad_cs and cs must be [T, B, H] = [", T, ", ", B, ", ", H, "], got ", grad_hs_.sizes(), ", ",
-              grad_cs_.sizes(), ", ", cs_.sizes());
-  check_same(grad_hs_, "grad_hs", cs_, "cs");
-  check_same(grad_cs_, "grad_cs", cs_, "cs");
-  TORCH_CHECK(cs_.scalar_type() == act_.scalar_type(), "cs and act must share a dtype");
+  check_lstm_layer_grads(geo, grad_hs_, grad_cs_, cs_, act_);
   const at::Tensor dhs = grad_hs_.contiguous(), dcs = grad_cs_.contiguous(), w_hh = w_hh_.contiguous();
   const at::Tensor c0 = c0_.contiguous(), cs = cs_.contiguous(), act = act_.contiguous();
   at::Tensor dgx = at::empty({T, B, 4 * H}, act.options());

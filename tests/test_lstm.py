@@ -1,0 +1,368 @@
+"""LSTM: the fused cell through every backend, and fastnn.nn.LSTMCell / LSTM against their torch.nn twins with
+the same weights (outputs, final states and every gradient), variable lengths, dropout, opcheck, compile."""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_sequence
+
+import fastnn
+import fastnn.functional as F
+from helpers import assert_matches, device_backends
+
+FULL = [torch.float32, torch.float64]
+
+
+def _grads(outs, inputs, seed_grads):
+    return torch.autograd.grad(outs, inputs, seed_grads, allow_unused=True)
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+# ---------------------------------------------------------------------------------------------------- the cell
+
+CELL_SHAPES = [
+    (1, 5, 7),      # batch 1, hidden 7: shorter than one SIMD vector, tail lanes only
+    (4, 13, 97),    # odd hidden: 12 full float vectors and a tail of 1
+    (3, 8, 513),    # one past a power of two: Triton's block is 1024, mostly masked
+]
+
+
+def _cell_inputs(B, I, H, dtype, device, bias=True):
+    def r(*s):
+        return torch.randn(*s, dtype=torch.float64, device=device).to(dtype)
+    x, h, c = r(B, I), r(B, H), r(B, H)
+    w_ih, w_hh = r(4 * H, I) / I ** 0.5, r(4 * H, H) / H ** 0.5
+    b_ih, b_hh = (r(4 * H), r(4 * H)) if bias else (None, None)
+    return [t if t is None else _leaf(t) for t in (x, h, c, w_ih, w_hh, b_ih, b_hh)]
+
+
+def _run_cell(fn, ts, gh, gc):
+    x, h, c, w_ih, w_hh, b_ih, b_hh = ts
+    hy, cy = fn(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+    leaves = [t for t in ts if t is not None]
+    return [hy.detach(), cy.detach()] + list(_grads((hy, cy), leaves, (gh, gc)))
+
+
+NAMES = ["h'", "c'", "grad_input", "grad_h", "grad_c", "grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh"]
+
+
+@pytest.mark.parametrize("device,backend", device_backends("lstm_cell", reference=True))
+@pytest.mark.parametrize("B,I,H", CELL_SHAPES)
+@pytest.mark.parametrize("dtype", FULL + [torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_matches_reference_and_torch(device, backend, B, I, H, dtype, bias):
+    ts = _cell_inputs(B, I, H, dtype, device, bias)
+    gh, gc = torch.randn(B, H, device=device).to(dtype), torch.randn(B, H, device=device).to(dtype)
+    ours = _run_cell(lambda *a: F.lstm_cell(*a, backend=backend), ts, gh, gc)
+    ref = _run_cell(fastnn.reference.lstm_cell, [None if t is None else _leaf(t.double()) for t in ts],
+                    gh.double(), gc.double())
+    theirs = _run_cell(torch.lstm_cell, ts, gh, gc)  # torch.nn.LSTMCell's own function
+    for name, o, r, t in zip(NAMES, ours, ref, theirs):
+        assert o.dtype == dtype
+        assert_matches(o, r, torch_out=t, name=name, atol_floor=1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("lstm_cell"))
+def test_cell_unbatched_and_default_state(device, backend):
+    cell = nn.LSTMCell(6, 9, device=device)
+    ours = fastnn.nn.LSTMCell.from_torch(cell)
+    x = torch.randn(6, device=device)
+    with fastnn.use_backend(backend):
+        h, c = ours(x)
+        h2, c2 = ours(x, (h, c))
+    torch.testing.assert_close(h, cell(x)[0])
+    torch.testing.assert_close((h2, c2), cell(x, cell(x)))
+    assert h.shape == (9,)
+
+
+@pytest.mark.parametrize("backend", [p.values[1] for p in device_backends("lstm_cell") if p.values[0] == "cpu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_gradcheck(backend, bias):
+    ts = _cell_inputs(3, 4, 5, torch.float64, "cpu", bias)
+    # Large-ish pre-activations so the saturating ends of sigmoid/tanh are exercised too.
+    ts[0] = _leaf(3 * ts[0])
+    leaves = [t for t in ts if t is not None]
+
+    def f(*args):
+        x, h, c, w_ih, w_hh, *b = args
+        return F.lstm_cell(x, (h, c), w_ih, w_hh, *(b or [None, None]), backend=backend)
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def test_cell_saturation_and_extremes():
+    # |pre-activation| ~ 1e4: sigmoid/tanh must saturate to exactly 0/1/+-1 without inf/NaN, in every dtype.
+    for dtype in FULL:
+        g = 1e4 * torch.randn(5, 4 * 16, dtype=dtype)
+        c = torch.randn(5, 16, dtype=dtype)
+        hy, cy, act = torch.ops.fastnn.lstm_cell_fwd(g, None, c)
+        ref_h, ref_c = fastnn.reference.lstm_cell_gates(g, None, c)
+        assert torch.isfinite(act).all()
+        torch.testing.assert_close((hy, cy), (ref_h, ref_c))
+
+
+@pytest.mark.parametrize("suffix", ["", "_triton"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_opcheck(suffix, bias):
+    if suffix and not [p for p in device_backends("lstm_cell") if p.values == ("cpu", "triton")]:
+        pytest.skip("no Triton on CPU here")
+    B, H = 3, 11
+    g = torch.randn(B, 4 * H, requires_grad=True)
+    b = torch.randn(4 * H, requires_grad=True) if bias else None
+    c = torch.randn(B, H, requires_grad=True)
+    torch.library.opcheck(getattr(torch.ops.fastnn, "lstm_cell_fwd" + suffix), (g, b, c))
+    _, _, act = torch.ops.fastnn.lstm_cell_fwd(g.detach(), None, c.detach())
+    torch.library.opcheck(getattr(torch.ops.fastnn, "lstm_cell_bwd" + suffix),
+                          (torch.randn(B, H), torch.randn(B, H), act, c.detach()))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_layer_opcheck(reverse, with_lengths):
+    T, B, H = 4, 3, 6
+    gx = torch.randn(T, B, 4 * H, requires_grad=True)
+    w = (torch.randn(4 * H, H) / 3).requires_grad_()
+    h0, c0 = torch.randn(B, H, requires_grad=True), torch.randn(B, H, requires_grad=True)
+    lengths = torch.tensor([4, 1, 3]) if with_lengths else None
+    torch.library.opcheck(torch.ops.fastnn.lstm_layer_fwd, (gx, w, h0, c0, lengths, reverse))
+    hs, cs, act = torch.ops.fastnn.lstm_layer_fwd(gx.detach(), w.detach(), h0.detach(), c0.detach(), lengths,
+                                                  reverse)
+    torch.library.opcheck(torch.ops.fastnn.lstm_layer_bwd,
+                          (torch.randn(T, B, H), torch.randn(T, B, H), w.detach(), c0.detach(), cs, act, lengths,
+                           reverse))
+
+
+@pytest.mark.parametrize("device,backend", device_backends("lstm_cell"))
+def test_cell_torch_compile_fullgraph(device, backend):
+    ts = _cell_inputs(4, 6, 9, torch.float32, device)
+
+    def f(x, h, c, w_ih, w_hh, b_ih, b_hh):
+        h1, c1 = F.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh, backend=backend)
+        h2, c2 = F.lstm_cell(x * 2, (h1, c1), w_ih, w_hh, b_ih, b_hh, backend=backend)
+        return h2 * 2 + c2
+
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(*ts)
+    grads = torch.autograd.grad(out.sum(), ts)
+    eager = f(*ts)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(grads, torch.autograd.grad(eager.sum(), ts))
+
+
+# ---------------------------------------------------------------------------------------------------- the LSTM
+
+def _twins(dtype, device="cpu", **kw):
+    theirs = nn.LSTM(**kw, dtype=dtype, device=device)
+    ours = fastnn.nn.LSTM(**kw, dtype=dtype, device=device)
+    ours.load_state_dict(theirs.state_dict())  # a torch state_dict loads unchanged
+    return ours, theirs
+
+
+def _run_lstm(model, x, hx, seeds, **kw):
+    x = _leaf(x)
+    hx = None if hx is None else tuple(_leaf(s) for s in hx)
+    out, (h, c) = model(x, hx, **kw)
+    leaves = [x] + ([] if hx is None else list(hx)) + list(model.parameters())
+    grads = _grads((out, h, c), leaves, seeds)
+    return [out.detach(), h.detach(), c.detach()] + list(grads)
+
+
+LSTM_CASES = [
+    # (T, B, input, hidden, layers, bidirectional, batch_first, bias)
+    (1, 3, 5, 7, 1, False, False, True),     # T = 1: one step, h0 and the output touch
+    (37, 1, 6, 7, 1, False, False, True),     # batch 1, odd T
+    (37, 4, 9, 97, 2, True, False, True),     # bidirectional, two layers: layer 2 eats 2H features
+    (5, 3, 8, 513, 1, True, True, False),     # hidden 513, batch_first, no biases
+    (6, 2, 4, 7, 3, False, True, True),       # three layers
+]
+
+
+@pytest.mark.parametrize("device,backend", device_backends("lstm_cell"))
+@pytest.mark.parametrize("T,B,I,H,L,bidir,bf,bias", LSTM_CASES)
+@pytest.mark.parametrize("dtype", FULL + [torch.bfloat16])
+@pytest.mark.parametrize("given_hx", [True, False])
+def test_lstm_matches_torch(device, backend, T, B, I, H, L, bidir, bf, bias, dtype, given_hx):
+    if backend == "triton" and device == "cpu" and (H > 100 or not given_hx or dtype == torch.float64):
+        pytest.skip("interpreter: the Triton cell is the same code at every size and is checked against the "
+                    "reference by the cell tests; here one dtype pair and the small shapes show the wiring")
+    kw = dict(input_size=I, hidden_size=H, num_layers=L, bidirectional=bidir, batch_first=bf, bias=bias)
+    ours, theirs = _twins(dtype, device, **kw)
+    ref64 = nn.LSTM(**kw, dtype=torch.float64, device=device)
+    ref64.load_state_dict(theirs.state_dict())
+    D = 2 if bidir else 1
+    x = torch.randn((B, T, I) if bf else (T, B, I), device=device).to(dtype)
+    hx = tuple(torch.randn(L * D, B, H, device=device).to(dtype) for _ in range(2)) if given_hx else None
+    seeds = [torch.randn((B, T, D * H) if bf else (T, B, D * H), device=device).to(dtype),
+             torch.randn(L * D, B, H, device=device).to(dtype), torch.randn(L * D, B, H, device=device).to(dtype)]
+    with fastnn.use_backend(backend):
+        got = _run_lstm(ours, x, hx, seeds)
+    want = _run_lstm(theirs, x, hx, seeds)
+    ref = _run_lstm(ref64, x.double(), None if hx is None else tuple(s.double() for s in hx),
+                    [s.double() for s in seeds])
+    names = ["output", "h_n", "c_n", "grad_input"] + (["grad_h0", "grad_c0"] if given_hx else []) + \
+        [f"grad_{n}" for n, _ in theirs.named_parameters()]
+    assert len(names) == len(got)
+    for name, o, r, t in zip(names, got, ref, want):
+        assert o.dtype == dtype, name
+        if dtype == torch.bfloat16:
+            assert_matches(o, r, torch_out=t, name=name, atol_floor=2e-2)
+        else:
+            tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-11)
+            torch.testing.assert_close(o, r.to(dtype), **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_lstm_state_dict_and_repr_match_torch():
+    ours, theirs = _twins(torch.float32, input_size=5, hidden_size=7, num_layers=2, bidirectional=True)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert "weight_hh_l1_reverse" in ours.state_dict()
+    assert repr(ours).split("(", 1)[1] == repr(theirs).split("(", 1)[1]
+    # Same initialization scheme: uniform in +-1/sqrt(hidden).
+    torch.manual_seed(3)
+    a = fastnn.nn.LSTM(5, 7).state_dict()
+    torch.manual_seed(3)
+    b = nn.LSTM(5, 7).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _packed_case(bidir, L=2):
+    lengths = torch.tensor([5, 9, 1, 9, 3])  # unsorted, with ties and a length-1 sequence
+    seqs = [torch.randn(int(n), 6) for n in lengths]
+    ours, theirs = _twins(torch.float32, input_size=6, hidden_size=11, num_layers=L, bidirectional=bidir)
+    return lengths, seqs, ours, theirs
+
+
+@pytest.mark.parametrize("device,backend", device_backends("lstm_cell", reference=True))
+@pytest.mark.parametrize("bidir", [False, True])
+def test_packed_sequence(device, backend, bidir):
+    lengths, seqs, ours, theirs = _packed_case(bidir)
+    D = 2 if bidir else 1
+    hx = tuple(torch.randn(2 * D, 5, 11) for _ in range(2))
+    results = []
+    for model, be in ((ours, backend), (theirs, None)):
+        xs = [_leaf(s) for s in seqs]
+        h0 = tuple(_leaf(s) for s in hx)
+        packed = pack_sequence(xs, enforce_sorted=False)
+        with fastnn.use_backend(be or "auto"):
+            out, (h, c) = model(packed, h0)
+        assert isinstance(out, nn.utils.rnn.PackedSequence)
+        padded, out_len = pad_packed_sequence(out, batch_first=True)
+        loss = (padded * torch.randn_like(padded, generator=torch.Generator().manual_seed(1))).sum() + \
+            (h * 2).sum() + (c * 3).sum()
+        grads = torch.autograd.grad(loss, xs + list(h0) + list(model.parameters()))
+        results.append([out.data, out.batch_sizes, out_len, h, c, *grads])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bidir", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_lengths_argument_ignores_padding(bidir, batch_first):
+    lengths, seqs, ours, theirs = _packed_case(bidir)
+    padded = nn.utils.rnn.pad_sequence(seqs, batch_first=batch_first, padding_value=float("nan") * 0 + 7.0)
+    out, (h, c) = ours(padded, lengths=lengths)
+    t_out, (t_h, t_c) = theirs(pack_padded_sequence(padded, lengths, batch_first=batch_first, enforce_sorted=False))
+    t_out, _ = pad_packed_sequence(t_out, batch_first=batch_first)
+    torch.testing.assert_close((out, h, c), (t_out, t_h, t_c), rtol=1e-4, atol=1e-5)
+    # Padded steps change nothing: the same batch padded further gives the same states.
+    more = torch.cat([padded, torch.randn_like(padded)], dim=1 if batch_first else 0)
+    _, (h2, c2) = ours(more, lengths=lengths)
+    torch.testing.assert_close((h2, c2), (h, c))
+
+
+@pytest.mark.parametrize("L,bidir", [(2, False), (3, True)])
+def test_dropout_train_and_eval(L, bidir):
+    ours, theirs = _twins(torch.float64, input_size=5, hidden_size=8, num_layers=L, bidirectional=bidir,
+                          dropout=0.4)
+    x = torch.randn(7, 3, 5, dtype=torch.float64)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0])  # eval: no dropout, exactly torch
+    # Training: dropout on every layer's output but the last. torch's own random stream differs, so the
+    # reference is a stack of one-layer torch LSTMs with the same dropout calls under the same seed.
+    ours.train()
+    layers = []
+    D = 2 if bidir else 1
+    for k in range(L):
+        one = nn.LSTM(5 if k == 0 else D * 8, 8, bidirectional=bidir, dtype=torch.float64)
+        one.load_state_dict({n.replace(f"_l{k}", "_l0"): p for n, p in theirs.state_dict().items() if f"_l{k}" in n})
+        layers.append(one)
+    torch.manual_seed(11)
+    xl, out = _leaf(x), None
+    out, _ = ours(xl)
+    (gx,) = torch.autograd.grad(out.sum(), xl)
+    torch.manual_seed(11)
+    xr = _leaf(x)
+    y = xr
+    for k, one in enumerate(layers):
+        y, _ = one(y)
+        if k < L - 1:
+            y = torch.nn.functional.dropout(y, 0.4, True)
+    (gr,) = torch.autograd.grad(y.sum(), xr)
+    torch.testing.assert_close(out, y)
+    torch.testing.assert_close(gx, gr)
+    assert not torch.allclose(out, ours.eval()(x)[0])
+
+
+def test_unbatched_input():
+    ours, theirs = _twins(torch.float32, input_size=4, hidden_size=6, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 4)
+    hx = (torch.randn(4, 6), torch.randn(4, 6))
+    torch.testing.assert_close(ours(x, hx), theirs(x, hx))
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_patch_swaps_lstm_and_cell_sharing_parameters(capsys):
+    model = nn.ModuleDict({"rnn": nn.LSTM(4, 6, 2, batch_first=True), "cell": nn.LSTMCell(6, 5)})
+    x = torch.randn(2, 3, 4)
+
+    def run(m):
+        out, _ = m["rnn"](x)
+        return m["cell"](out[:, -1])
+
+    expected = run(model)
+    params = dict(model.named_parameters())
+    fastnn.patch(model)
+    assert type(model["rnn"]) is fastnn.nn.LSTM and type(model["cell"]) is fastnn.nn.LSTMCell
+    assert "replaced 2 module(s)" in capsys.readouterr().out
+    torch.testing.assert_close(run(model), expected)
+    assert all(p is params[n] for n, p in model.named_parameters())  # an existing optimizer keeps working
+
+
+@pytest.mark.parametrize("call,exc,words", [
+    (lambda: F.lstm_cell(torch.randn(3, 5), None, torch.randn(28, 4), torch.randn(28, 7)), ValueError,
+     ["w_ih", "input_size", "5"]),
+    (lambda: F.lstm_cell(torch.randn(3, 4), (torch.randn(2, 7), torch.randn(3, 7)), torch.randn(28, 4),
+                         torch.randn(28, 7)), ValueError, ["hx[0]", "(3, 7)"]),
+    (lambda: F.lstm_cell(torch.randn(3, 4), (torch.randn(3, 7), torch.randn(3, 7)), torch.randn(28, 4),
+                         torch.randn(27, 7)), ValueError, ["w_hh"]),
+    (lambda: F.lstm_cell(torch.randn(3, 4).double(), None, torch.randn(28, 4), torch.randn(28, 7)), TypeError,
+     ["dtype", "input float64", "w_ih float32"]),
+    (lambda: F.lstm_cell(torch.randn(3, 4), torch.randn(3, 7), torch.randn(28, 4), torch.randn(28, 7)),
+     TypeError, ["hx", "tuple"]),
+    (lambda: F.lstm_cell(torch.randn(3, 4), None, torch.randn(28, 4), torch.randn(28, 7), torch.randn(27)),
+     ValueError, ["b_ih", "28"]),
+    (lambda: F.lstm_cell(torch.arange(4), None, torch.randn(28, 4), torch.randn(28, 7)), TypeError,
+     ["input", "int64"]),
+    (lambda: fastnn.nn.LSTM(4, 6)(torch.randn(5, 2, 3)), ValueError, ["input_size", "Expected 4, got 3"]),
+    (lambda: fastnn.nn.LSTM(4, 6)(torch.randn(5, 2, 4), (torch.randn(1, 3, 6), torch.randn(1, 3, 6))),
+     ValueError, ["hx[0]", "(1, 2, 6)"]),
+    (lambda: fastnn.nn.LSTM(4, 6, bidirectional=True)(torch.randn(5, 2, 4), (torch.randn(1, 2, 6),) * 2),
+     ValueError, ["h0", "(2, 2, 6)"]),
+    (lambda: fastnn.nn.LSTM(4, 6)(torch.randn(5, 2, 4).double()), TypeError, ["dtype", "float64"]),
+    (lambda: fastnn.nn.LSTM(4, 6)(torch.randn(5, 2, 4), lengths=torch.tensor([5, 6])), ValueError,
+     ["lengths", "[0, 5]"]),
+    (lambda: fastnn.nn.LSTM(4, 6)(torch.randn(5, 2, 4), lengths=torch.tensor([5])), ValueError,
+     ["lengths", "(2,)"]),
+    (lambda: fastnn.nn.LSTM(4, 6, proj_size=3), NotImplementedError, ["proj_size"]),
+    (lambda: torch.ops.fastnn.lstm_cell_fwd(torch.randn(3, 27), None, torch.randn(3, 7)), RuntimeError,
+     ["gates", "[B, 4H]"]),
+    (lambda: torch.ops.fastnn.lstm_layer_fwd(torch.randn(2, 3, 28), torch.randn(28, 7), torch.randn(3, 7),
+                                             torch.randn(3, 7), torch.tensor([1, 2, 3]), False), RuntimeError,
+     ["lengths", "[0, 2]"]),
+])
+def test_bad_input_raises_clear_error(call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in {info.value}"
