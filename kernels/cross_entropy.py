@@ -27,7 +27,7 @@ def _class_weight(W, c, mask, HAS_W: tl.constexpr):
 
 
 @triton.jit
-def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, FLAG, n_cols, inner, ignore_index, eps,
+def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, FLAG, n_cols, inner, ignore_index, EPS,
                   ACC: tl.constexpr, BLOCK: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr,
                   SMOOTH: tl.constexpr, LASTDIM: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -50,6 +50,7 @@ def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, FLAG, n_cols, inner, ignore_index, e
     # Weighted sums of x are taken as offsets from a pivot (the target's logit, or the row's first) and the loss
     # as offsets from the max, so rows of large logits (|x| ~ 1e4) lose no precision.
     pivot = tl.where(tl.abs(pivot) < float("inf"), pivot, 0.0)
+    eps = tl.load(EPS)  # from memory: a float argument would be rounded to float32
     keep = 1.0 - eps
     add = eps / n_cols
     m_vec = tl.full([BLOCK], -float("inf"), ACC)
@@ -93,7 +94,7 @@ def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, FLAG, n_cols, inner, ignore_index, e
 
 
 @triton.jit
-def ce_bwd_kernel(G, X, T, W, WSUM, LSE, DX, n_cols, inner, ignore_index, eps,
+def ce_bwd_kernel(G, X, T, W, WSUM, LSE, DX, n_cols, inner, ignore_index, EPS,
                   ACC: tl.constexpr, BLOCK: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr,
                   LASTDIM: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -102,6 +103,7 @@ def ce_bwd_kernel(G, X, T, W, WSUM, LSE, DX, n_cols, inner, ignore_index, eps,
     cols = tl.arange(0, BLOCK)
     g = tl.load(G + row).to(ACC)
     lse = tl.load(LSE + row).to(ACC)
+    eps = tl.load(EPS)  # from memory: a float argument would be rounded to float32
     keep = 1.0 - eps
     add = eps / n_cols
     if PROB:
@@ -159,7 +161,11 @@ def _weights(weight, x):
     if weight is None:
         return x, x, False
     weight = weight.contiguous()
-    return weight, weight.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32).reshape(1), True
+    return weight, weight.sum(dtype=acc_dtype(x.dtype)).reshape(1), True
+
+
+def _eps(label_smoothing, x):
+    return torch.full((1,), float(label_smoothing), dtype=acc_dtype(x.dtype), device=x.device)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -175,7 +181,7 @@ def forward_into(x, target, weight, ignore_index: int, label_smoothing: float, l
     prob = target.is_floating_point()
     w, wsum, has_w = _weights(weight, x)
     flag = torch.zeros(2, dtype=torch.int64, device=x.device)
-    ce_fwd_kernel[(rows,)](x, target, w, wsum, loss, lse, flag, n_cols, inner, ignore_index, float(label_smoothing),
+    ce_fwd_kernel[(rows,)](x, target, w, wsum, loss, lse, flag, n_cols, inner, ignore_index, _eps(label_smoothing, x),
                            PROB=prob, HAS_W=has_w, SMOOTH=label_smoothing > 0 and not prob, LASTDIM=inner == 1,
                            **_config(n_cols, x.dtype))
     if not prob and flag[0].item():
@@ -190,7 +196,7 @@ def backward_into(grad_loss, x, target, weight, lse, ignore_index: int, label_sm
         return
     w, wsum, has_w = _weights(weight, x)
     ce_bwd_kernel[(rows,)](grad_loss.contiguous(), x, target, w, wsum, lse.contiguous(), dx, n_cols, inner,
-                           ignore_index, float(label_smoothing), PROB=target.is_floating_point(), HAS_W=has_w,
+                           ignore_index, _eps(label_smoothing, x), PROB=target.is_floating_point(), HAS_W=has_w,
                            LASTDIM=inner == 1, **_config(n_cols, x.dtype))
 
 
@@ -262,7 +268,7 @@ def _aot_specs():
             tsig = f"*{dt}" if prob else "*i64"
             common = dict(ACC=tl.float32, BLOCK=MAX_BLOCK, PROB=prob, HAS_W=has_w, LASTDIM=True)
             sig = {"X": f"*{dt}", "T": tsig, "W": f"*{dt}", "WSUM": "*fp32", "n_cols": "i32", "inner": "i32",
-                   "ignore_index": "i64", "eps": "fp32"}
+                   "ignore_index": "i64", "EPS": "*fp32"}
             yield (ce_fwd_kernel, dict(sig, LOSS="*fp32", LSE="*fp32", FLAG="*i64"), dict(common, SMOOTH=smooth), 16)
             yield (ce_bwd_kernel, dict(sig, G="*fp32", LSE="*fp32", DX=f"*{dt}"), common, 16)
 

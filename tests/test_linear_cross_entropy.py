@@ -44,8 +44,19 @@ def run(fn, x, w, b, g=None):
     return out.detach(), grads, g
 
 
-@pytest.mark.parametrize("device,backend", device_backends("linear_cross_entropy"))
-@pytest.mark.parametrize("N,D,V,chunk", SIZES, ids=str)
+def backend_sizes():
+    # Triton's interpreter runs one program per row at a few ms each: fewer rows, the same paths.
+    out = []
+    for p in device_backends("linear_cross_entropy"):
+        interp = p.values == ("cpu", "triton")
+        for size in SIZES:
+            if interp and size[0] > 10:
+                size = (10, size[1], size[2], 4)
+            out.append(pytest.param(*p.values, *size, marks=p.marks, id=f"{p.id}-{size}"))
+    return out
+
+
+@pytest.mark.parametrize("device,backend,N,D,V,chunk", backend_sizes())
 @pytest.mark.parametrize("bias,cw,ignored,smoothing,reduction", OPTIONS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_matches_reference(device, backend, N, D, V, chunk, bias, cw, ignored, smoothing, reduction, dtype):
@@ -70,13 +81,13 @@ def test_matches_reference(device, backend, N, D, V, chunk, bias, cw, ignored, s
 @pytest.mark.parametrize("device,backend", device_backends("linear_cross_entropy"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision(device, backend, dtype):
-    x, w, b, t, _ = make_case(40, 32, 300, True, False, True, device, dtype)
+    x, w, b, t, _ = make_case(12, 32, 300, True, False, True, device, dtype)
 
     def fn(f):
         return lambda x_, w_, b_: f(x_, w_, t, b_, label_smoothing=0.1)
 
     r, rg, g = run(fn(fastnn.reference.linear_cross_entropy), x.double(), w.double(), b.double())
-    o, og, _ = run(fn(lambda *a, **k: F.linear_cross_entropy(*a, **k, chunk_size=16, backend=backend)), x, w, b,
+    o, og, _ = run(fn(lambda *a, **k: F.linear_cross_entropy(*a, **k, chunk_size=5, backend=backend)), x, w, b,
                    g.to(dtype))
     th, tg, _ = run(lambda x_, w_, b_: TF.cross_entropy(TF.linear(x_, w_, b_), t, label_smoothing=0.1), x, w, b,
                     g.to(dtype))
