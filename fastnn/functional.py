@@ -71,3 +71,69 @@ def lstm_cell(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None,
     from .ops import lstm as _lstm
 
     return _lstm.lstm_cell(input, hx, w_ih, w_hh, b_ih, b_hh, backend)
+
+
+# ---- cross_entropy / linear_cross_entropy (losses helper) BEGIN ----------------------------------------------------
+from .ops import cross_entropy as _ce  # noqa: E402
+
+
+def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                  size_average=None, ignore_index: int = -100, reduce=None, reduction: str = "mean",
+                  label_smoothing: float = 0.0, *, inplace_backward: bool = False,
+                  backend: str | None = None) -> torch.Tensor:
+    """``torch.nn.functional.cross_entropy`` as one fused pass: the softmax is never stored, the backward
+    recomputes it from the logits and a saved per-row logsumexp.
+
+    Args:
+        input: logits (N, C), (N, C, d1, ...) or (C,); float32/float64/float16/bfloat16 (half types accumulate
+            in float32).
+        target: class indices (N,), (N, d1, ...) or () of an integer dtype, each in [0, C) or ``ignore_index``;
+            or class probabilities of ``input``'s shape (floating; cast to ``input``'s dtype).
+        weight: (C,) rescaling weight per class (no gradient).
+        size_average, reduce: deprecated, as in torch (they override ``reduction``).
+        ignore_index: a class-index target equal to it contributes no loss and no gradient.
+        reduction: "none" (input's shape without C), "mean" (weighted mean over non-ignored targets: NaN when
+            all are ignored) or "sum".
+        label_smoothing: in [0, 1]; mixes the target with the uniform distribution, as torch.
+        inplace_backward: write the gradient of ``input`` into ``input``'s own storage instead of a new tensor
+            (saves one N x C allocation). Contract: after ``backward()`` the logits' values are gone (their
+            storage holds the gradient, which is also what is returned as / accumulated into their grad); only
+            use it when nothing else reads the logits afterwards - autograd raises if another op saved them for
+            its backward. It saves memory only when ``input`` is contiguous (else a contiguous copy is reused).
+    Returns:
+        The loss: a scalar, or (N, d1, ...) for "none", in ``input``'s dtype.
+    Raises:
+        IndexError for a class index outside [0, C) that is not ``ignore_index``.
+    """
+    if size_average is not None or reduce is not None:
+        from torch.nn import _reduction
+
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    return _ce.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, inplace_backward,
+                             backend)
+
+
+def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, *, class_weight: torch.Tensor | None = None,
+                         chunk_size: int | None = None, backend: str | None = None) -> torch.Tensor:
+    """``cross_entropy(input @ weight.T + bias, target, ...)`` without materializing the (N, V) logits: rows run
+    in chunks through one reused (chunk_size, V) buffer, and the backward recomputes each chunk's logits (no
+    gradient is computed or stored in the forward). Peak extra memory is O(chunk_size x V).
+
+    Args:
+        input: (..., D) hidden states; float32/float64/float16/bfloat16.
+        weight: (V, D) output projection (``nn.Linear(D, V).weight``), input's dtype.
+        target: class indices of shape ``input.shape[:-1]``, each in [0, V) or ``ignore_index``.
+        bias: optional (V,).
+        ignore_index, reduction, label_smoothing: as ``cross_entropy``.
+        class_weight: optional (V,) per-class loss weight (``cross_entropy``'s ``weight``).
+        chunk_size: rows per chunk; default: as many as keep the logits buffer at 64 MiB.
+    Returns:
+        The loss: a scalar, or ``input.shape[:-1]`` for "none", in ``input``'s dtype. Gradients flow to input,
+        weight and bias.
+    """
+    return _ce.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, label_smoothing,
+                                    class_weight, chunk_size, backend)
+
+# ---- cross_entropy / linear_cross_entropy (losses helper) END ------------------------------------------------------

@@ -281,3 +281,83 @@ class LSTM(nn.LSTM):
         twin = cls(module.input_size, module.hidden_size, module.num_layers, module.bias, module.batch_first,
                    module.dropout, module.bidirectional, module.proj_size, device="meta")
         return _share_parameters(twin, module)
+
+
+# ---- CrossEntropyLoss / LinearCrossEntropyLoss (losses helper) BEGIN -----------------------------------------------
+
+@_patchable(nn.CrossEntropyLoss)
+class CrossEntropyLoss(nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss`` (same constructor, ``weight`` buffer and ``state_dict``) on fastnn's fused
+    cross-entropy. ``inplace_backward=True`` writes the logits' gradient over the logits (see
+    ``fastnn.functional.cross_entropy`` for the contract). Shapes: input (N, C), (N, C, d...) or (C,)."""
+
+    def __init__(self, weight: torch.Tensor | None = None, size_average=None, ignore_index: int = -100,
+                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                 inplace_backward: bool = False) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.inplace_backward = inplace_backward
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+                               label_smoothing=self.label_smoothing, inplace_backward=self.inplace_backward)
+
+    @classmethod
+    def from_torch(cls, module: nn.CrossEntropyLoss) -> "CrossEntropyLoss":
+        return cls(module.weight, ignore_index=module.ignore_index, reduction=module.reduction,
+                   label_smoothing=module.label_smoothing)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """An output projection fused with its cross-entropy loss: ``loss = cross_entropy(input @ weight.T + bias,
+    target)`` without the (N, V) logits (``fastnn.functional.linear_cross_entropy``). Parameters and
+    ``state_dict`` keys are ``nn.Linear(in_features, out_features, bias)``'s: ``weight`` (V, D), ``bias`` (V,).
+
+    As a model's output layer + loss, replacing its ``nn.Linear`` head (the same weight tensor, so tied
+    embeddings and optimizers keep working)::
+
+        head = fastnn.nn.LinearCrossEntropyLoss.from_linear(model.generator, ignore_index=pad_id,
+                                                            label_smoothing=0.1)
+        loss = head(hidden, target)        # training: hidden (..., D), target (...)
+        logits = head.logits(hidden)       # decoding: the plain linear layer
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        class_weight: optional (V,) per-class loss weight (a buffer, ``CrossEntropyLoss``'s ``weight``).
+        ignore_index, reduction, label_smoothing: as ``nn.CrossEntropyLoss``.
+        chunk_size: rows per chunk (default: a 64 MiB logits buffer).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 class_weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, chunk_size: int | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        lin = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = lin.weight
+        self.bias = lin.bias
+        self.register_buffer("class_weight", class_weight)
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.chunk_size = chunk_size
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **loss_kwargs) -> "LinearCrossEntropyLoss":
+        """A loss head sharing ``linear``'s weight and bias Parameters (not copies)."""
+        head = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", **loss_kwargs)
+        head.weight = linear.weight
+        head.bias = linear.bias
+        return head
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.linear_cross_entropy(input, self.weight, target, self.bias, self.ignore_index, self.reduction,
+                                      self.label_smoothing, class_weight=self.class_weight,
+                                      chunk_size=self.chunk_size)
+
+    def logits(self, input: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(input, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction}, "
+                f"label_smoothing={self.label_smoothing}")
+
+# ---- CrossEntropyLoss / LinearCrossEntropyLoss (losses helper) END -------------------------------------------------

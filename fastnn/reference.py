@@ -75,3 +75,56 @@ def lstm_cell(input: torch.Tensor, hx, w_ih: torch.Tensor, w_hh: torch.Tensor, b
             bias = _upcast(b) if bias is None else bias + _upcast(b)
     h_new, c_new = lstm_cell_gates(gates, bias, _upcast(c))
     return h_new.to(input.dtype), c_new.to(input.dtype)
+
+
+# ---- cross_entropy / linear_cross_entropy (losses helper) BEGIN ----------------------------------------------------
+
+def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
+    """torch.nn.functional.cross_entropy from log_softmax, gather and sums. input (N, C, d...) or (C,); target
+    class indices (N, d...) / () or probabilities of input's shape. Smoothing mixes (1 - eps) of the target loss
+    with eps / C of the all-class loss; a weighted or ignoring "mean" divides both by the summed weight of the
+    non-ignored targets (all ignored: 0 / 0 = NaN), probability targets by the number of rows."""
+    x = _upcast(input)
+    cdim = 1 if x.dim() > 1 else 0
+    C = x.shape[cdim]
+    logp = log_softmax(x, cdim)
+    shape = [1] * x.dim()
+    shape[cdim] = C
+    w = _upcast(weight).reshape(shape) if weight is not None else torch.ones(shape, dtype=x.dtype, device=x.device)
+    eps = label_smoothing
+    if target.is_floating_point():
+        y = _upcast(target) * (1 - eps) + eps / C
+        per = -(logp * y * w).sum(cdim)
+        denom = per.numel()
+    else:
+        valid = target != ignore_index
+        t = torch.where(valid, target, 0)
+        wt = torch.where(valid, w.reshape(C)[t], 0)
+        nll = -wt * logp.gather(cdim, t.unsqueeze(cdim)).squeeze(cdim)
+        smooth = -(logp * w).sum(cdim)
+        per = torch.where(valid, (1 - eps) * nll + eps / C * smooth, 0)
+        denom = wt.sum()
+    if reduction == "none":
+        out = per
+    elif reduction == "sum":
+        out = per.sum()
+    else:
+        out = per.sum() / denom
+    return out.to(input.dtype)
+
+
+def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, class_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """cross_entropy(input @ weight.T + bias, target) with the logits materialized. input (..., D), weight (V, D)."""
+    logits = _upcast(input) @ _upcast(weight).T
+    if bias is not None:
+        logits = logits + _upcast(bias)
+    out = cross_entropy(logits.reshape(-1, weight.shape[0]), target.reshape(-1), class_weight, ignore_index,
+                        reduction, label_smoothing)
+    if reduction == "none":
+        out = out.reshape(input.shape[:-1])
+    return out.to(input.dtype)
+
+# ---- cross_entropy / linear_cross_entropy (losses helper) END ------------------------------------------------------

@@ -47,3 +47,6 @@ def op(name: str, backend: str):
 from . import softmax  # noqa: E402,F401  (registers)
 from . import bce_with_logits  # noqa: E402,F401  (registers)
 from . import lstm  # noqa: E402,F401  (registers)
+
+
+from . import cross_entropy  # noqa: E402,F401  (losses helper: cross_entropy, linear_cross_entropy)

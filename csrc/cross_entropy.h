@@ -1,0 +1,168 @@
+// Cross-entropy pieces shared by the CPU and CUDA kernels: argument checks, the loss geometry, and the chunk loop
+// of linear + cross-entropy (device-agnostic ATen matmuls around a device's fused cross-entropy rows).
+//
+// Per row (logits x, logsumexp lse, p = exp(x - lse), smoothing eps over C classes, class weights w, W = sum(w)):
+//   class index t:  loss = (1 - eps) w_t (lse - x_t) + eps/C (W lse - sum_c w_c x_c)
+//                   dx_c = g [((1 - eps) w_t + eps/C W) p_c - eps/C w_c - (1 - eps) w_t [c == t]]
+//   probabilities:  y'_c = (1 - eps) y_c + eps/C,  S = sum_c w_c y'_c
+//                   loss = S lse - sum_c w_c y'_c x_c,   dx_c = g (S p_c - w_c y'_c)
+// exactly torch's cross_entropy before its reduction (an ignored row: loss 0, gradient 0).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "common.h"
+
+namespace fastnn {
+
+// input viewed as [outer = N, C, inner = d1 * d2 ...]; a "row" is one (n, d) position, rows = outer * inner.
+struct CeGeometry {
+  int64_t outer = 1, classes = 1, inner = 1;
+  int64_t rows() const { return outer * inner; }
+};
+
+inline at::ScalarType ce_acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Checks the arguments of cross_entropy_fwd/bwd; returns the geometry and whether target holds probabilities.
+inline CeGeometry check_ce_args(const at::Tensor& input, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight, double label_smoothing, bool& prob) {
+  check_floating(input, "input");
+  TORCH_CHECK(input.dim() >= 2, "cross_entropy: input must be (N, C, ...), got shape ", input.sizes());
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+              "cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
+  CeGeometry g;
+  g.outer = input.size(0);
+  g.classes = input.size(1);
+  for (int64_t i = 2; i < input.dim(); ++i) g.inner *= input.size(i);
+  prob = target.is_floating_point();
+  TORCH_CHECK(target.device() == input.device(), "cross_entropy: target must be on input's device ", input.device(),
+              ", got ", target.device());
+  if (prob) {
+    check_same(target, "target", input, "input");
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong, "cross_entropy: target must be int64 class indices or ",
+                "probabilities of input's dtype, got ", target.scalar_type());
+    std::vector<int64_t> expect{input.size(0)};
+    for (int64_t i = 2; i < input.dim(); ++i) expect.push_back(input.size(i));
+    TORCH_CHECK(target.sizes() == at::IntArrayRef(expect), "cross_entropy: target of class indices must have shape ",
+                at::IntArrayRef(expect), " for input of shape ", input.sizes(), ", got ", target.sizes());
+  }
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == g.classes, "cross_entropy: weight must be (C,) = (",
+                g.classes, ",), got ", weight->sizes());
+    TORCH_CHECK(weight->scalar_type() == input.scalar_type() && weight->device() == input.device(),
+                "cross_entropy: weight must have input's dtype and device");
+  }
+  return g;
+}
+
+inline void check_ce_bwd_args(const at::Tensor& grad_loss, const at::Tensor& lse, const CeGeometry& g,
+                              const at::Tensor& input) {
+  const auto acc = ce_acc_type(input.scalar_type());
+  TORCH_CHECK(grad_loss.numel() == g.rows() && lse.numel() == g.rows(), "cross_entropy_bwd: grad_loss and lse must ",
+              "have one value per row (", g.rows(), "), got ", grad_loss.numel(), " and ", lse.numel());
+  TORCH_CHECK(grad_loss.scalar_type() == acc && lse.scalar_type() == acc, "cross_entropy_bwd: grad_loss and lse ",
+              "must be ", acc, ", got ", grad_loss.scalar_type(), " and ", lse.scalar_type());
+}
+
+// Shape of the per-row outputs: input's shape without the class dim.
+inline std::vector<int64_t> ce_row_shape(const at::Tensor& input) {
+  std::vector<int64_t> s{input.size(0)};
+  for (int64_t i = 2; i < input.dim(); ++i) s.push_back(input.size(i));
+  return s;
+}
+
+inline void check_linear_ce_args(const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                                 const std::optional<at::Tensor>& class_weight, int64_t chunk) {
+  check_floating(input, "input");
+  TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.size(1) == weight.size(1),
+              "linear_cross_entropy: input must be (N, D) and weight (V, D), got ", input.sizes(), " and ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type() && weight.device() == input.device(),
+              "linear_cross_entropy: weight must have input's dtype and device");
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == input.scalar_type(),
+                "linear_cross_entropy: bias must be (V,) of input's dtype, got ", bias->sizes());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == input.size(0) && target.scalar_type() == at::kLong,
+              "linear_cross_entropy: target must be (N,) int64, got ", target.sizes(), " ", target.scalar_type());
+  if (class_weight.has_value())
+    TORCH_CHECK(class_weight->dim() == 1 && class_weight->size(0) == weight.size(0) &&
+                    class_weight->scalar_type() == input.scalar_type() && class_weight->device() == input.device(),
+                "linear_cross_entropy: class_weight must be (V,) of input's dtype and device, got ",
+                class_weight->sizes());
+  TORCH_CHECK(chunk > 0, "linear_cross_entropy: chunk must be positive, got ", chunk);
+}
+
+// logits of rows [s, s + n) into the front of the reused buffer.
+inline at::Tensor chunk_logits(at::Tensor& buf, const at::Tensor& x, const at::Tensor& w,
+                               const std::optional<at::Tensor>& bias, int64_t s, int64_t n) {
+  at::Tensor logits = buf.narrow(0, 0, n);
+  const at::Tensor xs = x.narrow(0, s, n);
+  if (bias.has_value()) at::addmm_out(logits, *bias, xs, w.t());
+  else at::mm_out(logits, xs, w.t());
+  return logits;
+}
+
+// ce_fwd(logits, target, loss, lse) and ce_bwd(grad_loss, logits, target, lse) run a device's fused rows on one
+// (n, V) chunk; ce_bwd overwrites the logits with their gradient.
+template <typename Fwd>
+std::tuple<at::Tensor, at::Tensor> linear_ce_forward(const at::Tensor& input, const at::Tensor& weight,
+                                                     const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                                                     int64_t chunk, Fwd&& ce_fwd) {
+  const at::Tensor x = input.contiguous(), w = weight.contiguous(), t = target.contiguous();
+  const int64_t N = x.size(0), V = w.size(0);
+  const auto acc = x.options().dtype(ce_acc_type(x.scalar_type()));
+  at::Tensor loss = at::empty({N}, acc), lse = at::empty({N}, acc);
+  if (N == 0) return {loss, lse};
+  at::Tensor buf = at::empty({std::min(chunk, N), V}, x.options());
+  for (int64_t s = 0; s < N; s += chunk) {
+    const int64_t n = std::min(chunk, N - s);
+    ce_fwd(chunk_logits(buf, x, w, bias, s, n), t.narrow(0, s, n), loss.narrow(0, s, n), lse.narrow(0, s, n));
+  }
+  return {loss, lse};
+}
+
+template <typename Bwd>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& lse, int64_t chunk,
+    Bwd&& ce_bwd) {
+  const at::Tensor x = input.contiguous(), w = weight.contiguous(), t = target.contiguous();
+  const at::Tensor g = grad_loss.contiguous(), l = lse.contiguous();
+  const int64_t N = x.size(0), V = w.size(0);
+  // Half types accumulate grad_weight / grad_bias over the chunks in float32 (one rounding at the end).
+  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  const auto acc = half ? x.options().dtype(at::kFloat) : x.options();
+  at::Tensor grad_input = at::empty(x.sizes(), x.options());
+  at::Tensor grad_weight = at::zeros(w.sizes(), acc), grad_bias = at::zeros({V}, acc);
+  if (N > 0) {
+    at::Tensor buf = at::empty({std::min(chunk, N), V}, x.options());
+    for (int64_t s = 0; s < N; s += chunk) {
+      const int64_t n = std::min(chunk, N - s);
+      at::Tensor dlogits = chunk_logits(buf, x, w, bias, s, n);
+      ce_bwd(g.narrow(0, s, n), dlogits, t.narrow(0, s, n), l.narrow(0, s, n));
+      const at::Tensor xs = x.narrow(0, s, n);
+      at::Tensor gi = grad_input.narrow(0, s, n);
+      at::mm_out(gi, dlogits, w);
+      if (half) {
+        grad_weight.addmm_(dlogits.t().to(at::kFloat), xs.to(at::kFloat));
+        grad_bias.add_(dlogits.sum(0, false, at::kFloat));
+      } else {
+        grad_weight.addmm_(dlogits.t(), xs);
+        grad_bias.add_(dlogits.sum(0));
+      }
+    }
+  }
+  if (half) return {grad_input, grad_weight.to(x.scalar_type()), grad_bias.to(x.scalar_type())};
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace fastnn

@@ -1,0 +1,337 @@
+// Fused softmax cross-entropy on CUDA (formulas in csrc/cross_entropy.h), and linear + cross-entropy on top.
+//
+// One thread block per row (an (n, d1, ...) position; classes `inner` apart, coalesced when inner == 1). Forward:
+// a single read of the row, each thread keeping an online max / rescaled sum of exp plus the weighted offsets
+// that smoothing and probability targets need, combined by block reductions; it writes only the loss and the
+// logsumexp. Backward: one more read of the row (two for probability targets: their weighted sum first), writing
+// the gradient, possibly over the logits (inplace). Out-of-range class indices are never used as addresses: the
+// read is clamped, the row's loss is NaN, and the index lands in a device flag that the host checks after the
+// launch (one sync) and reports as an IndexError.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "common.h"
+#include "cross_entropy.h"
+
+namespace fastnn::cuda {
+namespace {
+
+template <typename T> struct AccT { using type = float; };
+template <> struct AccT<double> { using type = double; };
+template <typename T> using acc_t = typename AccT<T>::type;
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+template <typename A> __device__ __forceinline__ A dexp(A x) { return ::exp(x); }
+template <> __device__ __forceinline__ float dexp<float>(float x) { return __expf(x); }
+
+template <typename A> __device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+template <typename A> __device__ __forceinline__ A warp_max(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const A u = __shfl_xor_sync(0xffffffffu, v, o);
+    v = (u > v || u != u) ? u : v;  // NaN wins
+  }
+  return v;
+}
+
+// Block-wide reduction; every thread gets the result. `sh` holds kWarps values.
+template <typename A, bool MAX> __device__ A block_reduce(A v, A* sh) {
+  v = MAX ? warp_max(v) : warp_sum(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // sh may still be read by the previous reduction
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? sh[lane] : (MAX ? -INFINITY : A(0));
+    v = MAX ? warp_max(v) : warp_sum(v);
+    if (lane == 0) sh[0] = v;
+  }
+  __syncthreads();
+  return sh[0];
+}
+
+struct RowArgs {
+  int64_t classes, inner, ignore_index;
+  double eps;
+};
+
+__device__ __forceinline__ int64_t row_base(int64_t row, const RowArgs& a) {
+  return (row / a.inner) * a.classes * a.inner + row % a.inner;
+}
+
+// PROB: target holds probabilities (T); else int64 indices. D: accumulate the weighted offsets (smoothing or PROB).
+template <typename T, bool PROB, bool D>
+__global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ x, const void* __restrict__ target,
+                                                          const T* __restrict__ w, const acc_t<T>* __restrict__ wsum,
+                                                          acc_t<T>* __restrict__ loss, acc_t<T>* __restrict__ lse,
+                                                          int64_t* __restrict__ flag, RowArgs a) {
+  using A = acc_t<T>;
+  __shared__ A sh[kWarps];
+  const int64_t row = blockIdx.x;
+  const int64_t base = row_base(row, a), C = a.classes, st = a.inner;
+  int64_t t = 0;
+  bool ignored = false, bad = false;
+  if constexpr (!PROB) {
+    t = static_cast<const int64_t*>(target)[row];
+    ignored = t == a.ignore_index;
+    bad = !ignored && (t < 0 || t >= C);
+    if (ignored) {  // the whole block takes this branch together
+      if (threadIdx.x == 0) loss[row] = lse[row] = A(0);
+      return;
+    }
+    if (bad) {
+      if (threadIdx.x == 0) {
+        flag[1] = t;  // any one bad index will do for the message
+        flag[0] = 1;
+        loss[row] = lse[row] = NAN;
+      }
+      return;
+    }
+  }
+  const A keep = A(1) - A(a.eps), add = A(a.eps) / A(C);
+  // Offsets from a pivot (the target's logit, or the row's first) keep rows of large logits exact.
+  A pivot = static_cast<A>(x[base + (PROB ? 0 : t) * st]);
+  pivot = isfinite(pivot) ? pivot : A(0);
+  A m = -INFINITY, s = 0, d = 0, u = 0;
+  for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+    const A v = static_cast<A>(x[base + c * st]);
+    if (v > m || v != v) {  // rescale the running sum to the new max (m = -inf at first: exp(-inf) = 0)
+      s = (m == -INFINITY ? A(0) : s * dexp(m - v)) + A(1);
+      m = v;
+    } else if (v != -INFINITY) {
+      s += dexp(v - m);
+    }
+    if constexpr (D) {
+      A wu = w ? static_cast<A>(w[c]) : A(1);
+      if constexpr (PROB) {
+        wu *= static_cast<A>(static_cast<const T*>(target)[base + c * st]) * keep + add;
+        u += wu;
+      }
+      d += wu * (v - pivot);
+    }
+  }
+  const A M = block_reduce<A, true>(m, sh);
+  const A S = block_reduce<A, false>(m == -INFINITY ? A(0) : s * dexp(m - M), sh);
+  const A log_s = ::log(S);
+  A l;
+  if constexpr (PROB) {
+    const A U = block_reduce<A, false>(u, sh), Dv = block_reduce<A, false>(d, sh);
+    l = U * ((M - pivot) + log_s) - Dv;
+  } else {
+    const A wt = w ? static_cast<A>(w[t]) : A(1);
+    l = keep * wt * ((M - static_cast<A>(x[base + t * st])) + log_s);
+    if constexpr (D) {
+      const A Dv = block_reduce<A, false>(d, sh);
+      l += add * ((w ? *wsum : A(C)) * ((M - pivot) + log_s) - Dv);
+    }
+  }
+  if (threadIdx.x == 0) {
+    loss[row] = l;
+    lse[row] = M + log_s;
+  }
+}
+
+template <typename T, bool PROB>
+__global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const acc_t<T>* __restrict__ grad, const T* x,
+                                                          const void* __restrict__ target, const T* __restrict__ w,
+                                                          const acc_t<T>* __restrict__ wsum,
+                                                          const acc_t<T>* __restrict__ lse, T* dx, RowArgs a) {
+  // x and dx may alias (inplace): each element is read before it is written, by the same thread.
+  using A = acc_t<T>;
+  __shared__ A sh[kWarps];
+  const int64_t row = blockIdx.x;
+  const int64_t base = row_base(row, a), C = a.classes, st = a.inner;
+  const A g = grad[row], l = lse[row];
+  const A keep = A(1) - A(a.eps), add = A(a.eps) / A(C);
+  const T* y = static_cast<const T*>(target);
+  if constexpr (PROB) {
+    A u = 0;
+    for (int64_t c = threadIdx.x; c < C; c += kThreads)
+      u += (static_cast<A>(y[base + c * st]) * keep + add) * (w ? static_cast<A>(w[c]) : A(1));
+    const A ga = g * block_reduce<A, false>(u, sh);
+    for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+      const A wu = (static_cast<A>(y[base + c * st]) * keep + add) * (w ? static_cast<A>(w[c]) : A(1));
+      dx[base + c * st] = static_cast<T>(ga * dexp(static_cast<A>(x[base + c * st]) - l) - g * wu);
+    }
+  } else {
+    const int64_t t = static_cast<const int64_t*>(target)[row];
+    if (t == a.ignore_index || t < 0 || t >= C) {
+      for (int64_t c = threadIdx.x; c < C; c += kThreads) dx[base + c * st] = T(0);
+      return;
+    }
+    const A wt = w ? static_cast<A>(w[t]) : A(1);
+    const A ga = g * (keep * wt + add * (w ? *wsum : A(C))), gb = g * add, gt = g * keep * wt;
+    for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+      A v = ga * dexp(static_cast<A>(x[base + c * st]) - l) - gb * (w ? static_cast<A>(w[c]) : A(1));
+      if (c == t) v -= gt;
+      dx[base + c * st] = static_cast<T>(v);
+    }
+  }
+}
+
+// Weight sum on the device (no sync); null without weights.
+at::Tensor weight_sum(const std::optional<at::Tensor>& w, at::ScalarType acc) {
+  return w.has_value() ? w->sum(acc) : at::Tensor();
+}
+
+RowArgs row_args(const CeGeometry& g, int64_t ignore_index, double eps) {
+  return RowArgs{g.classes, g.inner, ignore_index, eps};
+}
+
+// Fused rows over (rows, C[, inner]) storage; shared by cross_entropy_* and linear_cross_entropy_*.
+void launch_fwd(const at::Tensor& x, const at::Tensor& t, const std::optional<at::Tensor>& w, const CeGeometry& g,
+                int64_t ignore_index, double eps, at::Tensor& loss, at::Tensor& lse, at::Tensor& flag) {
+  if (g.rows() == 0) return;
+  const bool prob = t.is_floating_point();
+  const at::Tensor wc = w.has_value() ? w->contiguous() : at::Tensor();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_fwd_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    const at::Tensor ws = weight_sum(w, ce_acc_type(x.scalar_type()));
+    const auto* wp = wc.defined() ? wc.const_data_ptr<scalar_t>() : nullptr;
+    const auto* wsp = ws.defined() ? ws.const_data_ptr<A>() : nullptr;
+    const RowArgs a = row_args(g, ignore_index, eps);
+    auto go = [&](auto kernel) {
+      kernel<<<g.rows(), kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), t.const_data_ptr(), wp, wsp,
+                                                loss.mutable_data_ptr<A>(), lse.mutable_data_ptr<A>(),
+                                                flag.mutable_data_ptr<int64_t>(), a);
+    };
+    if (prob) go(ce_fwd_kernel<scalar_t, true, true>);
+    else if (eps > 0) go(ce_fwd_kernel<scalar_t, false, true>);
+    else go(ce_fwd_kernel<scalar_t, false, false>);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
+                const std::optional<at::Tensor>& w, const at::Tensor& lse, const CeGeometry& g, int64_t ignore_index,
+                double eps, at::Tensor& dx) {
+  if (g.rows() == 0 || g.classes == 0) return;
+  const at::Tensor wc = w.has_value() ? w->contiguous() : at::Tensor();
+  const at::Tensor gc = grad.contiguous(), lc = lse.contiguous();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_bwd_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    const at::Tensor ws = weight_sum(w, ce_acc_type(x.scalar_type()));
+    const auto* wp = wc.defined() ? wc.const_data_ptr<scalar_t>() : nullptr;
+    const auto* wsp = ws.defined() ? ws.const_data_ptr<A>() : nullptr;
+    const RowArgs a = row_args(g, ignore_index, eps);
+    auto go = [&](auto kernel) {
+      kernel<<<g.rows(), kThreads, 0, stream>>>(gc.const_data_ptr<A>(), x.const_data_ptr<scalar_t>(),
+                                                t.const_data_ptr(), wp, wsp, lc.const_data_ptr<A>(),
+                                                dx.mutable_data_ptr<scalar_t>(), a);
+    };
+    if (t.is_floating_point()) go(ce_bwd_kernel<scalar_t, true>);
+    else go(ce_bwd_kernel<scalar_t, false>);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor new_flag(const at::Tensor& x) { return at::zeros({2}, x.options().dtype(at::kLong)); }
+
+void report_bad_target(const at::Tensor& flag, int64_t classes, int64_t ignore_index) {
+  const at::Tensor f = flag.cpu();  // the one sync: an out-of-range index must not pass silently
+  const int64_t* p = f.const_data_ptr<int64_t>();
+  TORCH_CHECK_INDEX(p[0] == 0, "cross_entropy: target ", p[1], " is out of bounds: expected a class index in [0, ",
+                    classes - 1, "] or ignore_index (", ignore_index, ")");
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& input, const at::Tensor& target,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          int64_t ignore_index, double label_smoothing, bool) {
+  bool prob = false;
+  const CeGeometry g = check_ce_args(input, target, weight, label_smoothing, prob);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = input.contiguous(), t = target.contiguous();
+  const auto opts = x.options().dtype(ce_acc_type(x.scalar_type()));
+  at::Tensor loss = at::empty(ce_row_shape(x), opts), lse = at::empty(ce_row_shape(x), opts);
+  if (g.rows() == 0) return {loss, lse};
+  TORCH_CHECK(g.classes > 0, "cross_entropy: input has no classes (C = 0)");
+  at::Tensor flag = new_flag(x);
+  launch_fwd(x, t, weight, g, ignore_index, label_smoothing, loss, lse, flag);
+  if (!prob) report_bad_target(flag, g.classes, ignore_index);
+  return {loss, lse};
+}
+
+at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                  int64_t ignore_index, double label_smoothing) {
+  bool prob = false;
+  const CeGeometry g = check_ce_args(input, target, weight, label_smoothing, prob);
+  check_ce_bwd_args(grad_loss, lse, g, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = input.contiguous();
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  launch_bwd(grad_loss, x, target.contiguous(), weight, lse, g, ignore_index, label_smoothing, dx);
+  return dx;
+}
+
+void cross_entropy_bwd_inplace_cuda(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                                    const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                    int64_t ignore_index, double label_smoothing) {
+  TORCH_CHECK(input.is_contiguous(), "cross_entropy_bwd_inplace: input must be contiguous");
+  bool prob = false;
+  const CeGeometry g = check_ce_args(input, target, weight, label_smoothing, prob);
+  check_ce_bwd_args(grad_loss, lse, g, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor dx = input;
+  launch_bwd(grad_loss, input, target.contiguous(), weight, lse, g, ignore_index, label_smoothing, dx);
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cuda(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
+    double label_smoothing, int64_t chunk) {
+  check_linear_ce_args(input, weight, bias, target, class_weight, chunk);
+  const int64_t V = weight.size(0);
+  TORCH_CHECK(V > 0, "linear_cross_entropy: weight has no rows (V = 0)");
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor flag = new_flag(input);
+  auto out = linear_ce_forward(input, weight, bias, target, chunk,
+                               [&](const at::Tensor& logits, const at::Tensor& ts, at::Tensor loss, at::Tensor lse) {
+    launch_fwd(logits, ts, class_weight, CeGeometry{logits.size(0), V, 1}, ignore_index, label_smoothing, loss, lse,
+               flag);
+  });
+  report_bad_target(flag, V, ignore_index);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
+    const at::Tensor& lse, int64_t ignore_index, double label_smoothing, int64_t chunk) {
+  check_linear_ce_args(input, weight, bias, target, class_weight, chunk);
+  const int64_t V = weight.size(0);
+  check_ce_bwd_args(grad_loss, lse, CeGeometry{input.size(0), V, 1}, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  return linear_ce_backward(grad_loss, input, weight, bias, target, lse, chunk,
+                            [&](const at::Tensor& gs, at::Tensor& logits, const at::Tensor& ts, const at::Tensor& ls) {
+    launch_bwd(gs, logits, ts, class_weight, ls, CeGeometry{logits.size(0), V, 1}, ignore_index, label_smoothing,
+               logits);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastnn, CUDA, m) {
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);
+  m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
+  m.impl("cross_entropy_bwd_inplace", &cross_entropy_bwd_inplace_cuda);
+  m.impl("linear_cross_entropy_fwd", &linear_cross_entropy_fwd_cuda);
+  m.impl("linear_cross_entropy_bwd", &linear_cross_entropy_bwd_cuda);
+}
+
+}  // namespace fastnn::cuda

@@ -1,0 +1,269 @@
+"""cross_entropy and linear_cross_entropy: custom ops ``fastnn::cross_entropy_fwd`` / ``_bwd`` (+ ``_bwd_inplace``)
+and ``fastnn::linear_cross_entropy_fwd`` / ``_bwd`` (C++ CPU, CUDA) and their ``_triton`` twins.
+
+The ops return the unreduced per-row loss and the per-row logsumexp (float32, or float64 for float64 input); the
+reduction is done here, in a few O(rows) torch ops that autograd differentiates. The backward saves only the logits
+(and, for linear + CE, input and weight) plus the logsumexp, and recomputes the softmax.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import reference
+from .._validation import check_same_device, check_tensor
+from ..backend import resolve
+from . import op, register_op
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_common(fn, weight, ignore_index, reduction, label_smoothing, classes, dtype, wname="weight"):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or \
+            not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{fn}: label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if weight is not None:
+        check_tensor(weight, wname, fn=fn)
+        if weight.shape != (classes,):
+            raise ValueError(f"{fn}: {wname} must have shape ({classes},) (one per class), got {tuple(weight.shape)}")
+        if weight.requires_grad:
+            raise NotImplementedError(f"{fn}: gradients with respect to {wname} are not supported (nor are they "
+                                      "in torch's nll_loss); pass {wname}.detach()")
+        weight = weight.to(dtype)
+    return weight
+
+
+def _check_index_target(fn, target, expect_shape, input_shape):
+    if target.dtype in (torch.bool,) or target.is_complex():
+        raise TypeError(f"{fn}: target must be int64 class indices or floating probabilities, got {target.dtype}")
+    if tuple(target.shape) != tuple(expect_shape):
+        raise ValueError(f"{fn}: target of class indices must have shape {tuple(expect_shape)} for input of shape "
+                         f"{tuple(input_shape)}, got {tuple(target.shape)}")
+    return target.long()
+
+
+def _reduce(loss, target, weight, ignore_index, reduction, prob, dtype):
+    """loss: per-row losses (accumulation dtype). A "mean" divides by the summed weight of the non-ignored targets
+    (their count without weights; the number of rows for probability targets), as torch; all ignored gives NaN."""
+    if reduction == "none":
+        return loss.to(dtype)
+    total = loss.sum()
+    if reduction == "sum":
+        return total.to(dtype)
+    if prob:
+        return (total / loss.numel()).to(dtype)
+    valid = target != ignore_index
+    if weight is None:
+        denom = valid.sum()
+    else:
+        w = weight.to(loss.dtype)
+        denom = torch.where(valid, w[target.clamp(0, w.shape[0] - 1)], 0).sum()
+    return (total / denom).to(dtype)
+
+
+def cross_entropy(input, target, weight=None, ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, inplace_backward: bool = False, backend: str | None = None):
+    """Fused softmax cross-entropy with ``torch.nn.functional.cross_entropy`` semantics (see fastnn.functional)."""
+    fn = "cross_entropy"
+    check_tensor(input, "input", fn=fn)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
+    if input.dim() == 0:
+        raise ValueError(f"{fn}: input must be (C,), (N, C) or (N, C, d1, ...), got a 0-d tensor")
+    check_same_device(fn, input=input, target=target, weight=weight)
+    unbatched = input.dim() == 1
+    classes = input.shape[0 if unbatched else 1]
+    weight = _check_common(fn, weight, ignore_index, reduction, label_smoothing, classes, input.dtype)
+    prob = target.is_floating_point()
+    if prob:
+        if target.shape != input.shape:
+            raise ValueError(f"{fn}: target of class probabilities must have input's shape {tuple(input.shape)}, "
+                             f"got {tuple(target.shape)}")
+        target = target.to(input.dtype)
+    else:
+        row_shape = input.shape[1:] if unbatched else (input.shape[0],) + tuple(input.shape[2:])
+        target = _check_index_target(fn, target, () if unbatched else row_shape, input.shape)
+    b = resolve("cross_entropy", backend, input, target, weight)
+    if b == "reference":
+        return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    x = input.unsqueeze(0) if unbatched else input
+    t = target.unsqueeze(0) if unbatched else target
+    loss, _ = op("cross_entropy", b)(x.contiguous(), t.contiguous(), weight, ignore_index, float(label_smoothing),
+                                     bool(inplace_backward))
+    out = _reduce(loss, t, weight, ignore_index, reduction, prob, input.dtype)
+    return out.squeeze(0) if unbatched and reduction == "none" else out
+
+
+def _fake_fwd(input, target, weight, ignore_index, label_smoothing, inplace_backward):
+    shape = (input.shape[0],) + tuple(input.shape[2:])
+    return input.new_empty(shape, dtype=_acc(input.dtype)), input.new_empty(shape, dtype=_acc(input.dtype))
+
+
+def _fake_bwd(grad_loss, input, target, weight, lse, ignore_index, label_smoothing):
+    return input.new_empty(input.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    input, target, weight, ctx.ignore_index, ctx.label_smoothing, ctx.inplace = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(input, target, weight, output[1])
+
+
+def _target_grad(g, input, weight, lse, eps):
+    # Probability targets: d loss / d y_c = -(1 - eps) w_c log p_c.
+    shape = [1] * input.dim()
+    shape[1] = input.shape[1]
+    logp = input.to(lse.dtype) - lse.unsqueeze(1)
+    w = 1.0 if weight is None else weight.to(lse.dtype).reshape(shape)
+    return (-(1.0 - eps) * g.unsqueeze(1) * logp * w).to(input.dtype)
+
+
+def _backward(ctx, grads, bwd_op):
+    input, target, weight, lse = ctx.saved_tensors
+    g = grads[0]
+    args = (target, weight, lse, ctx.ignore_index, ctx.label_smoothing)
+    grad_target = None
+    if ctx.needs_input_grad[1] and target.is_floating_point():
+        grad_target = _target_grad(g, input, weight, lse, ctx.label_smoothing)
+    if not ctx.needs_input_grad[0]:
+        grad_input = None
+    elif ctx.inplace:
+        # The contract of inplace_backward: the logits' storage now holds their gradient.
+        _INPLACE[bwd_op](g, input, *args)
+        # A custom op's write does not bump the version counter; bumping it makes autograd refuse (rather than
+        # silently use) the overwritten logits if another op saved them for its backward.
+        torch.autograd.graph.increment_version(input)
+        grad_input = input
+    else:
+        grad_input = bwd_op(g, input, *args)
+    return grad_input, grad_target, None, None, None, None
+
+
+def _triton_fwd(input, target, weight, ignore_index, label_smoothing, inplace_backward):
+    from ..kernels.cross_entropy import cross_entropy_forward
+
+    return cross_entropy_forward(input, target, weight, ignore_index, label_smoothing)
+
+
+def _triton_bwd(grad_loss, input, target, weight, lse, ignore_index, label_smoothing):
+    from ..kernels.cross_entropy import cross_entropy_backward
+
+    return cross_entropy_backward(grad_loss, input, target, weight, lse, ignore_index, label_smoothing)
+
+
+def _triton_bwd_inplace(grad_loss, input, target, weight, lse, ignore_index, label_smoothing):
+    from ..kernels.cross_entropy import backward_into
+
+    if not input.is_contiguous():
+        raise RuntimeError("cross_entropy_bwd_inplace: input must be contiguous")
+    backward_into(grad_loss, input, target.contiguous(), weight, lse, ignore_index, label_smoothing, input)
+
+
+register_op("cross_entropy", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context,
+            backward=_backward, triton_fwd=_triton_fwd, triton_bwd=_triton_bwd)
+for _s in ("", "_triton"):
+    torch.library.register_fake(f"fastnn::cross_entropy_bwd_inplace{_s}")(lambda *args: None)
+torch.library.register_kernel("fastnn::cross_entropy_bwd_inplace_triton", ("cpu", "cuda"), _triton_bwd_inplace)
+_INPLACE = {torch.ops.fastnn.cross_entropy_bwd: torch.ops.fastnn.cross_entropy_bwd_inplace,
+            torch.ops.fastnn.cross_entropy_bwd_triton: torch.ops.fastnn.cross_entropy_bwd_inplace_triton}
+
+
+# ---- linear + cross-entropy -----------------------------------------------------------------------------------
+
+CHUNK_BYTES = 1 << 26  # one (chunk, V) logits buffer of at most 64 MiB
+
+
+def default_chunk(vocab: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: the largest power of two whose (rows, vocab) logits fit in CHUNK_BYTES (at least 1)."""
+    rows = CHUNK_BYTES // max(1, vocab * torch.empty((), dtype=dtype).element_size())
+    return 1 << max(0, int(math.log2(max(rows, 1))))
+
+
+def linear_cross_entropy(input, weight, target, bias=None, ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, class_weight=None, chunk_size: int | None = None,
+                         backend: str | None = None):
+    """cross_entropy(input @ weight.T + bias, target) in row chunks (see fastnn.functional)."""
+    fn = "linear_cross_entropy"
+    check_tensor(input, "input", fn=fn)
+    check_tensor(weight, "weight", fn=fn, ndim=2)
+    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{fn}: input must be (..., D) with D = weight.shape[1] = {weight.shape[1]}, got "
+                         f"{tuple(input.shape)}")
+    if weight.dtype != input.dtype:
+        raise TypeError(f"{fn}: weight must have input's dtype {input.dtype}, got {weight.dtype}")
+    V = weight.shape[0]
+    if bias is not None:
+        check_tensor(bias, "bias", fn=fn)
+        if bias.shape != (V,) or bias.dtype != input.dtype:
+            raise ValueError(f"{fn}: bias must be ({V},) of input's dtype, got {tuple(bias.shape)} {bias.dtype}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point():
+        raise TypeError(f"{fn}: target must be int64 class indices, got {target.dtype}")
+    check_same_device(fn, input=input, weight=weight, target=target, bias=bias, class_weight=class_weight)
+    class_weight = _check_common(fn, class_weight, ignore_index, reduction, label_smoothing, V, input.dtype,
+                                 "class_weight")
+    target = _check_index_target(fn, target, input.shape[:-1], input.shape)
+    if chunk_size is None:
+        chunk_size = default_chunk(V, input.dtype)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
+    b = resolve("linear_cross_entropy", backend, input, weight, target, bias, class_weight)
+    if b == "reference":
+        return reference.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, label_smoothing,
+                                              class_weight)
+    x, t = input.reshape(-1, input.shape[-1]), target.reshape(-1)
+    loss, _ = op("linear_cross_entropy", b)(x, weight, bias, t, class_weight, ignore_index, float(label_smoothing),
+                                            chunk_size)
+    out = _reduce(loss, t, class_weight, ignore_index, reduction, False, input.dtype)
+    return out.reshape(input.shape[:-1]) if reduction == "none" else out
+
+
+def _lfake_fwd(input, weight, bias, target, class_weight, ignore_index, label_smoothing, chunk):
+    shape = (input.shape[0],)
+    return input.new_empty(shape, dtype=_acc(input.dtype)), input.new_empty(shape, dtype=_acc(input.dtype))
+
+
+def _lfake_bwd(grad_loss, input, weight, bias, target, class_weight, lse, ignore_index, label_smoothing, chunk):
+    return input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
+
+
+def _lsetup_context(ctx, inputs, output):
+    input, weight, bias, target, class_weight, ctx.ignore_index, ctx.label_smoothing, ctx.chunk = inputs
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(input, weight, bias, target, class_weight, output[1])
+
+
+def _lbackward(ctx, grads, bwd_op):
+    input, weight, bias, target, class_weight, lse = ctx.saved_tensors
+    gi, gw, gb = bwd_op(grads[0], input, weight, bias, target, class_weight, lse, ctx.ignore_index,
+                        ctx.label_smoothing, ctx.chunk)
+    return gi, gw, gb if ctx.has_bias else None, None, None, None, None, None
+
+
+def _ltriton_fwd(input, weight, bias, target, class_weight, ignore_index, label_smoothing, chunk):
+    from ..kernels.cross_entropy import linear_cross_entropy_forward
+
+    return linear_cross_entropy_forward(input, weight, bias, target, class_weight, ignore_index, label_smoothing,
+                                        chunk)
+
+
+def _ltriton_bwd(grad_loss, input, weight, bias, target, class_weight, lse, ignore_index, label_smoothing, chunk):
+    from ..kernels.cross_entropy import linear_cross_entropy_backward
+
+    return linear_cross_entropy_backward(grad_loss, input, weight, bias, target, class_weight, lse, ignore_index,
+                                         label_smoothing, chunk)
+
+
+register_op("linear_cross_entropy", fake_fwd=_lfake_fwd, fake_bwd=_lfake_bwd, setup_context=_lsetup_context,
+            backward=_lbackward, triton_fwd=_ltriton_fwd, triton_bwd=_ltriton_bwd)

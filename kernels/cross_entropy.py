@@ -1,0 +1,276 @@
+"""Triton fused softmax cross-entropy, forward and backward, and the chunked linear + cross-entropy around it.
+
+One program per row (one (n, d1, ...) position; classes `inner` apart). The forward reads the row once, keeping
+per-lane running max and rescaled sum of exp (plus the weighted sums that label smoothing and probability targets
+need), and writes two floats: the loss and the logsumexp. The backward reads the row once more and writes the
+gradient, optionally over the logits themselves (DX == X). Formulas: csrc/cross_entropy.h.
+
+Out-of-range class indices are never used as addresses: the kernel clamps the read, gives the row a NaN loss and
+records the index in a flag tensor, which the launcher checks and turns into an IndexError (one device sync).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .softmax import _row_base
+
+MAX_BLOCK = 4096
+
+
+@triton.jit
+def _class_weight(W, c, mask, HAS_W: tl.constexpr):
+    if HAS_W:
+        return tl.load(W + c, mask=mask, other=0.0)
+    return tl.where(mask, 1.0, 0.0)
+
+
+@triton.jit
+def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, FLAG, n_cols, inner, ignore_index, EPS,
+                  ACC: tl.constexpr, BLOCK: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr,
+                  SMOOTH: tl.constexpr, LASTDIM: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = _row_base(row, n_cols, inner, LASTDIM)
+    stride = 1 if LASTDIM else inner
+    cols = tl.arange(0, BLOCK)
+    n_eff = n_cols
+    if not PROB:
+        t = tl.load(T + row)
+        ignored = t == ignore_index
+        bad = (t != ignore_index) & ((t < 0) | (t >= n_cols))
+        tl.store(FLAG, 1, mask=bad)
+        tl.store(FLAG + 1, t, mask=bad)
+        t = tl.where(ignored | bad, 0, t)
+        n_eff = tl.where(ignored, 0, n_cols)  # an ignored row reads nothing
+        xt = tl.load(X + base + t * stride).to(ACC)
+        pivot = xt
+    else:
+        pivot = tl.load(X + base).to(ACC)
+    # Weighted sums of x are taken as offsets from a pivot (the target's logit, or the row's first) and the loss
+    # as offsets from the max, so rows of large logits (|x| ~ 1e4) lose no precision.
+    pivot = tl.where(tl.abs(pivot) < float("inf"), pivot, 0.0)
+    eps = tl.load(EPS)  # from memory: a float argument would be rounded to float32
+    keep = 1.0 - eps
+    add = eps / n_cols
+    m_vec = tl.full([BLOCK], -float("inf"), ACC)
+    s_vec = tl.zeros([BLOCK], ACC)
+    sx_vec = tl.zeros([BLOCK], ACC)  # sum of w (x - pivot) (smoothing) or of w y' (x - pivot) (probabilities)
+    sy_vec = tl.zeros([BLOCK], ACC)  # sum of w y'
+    for start in range(0, n_eff, BLOCK):
+        c = start + cols
+        mask = c < n_cols
+        x = tl.load(X + base + c * stride, mask=mask, other=-float("inf")).to(ACC)
+        m_new = tl.maximum(m_vec, x)
+        dead = m_new == -float("inf")
+        s_vec = s_vec * tl.where(dead, 0.0, tl.exp(m_vec - m_new)) + tl.where(dead, 0.0, tl.exp(x - m_new))
+        m_vec = m_new
+        if PROB or SMOOTH:
+            w = _class_weight(W, c, mask, HAS_W).to(ACC)
+            if PROB:
+                y = tl.load(T + base + c * stride, mask=mask, other=0.0).to(ACC)
+                w = tl.where(mask, (y * keep + add) * w, 0.0)
+                sy_vec += w
+            sx_vec += tl.where(mask, w * (x - pivot), 0.0)
+    m = tl.max(m_vec, 0)
+    log_s = tl.log(tl.sum(tl.where(m_vec == -float("inf"), 0.0, s_vec * tl.exp(m_vec - m)), 0))
+    lse = m + log_s
+    if PROB:
+        loss = tl.sum(sy_vec, 0) * ((m - pivot) + log_s) - tl.sum(sx_vec, 0)
+    else:
+        if HAS_W:
+            wt = tl.load(W + t).to(ACC)
+            wsum = tl.load(WSUM).to(ACC)
+        else:
+            wt = 1.0
+            wsum = n_cols * 1.0
+        loss = keep * wt * ((m - xt) + log_s)
+        if SMOOTH:
+            loss += add * (wsum * ((m - pivot) + log_s) - tl.sum(sx_vec, 0))
+        loss = tl.where(ignored, 0.0, tl.where(bad, float("nan"), loss))
+        lse = tl.where(ignored, 0.0, lse)
+    tl.store(LOSS + row, loss)
+    tl.store(LSE + row, lse)
+
+
+@triton.jit
+def ce_bwd_kernel(G, X, T, W, WSUM, LSE, DX, n_cols, inner, ignore_index, EPS,
+                  ACC: tl.constexpr, BLOCK: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr,
+                  LASTDIM: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = _row_base(row, n_cols, inner, LASTDIM)
+    stride = 1 if LASTDIM else inner
+    cols = tl.arange(0, BLOCK)
+    g = tl.load(G + row).to(ACC)
+    lse = tl.load(LSE + row).to(ACC)
+    eps = tl.load(EPS)  # from memory: a float argument would be rounded to float32
+    keep = 1.0 - eps
+    add = eps / n_cols
+    if PROB:
+        sy_vec = tl.zeros([BLOCK], ACC)
+        for start in range(0, n_cols, BLOCK):
+            c = start + cols
+            mask = c < n_cols
+            y = tl.load(T + base + c * stride, mask=mask, other=0.0).to(ACC)
+            sy_vec += tl.where(mask, (y * keep + add) * _class_weight(W, c, mask, HAS_W).to(ACC), 0.0)
+        a = g * tl.sum(sy_vec, 0)
+        live = True
+        t = 0
+        gt = 0.0
+    else:
+        t = tl.load(T + row)
+        live = (t != ignore_index) & (t >= 0) & (t < n_cols)
+        t = tl.where(live, t, 0)
+        if HAS_W:
+            wt = tl.load(W + t).to(ACC)
+            wsum = tl.load(WSUM).to(ACC)
+        else:
+            wt = 1.0
+            wsum = n_cols * 1.0
+        a = g * (keep * wt + add * wsum)
+        gt = g * keep * wt
+    for start in range(0, n_cols, BLOCK):
+        c = start + cols
+        mask = c < n_cols
+        x = tl.load(X + base + c * stride, mask=mask, other=0.0).to(ACC)
+        w = _class_weight(W, c, mask, HAS_W).to(ACC)
+        if PROB:
+            y = tl.load(T + base + c * stride, mask=mask, other=0.0).to(ACC)
+            dx = a * tl.exp(x - lse) - g * (y * keep + add) * w
+        else:
+            dx = a * tl.exp(x - lse) - g * add * w - tl.where(c == t, gt, 0.0)
+        dx = tl.where(live, dx, 0.0)
+        tl.store(DX + base + c * stride, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+def _config(n_cols: int, dtype: torch.dtype) -> dict:
+    block = min(triton.next_power_of_2(max(n_cols, 1)), MAX_BLOCK)
+    return dict(ACC=tl.float64 if dtype == torch.float64 else tl.float32, BLOCK=block,
+                num_warps=min(16, max(1, block // 256)))
+
+
+def _geometry(x: torch.Tensor):
+    inner = 1
+    for s in x.shape[2:]:
+        inner *= s
+    return x.shape[1], inner, x.shape[0] * inner
+
+
+def _weights(weight, x):
+    # The weight sum stays on the device (no sync); a dummy pointer when there are no weights.
+    if weight is None:
+        return x, x, False
+    weight = weight.contiguous()
+    return weight, weight.sum(dtype=acc_dtype(x.dtype)).reshape(1), True
+
+
+def _eps(label_smoothing, x):
+    return torch.full((1,), float(label_smoothing), dtype=acc_dtype(x.dtype), device=x.device)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def forward_into(x, target, weight, ignore_index: int, label_smoothing: float, loss, lse) -> None:
+    """Launcher. x (N, C, d...) contiguous; target int64 (N, d...) or probabilities like x; writes the
+    contiguous per-row loss and lse (the accumulation dtype). Raises IndexError on an out-of-range class index."""
+    n_cols, inner, rows = _geometry(x)
+    if rows == 0:
+        return
+    prob = target.is_floating_point()
+    w, wsum, has_w = _weights(weight, x)
+    flag = torch.zeros(2, dtype=torch.int64, device=x.device)
+    ce_fwd_kernel[(rows,)](x, target, w, wsum, loss, lse, flag, n_cols, inner, ignore_index, _eps(label_smoothing, x),
+                           PROB=prob, HAS_W=has_w, SMOOTH=label_smoothing > 0 and not prob, LASTDIM=inner == 1,
+                           **_config(n_cols, x.dtype))
+    if not prob and flag[0].item():
+        raise IndexError(f"cross_entropy: target {int(flag[1])} is out of bounds: expected a class index in "
+                         f"[0, {n_cols - 1}] or ignore_index ({ignore_index})")
+
+
+def backward_into(grad_loss, x, target, weight, lse, ignore_index: int, label_smoothing: float, dx) -> None:
+    """Launcher. Writes grad_input into dx (which may be x itself)."""
+    n_cols, inner, rows = _geometry(x)
+    if rows == 0 or n_cols == 0:
+        return
+    w, wsum, has_w = _weights(weight, x)
+    ce_bwd_kernel[(rows,)](grad_loss.contiguous(), x, target, w, wsum, lse.contiguous(), dx, n_cols, inner,
+                           ignore_index, _eps(label_smoothing, x), PROB=target.is_floating_point(), HAS_W=has_w,
+                           LASTDIM=inner == 1, **_config(n_cols, x.dtype))
+
+
+def cross_entropy_forward(x, target, weight, ignore_index, label_smoothing):
+    x, target = x.contiguous(), target.contiguous()
+    shape = (x.shape[0],) + tuple(x.shape[2:])
+    loss = torch.empty(shape, dtype=acc_dtype(x.dtype), device=x.device)
+    lse = torch.empty_like(loss)
+    forward_into(x, target, weight, ignore_index, label_smoothing, loss, lse)
+    return loss, lse
+
+
+def cross_entropy_backward(grad_loss, x, target, weight, lse, ignore_index, label_smoothing, out=None):
+    x, target = x.contiguous(), target.contiguous()
+    dx = torch.empty_like(x) if out is None else out
+    backward_into(grad_loss, x, target, weight, lse, ignore_index, label_smoothing, dx)
+    return dx
+
+
+# ---- linear + cross-entropy: the same chunk loop as csrc/cross_entropy.h, with torch matmuls around the kernels.
+
+def _chunk_logits(buf, x, w, bias, s, n):
+    out = buf[:n]
+    if bias is None:
+        return torch.mm(x[s:s + n], w.t(), out=out)
+    return torch.addmm(bias, x[s:s + n], w.t(), out=out)
+
+
+def linear_cross_entropy_forward(x, w, bias, target, class_weight, ignore_index, label_smoothing, chunk):
+    x, w, target = x.contiguous(), w.contiguous(), target.contiguous()
+    N, V = x.shape[0], w.shape[0]
+    loss = torch.empty(N, dtype=acc_dtype(x.dtype), device=x.device)
+    lse = torch.empty_like(loss)
+    if N:
+        buf = torch.empty(min(chunk, N), V, dtype=x.dtype, device=x.device)
+        for s in range(0, N, chunk):
+            n = min(chunk, N - s)
+            forward_into(_chunk_logits(buf, x, w, bias, s, n), target[s:s + n], class_weight, ignore_index,
+                         label_smoothing, loss[s:s + n], lse[s:s + n])
+    return loss, lse
+
+
+def linear_cross_entropy_backward(grad_loss, x, w, bias, target, class_weight, lse, ignore_index,
+                                  label_smoothing, chunk):
+    x, w, target = x.contiguous(), w.contiguous(), target.contiguous()
+    grad_loss, lse = grad_loss.contiguous(), lse.contiguous()
+    N, V = x.shape[0], w.shape[0]
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    grad_input = torch.empty_like(x)
+    grad_weight = torch.zeros(w.shape, dtype=acc, device=x.device)
+    grad_bias = torch.zeros(V, dtype=acc, device=x.device)
+    if N:
+        buf = torch.empty(min(chunk, N), V, dtype=x.dtype, device=x.device)
+        for s in range(0, N, chunk):
+            n = min(chunk, N - s)
+            d = _chunk_logits(buf, x, w, bias, s, n)
+            backward_into(grad_loss[s:s + n], d, target[s:s + n], class_weight, lse[s:s + n], ignore_index,
+                          label_smoothing, d)
+            torch.mm(d, w, out=grad_input[s:s + n])
+            grad_weight.addmm_(d.t().to(acc), x[s:s + n].to(acc))
+            grad_bias += d.sum(0, dtype=acc)
+    return grad_input, grad_weight.to(x.dtype), grad_bias.to(x.dtype)
+
+
+def _aot_specs():
+    """Representative compilations for the ahead-of-time check (kernels/aot.py)."""
+    for dt in ("fp32", "bf16"):
+        for prob, has_w, smooth in ((False, False, False), (False, True, True), (True, False, False)):
+            tsig = f"*{dt}" if prob else "*i64"
+            common = dict(ACC=tl.float32, BLOCK=MAX_BLOCK, PROB=prob, HAS_W=has_w, LASTDIM=True)
+            sig = {"X": f"*{dt}", "T": tsig, "W": f"*{dt}", "WSUM": "*fp32", "n_cols": "i32", "inner": "i32",
+                   "ignore_index": "i64", "EPS": "*fp32"}
+            yield (ce_fwd_kernel, dict(sig, LOSS="*fp32", LSE="*fp32", FLAG="*i64"), dict(common, SMOOTH=smooth), 16)
+            yield (ce_bwd_kernel, dict(sig, G="*fp32", LSE="*fp32", DX=f"*{dt}"), common, 16)
+
+
+AOT = _aot_specs
