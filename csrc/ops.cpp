@@ -90,3 +90,20 @@ TORCH_LIBRARY_FRAGMENT(fastnn, m) {
         " -> (Tensor, Tensor, Tensor)");
   // ---- cross_entropy (losses helper) END ------------------------------------------------------------------------
 }
+
+// ---- attention (issue 4): flash-style scaled dot-product attention. q (B,H,Lq,D), k/v (B,H,Lk,D); attn_mask
+// additive in the accumulation dtype (float32, float64 for float64 inputs), shaped (B,H,Lq,Lk) with stride 0
+// along broadcast dims; key_padding_mask (B,Lk) bool, True = pad. Dropout is regenerated from `seed`.
+// Returns (out, lse): out in q's dtype, lse (B,H,Lq) the per-row logsumexp (+inf for a fully masked row).
+TORCH_LIBRARY_FRAGMENT(fastnn, m) {
+  m.def("attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? key_padding_mask, "
+        "float dropout_p, bool is_causal, float scale, int seed) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
+        "Tensor? attn_mask, Tensor? key_padding_mask, float dropout_p, bool is_causal, float scale, int seed) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("attention_fwd_triton(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+        "Tensor? key_padding_mask, float dropout_p, bool is_causal, float scale, int seed) -> (Tensor, Tensor)");
+  m.def("attention_bwd_triton(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
+        "Tensor? attn_mask, Tensor? key_padding_mask, float dropout_p, bool is_causal, float scale, int seed) "
+        "-> (Tensor, Tensor, Tensor)");
+}

@@ -137,3 +137,36 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
                                     class_weight, chunk_size, backend)
 
 # ---- cross_entropy / linear_cross_entropy (losses helper) END ------------------------------------------------------
+
+
+# ---- attention (issue 4) -------------------------------------------------------------------------------------
+from .ops import attention as _attention  # noqa: E402
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 key_padding_mask: torch.Tensor | None = None, *,
+                                 backend: str | None = None) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` as a flash-style kernel: softmax(q k^T * scale + mask)
+    v computed tile by tile with an online softmax, so memory grows with L, not L^2.
+
+    Args:
+        query: (B, H, Lq, D) or (H, Lq, D); float32, float64, float16 or bfloat16 (accumulation in float32).
+        key, value: (B, H, Lk, D) or (H, Lk, D), query's dtype; Lk may differ from Lq. D in [1, 256].
+        attn_mask: bool (True = attend) or additive float, broadcastable to (B, H, Lq, Lk). A broadcast mask
+            (e.g. (Lq, Lk) or (B, 1, 1, Lk)) is read through stride-0 dims, never expanded in memory. No
+            gradient flows to it.
+        dropout_p: dropout on the attention probabilities. The mask is a hash of a seed drawn from torch's CPU
+            generator (so ``torch.manual_seed`` reproduces it) and is regenerated in the backward, not stored.
+            Unlike torch, dropout is applied whenever ``dropout_p > 0``: pass 0.0 for evaluation.
+        is_causal: query i attends to keys j <= i (top-left alignment, as torch's ``is_causal``). May be combined
+            with ``attn_mask`` (torch refuses the combination).
+        scale: score scale, default 1 / sqrt(D).
+        key_padding_mask: (B, Lk) bool ((Lk,) for 3-d inputs), True = padding key; applied in the kernel.
+    Returns:
+        (B, H, Lq, D) (or (H, Lq, D)) in query's dtype. A query row whose keys are all masked gets zeros and
+        zero gradients (torch returns NaN there).
+    """
+    return _attention.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                   key_padding_mask, backend)

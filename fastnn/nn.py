@@ -361,3 +361,235 @@ class LinearCrossEntropyLoss(nn.Module):
                 f"label_smoothing={self.label_smoothing}")
 
 # ---- CrossEntropyLoss / LinearCrossEntropyLoss (losses helper) END -------------------------------------------------
+
+
+# ---- attention (issue 4) -------------------------------------------------------------------------------------
+
+def _attention_weights_path(q, k, v, attn_mask, dropout_p, is_causal, key_padding_mask):
+    """need_weights=True: the attention matrix is returned, so it is materialized (B, H, L, S) and the output
+    computed from it with plain matmuls - the slower path, kept apart from the fused kernel."""
+    from .ops.attention import SEED_MASK
+    from .reference import attention_probs
+
+    seed = int(torch.randint(0, 2 ** 62, (1,)).item()) & SEED_MASK if dropout_p > 0 else 0
+    p = attention_probs(q, k, attn_mask, dropout_p, is_causal, None, key_padding_mask, seed)
+    return (p @ v.to(p.dtype)).to(q.dtype), p.to(q.dtype)
+
+
+@_patchable(nn.MultiheadAttention)
+class MultiheadAttention(nn.Module):
+    """``torch.nn.MultiheadAttention`` on fastnn's fused attention: same constructor, forward signature, parameters
+    and ``state_dict`` keys, so ``load_state_dict`` of a torch module's state gives the same outputs.
+
+    Differences from torch, all deliberate:
+      * a query row whose keys are all masked outputs zeros (torch: NaN), with zero gradients;
+      * ``need_weights=True`` (torch's default) materializes the (N, H, L, S) attention matrix on a separate,
+        slower path; pass ``need_weights=False`` for the fused kernel (what torch's Transformer layers do);
+      * ``is_causal=True`` needs no ``attn_mask`` (torch requires one as a hint). As in torch, the hint replaces
+        ``attn_mask`` by the in-kernel causal mask only when ``need_weights=False`` and there is no
+        ``key_padding_mask``; otherwise ``attn_mask`` is applied as given.
+
+    Shapes: query (L, N, E) ((N, L, E) with batch_first, (L, E) unbatched), key (S, N, kdim), value (S, N, vdim);
+    key_padding_mask (N, S) bool (True = ignore) or float (added); attn_mask (L, S) or (N * num_heads, L, S),
+    bool (True = NOT allowed, torch's convention) or float (added). Returns (output like query, weights
+    (N, L, S) averaged over heads or (N, H, L, S), or None).
+    """
+
+    __constants__ = ["batch_first"]
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None) -> None:
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(f"embed_dim and num_heads must be greater than 0, got embed_dim={embed_dim} and "
+                             f"num_heads={num_heads} instead")
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.head_dim = embed_dim // num_heads
+        if self.head_dim * num_heads != embed_dim:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if not self._qkv_same_embed_dim:
+            self.q_proj_weight = nn.Parameter(torch.empty((embed_dim, embed_dim), **fk))
+            self.k_proj_weight = nn.Parameter(torch.empty((embed_dim, self.kdim), **fk))
+            self.v_proj_weight = nn.Parameter(torch.empty((embed_dim, self.vdim), **fk))
+            self.register_parameter("in_proj_weight", None)
+        else:
+            self.in_proj_weight = nn.Parameter(torch.empty((3 * embed_dim, embed_dim), **fk))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **fk))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty((1, 1, embed_dim), **fk))
+            self.bias_v = nn.Parameter(torch.empty((1, 1, embed_dim), **fk))
+        else:
+            self.bias_k = self.bias_v = None
+        self.add_zero_attn = add_zero_attn
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:  # torch's initialization
+        if self._qkv_same_embed_dim:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            nn.init.xavier_uniform_(self.q_proj_weight)
+            nn.init.xavier_uniform_(self.k_proj_weight)
+            nn.init.xavier_uniform_(self.v_proj_weight)
+        if self.in_proj_bias is not None:
+            nn.init.constant_(self.in_proj_bias, 0.0)
+            nn.init.constant_(self.out_proj.bias, 0.0)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
+
+    def _project(self, query, key, value, same):
+        E = self.embed_dim
+        b = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else (b[:E], b[E:2 * E], b[2 * E:])
+        if self._qkv_same_embed_dim:
+            w = self.in_proj_weight
+            if same:  # self-attention: one GEMM
+                return torch.nn.functional.linear(query, w, b).chunk(3, dim=-1)
+            wq, wk, wv = w[:E], w[E:2 * E], w[2 * E:]
+        else:
+            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        lin = torch.nn.functional.linear
+        return lin(query, wq, bq), lin(key, wk, bk), lin(value, wv, bv)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        same = query is key and key is value
+        if is_causal and attn_mask is not None and (need_weights or key_padding_mask is not None):
+            is_causal = False  # as torch: the hint is only taken on its fused path; otherwise the mask rules
+        unbatched = query.dim() == 2
+        if query.dim() not in (2, 3):
+            raise ValueError(f"MultiheadAttention: query must be 2-d (unbatched) or 3-d, got shape "
+                             f"{tuple(query.shape)}")
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError("MultiheadAttention: query, key and value must have the same number of dims, got "
+                             f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
+        if unbatched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        # now (L, N, E) / (S, N, kdim)
+        L, N, E = query.shape
+        if E != self.embed_dim:
+            raise ValueError(f"MultiheadAttention: query's last dim must be embed_dim={self.embed_dim}, got {E}")
+        q, k, v = self._project(query, key, value, same)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(1, N, E)])
+            v = torch.cat([v, self.bias_v.expand(1, N, E)])
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(1, N, E)])
+            v = torch.cat([v, v.new_zeros(1, N, E)])
+        extra = int(self.bias_k is not None) + int(self.add_zero_attn)
+        S = k.shape[0]
+        H, hd = self.num_heads, self.head_dim
+        q, k, v = (t.reshape(t.shape[0], N, H, hd).permute(1, 2, 0, 3) for t in (q, k, v))  # (N, H, L|S, hd)
+        mask = None
+        if attn_mask is not None and not is_causal:
+            if attn_mask.dim() == 3:
+                attn_mask = attn_mask.reshape(N, H, L, attn_mask.shape[-1])
+            elif attn_mask.dim() != 2:
+                raise ValueError(f"MultiheadAttention: attn_mask must be 2-d (L, S) or 3-d (N * num_heads, L, S), "
+                                 f"got shape {tuple(attn_mask.shape)}")
+            mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
+            if extra:  # the appended keys are always attended
+                mask = torch.nn.functional.pad(mask, (0, extra), value=True if mask.dtype == torch.bool else 0.0)
+        kpm = None
+        if key_padding_mask is not None:
+            if extra:
+                key_padding_mask = torch.nn.functional.pad(
+                    key_padding_mask, (0, extra), value=False if key_padding_mask.dtype == torch.bool else 0.0)
+            if key_padding_mask.dtype == torch.bool:
+                kpm = key_padding_mask
+            else:  # a float padding mask is additive: fold it into attn_mask
+                add = key_padding_mask.to(q.dtype)[:, None, None, :]
+                if mask is None:
+                    mask = add
+                elif mask.dtype == torch.bool:
+                    mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf")) + add
+                else:
+                    mask = mask + add
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            out, weights = _attention_weights_path(q, k, v, mask, p, is_causal, kpm)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+            if unbatched:
+                weights = weights[0]
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,
+                                                 key_padding_mask=kpm)
+        out = self.out_proj(out.permute(2, 0, 1, 3).reshape(L, N, E))  # (L, N, E)
+        if unbatched:
+            out = out.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+
+    @classmethod
+    def from_torch(cls, module: nn.MultiheadAttention) -> "MultiheadAttention":
+        ref = module.out_proj.weight
+        twin = cls(module.embed_dim, module.num_heads, dropout=module.dropout,
+                   bias=module.in_proj_bias is not None, add_bias_kv=module.bias_k is not None,
+                   add_zero_attn=module.add_zero_attn, kdim=module.kdim, vdim=module.vdim,
+                   batch_first=module.batch_first, device=ref.device, dtype=ref.dtype)
+        twin.load_state_dict(module.state_dict())
+        return twin
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """The course's self-attention layer - query, key, value and dense projections of ``hidden_size`` split into
+    ``num_heads`` heads - with the matmul -> softmax -> matmul core replaced by the fused kernel.
+
+    forward(hidden_states (B, L, hidden_size), key_padding_mask (B, L) bool True = pad, optional,
+    is_causal=False) -> (B, L, hidden_size). Dropout on the attention probabilities (``attention_dropout``) is
+    applied in training only.
+    """
+
+    def __init__(self, num_heads: int, hidden_size: int, attention_dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        self.num_heads, self.hidden_size = num_heads, hidden_size
+        self.head_dim = hidden_size // num_heads
+        self.attention_dropout = attention_dropout
+        self.query = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.key = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.value = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.dense = nn.Linear(hidden_size, hidden_size, bias=bias)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        return x.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"MultiHeadSelfAttention: hidden_states must be (B, L, {self.hidden_size}), got "
+                             f"{tuple(hidden_states.shape)}")
+        q, k, v = (self._heads(f(hidden_states)) for f in (self.query, self.key, self.value))
+        ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0,
+                                             is_causal=is_causal, key_padding_mask=key_padding_mask)
+        B, H, L, D = ctx.shape
+        return self.dense(ctx.transpose(1, 2).reshape(B, L, H * D))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, hidden_size={self.hidden_size}"

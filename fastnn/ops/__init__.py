@@ -50,3 +50,6 @@ from . import lstm  # noqa: E402,F401  (registers)
 
 
 from . import cross_entropy  # noqa: E402,F401  (losses helper: cross_entropy, linear_cross_entropy)
+
+
+from . import attention  # noqa: E402,F401  (registers; issue 4)

@@ -1,0 +1,378 @@
+// Scaled dot-product attention on CUDA, forward and backward: a deliberately simple flash-style kernel (correct by
+// construction; the fast GPU path is the Triton one). Tiles of 32 keys (or queries) are staged in shared memory
+// in the accumulation type; each warp owns one row and each lane one element of the tile, so a score is one
+// lane's dot product and the softmax statistics are warp shuffles. Rows of the tile are padded to D + 1 floats so
+// the lanes' strided reads hit distinct banks. Accumulation is in float32 (float64 for float64 inputs).
+//
+//   forward  (warp = query row): online softmax over key tiles, out = acc / l, lse = m + log l (+inf if empty)
+//   backward delta = rowsum(dO * O); dQ kernel (warp = query row) walks key tiles; dK/dV kernel (warp = key row)
+//            walks query tiles. P = exp(S - lse) is recomputed, dropout regenerated from the seed (attention.h).
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "attention.h"
+
+namespace fastnn::cuda {
+namespace {
+
+constexpr int kTile = 32;  // keys (forward, dQ) or queries (dK/dV) per shared-memory tile: one per lane
+constexpr int kRows = 4;   // warps per block, one row each
+constexpr int kMaxDPL = 8; // head-dim elements per lane: D <= 256
+
+template <typename A> struct Params {
+  int64_t B, H, Lq, Lk, D;
+  A scale;
+  bool causal;
+  const A* mask;  // additive, strides below (0 along broadcast dims), or null
+  int64_t smb, smh, smm, smn;
+  const bool* kpm;  // (B, Lk) or null
+  bool dropout;
+  uint64_t seed;
+  uint32_t thresh;
+  A drop_scale;
+};
+
+template <typename A> __device__ __forceinline__ A warp_max(A x) {
+  for (int o = 16; o > 0; o >>= 1) x = max(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+template <typename A> __device__ __forceinline__ A warp_sum(A x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+__device__ __forceinline__ float dexp(float x) { return __expf(x); }
+__device__ __forceinline__ double dexp(double x) { return exp(x); }
+
+// Score of query i and key j given their dot product: scaled, masked; -inf when the pair is masked out.
+template <typename A>
+__device__ __forceinline__ A score(const Params<A>& p, int64_t b, int64_t h, int64_t i, int64_t j, A dot) {
+  const A ninf = -A(INFINITY);
+  if (i >= p.Lq || j >= p.Lk) return ninf;
+  if (p.causal && j > i) return ninf;
+  if (p.kpm && p.kpm[b * p.Lk + j]) return ninf;
+  A s = dot * p.scale;
+  if (p.mask) s += p.mask[b * p.smb + h * p.smh + i * p.smm + j * p.smn];
+  return s;
+}
+
+// rows [r0, r0 + kTile) of a (L, D) matrix into a padded shared tile (zeros past L).
+template <typename T, typename A>
+__device__ void load_tile(A* tile, const T* src, int64_t r0, int64_t L, int64_t D) {
+  const int64_t ld = D + 1;
+  for (int64_t x = threadIdx.x; x < kTile * D; x += blockDim.x) {
+    const int64_t r = x / D, d = x % D;
+    tile[r * ld + d] = r0 + r < L ? static_cast<A>(src[(r0 + r) * D + d]) : A(0);
+  }
+}
+
+// One row (length D) into shared memory, by one warp.
+template <typename T, typename A> __device__ void load_row(A* dst, const T* src, bool valid, int64_t D) {
+  for (int64_t d = threadIdx.x % 32; d < D; d += 32) dst[d] = valid ? static_cast<A>(src[d]) : A(0);
+}
+
+template <typename A> __device__ __forceinline__ A dot_row(const A* a, const A* b, int64_t D) {
+  A s = 0;
+  for (int64_t d = 0; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+template <typename T, typename A>
+__global__ void attn_fwd_kernel(Params<A> p, const T* q, const T* k, const T* v, T* o, A* lse) {
+  extern __shared__ unsigned char smem_raw[];
+  A* tile = reinterpret_cast<A*>(smem_raw);
+  A* qs = tile + kTile * (p.D + 1);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const int64_t i0 = int64_t(blockIdx.x) * kRows, i = i0 + warp, D = p.D;
+  const T *Q = q + bh * p.Lq * D, *K = k + bh * p.Lk * D, *V = v + bh * p.Lk * D;
+  A* qrow = qs + warp * D;
+  load_row(qrow, Q + i * D, i < p.Lq, D);
+  A acc[kMaxDPL];
+  for (int t = 0; t < kMaxDPL; ++t) acc[t] = 0;
+  A m = -A(INFINITY), l = 0;
+  const int64_t kend = p.causal ? min(p.Lk, i0 + kRows) : p.Lk;
+  for (int64_t j0 = 0; j0 < kend; j0 += kTile) {
+    __syncthreads();
+    load_tile(tile, K, j0, p.Lk, D);
+    __syncthreads();
+    const int64_t j = j0 + lane;
+    const A s = score(p, b, h, i, j, dot_row(qrow, tile + lane * (D + 1), D));
+    const A mnew = max(m, warp_max(s));
+    const A msafe = mnew == -A(INFINITY) ? A(0) : mnew;
+    const A alpha = dexp(m - msafe);
+    A pj = dexp(s - msafe);
+    l = l * alpha + warp_sum(pj);
+    m = mnew;
+    if (p.dropout) pj = attention::dropout_keep(p.seed, bh * p.Lq + i, j, p.thresh) ? pj * p.drop_scale : A(0);
+    __syncthreads();
+    load_tile(tile, V, j0, p.Lk, D);
+    __syncthreads();
+    for (int t = 0; t < kMaxDPL; ++t) acc[t] *= alpha;
+    for (int jj = 0; jj < kTile; ++jj) {
+      const A w = __shfl_sync(0xffffffffu, pj, jj);
+      const A* vr = tile + jj * (D + 1);
+      for (int t = 0; t < kMaxDPL; ++t) {
+        const int64_t d = lane + 32 * t;
+        if (d < D) acc[t] += w * vr[d];
+      }
+    }
+  }
+  if (i < p.Lq) {
+    const bool empty = l == A(0);
+    const A inv = empty ? A(0) : A(1) / l;
+    for (int t = 0; t < kMaxDPL; ++t) {
+      const int64_t d = lane + 32 * t;
+      if (d < D) o[(bh * p.Lq + i) * D + d] = static_cast<T>(acc[t] * inv);
+    }
+    if (lane == 0) lse[bh * p.Lq + i] = empty ? A(INFINITY) : m + log(l);
+  }
+}
+
+template <typename T, typename A>
+__global__ void attn_delta_kernel(int64_t rows, int64_t D, const T* dO, const T* o, A* delta) {
+  const int64_t r = int64_t(blockIdx.x) * kRows + threadIdx.x / 32;
+  if (r >= rows) return;
+  A s = 0;
+  for (int64_t d = threadIdx.x % 32; d < D; d += 32) s += static_cast<A>(dO[r * D + d]) * static_cast<A>(o[r * D + d]);
+  s = warp_sum(s);
+  if (threadIdx.x % 32 == 0) delta[r] = s;
+}
+
+template <typename T, typename A>
+__global__ void attn_bwd_dq_kernel(Params<A> p, const T* q, const T* k, const T* v, const T* dO, const A* lse,
+                                   const A* delta, T* dq) {
+  extern __shared__ unsigned char smem_raw[];
+  A* tile = reinterpret_cast<A*>(smem_raw);
+  A* qs = tile + kTile * (p.D + 1);
+  A* dos = qs + kRows * p.D;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const int64_t i0 = int64_t(blockIdx.x) * kRows, i = i0 + warp, D = p.D;
+  const T *Q = q + bh * p.Lq * D, *K = k + bh * p.Lk * D, *V = v + bh * p.Lk * D, *DO = dO + bh * p.Lq * D;
+  A *qrow = qs + warp * D, *dorow = dos + warp * D;
+  load_row(qrow, Q + i * D, i < p.Lq, D);
+  load_row(dorow, DO + i * D, i < p.Lq, D);
+  const A li = i < p.Lq ? lse[bh * p.Lq + i] : A(INFINITY);
+  const A di = i < p.Lq ? delta[bh * p.Lq + i] : A(0);
+  A acc[kMaxDPL];
+  for (int t = 0; t < kMaxDPL; ++t) acc[t] = 0;
+  const int64_t kend = p.causal ? min(p.Lk, i0 + kRows) : p.Lk;
+  for (int64_t j0 = 0; j0 < kend; j0 += kTile) {
+    const int64_t j = j0 + lane;
+    __syncthreads();
+    load_tile(tile, K, j0, p.Lk, D);
+    __syncthreads();
+    const A pj = dexp(score(p, b, h, i, j, dot_row(qrow, tile + lane * (D + 1), D)) - li);
+    __syncthreads();
+    load_tile(tile, V, j0, p.Lk, D);
+    __syncthreads();
+    A dp = dot_row(dorow, tile + lane * (D + 1), D);
+    if (p.dropout) dp = attention::dropout_keep(p.seed, bh * p.Lq + i, j, p.thresh) ? dp * p.drop_scale : A(0);
+    const A ds = pj * (dp - di);
+    __syncthreads();
+    load_tile(tile, K, j0, p.Lk, D);
+    __syncthreads();
+    for (int jj = 0; jj < kTile; ++jj) {
+      const A w = __shfl_sync(0xffffffffu, ds, jj);
+      const A* kr = tile + jj * (D + 1);
+      for (int t = 0; t < kMaxDPL; ++t) {
+        const int64_t d = lane + 32 * t;
+        if (d < D) acc[t] += w * kr[d];
+      }
+    }
+  }
+  if (i < p.Lq) {
+    for (int t = 0; t < kMaxDPL; ++t) {
+      const int64_t d = lane + 32 * t;
+      if (d < D) dq[(bh * p.Lq + i) * D + d] = static_cast<T>(acc[t] * p.scale);
+    }
+  }
+}
+
+template <typename T, typename A>
+__global__ void attn_bwd_dkdv_kernel(Params<A> p, const T* q, const T* k, const T* v, const T* dO, const A* lse,
+                                     const A* delta, T* dk, T* dv) {
+  extern __shared__ unsigned char smem_raw[];
+  A* tile = reinterpret_cast<A*>(smem_raw);
+  A* ks = tile + kTile * (p.D + 1);
+  A* vs = ks + kRows * p.D;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const int64_t j0 = int64_t(blockIdx.x) * kRows, j = j0 + warp, D = p.D;
+  const T *Q = q + bh * p.Lq * D, *K = k + bh * p.Lk * D, *V = v + bh * p.Lk * D, *DO = dO + bh * p.Lq * D;
+  A *krow = ks + warp * D, *vrow = vs + warp * D;
+  load_row(krow, K + j * D, j < p.Lk, D);
+  load_row(vrow, V + j * D, j < p.Lk, D);
+  A gk[kMaxDPL], gv[kMaxDPL];
+  for (int t = 0; t < kMaxDPL; ++t) gk[t] = gv[t] = 0;
+  // Causal: queries before the block's first key see none of it.
+  for (int64_t i0 = p.causal ? (j0 / kTile) * kTile : 0; i0 < p.Lq; i0 += kTile) {
+    const int64_t i = i0 + lane;
+    const A li = i < p.Lq ? lse[bh * p.Lq + i] : A(INFINITY);
+    const A di = i < p.Lq ? delta[bh * p.Lq + i] : A(0);
+    __syncthreads();
+    load_tile(tile, Q, i0, p.Lq, D);
+    __syncthreads();
+    const A pi = dexp(score(p, b, h, i, j, dot_row(tile + lane * (D + 1), krow, D)) - li);
+    __syncthreads();
+    load_tile(tile, DO, i0, p.Lq, D);
+    __syncthreads();
+    A dp = dot_row(tile + lane * (D + 1), vrow, D), pd = pi;
+    if (p.dropout) {
+      const bool keep = attention::dropout_keep(p.seed, bh * p.Lq + i, j, p.thresh);
+      dp = keep ? dp * p.drop_scale : A(0);
+      pd = keep ? pi * p.drop_scale : A(0);
+    }
+    const A ds = pi * (dp - di);
+    for (int ii = 0; ii < kTile; ++ii) {  // dV += Pd^T dO while dO is staged
+      const A w = __shfl_sync(0xffffffffu, pd, ii);
+      const A* dr = tile + ii * (D + 1);
+      for (int t = 0; t < kMaxDPL; ++t) {
+        const int64_t d = lane + 32 * t;
+        if (d < D) gv[t] += w * dr[d];
+      }
+    }
+    __syncthreads();
+    load_tile(tile, Q, i0, p.Lq, D);
+    __syncthreads();
+    for (int ii = 0; ii < kTile; ++ii) {
+      const A w = __shfl_sync(0xffffffffu, ds, ii);
+      const A* qr = tile + ii * (D + 1);
+      for (int t = 0; t < kMaxDPL; ++t) {
+        const int64_t d = lane + 32 * t;
+        if (d < D) gk[t] += w * qr[d];
+      }
+    }
+  }
+  if (j < p.Lk) {
+    for (int t = 0; t < kMaxDPL; ++t) {
+      const int64_t d = lane + 32 * t;
+      if (d < D) {
+        dk[(bh * p.Lk + j) * D + d] = static_cast<T>(gk[t] * p.scale);
+        dv[(bh * p.Lk + j) * D + d] = static_cast<T>(gv[t]);
+      }
+    }
+  }
+}
+
+template <typename A>
+Params<A> make_params(const attention::Geometry& g, const std::optional<at::Tensor>& mask,
+                      const std::optional<at::Tensor>& kpm, double dropout_p, bool causal, double scale,
+                      int64_t seed) {
+  Params<A> p{g.B, g.H, g.Lq, g.Lk, g.D, A(scale), causal, nullptr, 0, 0, 0, 0, nullptr};
+  if (mask) {
+    p.mask = mask->const_data_ptr<A>();
+    p.smb = mask->stride(0), p.smh = mask->stride(1), p.smm = mask->stride(2), p.smn = mask->stride(3);
+  }
+  if (kpm) p.kpm = kpm->const_data_ptr<bool>();
+  p.dropout = dropout_p > 0;
+  p.seed = uint64_t(seed);
+  p.thresh = attention::dropout_threshold(dropout_p);
+  p.drop_scale = dropout_p < 1 ? A(1.0 / (1.0 - dropout_p)) : A(0);
+  return p;
+}
+
+template <typename A> size_t smem_bytes(int64_t D, int staged_rows) {
+  return sizeof(A) * (kTile * (D + 1) + staged_rows * kRows * D);
+}
+
+// Shared memory above 48 KiB needs an opt-in; at D = 256 in float64 the tiles reach ~75 KiB.
+template <typename K> void allow_smem(K kernel, size_t bytes) {
+  if (bytes > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, const at::Tensor& key,
+                                                      const at::Tensor& value,
+                                                      const std::optional<at::Tensor>& attn_mask,
+                                                      const std::optional<at::Tensor>& key_padding_mask,
+                                                      double dropout_p, bool is_causal, double scale, int64_t seed) {
+  const auto g = attention::check_args(query, key, value, attn_mask, key_padding_mask, dropout_p);
+  const c10::cuda::CUDAGuard guard(query.device());
+  const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
+  std::optional<at::Tensor> kpm;
+  if (key_padding_mask) kpm = key_padding_mask->contiguous();
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({g.B, g.H, g.Lq}, q.options().dtype(acc));
+  if (g.Lk == 0) {
+    out.zero_();
+    lse.fill_(std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  if (out.numel() == 0) return {out, lse};
+  const dim3 grid((g.Lq + kRows - 1) / kRows, g.B * g.H);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cuda", [&] {
+    using A = at::acc_type<scalar_t, true>;
+    const auto p = make_params<A>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);
+    const size_t bytes = smem_bytes<A>(g.D, 1);
+    allow_smem(attn_fwd_kernel<scalar_t, A>, bytes);
+    attn_fwd_kernel<scalar_t, A><<<grid, kRows * 32, bytes, stream>>>(
+        p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+        out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
+    const std::optional<at::Tensor>& key_padding_mask, double dropout_p, bool is_causal, double scale,
+    int64_t seed) {
+  const auto g = attention::check_args(query, key, value, attn_mask, key_padding_mask, dropout_p);
+  check_same(grad_out, "grad_out", query, "query");
+  check_same(out, "out", query, "query");
+  const auto acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.scalar_type() == acc && lse.dim() == 3 && lse.size(0) == g.B && lse.size(1) == g.H &&
+                  lse.size(2) == g.Lq,
+              "lse must be (B, H, Lq) in ", acc, ", got ", lse.sizes(), " ", lse.scalar_type());
+  const c10::cuda::CUDAGuard guard(query.device());
+  const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous(), o = out.contiguous(),
+                   dO = grad_out.contiguous(), L = lse.contiguous();
+  std::optional<at::Tensor> kpm;
+  if (key_padding_mask) kpm = key_padding_mask->contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
+             dv = at::empty(v.sizes(), v.options());
+  if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+  at::Tensor delta = at::empty({g.B, g.H, g.Lq}, q.options().dtype(acc));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cuda", [&] {
+    using A = at::acc_type<scalar_t, true>;
+    const auto p = make_params<A>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);
+    const int64_t rows = g.B * g.H * g.Lq;
+    attn_delta_kernel<scalar_t, A><<<(rows + kRows - 1) / kRows, kRows * 32, 0, stream>>>(
+        rows, g.D, dO.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), delta.mutable_data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const size_t bytes = smem_bytes<A>(g.D, 2);
+    allow_smem(attn_bwd_dq_kernel<scalar_t, A>, bytes);
+    allow_smem(attn_bwd_dkdv_kernel<scalar_t, A>, bytes);
+    attn_bwd_dq_kernel<scalar_t, A><<<dim3((g.Lq + kRows - 1) / kRows, g.B * g.H), kRows * 32, bytes, stream>>>(
+        p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+        dO.const_data_ptr<scalar_t>(), L.const_data_ptr<A>(), delta.const_data_ptr<A>(),
+        dq.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    attn_bwd_dkdv_kernel<scalar_t, A><<<dim3((g.Lk + kRows - 1) / kRows, g.B * g.H), kRows * 32, bytes, stream>>>(
+        p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+        dO.const_data_ptr<scalar_t>(), L.const_data_ptr<A>(), delta.const_data_ptr<A>(),
+        dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastnn, CUDA, m) {
+  m.impl("attention_fwd", &attention_fwd_cuda);
+  m.impl("attention_bwd", &attention_bwd_cuda);
+}
+
+}  // namespace fastnn::cuda

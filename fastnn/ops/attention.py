@@ -1,0 +1,134 @@
+"""scaled dot-product attention: custom ops ``fastnn::attention_fwd`` / ``attention_bwd`` (C++ CPU, CUDA) and
+their ``_triton`` twins, with one fake and one autograd formula. The backward saves q, k, v (the inputs), the
+output and the per-row logsumexp - nothing of size Lq x Lk - and regenerates dropout from a seed."""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .._validation import FLOATING, check_same_device, check_tensor
+from ..backend import resolve
+from . import op, register_op
+
+FN = "scaled_dot_product_attention"
+MAX_HEAD_DIM = 256
+SEED_MASK = 0x7FFFFFFF7FFFFFFF
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _additive_mask(attn_mask, full_shape, acc, unbatched):
+    """attn_mask (bool: True = attend, or additive float) as an additive mask in ``acc`` expanded - not copied -
+    to the 4-d ``full_shape``: only a mask that already is Lq x Lk costs Lq x Lk memory."""
+    check_tensor(attn_mask, "attn_mask", dtypes=FLOATING + (torch.bool,), fn=FN)
+    target = full_shape[1:] if unbatched else full_shape
+    try:
+        if torch.broadcast_shapes(attn_mask.shape, target) != tuple(target):
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(f"{FN}: attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to "
+                         f"{'(H, Lq, Lk)' if unbatched else '(B, H, Lq, Lk)'} = {tuple(target)}") from None
+    if attn_mask.requires_grad:
+        raise NotImplementedError(f"{FN}: gradients with respect to a float attn_mask are not supported; "
+                                  "detach it")
+    if attn_mask.dtype == torch.bool:
+        mask = torch.zeros(attn_mask.shape, dtype=acc, device=attn_mask.device)
+        mask.masked_fill_(~attn_mask, float("-inf"))
+    else:
+        mask = attn_mask.to(acc)
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(full_shape)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 key_padding_mask=None, backend=None):
+    """See ``fastnn.functional.scaled_dot_product_attention``."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(t, name, ndim=(3, 4), fn=FN)
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"{FN}: query, key and value must have the same dtype, got {query.dtype}, {key.dtype} and "
+                        f"{value.dtype}")
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(f"{FN}: query, key and value must all be 4-d (B, H, L, D) or all 3-d (H, L, D), got shapes "
+                         f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
+    check_same_device(FN, query=query, key=key, value=value, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
+    unbatched = query.dim() == 3
+    q, k, v = (t.unsqueeze(0) if unbatched else t for t in (query, key, value))
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if tuple(k.shape) != (B, H, Lk, D):
+        raise ValueError(f"{FN}: key must have query's batch, heads and head dim {(B, H, D)}: expected "
+                         f"(..., Lk, {D}), got query {tuple(query.shape)} and key {tuple(key.shape)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"{FN}: value must have key's shape {tuple(key.shape)}, got {tuple(value.shape)} (a value "
+                         "head dim different from the query's is not supported)")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"{FN}: head dim (query's last dim) must be in [1, {MAX_HEAD_DIM}], got {D}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{FN}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    if scale is None:
+        scale = D ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{FN}: scale must be a float or None, got {type(scale).__name__}")
+    acc = _acc_dtype(q.dtype)
+    mask = None
+    if attn_mask is not None:
+        mask = _additive_mask(attn_mask, (B, H, Lq, Lk), acc, unbatched)
+    kpm = None
+    if key_padding_mask is not None:
+        check_tensor(key_padding_mask, "key_padding_mask", dtypes=(torch.bool,), fn=FN)
+        want = (Lk,) if unbatched else (B, Lk)
+        if tuple(key_padding_mask.shape) != want:
+            raise ValueError(f"{FN}: key_padding_mask must have shape {'(Lk,)' if unbatched else '(B, Lk)'} = "
+                             f"{want}, got {tuple(key_padding_mask.shape)}")
+        kpm = key_padding_mask.reshape(B, Lk)
+    b = resolve("attention", backend, q, k, v, mask, kpm)
+    # Drawn from torch's default CPU generator, so torch.manual_seed makes dropout reproducible.
+    # Bit 31 of each 32-bit half is cleared: Triton would type such a half as uint32, which its interpreter
+    # mishandles.
+    seed = int(torch.randint(0, 2 ** 62, (1,)).item()) & SEED_MASK if dropout_p > 0 else 0
+    if b == "reference":
+        out = reference.scaled_dot_product_attention(q, k, v, mask, float(dropout_p), bool(is_causal), float(scale),
+                                                     kpm, seed)
+    else:
+        out, _ = op("attention", b)(q, k, v, mask, kpm, float(dropout_p), bool(is_causal), float(scale), seed)
+    return out[0] if unbatched else out
+
+
+def _fake_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
+    return query.new_empty(query.shape), query.new_empty(query.shape[:3], dtype=_acc_dtype(query.dtype))
+
+
+def _fake_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
+              seed):
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, kpm, ctx.dropout_p, ctx.is_causal, ctx.scale, ctx.seed = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, mask, kpm)
+
+
+def _backward(ctx, grads, bwd_op):
+    q, k, v, out, lse, mask, kpm = ctx.saved_tensors
+    dq, dk, dv = bwd_op(grads[0], q, k, v, out, lse, mask, kpm, ctx.dropout_p, ctx.is_causal, ctx.scale, ctx.seed)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+def _triton_fwd(*args):
+    from ..kernels.attention import attention_forward
+
+    return attention_forward(*args)
+
+
+def _triton_bwd(*args):
+    from ..kernels.attention import attention_backward
+
+    return attention_backward(*args)
+
+
+register_op("attention", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward=_backward,
+            triton_fwd=_triton_fwd, triton_bwd=_triton_bwd)

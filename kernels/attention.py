@@ -1,0 +1,348 @@
+"""Triton flash attention, forward and backward, with causal / additive / key-padding masks and dropout.
+
+Tensors are (B, H, L, D), last dim contiguous. The forward keeps, per block of BLOCK_M queries, a running max m,
+sum l and unnormalized output acc while it walks the keys BLOCK_N at a time (online softmax), and writes the
+output and the per-row logsumexp lse = m + log(l) - the only things the backward needs besides q, k, v.
+
+The backward recomputes P = exp(S - lse) tile by tile in two kernels, so that neither needs atomics:
+  * _attn_bwd_dkdv: one program per key block walks the query blocks and accumulates dK, dV;
+  * _attn_bwd_dq:   one program per query block walks the key blocks and accumulates dQ.
+With delta = rowsum(dO * O) (dropout included, since O already is the dropped product):
+  dV = Pd^T dO,  dP = (dO V^T) * Z,  dS = P * (dP - delta),  dQ = dS K * scale,  dK = dS^T Q * scale
+where Pd = P * Z and Z is the dropout mask scaled by 1/(1-p), regenerated from (seed, row, col) by _keep.
+Causal limits each walk to the blocks that can be unmasked, for any Lq, Lk (no multiple-of-block assumption).
+A row with every key masked has l = 0: its output is 0 and its lse +inf, so P = 0 there and its gradients vanish.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_HEAD_DIM = 256
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _fmix32(h):
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _mm(a, b, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:  # Triton 3.6's interpreter multiplies bfloat16 as raw integers: upcast there (only)
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, out_dtype=ACC, input_precision=PREC)
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(dtype); under the interpreter with bfloat16 (UPCAST), rounded to nearest-even first, since the
+    interpreter truncates float32 -> bfloat16 where the GPU rounds (which doubles the rounding error)."""
+    if UPCAST:
+        b = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _keep(rows, cols, seed_lo, seed_hi, thresh):
+    # fastnn.reference.dropout_keep, in uint32 arithmetic.
+    x = rows.to(tl.uint32)[:, None] * 0x9E3779B1 + cols.to(tl.uint32)[None, :] * 0x85EBCA77 + seed_lo.to(tl.uint32)
+    x = _fmix32(_fmix32(x) ^ seed_hi.to(tl.uint32))
+    return (x >> 8) >= thresh
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, b, h, Lq, Lk, scale, MASK, smb, smh, smm, smn, KPM,
+            HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr,
+            PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """S = q k^T * scale + mask, with -inf where a key is out of range, padded or in the causal future."""
+    s = _mm(q, tl.trans(k), ACC, PREC, UPCAST) * scale
+    if HAS_MASK:
+        mp = MASK + b * smb + h * smh + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :].to(tl.int64) * smn
+        s += tl.load(mp, mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk), other=0.0).to(ACC)
+    dead = offs_n[None, :] >= Lk
+    if HAS_KPM:
+        pad = tl.load(KPM + b * Lk + offs_n, mask=offs_n < Lk, other=1)
+        dead = dead | (pad != 0)[None, :]
+    if CAUSAL:
+        dead = dead | (offs_n[None, :] > offs_m[:, None])
+    return tl.where(dead, float("-inf"), s)
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, smm, smn,
+              seed_lo, seed_hi, thresh, drop_scale,
+              HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+              ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    q = tl.load(Q + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :],
+                mask=(offs_m[:, None] < Lq) & dmask[None, :], other=0.0)
+    k_base, v_base = K + bh * Lk * D, V + bh * Lk * D
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kv_mask = (offs_n[:, None] < Lk) & dmask[None, :]
+        k = tl.load(k_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _scores(q, k, offs_m, offs_n, b, h, Lq, Lk, scale, MASK, smb, smh, smm, smn, KPM,
+                    HAS_MASK, HAS_KPM, CAUSAL, ACC, PREC, UPCAST)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing unmasked yet: exp(-inf - 0) = 0
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _keep(bh * Lq + offs_m, offs_n, seed_lo, seed_hi, thresh)
+            p = tl.where(keep, p * drop_scale, 0.0)
+        v = tl.load(v_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _mm(_to(p, v.dtype, UPCAST), v, ACC, PREC, UPCAST)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    rmask = offs_m < Lq
+    tl.store(O + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], _to(out, O.dtype.element_ty, UPCAST),
+             mask=rmask[:, None] & dmask[None, :])
+    tl.store(LSE + bh * Lq + offs_m, lse, mask=rmask)
+
+
+@triton.jit
+def _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, bh, b, h, Lq, Lk, scale, MASK, smb, smh, smm,
+                       smn, KPM, seed_lo, seed_hi, thresh, drop_scale,
+                       HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+                       DROPOUT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                       UPCAST: tl.constexpr):
+    """(Pd, dS) of one tile: the dropped probabilities (for dV) and the score gradient (for dQ, dK)."""
+    s = _scores(q, k, offs_m, offs_n, b, h, Lq, Lk, scale, MASK, smb, smh, smm, smn, KPM,
+                HAS_MASK, HAS_KPM, CAUSAL, ACC, PREC, UPCAST)
+    p = tl.exp(s - lse[:, None])  # lse = +inf on empty / out-of-range rows: p = 0
+    dp = _mm(do, tl.trans(v), ACC, PREC, UPCAST)
+    pd = p
+    if DROPOUT:
+        keep = _keep(bh * Lq + offs_m, offs_n, seed_lo, seed_hi, thresh)
+        pd = tl.where(keep, p * drop_scale, 0.0)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    return pd, ds
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, smm, smn,
+                   seed_lo, seed_hi, thresh, drop_scale,
+                   HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                   ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    kv_mask = (offs_n[:, None] < Lk) & dmask[None, :]
+    kv_off = bh * Lk * D + offs_n[:, None] * D + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    lo = 0
+    if CAUSAL:
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # queries before the block's first key see none of it
+    q_base, do_base = Q + bh * Lq * D, DO + bh * Lq * D
+    for start_m in range(lo, Lq, BLOCK_M):
+        offs_m = start_m + offs_m0
+        rmask = offs_m < Lq
+        qo_mask = rmask[:, None] & dmask[None, :]
+        q = tl.load(q_base + offs_m[:, None] * D + offs_d[None, :], mask=qo_mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * D + offs_d[None, :], mask=qo_mask, other=0.0)
+        lse = tl.load(LSE + bh * Lq + offs_m, mask=rmask, other=float("inf"))
+        delta = tl.load(DELTA + bh * Lq + offs_m, mask=rmask, other=0.0)
+        pd, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, bh, b, h, Lq, Lk, scale, MASK,
+                                    smb, smh, smm, smn, KPM, seed_lo, seed_hi, thresh, drop_scale,
+                                    HAS_MASK, HAS_KPM, CAUSAL, DROPOUT, ACC, PREC, UPCAST)
+        dv += _mm(tl.trans(_to(pd, do.dtype, UPCAST)), do, ACC, PREC, UPCAST)
+        dk += _mm(tl.trans(_to(ds, q.dtype, UPCAST)), q, ACC, PREC, UPCAST)
+    tl.store(DK + kv_off, _to(dk * scale, DK.dtype.element_ty, UPCAST), mask=kv_mask)
+    tl.store(DV + kv_off, _to(dv, DV.dtype.element_ty, UPCAST), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, smm, smn,
+                 seed_lo, seed_hi, thresh, drop_scale,
+                 HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                 ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    rmask = offs_m < Lq
+    qo_mask = rmask[:, None] & dmask[None, :]
+    qo_off = bh * Lq * D + offs_m[:, None] * D + offs_d[None, :]
+    q = tl.load(Q + qo_off, mask=qo_mask, other=0.0)
+    do = tl.load(DO + qo_off, mask=qo_mask, other=0.0)
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=rmask, other=float("inf"))
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=rmask, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
+    k_base, v_base = K + bh * Lk * D, V + bh * Lk * D
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kv_mask = (offs_n[:, None] < Lk) & dmask[None, :]
+        k = tl.load(k_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, bh, b, h, Lq, Lk, scale, MASK,
+                                   smb, smh, smm, smn, KPM, seed_lo, seed_hi, thresh, drop_scale,
+                                   HAS_MASK, HAS_KPM, CAUSAL, DROPOUT, ACC, PREC, UPCAST)
+        dq += _mm(_to(ds, k.dtype, UPCAST), k, ACC, PREC, UPCAST)
+    tl.store(DQ + qo_off, _to(dq * scale, DQ.dtype.element_ty, UPCAST), mask=qo_mask)
+
+
+# ---- launchers ----------------------------------------------------------------------------------------------
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # fp32 inputs would otherwise go through TF32 tensor cores (10-bit mantissa); keep them exact.
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _blocks(d: int, dtype: torch.dtype, backward: bool) -> dict:
+    block_d = max(16, triton.next_power_of_2(d))
+    if _INTERPRET:
+        # The interpreter's cost is per operation, not per element: big tiles, few iterations.
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=block_d, num_warps=4)
+    wide = block_d > 128 or dtype in (torch.float32, torch.float64)
+    # Two (BLOCK, D) fp32 accumulators in the dK/dV kernel at D = 256: 32-row tiles keep them in registers.
+    block_n = 32 if (backward and wide) else 64
+    block_m = 32 if (backward and block_d > 128) else 64
+    if block_d > 128 and not backward:
+        block_n = 32
+    num_warps = 8 if block_d > 64 else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+
+
+def _mask_args(attn_mask, key_padding_mask, q):
+    if attn_mask is not None:
+        mask, strides = attn_mask, attn_mask.stride()
+    else:
+        mask, strides = q, (0, 0, 0, 0)  # never read
+    kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else q
+    return mask, strides, kpm
+
+
+def _dropout_args(dropout_p: float, seed: int) -> dict:
+    from fastnn.reference import dropout_threshold
+
+    # Halves kept below 2**31 (fastnn.ops.attention draws seeds that way) so both are typed int32.
+    seed &= 0x7FFFFFFF7FFFFFFF
+    return dict(seed_lo=seed & 0xFFFFFFFF, seed_hi=(seed >> 32) & 0xFFFFFFFF, thresh=dropout_threshold(dropout_p),
+                drop_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
+
+
+def _flags(attn_mask, key_padding_mask, is_causal, dropout_p, dtype):
+    return dict(HAS_MASK=attn_mask is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=bool(is_causal),
+                DROPOUT=dropout_p > 0, ACC=_acc(dtype), PREC=_prec(dtype),
+                UPCAST=_INTERPRET and dtype == torch.bfloat16)
+
+
+def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
+    """q (B, H, Lq, D), k/v (B, H, Lk, D); attn_mask additive (B, H, Lq, Lk) in the accumulation dtype (any
+    strides, 0 for broadcast dims) or None; key_padding_mask (B, Lk) bool or None.
+    Returns (out (B, H, Lq, D) in q's dtype, lse (B, H, Lq) float32 / float64)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, Lq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                      device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("inf"))
+    mask, ms, kpm = _mask_args(attn_mask, key_padding_mask, q)
+    cfg = _blocks(D, q.dtype, backward=False)
+    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
+    _attn_fwd[grid](q, k, v, out, lse, mask, kpm, H, Lq, Lk, D, scale, *ms, **_dropout_args(dropout_p, seed),
+                    **_flags(attn_mask, key_padding_mask, is_causal, dropout_p, q.dtype), **cfg)
+    return out, lse
+
+
+def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
+                       seed):
+    """Returns (dq, dk, dv), contiguous, in q's dtype."""
+    q, k, v, out, do = (t.contiguous() for t in (q, k, v, out, grad_out))
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if Lq == 0 or Lk == 0 or B * H == 0 or D == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    delta = (do.to(acc) * out.to(acc)).sum(-1).contiguous()
+    lse = lse.contiguous()
+    mask, ms, kpm = _mask_args(attn_mask, key_padding_mask, q)
+    cfg = _blocks(D, q.dtype, backward=True)
+    common = dict(**_dropout_args(dropout_p, seed), **_flags(attn_mask, key_padding_mask, is_causal, dropout_p,
+                                                              q.dtype), **cfg)
+    _attn_bwd_dkdv[(triton.cdiv(Lk, cfg["BLOCK_N"]), B * H)](
+        q, k, v, do, lse, delta, dk, dv, mask, kpm, H, Lq, Lk, D, scale, *ms, **common)
+    _attn_bwd_dq[(triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)](
+        q, k, v, do, lse, delta, dq, mask, kpm, H, Lq, Lk, D, scale, *ms, **common)
+    return dq, dk, dv
+
+
+def _aot_specs():
+    """Representative sm_90 compilations: bf16/fp16/fp32, head dims 64/128/256, causal + masks + dropout (the
+    heaviest variant, most registers) and the plain variant."""
+    scalars = {"H": "i32", "Lq": "i32", "Lk": "i32", "D": "i32", "scale": "fp32", "smb": "i64", "smh": "i64",
+               "smm": "i64", "smn": "i64", "seed_lo": "i32", "seed_hi": "i32", "thresh": "i32",
+               "drop_scale": "fp32"}
+    tdt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    for dtype, name in tdt.items():
+        for d in (64, 128, 256):
+            for heavy in (False, True):
+                flags = dict(HAS_MASK=heavy, HAS_KPM=heavy, CAUSAL=heavy, DROPOUT=heavy, ACC=tl.float32,
+                             PREC=_prec(dtype), UPCAST=False)
+                for backward, kernel, ptrs in (
+                        (False, _attn_fwd, ("Q", "K", "V", "O")),
+                        (True, _attn_bwd_dkdv, ("Q", "K", "V", "DO", "DK", "DV")),
+                        (True, _attn_bwd_dq, ("Q", "K", "V", "DO", "DQ"))):
+                    cfg = _blocks(d, dtype, backward)
+                    warps = cfg.pop("num_warps")
+                    sig = {p: f"*{name}" for p in ptrs}
+                    sig.update({"LSE": "*fp32", "MASK": "*fp32", "KPM": "*u8"})
+                    if backward:
+                        sig["DELTA"] = "*fp32"
+                    sig.update(scalars)
+                    # the signature must follow the kernel's argument order
+                    order = [a for a in kernel.arg_names if a in sig]
+                    yield kernel, {a: sig[a] for a in order}, {**flags, **cfg}, warps
+
+
+AOT = _aot_specs

@@ -1,0 +1,429 @@
+"""scaled_dot_product_attention through every backend against fastnn.reference in float64, forward and backward;
+masks, dropout, gradcheck, opcheck, torch.compile, bad inputs, and the MultiheadAttention modules."""
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastnn
+import fastnn.functional as F
+from fastnn.ops.attention import _additive_mask
+from helpers import assert_matches, device_backends
+
+BACKENDS = device_backends("attention")
+CPU_BACKENDS = [p.values[1] for p in BACKENDS if p.values[0] == "cpu"]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+SHAPES = [  # (B, H, Lq, Lk, D)
+    (2, 3, 113, 203, 59),   # cross-attention, both lengths ragged, odd head dim: every tile edge is partial
+    (1, 2, 1, 1, 80),       # L = 1: one key, softmax is exactly 1
+    (1, 1, 1025, 1025, 16),  # one past a power of two: the last query and key blocks hold one row
+    (2, 2, 64, 64, 96),     # exact tiles, non-power-of-two D padded to 128
+    (1, 2, 7, 97, 48),      # fewer queries than one tile, many keys
+    (1, 1, 203, 113, 256),  # Lq > Lk, the largest head dim
+]
+
+
+def _qkv(B, H, Lq, Lk, D, dtype, device="cpu"):
+    make = lambda L: torch.randn(B, H, L, D, dtype=torch.float64, device=device).to(dtype)  # noqa: E731
+    return make(Lq), make(Lk), make(Lk)
+
+
+def _run(fn, q, k, v, g, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **kw)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    return (out.detach(),) + grads
+
+
+def _eager(q, k, v, is_causal=False):
+    """torch eager in the input dtype, as a model would write it (matmul -> softmax -> matmul, all in that dtype):
+    the yardstick of the low-precision rule. (torch's fused CPU SDPA computes bf16/fp16 in float32 throughout, so
+    it is not what a kernel that feeds P and dS to its matmuls in bf16 - as every GPU flash kernel does - is
+    held to.)"""
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if is_causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def _check(ours, ref, theirs=None):
+    for name, a, r, t in zip(("output", "dq", "dk", "dv"), ours, ref, theirs or (None,) * 4):
+        assert a.dtype == (t.dtype if t is not None else a.dtype)
+        assert_matches(a, r, torch_out=t, name=name)
+
+
+def _torch_mask(B, H, Lq, Lk, attn_mask, key_padding_mask, is_causal, device="cpu"):
+    """All masks merged into one bool (True = attend) for torch's SDPA, which takes neither key_padding_mask nor
+    attn_mask together with is_causal."""
+    keep = torch.ones(B, H, Lq, Lk, dtype=torch.bool, device=device)
+    if attn_mask is not None:
+        keep = keep & (attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf"))
+    if key_padding_mask is not None:
+        keep = keep & ~key_padding_mask[:, None, None, :]
+    if is_causal:
+        keep = keep & torch.ones(Lq, Lk, dtype=torch.bool, device=device).tril()
+    return keep
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_matches_reference(device, backend, shape, dtype, is_causal):
+    if backend == "triton" and shape[2] * shape[3] > 200_000 and dtype != torch.float32:
+        pytest.skip("interpreter time: L=1025 runs once, in float32")
+    B, H, Lq, Lk, D = shape
+    q, k, v = _qkv(B, H, Lq, Lk, D, dtype, device)
+    g = torch.randn(B, H, Lq, D, dtype=torch.float64, device=device).to(dtype)
+    ref = _run(fastnn.reference.scaled_dot_product_attention, q.double(), k.double(), v.double(), g.double(),
+               is_causal=is_causal)
+    ours = _run(F.scaled_dot_product_attention, q, k, v, g, is_causal=is_causal, backend=backend)
+    theirs = None
+    if dtype in (torch.float16, torch.bfloat16):
+        theirs = _run(_eager, q, k, v, g, is_causal=is_causal)
+    _check(ours, ref, theirs)
+    assert ours[0].is_contiguous() and ours[0].shape == (B, H, Lq, D)
+
+
+MASKS = {
+    "none": lambda B, H, Lq, Lk: None,
+    "bool_2d": lambda B, H, Lq, Lk: torch.rand(Lq, Lk) > 0.3,              # one mask shared by all heads
+    "float_per_key": lambda B, H, Lq, Lk: torch.randn(B, 1, 1, Lk),        # broadcast over heads and queries
+    "float_full": lambda B, H, Lq, Lk: torch.randn(B, H, Lq, Lk).masked_fill(torch.rand(B, H, Lq, Lk) < 0.2,
+                                                                             float("-inf")),
+    "bool_per_head": lambda B, H, Lq, Lk: torch.rand(H, 1, Lk) > 0.5,      # (H, 1, Lk): broadcast over B, Lq
+}
+
+
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[0] == "cpu"])
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("kpm", [False, True], ids=["", "kpm"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["", "causal"])
+def test_mask_combinations(device, backend, mask, kpm, is_causal):
+    B, H, Lq, Lk, D = 2, 2, 37, 45, 24
+    q, k, v = _qkv(B, H, Lq, Lk, D, torch.float32)
+    g = torch.randn(B, H, Lq, D)
+    attn_mask = MASKS[mask](B, H, Lq, Lk)
+    key_padding_mask = None
+    if kpm:
+        key_padding_mask = torch.rand(B, Lk) < 0.3
+        key_padding_mask[1] = True  # batch 1 pads everything: every one of its rows is fully masked
+    kw = dict(attn_mask=attn_mask, is_causal=is_causal, key_padding_mask=key_padding_mask)
+    ref = _run(fastnn.reference.scaled_dot_product_attention, q.double(), k.double(), v.double(), g.double(), **kw)
+    ours = _run(F.scaled_dot_product_attention, q, k, v, g, backend=backend, **kw)
+    _check(ours, ref)
+    # Where torch's SDPA is defined (rows with something to attend), the reference agrees with it.
+    keep = _torch_mask(B, H, Lq, Lk, attn_mask, key_padding_mask, is_causal)
+    live = keep.any(-1)
+    additive = attn_mask if (attn_mask is not None and attn_mask.dtype != torch.bool) else None
+    t_mask = torch.zeros(B, H, Lq, Lk, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    if additive is not None:
+        t_mask = t_mask + additive.double().masked_fill(~keep, 0).expand(B, H, Lq, Lk)
+    t_out = TF.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=t_mask)
+    torch.testing.assert_close(ref[0][live], t_out[live])
+    # Fully masked rows: zeros out and no gradient into q (torch gives NaN there).
+    assert (ours[0][~live] == 0).all() and (ours[1][~live] == 0).all()
+    if kpm:
+        assert (ours[2][1] == 0).all() and (ours[3][1] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[0] == "cpu"])
+def test_unbatched_3d(device, backend):
+    H, Lq, Lk, D = 3, 17, 29, 40
+    q, k, v = (torch.randn(H, L, D) for L in (Lq, Lk, Lk))
+    kpm = torch.rand(Lk) < 0.3
+    mask = torch.rand(Lq, Lk) > 0.2
+    g = torch.randn(H, Lq, D)
+    kw = dict(attn_mask=mask, key_padding_mask=kpm, is_causal=True)
+    ref = _run(fastnn.reference.scaled_dot_product_attention, q.double(), k.double(), v.double(), g.double(), **kw)
+    ours = _run(F.scaled_dot_product_attention, q, k, v, g, backend=backend, **kw)
+    _check(ours, ref)
+    batched = F.scaled_dot_product_attention(q[None], k[None], v[None], backend=backend, attn_mask=mask,
+                                             key_padding_mask=kpm[None], is_causal=True)
+    torch.testing.assert_close(ours[0], batched[0])
+
+
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[0] == "cpu"])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_scale_and_reference_vs_torch(device, backend, scale):
+    q, k, v = _qkv(2, 2, 30, 50, 32, torch.float64)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=True, backend=backend)
+    torch.testing.assert_close(out, TF.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=True))
+
+
+def test_broadcast_mask_is_not_materialized():
+    m = _additive_mask(torch.rand(45) > 0.5, (2, 3, 37, 45), torch.float32, unbatched=False)
+    assert m.shape == (2, 3, 37, 45) and m.stride()[:3] == (0, 0, 0)
+    m = _additive_mask(torch.randn(2, 1, 1, 45), (2, 3, 37, 45), torch.float32, unbatched=False)
+    assert m.stride()[1:3] == (0, 0) and m.untyped_storage().nbytes() == 2 * 45 * 4
+
+
+# ---- dropout -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[0] == "cpu"])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_statistics(device, backend, p):
+    # q = 0 makes attention uniform (1 / Lk) and v = I exposes each kept/dropped probability in the output.
+    B, H, Lq, Lk = 2, 2, 256, 128
+    q = torch.zeros(B, H, Lq, Lk)
+    k = torch.randn(B, H, Lk, Lk)
+    v = torch.eye(Lk).expand(B, H, Lk, Lk).contiguous()
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=backend)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.01
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / (Lk * (1 - p))))
+    # no correlation along rows or columns: every row and column keeps about 1-p
+    assert (kept.float().mean(-1) - (1 - p)).abs().max() < 0.2
+    assert (kept.float().mean(-2) - (1 - p)).abs().max() < 0.15
+
+
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[0] == "cpu"])
+def test_dropout_matches_reference_and_is_reproducible(device, backend):
+    B, H, Lq, Lk, D = 2, 2, 33, 70, 24
+    q, k, v = _qkv(B, H, Lq, Lk, D, torch.float32)
+    g = torch.randn(B, H, Lq, D)
+    kw = dict(dropout_p=0.3, is_causal=True, key_padding_mask=torch.rand(B, Lk) < 0.2)
+    torch.manual_seed(7)
+    ours = _run(F.scaled_dot_product_attention, q, k, v, g, backend=backend, **kw)
+    torch.manual_seed(7)  # same seed drawn -> the reference regenerates the very same mask
+    ref = _run(F.scaled_dot_product_attention, q.double(), k.double(), v.double(), g.double(), backend="reference",
+               **kw)
+    _check(ours, ref)
+    torch.manual_seed(7)
+    again = _run(F.scaled_dot_product_attention, q, k, v, g, backend=backend, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(ours, again))
+    other = F.scaled_dot_product_attention(q, k, v, backend=backend, **kw)  # next seed: another mask
+    assert not torch.equal(other, ours[0])
+
+
+def test_dropout_one_gives_zeros():
+    q, k, v = _qkv(1, 1, 5, 6, 8, torch.float32)
+    assert (F.scaled_dot_product_attention(q, k, v, dropout_p=1.0) == 0).all()
+
+
+# ---- autograd machinery --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", ["plain", "masks", "dropout"])
+def test_gradcheck(backend, case):
+    B, H, Lq, Lk, D = 1, 2, 5, 7, 6
+    q, k, v = (t.requires_grad_() for t in _qkv(B, H, Lq, Lk, D, torch.float64))
+    kw = {}
+    if case == "masks":
+        kw = dict(attn_mask=torch.randn(Lq, Lk), is_causal=True, key_padding_mask=torch.tensor([[0, 1, 0, 0, 0, 1, 0]]).bool())
+    if case == "dropout":
+        kw = dict(dropout_p=0.4)
+    fast = backend == "triton"  # the interpreter is slow: a random-direction gradcheck there
+
+    def fn(q, k, v):
+        torch.manual_seed(3)  # the same dropout mask on every evaluation
+        return F.scaled_dot_product_attention(q, k, v, backend=backend, **kw)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=fast)
+
+
+@pytest.mark.parametrize("suffix", ["", "_triton"])
+@pytest.mark.parametrize("case", ["plain", "masks_dropout"])
+def test_opcheck(suffix, case):
+    if suffix and "triton" not in CPU_BACKENDS:
+        pytest.skip("no Triton on CPU here")
+    if not suffix and "native" not in CPU_BACKENDS:
+        pytest.skip("no native CPU kernel")
+    B, H, Lq, Lk, D = 2, 2, 9, 13, 16
+    q, k, v = (t.requires_grad_() for t in _qkv(B, H, Lq, Lk, D, torch.float32))
+    mask = kpm = None
+    p, causal = 0.0, False
+    if case == "masks_dropout":
+        mask = _additive_mask(torch.rand(Lq, Lk) > 0.2, (B, H, Lq, Lk), torch.float32, False)
+        kpm = torch.rand(B, Lk) < 0.2
+        p, causal = 0.25, True
+    fwd = getattr(torch.ops.fastnn, "attention_fwd" + suffix)
+    bwd = getattr(torch.ops.fastnn, "attention_bwd" + suffix)
+    args = (q, k, v, mask, kpm, p, causal, 0.25, 12345)
+    torch.library.opcheck(fwd, args)
+    out, lse = fwd(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    torch.library.opcheck(bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, mask, kpm, p,
+                                causal, 0.25, 12345))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_torch_compile_fullgraph(device, backend):
+    kpm = torch.zeros(2, 19, dtype=torch.bool, device=device)
+    kpm[0, -4:] = True
+
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q * 2, k, v, is_causal=True, key_padding_mask=kpm, backend=backend)
+
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 3, 11, 19, 32, torch.float32, device))
+    out = torch.compile(f, fullgraph=True)(q, k, v)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    expected = f(q, k, v)
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(grads, torch.autograd.grad(expected.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)
+
+
+# ---- errors ----------------------------------------------------------------------------------------------------
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(shape).to(dtype)
+
+
+@pytest.mark.parametrize("call,exc,words", [
+    (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8, dtype=torch.float64)),
+     TypeError, ["same dtype"]),
+    (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8).long(), _t(2, 3, 5, 8), _t(2, 3, 5, 8)), TypeError,
+     ["query", "int64"]),
+    (lambda: F.scaled_dot_product_attention(_t(3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8)), ValueError, ["3-d"]),
+    (lambda: F.scaled_dot_product_attention(_t(4, 8), _t(5, 8), _t(5, 8)), ValueError, ["query", "dimensional"]),
+    (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(2, 3, 5, 7), _t(2, 3, 5, 7)), ValueError,
+     ["key", "head dim"]),
+    (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 6, 8)), ValueError,
+     ["value", "shape"]),
+    (lambda: F.scaled_dot_product_attention(_t(1, 1, 4, 300), _t(1, 1, 5, 300), _t(1, 1, 5, 300)), ValueError,
+     ["head dim", "256"]),
+    (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8), attn_mask=_t(4, 4)),
+     ValueError, ["attn_mask", "broadcastable"]),
+    (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8),
+                                            attn_mask=torch.ones(4, 5, dtype=torch.int32)), TypeError, ["attn_mask"]),
+    (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8),
+                                            key_padding_mask=torch.zeros(2, 4, dtype=torch.bool)), ValueError,
+     ["key_padding_mask", "(B, Lk)"]),
+    (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8),
+                                            key_padding_mask=torch.zeros(2, 5)), TypeError, ["key_padding_mask", "bool"]),
+    (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8), dropout_p=1.5),
+     ValueError, ["dropout_p"]),
+    (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8), scale="x"), TypeError,
+     ["scale"]),
+    (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8),
+                                            attn_mask=_t(4, 5).requires_grad_()), NotImplementedError, ["attn_mask"]),
+    (lambda: torch.ops.fastnn.attention_fwd(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 6, 8), None, None, 0.0, False,
+                                            1.0, 0), RuntimeError, ["value"]),
+    (lambda: torch.ops.fastnn.attention_fwd(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8), _t(2, 3, 4, 4), None,
+                                            0.0, False, 1.0, 0), RuntimeError, ["attn_mask"]),
+])
+def test_bad_input_raises_clear_error(call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in {info.value}"
+
+
+# ---- modules ---------------------------------------------------------------------------------------------------
+
+MHA_CONFIGS = [  # constructor kwargs beyond (embed_dim=16, num_heads=4)
+    dict(),
+    dict(batch_first=True),
+    dict(kdim=12, vdim=20),                        # separate q/k/v projection weights
+    dict(bias=False, batch_first=True),
+    dict(add_bias_kv=True),
+    dict(add_zero_attn=True, add_bias_kv=True, batch_first=True),
+]
+
+
+def _mha_inputs(cfg, N=3, L=7, S=9, unbatched=False):
+    E = 16
+    shape = lambda n, d: ((n, d) if unbatched else ((N, n, d) if cfg.get("batch_first") else (n, N, d)))  # noqa
+    q = torch.randn(shape(L, E), dtype=torch.float64)
+    k = torch.randn(shape(S, cfg.get("kdim", E)), dtype=torch.float64)
+    v = torch.randn(shape(S, cfg.get("vdim", E)), dtype=torch.float64)
+    return q, k, v
+
+
+@pytest.mark.parametrize("cfg", MHA_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+@pytest.mark.parametrize("masks", ["none", "kpm_bool+mask_bool", "kpm_float+mask_3d_float", "causal"])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_multihead_attention_matches_torch(cfg, masks, need_weights):
+    theirs = torch.nn.MultiheadAttention(16, 4, dtype=torch.float64, **cfg).eval()
+    with torch.no_grad():  # non-zero biases, so a bias mix-up shows
+        for p in theirs.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ours = fastnn.nn.MultiheadAttention(16, 4, dtype=torch.float64, **cfg).eval()
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    q, k, v = _mha_inputs(cfg)
+    N, L, S = 3, 7, 9
+    kw = {}
+    if masks == "kpm_bool+mask_bool":
+        kpm = torch.rand(N, S) < 0.3
+        kpm[:, 0] = False  # keep every row attending something: torch gives NaN otherwise
+        kw = dict(key_padding_mask=kpm, attn_mask=torch.eye(L, S, dtype=torch.bool))  # True = not allowed
+    elif masks == "kpm_float+mask_3d_float":
+        kw = dict(key_padding_mask=torch.randn(N, S, dtype=torch.float64),
+                  attn_mask=torch.randn(N * 4, L, S, dtype=torch.float64))
+    elif masks == "causal":
+        kw = dict(attn_mask=torch.ones(L, S, dtype=torch.bool).triu(1), is_causal=True)
+    args = [t.requires_grad_() for t in (q, k, v)]
+    out, w = ours(*args, need_weights=need_weights, **kw)
+    t_out, t_w = theirs(*args, need_weights=need_weights, **kw)
+    torch.testing.assert_close(out, t_out)
+    if need_weights:
+        torch.testing.assert_close(w, t_w)
+    else:
+        assert w is None and t_w is None
+    g = torch.randn_like(out)
+    ours_g = torch.autograd.grad(out, args + list(ours.parameters()), g)
+    theirs_g = torch.autograd.grad(t_out, args + list(theirs.parameters()), g)
+    for a, b in zip(ours_g, theirs_g):
+        torch.testing.assert_close(a, b)
+
+
+def test_multihead_attention_unbatched_and_per_head_weights():
+    theirs = torch.nn.MultiheadAttention(16, 4, dtype=torch.float64).eval()
+    ours = fastnn.nn.MultiheadAttention.from_torch(theirs)
+    q, k, v = _mha_inputs({}, unbatched=True)
+    for nw, avg in ((False, True), (True, False)):
+        out, w = ours(q, k, v, need_weights=nw, average_attn_weights=avg)
+        t_out, t_w = theirs(q, k, v, need_weights=nw, average_attn_weights=avg)
+        torch.testing.assert_close(out, t_out)
+        if nw:
+            assert w.shape == (4, 7, 9)
+            torch.testing.assert_close(w, t_w)
+
+
+def test_multihead_attention_dropout_and_fully_masked():
+    m = fastnn.nn.MultiheadAttention(16, 4, dropout=0.5, batch_first=True)
+    x = torch.randn(2, 6, 16)
+    kpm = torch.zeros(2, 6, dtype=torch.bool)
+    kpm[1] = True  # batch 1 has nothing to attend to
+    torch.manual_seed(5)
+    a, _ = m(x, x, x, key_padding_mask=kpm, need_weights=False)
+    torch.manual_seed(5)
+    b, _ = m(x, x, x, key_padding_mask=kpm, need_weights=False)
+    assert torch.equal(a, b)
+    m.eval()
+    c, _ = m(x, x, x, key_padding_mask=kpm, need_weights=False)
+    assert not torch.equal(a, c)
+    # all-padded batch: attention output 0, so the result is out_proj's bias for every position
+    torch.testing.assert_close(c[1], m.out_proj.bias.expand(6, 16))
+
+
+def test_patch_swaps_multihead_attention(capsys):
+    model = torch.nn.Sequential(torch.nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0,
+                                                                 batch_first=True)).eval()
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    expected = mha(x, x, x, need_weights=False)[0]
+    twin = fastnn.patch(mha)
+    assert type(twin) is fastnn.nn.MultiheadAttention and not twin.training
+    torch.testing.assert_close(twin(x, x, x, need_weights=False)[0], expected)
+    assert torch.nn.MultiheadAttention in fastnn.nn.PATCHABLE
+
+
+def test_multi_head_self_attention_matches_course_layer():
+    torch.manual_seed(0)
+    m = fastnn.nn.MultiHeadSelfAttention(num_heads=4, hidden_size=32).double()
+    x = torch.randn(2, 11, 32, dtype=torch.float64, requires_grad=True)
+
+    def course(x):  # matmul -> softmax -> matmul, written out
+        B, L, _ = x.shape
+        heads = lambda t: t.view(B, L, 4, 8).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(m.query(x)), heads(m.key(x)), heads(m.value(x))
+        p = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, -1)
+        return m.dense((p @ v).transpose(1, 2).reshape(B, L, 32))
+
+    out, expected = m(x), course(x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(expected.sum(), x)[0])
+    with pytest.raises(ValueError, match="hidden_size"):
+        fastnn.nn.MultiHeadSelfAttention(3, 32)
