@@ -1,0 +1,70 @@
+"""Translator training step: time and peak memory with kernels=fastnn vs kernels=torch (torch.nn modules),
+for the `small` and `course` presets (Transformer) and the LSTM seq2seq.
+
+    python bench/bench_translator.py [--quick] [--device cpu|cuda]
+
+One step = forward, label-smoothed loss, backward, gradient clipping and an AdamW update on a fixed batch of
+random token ids (sources and targets of similar length, some padding). Goal (issue 6): on CPU the fastnn
+step takes <= 0.85x the torch step. The "fastnn" rows use fastnn.nn's module wherever it exists and torch.nn's
+otherwise; the resolved sources are printed, so a row is only a kernel comparison for the modules fastnn has.
+"""
+from __future__ import annotations
+
+import torch
+
+from harness import EAGER, Bench
+
+from fastnn.translator import config as C
+from fastnn.translator.model import build_model, kernel_modules
+from fastnn.translator.tokenizer import PAD
+from fastnn.translator.train import make_optimizer
+
+
+def batch(n: int, length: int, vocab: int, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, vocab, (n, length), generator=g)
+    tgt = torch.randint(4, vocab, (n, length + 1), generator=g)
+    lens = torch.randint(length // 2, length + 1, (n,), generator=g)
+    pad = torch.arange(length + 1)[None] >= lens[:, None]
+    src[pad[:, :length]] = PAD
+    tgt[pad] = PAD
+    return src.to(device), tgt[:, :-1].contiguous().to(device), tgt[:, 1:].contiguous().to(device)
+
+
+def main():
+    b = Bench("translator", description=__doc__)
+    print("kernels=fastnn resolves to:", kernel_modules("fastnn").sources, "\n")
+    vocab = 8000
+    cases = [("transformer", "small", 100, 30), ("transformer", "course", 100, 30), ("lstm", "small", 100, 30)]
+    if b.quick:
+        cases = [(a, p, n // 4 if p == "course" else n // 2, t) for a, p, n, t in cases]
+    if b.device == "cuda":
+        cases = [(a, p, n * 4, t) for a, p, n, t in cases]
+    for arch, preset, n, length in cases:
+        data = batch(n, length, vocab, b.device)
+        ntok = int(data[2].ne(PAD).sum())
+        for kernels, impl in (("torch", EAGER), ("fastnn", "fastnn")):
+            cfg = C.load(sets=[f"model.arch={arch}", f"model.preset={preset}", f"kernels={kernels}",
+                               "model.dropout=0.0"])
+            torch.manual_seed(0)
+            model = build_model(cfg, vocab, vocab).to(b.device).train()
+            opt = make_optimizer(model, cfg["train"])
+            amp = torch.autocast("cuda", dtype=torch.bfloat16) if b.device == "cuda" else torch.autocast(
+                "cpu", enabled=False)
+
+            def step():
+                with amp:
+                    loss = model(*data) / ntok
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            b.run(case=f"{arch}-{preset} {n}x{length}", impl=impl, fn=step, series="train step",
+                  dtype="bf16-autocast" if b.device == "cuda" else "float32")
+            del model, opt
+    b.finish()
+
+
+if __name__ == "__main__":
+    main()
