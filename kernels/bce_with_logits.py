@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cast_rtne
+
 BLOCK = 1024
 NUM_WARPS = 4
 MAX_DIMS = 4
@@ -77,7 +79,7 @@ def bce_with_logits_fwd_kernel(X, Y, W, PW, OUT, PARTIAL, n,
     if REDUCE:
         tl.store(PARTIAL + pid, tl.sum(tl.where(mask, loss, 0.0), 0))
     else:
-        tl.store(OUT + i, loss.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + i, cast_rtne(loss, OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -106,13 +108,13 @@ def bce_with_logits_bwd_kernel(X, Y, W, PW, G, DX, DY, n,
             dx = sig - y
         else:
             dx = (1.0 + (pw - 1.0) * y) * sig - pw * y
-        tl.store(DX + i, (dx * wg).to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + i, cast_rtne(dx * wg, DX.dtype.element_ty), mask=mask)
     if TARGET_GRAD:
         if PW_NDIM == 0:
             dy = -x
         else:
             dy = (pw - 1.0) * _softplus_neg(x, e) - x
-        tl.store(DY + i, (dy * wg).to(DY.dtype.element_ty), mask=mask)
+        tl.store(DY + i, cast_rtne(dy * wg, DY.dtype.element_ty), mask=mask)
 
 
 def _operand(t: torch.Tensor | None, shape: torch.Size, dummy: torch.Tensor):

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cast_rtne
+
 MAX_BLOCK = 1024
 
 
@@ -47,12 +49,12 @@ def lstm_cell_fwd_kernel(G, Bias, C, HY, CY, ACT, H, HAS_BIAS: tl.constexpr, ACC
     c = f * tl.load(C + row * H + cols, mask=mask, other=0.0).to(ACC) + i * g
     ty = HY.dtype.element_ty
     a_row = ACT + row * 4 * H + cols
-    tl.store(a_row, i.to(ty), mask=mask)
-    tl.store(a_row + H, f.to(ty), mask=mask)
-    tl.store(a_row + 2 * H, g.to(ty), mask=mask)
-    tl.store(a_row + 3 * H, o.to(ty), mask=mask)
-    tl.store(CY + row * H + cols, c.to(ty), mask=mask)
-    tl.store(HY + row * H + cols, (o * _tanh(c)).to(ty), mask=mask)
+    tl.store(a_row, cast_rtne(i, ty), mask=mask)
+    tl.store(a_row + H, cast_rtne(f, ty), mask=mask)
+    tl.store(a_row + 2 * H, cast_rtne(g, ty), mask=mask)
+    tl.store(a_row + 3 * H, cast_rtne(o, ty), mask=mask)
+    tl.store(CY + row * H + cols, cast_rtne(c, ty), mask=mask)
+    tl.store(HY + row * H + cols, cast_rtne(o * _tanh(c), ty), mask=mask)
 
 
 @triton.jit
@@ -72,11 +74,11 @@ def lstm_cell_bwd_kernel(DH, DC, ACT, C, DG, DCX, H, ACC: tl.constexpr, BLOCK: t
     dc += dh * o * (1.0 - tc * tc)
     ty = DG.dtype.element_ty
     d_row = DG + row * 4 * H + cols
-    tl.store(d_row, (dc * g * i * (1.0 - i)).to(ty), mask=mask)
-    tl.store(d_row + H, (dc * c0 * f * (1.0 - f)).to(ty), mask=mask)
-    tl.store(d_row + 2 * H, (dc * i * (1.0 - g * g)).to(ty), mask=mask)
-    tl.store(d_row + 3 * H, (dh * tc * o * (1.0 - o)).to(ty), mask=mask)
-    tl.store(DCX + row * H + cols, (dc * f).to(ty), mask=mask)
+    tl.store(d_row, cast_rtne(dc * g * i * (1.0 - i), ty), mask=mask)
+    tl.store(d_row + H, cast_rtne(dc * c0 * f * (1.0 - f), ty), mask=mask)
+    tl.store(d_row + 2 * H, cast_rtne(dc * i * (1.0 - g * g), ty), mask=mask)
+    tl.store(d_row + 3 * H, cast_rtne(dh * tc * o * (1.0 - o), ty), mask=mask)
+    tl.store(DCX + row * H + cols, cast_rtne(dc * f, ty), mask=mask)
 
 
 def _config(hidden: int, dtype: torch.dtype) -> dict:
