@@ -17,13 +17,18 @@ def softmax(input: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None
         dtype: cast ``input`` to this dtype first.
     Returns:
         Tensor of ``input``'s shape.
+    Raises:
+        TypeError: ``input`` not a floating tensor (integer, bool, complex), or ``dim`` not an int.
+        IndexError: ``dim`` out of range for ``input``'s rank.
+        NaN/Inf, 0-d, zero-size and any strides (transposed, expanded, channels-last) give torch's result.
     """
     return _softmax.softmax(input, dim, False, dtype, backend)
 
 
 def log_softmax(input: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None, *,
                 backend: str | None = None) -> torch.Tensor:
-    """``torch.nn.functional.log_softmax``: x - logsumexp(x) over ``dim``. Args and Returns as ``softmax``."""
+    """``torch.nn.functional.log_softmax``: x - logsumexp(x) over ``dim``. Args, Returns and Raises as
+    ``softmax``."""
     return _softmax.softmax(input, dim, True, dtype, backend)
 
 
@@ -47,6 +52,13 @@ def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor, 
         pos_weight: weight of positive examples, broadcastable to input's shape (usually (C,) along the last dim).
     Returns:
         input's shape for ``reduction="none"``, else a 0-d tensor.
+    Raises:
+        TypeError: a non-floating input/target/weight/pos_weight, or one whose dtype differs from input's.
+        ValueError: target's shape differs from input's (torch's message), weight or pos_weight not
+            broadcastable to input's shape, an unknown ``reduction``, or tensors on different devices.
+        RuntimeError: weight or pos_weight requiring grad (not differentiable, as in torch).
+        NaN/Inf anywhere, targets outside [0, 1], 0-d, zero-size ("mean" gives NaN) and any strides give
+        torch's result.
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
@@ -67,6 +79,9 @@ def lstm_cell(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None,
         w_ih: [4H, I];  w_hh: [4H, H];  b_ih, b_hh: [4H] or None.
     Returns:
         (h', c'), each [B, H] ([H] unbatched).
+    Raises:
+        TypeError / ValueError naming the argument (input, w_ih, w_hh, b_ih, b_hh, hx): see
+        ``fastnn.ops.lstm.lstm_cell``. NaN/Inf, a zero batch and any strides give torch's result.
     """
     from .ops import lstm as _lstm
 

@@ -201,6 +201,8 @@ class LSTM(nn.LSTM):
             x = x.unsqueeze(1)
         T, B, I = x.shape
         D, H, L = 2 if self.bidirectional else 1, self.hidden_size, self.num_layers
+        if T == 0:  # torch refuses it too
+            raise ValueError(f"{fn}: input must have a sequence length larger than 0, got shape {tuple(input.shape)}")
         if I != self.input_size:
             raise ValueError(f"{fn}: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {I}")
         if x.dtype != self.weight_ih_l0.dtype:

@@ -24,3 +24,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Hypothesis profiles (tests/test_fuzz.py): a small, derandomized one for the normal run; `fuzz` for the dedicated
+# run (tools/fuzz.sh: >= 2000 examples per op and backend). Pick with --hypothesis-profile=NAME or
+# FASTNN_HYPOTHESIS_PROFILE=NAME.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("fastnn", max_examples=15, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=_slow_ok, print_blob=True)
+settings.register_profile("fuzz", max_examples=int(os.environ.get("FASTNN_FUZZ_EXAMPLES", "2000")), deadline=None,
+                          suppress_health_check=_slow_ok, print_blob=True)
+settings.load_profile(os.environ.get("FASTNN_HYPOTHESIS_PROFILE", "fastnn"))

@@ -71,16 +71,21 @@ template <typename A> static inline vec<A> softplus_neg(vec<A> x, vec<A> e) {
   return log1p(e) + vmax(splat(A(0)), -x);
 }
 
+// lw = 1 + (pw - 1) * y; exactly 1 without pos_weight, as torch (an infinite target would give 0 * inf = NaN).
+template <typename A> static inline vec<A> log_weight(bool has_pw, vec<A> pw, vec<A> y) {
+  return has_pw ? A(1) + (pw - A(1)) * y : splat(A(1));
+}
+
 template <typename T, bool REDUCE>
-double fwd_range(const T* x, const T* y, const Operand<T>& w, const Operand<T>& pw, T* out, int64_t begin,
-                 int64_t end) {
+double fwd_range(const T* x, const T* y, const Operand<T>& w, const Operand<T>& pw, bool has_pw, T* out,
+                 int64_t begin, int64_t end) {
   using A = acc_t<T>;
   vec<A> acc{};
   for_runs<T, 2>(begin, end, {&w, &pw}, [&](int64_t i, int64_t len, const auto& p, const auto& c) {
     for_chunks<A>(len, [&](int64_t j, int64_t l) {
       const vec<A> xv = load_as<A>(x + i + j, l), yv = load_as<A>(y + i + j, l);
       const vec<A> wv = read<A>(p[0], c[0], j, l), pwv = read<A>(p[1], c[1], j, l);
-      vec<A> loss = ((A(1) - yv) * xv + (A(1) + (pwv - A(1)) * yv) * softplus_neg<A>(xv, exp(-vabs(xv)))) * wv;
+      vec<A> loss = ((A(1) - yv) * xv + log_weight<A>(has_pw, pwv, yv) * softplus_neg<A>(xv, exp(-vabs(xv)))) * wv;
       if constexpr (REDUCE) {
         for (int64_t k = l; k < kW<A>; ++k) loss[k] = 0;
         acc += loss;
@@ -104,7 +109,7 @@ void bwd_range(const T* x, const T* y, const Operand<T>& w, const Operand<T>& pw
       const vec<A> e = exp(-vabs(xv));
       if constexpr (DX) {
         const vec<A> sig = (xv >= A(0) ? splat(A(1)) : e) / (A(1) + e);
-        store_as<A>(dx + i + j, ((A(1) + (pwv - A(1)) * yv) * sig - pwv * yv) * wg, l);
+        store_as<A>(dx + i + j, (log_weight<A>(has_pw, pwv, yv) * sig - pwv * yv) * wg, l);
       }
       if constexpr (DY) {
         // Without pos_weight d/dy is -x exactly (no 0 * inf at x = -inf).
@@ -159,16 +164,18 @@ at::Tensor bce_with_logits_fwd_cpu(const at::Tensor& input, const at::Tensor& ta
     if (n == 0) return;
     Operand<T> w, pw;
     const at::Tensor keep_w = make_operand(weight, x.sizes(), w), keep_pw = make_operand(pos_weight, x.sizes(), pw);
+    const bool has_pw = pos_weight.has_value();
     if (reduction == at::Reduction::None) {
       T* op = out.mutable_data_ptr<T>();
-      at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) { fwd_range<T, false>(xp, yp, w, pw, op, b, e); });
+      at::parallel_for(0, n, kGrain,
+                       [&](int64_t b, int64_t e) { fwd_range<T, false>(xp, yp, w, pw, has_pw, op, b, e); });
       return;
     }
     const int64_t chunks = (n + kChunk - 1) / kChunk;
     std::vector<double> partial(chunks);
     at::parallel_for(0, chunks, kGrain / kChunk, [&](int64_t b, int64_t e) {
       for (int64_t c = b; c < e; ++c)
-        partial[c] = fwd_range<T, true>(xp, yp, w, pw, nullptr, c * kChunk, std::min(n, (c + 1) * kChunk));
+        partial[c] = fwd_range<T, true>(xp, yp, w, pw, has_pw, nullptr, c * kChunk, std::min(n, (c + 1) * kChunk));
     });
     double total = 0;
     for (double s : partial) total += s;

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._validation import check_tensor
+from .._validation import check_same_device, check_tensor
 from ..backend import native_has, resolve
 from . import op, register_op
 
@@ -29,6 +29,12 @@ def lstm_cell(input: torch.Tensor, hx, w_ih: torch.Tensor, w_hh: torch.Tensor, b
 
     Returns:
         (h', c'), each [B, H] ([H] when unbatched).
+
+    Raises:
+        TypeError: a non-tensor or non-floating argument, hx not a pair, or tensors of different dtypes.
+        ValueError: a wrong rank or shape (named: input, w_ih, w_hh, b_ih, b_hh, hx[0] (h), hx[1] (c)), or
+            tensors on different devices. NaN/Inf, zero batch and any strides are accepted and give torch's
+            result.
     """
     fn = "lstm_cell"
     check_tensor(input, "input", ndim=(1, 2), fn=fn)
@@ -61,7 +67,8 @@ def lstm_cell(input: torch.Tensor, hx, w_ih: torch.Tensor, w_hh: torch.Tensor, b
                                  f"got {tuple(s.shape)}")
         if unbatched:
             h, c = h.unsqueeze(0), c.unsqueeze(0)
-    tensors = dict(input=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, h=h, c=c)
+    tensors = {"input": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "hx[0] (h)": h, "hx[1] (c)": c}
+    check_same_device(fn, **tensors)
     _check_same_dtype(fn, tensors)
     b = resolve("lstm_cell", backend, *tensors.values())
     if b == "reference":

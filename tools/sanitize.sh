@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The CPU extension under AddressSanitizer + UndefinedBehaviorSanitizer: builds fastnn._C with
+# -fsanitize=address,undefined in a throwaway copy of the repository (never touching the normal build), then runs
+# the CPU tests of the native backend against it with the ASan runtime preloaded into Python. Any ASan or UBSan
+# report aborts the process, so the step fails.
+#   bash tools/sanitize.sh [pytest args...]      (default: the native-backend tests, see TESTS below)
+# Uses the venv of tools/test.sh ($FASTNN_VENV, default .venv) for torch and pytest only.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${FASTNN_VENV:-$root/.venv}"
+[ -x "$venv/bin/python" ] || bash "$root/tools/setup_venv.sh" "$venv"
+work="$(mktemp -d /tmp/fastnn-asan.XXXXXX)"
+trap 'rm -rf "$work"' EXIT
+start=$SECONDS
+
+# Tracked and new (not ignored) files only: no .so, build/ or .venv from the normal build.
+(cd "$root" && git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$work")
+# The installed layout maps kernels/ to fastnn.kernels; on PYTHONPATH the copy needs the same.
+ln -s ../kernels "$work/fastnn/kernels"
+
+cd "$work"
+flags="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -g -O1"
+FASTNN_CUDA=0 FASTNN_CXXFLAGS="$flags" FASTNN_LDFLAGS="-fsanitize=address,undefined" MAX_JOBS="${MAX_JOBS:-2}" \
+    "$venv/bin/python" setup.py -q build_ext --inplace >build.log 2>&1 || { tail -50 build.log; exit 1; }
+echo "sanitize: built in $((SECONDS - start)) s"
+
+asan="$(gcc -print-file-name=libasan.so)"
+ubsan="$(gcc -print-file-name=libubsan.so)"
+# Python and torch leak by design (detect_leaks=0); torch's own allocator is not instrumented, so only fastnn's
+# code is checked. halt_on_error makes any report fatal; the pytest exit status then fails the step.
+export LD_PRELOAD="$asan $ubsan"
+export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:detect_odr_violation=0:allocator_may_return_null=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+export PYTHONPATH="$work" TRITON_INTERPRET=1 PYTHONUNBUFFERED=1
+# The native backend's tests (Triton's interpreter runs no fastnn C++ and is slow under ASan), the bad-input
+# contract and the fuzz's native cases.
+if [ $# -eq 0 ]; then set -- tests -k "native or contract"; fi
+"$venv/bin/python" -c "import fastnn, sys; assert fastnn.__file__.startswith('$work'), fastnn.__file__"
+"$venv/bin/python" -m pytest -q -p no:cacheprovider -x -n "${PYTEST_WORKERS:-2}" "$@"
+echo "sanitize: clean in $((SECONDS - start)) s"
