@@ -89,7 +89,7 @@ def ptxas_report(log: str) -> dict:
 
 def _describe(constexprs: dict) -> str:
     def short(v):
-        return getattr(v, "name", None) or (str(v) if not isinstance(v, bool) else "TF"[v])
+        return getattr(v, "name", None) or (str(v) if not isinstance(v, bool) else "FT"[v])
 
     return ",".join(f"{k}={short(v)}" for k, v in constexprs.items())
 
@@ -132,7 +132,7 @@ def _run(archs, only, keep) -> int:
         print("aot: no kernels/*.py module defines AOT", file=sys.stderr)
         return 1
     print(f"triton {triton.__version__}; archs {archs}; cuobjdump: {tool or 'not found'}")
-    print(f"{'arch':<6} {'kernel':<28} {'warps':>5} {'regs':>5} {'spill':>9} {'local':>6} {'smem':>7} {'s':>5}  "
+    print(f"{'arch':<6} {'kernel':<44} {'warps':>5} {'regs':>5} {'spill':>9} {'local':>6} {'smem':>7} {'s':>5}  "
           "constexprs")
     failures, total = [], 0
     for name, aot in modules:
@@ -145,7 +145,7 @@ def _run(archs, only, keep) -> int:
                     compiled, log = compile_one(kernel, signature, constexprs, num_warps, arch)
                 except Exception as e:  # a compile error is a failure of this check, not a crash of the report
                     failures.append(f"sm_{arch} {label} [{_describe(constexprs)}]: {type(e).__name__}: {e}")
-                    print(f"sm_{arch:<3} {label:<28} {num_warps:>5}  COMPILE ERROR: {str(e).splitlines()[0][:80]}")
+                    print(f"sm_{arch:<3} {label:<44} {num_warps:>5}  COMPILE ERROR: {str(e).splitlines()[0][:80]}")
                     continue
                 secs = time.time() - start
                 rep = ptxas_report(log)
@@ -159,7 +159,7 @@ def _run(archs, only, keep) -> int:
                 if spilled:
                     failures.append(f"sm_{arch} {label} [{_describe(constexprs)}]: spills {spill} B, local {local} B")
                 smem = compiled.metadata.shared
-                print(f"sm_{arch:<3} {label:<28} {num_warps:>5} {regs!s:>5} {spill:>9} {local:>6} {smem:>7} "
+                print(f"sm_{arch:<3} {label:<44} {num_warps:>5} {regs!s:>5} {spill:>9} {local:>6} {smem:>7} "
                       f"{secs:>5.1f}  {_describe(constexprs)}{'  SPILL' if spilled else ''}")
                 if keep:
                     os.makedirs(keep, exist_ok=True)
