@@ -54,26 +54,34 @@ inline void check_same(const at::Tensor& a, const char* an, const at::Tensor& b,
 
 // A small operand broadcast over a big contiguous tensor (a loss's weight, pos_weight or grad_output), read in
 // place rather than expanded: its expanded strides with size-1 dims dropped and mergeable dims coalesced, indexed
-// by the big tensor's flat index. Runs of `size[ndim - 1]` consecutive flat indices are contiguous
-// (stride 1) or one repeated value (stride 0), so a kernel can vectorize inside a run.
+// by the big tensor's flat index. The ndim dims sit right-aligned in size/stride (innermost last, so every index
+// is a compile-time constant once the loops unroll: no local memory on the GPU). Runs of size[kMaxDims - 1]
+// consecutive flat indices are contiguous (stride 1) or one repeated value (stride 0), so a CPU kernel can
+// vectorize inside a run.
 struct Broadcast {
   static constexpr int kMaxDims = 4;
   int ndim = 1;
   int64_t size[kMaxDims] = {1, 1, 1, 1};
   int64_t stride[kMaxDims] = {0, 0, 0, 0};
 
-  // Element offset of flat index i. The outermost dim needs no modulo: i < numel.
+  // Element offset of flat index i. The outermost used dim needs no modulo (i < numel), so the common layouts
+  // (full, scalar: no division; a (C,) vector along the last dim: one) stay cheap.
   FASTNN_HOST_DEVICE int64_t offset(int64_t i) const {
     int64_t off = 0;
-    for (int d = ndim - 1; d > 0; --d) {
-      off += (i % size[d]) * stride[d];
-      i /= size[d];
+#pragma unroll
+    for (int d = kMaxDims - 1; d >= 0; --d) {
+      if (d > kMaxDims - ndim) {
+        off += (i % size[d]) * stride[d];
+        i /= size[d];
+      } else if (d == kMaxDims - ndim) {
+        off += i * stride[d];
+      }
     }
-    return off + i * stride[0];
+    return off;
   }
   // Flat indices from i to the end of its innermost run.
-  FASTNN_HOST_DEVICE int64_t run(int64_t i) const { return size[ndim - 1] - i % size[ndim - 1]; }
-  FASTNN_HOST_DEVICE int64_t inner_stride() const { return stride[ndim - 1]; }
+  FASTNN_HOST_DEVICE int64_t run(int64_t i) const { return size[kMaxDims - 1] - i % size[kMaxDims - 1]; }
+  FASTNN_HOST_DEVICE int64_t inner_stride() const { return stride[kMaxDims - 1]; }
 
   // Describes `expanded` (a view with the big tensor's shape); false when it needs more than kMaxDims dims or
   // its innermost stride is neither 0 nor 1.
@@ -100,9 +108,10 @@ struct Broadcast {
     }
     if (st[n - 1] != 0 && st[n - 1] != 1) return false;
     ndim = n;
-    for (int d = 0; d < n; ++d) {
-      size[d] = sz[d];
-      stride[d] = st[d];
+    for (int d = 0; d < kMaxDims; ++d) {
+      const int k = d - (kMaxDims - n);  // right-align
+      size[d] = k >= 0 ? sz[k] : 1;
+      stride[d] = k >= 0 ? st[k] : 0;
     }
     return true;
   }

@@ -10,7 +10,6 @@
 // run per row, a per-row weight (N, 1) one stride-0 run. Reductions sum fixed 1024-element chunks into float64
 // partials added in order, so the result does not depend on the thread count.
 #include <ATen/Dispatch.h>
-#include <ATen/ExpandUtils.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Reduction.h>
 #include <ATen/core/Tensor.h>
@@ -22,7 +21,7 @@
 #include <optional>
 #include <vector>
 
-#include "common.h"
+#include "bce_with_logits.h"
 #include "cpu/vec.h"
 
 namespace fastnn::cpu {
@@ -31,11 +30,7 @@ namespace {
 constexpr int64_t kChunk = 1024;   // elements per partial sum: each float lane adds at most 128 terms
 constexpr int64_t kGrain = 32768;  // elements per parallel task, ATen's default grain
 
-// weight / pos_weight / grad_output seen through input's flat index; an absent one reads as 1.
-template <typename T> struct Operand {
-  const T* data = nullptr;
-  Broadcast b;
-};
+using bce::Operand;
 
 // Splits [begin, end) into runs inside which every operand is contiguous or constant, and calls
 // f(i, len, ptr, contiguous) with each operand's first element of the run.
@@ -120,37 +115,10 @@ void bwd_range(const T* x, const T* y, const Operand<T>& w, const Operand<T>& pw
   });
 }
 
-void check_args(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
-  check_floating(input, "input");
-  check_same(input, "input", target, "target");
-  for (const auto& [t, name] : {std::make_pair(&weight, "weight"), std::make_pair(&pos_weight, "pos_weight")}) {
-    if (!t->has_value()) continue;
-    const at::Tensor& v = **t;
-    TORCH_CHECK(v.device() == input.device(), name, " must be on input's device ", input.device(), ", got ",
-                v.device());
-    TORCH_CHECK(v.scalar_type() == input.scalar_type(), name, " must have input's dtype ", input.scalar_type(),
-                ", got ", v.scalar_type());
-    TORCH_CHECK(at::is_expandable_to(v.sizes(), input.sizes()), name, " of shape ", v.sizes(),
-                " cannot be broadcast to input's shape ", input.sizes());
-  }
-  TORCH_CHECK(reduction >= at::Reduction::None && reduction <= at::Reduction::Sum,
-              "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-}
-
-// The operand and the tensor that keeps its data alive.
-template <typename T>
-at::Tensor make_operand(const std::optional<at::Tensor>& t, at::IntArrayRef shape, Operand<T>& o) {
-  if (!t.has_value()) return {};
-  at::Tensor keep = broadcast_operand(*t, shape, o.b);
-  o.data = keep.const_data_ptr<T>();
-  return keep;
-}
-
 at::Tensor bce_with_logits_fwd_cpu(const at::Tensor& input, const at::Tensor& target,
                                    const std::optional<at::Tensor>& weight,
                                    const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
-  check_args(input, target, weight, pos_weight, reduction);
+  bce::check_args(input, target, weight, pos_weight, reduction);
   const at::Tensor x = input.contiguous(), y = target.contiguous();
   const int64_t n = x.numel();
   at::Tensor out = reduction == at::Reduction::None ? at::empty(x.sizes(), x.options()) : at::empty({}, x.options());
@@ -163,7 +131,8 @@ at::Tensor bce_with_logits_fwd_cpu(const at::Tensor& input, const at::Tensor& ta
     }
     if (n == 0) return;
     Operand<T> w, pw;
-    const at::Tensor keep_w = make_operand(weight, x.sizes(), w), keep_pw = make_operand(pos_weight, x.sizes(), pw);
+    const at::Tensor keep_w = bce::make_operand(weight, x.sizes(), w);
+    const at::Tensor keep_pw = bce::make_operand(pos_weight, x.sizes(), pw);
     const bool has_pw = pos_weight.has_value();
     if (reduction == at::Reduction::None) {
       T* op = out.mutable_data_ptr<T>();
@@ -189,13 +158,8 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_bwd_cpu(const at::Tensor& gra
                                                            const std::optional<at::Tensor>& weight,
                                                            const std::optional<at::Tensor>& pos_weight,
                                                            int64_t reduction, bool input_grad, bool target_grad) {
-  check_args(input, target, weight, pos_weight, reduction);
-  TORCH_CHECK(grad_output.device() == input.device() && grad_output.scalar_type() == input.scalar_type(),
-              "grad_output must have input's dtype and device, got ", grad_output.scalar_type(), " on ",
-              grad_output.device());
-  TORCH_CHECK(reduction == at::Reduction::None ? grad_output.sizes() == input.sizes() : grad_output.dim() == 0,
-              "grad_output must have shape ", reduction == at::Reduction::None ? input.sizes() : at::IntArrayRef{},
-              " for reduction ", reduction, ", got ", grad_output.sizes());
+  bce::check_args(input, target, weight, pos_weight, reduction);
+  bce::check_grad_output(grad_output, input, reduction);
   const at::Tensor x = input.contiguous(), y = target.contiguous();
   const int64_t n = x.numel();
   at::Tensor dx = input_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
@@ -205,8 +169,9 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_bwd_cpu(const at::Tensor& gra
     using T = scalar_t;
     const T *xp = x.const_data_ptr<T>(), *yp = y.const_data_ptr<T>();
     Operand<T> w, pw, g;
-    const at::Tensor keep_w = make_operand(weight, x.sizes(), w), keep_pw = make_operand(pos_weight, x.sizes(), pw);
-    const at::Tensor keep_g = make_operand(std::optional<at::Tensor>(grad_output), x.sizes(), g);
+    const at::Tensor keep_w = bce::make_operand(weight, x.sizes(), w);
+    const at::Tensor keep_pw = bce::make_operand(pos_weight, x.sizes(), pw);
+    const at::Tensor keep_g = bce::make_operand(std::optional<at::Tensor>(grad_output), x.sizes(), g);
     const acc_t<T> scale = reduction == at::Reduction::Mean ? acc_t<T>(1) / acc_t<T>(n) : acc_t<T>(1);
     const bool has_pw = pos_weight.has_value();
     T* dxp = input_grad ? dx.mutable_data_ptr<T>() : nullptr;
