@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cast_rtne
+
 MAX_BLOCK = 1024
 
 
@@ -25,17 +27,6 @@ def _tanh(x):
     t = tl.exp(-2.0 * tl.abs(x))
     y = (1.0 - t) / (1.0 + t)
     return tl.where(x < 0, -y, y)
-
-
-@triton.jit
-def _cast(x, ty: tl.constexpr):
-    # float32 -> bfloat16 rounded to nearest even by hand (then the conversion is exact): Triton's interpreter
-    # truncates, which would double the rounding error the tests see. Same result as the GPU's cvt.rn.
-    if ty == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-    return x.to(ty)
 
 
 @triton.jit
@@ -58,12 +49,12 @@ def lstm_cell_fwd_kernel(G, Bias, C, HY, CY, ACT, H, HAS_BIAS: tl.constexpr, ACC
     c = f * tl.load(C + row * H + cols, mask=mask, other=0.0).to(ACC) + i * g
     ty = HY.dtype.element_ty
     a_row = ACT + row * 4 * H + cols
-    tl.store(a_row, _cast(i, ty), mask=mask)
-    tl.store(a_row + H, _cast(f, ty), mask=mask)
-    tl.store(a_row + 2 * H, _cast(g, ty), mask=mask)
-    tl.store(a_row + 3 * H, _cast(o, ty), mask=mask)
-    tl.store(CY + row * H + cols, _cast(c, ty), mask=mask)
-    tl.store(HY + row * H + cols, _cast(o * _tanh(c), ty), mask=mask)
+    tl.store(a_row, cast_rtne(i, ty), mask=mask)
+    tl.store(a_row + H, cast_rtne(f, ty), mask=mask)
+    tl.store(a_row + 2 * H, cast_rtne(g, ty), mask=mask)
+    tl.store(a_row + 3 * H, cast_rtne(o, ty), mask=mask)
+    tl.store(CY + row * H + cols, cast_rtne(c, ty), mask=mask)
+    tl.store(HY + row * H + cols, cast_rtne(o * _tanh(c), ty), mask=mask)
 
 
 @triton.jit
@@ -83,11 +74,11 @@ def lstm_cell_bwd_kernel(DH, DC, ACT, C, DG, DCX, H, ACC: tl.constexpr, BLOCK: t
     dc += dh * o * (1.0 - tc * tc)
     ty = DG.dtype.element_ty
     d_row = DG + row * 4 * H + cols
-    tl.store(d_row, _cast(dc * g * i * (1.0 - i), ty), mask=mask)
-    tl.store(d_row + H, _cast(dc * c0 * f * (1.0 - f), ty), mask=mask)
-    tl.store(d_row + 2 * H, _cast(dc * i * (1.0 - g * g), ty), mask=mask)
-    tl.store(d_row + 3 * H, _cast(dh * tc * o * (1.0 - o), ty), mask=mask)
-    tl.store(DCX + row * H + cols, _cast(dc * f, ty), mask=mask)
+    tl.store(d_row, cast_rtne(dc * g * i * (1.0 - i), ty), mask=mask)
+    tl.store(d_row + H, cast_rtne(dc * c0 * f * (1.0 - f), ty), mask=mask)
+    tl.store(d_row + 2 * H, cast_rtne(dc * i * (1.0 - g * g), ty), mask=mask)
+    tl.store(d_row + 3 * H, cast_rtne(dh * tc * o * (1.0 - o), ty), mask=mask)
+    tl.store(DCX + row * H + cols, cast_rtne(dc * f, ty), mask=mask)
 
 
 def _config(hidden: int, dtype: torch.dtype) -> dict:

@@ -121,16 +121,19 @@ def test_cell_opcheck(suffix, bias):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("with_lengths", [False, True])
 def test_layer_opcheck(reverse, with_lengths):
-    T, B, H = 4, 3, 6
-    gx = torch.randn(T, B, 4 * H, requires_grad=True)
-    w = (torch.randn(4 * H, H) / 3).requires_grad_()
+    T, B, I, H = 4, 3, 5, 6
+    x = torch.randn(T, B, I, requires_grad=True)
+    w_ih = (torch.randn(4 * H, I) / 3).requires_grad_()
+    bias = torch.randn(4 * H, requires_grad=True)
+    w_hh = (torch.randn(4 * H, H) / 3).requires_grad_()
     h0, c0 = torch.randn(B, H, requires_grad=True), torch.randn(B, H, requires_grad=True)
     lengths = torch.tensor([4, 1, 3]) if with_lengths else None
-    torch.library.opcheck(torch.ops.fastnn.lstm_layer_fwd, (gx, w, h0, c0, lengths, reverse))
-    hs, cs, act = torch.ops.fastnn.lstm_layer_fwd(gx.detach(), w.detach(), h0.detach(), c0.detach(), lengths,
+    torch.library.opcheck(torch.ops.fastnn.lstm_layer_fwd, (x, w_ih, bias, w_hh, h0, c0, lengths, reverse))
+    torch.library.opcheck(torch.ops.fastnn.lstm_layer_fwd, (x, w_ih, None, w_hh, h0, c0, lengths, reverse))
+    hs, cs, act = torch.ops.fastnn.lstm_layer_fwd(*(t.detach() for t in (x, w_ih, bias, w_hh, h0, c0)), lengths,
                                                   reverse)
     torch.library.opcheck(torch.ops.fastnn.lstm_layer_bwd,
-                          (torch.randn(T, B, H), torch.randn(T, B, H), w.detach(), c0.detach(), cs, act, lengths,
+                          (torch.randn(T, B, H), torch.randn(T, B, H), w_hh.detach(), c0.detach(), cs, act, lengths,
                            reverse))
 
 
@@ -357,9 +360,12 @@ def test_patch_swaps_lstm_and_cell_sharing_parameters(capsys):
     (lambda: fastnn.nn.LSTM(4, 6, proj_size=3), NotImplementedError, ["proj_size"]),
     (lambda: torch.ops.fastnn.lstm_cell_fwd(torch.randn(3, 27), None, torch.randn(3, 7)), RuntimeError,
      ["gates", "[B, 4H]"]),
-    (lambda: torch.ops.fastnn.lstm_layer_fwd(torch.randn(2, 3, 28), torch.randn(28, 7), torch.randn(3, 7),
-                                             torch.randn(3, 7), torch.tensor([1, 2, 3]), False), RuntimeError,
-     ["lengths", "[0, 2]"]),
+    (lambda: torch.ops.fastnn.lstm_layer_fwd(torch.randn(2, 3, 5), torch.randn(28, 5), None, torch.randn(28, 7),
+                                             torch.randn(3, 7), torch.randn(3, 7), torch.tensor([1, 2, 3]), False),
+     RuntimeError, ["lengths", "[0, 2]"]),
+    (lambda: torch.ops.fastnn.lstm_layer_fwd(torch.randn(2, 3, 5), torch.randn(28, 4), None, torch.randn(28, 7),
+                                             torch.randn(3, 7), torch.randn(3, 7), None, False),
+     RuntimeError, ["w_ih", "[28, 4]"]),
 ])
 def test_bad_input_raises_clear_error(call, exc, words):
     with pytest.raises(exc) as info:
