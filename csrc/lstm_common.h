@@ -37,18 +37,19 @@ struct LstmLayerGeometry {
   bool active(int64_t t, int64_t b) const { return len == nullptr || t < len[b]; }
 };
 
-// seq [T, B, 4H] (gx or act), w_hh [4H, H], c0 [B, H] of one dtype; lengths (optional) int64 [B] on the CPU,
-// each in [0, T], kept alive by len_holder.
+// seq [T, B, width] (the input x, or act with width 4H), w_hh [4H, H], c0 [B, H] of one dtype; lengths
+// (optional) int64 [B] on the CPU, each in [0, T], kept alive by len_holder. width < 0 means 4H.
 inline LstmLayerGeometry check_lstm_layer(const at::Tensor& seq, const char* sname, const at::Tensor& w_hh,
                                           const at::Tensor& c0, const std::optional<at::Tensor>& lengths,
-                                          at::Tensor& len_holder) {
+                                          at::Tensor& len_holder, int64_t width = -1) {
   check_floating(seq, sname);
-  TORCH_CHECK(seq.dim() == 3 && w_hh.dim() == 2 && c0.dim() == 2, sname, " must be [T, B, 4H], w_hh [4H, H] and ",
+  TORCH_CHECK(seq.dim() == 3 && w_hh.dim() == 2 && c0.dim() == 2, sname, " must be [T, B, *], w_hh [4H, H] and ",
               "the states [B, H], got ", seq.sizes(), ", ", w_hh.sizes(), " and ", c0.sizes());
   const int64_t T = seq.size(0), B = seq.size(1), H = w_hh.size(1);
-  TORCH_CHECK(w_hh.size(0) == 4 * H && seq.size(2) == 4 * H && c0.size(0) == B && c0.size(1) == H, sname,
-              " [T, B, 4H], w_hh [4H, H] and the states [B, H] disagree: ", seq.sizes(), ", ", w_hh.sizes(), ", ",
-              c0.sizes());
+  if (width < 0) width = 4 * H;
+  TORCH_CHECK(w_hh.size(0) == 4 * H && seq.size(2) == width && c0.size(0) == B && c0.size(1) == H, sname,
+              " [T, B, ", width, "], w_hh [4H, H] and the states [B, H] disagree: ", seq.sizes(), ", ", w_hh.sizes(),
+              ", ", c0.sizes());
   TORCH_CHECK(seq.scalar_type() == w_hh.scalar_type() && seq.scalar_type() == c0.scalar_type(), sname,
               ", w_hh and the states must share a dtype, got ", seq.scalar_type(), ", ", w_hh.scalar_type(), ", ",
               c0.scalar_type());
@@ -67,6 +68,20 @@ inline LstmLayerGeometry check_lstm_layer(const at::Tensor& seq, const char* sna
       TORCH_CHECK(g.len[b] >= 0 && g.len[b] <= T, "lengths must lie in [0, T] = [0, ", T, "], got ", g.len[b]);
   }
   return g;
+}
+
+// The forward's input side: x [T, B, I], w_ih [4H, I] and the optional bias [4H] (b_ih + b_hh), one dtype and
+// device. Returns the bias, contiguous, or an undefined tensor.
+inline at::Tensor check_lstm_layer_input(const at::Tensor& x, const at::Tensor& w_ih,
+                                         const std::optional<at::Tensor>& bias, const at::Tensor& w_hh) {
+  TORCH_CHECK(x.dim() == 3 && w_ih.dim() == 2 && w_hh.dim() == 2 && w_ih.size(0) == w_hh.size(0) &&
+                  w_ih.size(1) == x.size(2),
+              "x [T, B, I], w_ih [4H, I] and w_hh [4H, H] disagree: ", x.sizes(), ", ", w_ih.sizes(), ", ",
+              w_hh.sizes());
+  TORCH_CHECK(w_ih.scalar_type() == x.scalar_type() && w_ih.device() == x.device(),
+              "w_ih must have x's dtype and device (", x.scalar_type(), " on ", x.device(), "), got ",
+              w_ih.scalar_type(), " on ", w_ih.device());
+  return checked_lstm_bias(bias, x, w_hh.size(1));
 }
 
 inline void check_lstm_layer_grads(const LstmLayerGeometry& g, const at::Tensor& grad_hs, const at::Tensor& grad_cs,

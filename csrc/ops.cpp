@@ -29,12 +29,13 @@ TORCH_LIBRARY(fastnn, m) {
   m.def("lstm_cell_bwd(Tensor grad_hy, Tensor grad_cy, Tensor act, Tensor cx) -> (Tensor, Tensor)");
   m.def("lstm_cell_fwd_triton(Tensor gates, Tensor? bias, Tensor cx) -> (Tensor, Tensor, Tensor)");
   m.def("lstm_cell_bwd_triton(Tensor grad_hy, Tensor grad_cy, Tensor act, Tensor cx) -> (Tensor, Tensor)");
-  // Whole recurrence of one layer and direction in one call: gx = x W_ih^T + b_ih + b_hh for all steps
-  // [T, B, 4H] (one GEMM, done by the caller), w_hh [4H, H], h0/c0 [B, H]; per step one addmm and the fused
-  // cell. -> (hs, cs, act): the states after every step [T, B, H] (a row past its length, int64 lengths [B],
-  // keeps its state) and the activated gates [T, B, 4H]. `reverse` walks t = T-1 .. 0.
-  m.def("lstm_layer_fwd(Tensor gx, Tensor w_hh, Tensor h0, Tensor c0, Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor)");
-  // -> (grad_gx [T, B, 4H], grad_h0, grad_c0); grad_w_hh is grad_gx against the previous states (one GEMM).
+  // Whole recurrence of one layer and direction in one call: x [T, B, I], w_ih [4H, I], bias = b_ih + b_hh
+  // [4H] or None, w_hh [4H, H], h0/c0 [B, H]. The input product of all steps is one GEMM (into the gate buffer);
+  // then per step one in-place addmm and the fused cell. -> (hs, cs, act): the states after every step
+  // [T, B, H] (a row past its length, int64 lengths [B], keeps its state) and the activated gates [T, B, 4H].
+  // `reverse` walks t = T-1 .. 0.
+  m.def("lstm_layer_fwd(Tensor x, Tensor w_ih, Tensor? bias, Tensor w_hh, Tensor h0, Tensor c0, Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor)");
+  // -> (grad_gates [T, B, 4H], grad_h0, grad_c0); the weight, bias and input gradients are GEMMs / a sum of it.
   m.def("lstm_layer_bwd(Tensor grad_hs, Tensor grad_cs, Tensor w_hh, Tensor c0, Tensor cs, Tensor act, Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor)");
 }
 

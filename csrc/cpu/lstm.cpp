@@ -22,6 +22,7 @@
 #include <tuple>
 
 #include "common.h"
+#include "cpu/alloc.h"
 #include "cpu/vec.h"
 #include "lstm_common.h"
 
@@ -122,23 +123,31 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_bwd_cpu(const at::Tensor& grad_hy_,
 
 // ---- the layer ----
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(const at::Tensor& gx_, const at::Tensor& w_hh_,
-                                                                  const at::Tensor& h0_, const at::Tensor& c0_,
-                                                                  const std::optional<at::Tensor>& lengths,
-                                                                  bool reverse) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
+    const at::Tensor& x_, const at::Tensor& w_ih, const std::optional<at::Tensor>& bias_, const at::Tensor& w_hh_,
+    const at::Tensor& h0_, const at::Tensor& c0_, const std::optional<at::Tensor>& lengths, bool reverse) {
   at::Tensor len_holder;
-  const LstmLayerGeometry geo = check_lstm_layer(gx_, "gx", w_hh_, c0_, lengths, len_holder);
+  const LstmLayerGeometry geo = check_lstm_layer(x_, "x", w_hh_, c0_, lengths, len_holder, x_.size(-1));
+  const at::Tensor bias = check_lstm_layer_input(x_, w_ih, bias_, w_hh_);
   check_same(h0_, "h0", c0_, "c0");
   const int64_t T = geo.T, B = geo.B, H = geo.H;
-  const at::Tensor gx = gx_.contiguous(), w_hh_t = w_hh_.t(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
-  at::Tensor hs = at::empty({T, B, H}, gx.options()), cs = at::empty({T, B, H}, gx.options());
-  at::Tensor act = at::empty({T, B, 4 * H}, gx.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "lstm_layer_fwd_cpu", [&] {
+  const at::Tensor w_hh_t = w_hh_.t(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
+  // Big, freshly faulted buffers: the huge-page allocator (csrc/cpu/alloc.h).
+  at::Tensor hs = cpu::empty({T, B, H}, x_.options()), cs = cpu::empty({T, B, H}, x_.options());
+  at::Tensor act = cpu::empty({T, B, 4 * H}, x_.options());
+  if (T * B == 0) return {hs, cs, act};
+  // The input product of every step at once, straight into the gate buffer, which each step then completes in
+  // place (+ h W_hh^T) and activates: no separate [T, B, 4H] input-gate tensor, no per-step copy.
+  const at::Tensor x2 = x_.reshape({T * B, x_.size(2)});
+  at::Tensor act2 = act.view({T * B, 4 * H});
+  if (bias.defined()) at::addmm_out(act2, bias, x2, w_ih.t());
+  else at::mm_out(act2, x2, w_ih.t());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "lstm_layer_fwd_cpu", [&] {
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? T - 1 - s : s, tp = reverse ? t + 1 : t - 1;
       const at::Tensor h_prev = s == 0 ? h0 : hs.select(0, tp), c_prev = s == 0 ? c0 : cs.select(0, tp);
       at::Tensor act_t = act.select(0, t);
-      at::addmm_out(act_t, gx.select(0, t), h_prev, w_hh_t);
+      act_t.addmm_(h_prev, w_hh_t);
       scalar_t* a = act_t.mutable_data_ptr<scalar_t>();
       const scalar_t *hp = h_prev.const_data_ptr<scalar_t>(), *cp = c_prev.const_data_ptr<scalar_t>();
       scalar_t *hn = hs.mutable_data_ptr<scalar_t>() + t * B * H, *cn = cs.mutable_data_ptr<scalar_t>() + t * B * H;
@@ -166,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
   check_lstm_layer_grads(geo, grad_hs_, grad_cs_, cs_, act_);
   const at::Tensor dhs = grad_hs_.contiguous(), dcs = grad_cs_.contiguous(), w_hh = w_hh_.contiguous();
   const at::Tensor c0 = c0_.contiguous(), cs = cs_.contiguous(), act = act_.contiguous();
-  at::Tensor dgx = at::empty({T, B, 4 * H}, act.options());
+  at::Tensor dgx = cpu::empty({T, B, 4 * H}, act.options());
   // dh carries the recurrent gradient into the next (earlier) step, dc the cell-state gradient; both start at
   // zero for the last step. pass holds, for rows past their length, the h gradient they hand through.
   at::Tensor dh = at::zeros({B, H}, act.options()), dc = at::zeros({B, H}, act.options());

@@ -4,7 +4,6 @@
 // is bound by memory bandwidth. The layer op issues, per step, one cuBLAS addmm into the step's slice of the
 // gate buffer and one cell launch that activates it in place - no host synchronization, no allocation.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/addmm.h>
@@ -18,6 +17,7 @@
 #include <tuple>
 
 #include "common.h"
+#include "cuda/common.cuh"
 #include "lstm_common.h"
 
 namespace fastnn::cuda {
@@ -25,7 +25,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename A> __device__ __forceinline__ A sigmoid_(A x) { return A(1) / (A(1) + exp(-x)); }
+template <typename A> __device__ __forceinline__ A sigmoid_(A x) { return A(1) / (A(1) + exp_(-x)); }
 
 // `len` null: every row is active; otherwise row r runs while t < len[r] and keeps its state after.
 __device__ __forceinline__ bool active(const int64_t* len, int64_t t, int64_t r) { return len == nullptr || t < len[r]; }
@@ -36,7 +36,7 @@ template <typename T>
 __global__ void cell_fwd_kernel(const T* pre, const T* __restrict__ bias, const T* __restrict__ cp,
                                 const T* __restrict__ hp, T* act, T* __restrict__ c, T* __restrict__ h, int64_t B,
                                 int64_t H, const int64_t* __restrict__ len, int64_t t) {
-  using A = at::opmath_type<T>;
+  using A = acc_t<T>;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < B * H;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = idx / H, j = idx - r * H;
@@ -67,7 +67,7 @@ __global__ void cell_bwd_kernel(const T* __restrict__ dh, const T* __restrict__ 
                                 const T* dc2, const T* __restrict__ act, const T* __restrict__ cp,
                                 T* __restrict__ dgates, T* dcp, T* __restrict__ pass, int64_t B, int64_t H,
                                 const int64_t* __restrict__ len, int64_t t) {
-  using A = at::opmath_type<T>;
+  using A = acc_t<T>;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < B * H;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = idx / H, j = idx - r * H, g0 = r * 4 * H + j;
@@ -147,26 +147,31 @@ at::Tensor device_lengths(const LstmLayerGeometry& geo, const at::Tensor& host, 
   return geo.len ? host.to(dev, /*non_blocking=*/false) : at::Tensor();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cuda(const at::Tensor& gx_, const at::Tensor& w_hh,
-                                                                   const at::Tensor& h0_, const at::Tensor& c0_,
-                                                                   const std::optional<at::Tensor>& lengths,
-                                                                   bool reverse) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cuda(
+    const at::Tensor& x_, const at::Tensor& w_ih, const std::optional<at::Tensor>& bias_, const at::Tensor& w_hh,
+    const at::Tensor& h0_, const at::Tensor& c0_, const std::optional<at::Tensor>& lengths, bool reverse) {
   at::Tensor len_host;
-  const LstmLayerGeometry geo = check_lstm_layer(gx_, "gx", w_hh, c0_, lengths, len_host);
+  const LstmLayerGeometry geo = check_lstm_layer(x_, "x", w_hh, c0_, lengths, len_host, x_.size(-1));
+  const at::Tensor bias = check_lstm_layer_input(x_, w_ih, bias_, w_hh);
   check_same(h0_, "h0", c0_, "c0");
-  const c10::cuda::CUDAGuard guard(gx_.device());
+  const c10::cuda::CUDAGuard guard(x_.device());
   const int64_t T = geo.T, B = geo.B, H = geo.H;
-  const at::Tensor gx = gx_.contiguous(), w_hh_t = w_hh.t(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
-  const at::Tensor len = device_lengths(geo, len_host, gx.device());
-  at::Tensor hs = at::empty({T, B, H}, gx.options()), cs = at::empty({T, B, H}, gx.options());
-  at::Tensor act = at::empty({T, B, 4 * H}, gx.options());
+  const at::Tensor w_hh_t = w_hh.t(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
+  const at::Tensor len = device_lengths(geo, len_host, x_.device());
+  at::Tensor hs = at::empty({T, B, H}, x_.options()), cs = at::empty({T, B, H}, x_.options());
+  at::Tensor act = at::empty({T, B, 4 * H}, x_.options());
   if (T * B * H == 0) return {hs, cs, act};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "lstm_layer_fwd_cuda", [&] {
+  // All steps' input products in one GEMM straight into the gate buffer; each step adds h W_hh^T in place.
+  const at::Tensor x2 = x_.reshape({T * B, x_.size(2)});
+  at::Tensor act2 = act.view({T * B, 4 * H});
+  if (bias.defined()) at::addmm_out(act2, bias, x2, w_ih.t());
+  else at::mm_out(act2, x2, w_ih.t());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "lstm_layer_fwd_cuda", [&] {
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? T - 1 - s : s, tp = reverse ? t + 1 : t - 1;
       const at::Tensor h_prev = s == 0 ? h0 : hs.select(0, tp), c_prev = s == 0 ? c0 : cs.select(0, tp);
       at::Tensor act_t = act.select(0, t);
-      at::addmm_out(act_t, gx.select(0, t), h_prev, w_hh_t);
+      act_t.addmm_(h_prev, w_hh_t);
       cell_fwd_kernel<scalar_t><<<blocks_for(B * H), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           act_t.const_data_ptr<scalar_t>(), nullptr, c_prev.const_data_ptr<scalar_t>(),
           h_prev.const_data_ptr<scalar_t>(), act_t.mutable_data_ptr<scalar_t>(),

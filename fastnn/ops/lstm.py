@@ -146,10 +146,7 @@ def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.
     T, B, I = x.shape
     H = w_hh.shape[1]
     if backend == "native" and native_has("lstm_layer", x.device.type):
-        bias = _sum_bias(b_ih, b_hh)
-        x2 = x.reshape(T * B, I)
-        gx = (torch.addmm(bias, x2, w_ih.t()) if bias is not None else torch.mm(x2, w_ih.t())).view(T, B, 4 * H)
-        hs, cs, _ = torch.ops.fastnn.lstm_layer_fwd(gx, w_hh, h0, c0, lengths, reverse)
+        hs, cs, _ = torch.ops.fastnn.lstm_layer_fwd(x, w_ih, _sum_bias(b_ih, b_hh), w_hh, h0, c0, lengths, reverse)
         last = 0 if reverse else T - 1
         return hs, hs[last], cs[last]
     # Elsewhere a Python loop over the fused cell, the input product still one GEMM over all steps.
@@ -179,10 +176,10 @@ def _sum_bias(b_ih, b_hh):
     return b_ih if b_ih is not None else b_hh
 
 
-def _layer_fake_fwd(gx, w_hh, h0, c0, lengths, reverse):
-    T, B, _ = gx.shape
+def _layer_fake_fwd(x, w_ih, bias, w_hh, h0, c0, lengths, reverse):
+    T, B, _ = x.shape
     H = w_hh.shape[1]
-    return gx.new_empty(T, B, H), gx.new_empty(T, B, H), gx.new_empty(T, B, 4 * H)
+    return x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(T, B, 4 * H)
 
 
 def _layer_fake_bwd(grad_hs, grad_cs, w_hh, c0, cs, act, lengths, reverse):
@@ -190,23 +187,31 @@ def _layer_fake_bwd(grad_hs, grad_cs, w_hh, c0, cs, act, lengths, reverse):
 
 
 def _layer_setup_context(ctx, inputs, output):
-    gx, w_hh, h0, c0, lengths, reverse = inputs
+    x, w_ih, bias, w_hh, h0, c0, lengths, reverse = inputs
     hs, cs, act = output
     ctx.mark_non_differentiable(act)
-    ctx.reverse = reverse
-    ctx.save_for_backward(w_hh, h0, c0, hs, cs, act, lengths)
+    ctx.reverse, ctx.has_bias = reverse, bias is not None
+    ctx.save_for_backward(x, w_ih, w_hh, h0, c0, hs, cs, act, lengths)
 
 
 def _layer_backward(ctx, grads, bwd_op):
-    w_hh, h0, c0, hs, cs, act, lengths = ctx.saved_tensors
-    grad_gx, grad_h0, grad_c0 = bwd_op(grads[0], grads[1], w_hh, c0, cs, act, lengths, ctx.reverse)
+    x, w_ih, w_hh, h0, c0, hs, cs, act, lengths = ctx.saved_tensors
+    grad_gates, grad_h0, grad_c0 = bwd_op(grads[0], grads[1], w_hh, c0, cs, act, lengths, ctx.reverse)
+    T, B, H4 = grad_gates.shape
+    g2 = grad_gates.view(T * B, H4)
+    need = ctx.needs_input_grad
+    # Every weight gradient is one GEMM over all steps; the input gradient too.
+    grad_x = torch.mm(g2, w_ih).view(x.shape) if need[0] else None
+    grad_w_ih = torch.mm(g2.t(), x.reshape(T * B, -1)) if need[1] else None
+    grad_bias = g2.sum(0) if ctx.has_bias and need[2] else None
     grad_w_hh = None
-    if ctx.needs_input_grad[1]:
+    if need[3] and T:
         # Step t ran on h_{t-1} (forward) or h_{t+1} (reverse), h0 at the first step: two GEMMs, no concat.
-        T, B, H4 = grad_gx.shape
-        first, rest, prev = (T - 1, grad_gx[:-1], hs[1:]) if ctx.reverse else (0, grad_gx[1:], hs[:-1])
-        grad_w_hh = torch.addmm(grad_gx[first].t() @ h0, rest.reshape(-1, H4).t(), prev.reshape(-1, H4 // 4))
-    return grad_gx, grad_w_hh, grad_h0, grad_c0, None, None
+        first, rest, prev = (T - 1, grad_gates[:-1], hs[1:]) if ctx.reverse else (0, grad_gates[1:], hs[:-1])
+        grad_w_hh = torch.addmm(grad_gates[first].t() @ h0, rest.reshape(-1, H4).t(), prev.reshape(-1, H4 // 4))
+    elif need[3]:
+        grad_w_hh = torch.zeros_like(w_hh)
+    return grad_x, grad_w_ih, grad_bias, grad_w_hh, grad_h0, grad_c0, None, None
 
 
 register_op("lstm_layer", fake_fwd=_layer_fake_fwd, fake_bwd=_layer_fake_bwd, setup_context=_layer_setup_context,
