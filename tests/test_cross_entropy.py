@@ -121,8 +121,10 @@ def test_low_precision(device, backend, shape, kind, weighted, smoothing, reduct
     out, dx, _ = run(lambda *a, **k: F.cross_entropy(*a, **k, backend=backend), x, t, w, g.to(dtype), **kw)
     theirs, their_dx, _ = run(TF.cross_entropy, x, t, w, g.to(dtype), **kw)
     assert out.dtype == dtype and dx.dtype == dtype
+    # Triton's interpreter casts float32 -> bfloat16 by truncation (a GPU rounds to nearest): one more ulp.
+    floor = torch.finfo(dtype).eps * ref_dx.abs().max().item() if (device, backend) == ("cpu", "triton") else 1e-6
     assert_matches(out, ref, torch_out=theirs)
-    assert_matches(dx, ref_dx, torch_out=their_dx, name="grad_input")
+    assert_matches(dx, ref_dx, torch_out=their_dx, name="grad_input", atol_floor=floor)
 
 
 @pytest.mark.parametrize("device,backend", device_backends("cross_entropy"))
