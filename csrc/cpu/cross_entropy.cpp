@@ -15,6 +15,7 @@
 #include <optional>
 
 #include "common.h"
+#include "cpu/alloc.h"
 #include "cpu/vec.h"
 #include "cross_entropy.h"
 
@@ -245,7 +246,7 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& 
                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse,
                                  int64_t ignore_index, double label_smoothing) {
   const CeCall c = prepare(input, target, weight, ignore_index, label_smoothing);
-  at::Tensor dx = at::empty(c.x.sizes(), c.x.options());
+  at::Tensor dx = empty(c.x.sizes(), c.x.options());
   cross_entropy_bwd_into(grad_loss, c, weight, lse, ignore_index, label_smoothing, dx);
   return dx;
 }
@@ -279,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
       const CeGeometry g{logits.size(0), V, 1};
       ce_fwd_rows<scalar_t>(g, logits.const_data_ptr<scalar_t>(), ts.const_data_ptr<int64_t>(), nullptr, w.p,
                             ignore_index, loss.mutable_data_ptr<A>(), lse.mutable_data_ptr<A>());
-    });
+    }, empty);
   });
   return out;
 }
@@ -303,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
       auto* p = logits.mutable_data_ptr<scalar_t>();
       ce_bwd_rows<scalar_t>(g, gs.const_data_ptr<A>(), p, ts.const_data_ptr<int64_t>(), nullptr, w.p, ignore_index,
                             ls.const_data_ptr<A>(), p);
-    });
+    }, empty);
   });
   return out;
 }

@@ -9,59 +9,23 @@
 // launch (one sync) and reports as an IndexError.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <optional>
 
 #include "common.h"
 #include "cross_entropy.h"
+#include "cuda/common.cuh"
 
 namespace fastnn::cuda {
 namespace {
 
-template <typename T> struct AccT { using type = float; };
-template <> struct AccT<double> { using type = double; };
-template <typename T> using acc_t = typename AccT<T>::type;
-
 constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
-
-template <typename A> __device__ __forceinline__ A dexp(A x) { return ::exp(x); }
-template <> __device__ __forceinline__ float dexp<float>(float x) { return __expf(x); }
-
-template <typename A> __device__ __forceinline__ A warp_sum(A v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-template <typename A> __device__ __forceinline__ A warp_max(A v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const A u = __shfl_xor_sync(0xffffffffu, v, o);
-    v = (u > v || u != u) ? u : v;  // NaN wins
-  }
-  return v;
-}
-
-// Block-wide reduction; every thread gets the result. `sh` holds kWarps values.
-template <typename A, bool MAX> __device__ A block_reduce(A v, A* sh) {
-  v = MAX ? warp_max(v) : warp_sum(v);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();  // sh may still be read by the previous reduction
-  if (lane == 0) sh[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? sh[lane] : (MAX ? -INFINITY : A(0));
-    v = MAX ? warp_max(v) : warp_sum(v);
-    if (lane == 0) sh[0] = v;
-  }
-  __syncthreads();
-  return sh[0];
-}
 
 struct RowArgs {
   int64_t classes, inner, ignore_index;
@@ -79,7 +43,6 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
                                                           acc_t<T>* __restrict__ loss, acc_t<T>* __restrict__ lse,
                                                           int64_t* __restrict__ flag, RowArgs a) {
   using A = acc_t<T>;
-  __shared__ A sh[kWarps];
   const int64_t row = blockIdx.x;
   const int64_t base = row_base(row, a), C = a.classes, st = a.inner;
   int64_t t = 0;
@@ -104,16 +67,13 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
   const A keep = A(1) - A(a.eps), add = A(a.eps) / A(C);
   // Offsets from a pivot (the target's logit, or the row's first) keep rows of large logits exact.
   A pivot = static_cast<A>(x[base + (PROB ? 0 : t) * st]);
-  pivot = isfinite(pivot) ? pivot : A(0);
-  A m = -INFINITY, s = 0, d = 0, u = 0;
+  pivot = ::isfinite(pivot) ? pivot : A(0);
+  LogSumExp<A> lse_acc = LogSumExp<A>::empty();
+  A d = 0, u = 0;
   for (int64_t c = threadIdx.x; c < C; c += kThreads) {
     const A v = static_cast<A>(x[base + c * st]);
-    if (v > m || v != v) {  // rescale the running sum to the new max (m = -inf at first: exp(-inf) = 0)
-      s = (m == -INFINITY ? A(0) : s * dexp(m - v)) + A(1);
-      m = v;
-    } else if (v != -INFINITY) {
-      s += dexp(v - m);
-    }
+    const A one[1] = {v};
+    lse_acc.add(one);
     if constexpr (D) {
       A wu = w ? static_cast<A>(w[c]) : A(1);
       if constexpr (PROB) {
@@ -123,18 +83,17 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
       d += wu * (v - pivot);
     }
   }
-  const A M = block_reduce<A, true>(m, sh);
-  const A S = block_reduce<A, false>(m == -INFINITY ? A(0) : s * dexp(m - M), sh);
-  const A log_s = ::log(S);
+  lse_acc = block_reduce(lse_acc, MergeOp{});
+  const A M = lse_acc.m, log_s = log_(lse_acc.s);
   A l;
   if constexpr (PROB) {
-    const A U = block_reduce<A, false>(u, sh), Dv = block_reduce<A, false>(d, sh);
+    const A U = block_reduce(u, SumOp{}), Dv = block_reduce(d, SumOp{});
     l = U * ((M - pivot) + log_s) - Dv;
   } else {
     const A wt = w ? static_cast<A>(w[t]) : A(1);
     l = keep * wt * ((M - static_cast<A>(x[base + t * st])) + log_s);
     if constexpr (D) {
-      const A Dv = block_reduce<A, false>(d, sh);
+      const A Dv = block_reduce(d, SumOp{});
       l += add * ((w ? *wsum : A(C)) * ((M - pivot) + log_s) - Dv);
     }
   }
@@ -151,7 +110,6 @@ __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const acc_t<T>* __rest
                                                           const acc_t<T>* __restrict__ lse, T* dx, RowArgs a) {
   // x and dx may alias (inplace): each element is read before it is written, by the same thread.
   using A = acc_t<T>;
-  __shared__ A sh[kWarps];
   const int64_t row = blockIdx.x;
   const int64_t base = row_base(row, a), C = a.classes, st = a.inner;
   const A g = grad[row], l = lse[row];
@@ -161,10 +119,10 @@ __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const acc_t<T>* __rest
     A u = 0;
     for (int64_t c = threadIdx.x; c < C; c += kThreads)
       u += (static_cast<A>(y[base + c * st]) * keep + add) * (w ? static_cast<A>(w[c]) : A(1));
-    const A ga = g * block_reduce<A, false>(u, sh);
+    const A ga = g * block_reduce(u, SumOp{});
     for (int64_t c = threadIdx.x; c < C; c += kThreads) {
       const A wu = (static_cast<A>(y[base + c * st]) * keep + add) * (w ? static_cast<A>(w[c]) : A(1));
-      dx[base + c * st] = static_cast<T>(ga * dexp(static_cast<A>(x[base + c * st]) - l) - g * wu);
+      dx[base + c * st] = static_cast<T>(ga * exp_(static_cast<A>(x[base + c * st]) - l) - g * wu);
     }
   } else {
     const int64_t t = static_cast<const int64_t*>(target)[row];
@@ -175,7 +133,7 @@ __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const acc_t<T>* __rest
     const A wt = w ? static_cast<A>(w[t]) : A(1);
     const A ga = g * (keep * wt + add * (w ? *wsum : A(C))), gb = g * add, gt = g * keep * wt;
     for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-      A v = ga * dexp(static_cast<A>(x[base + c * st]) - l) - gb * (w ? static_cast<A>(w[c]) : A(1));
+      A v = ga * exp_(static_cast<A>(x[base + c * st]) - l) - gb * (w ? static_cast<A>(w[c]) : A(1));
       if (c == t) v -= gt;
       dx[base + c * st] = static_cast<T>(v);
     }
@@ -197,7 +155,7 @@ void launch_fwd(const at::Tensor& x, const at::Tensor& t, const std::optional<at
   if (g.rows() == 0) return;
   const bool prob = t.is_floating_point();
   const at::Tensor wc = w.has_value() ? w->contiguous() : at::Tensor();
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_fwd_cuda", [&] {
     using A = acc_t<scalar_t>;
     const at::Tensor ws = weight_sum(w, ce_acc_type(x.scalar_type()));
@@ -222,7 +180,7 @@ void launch_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t
   if (g.rows() == 0 || g.classes == 0) return;
   const at::Tensor wc = w.has_value() ? w->contiguous() : at::Tensor();
   const at::Tensor gc = grad.contiguous(), lc = lse.contiguous();
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_bwd_cuda", [&] {
     using A = acc_t<scalar_t>;
     const at::Tensor ws = weight_sum(w, ce_acc_type(x.scalar_type()));
@@ -239,6 +197,8 @@ void launch_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
+
+at::Tensor device_empty(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); }
 
 at::Tensor new_flag(const at::Tensor& x) { return at::zeros({2}, x.options().dtype(at::kLong)); }
 
@@ -304,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cuda(
                                [&](const at::Tensor& logits, const at::Tensor& ts, at::Tensor loss, at::Tensor lse) {
     launch_fwd(logits, ts, class_weight, CeGeometry{logits.size(0), V, 1}, ignore_index, label_smoothing, loss, lse,
                flag);
-  });
+  }, device_empty);
   report_bad_target(flag, V, ignore_index);
   return out;
 }
@@ -321,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cuda(
                             [&](const at::Tensor& gs, at::Tensor& logits, const at::Tensor& ts, const at::Tensor& ls) {
     launch_bwd(gs, logits, ts, class_weight, ls, CeGeometry{logits.size(0), V, 1}, ignore_index, label_smoothing,
                logits);
-  });
+  }, device_empty);
 }
 
 }  // namespace
