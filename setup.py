@@ -16,8 +16,25 @@ import shlex
 import shutil
 
 from setuptools import find_packages, setup
-import torch
-from torch.utils import cpp_extension
+
+
+def _default_cuda_home():
+    # cpp_extension takes CUDA_HOME from `which nvcc` first; a wrapper script on PATH (/usr/local/bin/nvcc here)
+    # then yields a CUDA_HOME without the toolkit's headers. Fall back to the standard location in that case.
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    if home and not os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) and os.path.exists(
+        "/usr/local/cuda/include/cuda_runtime.h"
+    ):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+_default_cuda_home()  # before cpp_extension reads it at import
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -55,7 +72,8 @@ def build_extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # OpenMP: ATen's parallel_for is an inline `#pragma omp parallel`, so without -fopenmp it runs serially.
     # The loops are written for the compiler's auto-vectorizer; AVX2+FMA is the x86-64 baseline we target.
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+    # No -std flag: cpp_extension adds the standard the installed torch's headers need (C++20 from torch 2.14).
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
     if platform.machine() in ("x86_64", "AMD64"):
         cxx += ["-mavx2", "-mfma", "-mf16c"]
     cxx += shlex.split(os.environ.get("FASTNN_CXXFLAGS", ""))
@@ -66,10 +84,14 @@ def build_extension():
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + shlex.split(
+        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"] + shlex.split(
             os.environ.get("FASTNN_NVCCFLAGS", "")
         )
-        include_dirs += _nvidia_include_dirs()
+        # -isystem, not -I: searched after the toolkit's own include dir, so the pip copy of the CUDA runtime
+        # headers (nvidia/cu13/include) cannot shadow the ones matching nvcc.
+        for d in _nvidia_include_dirs():
+            extra["cxx"] += ["-isystem", d]
+            extra["nvcc"] += ["-isystem", d]
         ext_cls = cpp_extension.CUDAExtension
     print(f"fastnn: building fastnn._C with {'CPU + CUDA' if with_cuda else 'CPU only'} kernels")
     return ext_cls(

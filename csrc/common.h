@@ -45,4 +45,80 @@ inline void check_same(const at::Tensor& a, const char* an, const at::Tensor& b,
               b.sizes());
 }
 
+
+#ifdef __CUDACC__
+#define FASTNN_HOST_DEVICE __host__ __device__
+#else
+#define FASTNN_HOST_DEVICE
+#endif
+
+// A small operand broadcast over a big contiguous tensor (a loss's weight, pos_weight or grad_output), read in
+// place rather than expanded: its expanded strides with size-1 dims dropped and mergeable dims coalesced, indexed
+// by the big tensor's flat index. Runs of `size[ndim - 1]` consecutive flat indices are contiguous
+// (stride 1) or one repeated value (stride 0), so a kernel can vectorize inside a run.
+struct Broadcast {
+  static constexpr int kMaxDims = 4;
+  int ndim = 1;
+  int64_t size[kMaxDims] = {1, 1, 1, 1};
+  int64_t stride[kMaxDims] = {0, 0, 0, 0};
+
+  // Element offset of flat index i. The outermost dim needs no modulo: i < numel.
+  FASTNN_HOST_DEVICE int64_t offset(int64_t i) const {
+    int64_t off = 0;
+    for (int d = ndim - 1; d > 0; --d) {
+      off += (i % size[d]) * stride[d];
+      i /= size[d];
+    }
+    return off + i * stride[0];
+  }
+  // Flat indices from i to the end of its innermost run.
+  FASTNN_HOST_DEVICE int64_t run(int64_t i) const { return size[ndim - 1] - i % size[ndim - 1]; }
+  FASTNN_HOST_DEVICE int64_t inner_stride() const { return stride[ndim - 1]; }
+
+  // Describes `expanded` (a view with the big tensor's shape); false when it needs more than kMaxDims dims or
+  // its innermost stride is neither 0 nor 1.
+  bool describe(const at::Tensor& expanded) {
+    int n = 0;
+    int64_t sz[kMaxDims], st[kMaxDims];
+    for (int64_t d = 0; d < expanded.dim(); ++d) {
+      const int64_t s = expanded.size(d), t = expanded.stride(d);
+      if (s == 1) continue;
+      if (n > 0 && st[n - 1] == s * t) {
+        sz[n - 1] *= s;
+        st[n - 1] = t;
+      } else {
+        if (n == kMaxDims) return false;
+        sz[n] = s;
+        st[n] = t;
+        ++n;
+      }
+    }
+    if (n == 0) {  // a single element: one stride-0 run over everything
+      sz[0] = expanded.numel();
+      st[0] = 0;
+      n = 1;
+    }
+    if (st[n - 1] != 0 && st[n - 1] != 1) return false;
+    ndim = n;
+    for (int d = 0; d < n; ++d) {
+      size[d] = sz[d];
+      stride[d] = st[d];
+    }
+    return true;
+  }
+};
+
+// `t` broadcast to `shape` as a Broadcast `b`; the returned tensor owns the data b points into. A layout that
+// cannot be described as is is made contiguous in t's own shape first, and only if that is not enough expanded
+// into a full copy.
+inline at::Tensor broadcast_operand(const at::Tensor& t, at::IntArrayRef shape, Broadcast& b) {
+  at::Tensor e = t.expand(shape);
+  if (b.describe(e)) return e;
+  e = t.contiguous().expand(shape);
+  if (b.describe(e)) return e;
+  e = t.expand(shape).contiguous();
+  TORCH_INTERNAL_ASSERT(b.describe(e));
+  return e;
+}
+
 }  // namespace fastnn

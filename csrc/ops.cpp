@@ -20,6 +20,37 @@ TORCH_LIBRARY(fastnn, m) {
   m.def("softmax_bwd(Tensor grad_output, Tensor output, int dim, bool log) -> Tensor");
   m.def("softmax_fwd_triton(Tensor input, int dim, bool log) -> Tensor");
   m.def("softmax_bwd_triton(Tensor grad_output, Tensor output, int dim, bool log) -> Tensor");
+
+  // ---- LSTM (gate order i, f, g, o). The matrix products stay outside, on BLAS; these are the fused rest.
+  // Cell: gates = x W_ih^T + h W_hh^T [B, 4H] (bias optional, [4H]), cx [B, H] -> (hy, cy, act), where act
+  // [B, 4H] holds the activated gates, which the backward saves together with cx (it recomputes cy from them).
+  m.def("lstm_cell_fwd(Tensor gates, Tensor? bias, Tensor cx) -> (Tensor, Tensor, Tensor)");
+  // -> (grad_gates [B, 4H], grad_cx [B, H]); grad_bias is grad_gates summed over the batch.
+  m.def("lstm_cell_bwd(Tensor grad_hy, Tensor grad_cy, Tensor act, Tensor cx) -> (Tensor, Tensor)");
+  m.def("lstm_cell_fwd_triton(Tensor gates, Tensor? bias, Tensor cx) -> (Tensor, Tensor, Tensor)");
+  m.def("lstm_cell_bwd_triton(Tensor grad_hy, Tensor grad_cy, Tensor act, Tensor cx) -> (Tensor, Tensor)");
+  // Whole recurrence of one layer and direction in one call: gx = x W_ih^T + b_ih + b_hh for all steps
+  // [T, B, 4H] (one GEMM, done by the caller), w_hh [4H, H], h0/c0 [B, H]; per step one addmm and the fused
+  // cell. -> (hs, cs, act): the states after every step [T, B, H] (a row past its length, int64 lengths [B],
+  // keeps its state) and the activated gates [T, B, 4H]. `reverse` walks t = T-1 .. 0.
+  m.def("lstm_layer_fwd(Tensor gx, Tensor w_hh, Tensor h0, Tensor c0, Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor)");
+  // -> (grad_gx [T, B, 4H], grad_h0, grad_c0); grad_w_hh is grad_gx against the previous states (one GEMM).
+  m.def("lstm_layer_bwd(Tensor grad_hs, Tensor grad_cs, Tensor w_hh, Tensor c0, Tensor cs, Tensor act, Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor)");
+}
+
+// ---- binary cross-entropy with logits (fastnn/ops/bce_with_logits.py) ----
+// loss = w * ((1 - y) * x + (1 + (pw - 1) * y) * softplus(-x)); weight and pos_weight broadcast to input's shape
+// (pos_weight usually along the last dim) and are read in place. reduction: 0 none, 1 mean, 2 sum (at::Reduction).
+TORCH_LIBRARY_FRAGMENT(fastnn, m) {
+  m.def("bce_with_logits_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, int reduction) -> Tensor");
+  // (grad_input, grad_target) in one pass, recomputed from input and target; a gradient not asked for
+  // (input_grad / target_grad false) comes back as an empty tensor. grad_output: input's shape for reduction 0,
+  // else a 0-d tensor.
+  m.def("bce_with_logits_bwd(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
+        "int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+  m.def("bce_with_logits_fwd_triton(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, int reduction) -> Tensor");
+  m.def("bce_with_logits_bwd_triton(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, "
+        "Tensor? pos_weight, int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
 }
 
 // ---- attention (issue 4): flash-style scaled dot-product attention. q (B,H,Lq,D), k/v (B,H,Lk,D); attn_mask

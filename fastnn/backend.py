@@ -66,7 +66,6 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@torch.compiler.assume_constant_result  # a dispatcher query dynamo cannot trace; fixed for a process
 def native_has(op: str, device_type: str) -> bool:
     """Whether fastnn._C registered a kernel of ``fastnn::{op}_fwd`` for this device type."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
@@ -77,14 +76,19 @@ def resolve(op: str, backend: str | None, *tensors: torch.Tensor | None) -> str:
     """Concrete backend ("native", "triton" or "reference") for running ``fastnn::op`` on ``tensors``.
 
     Raises a ValueError naming the problem when the tensors sit on different devices or when the requested
-    backend cannot run on their device.
+    backend cannot run on their device. Under torch.compile the choice is made once, at trace time.
     """
-    name = _check_name(backend) if backend is not None else get_backend()
     ts = [t for t in tensors if t is not None]
     devices = {t.device for t in ts}
     if len(devices) > 1:
         raise ValueError(f"fastnn.{op}: all tensors must be on the same device, got {sorted(map(str, devices))}")
-    dev = ts[0].device.type if ts else "cpu"
+    return _choose(op, backend, ts[0].device.type if ts else "cpu")
+
+
+# Dynamo cannot trace the dispatcher query or the ContextVar; the answer is a constant for a compiled graph.
+@torch.compiler.assume_constant_result
+def _choose(op: str, backend: str | None, dev: str) -> str:
+    name = _check_name(backend) if backend is not None else get_backend()
     if name == "auto":
         if dev == "cuda" and triton_status()[0]:
             return "triton"

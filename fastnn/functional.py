@@ -27,6 +27,51 @@ def log_softmax(input: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = 
     return _softmax.softmax(input, dim, True, dtype, backend)
 
 
+# ---- binary cross-entropy with logits ----
+from .ops import bce_with_logits as _bce  # noqa: E402
+
+
+def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                                     size_average: bool | None = None, reduce: bool | None = None,
+                                     reduction: str = "mean", pos_weight: torch.Tensor | None = None, *,
+                                     backend: str | None = None) -> torch.Tensor:
+    """``torch.nn.functional.binary_cross_entropy_with_logits``: sigmoid + binary cross-entropy in one fused,
+    stable pass, ``weight * ((1 - y) * x + (1 + (pos_weight - 1) * y) * log(1 + exp(-x)))``.
+
+    Args:
+        input: logits, any shape; float32, float64, float16 or bfloat16.
+        target: input's shape and dtype; soft targets in [0, 1] allowed. Gets a gradient if it requires one.
+        weight: per-element rescaling, broadcastable to input's shape.
+        size_average, reduce: deprecated, as in torch (they override ``reduction``).
+        reduction: "none", "mean" or "sum".
+        pos_weight: weight of positive examples, broadcastable to input's shape (usually (C,) along the last dim).
+    Returns:
+        input's shape for ``reduction="none"``, else a 0-d tensor.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    return _bce.bce_with_logits(input, target, weight, reduction, pos_weight, backend)
+
+
+# ---- LSTM
+
+def lstm_cell(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None, w_ih: torch.Tensor,
+              w_hh: torch.Tensor, b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None, *,
+              backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of ``torch.nn.LSTMCell`` (gate order i, f, g, o): the two products on BLAS, the rest one fused
+    kernel forward and one backward.
+
+    Args:
+        input: [B, I], or [I] unbatched.
+        hx: (h, c), each [B, H] ([H] unbatched), or None for zeros.
+        w_ih: [4H, I];  w_hh: [4H, H];  b_ih, b_hh: [4H] or None.
+    Returns:
+        (h', c'), each [B, H] ([H] unbatched).
+    """
+    from .ops import lstm as _lstm
+
+    return _lstm.lstm_cell(input, hx, w_ih, w_hh, b_ih, b_hh, backend)
+
 # ---- attention (issue 4) -------------------------------------------------------------------------------------
 from .ops import attention as _attention  # noqa: E402
 

@@ -97,6 +97,191 @@ def patch(model: nn.Module, *, verbose: bool = True) -> nn.Module:
     return model
 
 
+# ---- binary cross-entropy with logits ----
+@_patchable(nn.BCEWithLogitsLoss)
+class BCEWithLogitsLoss(nn.Module):
+    """``torch.nn.BCEWithLogitsLoss`` on fastnn's fused kernel: same constructor, and ``weight`` / ``pos_weight``
+    registered as buffers (None when not given), so ``state_dict`` keys match torch's.
+
+    Shape: input (*), target (*) of the same shape; output (*) for ``reduction="none"``, else a scalar.
+    """
+
+    __constants__ = ["reduction"]
+
+    def __init__(self, weight: torch.Tensor | None = None, size_average=None, reduce=None, reduction: str = "mean",
+                 pos_weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = nn._reduction.legacy_get_string(size_average, reduce)
+        self.reduction = reduction
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(input, target, self.weight, pos_weight=self.pos_weight,
+                                                  reduction=self.reduction)
+
+    @classmethod
+    def from_torch(cls, module: nn.Module) -> "BCEWithLogitsLoss":
+        return cls(module.weight, reduction=module.reduction, pos_weight=module.pos_weight)
+
+
+# ---- LSTM ------------------------------------------------------------------------------------------------------
+# The twins subclass their torch.nn classes for the constructor, parameter names, initialization and extra_repr,
+# and replace only forward.
+
+from ._validation import check_tensor as _check_tensor  # noqa: E402
+
+def _share_parameters(twin: nn.Module, module: nn.Module) -> nn.Module:
+    # The twin takes the module's own Parameter objects (not copies), so an optimizer built before patching
+    # keeps training the patched model.
+    for name, p in module.named_parameters(recurse=False):
+        setattr(twin, name, p)
+    return twin
+
+
+@_patchable(nn.LSTMCell)
+class LSTMCell(nn.LSTMCell):
+    """``torch.nn.LSTMCell(input_size, hidden_size, bias=True)`` on fastnn's fused cell.
+
+    Shapes: input [B, I] or [I]; hx (h, c) of [B, H] or [H], or None -> (h', c').
+    """
+
+    def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
+        return F.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+
+    @classmethod
+    def from_torch(cls, module: nn.LSTMCell) -> "LSTMCell":
+        twin = cls(module.input_size, module.hidden_size, module.bias, device="meta")
+        return _share_parameters(twin, module)
+
+
+@_patchable(nn.LSTM)
+class LSTM(nn.LSTM):
+    """``torch.nn.LSTM`` (input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+    bidirectional=False; proj_size must be 0) on fastnn's LSTM kernels, with torch's parameter names
+    (``weight_ih_l0``, ``weight_hh_l0_reverse``, ...) so a torch ``state_dict`` loads unchanged.
+
+    Each layer and direction computes its input product for all steps as one GEMM; on the CPU its recurrence
+    then runs in one C++ call (an addmm and the fused cell per step), elsewhere as a loop over the fused cell.
+
+    forward(input, hx=None, *, lengths=None):
+        input: [T, B, I] ([B, T, I] with batch_first), [T, I] unbatched, or a ``PackedSequence``.
+        hx: (h0, c0), each [num_layers * num_directions, B, H], or None for zeros.
+        lengths: optional int [B]: valid steps of each padded sequence; steps past it leave the states alone
+            and give zero outputs (as a PackedSequence would).
+    Returns:
+        (output [T, B, D*H] (or a PackedSequence for one), (h_n, c_n) [num_layers * D, B, H]).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None) -> None:
+        if proj_size != 0:
+            raise NotImplementedError(f"fastnn.nn.LSTM supports proj_size=0 only, got proj_size={proj_size}")
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         device=device, dtype=dtype)
+
+    def forward(self, input, hx=None, *, lengths=None):
+        from .ops.lstm import lstm_layer
+
+        fn = "fastnn.nn.LSTM"
+        packed = isinstance(input, nn.utils.rnn.PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise ValueError(f"{fn}: pass lengths or a PackedSequence, not both")
+            x, lengths = nn.utils.rnn.pad_packed_sequence(input)  # original batch order
+        else:
+            x = input
+            _check_tensor(x, "input", ndim=(2, 3), fn=fn)
+            if self.batch_first and x.dim() == 3:
+                x = x.transpose(0, 1)
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(1)
+        T, B, I = x.shape
+        D, H, L = 2 if self.bidirectional else 1, self.hidden_size, self.num_layers
+        if I != self.input_size:
+            raise ValueError(f"{fn}: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {I}")
+        if x.dtype != self.weight_ih_l0.dtype:
+            raise TypeError(f"{fn}: input dtype {str(x.dtype).replace('torch.', '')} does not match the "
+                            f"parameters' {str(self.weight_ih_l0.dtype).replace('torch.', '')}")
+        h0, c0 = self._initial_states(hx, unbatched, x, L * D, B, H, fn)
+        if lengths is not None:
+            lengths = self._check_lengths(lengths, T, B, fn)
+        from .backend import resolve
+
+        backend = resolve("lstm_cell", None, x, h0, self.weight_ih_l0)
+        layer_in = x
+        h_n, c_n = [], []
+        for layer in range(L):
+            outs = []
+            for d in range(D):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                k = layer * D + d
+                hs, h, c = lstm_layer(layer_in, h0[k], c0[k], getattr(self, "weight_ih" + sfx),
+                                      getattr(self, "weight_hh" + sfx), getattr(self, "bias_ih" + sfx, None),
+                                      getattr(self, "bias_hh" + sfx, None), lengths, bool(d), backend)
+                outs.append(hs)
+                h_n.append(h)
+                c_n.append(c)
+            layer_in = outs[0] if D == 1 else torch.cat(outs, 2)
+            if self.dropout and self.training and layer < L - 1:
+                layer_in = torch.nn.functional.dropout(layer_in, self.dropout, True)
+        out = layer_in
+        if lengths is not None:
+            # Past its length a row holds its last state; its output there is zero, as unpacking would give.
+            valid = torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)
+            out = out * valid.to(out.device, out.dtype).unsqueeze(2)
+        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        if packed:
+            si = input.sorted_indices
+            out_sorted = out if si is None else out.index_select(1, si)
+            sorted_len = lengths if si is None else lengths[si.cpu()]
+            data = nn.utils.rnn.pack_padded_sequence(out_sorted, sorted_len, enforce_sorted=True).data
+            return nn.utils.rnn.PackedSequence(data, input.batch_sizes, si, input.unsorted_indices), (h_n, c_n)
+        if unbatched:
+            return out.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out, (h_n, c_n)
+
+    def _initial_states(self, hx, unbatched, x, LD, B, H, fn):
+        if hx is None:
+            z = x.new_zeros(LD, B, H)
+            return z, z
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError(f"{fn}: hx must be a tuple (h0, c0) or None, got {type(hx).__name__}")
+        states = []
+        for name, s in zip(("hx[0] (h0)", "hx[1] (c0)"), hx):
+            _check_tensor(s, name, fn=fn)
+            want = (LD, H) if unbatched else (LD, B, H)
+            if tuple(s.shape) != want:
+                raise ValueError(f"{fn}: {name} must have shape {want} (num_layers * num_directions, batch, "
+                                 f"hidden_size), got {tuple(s.shape)}")
+            if s.dtype != x.dtype or s.device != x.device:
+                raise TypeError(f"{fn}: {name} must match input's dtype and device ({x.dtype}, {x.device}), got "
+                                f"{s.dtype} on {s.device}")
+            states.append(s.unsqueeze(1) if unbatched else s)
+        return states
+
+    @staticmethod
+    def _check_lengths(lengths, T, B, fn):
+        lengths = torch.as_tensor(lengths)
+        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or tuple(lengths.shape) != (B,):
+            raise ValueError(f"{fn}: lengths must be integers of shape ({B},), got {lengths.dtype} "
+                             f"{tuple(lengths.shape)}")
+        lengths = lengths.to("cpu", torch.int64)
+        if B and (lengths.min() < 0 or lengths.max() > T):
+            raise ValueError(f"{fn}: lengths must lie in [0, {T}] (the sequence length), got {lengths.tolist()}")
+        return lengths
+
+    @classmethod
+    def from_torch(cls, module: nn.LSTM) -> "LSTM":
+        twin = cls(module.input_size, module.hidden_size, module.num_layers, module.bias, module.batch_first,
+                   module.dropout, module.bidirectional, module.proj_size, device="meta")
+        return _share_parameters(twin, module)
+
 # ---- attention (issue 4) -------------------------------------------------------------------------------------
 
 def _attention_weights_path(q, k, v, attn_mask, dropout_p, is_causal, key_padding_mask):

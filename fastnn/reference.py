@@ -30,6 +30,52 @@ def log_softmax(input: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return (shifted - torch.log(torch.exp(shifted).sum(dim, keepdim=True))).to(input.dtype)
 
 
+# ---- binary cross-entropy with logits ----
+def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                                     reduction: str = "mean", pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """weight * ((1 - y) * x + (1 + (pos_weight - 1) * y) * softplus(-x)), with softplus(-x) = -log(sigmoid(x))
+    written as max(-x, 0) + log1p(exp(-|x|)) so that no exp overflows; then summed or averaged over all
+    elements ("mean" of nothing is NaN)."""
+    x, y = _upcast(input), _upcast(target)
+    # Both branches of each `where` are finite, and autograd's derivative at x = 0 is the true -1/2 (abs and
+    # clamp would give a one-sided subgradient there).
+    pos = x >= 0
+    softplus_neg = torch.log1p(torch.exp(torch.where(pos, -x, x))) - torch.where(pos, torch.zeros_like(x), x)
+    log_weight = 1 if pos_weight is None else 1 + (_upcast(pos_weight) - 1) * y
+    loss = (1 - y) * x + log_weight * softplus_neg
+    if weight is not None:
+        loss = loss * _upcast(weight)
+    if reduction == "mean":
+        loss = loss.sum() / loss.numel()
+    elif reduction == "sum":
+        loss = loss.sum()
+    return loss.to(input.dtype)
+
+
+# ---- LSTM (gate order i, f, g, o, as torch.nn.LSTMCell)
+
+def lstm_cell_gates(gates: torch.Tensor, bias: torch.Tensor | None, c: torch.Tensor):
+    """The part of an LSTM step after the matrix products: gates [B, 4H] (+ bias [4H]), c [B, H] -> (h', c')."""
+    z = _upcast(gates) if bias is None else _upcast(gates) + _upcast(bias)
+    i, f, g, o = z.chunk(4, dim=-1)
+    i, f, o = 1 / (1 + torch.exp(-i)), 1 / (1 + torch.exp(-f)), 1 / (1 + torch.exp(-o))
+    g = torch.tanh(g)
+    c_new = f * _upcast(c) + i * g
+    h_new = o * torch.tanh(c_new)
+    return h_new.to(gates.dtype), c_new.to(gates.dtype)
+
+
+def lstm_cell(input: torch.Tensor, hx, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih=None, b_hh=None):
+    """One LSTM step: input [B, I], hx = (h, c) [B, H] each, w_ih [4H, I], w_hh [4H, H] -> (h', c')."""
+    h, c = hx
+    gates = _upcast(input) @ _upcast(w_ih).t() + _upcast(h) @ _upcast(w_hh).t()
+    bias = None
+    for b in (b_ih, b_hh):
+        if b is not None:
+            bias = _upcast(b) if bias is None else bias + _upcast(b)
+    h_new, c_new = lstm_cell_gates(gates, bias, _upcast(c))
+    return h_new.to(input.dtype), c_new.to(input.dtype)
+
 # ---- attention (issue 4) -------------------------------------------------------------------------------------
 
 _M32 = 0xFFFFFFFF

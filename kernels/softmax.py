@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cast_rtne
+
 MAX_SINGLE = 8192  # fp32 row in registers: 8192 / (16 warps * 32 lanes) = 16 values a thread, no spills
 ONLINE_BLOCK = 4096
 
@@ -39,7 +41,7 @@ def softmax_fwd_kernel(X, Y, n_cols, inner, ACC: tl.constexpr, BLOCK: tl.constex
             y = (x - m) - tl.log(s)
         else:
             y = e * (1.0 / s)
-        tl.store(Y + base + cols * stride, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + base + cols * stride, cast_rtne(y, Y.dtype.element_ty), mask=mask)
     else:
         m_vec = tl.full([BLOCK], -float("inf"), ACC)
         s_vec = tl.zeros([BLOCK], ACC)
@@ -54,17 +56,17 @@ def softmax_fwd_kernel(X, Y, n_cols, inner, ACC: tl.constexpr, BLOCK: tl.constex
         m = tl.max(m_vec, 0)
         s = tl.sum(tl.where(m_vec == -float("inf"), 0.0, s_vec * tl.exp(m_vec - m)), 0)
         # NaN anywhere in the row: the lane sum is NaN, so s is NaN and so is every output, as in torch.
-        c_log = m + tl.log(s)
+        log_s = tl.log(s)
         inv = 1.0 / s
         for start in range(0, n_cols, BLOCK):
             c = start + cols
             mask = c < n_cols
             x = tl.load(X + base + c * stride, mask=mask, other=0.0).to(ACC)
             if LOG:
-                y = x - c_log
+                y = (x - m) - log_s  # not x - (m + log_s): at |x| ~ 1e4 that sum rounds log_s away
             else:
                 y = tl.exp(x - m) * inv
-            tl.store(Y + base + c * stride, y.to(Y.dtype.element_ty), mask=mask)
+            tl.store(Y + base + c * stride, cast_rtne(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -83,7 +85,7 @@ def softmax_bwd_kernel(DY, Yp, DX, n_cols, inner, ACC: tl.constexpr, BLOCK: tl.c
             dx = dy - tl.exp(y) * tl.sum(dy, 0)
         else:
             dx = y * (dy - tl.sum(dy * y, 0))
-        tl.store(DX + base + cols * stride, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + base + cols * stride, cast_rtne(dx, DX.dtype.element_ty), mask=mask)
     else:
         acc = tl.zeros([BLOCK], ACC)
         for start in range(0, n_cols, BLOCK):
@@ -101,7 +103,7 @@ def softmax_bwd_kernel(DY, Yp, DX, n_cols, inner, ACC: tl.constexpr, BLOCK: tl.c
             dy = tl.load(DY + base + c * stride, mask=mask, other=0.0).to(ACC)
             y = tl.load(Yp + base + c * stride, mask=mask, other=0.0).to(ACC)
             dx = dy - tl.exp(y) * d if LOG else y * (dy - d)
-            tl.store(DX + base + c * stride, dx.to(DX.dtype.element_ty), mask=mask)
+            tl.store(DX + base + c * stride, cast_rtne(dx, DX.dtype.element_ty), mask=mask)
 
 
 def _launch_config(n_cols: int, dtype: torch.dtype) -> dict:

@@ -108,7 +108,7 @@ def test_opcheck(suffix, shape, dim, log):
 @pytest.mark.parametrize("device,backend", device_backends("softmax"))
 def test_torch_compile_fullgraph(device, backend):
     def f(x):
-        return F.softmax(x * 2, -1, backend=backend).sum(-1) + F.log_softmax(x, 0, backend=backend)[0]
+        return F.softmax(x * 2, -1, backend=backend).sum(0) + F.log_softmax(x, 0, backend=backend)[0]
 
     x = torch.randn(6, 17, device=device, requires_grad=True)
     compiled = torch.compile(f, fullgraph=True)
@@ -195,3 +195,76 @@ def _nullcontext():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+# ---- CUDA-only: every launch geometry of the native CUDA kernel (csrc/cuda/softmax.cu) and of Triton's.
+CUDA_BACKENDS = [p for p in device_backends("softmax") if p.values[0] == "cuda"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("rows,n", [
+    (37, 1),        # a row per lane group of 1: 37 is not a multiple of the rows a block takes
+    (37, 5),        # a group of 2 lanes, the second slot half padding
+    (37, 33),       # a group of 16 lanes (float32), one slot each
+    (9, 1000),      # one warp per row, 8 slots a lane, last ones masked
+    (9, 1025),      # a block per row; 1025 is no multiple of the 16-byte vector: element-wise loads
+    (5, 4096),      # a block per row, whole vectors
+    (3, 16385),     # past the backward's register cache (float32): its two-pass path; the forward still caches
+    (3, 32768),     # the largest forward row held in registers (float32)
+    (2, 40000),     # past every cache: the online forward and the two-pass backward
+])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_cuda_launch_geometries(device, backend, rows, n, aligned, dtype, log):
+    def make():
+        # One element of storage offset keeps the tensor contiguous but its rows off 16-byte boundaries.
+        t = (3 * torch.randn(rows * n + 1, dtype=torch.float64, device=device)).to(dtype)
+        return (t[:-1] if aligned else t[1:]).view(rows, n)
+
+    x, g = make().requires_grad_(), make()  # no clone: it would realign them
+    assert aligned == (x.data_ptr() % 16 == 0 and g.data_ptr() % 16 == 0)
+    out = FN[log](x, -1, backend=backend)
+    (dx,) = torch.autograd.grad(out, x, g)
+    ref, ref_dx = _run(REF[log], x.double(), g.double(), -1)
+    t_out, t_dx = _run(TORCH_FN[log], x, g, -1)
+    assert_matches(out, ref, torch_out=t_out)
+    assert_matches(dx, ref_dx, torch_out=t_dx, name="grad_input")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("shape,dim", [
+    ((70000, 3, 2), 1),   # more outer indices than a grid's y dimension (65535): the grid-stride loop
+    ((2, 5000, 3), 1),    # long strided columns, 3 wide: most of a warp idles, the reduction splits over y
+    ((4, 300, 97), 1),    # 97 columns: four column blocks, the last one partial
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_cuda_non_last_dim(device, backend, shape, dim, dtype, log):
+    x = (3 * torch.randn(shape, dtype=torch.float64, device=device)).to(dtype)
+    g = torch.randn(shape, dtype=torch.float64, device=device).to(dtype)
+    ref, ref_dx = _run(REF[log], x.double(), g.double(), dim)
+    out, dx = _run(FN[log], x, g, dim, backend=backend)
+    t_out, t_dx = _run(TORCH_FN[log], x, g, dim)
+    assert_matches(out, ref, torch_out=t_out)
+    assert_matches(dx, ref_dx, torch_out=t_dx, name="grad_input")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+def test_cuda_side_stream_and_second_device(device, backend):
+    # The kernels must run on the caller's current stream (and device): work queued on a side stream
+    # before the call must be visible to it without any synchronization by the caller.
+    x = torch.randn(64, 3000, device=device)
+    expected = torch.softmax(x * 2, -1)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = F.softmax(x * 2, -1, backend=backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(out, expected)
+    if torch.cuda.device_count() > 1:
+        x1 = x.to("cuda:1")
+        torch.testing.assert_close(F.softmax(x1, -1, backend=backend).cpu(), torch.softmax(x, -1).cpu())

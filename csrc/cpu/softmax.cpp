@@ -9,7 +9,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
+#include "cpu/alloc.h"
 #include <torch/library.h>
 
 #include <algorithm>
@@ -60,9 +60,10 @@ template <typename A, bool LOG> void softmax_row(const A* x, A* y, int64_t n) {
       return;
     }
   }
-  const A c = m + std::log(s);
+  // (x - m) - log(s), not x - (m + log(s)): with |x| ~ 1e4 the sum m + log(s) would round away log(s).
+  const A ls = std::log(s);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] - c;
+  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - m) - ls;
 }
 
 // grad_input of one row: softmax  dx = y * (dy - sum(dy * y));  log_softmax  dx = dy - exp(y) * sum(dy).
@@ -126,26 +127,6 @@ template <typename T, typename F> void for_each_slab(const DimGeometry& g, F&& f
   });
 }
 
-// Columns j of a slab are loaded/stored through the accumulation type one vector at a time.
-template <typename T, typename A> static inline vec<A> load_cols(const T* p, int64_t len, A fill = A(0)) {
-  if constexpr (std::is_same_v<T, A>) {
-    return load(p, len, fill);
-  } else {
-    A buf[kW<A>];
-    load_row(p, buf, len);
-    return load(buf, len, fill);
-  }
-}
-template <typename T, typename A> static inline void store_cols(T* p, vec<A> v, int64_t len) {
-  if constexpr (std::is_same_v<T, A>) {
-    store(p, v, len);
-  } else {
-    A buf[kW<A>];
-    store(buf, v, len);
-    store_row(buf, p, len);
-  }
-}
-
 template <typename T, bool LOG> void fwd_inner(const T* x, T* y, const DimGeometry& g) {
   using A = acc_t<T>;
   const int64_t n = g.size, stride = g.inner;
@@ -156,21 +137,22 @@ template <typename T, bool LOG> void fwd_inner(const T* x, T* y, const DimGeomet
     std::fill(s, s + kInnerBlock, A(0));
     for (int64_t k = 0; k < n; ++k) {
       const T* xr = x + base + k * stride;
-      for_chunks<A>(w, [&](int64_t j, int64_t len) { store(m + j, vmax(load(m + j), load_cols<T, A>(xr + j, len, ninf))); });
+      for_chunks<A>(w, [&](int64_t j, int64_t len) { store(m + j, vmax(load(m + j), load_as<A>(xr + j, len, ninf))); });
     }
     for (int64_t k = 0; k < n; ++k) {
       const T* xr = x + base + k * stride;
       for_chunks<A>(w, [&](int64_t j, int64_t len) {
-        store(s + j, load(s + j) + exp(load_cols<T, A>(xr + j, len) - load(m + j)));
+        store(s + j, load(s + j) + exp(load_as<A>(xr + j, len) - load(m + j)));
       });
     }
-    for (int64_t j = 0; j < w; ++j) s[j] = LOG ? m[j] + std::log(s[j]) : A(1) / s[j];
+    for (int64_t j = 0; j < w; ++j) s[j] = LOG ? std::log(s[j]) : A(1) / s[j];
     for (int64_t k = 0; k < n; ++k) {
       const T* xr = x + base + k * stride;
       T* yr = y + base + k * stride;
       for_chunks<A>(w, [&](int64_t j, int64_t len) {
-        const vec<A> v = load_cols<T, A>(xr + j, len);
-        store_cols<T, A>(yr + j, LOG ? v - load(s + j) : exp(v - load(m + j)) * load(s + j), len);
+        const vec<A> v = load_as<A>(xr + j, len);
+        const vec<A> shifted = v - load(m + j);
+        store_as<A>(yr + j, LOG ? shifted - load(s + j) : exp(shifted) * load(s + j), len);
       });
     }
   });
@@ -185,16 +167,16 @@ template <typename T, bool LOG> void bwd_inner(const T* dy, const T* y, T* dx, c
     for (int64_t k = 0; k < n; ++k) {
       const T *dyr = dy + base + k * stride, *yr = y + base + k * stride;
       for_chunks<A>(w, [&](int64_t j, int64_t len) {
-        const vec<A> g_ = load_cols<T, A>(dyr + j, len);
-        store(d + j, load(d + j) + (LOG ? g_ : g_ * load_cols<T, A>(yr + j, len)));
+        const vec<A> g_ = load_as<A>(dyr + j, len);
+        store(d + j, load(d + j) + (LOG ? g_ : g_ * load_as<A>(yr + j, len)));
       });
     }
     for (int64_t k = 0; k < n; ++k) {
       const T *dyr = dy + base + k * stride, *yr = y + base + k * stride;
       T* dxr = dx + base + k * stride;
       for_chunks<A>(w, [&](int64_t j, int64_t len) {
-        const vec<A> g_ = load_cols<T, A>(dyr + j, len), v = load_cols<T, A>(yr + j, len);
-        store_cols<T, A>(dxr + j, LOG ? g_ - exp(v) * load(d + j) : v * (g_ - load(d + j)), len);
+        const vec<A> g_ = load_as<A>(dyr + j, len), v = load_as<A>(yr + j, len);
+        store_as<A>(dxr + j, LOG ? g_ - exp(v) * load(d + j) : v * (g_ - load(d + j)), len);
       });
     }
   });
@@ -204,7 +186,7 @@ at::Tensor softmax_fwd_cpu(const at::Tensor& input, int64_t dim, bool log) {
   check_floating(input, "input");
   dim = wrap_dim(dim, input.dim());
   const at::Tensor x = input.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor y = empty(x.sizes(), x.options());
   if (x.numel() == 0) return y;
   const DimGeometry g(x, dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_fwd_cpu", [&] {
@@ -224,7 +206,7 @@ at::Tensor softmax_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& outp
   check_same(grad_output, "grad_output", output, "output");
   dim = wrap_dim(dim, output.dim());
   const at::Tensor dy = grad_output.contiguous(), y = output.contiguous();
-  at::Tensor dx = at::empty(y.sizes(), y.options());
+  at::Tensor dx = empty(y.sizes(), y.options());
   if (y.numel() == 0) return dx;
   const DimGeometry g(y, dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "softmax_bwd_cpu", [&] {

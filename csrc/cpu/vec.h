@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace fastnn::cpu {
 
@@ -102,6 +103,90 @@ static inline vec<double> exp(vec<double> x) {  // float64 is for checking, not 
 static inline float exp(float x) { return exp(splat(x))[0]; }
 static inline double exp(double x) { return std::exp(x); }
 
+// log(x): x = m * 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by Cephes' degree-9 polynomial in t = m - 1 (about
+// 1 ulp), e*ln2 added in two parts. Denormals are scaled into the normal range first. log(0) = -inf,
+// log(inf) = inf, x < 0 or NaN gives NaN.
+static inline vec<float> log(vec<float> x) {
+  using V = vec<float>;
+  using M = VecTraits<float>::mask;
+  const M tiny = x < 1.17549435e-38f;  // below FLT_MIN (0 included): scale by 2^23
+  const V xs = tiny ? x * 8388608.0f : x;
+  M bits = __builtin_bit_cast(M, xs);
+  M e = ((bits >> 23) & 0xff) - 126;                 // xs = m * 2^e, m in [0.5, 1)
+  bits = (bits & 0x807fffff) | 0x3f000000;
+  V m = __builtin_bit_cast(V, bits);
+  e = (tiny ? e - 23 : e);
+  const M lo = m < 0.707106781186547524f;            // m in [sqrt(1/2), sqrt(2)): take 2m and e - 1
+  e += lo;                                           // a true lane of a mask is -1
+  const V t = (lo ? m + m : m) - 1.0f;
+  const V fe = __builtin_convertvector(e, V);
+  const V z = t * t;
+  V p = splat(7.0376836292E-2f);
+  p = p * t - 1.1514610310E-1f;
+  p = p * t + 1.1676998740E-1f;
+  p = p * t - 1.2420140846E-1f;
+  p = p * t + 1.4249322787E-1f;
+  p = p * t - 1.6668057665E-1f;
+  p = p * t + 2.0000714765E-1f;
+  p = p * t - 2.4999993993E-1f;
+  p = p * t + 3.3333331174E-1f;
+  V y = p * t * z + fe * -2.12194440e-4f - 0.5f * z + t + fe * 0.693359375f;
+  y = x == 0.0f ? splat(-std::numeric_limits<float>::infinity()) : y;
+  y = x == std::numeric_limits<float>::infinity() ? x : y;
+  y = (x < 0.0f) | (x != x) ? splat(std::numeric_limits<float>::quiet_NaN()) : y;
+  return y;
+}
+static inline vec<double> log(vec<double> x) {
+  for (int i = 0; i < 4; ++i) x[i] = std::log(x[i]);
+  return x;
+}
+
+// log1p(x) = log(u) + (x - (u - 1)) / u with u = 1 + x rounded: the second term restores what the rounding of
+// u lost, so small x keeps full relative accuracy (Goldberg's compensation; for u == 1 it gives exactly x).
+// The losses use it for log1p(exp(-|x|)), the stable softplus.
+static inline vec<float> log1p(vec<float> x) {
+  const vec<float> u = x + 1.0f;
+  const vec<float> l = log(u);
+  // u = 0 (x = -1) and u = inf would make the correction 0/0 or inf - inf; log(u) alone is then exact.
+  return (u == 0.0f) | (u == std::numeric_limits<float>::infinity()) ? l : l + (x - (u - 1.0f)) / u;
+}
+static inline vec<double> log1p(vec<double> x) {
+  for (int i = 0; i < 4; ++i) x[i] = std::log1p(x[i]);
+  return x;
+}
+
+template <typename V> static inline V vabs(V v) { return v < 0 ? -v : v; }
+
+// sigmoid(x) = 1 / (1 + exp(-x)): exp(-x) overflows to inf for x < -88.7, giving exactly 0, and the result is
+// within a few ulp of the exact value everywhere else (one exp, one division).
+static inline vec<float> sigmoid(vec<float> x) { return 1.0f / (1.0f + exp(-x)); }
+static inline vec<double> sigmoid(vec<double> x) {
+  for (int i = 0; i < 4; ++i) x[i] = 1.0 / (1.0 + std::exp(-x[i]));
+  return x;
+}
+
+// tanh(x): |x| < 0.625 by Cephes' odd polynomial x + x^3 P(x^2) (1-2 ulp; the exp form would lose the
+// relative precision of small x to cancellation), else sign(x) (1 - 2 / (exp(2|x|) + 1)), which saturates to
+// +-1 once exp overflows. NaN propagates through both.
+static inline vec<float> tanh(vec<float> x) {
+  using V = vec<float>;
+  const V z = x * x;
+  V p = splat(-5.70498872745e-3f);
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const V small = p * z * x + x;
+  const V ax = x < 0.0f ? -x : x;
+  V big = 1.0f - 2.0f / (exp(ax + ax) + 1.0f);
+  big = x < 0.0f ? -big : big;
+  return ax < 0.625f ? small : big;
+}
+static inline vec<double> tanh(vec<double> x) {
+  for (int i = 0; i < 4; ++i) x[i] = std::tanh(x[i]);
+  return x;
+}
+
 // Accumulation type: half types compute in float.
 template <typename T> struct Acc { using type = T; };
 template <> struct Acc<c10::Half> { using type = float; };
@@ -146,6 +231,25 @@ template <typename T, typename A> static inline void load_row(const T* src, A* d
 }
 template <typename T, typename A> static inline void store_row(const A* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// One vector of storage type T as the accumulation type A and back (half types lane by lane, no row buffer):
+// len lanes, the rest `fill`. A is explicit, T deduced: load_as<float>(p).
+template <typename A, typename T> static inline vec<A> load_as(const T* p, int64_t len = kW<A>, A fill = A(0)) {
+  if constexpr (std::is_same_v<T, A>) {
+    return load(p, len, fill);
+  } else {
+    vec<A> v = splat<A>(fill);
+    for (int64_t i = 0; i < len; ++i) v[i] = static_cast<A>(p[i]);
+    return v;
+  }
+}
+template <typename A, typename T> static inline void store_as(T* p, vec<A> v, int64_t len = kW<A>) {
+  if constexpr (std::is_same_v<T, A>) {
+    store(p, v, len);
+  } else {
+    for (int64_t i = 0; i < len; ++i) p[i] = static_cast<T>(v[i]);
+  }
 }
 
 }  // namespace fastnn::cpu

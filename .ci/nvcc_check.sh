@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Compiles CUDA sources of fastnn (C++20, as torch 2.14's headers need) for sm_80 and sm_90 with `-Xptxas -v`, against a CUDA build of torch, and
+# reports registers / stack / spills per kernel. No GPU needed. Exits non-zero on a compile error or a spill.
+#
+#   .ci/nvcc_check.sh [FILE.cu ...]        (default: every csrc/cuda/*.cu)
+# Environment: PYTHON  python of a CUDA build of torch (default /work/cuda-venv/bin/python)
+#              ARCHS   space-separated compute capabilities (default "80 90")
+#              ALLOW_SPILL  grep -E pattern of kernels whose spills are reported but not fatal (default "<double,":
+#                      ptxas 13.0 spills 8-48 bytes around libdevice's double exp in some float64 kernels even at
+#                      40-64 of the 128 registers allowed; float64 is fastnn's accuracy path, not a fast one)
+#              NVCC_FLAGS extra nvcc flags (setup.py passes FASTNN_NVCCFLAGS the same way)
+#              NVCC    (default: $CUDA_HOME/bin/nvcc, else /usr/local/cuda/bin/nvcc, else nvcc on PATH)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-/work/cuda-venv/bin/python}
+ARCHS=${ARCHS:-"80 90"}
+CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+NVCC=${NVCC:-$CUDA_HOME/bin/nvcc}
+[ -x "$NVCC" ] || NVCC=$(command -v nvcc)
+files=("$@")
+[ ${#files[@]} -gt 0 ] || files=(csrc/cuda/*.cu)
+
+# torch's include dirs and the flags torch.utils.cpp_extension passes to nvcc.
+mapfile -t TORCH_FLAGS < <("$PYTHON" - <<'PY' 2>/dev/null
+from torch.utils import cpp_extension as c
+for d in c.include_paths(): print("-I" + d)
+for f in c.COMMON_NVCC_FLAGS: print(f)
+import torch
+print("-D_GLIBCXX_USE_CXX11_ABI=%d" % int(torch._C._GLIBCXX_USE_CXX11_ABI))
+PY
+)
+[ ${#TORCH_FLAGS[@]} -gt 0 ] || { echo "nvcc_check: $PYTHON has no torch"; exit 2; }
+gencode=()
+for a in $ARCHS; do gencode+=("-gencode=arch=compute_$a,code=sm_$a"); done
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+[ -n "${KEEP_LOG:-}" ] && trap 'cp "$tmp"/*.log "$KEEP_LOG"/ 2>/dev/null; rm -rf "$tmp"' EXIT
+status=0
+for f in "${files[@]}"; do
+  log="$tmp/$(basename "$f").log"
+  start=$(date +%s)
+  if ! "$NVCC" -std=c++20 -O3 --use_fast_math -lineinfo -Xptxas -v "${gencode[@]}" -Icsrc "${TORCH_FLAGS[@]}" \
+      -DTORCH_EXTENSION_NAME=_C -Xcompiler -fPIC ${NVCC_FLAGS:-} -c "$f" -o "$tmp/out.o" >"$log" 2>&1; then
+    cat "$log"
+    echo "nvcc_check: FAILED to compile $f"
+    status=1
+    continue
+  fi
+  echo "== $f ($(( $(date +%s) - start )) s)"
+  # ptxas prints, per kernel: "Compiling entry function 'NAME' for 'sm_XX'", then "Used N registers" and
+  # "N bytes stack frame, N bytes spill stores, N bytes spill loads".
+  awk '
+    /Compiling entry function/ { match($0, /'"'"'[^'"'"']+'"'"'/); name = substr($0, RSTART + 1, RLENGTH - 2);
+                                 match($0, /sm_[0-9a-z]+/); arch = substr($0, RSTART, RLENGTH) }
+    /bytes stack frame/ { stack = $1; st = $5; ld = $9 }
+    /Used [0-9]+ registers/ { match($0, /Used [0-9]+ registers/); regs = substr($0, RSTART + 5, RLENGTH - 15);
+                              spill = (st + ld > 0) ? "  SPILL" : "";
+                              printf "%s %s regs=%s stack=%s spill_st=%s spill_ld=%s%s\n", arch, name, regs, stack, st, ld, spill;
+                              stack = st = ld = 0 }
+  ' "$log" | { if command -v cu++filt >/dev/null; then cu++filt; elif [ -x "$CUDA_HOME/bin/cu++filt" ]; then "$CUDA_HOME/bin/cu++filt"; else c++filt; fi; } \
+    | sed -E 's/ (fastnn::)?(cuda::)?\(anonymous namespace\)::/ /' | tee "$tmp/report"
+  if grep SPILL "$tmp/report" | grep -qvE "${ALLOW_SPILL:-<double,}"; then
+    echo "nvcc_check: register spills in $f"
+    status=1
+  elif grep -q SPILL "$tmp/report"; then
+    echo "nvcc_check: spills only in kernels matching ALLOW_SPILL='${ALLOW_SPILL:-<double,}' (not fatal)"
+  fi
+  grep -i "warning" "$log" | grep -v "^$" | head -20 || true
+done
+exit $status

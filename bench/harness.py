@@ -1,0 +1,226 @@
+"""Shared benchmark harness: times implementations side by side in one run and records the results.
+
+    from harness import Bench
+    b = Bench("softmax")                       # parses --quick, --device, --repeats, --no-save
+    b.run(case="4096x32000", impl="torch-eager", fn=f, bytes=..., series="fwd+bwd", x=32000)
+    b.finish()                                 # markdown table, CSV rows, PNG plot
+
+Time: median of repeats after warm-up on CPU; ``triton.testing.do_bench`` (median) on GPU. Peak memory: the
+extra memory a call needs beyond what existed before it (CPU: the process's resident high-water mark, reset
+through /proc/self/clear_refs; GPU: the caching allocator's peak). Bandwidth is reported as a fraction of the
+machine's copy bandwidth measured in the same run (CPU) or of the device's (GPU), so numbers from different
+machines compare. Rows go to bench/results/<op>.csv with machine, date and commit; plots to
+bench/results/<op>_<device>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EAGER = "torch-eager"  # the implementation every ratio is taken against
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} x{os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable, device: str, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of fn() in milliseconds."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=max(100, 20 * repeats), return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _proc_status_kb(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def peak_extra_mb(fn: Callable, device: str) -> float | None:
+    """Memory fn() needs beyond what is allocated before it, in MiB (None where it cannot be measured)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        base = _proc_status_kb("VmRSS")
+        fn()
+        return max(0, _proc_status_kb("VmHWM") - base) / 1024
+    except (OSError, KeyError):
+        return None
+
+
+def copy_bandwidth_gbs(device: str, mib: int = 256) -> float:
+    """Achieved GB/s of a large device-to-same-device copy, counting bytes read plus bytes written."""
+    n = mib * 2**20 // 4
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    t = time_ms(lambda: dst.copy_(src), device, repeats=10)
+    return 2 * n * 4 / (t * 1e-3) / 1e9
+
+
+class Bench:
+    def __init__(self, op: str, argv: list[str] | None = None, description: str | None = None):
+        p = argparse.ArgumentParser(description=description or f"fastnn {op} benchmark")
+        p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (a smoke run)")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--repeats", type=int, default=None)
+        p.add_argument("--no-save", action="store_true", help="print only: no CSV rows, no plot")
+        p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+        self.args, self.extra = p.parse_known_args(argv)
+        self.op, self.device, self.quick = op, self.args.device, self.args.quick
+        self.repeats = self.args.repeats or (3 if self.quick else 7)
+        self.rows: list[dict] = []
+        self.meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), commit=commit(),
+                         machine=machine(self.device), device=self.device, torch=torch.__version__)
+        self.copy_gbs = copy_bandwidth_gbs(self.device)
+        print(f"# {op} on {self.meta['machine']} ({self.device}), torch {torch.__version__}, commit "
+              f"{self.meta['commit']}, {self.meta['date']} UTC; copy bandwidth {self.copy_gbs:.1f} GB/s\n")
+
+    @property
+    def compile_ok(self) -> bool:
+        return not self.args.no_compile
+
+    def run(self, *, case: str, impl: str, fn: Callable, bytes: float | None = None, flops: float | None = None,
+            dtype: str = "float32", series: str = "", x: float | None = None, memory: bool = True) -> dict:
+        """Times fn (and its peak extra memory) and records a row. ``bytes``/``flops``: the minimum traffic /
+        arithmetic of the operation, for GB/s, fraction of copy bandwidth, TFLOP/s. ``series``/``x`` place the
+        row on the plot (one panel per series, x on the horizontal axis)."""
+        try:
+            t = time_ms(fn, self.device, self.repeats)
+            peak = peak_extra_mb(fn, self.device) if memory else None
+            err = ""
+        except Exception as e:  # one failing implementation must not lose the others' numbers
+            t, peak, err = float("nan"), None, f"{type(e).__name__}: {e}"[:200]
+            print(f"  ! {impl} on {case}: {err}")
+        row = dict(self.meta, op=self.op, case=case, series=series, x=x, impl=impl, dtype=dtype, time_ms=t,
+                   peak_extra_mb=peak, gbps=None, frac_copy_bw=None, tflops=None, error=err)
+        if bytes and t == t:
+            row["gbps"] = bytes / (t * 1e-3) / 1e9
+            row["frac_copy_bw"] = row["gbps"] / self.copy_gbs
+        if flops and t == t:
+            row["tflops"] = flops / (t * 1e-3) / 1e12
+        self.rows.append(row)
+        return row
+
+    def _ratio(self, row: dict) -> float | None:
+        for r in self.rows:
+            if r["case"] == row["case"] and r["series"] == row["series"] and r["impl"] == EAGER:
+                return row["time_ms"] / r["time_ms"] if r["time_ms"] else None
+        return None
+
+    def table(self) -> str:
+        fmt = lambda v, f: "" if v is None or v != v else format(v, f)  # noqa: E731
+        lines = ["| series | case | impl | dtype | time ms | vs eager | peak extra MiB | GB/s | of copy BW | TFLOP/s |",
+                 "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in self.rows:
+            r["ratio_vs_eager"] = self._ratio(r)
+            lines.append(f"| {r['series']} | {r['case']} | {r['impl']} | {r['dtype']} | {fmt(r['time_ms'], '.3f')} | "
+                         f"{fmt(r['ratio_vs_eager'], '.2f')}x | {fmt(r['peak_extra_mb'], '.1f')} | "
+                         f"{fmt(r['gbps'], '.1f')} | {fmt(r['frac_copy_bw'], '.0%')} | {fmt(r['tflops'], '.1f')} |")
+        return "\n".join(lines)
+
+    def finish(self) -> list[dict]:
+        print(self.table())
+        if self.args.no_save or not self.rows:
+            return self.rows
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"{self.op}.csv"
+        fields = list(self.rows[0].keys())
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerows(self.rows)
+        png = self.plot()
+        print(f"\nrows appended to {path.relative_to(RESULTS.parent.parent)}" + (f"; plot {png}" if png else ""))
+        return self.rows
+
+    def plot(self) -> str | None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        series = sorted({r["series"] for r in self.rows})
+        fig, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4.5), squeeze=False)
+        for ax, s in zip(axes[0], series):
+            rows = [r for r in self.rows if r["series"] == s and r["time_ms"] == r["time_ms"]]
+            numeric = all(r["x"] is not None for r in rows)
+            for impl in dict.fromkeys(r["impl"] for r in rows):
+                pts = [r for r in rows if r["impl"] == impl]
+                xs = [r["x"] if numeric else r["case"] for r in pts]
+                ax.plot(xs, [r["time_ms"] for r in pts], marker="o", label=impl)
+            if numeric:
+                ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{self.op} {s} ({self.device})")
+            ax.set_xlabel("size")
+            ax.set_ylabel("time (ms, lower is better)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{self.meta['machine']} - {self.meta['commit']} - {self.meta['date']}", fontsize=8)
+        fig.tight_layout()
+        out = RESULTS / f"{self.op}_{self.device}.png"
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        return str(out.relative_to(RESULTS.parent.parent))

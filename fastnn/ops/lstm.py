@@ -1,0 +1,206 @@
+"""LSTM: custom ops ``fastnn::lstm_cell_fwd`` / ``lstm_cell_bwd`` (C++ CPU, CUDA) with ``_triton`` twins, and
+``fastnn::lstm_layer_fwd`` / ``lstm_layer_bwd`` (C++ CPU: a whole layer's recurrence in one call).
+
+The matrix products are ordinary differentiable torch ops (``mm`` / ``addmm`` on the platform BLAS) around the
+fused ops, so autograd turns their gradients into GEMMs too. The cell's backward saves the activated gates and
+the previous cell state only; the layer's saves those for every step plus the states it produced.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .._validation import check_tensor
+from ..backend import native_has, resolve
+from . import op, register_op
+
+# ---------------------------------------------------------------------------------------------------- the cell
+
+
+def lstm_cell(input: torch.Tensor, hx, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor | None = None,
+              b_hh: torch.Tensor | None = None, backend: str | None = None):
+    """One LSTM step, ``torch.nn.LSTMCell`` semantics (gate order i, f, g, o).
+
+    Args:
+        input: [B, I] or unbatched [I].
+        hx: (h, c), each [B, H] ([H] when unbatched), or None for zeros.
+        w_ih: [4H, I];  w_hh: [4H, H];  b_ih, b_hh: [4H] or None.
+        backend: "auto", "native", "triton" or "reference"; None uses ``fastnn.get_backend()``.
+
+    Returns:
+        (h', c'), each [B, H] ([H] when unbatched).
+    """
+    fn = "lstm_cell"
+    check_tensor(input, "input", ndim=(1, 2), fn=fn)
+    check_tensor(w_ih, "w_ih", ndim=2, fn=fn)
+    check_tensor(w_hh, "w_hh", ndim=2, fn=fn)
+    hidden = w_hh.shape[1]
+    if w_hh.shape[0] != 4 * hidden:
+        raise ValueError(f"{fn}: w_hh must be [4*hidden_size, hidden_size], got {tuple(w_hh.shape)}")
+    if tuple(w_ih.shape) != (4 * hidden, input.shape[-1]):
+        raise ValueError(f"{fn}: w_ih must be [4*hidden_size, input_size] = [{4 * hidden}, {input.shape[-1]}] "
+                         f"(input has {input.shape[-1]} features), got {tuple(w_ih.shape)}")
+    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if b is not None:
+            check_tensor(b, name, fn=fn)
+            if tuple(b.shape) != (4 * hidden,):
+                raise ValueError(f"{fn}: {name} must be [4*hidden_size] = [{4 * hidden}], got {tuple(b.shape)}")
+    unbatched = input.dim() == 1
+    x = input.unsqueeze(0) if unbatched else input
+    if hx is None:
+        h = c = x.new_zeros(x.shape[0], hidden)
+    else:
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError(f"{fn}: hx must be a tuple (h, c) or None, got {type(hx).__name__}")
+        h, c = hx
+        for name, s in (("hx[0] (h)", h), ("hx[1] (c)", c)):
+            check_tensor(s, name, fn=fn)
+            want = (hidden,) if unbatched else (x.shape[0], hidden)
+            if tuple(s.shape) != want:
+                raise ValueError(f"{fn}: {name} must have shape {want} for input {tuple(input.shape)}, "
+                                 f"got {tuple(s.shape)}")
+        if unbatched:
+            h, c = h.unsqueeze(0), c.unsqueeze(0)
+    tensors = dict(input=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, h=h, c=c)
+    _check_same_dtype(fn, tensors)
+    b = resolve("lstm_cell", backend, *tensors.values())
+    if b == "reference":
+        hy, cy = reference.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+    else:
+        gates = torch.addmm(torch.mm(x, w_ih.t()), h, w_hh.t())
+        bias = b_ih + b_hh if b_ih is not None and b_hh is not None else (b_ih if b_ih is not None else b_hh)
+        hy, cy, _ = op("lstm_cell", b)(gates, bias, c)
+    return (hy.squeeze(0), cy.squeeze(0)) if unbatched else (hy, cy)
+
+
+def _check_same_dtype(fn: str, tensors: dict) -> None:
+    named = {k: v for k, v in tensors.items() if v is not None}
+    dtypes = {v.dtype for v in named.values()}
+    if len(dtypes) > 1:
+        desc = ", ".join(f"{k} {str(v.dtype).replace('torch.', '')}" for k, v in named.items())
+        raise TypeError(f"{fn}: all tensors must have the same dtype, got {desc}")
+
+
+def _cell_fake_fwd(gates, bias, cx):
+    return cx.new_empty(cx.shape), cx.new_empty(cx.shape), gates.new_empty(gates.shape)
+
+
+def _cell_fake_bwd(grad_hy, grad_cy, act, cx):
+    return act.new_empty(act.shape), cx.new_empty(cx.shape)
+
+
+def _cell_setup_context(ctx, inputs, output):
+    gates, bias, cx = inputs
+    _, _, act = output
+    ctx.mark_non_differentiable(act)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(act, cx)
+
+
+def _cell_backward(ctx, grads, bwd_op):
+    act, cx = ctx.saved_tensors
+    grad_gates, grad_cx = bwd_op(grads[0], grads[1], act, cx)
+    grad_bias = grad_gates.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+    return grad_gates, grad_bias, grad_cx
+
+
+def _cell_triton_fwd(gates, bias, cx):
+    from ..kernels.lstm import lstm_cell_forward
+
+    return lstm_cell_forward(gates, bias, cx)
+
+
+def _cell_triton_bwd(grad_hy, grad_cy, act, cx):
+    from ..kernels.lstm import lstm_cell_backward
+
+    return lstm_cell_backward(grad_hy, grad_cy, act, cx)
+
+
+register_op("lstm_cell", fake_fwd=_cell_fake_fwd, fake_bwd=_cell_fake_bwd, setup_context=_cell_setup_context,
+            backward=_cell_backward, triton_fwd=_cell_triton_fwd, triton_bwd=_cell_triton_bwd)
+
+# --------------------------------------------------------------------------------------------------- the layer
+
+
+def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+               b_ih: torch.Tensor | None, b_hh: torch.Tensor | None, lengths: torch.Tensor | None = None,
+               reverse: bool = False, backend: str = "native"):
+    """One direction of one LSTM layer over a whole sequence (arguments already checked by the caller).
+
+    Args:
+        x: [T, B, I];  h0, c0: [B, H];  weights as in ``lstm_cell``;  lengths: int64 [B] on the CPU or None.
+        reverse: run t = T-1 .. 0 (a bidirectional layer's second direction).
+        backend: a resolved backend ("native", "triton" or "reference").
+
+    Returns:
+        (hs, h_n, c_n): hs [T, B, H] holds the state after every step (a row past its length keeps its state,
+        so h_n and c_n are those of its last real step); the caller zeroes padded outputs.
+    """
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    if backend == "native" and native_has("lstm_layer", x.device.type):
+        bias = _sum_bias(b_ih, b_hh)
+        x2 = x.reshape(T * B, I)
+        gx = (torch.addmm(bias, x2, w_ih.t()) if bias is not None else torch.mm(x2, w_ih.t())).view(T, B, 4 * H)
+        hs, cs, _ = torch.ops.fastnn.lstm_layer_fwd(gx, w_hh, h0, c0, lengths, reverse)
+        last = 0 if reverse else T - 1
+        return hs, hs[last], cs[last]
+    # Elsewhere a Python loop over the fused cell, the input product still one GEMM over all steps.
+    gx = torch.mm(x.reshape(T * B, I), w_ih.t()).view(T, B, 4 * H)
+    h, c = h0, c0
+    hs = []
+    steps = range(T - 1, -1, -1) if reverse else range(T)
+    mask = None if lengths is None else (torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)).to(x.device)
+    for t in steps:
+        if backend == "reference":
+            hn, cn = reference.lstm_cell_gates(torch.addmm(gx[t], h, w_hh.t()), _sum_bias(b_ih, b_hh), c)
+        else:
+            hn, cn, _ = op("lstm_cell", backend)(torch.addmm(gx[t], h, w_hh.t()), _sum_bias(b_ih, b_hh), c)
+        if mask is not None:
+            m = mask[t].unsqueeze(1)
+            hn, cn = torch.where(m, hn, h), torch.where(m, cn, c)
+        h, c = hn, cn
+        hs.append(h)
+    if reverse:
+        hs.reverse()
+    return (torch.stack(hs) if hs else x.new_zeros(0, B, H)), h, c
+
+
+def _sum_bias(b_ih, b_hh):
+    if b_ih is not None and b_hh is not None:
+        return b_ih + b_hh
+    return b_ih if b_ih is not None else b_hh
+
+
+def _layer_fake_fwd(gx, w_hh, h0, c0, lengths, reverse):
+    T, B, _ = gx.shape
+    H = w_hh.shape[1]
+    return gx.new_empty(T, B, H), gx.new_empty(T, B, H), gx.new_empty(T, B, 4 * H)
+
+
+def _layer_fake_bwd(grad_hs, grad_cs, w_hh, c0, cs, act, lengths, reverse):
+    return act.new_empty(act.shape), c0.new_empty(c0.shape), c0.new_empty(c0.shape)
+
+
+def _layer_setup_context(ctx, inputs, output):
+    gx, w_hh, h0, c0, lengths, reverse = inputs
+    hs, cs, act = output
+    ctx.mark_non_differentiable(act)
+    ctx.reverse = reverse
+    ctx.save_for_backward(w_hh, h0, c0, hs, cs, act, lengths)
+
+
+def _layer_backward(ctx, grads, bwd_op):
+    w_hh, h0, c0, hs, cs, act, lengths = ctx.saved_tensors
+    grad_gx, grad_h0, grad_c0 = bwd_op(grads[0], grads[1], w_hh, c0, cs, act, lengths, ctx.reverse)
+    grad_w_hh = None
+    if ctx.needs_input_grad[1]:
+        # Step t ran on h_{t-1} (forward) or h_{t+1} (reverse), h0 at the first step: two GEMMs, no concat.
+        T, B, H4 = grad_gx.shape
+        first, rest, prev = (T - 1, grad_gx[:-1], hs[1:]) if ctx.reverse else (0, grad_gx[1:], hs[:-1])
+        grad_w_hh = torch.addmm(grad_gx[first].t() @ h0, rest.reshape(-1, H4).t(), prev.reshape(-1, H4 // 4))
+    return grad_gx, grad_w_hh, grad_h0, grad_c0, None, None
+
+
+register_op("lstm_layer", fake_fwd=_layer_fake_fwd, fake_bwd=_layer_fake_bwd, setup_context=_layer_setup_context,
+            backward=_layer_backward)

@@ -1,0 +1,178 @@
+"""Ahead-of-time compile of every fastnn Triton kernel for NVIDIA GPUs - no GPU needed - with a register report.
+
+    python -m fastnn.kernels.aot [--arch 90] [--arch 80] [--only softmax] [--keep DIR]
+
+Every module ``kernels/<op>.py`` that defines ``AOT`` (a callable yielding ``(kernel, signature, constexprs,
+num_warps)``: the representative specializations its launcher uses) is found automatically and each entry is
+compiled with ``triton.compile`` for each ``--arch`` (default 90, i.e. sm_90). Per kernel it prints registers,
+spill bytes (ptxas' own report, captured from a fresh cache), local memory and shared memory (``cuobjdump
+--dump-resource-usage`` of the cubin, Triton's bundled copy). Exit status 1 if any kernel fails to compile or
+spills registers, 0 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import os
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _prepare_env(cache_dir: str) -> None:
+    # The interpreter replaces @triton.jit functions with Python ones that cannot be compiled, and a warm cache
+    # skips ptxas and so its report: both must be settled before triton is first imported.
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("aot: triton was imported with TRITON_INTERPRET=1; run this in a fresh process")
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+
+
+def discover(only: list[str] | None = None):
+    """(module name, AOT callable) for every kernels/*.py module that defines AOT."""
+    from fastnn import kernels
+
+    found = []
+    for info in sorted(pkgutil.iter_modules(kernels.__path__), key=lambda i: i.name):
+        if info.name == "aot" or info.name.startswith("_") or (only and info.name not in only):
+            continue
+        module = importlib.import_module(f"fastnn.kernels.{info.name}")
+        if hasattr(module, "AOT"):
+            found.append((info.name, module.AOT))
+    return found
+
+
+def _cuobjdump() -> str | None:
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    for path in (bundled, os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")):
+        if os.path.exists(path):
+            return path
+    return shutil.which("cuobjdump")
+
+
+def resource_usage(cubin: bytes, tool: str | None) -> dict:
+    """REG, STACK, SHARED, LOCAL of the (single) kernel in a cubin, from cuobjdump; {} without the tool."""
+    if not tool:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    usage = {}
+    for key in ("REG", "STACK", "SHARED", "LOCAL"):
+        m = re.search(rf"\b{key}:(\d+)", out)
+        if m:
+            usage[key] = int(m.group(1))
+    return usage
+
+
+def ptxas_report(log: str) -> dict:
+    """Registers and spill bytes from the `ptxas -v` log that TRITON_DUMP_PTXAS_LOG prints; {} if absent."""
+    rep = {}
+    m = re.search(r"Used (\d+) registers", log)
+    if m:
+        rep["regs"] = int(m.group(1))
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if m:
+        rep["spill_stores"], rep["spill_loads"] = int(m.group(1)), int(m.group(2))
+    return rep
+
+
+def _describe(constexprs: dict) -> str:
+    def short(v):
+        return getattr(v, "name", None) or (str(v) if not isinstance(v, bool) else "TF"[v])
+
+    return ",".join(f"{k}={short(v)}" for k, v in constexprs.items())
+
+
+def compile_one(kernel, signature: dict, constexprs: dict, num_warps: int, arch: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    # Triton >= 3.3 wants every argument in the signature, constexprs typed "constexpr".
+    sig = {name: signature.get(name, "constexpr") for name in kernel.arg_names}
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return compiled, log.getvalue()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastnn.kernels.aot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 or 80 (repeatable)")
+    p.add_argument("--only", action="append", help="kernel module name, e.g. softmax (repeatable)")
+    p.add_argument("--keep", help="also write each kernel's PTX and cubin under this directory")
+    args = p.parse_args(argv)
+    archs = args.arch or [90]
+
+    cache = tempfile.mkdtemp(prefix="fastnn-aot-")
+    _prepare_env(cache)
+    try:
+        return _run(archs, args.only, args.keep)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _run(archs, only, keep) -> int:
+    import triton
+
+    tool = _cuobjdump()
+    modules = discover(only)
+    if not modules:
+        print("aot: no kernels/*.py module defines AOT", file=sys.stderr)
+        return 1
+    print(f"triton {triton.__version__}; archs {archs}; cuobjdump: {tool or 'not found'}")
+    print(f"{'arch':<6} {'kernel':<28} {'warps':>5} {'regs':>5} {'spill':>9} {'local':>6} {'smem':>7} {'s':>5}  "
+          "constexprs")
+    failures, total = [], 0
+    for name, aot in modules:
+        for kernel, signature, constexprs, num_warps in aot():
+            for arch in archs:
+                total += 1
+                label = f"{name}.{kernel.__name__}"
+                start = time.time()
+                try:
+                    compiled, log = compile_one(kernel, signature, constexprs, num_warps, arch)
+                except Exception as e:  # a compile error is a failure of this check, not a crash of the report
+                    failures.append(f"sm_{arch} {label} [{_describe(constexprs)}]: {type(e).__name__}: {e}")
+                    print(f"sm_{arch:<3} {label:<28} {num_warps:>5}  COMPILE ERROR: {str(e).splitlines()[0][:80]}")
+                    continue
+                secs = time.time() - start
+                rep = ptxas_report(log)
+                use = resource_usage(compiled.asm["cubin"], tool)
+                regs = rep.get("regs", use.get("REG", getattr(compiled, "n_regs", None)))
+                spill = rep.get("spill_stores", 0) + rep.get("spill_loads", 0)
+                local = use.get("LOCAL", 0)
+                spilled = spill > 0 or local > 0
+                if not rep and not use:
+                    failures.append(f"sm_{arch} {label}: no register report (neither ptxas log nor cuobjdump)")
+                if spilled:
+                    failures.append(f"sm_{arch} {label} [{_describe(constexprs)}]: spills {spill} B, local {local} B")
+                smem = compiled.metadata.shared
+                print(f"sm_{arch:<3} {label:<28} {num_warps:>5} {regs!s:>5} {spill:>9} {local:>6} {smem:>7} "
+                      f"{secs:>5.1f}  {_describe(constexprs)}{'  SPILL' if spilled else ''}")
+                if keep:
+                    os.makedirs(keep, exist_ok=True)
+                    stem = os.path.join(keep, f"sm{arch}-{label}-{compiled.hash[:10]}")
+                    with open(stem + ".ptx", "w") as f:
+                        f.write(compiled.asm["ptx"])
+                    with open(stem + ".cubin", "wb") as f:
+                        f.write(compiled.asm["cubin"])
+    print(f"aot: {total} compilations, {len(failures)} failure(s)")
+    for f in failures:
+        print("  FAIL " + f)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Triton LSTM cell, forward and backward: everything of a step after its two matrix products.
+
+A program owns BLOCK hidden units of one batch row and reads the matching slice of each of the four gates
+(i, f, g, o at offsets 0, H, 2H, 3H of the row), so a step is one read of the gate pre-activations and c and
+one write of h', c' and the activated gates, which the backward reads back with c (it recomputes c' from
+them rather than loading it). Half types compute in float32, float64 in float64.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_BLOCK = 1024
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    # exp of a non-positive argument only: no overflow for large |x|, saturates to +-1.
+    t = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def lstm_cell_fwd_kernel(G, Bias, C, HY, CY, ACT, H, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < H
+    g_row = G + row * 4 * H + cols
+    zi = tl.load(g_row, mask=mask, other=0.0).to(ACC)
+    zf = tl.load(g_row + H, mask=mask, other=0.0).to(ACC)
+    zg = tl.load(g_row + 2 * H, mask=mask, other=0.0).to(ACC)
+    zo = tl.load(g_row + 3 * H, mask=mask, other=0.0).to(ACC)
+    if HAS_BIAS:
+        zi += tl.load(Bias + cols, mask=mask, other=0.0).to(ACC)
+        zf += tl.load(Bias + H + cols, mask=mask, other=0.0).to(ACC)
+        zg += tl.load(Bias + 2 * H + cols, mask=mask, other=0.0).to(ACC)
+        zo += tl.load(Bias + 3 * H + cols, mask=mask, other=0.0).to(ACC)
+    i, f, g, o = _sigmoid(zi), _sigmoid(zf), _tanh(zg), _sigmoid(zo)
+    c = f * tl.load(C + row * H + cols, mask=mask, other=0.0).to(ACC) + i * g
+    ty = HY.dtype.element_ty
+    a_row = ACT + row * 4 * H + cols
+    tl.store(a_row, i.to(ty), mask=mask)
+    tl.store(a_row + H, f.to(ty), mask=mask)
+    tl.store(a_row + 2 * H, g.to(ty), mask=mask)
+    tl.store(a_row + 3 * H, o.to(ty), mask=mask)
+    tl.store(CY + row * H + cols, c.to(ty), mask=mask)
+    tl.store(HY + row * H + cols, (o * _tanh(c)).to(ty), mask=mask)
+
+
+@triton.jit
+def lstm_cell_bwd_kernel(DH, DC, ACT, C, DG, DCX, H, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < H
+    a_row = ACT + row * 4 * H + cols
+    i = tl.load(a_row, mask=mask, other=0.0).to(ACC)
+    f = tl.load(a_row + H, mask=mask, other=0.0).to(ACC)
+    g = tl.load(a_row + 2 * H, mask=mask, other=0.0).to(ACC)
+    o = tl.load(a_row + 3 * H, mask=mask, other=0.0).to(ACC)
+    c0 = tl.load(C + row * H + cols, mask=mask, other=0.0).to(ACC)
+    dh = tl.load(DH + row * H + cols, mask=mask, other=0.0).to(ACC)
+    dc = tl.load(DC + row * H + cols, mask=mask, other=0.0).to(ACC)
+    tc = _tanh(f * c0 + i * g)
+    dc += dh * o * (1.0 - tc * tc)
+    ty = DG.dtype.element_ty
+    d_row = DG + row * 4 * H + cols
+    tl.store(d_row, (dc * g * i * (1.0 - i)).to(ty), mask=mask)
+    tl.store(d_row + H, (dc * c0 * f * (1.0 - f)).to(ty), mask=mask)
+    tl.store(d_row + 2 * H, (dc * i * (1.0 - g * g)).to(ty), mask=mask)
+    tl.store(d_row + 3 * H, (dh * tc * o * (1.0 - o)).to(ty), mask=mask)
+    tl.store(DCX + row * H + cols, (dc * f).to(ty), mask=mask)
+
+
+def _config(hidden: int, dtype: torch.dtype) -> dict:
+    block = min(MAX_BLOCK, triton.next_power_of_2(max(hidden, 1)))
+    return dict(ACC=tl.float64 if dtype == torch.float64 else tl.float32, BLOCK=block,
+                num_warps=max(1, min(4, block // 256)))
+
+
+def _grid(batch: int, hidden: int, block: int):
+    return (batch, triton.cdiv(hidden, block))
+
+
+def lstm_cell_forward(gates: torch.Tensor, bias: torch.Tensor | None, cx: torch.Tensor):
+    """Launcher. gates [B, 4H], bias [4H] or None, cx [B, H] -> (hy, cy, act [B, 4H]), contiguous."""
+    gates, cx = gates.contiguous(), cx.contiguous()
+    B, H = cx.shape
+    hy, cy, act = torch.empty_like(cx), torch.empty_like(cx), torch.empty_like(gates)
+    if cx.numel() == 0:
+        return hy, cy, act
+    cfg = _config(H, cx.dtype)
+    b = bias.contiguous() if bias is not None else gates  # an unused pointer when HAS_BIAS is off
+    lstm_cell_fwd_kernel[_grid(B, H, cfg["BLOCK"])](gates, b, cx, hy, cy, act, H, HAS_BIAS=bias is not None, **cfg)
+    return hy, cy, act
+
+
+def lstm_cell_backward(grad_hy: torch.Tensor, grad_cy: torch.Tensor, act: torch.Tensor, cx: torch.Tensor):
+    """Launcher. grad_hy, grad_cy, cx [B, H], act [B, 4H] -> (grad_gates [B, 4H], grad_cx [B, H])."""
+    dh, dc, act, cx = grad_hy.contiguous(), grad_cy.contiguous(), act.contiguous(), cx.contiguous()
+    B, H = cx.shape
+    dg, dcx = torch.empty_like(act), torch.empty_like(cx)
+    if cx.numel() == 0:
+        return dg, dcx
+    cfg = _config(H, cx.dtype)
+    lstm_cell_bwd_kernel[_grid(B, H, cfg["BLOCK"])](dh, dc, act, cx, dg, dcx, H, **cfg)
+    return dg, dcx
+
+
+def _aot_specs():
+    """Representative compilations for the ahead-of-time check (kernels/aot.py): fp32/bf16, with and without
+    bias, a small and the largest block."""
+    for dt in ("fp32", "bf16"):
+        for block, warps in ((128, 1), (MAX_BLOCK, 4)):
+            for has_bias in (False, True):
+                yield (lstm_cell_fwd_kernel,
+                       {"G": f"*{dt}", "Bias": f"*{dt}", "C": f"*{dt}", "HY": f"*{dt}", "CY": f"*{dt}",
+                        "ACT": f"*{dt}", "H": "i32"},
+                       dict(HAS_BIAS=has_bias, ACC=tl.float32, BLOCK=block), warps)
+            yield (lstm_cell_bwd_kernel,
+                   {"DH": f"*{dt}", "DC": f"*{dt}", "ACT": f"*{dt}", "C": f"*{dt}", "DG": f"*{dt}",
+                    "DCX": f"*{dt}", "H": "i32"},
+                   dict(ACC=tl.float32, BLOCK=block), warps)
+
+
+AOT = _aot_specs
