@@ -235,19 +235,26 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
-def _blocks(d: int, dtype: torch.dtype, backward: bool) -> dict:
+def _blocks(d: int, dtype: torch.dtype, backward: bool, heavy: bool) -> dict:
+    """Tile sizes. ``heavy``: masks or dropout, whose [BLOCK_M, BLOCK_N] offsets and hashes need registers too.
+    Chosen so that no variant spills on sm_90 (kernels/aot.py); float32 (exact FMA dots, not tensor cores)
+    and float64 take small tiles."""
     block_d = max(16, triton.next_power_of_2(d))
     if _INTERPRET:
         # The interpreter's cost is per operation, not per element: big tiles, few iterations.
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=block_d, num_warps=4)
-    wide = block_d > 128 or dtype in (torch.float32, torch.float64)
-    # Two (BLOCK, D) fp32 accumulators in the dK/dV kernel at D = 256: 32-row tiles keep them in registers.
-    block_n = 32 if (backward and wide) else 64
-    block_m = 32 if (backward and block_d > 128) else 64
-    if block_d > 128 and not backward:
-        block_n = 32
-    num_warps = 8 if block_d > 64 else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+    num_warps = 8 if block_d >= 64 else 4
+    if dtype in (torch.float32, torch.float64):
+        bm, bn = 32, 32
+    elif not backward:
+        bm, bn = (64, 64) if block_d <= 128 else ((32, 32) if heavy else (64, 32))
+    elif block_d <= 64:
+        bm, bn = (32, 64) if heavy else (64, 64)
+    elif block_d <= 128:
+        bm, bn = (32, 32) if heavy else (32, 64)
+    else:
+        bm, bn = (16, 32) if heavy else (32, 32)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=num_warps)
 
 
 def _mask_args(attn_mask, key_padding_mask, q):
@@ -287,7 +294,8 @@ def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
     mask, ms, kpm = _mask_args(attn_mask, key_padding_mask, q)
-    cfg = _blocks(D, q.dtype, backward=False)
+    heavy = attn_mask is not None or key_padding_mask is not None or dropout_p > 0
+    cfg = _blocks(D, q.dtype, backward=False, heavy=heavy)
     grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
     _attn_fwd[grid](q, k, v, out, lse, mask, kpm, H, Lq, Lk, D, scale, *ms, **_dropout_args(dropout_p, seed),
                     **_flags(attn_mask, key_padding_mask, is_causal, dropout_p, q.dtype), **cfg)
@@ -307,7 +315,8 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
     delta = (do.to(acc) * out.to(acc)).sum(-1).contiguous()
     lse = lse.contiguous()
     mask, ms, kpm = _mask_args(attn_mask, key_padding_mask, q)
-    cfg = _blocks(D, q.dtype, backward=True)
+    heavy = attn_mask is not None or key_padding_mask is not None or dropout_p > 0
+    cfg = _blocks(D, q.dtype, backward=True, heavy=heavy)
     common = dict(**_dropout_args(dropout_p, seed), **_flags(attn_mask, key_padding_mask, is_causal, dropout_p,
                                                               q.dtype), **cfg)
     _attn_bwd_dkdv[(triton.cdiv(Lk, cfg["BLOCK_N"]), B * H)](
@@ -318,12 +327,12 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
 
 
 def _aot_specs():
-    """Representative sm_90 compilations: bf16/fp16/fp32, head dims 64/128/256, causal + masks + dropout (the
+    """Representative sm_90 compilations: bf16/fp32, head dims 64/128/256, causal + masks + dropout (the
     heaviest variant, most registers) and the plain variant."""
     scalars = {"H": "i32", "Lq": "i32", "Lk": "i32", "D": "i32", "scale": "fp32", "smb": "i64", "smh": "i64",
                "smm": "i64", "smn": "i64", "seed_lo": "i32", "seed_hi": "i32", "thresh": "i32",
                "drop_scale": "fp32"}
-    tdt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    tdt = {torch.bfloat16: "bf16", torch.float32: "fp32"}  # fp16 compiles to bf16's code with another MMA type
     for dtype, name in tdt.items():
         for d in (64, 128, 256):
             for heavy in (False, True):
@@ -333,7 +342,7 @@ def _aot_specs():
                         (False, _attn_fwd, ("Q", "K", "V", "O")),
                         (True, _attn_bwd_dkdv, ("Q", "K", "V", "DO", "DK", "DV")),
                         (True, _attn_bwd_dq, ("Q", "K", "V", "DO", "DQ"))):
-                    cfg = _blocks(d, dtype, backward)
+                    cfg = _blocks(d, dtype, backward, heavy)
                     warps = cfg.pop("num_warps")
                     sig = {p: f"*{name}" for p in ptrs}
                     sig.update({"LSE": "*fp32", "MASK": "*fp32", "KPM": "*u8"})

@@ -48,4 +48,6 @@ from . import softmax  # noqa: E402,F401  (registers)
 from . import bce_with_logits  # noqa: E402,F401  (registers)
 from . import lstm  # noqa: E402,F401  (registers)
 from . import cross_entropy  # noqa: E402,F401  (losses helper: cross_entropy, linear_cross_entropy)
+
+
 from . import attention  # noqa: E402,F401  (registers; issue 4)
