@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 
 import pytest
 import torch
@@ -263,6 +264,31 @@ def test_resume_is_bit_exact(tmp_path):
     assert resumed["history"] == full["history"]
     _states_equal(load_checkpoint(str(tmp_path / "full" / "last.pt"))["model"],
                   load_checkpoint(str(tmp_path / "part" / "last.pt"))["model"])
+
+
+def test_ctrl_c_saves_and_resumes(tmp_path):
+    """SIGINT mid-run: the step in flight finishes, last.pt is written, and --resume carries on."""
+    import signal
+
+    cfg = tiny_cfg(tmp_path, "train.epochs=1000", "train.max_steps=100000")
+    def press_ctrl_c():  # once train() has installed its handler, and a few steps later
+        for _ in range(1200):
+            if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+                time.sleep(1.0)
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.05)
+
+    presser = threading.Thread(target=press_ctrl_c, daemon=True)
+    presser.start()
+    res = train(cfg, progress=False)
+    presser.join()
+    assert res["interrupted"] and 0 < res["steps"] < 100000
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    ck = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert ck["state"]["step"] == res["steps"]
+    more = train(C.override(cfg, f"train.max_steps={res['steps'] + 3}"), resume=True, progress=False)
+    assert more["steps"] == res["steps"] + 3 and not more["interrupted"]
 
 
 def test_torchrun_two_processes_match_one(tmp_path):

@@ -39,8 +39,8 @@ def beam(model, src: torch.Tensor, max_len: int, beam_size: int = 4, length_pena
     """Beam search for all sentences of the batch at once (B * beam_size rows).
 
     A finished hypothesis scores log p / length ** length_penalty (0: raw log-probability, which favours short
-    outputs; 1: the per-token average). A sentence's search ends when it has beam_size finished hypotheses and
-    no open beam can still beat the best of them.
+    outputs; 1: the per-token average). A sentence's search ends once beam_size hypotheses have ended
+    (fairseq's rule); the best of them by that score is returned.
     """
     if beam_size <= 1:
         return greedy(model, src, max_len)
@@ -75,13 +75,8 @@ def beam(model, src: torch.Tensor, max_len: int, beam_size: int = 4, length_pena
                 else:
                     keep.append((s, b * K + o, tok))
             keep += [(neg, b * K, PAD)] * (K - len(keep))  # dead beams
-            if len(finished[b]) >= K:
-                best_open = keep[0][0]
-                # Log-probabilities only fall as a hypothesis grows; the most a beam can still reach is its
-                # score normalized by the longest allowed length (penalty > 0) or its score as it is.
-                reach = best_open / max_len ** length_penalty if length_penalty > 0 else best_open
-                if max(f[0] for f in finished[b]) >= reach:
-                    closed[b] = True
+            if len(finished[b]) >= K:  # fairseq's rule: done once beam_size hypotheses have ended
+                closed[b] = True
             if closed[b]:
                 keep = [(neg, b * K, PAD)] * K
             for s, r, tok in keep:

@@ -6,7 +6,9 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -302,6 +304,20 @@ def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
         return dev_loss, scores(hyps, [e for _, e in sub])
 
     session_steps, stop, interrupted = 0, False, False
+    # Ctrl-C (or SIGTERM) ends the run at the next step boundary with a checkpoint, so --resume continues it
+    # exactly; a second Ctrl-C interrupts at once.
+    signals = {"hit": False}
+
+    def on_signal(signum, frame):
+        if signals["hit"]:
+            raise KeyboardInterrupt
+        signals["hit"] = True
+        _say(d, "\ninterrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    old_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old_handlers[sig] = signal.signal(sig, on_signal)
     t_train = time.time() - state["train_seconds"]
     bar = None
     if d.main and progress:
@@ -353,10 +369,12 @@ def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
             state["train_seconds"] = time.time() - t_train
             if tcfg["save_every"] and state["step"] % tcfg["save_every"] == 0:
                 checkpoint(last_path)
-            out_of_time = tcfg["time_limit"] and state["train_seconds"] >= tcfg["time_limit"]
-            if tcfg["stop_after"] and session_steps >= tcfg["stop_after"]:
+            # Rank 0's clock and signals decide for every process.
+            out_of_time, hit = d.broadcast((bool(tcfg["time_limit"]) and state["train_seconds"] >=
+                                            tcfg["time_limit"], signals["hit"]))
+            if (tcfg["stop_after"] and session_steps >= tcfg["stop_after"]) or hit:
                 stop = interrupted = True
-            if (tcfg["max_steps"] and state["step"] >= tcfg["max_steps"]) or d.broadcast(bool(out_of_time)):
+            if (tcfg["max_steps"] and state["step"] >= tcfg["max_steps"]) or out_of_time:
                 stop = True
             if stop:
                 break
@@ -366,8 +384,10 @@ def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
         if d.main:
             dev_loss, sc = evaluate_dev()
             state["history"]["dev"].append((state["step"], dev_loss, sc["bleu"]))
-            msg = (f"epoch {state['epoch']} step {state['step']}: dev loss {dev_loss:.3f}, "
+            msg = (f"epoch {state['epoch'] + 1} step {state['step']}: dev loss {dev_loss:.3f}, "
                    f"BLEU {sc['bleu']:.2f}, chrF {sc['chrf']:.2f}  ({time.time() - t_start:.0f}s)")
+            if not state["history"]["dev"][:-1]:
+                msg += f"\n  dev BLEU signature: {sc['bleu_sig']}"
             if bar is not None:
                 bar.write(msg)
             else:
@@ -387,6 +407,8 @@ def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
             stop = True
     if bar is not None:
         bar.close()
+    for sig, handler in old_handlers.items():
+        signal.signal(sig, handler)
     checkpoint(last_path)
     result = {"steps": state["step"], "history": state["history"], "checkpoint": best_path, "interrupted": interrupted,
               "model": model, "train_seconds": state["train_seconds"], "test": None}
@@ -405,7 +427,7 @@ def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
             print(f"  BLEU signature: {sc['bleu_sig']}\n  chrF signature: {sc['chrf_sig']}")
             for (k, e), h in list(zip(test_pairs, hyps))[: ecfg["samples"]]:
                 print(f"\n  ko:  {k}\n  ref: {e}\n  hyp: {h}")
-        print(f"\ntotal {time.time() - t_start:.0f}s; checkpoints in {run_dir} (best.pt, last.pt), curve "
+        print(f"\ntotal {time.time() - t_start:.0f}s wall, {time.process_time():.0f}s CPU; checkpoints in {run_dir} (best.pt, last.pt), curve "
               f"{os.path.join(run_dir, 'curves.png')}", flush=True)
     if d.world > 1:
         dist.barrier()
