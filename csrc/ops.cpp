@@ -43,13 +43,15 @@ TORCH_LIBRARY(fastnn, m) {
 // loss = w * ((1 - y) * x + (1 + (pw - 1) * y) * softplus(-x)); weight and pos_weight broadcast to input's shape
 // (pos_weight usually along the last dim) and are read in place. reduction: 0 none, 1 mean, 2 sum (at::Reduction).
 TORCH_LIBRARY_FRAGMENT(fastnn, m) {
-  m.def("bce_with_logits_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, int reduction) -> Tensor");
+  m.def("bce_with_logits_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, int reduction) "
+        "-> Tensor");
   // (grad_input, grad_target) in one pass, recomputed from input and target; a gradient not asked for
   // (input_grad / target_grad false) comes back as an empty tensor. grad_output: input's shape for reduction 0,
   // else a 0-d tensor.
   m.def("bce_with_logits_bwd(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
         "int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
-  m.def("bce_with_logits_fwd_triton(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, int reduction) -> Tensor");
+  m.def("bce_with_logits_fwd_triton(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
+        "int reduction) -> Tensor");
   m.def("bce_with_logits_bwd_triton(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, "
         "Tensor? pos_weight, int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
 

@@ -188,8 +188,8 @@ def bce_with_logits_backward(grad_output: torch.Tensor, input: torch.Tensor, tar
     g, g_nd, g_geo = _operand(grad_output, x.shape, x)
     bce_with_logits_bwd_kernel[(triton.cdiv(n, BLOCK),)](
         x, y, w, pw, g, dx if input_grad else x, dy if target_grad else x, n, *w_geo, *pw_geo, *g_geo,
-        ACC=_acc(x.dtype), BLOCK=BLOCK, W_NDIM=w_nd, PW_NDIM=pw_nd, G_NDIM=g_nd, MEAN=reduction == 1, INPUT_GRAD=input_grad,
-        TARGET_GRAD=target_grad, num_warps=NUM_WARPS)
+        ACC=_acc(x.dtype), BLOCK=BLOCK, W_NDIM=w_nd, PW_NDIM=pw_nd, G_NDIM=g_nd, MEAN=reduction == 1,
+        INPUT_GRAD=input_grad, TARGET_GRAD=target_grad, num_warps=NUM_WARPS)
     return dx, dy
 
 

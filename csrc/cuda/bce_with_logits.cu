@@ -31,7 +31,8 @@ __device__ __forceinline__ double exp_(double x) { return ::exp(x); }
 __device__ __forceinline__ float log1p_(float x) { return ::log1pf(x); }
 __device__ __forceinline__ double log1p_(double x) { return ::log1p(x); }
 
-template <typename A, typename T> __device__ __forceinline__ A read(Operand<T> o, int64_t i) {  // by value: a reference to a kernel parameter would copy it to local memory
+// By value: a reference to a kernel parameter would make the compiler copy it to local memory.
+template <typename A, typename T> __device__ __forceinline__ A read(Operand<T> o, int64_t i) {
   return o.data == nullptr ? A(1) : static_cast<A>(o.data[o.b.offset(i)]);
 }
 
