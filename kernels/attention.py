@@ -237,15 +237,16 @@ def _prec(dtype: torch.dtype) -> str:
 
 def _blocks(d: int, dtype: torch.dtype, backward: bool, heavy: bool) -> dict:
     """Tile sizes. ``heavy``: masks or dropout, whose [BLOCK_M, BLOCK_N] offsets and hashes need registers too.
-    Chosen so that no variant spills on sm_90 (kernels/aot.py); float32 (exact FMA dots, not tensor cores)
-    and float64 take small tiles."""
+    Chosen so that no bf16/fp16 variant spills on sm_90 (kernels/aot.py). float32 (exact FMA dots, not tensor
+    cores) and float64 take small tiles; three fp32 variants still spill a little (D=64 dK/dV and masked forward,
+    4 B; D=256 dK/dV, ~780 B)."""
     block_d = max(16, triton.next_power_of_2(d))
     if _INTERPRET:
         # The interpreter's cost is per operation, not per element: big tiles, few iterations.
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=block_d, num_warps=4)
     num_warps = 8 if block_d >= 64 else 4
     if dtype in (torch.float32, torch.float64):
-        bm, bn = 32, 32
+        bm, bn = (32, 32) if block_d <= 32 else (16, 16)
     elif not backward:
         bm, bn = (64, 64) if block_d <= 128 else ((32, 32) if heavy else (64, 32))
     elif block_d <= 64:
