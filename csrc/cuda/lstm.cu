@@ -5,14 +5,16 @@
 // gate buffer and one cell launch that activates it in place - no host synchronization, no allocation.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -93,10 +95,8 @@ __global__ void cell_bwd_kernel(const T* __restrict__ dh, const T* __restrict__ 
   }
 }
 
-unsigned blocks_for(int64_t n) {
-  const int64_t max_blocks = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16;
-  return unsigned(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks)));
-}
+// Enough blocks to fill any current GPU several times over; the kernels' grid-stride loops cover the rest.
+unsigned blocks_for(int64_t n) { return unsigned(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kThreads), 8192))); }
 
 template <typename T> const T* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; }
 
@@ -112,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cuda(const at::Tens
   at::Tensor act = at::empty({B, 4 * H}, cx.options());
   if (B * H == 0) return {hy, cy, act};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cx.scalar_type(), "lstm_cell_fwd_cuda", [&] {
-    cell_fwd_kernel<scalar_t><<<blocks_for(B * H), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    cell_fwd_kernel<scalar_t><<<blocks_for(B * H), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         gates.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias), cx.const_data_ptr<scalar_t>(), nullptr,
         act.mutable_data_ptr<scalar_t>(), cy.mutable_data_ptr<scalar_t>(), hy.mutable_data_ptr<scalar_t>(), B, H,
         nullptr, 0);
@@ -133,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_bwd_cuda(const at::Tensor& grad_hy_
   at::Tensor dgates = at::empty({B, 4 * H}, cx.options()), dcx = at::empty({B, H}, cx.options());
   if (B * H == 0) return {dgates, dcx};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cx.scalar_type(), "lstm_cell_bwd_cuda", [&] {
-    cell_bwd_kernel<scalar_t><<<blocks_for(B * H), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    cell_bwd_kernel<scalar_t><<<blocks_for(B * H), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         dh.const_data_ptr<scalar_t>(), nullptr, dc.const_data_ptr<scalar_t>(), nullptr,
         act.const_data_ptr<scalar_t>(), cx.const_data_ptr<scalar_t>(), dgates.mutable_data_ptr<scalar_t>(),
         dcx.mutable_data_ptr<scalar_t>(), nullptr, B, H, nullptr, 0);
@@ -172,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cuda(
       const at::Tensor h_prev = s == 0 ? h0 : hs.select(0, tp), c_prev = s == 0 ? c0 : cs.select(0, tp);
       at::Tensor act_t = act.select(0, t);
       act_t.addmm_(h_prev, w_hh_t);
-      cell_fwd_kernel<scalar_t><<<blocks_for(B * H), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      cell_fwd_kernel<scalar_t><<<blocks_for(B * H), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           act_t.const_data_ptr<scalar_t>(), nullptr, c_prev.const_data_ptr<scalar_t>(),
           h_prev.const_data_ptr<scalar_t>(), act_t.mutable_data_ptr<scalar_t>(),
           cs.mutable_data_ptr<scalar_t>() + t * B * H, hs.mutable_data_ptr<scalar_t>() + t * B * H, B, H,
@@ -203,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cuda(
       const int64_t t = reverse ? T - 1 - s : s, tp = reverse ? t + 1 : t - 1;
       const scalar_t* cp = s == 0 ? c0.const_data_ptr<scalar_t>() : cs.const_data_ptr<scalar_t>() + tp * B * H;
       at::Tensor dg_t = dgx.select(0, t);
-      cell_bwd_kernel<scalar_t><<<blocks_for(B * H), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      cell_bwd_kernel<scalar_t><<<blocks_for(B * H), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           dhs.const_data_ptr<scalar_t>() + t * B * H, dh.const_data_ptr<scalar_t>(),
           dcs.const_data_ptr<scalar_t>() + t * B * H, dc.const_data_ptr<scalar_t>(),
           act.const_data_ptr<scalar_t>() + t * B * 4 * H, cp, dg_t.mutable_data_ptr<scalar_t>(),
