@@ -11,19 +11,21 @@
 #                 tools/requirements-cpu.txt without its torch/triton pins (default: $CUDA_VENV, else
 #                 .venv-cuda in the repository; /work/cuda-venv on the dev machine)
 #     --out DIR   logs: build.log, import.log, tests.log, aot.log, times.txt (default: .ci/out/cuda)
+#     -k EXPR     only the tests pytest's -k selects (CI: "not triton", the interpreter ran in the CPU stage)
 #     --jobs N    pytest -n N (default 2); MAX_JOBS (parallel nvcc) is taken from the environment, default 2
 # Needs nvcc (CUDA 13.0) at $CUDA_HOME, /usr/local/cuda or on PATH. Exit status: 0 if every step passed.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${CUDA_VENV:-$ROOT/.venv-cuda}
 OUT=$ROOT/.ci/out/cuda
-TESTS=1 AOT=0 JOBS=2
+TESTS=1 AOT=0 JOBS=2 KEXPR=
 while [ $# -gt 0 ]; do
   case $1 in
     --venv) VENV=$2; shift ;;
     --out) OUT=$2; shift ;;
     --no-tests) TESTS=0 ;;
     --aot) AOT=1 ;;
+    -k) KEXPR=$2; shift ;;
     --jobs) JOBS=$2; shift ;;
     -*) echo "unknown argument $1"; exit 2 ;;
     *) VENV=$1 ;;
@@ -88,7 +90,7 @@ print("ops with a CUDA kernel:", with_cuda, "| without (CPU/Triton only so far):
 assert "softmax" in with_cuda, "fastnn._C registered no CUDA kernels: was it built without CUDA?"
 PY
 [ $TESTS = 1 ] && step tests "$OUT/tests.log" env TRITON_INTERPRET=1 PYTHONUNBUFFERED=1 "$PY" -m pytest tests -q \
-  -n "$JOBS" -p no:cacheprovider --durations=10
+  -n "$JOBS" -p no:cacheprovider --durations=10 ${KEXPR:+-k "$KEXPR"}
 [ $AOT = 1 ] && step aot "$OUT/aot.log" env -C /tmp "$PY" -m fastnn.kernels.aot --arch 90 --arch 80
 [ $AOT = 1 ] && grep -E "^sm_|aot:" "$OUT/aot.log" | tail -60
 echo "cuda_build_check: $([ $status = 0 ] && echo PASSED || echo FAILED) (logs in $OUT)"
