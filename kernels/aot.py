@@ -94,7 +94,8 @@ def _describe(constexprs: dict) -> str:
     return ",".join(f"{k}={short(v)}" for k, v in constexprs.items())
 
 
-def compile_one(kernel, signature: dict, constexprs: dict, num_warps: int, arch: int):
+def compile_one(kernel, signature: dict, constexprs: dict, options, arch: int):
+    """options: the launch's num_warps, or a dict of compile options (num_warps, num_stages)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -103,7 +104,8 @@ def compile_one(kernel, signature: dict, constexprs: dict, num_warps: int, arch:
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        opts = options if isinstance(options, dict) else {"num_warps": options}
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     return compiled, log.getvalue()
 
 
@@ -136,13 +138,14 @@ def _run(archs, only, keep) -> int:
           "constexprs")
     failures, total = [], 0
     for name, aot in modules:
-        for kernel, signature, constexprs, num_warps in aot():
+        for kernel, signature, constexprs, options in aot():
+            num_warps = options["num_warps"] if isinstance(options, dict) else options
             for arch in archs:
                 total += 1
                 label = f"{name}.{kernel.__name__}"
                 start = time.time()
                 try:
-                    compiled, log = compile_one(kernel, signature, constexprs, num_warps, arch)
+                    compiled, log = compile_one(kernel, signature, constexprs, options, arch)
                 except Exception as e:  # a compile error is a failure of this check, not a crash of the report
                     failures.append(f"sm_{arch} {label} [{_describe(constexprs)}]: {type(e).__name__}: {e}")
                     print(f"sm_{arch:<3} {label:<44} {num_warps:>5}  COMPILE ERROR: {str(e).splitlines()[0][:80]}")

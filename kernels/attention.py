@@ -238,8 +238,8 @@ def _prec(dtype: torch.dtype) -> str:
 def _blocks(d: int, dtype: torch.dtype, backward: bool, heavy: bool) -> dict:
     """Tile sizes. ``heavy``: masks or dropout, whose [BLOCK_M, BLOCK_N] offsets and hashes need registers too.
     Chosen so that no bf16/fp16 variant spills on sm_90 (kernels/aot.py). float32 (exact FMA dots, not tensor
-    cores) and float64 take small tiles; three fp32 variants still spill a little (D=64 dK/dV and masked forward,
-    4 B; D=256 dK/dV, ~780 B)."""
+    cores) and float64 take small tiles, and at D=256 no software pipelining (num_stages=1): the prefetched tiles
+    of the default 3 stages spilled ~800 B in dK/dV on sm_90; with one stage it needs 150 registers."""
     block_d = max(16, triton.next_power_of_2(d))
     if _INTERPRET:
         # The interpreter's cost is per operation, not per element: big tiles, few iterations.
@@ -247,6 +247,8 @@ def _blocks(d: int, dtype: torch.dtype, backward: bool, heavy: bool) -> dict:
     num_warps = 8 if block_d >= 64 else 4
     if dtype in (torch.float32, torch.float64):
         bm, bn = (32, 32) if block_d <= 32 else (16, 16)
+        if block_d >= 256:
+            return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=num_warps, num_stages=1)
     elif not backward:
         bm, bn = (64, 64) if block_d <= 128 else ((32, 32) if heavy else (64, 32))
     elif block_d <= 64:
@@ -344,7 +346,7 @@ def _aot_specs():
                         (True, _attn_bwd_dkdv, ("Q", "K", "V", "DO", "DK", "DV")),
                         (True, _attn_bwd_dq, ("Q", "K", "V", "DO", "DQ"))):
                     cfg = _blocks(d, dtype, backward, heavy)
-                    warps = cfg.pop("num_warps")
+                    options = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
                     sig = {p: f"*{name}" for p in ptrs}
                     sig.update({"LSE": "*fp32", "MASK": "*fp32", "KPM": "*u8"})
                     if backward:
@@ -352,7 +354,7 @@ def _aot_specs():
                     sig.update(scalars)
                     # the signature must follow the kernel's argument order
                     order = [a for a in kernel.arg_names if a in sig]
-                    yield kernel, {a: sig[a] for a in order}, {**flags, **cfg}, warps
+                    yield kernel, {a: sig[a] for a in order}, {**flags, **cfg}, options
 
 
 AOT = _aot_specs
