@@ -150,16 +150,18 @@ def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.
         last = 0 if reverse else T - 1
         return hs, hs[last], cs[last]
     # Elsewhere a Python loop over the fused cell, the input product still one GEMM over all steps.
-    gx = torch.mm(x.reshape(T * B, I), w_ih.t()).view(T, B, 4 * H)
+    # The bias joins that GEMM, so its gradient is one sum over all steps rather than T accumulations.
+    bias, x2 = _sum_bias(b_ih, b_hh), x.reshape(T * B, I)
+    gx = (torch.addmm(bias, x2, w_ih.t()) if bias is not None else torch.mm(x2, w_ih.t())).view(T, B, 4 * H)
     h, c = h0, c0
     hs = []
     steps = range(T - 1, -1, -1) if reverse else range(T)
     mask = None if lengths is None else (torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)).to(x.device)
     for t in steps:
         if backend == "reference":
-            hn, cn = reference.lstm_cell_gates(torch.addmm(gx[t], h, w_hh.t()), _sum_bias(b_ih, b_hh), c)
+            hn, cn = reference.lstm_cell_gates(torch.addmm(gx[t], h, w_hh.t()), None, c)
         else:
-            hn, cn, _ = op("lstm_cell", backend)(torch.addmm(gx[t], h, w_hh.t()), _sum_bias(b_ih, b_hh), c)
+            hn, cn, _ = op("lstm_cell", backend)(torch.addmm(gx[t], h, w_hh.t()), None, c)
         if mask is not None:
             m = mask[t].unsqueeze(1)
             hn, cn = torch.where(m, hn, h), torch.where(m, cn, c)
