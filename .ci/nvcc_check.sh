@@ -22,8 +22,19 @@ files=("$@")
 
 # torch's include dirs and the flags torch.utils.cpp_extension passes to nvcc.
 mapfile -t TORCH_FLAGS < <("$PYTHON" - <<'PY' 2>/dev/null
+import glob, os
 from torch.utils import cpp_extension as c
-for d in c.include_paths(): print("-I" + d)
+try:
+    paths = c.include_paths("cuda")
+except TypeError:  # torch < 2.6 spelled it cuda=True
+    paths = c.include_paths(cuda=True)
+for d in paths: print("-I" + d)
+try:  # headers of the pip nvidia packages (cusparse.h, ...), as setup.py passes them
+    import nvidia
+    for base in nvidia.__path__:
+        for d in sorted(glob.glob(os.path.join(base, "*", "include"))): print("-isystem=" + d)
+except ImportError:
+    pass
 for f in c.COMMON_NVCC_FLAGS: print(f)
 import torch
 print("-D_GLIBCXX_USE_CXX11_ABI=%d" % int(torch._C._GLIBCXX_USE_CXX11_ABI))

@@ -75,4 +75,20 @@ inline Geometry check_args(const at::Tensor& q, const at::Tensor& k, const at::T
   return g;
 }
 
+// The backward's arguments: the forward's, plus grad_out and out shaped like query and lse (B, H, Lq) in the
+// accumulation dtype.
+inline Geometry check_bwd_args(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                               const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& kpm,
+                               double dropout_p) {
+  const Geometry g = check_args(q, k, v, mask, kpm, dropout_p);
+  check_same(grad_out, "grad_out", q, "query");
+  check_same(out, "out", q, "query");
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.scalar_type() == acc && lse.dim() == 3 && lse.size(0) == g.B && lse.size(1) == g.H &&
+                  lse.size(2) == g.Lq,
+              "lse must be (B, H, Lq) in ", acc, ", got ", lse.sizes(), " ", lse.scalar_type());
+  return g;
+}
+
 }  // namespace fastnn::attention

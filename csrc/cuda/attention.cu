@@ -327,13 +327,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_padding_mask, double dropout_p, bool is_causal, double scale,
     int64_t seed) {
-  const auto g = attention::check_args(query, key, value, attn_mask, key_padding_mask, dropout_p);
-  check_same(grad_out, "grad_out", query, "query");
-  check_same(out, "out", query, "query");
+  const auto g =
+      attention::check_bwd_args(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p);
   const auto acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(lse.scalar_type() == acc && lse.dim() == 3 && lse.size(0) == g.B && lse.size(1) == g.H &&
-                  lse.size(2) == g.Lq,
-              "lse must be (B, H, Lq) in ", acc, ", got ", lse.sizes(), " ", lse.scalar_type());
   const c10::cuda::CUDAGuard guard(query.device());
   const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous(), o = out.contiguous(),
                    dO = grad_out.contiguous(), L = lse.contiguous();
