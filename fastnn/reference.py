@@ -58,7 +58,8 @@ def lstm_cell_gates(gates: torch.Tensor, bias: torch.Tensor | None, c: torch.Ten
     """The part of an LSTM step after the matrix products: gates [B, 4H] (+ bias [4H]), c [B, H] -> (h', c')."""
     z = _upcast(gates) if bias is None else _upcast(gates) + _upcast(bias)
     i, f, g, o = z.chunk(4, dim=-1)
-    i, f, o = 1 / (1 + torch.exp(-i)), 1 / (1 + torch.exp(-f)), 1 / (1 + torch.exp(-o))
+    # torch.sigmoid, not 1 / (1 + exp(-x)): that form's gradient is inf / inf = NaN once exp(-x) overflows.
+    i, f, o = torch.sigmoid(i), torch.sigmoid(f), torch.sigmoid(o)
     g = torch.tanh(g)
     c_new = f * _upcast(c) + i * g
     h_new = o * torch.tanh(c_new)

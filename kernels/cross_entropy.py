@@ -20,10 +20,13 @@ MAX_BLOCK = 4096
 
 
 @triton.jit
-def _class_weight(W, c, mask, HAS_W: tl.constexpr):
+def _class_weight(W, c, mask, ACC: tl.constexpr, HAS_W: tl.constexpr):
+    # One return: Triton 3.8 type-checks both returns of a constexpr branch (bf16 weights vs the float 1.0).
     if HAS_W:
-        return tl.load(W + c, mask=mask, other=0.0)
-    return tl.where(mask, 1.0, 0.0)
+        w = tl.load(W + c, mask=mask, other=0.0).to(ACC)
+    else:
+        w = tl.where(mask, 1.0, 0.0).to(ACC)
+    return w
 
 
 @triton.jit
@@ -66,7 +69,7 @@ def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, FLAG, n_cols, inner, ignore_index, E
         s_vec = s_vec * tl.where(dead, 0.0, tl.exp(m_vec - m_new)) + tl.where(dead, 0.0, tl.exp(x - m_new))
         m_vec = m_new
         if PROB or SMOOTH:
-            w = _class_weight(W, c, mask, HAS_W).to(ACC)
+            w = _class_weight(W, c, mask, ACC, HAS_W)
             if PROB:
                 y = tl.load(T + base + c * stride, mask=mask, other=0.0).to(ACC)
                 w = tl.where(mask, (y * keep + add) * w, 0.0)
@@ -112,7 +115,7 @@ def ce_bwd_kernel(G, X, T, W, WSUM, LSE, DX, n_cols, inner, ignore_index, EPS,
             c = start + cols
             mask = c < n_cols
             y = tl.load(T + base + c * stride, mask=mask, other=0.0).to(ACC)
-            sy_vec += tl.where(mask, (y * keep + add) * _class_weight(W, c, mask, HAS_W).to(ACC), 0.0)
+            sy_vec += tl.where(mask, (y * keep + add) * _class_weight(W, c, mask, ACC, HAS_W), 0.0)
         a = g * tl.sum(sy_vec, 0)
         live = True
         t = 0
@@ -133,7 +136,7 @@ def ce_bwd_kernel(G, X, T, W, WSUM, LSE, DX, n_cols, inner, ignore_index, EPS,
         c = start + cols
         mask = c < n_cols
         x = tl.load(X + base + c * stride, mask=mask, other=0.0).to(ACC)
-        w = _class_weight(W, c, mask, HAS_W).to(ACC)
+        w = _class_weight(W, c, mask, ACC, HAS_W)
         if PROB:
             y = tl.load(T + base + c * stride, mask=mask, other=0.0).to(ACC)
             dx = a * tl.exp(x - lse) - g * (y * keep + add) * w
