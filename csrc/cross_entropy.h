@@ -143,23 +143,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
   const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
   const auto acc = half ? x.options().dtype(at::kFloat) : x.options();
   at::Tensor grad_input = alloc(x.sizes(), x.options());
-  at::Tensor grad_weight = alloc(w.sizes(), acc).zero_(), grad_bias = at::zeros({V}, acc);
-  if (N > 0) {
+  // grad_weight is written by the first chunk's GEMM (no zero fill); grad_bias is only summed when there is a bias.
+  at::Tensor grad_weight = alloc(w.sizes(), acc), grad_bias = at::zeros({V}, acc);
+  if (N == 0) grad_weight.zero_();
+  else {
     at::Tensor buf = alloc({std::min(chunk, N), V}, x.options());
     for (int64_t s = 0; s < N; s += chunk) {
       const int64_t n = std::min(chunk, N - s);
       at::Tensor dlogits = chunk_logits(buf, x, w, bias, s, n);
       ce_bwd(g.narrow(0, s, n), dlogits, t.narrow(0, s, n), l.narrow(0, s, n));
-      const at::Tensor xs = x.narrow(0, s, n);
       at::Tensor gi = grad_input.narrow(0, s, n);
       at::mm_out(gi, dlogits, w);
-      if (half) {
-        grad_weight.addmm_(dlogits.t().to(at::kFloat), xs.to(at::kFloat));
-        grad_bias.add_(dlogits.sum(0, false, at::kFloat));
-      } else {
-        grad_weight.addmm_(dlogits.t(), xs);
-        grad_bias.add_(dlogits.sum(0));
-      }
+      const at::Tensor dt = half ? dlogits.t().to(at::kFloat) : dlogits.t();
+      const at::Tensor xs = half ? x.narrow(0, s, n).to(at::kFloat) : x.narrow(0, s, n);
+      if (s == 0) at::mm_out(grad_weight, dt, xs);
+      else grad_weight.addmm_(dt, xs);
+      if (bias.has_value()) grad_bias.add_(dlogits.sum(0, false, acc.dtype().toScalarType()));
     }
   }
   if (half) return {grad_input, grad_weight.to(x.scalar_type()), grad_bias.to(x.scalar_type())};

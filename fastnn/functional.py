@@ -143,7 +143,7 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
         bias: optional (V,).
         ignore_index, reduction, label_smoothing: as ``cross_entropy``.
         class_weight: optional (V,) per-class loss weight (``cross_entropy``'s ``weight``).
-        chunk_size: rows per chunk; default: as many as keep the logits buffer at 64 MiB.
+        chunk_size: rows per chunk; default: as many as keep the logits buffer at 128 MiB.
     Returns:
         The loss: a scalar, or ``input.shape[:-1]`` for "none", in ``input``'s dtype. Gradients flow to input,
         weight and bias.

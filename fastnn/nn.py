@@ -326,7 +326,7 @@ class LinearCrossEntropyLoss(nn.Module):
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
         class_weight: optional (V,) per-class loss weight (a buffer, ``CrossEntropyLoss``'s ``weight``).
         ignore_index, reduction, label_smoothing: as ``nn.CrossEntropyLoss``.
-        chunk_size: rows per chunk (default: a 64 MiB logits buffer).
+        chunk_size: rows per chunk (default: a 128 MiB logits buffer).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
