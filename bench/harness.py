@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import datetime as _dt
 import gc
 import os
@@ -86,6 +87,13 @@ def _proc_status_kb(key: str) -> int:
     raise KeyError(key)
 
 
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
 def peak_extra_mb(fn: Callable, device: str) -> float | None:
     """Memory fn() needs beyond what is allocated before it, in MiB (None where it cannot be measured)."""
     gc.collect()
@@ -97,6 +105,9 @@ def peak_extra_mb(fn: Callable, device: str) -> float | None:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     try:
+        # Freed heap memory is reused without new page faults, so a fn() that reuses it would show no growth:
+        # give it back to the OS first (glibc), then every byte fn() touches raises the RSS high-water mark.
+        _malloc_trim()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
         base = _proc_status_kb("VmRSS")
