@@ -1,4 +1,5 @@
-// Pieces of the attention op shared by the CPU and CUDA kernels: argument checks and the dropout hash.
+// Pieces of the attention op shared by the CPU and CUDA kernels: argument checks, the dropout hash and the
+// kernels' parameters.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -6,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 
 #include "common.h"
 
@@ -41,6 +43,9 @@ struct Geometry {
   int64_t B, H, Lq, Lk, D;
 };
 
+// float64 inputs accumulate in float64, all others in float32 (the dtype of lse and of an additive mask).
+inline at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
 // Checks the op's arguments (Python validates first; this is defense in depth) and returns the geometry.
 inline Geometry check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& kpm,
@@ -57,7 +62,7 @@ inline Geometry check_args(const at::Tensor& q, const at::Tensor& k, const at::T
   TORCH_CHECK(v.sizes() == k.sizes(), "value must have key's shape ", k.sizes(), ", got ", v.sizes());
   TORCH_CHECK(g.D >= 1 && g.D <= 256, "head dim must be in [1, 256], got ", g.D);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "dropout_p must be in [0, 1], got ", dropout_p);
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(q.scalar_type());
   if (mask) {
     TORCH_CHECK(mask->scalar_type() == acc, "attn_mask must be additive in ", acc, ", got ", mask->scalar_type());
     TORCH_CHECK(mask->dim() == 4 && mask->size(0) == g.B && mask->size(1) == g.H && mask->size(2) == g.Lq &&
@@ -84,11 +89,46 @@ inline Geometry check_bwd_args(const at::Tensor& grad_out, const at::Tensor& q, 
   const Geometry g = check_args(q, k, v, mask, kpm, dropout_p);
   check_same(grad_out, "grad_out", q, "query");
   check_same(out, "out", q, "query");
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(q.scalar_type());
   TORCH_CHECK(lse.scalar_type() == acc && lse.dim() == 3 && lse.size(0) == g.B && lse.size(1) == g.H &&
                   lse.size(2) == g.Lq,
               "lse must be (B, H, Lq) in ", acc, ", got ", lse.sizes(), " ", lse.scalar_type());
   return g;
+}
+
+// What the kernels read of one call, A being the accumulation type.
+template <typename A> struct Params : Geometry {
+  A scale;
+  bool causal;
+  const A* mask;  // additive, indexed with the strides below (0 along broadcast dims), or null
+  int64_t smb, smh, smm, smn;
+  const bool* kpm;  // (B, Lk), true = pad, or null
+  bool dropout;
+  uint64_t seed;
+  uint32_t thresh;
+  A drop_scale;
+};
+
+// key_padding_mask as the kernels index it, (B, Lk) contiguous; it must outlive the Params that point into it.
+inline std::optional<at::Tensor> contiguous_kpm(const std::optional<at::Tensor>& kpm) {
+  if (!kpm) return std::nullopt;
+  return kpm->contiguous();
+}
+
+template <typename A>
+Params<A> make_params(const Geometry& g, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& kpm,
+                      double dropout_p, bool causal, double scale, int64_t seed) {
+  Params<A> p{g, A(scale), causal};  // the pointers and strides start null / 0
+  if (mask) {
+    p.mask = mask->const_data_ptr<A>();
+    p.smb = mask->stride(0), p.smh = mask->stride(1), p.smm = mask->stride(2), p.smn = mask->stride(3);
+  }
+  if (kpm) p.kpm = kpm->const_data_ptr<bool>();
+  p.dropout = dropout_p > 0;
+  p.seed = uint64_t(seed);
+  p.thresh = dropout_threshold(dropout_p);
+  p.drop_scale = dropout_p < 1 ? A(1.0 / (1.0 - dropout_p)) : A(0);
+  return p;
 }
 
 }  // namespace fastnn::attention

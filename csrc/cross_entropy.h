@@ -72,13 +72,17 @@ inline void check_ce_bwd_args(const at::Tensor& grad_loss, const at::Tensor& lse
               "must be ", acc, ", got ", grad_loss.scalar_type(), " and ", lse.scalar_type());
 }
 
-// Shape of the per-row outputs: input's shape without the class dim.
-inline std::vector<int64_t> ce_row_shape(const at::Tensor& input) {
-  std::vector<int64_t> s{input.size(0)};
-  for (int64_t i = 2; i < input.dim(); ++i) s.push_back(input.size(i));
-  return s;
+// The per-row outputs (loss, lse) of cross_entropy_fwd, uninitialized: input's shape without the class dim, in the
+// accumulation dtype.
+inline std::tuple<at::Tensor, at::Tensor> ce_fwd_outputs(const at::Tensor& input, const CeGeometry& g) {
+  TORCH_CHECK(g.rows() == 0 || g.classes > 0, "cross_entropy: input has no classes (C = 0)");
+  std::vector<int64_t> shape{input.size(0)};
+  for (int64_t i = 2; i < input.dim(); ++i) shape.push_back(input.size(i));
+  const auto opts = input.options().dtype(ce_acc_type(input.scalar_type()));
+  return {at::empty(shape, opts), at::empty(shape, opts)};
 }
 
+// The checks of linear_cross_entropy_fwd and _bwd.
 inline void check_linear_ce_args(const at::Tensor& input, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, const at::Tensor& target,
                                  const std::optional<at::Tensor>& class_weight, int64_t chunk) {
@@ -99,6 +103,25 @@ inline void check_linear_ce_args(const at::Tensor& input, const at::Tensor& weig
                 "linear_cross_entropy: class_weight must be (V,) of input's dtype and device, got ",
                 class_weight->sizes());
   TORCH_CHECK(chunk > 0, "linear_cross_entropy: chunk must be positive, got ", chunk);
+}
+
+// Checks linear_cross_entropy_fwd's arguments; returns V, the number of classes.
+inline int64_t check_linear_ce_fwd_args(const at::Tensor& input, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                                        const std::optional<at::Tensor>& class_weight, int64_t chunk) {
+  check_linear_ce_args(input, weight, bias, target, class_weight, chunk);
+  TORCH_CHECK(weight.size(0) > 0, "linear_cross_entropy: weight has no rows (V = 0)");
+  return weight.size(0);
+}
+
+// Checks linear_cross_entropy_bwd's arguments; returns V.
+inline int64_t check_linear_ce_bwd_args(const at::Tensor& grad_loss, const at::Tensor& input,
+                                        const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                        const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
+                                        const at::Tensor& lse, int64_t chunk) {
+  check_linear_ce_args(input, weight, bias, target, class_weight, chunk);
+  check_ce_bwd_args(grad_loss, lse, CeGeometry{input.size(0), weight.size(0), 1}, input);
+  return weight.size(0);
 }
 
 // logits of rows [s, s + n) into the front of the reused buffer.

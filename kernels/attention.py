@@ -80,11 +80,57 @@ def _scores(q, k, offs_m, offs_n, b, h, Lq, Lk, scale, MASK, smb, smh, smm, smn,
 
 
 @triton.jit
+def _program(H, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Where a program of any attention grid stands: axis 0 is a block of BLOCK rows (queries or keys), axis 1 the
+    (batch, head) pair bh. Returns the block index, its row offsets, bh (int64: it scales whole heads), b, h, and
+    the head-dim offsets with their mask."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    return pid, pid * BLOCK + tl.arange(0, BLOCK), bh, bh // H, bh % H, offs_d, offs_d < D
+
+
+@triton.jit
+def _tile(base, offs, L, D, offs_d, dmask):
+    """Pointers to rows offs of one head's contiguous (L, D) matrix at base, and the mask of the elements that
+    exist. Pointers, not offsets: an offset tile shared by a load before a loop and a store after it would stay
+    live across the loop (at D = 256 that spilled)."""
+    return base + offs[:, None] * D + offs_d[None, :], (offs[:, None] < L) & dmask[None, :]
+
+
+@triton.jit
+def _load_tiles(X, Y, offs, L, D, offs_d, dmask):
+    """Rows offs of one head's contiguous (L, D) matrices at X and Y, zeros where they do not exist."""
+    x, mask = _tile(X, offs, L, D, offs_d, dmask)
+    y, _ = _tile(Y, offs, L, D, offs_d, dmask)
+    return tl.load(x, mask=mask, other=0.0), tl.load(y, mask=mask, other=0.0)
+
+
+@triton.jit
+def _key_end(pid_m, Lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """End of query block pid_m's walk over the keys: causal stops after the block's last query."""
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
+    return hi
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, bh, Lq, offs_m):
+    """lse and delta of query rows offs_m (+inf and 0 past Lq, so those rows get P = 0)."""
+    rmask = offs_m < Lq
+    return (tl.load(LSE + bh * Lq + offs_m, mask=rmask, other=float("inf")),
+            tl.load(DELTA + bh * Lq + offs_m, mask=rmask, other=0.0))
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, smm, smn,
               seed_lo, seed_hi, thresh, drop_scale,
               HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
               ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Spelled out rather than through _program / _tile / _key_end: fp32 at D = 256 sits at ptxas' edge, and the
+    # helpers' order of the same operations made it spill 8-16 B or take 120 registers instead of 80 (kernels/aot.py).
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -153,17 +199,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, H, Lq, Lk, D, sca
                    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                    ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n, offs_n, bh, b, h, offs_d, dmask = _program(H, D, BLOCK_N, BLOCK_D)
     offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    kv_mask = (offs_n[:, None] < Lk) & dmask[None, :]
-    kv_off = bh * Lk * D + offs_n[:, None] * D + offs_d[None, :]
-    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    k, v = _load_tiles(K + bh * Lk * D, V + bh * Lk * D, offs_n, Lk, D, offs_d, dmask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     lo = 0
@@ -172,19 +210,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, H, Lq, Lk, D, sca
     q_base, do_base = Q + bh * Lq * D, DO + bh * Lq * D
     for start_m in range(lo, Lq, BLOCK_M):
         offs_m = start_m + offs_m0
-        rmask = offs_m < Lq
-        qo_mask = rmask[:, None] & dmask[None, :]
-        q = tl.load(q_base + offs_m[:, None] * D + offs_d[None, :], mask=qo_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * D + offs_d[None, :], mask=qo_mask, other=0.0)
-        lse = tl.load(LSE + bh * Lq + offs_m, mask=rmask, other=float("inf"))
-        delta = tl.load(DELTA + bh * Lq + offs_m, mask=rmask, other=0.0)
+        q, do = _load_tiles(q_base, do_base, offs_m, Lq, D, offs_d, dmask)
+        lse, delta = _row_stats(LSE, DELTA, bh, Lq, offs_m)
         pd, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, bh, b, h, Lq, Lk, scale, MASK,
                                     smb, smh, smm, smn, KPM, seed_lo, seed_hi, thresh, drop_scale,
                                     HAS_MASK, HAS_KPM, CAUSAL, DROPOUT, ACC, PREC, UPCAST)
         dv += _mm(tl.trans(_to(pd, do.dtype, UPCAST)), do, ACC, PREC, UPCAST)
         dk += _mm(tl.trans(_to(ds, q.dtype, UPCAST)), q, ACC, PREC, UPCAST)
-    tl.store(DK + kv_off, _to(dk * scale, DK.dtype.element_ty, UPCAST), mask=kv_mask)
-    tl.store(DV + kv_off, _to(dv, DV.dtype.element_ty, UPCAST), mask=kv_mask)
+    dk_ptrs, kv_mask = _tile(DK + bh * Lk * D, offs_n, Lk, D, offs_d, dmask)
+    tl.store(dk_ptrs, _to(dk * scale, DK.dtype.element_ty, UPCAST), mask=kv_mask)
+    tl.store(DV + bh * Lk * D + offs_n[:, None] * D + offs_d[None, :], _to(dv, DV.dtype.element_ty, UPCAST),
+             mask=kv_mask)
 
 
 @triton.jit
@@ -193,35 +229,21 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM, H, Lq, Lk, D, scale, sm
                  HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                  ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, offs_m, bh, b, h, offs_d, dmask = _program(H, D, BLOCK_M, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    rmask = offs_m < Lq
-    qo_mask = rmask[:, None] & dmask[None, :]
-    qo_off = bh * Lq * D + offs_m[:, None] * D + offs_d[None, :]
-    q = tl.load(Q + qo_off, mask=qo_mask, other=0.0)
-    do = tl.load(DO + qo_off, mask=qo_mask, other=0.0)
-    lse = tl.load(LSE + bh * Lq + offs_m, mask=rmask, other=float("inf"))
-    delta = tl.load(DELTA + bh * Lq + offs_m, mask=rmask, other=0.0)
+    q, do = _load_tiles(Q + bh * Lq * D, DO + bh * Lq * D, offs_m, Lq, D, offs_d, dmask)
+    lse, delta = _row_stats(LSE, DELTA, bh, Lq, offs_m)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
     k_base, v_base = K + bh * Lk * D, V + bh * Lk * D
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(0, _key_end(pid_m, Lk, CAUSAL, BLOCK_M), BLOCK_N):
         offs_n = start_n + offs_n0
-        kv_mask = (offs_n[:, None] < Lk) & dmask[None, :]
-        k = tl.load(k_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        k, v = _load_tiles(k_base, v_base, offs_n, Lk, D, offs_d, dmask)
         _, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, bh, b, h, Lq, Lk, scale, MASK,
                                    smb, smh, smm, smn, KPM, seed_lo, seed_hi, thresh, drop_scale,
                                    HAS_MASK, HAS_KPM, CAUSAL, DROPOUT, ACC, PREC, UPCAST)
         dq += _mm(_to(ds, k.dtype, UPCAST), k, ACC, PREC, UPCAST)
-    tl.store(DQ + qo_off, _to(dq * scale, DQ.dtype.element_ty, UPCAST), mask=qo_mask)
+    dq_ptrs, q_mask = _tile(DQ + bh * Lq * D, offs_m, Lq, D, offs_d, dmask)
+    tl.store(dq_ptrs, _to(dq * scale, DQ.dtype.element_ty, UPCAST), mask=q_mask)
 
 
 # ---- launchers ----------------------------------------------------------------------------------------------
@@ -260,15 +282,6 @@ def _blocks(d: int, dtype: torch.dtype, backward: bool, heavy: bool) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=num_warps)
 
 
-def _mask_args(attn_mask, key_padding_mask, q):
-    if attn_mask is not None:
-        mask, strides = attn_mask, attn_mask.stride()
-    else:
-        mask, strides = q, (0, 0, 0, 0)  # never read
-    kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else q
-    return mask, strides, kpm
-
-
 def _dropout_args(dropout_p: float, seed: int) -> dict:
     from fastnn.reference import dropout_threshold
 
@@ -278,10 +291,22 @@ def _dropout_args(dropout_p: float, seed: int) -> dict:
                 drop_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
 
 
-def _flags(attn_mask, key_padding_mask, is_causal, dropout_p, dtype):
-    return dict(HAS_MASK=attn_mask is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=bool(is_causal),
+def _launch_args(q, k, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, backward: bool) -> dict:
+    """The keyword arguments every attention kernel takes after its own tensors: masks, geometry, dropout,
+    specialization flags and tile sizes (with num_warps / num_stages)."""
+    B, H, Lq, D = q.shape
+    dtype = q.dtype
+    if attn_mask is not None:
+        mask, strides = attn_mask, attn_mask.stride()
+    else:
+        mask, strides = q, (0, 0, 0, 0)  # never read
+    kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else q
+    heavy = attn_mask is not None or key_padding_mask is not None or dropout_p > 0
+    return dict(MASK=mask, KPM=kpm, H=H, Lq=Lq, Lk=k.shape[2], D=D, scale=scale,
+                **dict(zip(("smb", "smh", "smm", "smn"), strides)), **_dropout_args(dropout_p, seed),
+                HAS_MASK=attn_mask is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=bool(is_causal),
                 DROPOUT=dropout_p > 0, ACC=_acc(dtype), PREC=_prec(dtype),
-                UPCAST=_INTERPRET and dtype == torch.bfloat16)
+                UPCAST=_INTERPRET and dtype == torch.bfloat16, **_blocks(D, dtype, backward, heavy))
 
 
 def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
@@ -290,18 +315,13 @@ def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal
     Returns (out (B, H, Lq, D) in q's dtype, lse (B, H, Lq) float32 / float64)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, Lq, D = q.shape
-    Lk = k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((B, H, Lq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                       device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
-    mask, ms, kpm = _mask_args(attn_mask, key_padding_mask, q)
-    heavy = attn_mask is not None or key_padding_mask is not None or dropout_p > 0
-    cfg = _blocks(D, q.dtype, backward=False, heavy=heavy)
-    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
-    _attn_fwd[grid](q, k, v, out, lse, mask, kpm, H, Lq, Lk, D, scale, *ms, **_dropout_args(dropout_p, seed),
-                    **_flags(attn_mask, key_padding_mask, is_causal, dropout_p, q.dtype), **cfg)
+    args = _launch_args(q, k, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, backward=False)
+    _attn_fwd[(triton.cdiv(Lq, args["BLOCK_M"]), B * H)](q, k, v, out, lse, **args)
     return out, lse
 
 
@@ -317,15 +337,9 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     delta = (do.to(acc) * out.to(acc)).sum(-1).contiguous()
     lse = lse.contiguous()
-    mask, ms, kpm = _mask_args(attn_mask, key_padding_mask, q)
-    heavy = attn_mask is not None or key_padding_mask is not None or dropout_p > 0
-    cfg = _blocks(D, q.dtype, backward=True, heavy=heavy)
-    common = dict(**_dropout_args(dropout_p, seed), **_flags(attn_mask, key_padding_mask, is_causal, dropout_p,
-                                                              q.dtype), **cfg)
-    _attn_bwd_dkdv[(triton.cdiv(Lk, cfg["BLOCK_N"]), B * H)](
-        q, k, v, do, lse, delta, dk, dv, mask, kpm, H, Lq, Lk, D, scale, *ms, **common)
-    _attn_bwd_dq[(triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, dq, mask, kpm, H, Lq, Lk, D, scale, *ms, **common)
+    args = _launch_args(q, k, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, backward=True)
+    _attn_bwd_dkdv[(triton.cdiv(Lk, args["BLOCK_N"]), B * H)](q, k, v, do, lse, delta, dk, dv, **args)
+    _attn_bwd_dq[(triton.cdiv(Lq, args["BLOCK_M"]), B * H)](q, k, v, do, lse, delta, dq, **args)
     return dq, dk, dv
 
 

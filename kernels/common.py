@@ -18,3 +18,18 @@ def cast_rtne(x, dtype: tl.constexpr):
         return tl.where(x32 != x32, x32, rounded).to(tl.bfloat16)  # NaN payloads must not carry into +0
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def row_start(n_cols, inner, LASTDIM: tl.constexpr):
+    """(row, base, stride) of this program's row (program_id 0) of a reduction over a dim of n_cols elements,
+    `inner` apart: element c of the row is at base + c * stride. Non-last dims are addressed in place rather
+    than transposed; the last dim gets the literal stride 1, so its loads vectorize."""
+    row = tl.program_id(0).to(tl.int64)
+    if LASTDIM:
+        base = row * n_cols
+        stride = 1
+    else:
+        base = (row // inner) * n_cols * inner + row % inner
+        stride = inner
+    return row, base, stride

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax import _row_base
+from .common import row_start
 
 MAX_BLOCK = 4096
 
@@ -30,12 +30,29 @@ def _class_weight(W, c, mask, ACC: tl.constexpr, HAS_W: tl.constexpr):
 
 
 @triton.jit
+def _target_weight(W, WSUM, t, n_cols, ACC: tl.constexpr, HAS_W: tl.constexpr):
+    """(w_t, W = sum of the weights) of a class-index row; 1 and C without weights."""
+    if HAS_W:
+        wt = tl.load(W + t).to(ACC)
+        wsum = tl.load(WSUM).to(ACC)
+    else:
+        wt = 1.0
+        wsum = n_cols * 1.0
+    return wt, wsum
+
+
+@triton.jit
+def _smoothing(EPS, n_cols):
+    """(1 - eps, eps / C): the target's share and every class's share of label smoothing eps."""
+    eps = tl.load(EPS)  # from memory: a float argument would be rounded to float32
+    return 1.0 - eps, eps / n_cols
+
+
+@triton.jit
 def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, FLAG, n_cols, inner, ignore_index, EPS,
                   ACC: tl.constexpr, BLOCK: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr,
                   SMOOTH: tl.constexpr, LASTDIM: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = _row_base(row, n_cols, inner, LASTDIM)
-    stride = 1 if LASTDIM else inner
+    row, base, stride = row_start(n_cols, inner, LASTDIM)
     cols = tl.arange(0, BLOCK)
     n_eff = n_cols
     if not PROB:
@@ -53,9 +70,7 @@ def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, FLAG, n_cols, inner, ignore_index, E
     # Weighted sums of x are taken as offsets from a pivot (the target's logit, or the row's first) and the loss
     # as offsets from the max, so rows of large logits (|x| ~ 1e4) lose no precision.
     pivot = tl.where(tl.abs(pivot) < float("inf"), pivot, 0.0)
-    eps = tl.load(EPS)  # from memory: a float argument would be rounded to float32
-    keep = 1.0 - eps
-    add = eps / n_cols
+    keep, add = _smoothing(EPS, n_cols)
     m_vec = tl.full([BLOCK], -float("inf"), ACC)
     s_vec = tl.zeros([BLOCK], ACC)
     sx_vec = tl.zeros([BLOCK], ACC)  # sum of w (x - pivot) (smoothing) or of w y' (x - pivot) (probabilities)
@@ -81,12 +96,7 @@ def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, FLAG, n_cols, inner, ignore_index, E
     if PROB:
         loss = tl.sum(sy_vec, 0) * ((m - pivot) + log_s) - tl.sum(sx_vec, 0)
     else:
-        if HAS_W:
-            wt = tl.load(W + t).to(ACC)
-            wsum = tl.load(WSUM).to(ACC)
-        else:
-            wt = 1.0
-            wsum = n_cols * 1.0
+        wt, wsum = _target_weight(W, WSUM, t, n_cols, ACC, HAS_W)
         loss = keep * wt * ((m - xt) + log_s)
         if SMOOTH:
             loss += add * (wsum * ((m - pivot) + log_s) - tl.sum(sx_vec, 0))
@@ -100,15 +110,11 @@ def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, FLAG, n_cols, inner, ignore_index, E
 def ce_bwd_kernel(G, X, T, W, WSUM, LSE, DX, n_cols, inner, ignore_index, EPS,
                   ACC: tl.constexpr, BLOCK: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr,
                   LASTDIM: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = _row_base(row, n_cols, inner, LASTDIM)
-    stride = 1 if LASTDIM else inner
+    row, base, stride = row_start(n_cols, inner, LASTDIM)
     cols = tl.arange(0, BLOCK)
     g = tl.load(G + row).to(ACC)
     lse = tl.load(LSE + row).to(ACC)
-    eps = tl.load(EPS)  # from memory: a float argument would be rounded to float32
-    keep = 1.0 - eps
-    add = eps / n_cols
+    keep, add = _smoothing(EPS, n_cols)
     if PROB:
         sy_vec = tl.zeros([BLOCK], ACC)
         for start in range(0, n_cols, BLOCK):
@@ -124,12 +130,7 @@ def ce_bwd_kernel(G, X, T, W, WSUM, LSE, DX, n_cols, inner, ignore_index, EPS,
         t = tl.load(T + row)
         live = (t != ignore_index) & (t >= 0) & (t < n_cols)
         t = tl.where(live, t, 0)
-        if HAS_W:
-            wt = tl.load(W + t).to(ACC)
-            wsum = tl.load(WSUM).to(ACC)
-        else:
-            wt = 1.0
-            wsum = n_cols * 1.0
+        wt, wsum = _target_weight(W, WSUM, t, n_cols, ACC, HAS_W)
         a = g * (keep * wt + add * wsum)
         gt = g * keep * wt
     for start in range(0, n_cols, BLOCK):

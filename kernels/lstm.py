@@ -30,29 +30,34 @@ def _tanh(x):
 
 
 @triton.jit
+def _load_gates(P, H, mask, ACC: tl.constexpr):
+    """The four gate blocks (i, f, g, o) of a (4 H) row: at P, P + H, P + 2 H and P + 3 H."""
+    return (tl.load(P, mask=mask, other=0.0).to(ACC), tl.load(P + H, mask=mask, other=0.0).to(ACC),
+            tl.load(P + 2 * H, mask=mask, other=0.0).to(ACC), tl.load(P + 3 * H, mask=mask, other=0.0).to(ACC))
+
+
+@triton.jit
+def _store_gates(P, H, i, f, g, o, mask, ty: tl.constexpr):
+    tl.store(P, cast_rtne(i, ty), mask=mask)
+    tl.store(P + H, cast_rtne(f, ty), mask=mask)
+    tl.store(P + 2 * H, cast_rtne(g, ty), mask=mask)
+    tl.store(P + 3 * H, cast_rtne(o, ty), mask=mask)
+
+
+@triton.jit
 def lstm_cell_fwd_kernel(G, Bias, C, HY, CY, ACT, H, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                          BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
-    g_row = G + row * 4 * H + cols
-    zi = tl.load(g_row, mask=mask, other=0.0).to(ACC)
-    zf = tl.load(g_row + H, mask=mask, other=0.0).to(ACC)
-    zg = tl.load(g_row + 2 * H, mask=mask, other=0.0).to(ACC)
-    zo = tl.load(g_row + 3 * H, mask=mask, other=0.0).to(ACC)
+    zi, zf, zg, zo = _load_gates(G + row * 4 * H + cols, H, mask, ACC)
     if HAS_BIAS:
-        zi += tl.load(Bias + cols, mask=mask, other=0.0).to(ACC)
-        zf += tl.load(Bias + H + cols, mask=mask, other=0.0).to(ACC)
-        zg += tl.load(Bias + 2 * H + cols, mask=mask, other=0.0).to(ACC)
-        zo += tl.load(Bias + 3 * H + cols, mask=mask, other=0.0).to(ACC)
+        bi, bf, bg, bo = _load_gates(Bias + cols, H, mask, ACC)
+        zi, zf, zg, zo = zi + bi, zf + bf, zg + bg, zo + bo
     i, f, g, o = _sigmoid(zi), _sigmoid(zf), _tanh(zg), _sigmoid(zo)
     c = f * tl.load(C + row * H + cols, mask=mask, other=0.0).to(ACC) + i * g
     ty = HY.dtype.element_ty
-    a_row = ACT + row * 4 * H + cols
-    tl.store(a_row, cast_rtne(i, ty), mask=mask)
-    tl.store(a_row + H, cast_rtne(f, ty), mask=mask)
-    tl.store(a_row + 2 * H, cast_rtne(g, ty), mask=mask)
-    tl.store(a_row + 3 * H, cast_rtne(o, ty), mask=mask)
+    _store_gates(ACT + row * 4 * H + cols, H, i, f, g, o, mask, ty)
     tl.store(CY + row * H + cols, cast_rtne(c, ty), mask=mask)
     tl.store(HY + row * H + cols, cast_rtne(o * _tanh(c), ty), mask=mask)
 
@@ -62,22 +67,15 @@ def lstm_cell_bwd_kernel(DH, DC, ACT, C, DG, DCX, H, ACC: tl.constexpr, BLOCK: t
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
-    a_row = ACT + row * 4 * H + cols
-    i = tl.load(a_row, mask=mask, other=0.0).to(ACC)
-    f = tl.load(a_row + H, mask=mask, other=0.0).to(ACC)
-    g = tl.load(a_row + 2 * H, mask=mask, other=0.0).to(ACC)
-    o = tl.load(a_row + 3 * H, mask=mask, other=0.0).to(ACC)
+    i, f, g, o = _load_gates(ACT + row * 4 * H + cols, H, mask, ACC)
     c0 = tl.load(C + row * H + cols, mask=mask, other=0.0).to(ACC)
     dh = tl.load(DH + row * H + cols, mask=mask, other=0.0).to(ACC)
     dc = tl.load(DC + row * H + cols, mask=mask, other=0.0).to(ACC)
     tc = _tanh(f * c0 + i * g)
     dc += dh * o * (1.0 - tc * tc)
     ty = DG.dtype.element_ty
-    d_row = DG + row * 4 * H + cols
-    tl.store(d_row, cast_rtne(dc * g * i * (1.0 - i), ty), mask=mask)
-    tl.store(d_row + H, cast_rtne(dc * c0 * f * (1.0 - f), ty), mask=mask)
-    tl.store(d_row + 2 * H, cast_rtne(dc * i * (1.0 - g * g), ty), mask=mask)
-    tl.store(d_row + 3 * H, cast_rtne(dh * tc * o * (1.0 - o), ty), mask=mask)
+    _store_gates(DG + row * 4 * H + cols, H, dc * g * i * (1.0 - i), dc * c0 * f * (1.0 - f),
+                 dc * i * (1.0 - g * g), dh * tc * o * (1.0 - o), mask, ty)
     tl.store(DCX + row * H + cols, cast_rtne(dc * f, ty), mask=mask)
 
 

@@ -11,25 +11,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast_rtne
+from .common import cast_rtne, row_start
 
 MAX_SINGLE = 8192  # fp32 row in registers: 8192 / (16 warps * 32 lanes) = 16 values a thread, no spills
 ONLINE_BLOCK = 4096
 
 
 @triton.jit
-def _row_base(row, n_cols, inner, LASTDIM: tl.constexpr):
-    if LASTDIM:
-        return row * n_cols
-    return (row // inner) * n_cols * inner + row % inner
-
-
-@triton.jit
 def softmax_fwd_kernel(X, Y, n_cols, inner, ACC: tl.constexpr, BLOCK: tl.constexpr, LOG: tl.constexpr,
                        LASTDIM: tl.constexpr, SINGLE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = _row_base(row, n_cols, inner, LASTDIM)
-    stride = 1 if LASTDIM else inner
+    _, base, stride = row_start(n_cols, inner, LASTDIM)
     cols = tl.arange(0, BLOCK)
     if SINGLE:
         mask = cols < n_cols
@@ -73,9 +64,7 @@ def softmax_fwd_kernel(X, Y, n_cols, inner, ACC: tl.constexpr, BLOCK: tl.constex
 def softmax_bwd_kernel(DY, Yp, DX, n_cols, inner, ACC: tl.constexpr, BLOCK: tl.constexpr, LOG: tl.constexpr,
                        LASTDIM: tl.constexpr, SINGLE: tl.constexpr):
     # softmax: dx = y * (dy - sum(dy * y));  log_softmax: dx = dy - exp(y) * sum(dy)
-    row = tl.program_id(0).to(tl.int64)
-    base = _row_base(row, n_cols, inner, LASTDIM)
-    stride = 1 if LASTDIM else inner
+    _, base, stride = row_start(n_cols, inner, LASTDIM)
     cols = tl.arange(0, BLOCK)
     if SINGLE:
         mask = cols < n_cols

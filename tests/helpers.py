@@ -25,6 +25,14 @@ def device_backends(op: str, reference: bool = False) -> list:
     return params
 
 
+def assert_raises_naming(call, exc, words) -> None:
+    """call() raises exc with every one of ``words`` (the argument it names, what is wrong) in its message."""
+    with pytest.raises(exc) as info:
+        call()
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in {info.value}"
+
+
 # Tolerances against a float64 reference for full-precision dtypes.
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
 LOW = (torch.float16, torch.bfloat16)

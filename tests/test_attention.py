@@ -7,7 +7,7 @@ import torch.nn.functional as TF
 import fastnn
 import fastnn.functional as F
 from fastnn.ops.attention import _additive_mask
-from helpers import assert_matches, device_backends
+from helpers import assert_matches, assert_raises_naming, device_backends
 
 BACKENDS = device_backends("attention")
 CPU_BACKENDS = [p.values[1] for p in BACKENDS if p.values[0] == "cpu"]
@@ -303,10 +303,7 @@ def _t(*shape, dtype=torch.float32):
                                             0.0, False, 1.0, 0), RuntimeError, ["attn_mask"]),
 ])
 def test_bad_input_raises_clear_error(call, exc, words):
-    with pytest.raises(exc) as info:
-        call()
-    for w in words:
-        assert w in str(info.value), f"{w!r} not in {info.value}"
+    assert_raises_naming(call, exc, words)
 
 
 # ---- modules ---------------------------------------------------------------------------------------------------

@@ -33,38 +33,10 @@ namespace fastnn::cpu {
 namespace {
 
 using attention::Geometry;
+using attention::Params;
 
 constexpr int64_t kBQ = 64;   // queries per tile
 constexpr int64_t kBK = 256;  // keys per tile
-
-template <typename A> struct Params {
-  Geometry g;
-  A scale;
-  bool causal;
-  const A* mask = nullptr;  // additive, indexed with the strides below (0 along broadcast dims)
-  int64_t smb = 0, smh = 0, smm = 0, smn = 0;
-  const bool* kpm = nullptr;  // (B, Lk), true = pad
-  bool dropout;
-  uint64_t seed;
-  uint32_t thresh;
-  A drop_scale;
-};
-
-template <typename A>
-Params<A> make_params(const Geometry& g, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& kpm,
-                      double dropout_p, bool causal, double scale, int64_t seed) {
-  Params<A> p{g, A(scale), causal};
-  if (mask) {
-    p.mask = mask->const_data_ptr<A>();
-    p.smb = mask->stride(0), p.smh = mask->stride(1), p.smm = mask->stride(2), p.smn = mask->stride(3);
-  }
-  if (kpm) p.kpm = kpm->const_data_ptr<bool>();
-  p.dropout = dropout_p > 0;
-  p.seed = uint64_t(seed);
-  p.thresh = attention::dropout_threshold(dropout_p);
-  p.drop_scale = dropout_p < 1 ? A(1.0 / (1.0 - dropout_p)) : A(0);
-  return p;
-}
 
 }  // namespace
 }  // namespace fastnn::cpu
@@ -132,7 +104,7 @@ void finish_scores(const Params<A>& p, int64_t b, int64_t h, int64_t i, int64_t 
     }
   }
   if (p.kpm) {
-    const bool* pr = p.kpm + b * p.g.Lk + j0;
+    const bool* pr = p.kpm + b * p.Lk + j0;
     for (int64_t j = 0; j < n; ++j) s[j] = pr[j] ? ninf : s[j];
   }
   if (p.causal) {
@@ -142,7 +114,7 @@ void finish_scores(const Params<A>& p, int64_t b, int64_t h, int64_t i, int64_t 
 
 template <typename A>
 void attention_fwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, A* o, A* lse) {
-  const auto& g = p.g;
+  const Geometry& g = p;
   const int64_t D = g.D, nqb = (g.Lq + kBQ - 1) / kBQ;
   at::parallel_for(0, g.B * g.H * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> S(kBQ * kBK), acc(kBQ * D), m(kBQ), l(kBQ);
@@ -200,7 +172,7 @@ void attention_fwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, 
 template <typename A>
 void attention_bwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, const A* o, const A* dO,
                         const A* lse, A* dq, A* dk, A* dv) {
-  const auto& g = p.g;
+  const Geometry& g = p;
   const int64_t D = g.D;
   at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> P(kBQ * kBK), dS(kBQ * kBK), dKc(kBK * D), dVc(kBK * D), delta(g.Lq);
@@ -269,8 +241,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
                                                      double dropout_p, bool is_causal, double scale, int64_t seed) {
   const Geometry g = attention::check_args(query, key, value, attn_mask, key_padding_mask, dropout_p);
   const at::Tensor q = compute(query), k = compute(key), v = compute(value);
-  std::optional<at::Tensor> kpm;
-  if (key_padding_mask) kpm = key_padding_mask->contiguous();
+  const auto kpm = attention::contiguous_kpm(key_padding_mask);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({g.B, g.H, g.Lq}, q.options());
   if (g.Lk == 0) {  // nothing to attend to anywhere
@@ -278,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
     lse.fill_(std::numeric_limits<double>::infinity());
   } else if (out.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd_cpu", [&] {
-      const auto p = make_params<scalar_t>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);
+      const auto p = attention::make_params<scalar_t>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);
       attention_fwd_impl<scalar_t>(p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                                    v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                                    lse.mutable_data_ptr<scalar_t>());
@@ -296,15 +267,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       attention::check_bwd_args(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p);
   const at::Tensor q = compute(query), k = compute(key), v = compute(value), o = compute(out),
                    dO = compute(grad_out), L = lse.contiguous();
-  std::optional<at::Tensor> kpm;
-  if (key_padding_mask) kpm = key_padding_mask->contiguous();
+  const auto kpm = attention::contiguous_kpm(key_padding_mask);
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
              dv = at::zeros(v.sizes(), v.options());
   if (q.numel() == 0 || k.numel() == 0) {
     dq.zero_();
   } else {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_bwd_cpu", [&] {
-      const auto p = make_params<scalar_t>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);
+      const auto p = attention::make_params<scalar_t>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);
       attention_bwd_impl<scalar_t>(p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                                    v.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
                                    dO.const_data_ptr<scalar_t>(), L.const_data_ptr<scalar_t>(),

@@ -121,30 +121,24 @@ at::Tensor bce_with_logits_fwd_cpu(const at::Tensor& input, const at::Tensor& ta
   bce::check_args(input, target, weight, pos_weight, reduction);
   const at::Tensor x = input.contiguous(), y = target.contiguous();
   const int64_t n = x.numel();
-  at::Tensor out = reduction == at::Reduction::None ? at::empty(x.sizes(), x.options()) : at::empty({}, x.options());
+  at::Tensor out = bce::fwd_output(x, reduction);
+  if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bce_with_logits_fwd_cpu", [&] {
     using T = scalar_t;
     const T *xp = x.const_data_ptr<T>(), *yp = y.const_data_ptr<T>();
-    if (reduction != at::Reduction::None && n == 0) {
-      out.mutable_data_ptr<T>()[0] = static_cast<T>(reduction == at::Reduction::Mean ? NAN : 0.0);  // as torch
-      return;
-    }
-    if (n == 0) return;
-    Operand<T> w, pw;
-    const at::Tensor keep_w = bce::make_operand(weight, x.sizes(), w);
-    const at::Tensor keep_pw = bce::make_operand(pos_weight, x.sizes(), pw);
-    const bool has_pw = pos_weight.has_value();
+    const bce::Operands<T> o(x, weight, pos_weight);
     if (reduction == at::Reduction::None) {
       T* op = out.mutable_data_ptr<T>();
       at::parallel_for(0, n, kGrain,
-                       [&](int64_t b, int64_t e) { fwd_range<T, false>(xp, yp, w, pw, has_pw, op, b, e); });
+                       [&](int64_t b, int64_t e) { fwd_range<T, false>(xp, yp, o.w, o.pw, o.has_pw, op, b, e); });
       return;
     }
     const int64_t chunks = (n + kChunk - 1) / kChunk;
     std::vector<double> partial(chunks);
     at::parallel_for(0, chunks, kGrain / kChunk, [&](int64_t b, int64_t e) {
       for (int64_t c = b; c < e; ++c)
-        partial[c] = fwd_range<T, true>(xp, yp, w, pw, has_pw, nullptr, c * kChunk, std::min(n, (c + 1) * kChunk));
+        partial[c] = fwd_range<T, true>(xp, yp, o.w, o.pw, o.has_pw, nullptr, c * kChunk,
+                                        std::min(n, (c + 1) * kChunk));
     });
     double total = 0;
     for (double s : partial) total += s;
@@ -158,28 +152,26 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_bwd_cpu(const at::Tensor& gra
                                                            const std::optional<at::Tensor>& weight,
                                                            const std::optional<at::Tensor>& pos_weight,
                                                            int64_t reduction, bool input_grad, bool target_grad) {
-  bce::check_args(input, target, weight, pos_weight, reduction);
-  bce::check_grad_output(grad_output, input, reduction);
+  bce::check_bwd_args(grad_output, input, target, weight, pos_weight, reduction);
   const at::Tensor x = input.contiguous(), y = target.contiguous();
   const int64_t n = x.numel();
-  at::Tensor dx = input_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  at::Tensor dy = target_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor dx, dy;
+  std::tie(dx, dy) = bce::bwd_outputs(x, input_grad, target_grad);
   if (n == 0 || !(input_grad || target_grad)) return {dx, dy};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bce_with_logits_bwd_cpu", [&] {
     using T = scalar_t;
     const T *xp = x.const_data_ptr<T>(), *yp = y.const_data_ptr<T>();
-    Operand<T> w, pw, g;
-    const at::Tensor keep_w = bce::make_operand(weight, x.sizes(), w);
-    const at::Tensor keep_pw = bce::make_operand(pos_weight, x.sizes(), pw);
-    const at::Tensor keep_g = bce::make_operand(std::optional<at::Tensor>(grad_output), x.sizes(), g);
-    const acc_t<T> scale = reduction == at::Reduction::Mean ? acc_t<T>(1) / acc_t<T>(n) : acc_t<T>(1);
-    const bool has_pw = pos_weight.has_value();
+    const bce::Operands<T> o(x, weight, pos_weight, grad_output);
+    const auto scale = bce::grad_scale<acc_t<T>>(reduction, n);
     T* dxp = input_grad ? dx.mutable_data_ptr<T>() : nullptr;
     T* dyp = target_grad ? dy.mutable_data_ptr<T>() : nullptr;
     at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      if (input_grad && target_grad) bwd_range<T, true, true>(xp, yp, w, pw, g, scale, has_pw, dxp, dyp, b, e);
-      else if (input_grad) bwd_range<T, true, false>(xp, yp, w, pw, g, scale, has_pw, dxp, dyp, b, e);
-      else bwd_range<T, false, true>(xp, yp, w, pw, g, scale, has_pw, dxp, dyp, b, e);
+      if (input_grad && target_grad)
+        bwd_range<T, true, true>(xp, yp, o.w, o.pw, o.g, scale, o.has_pw, dxp, dyp, b, e);
+      else if (input_grad)
+        bwd_range<T, true, false>(xp, yp, o.w, o.pw, o.g, scale, o.has_pw, dxp, dyp, b, e);
+      else
+        bwd_range<T, false, true>(xp, yp, o.w, o.pw, o.g, scale, o.has_pw, dxp, dyp, b, e);
     });
   });
   return {dx, dy};

@@ -212,10 +212,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& input
                                                          int64_t ignore_index, double label_smoothing,
                                                          bool /*inplace_backward*/) {
   const CeCall c = prepare(input, target, weight, ignore_index, label_smoothing);
-  const auto opts = c.x.options().dtype(ce_acc_type(c.x.scalar_type()));
-  at::Tensor loss = at::empty(ce_row_shape(c.x), opts), lse = at::empty(ce_row_shape(c.x), opts);
+  at::Tensor loss, lse;
+  std::tie(loss, lse) = ce_fwd_outputs(c.x, c.g);
   if (c.g.rows() == 0) return {loss, lse};
-  TORCH_CHECK(c.g.classes > 0, "cross_entropy: input has no classes (C = 0)");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.x.scalar_type(), "cross_entropy_fwd_cpu", [&] {
     using A = acc_t<scalar_t>;
     const Weights<scalar_t, A> w(weight, label_smoothing, c.g.classes);
@@ -266,9 +265,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
     double label_smoothing, int64_t chunk) {
-  check_linear_ce_args(input, weight, bias, target, class_weight, chunk);
-  const int64_t V = weight.size(0);
-  TORCH_CHECK(V > 0, "linear_cross_entropy: weight has no rows (V = 0)");
+  const int64_t V = check_linear_ce_fwd_args(input, weight, bias, target, class_weight, chunk);
   const at::Tensor t = target.contiguous();
   check_targets(t.const_data_ptr<int64_t>(), t.numel(), V, ignore_index);
   std::tuple<at::Tensor, at::Tensor> out;
@@ -289,9 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
     const at::Tensor& lse, int64_t ignore_index, double label_smoothing, int64_t chunk) {
-  check_linear_ce_args(input, weight, bias, target, class_weight, chunk);
-  const int64_t V = weight.size(0);
-  check_ce_bwd_args(grad_loss, lse, CeGeometry{input.size(0), V, 1}, input);
+  const int64_t V = check_linear_ce_bwd_args(grad_loss, input, weight, bias, target, class_weight, lse, chunk);
   const at::Tensor t = target.contiguous();
   check_targets(t.const_data_ptr<int64_t>(), t.numel(), V, ignore_index);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;

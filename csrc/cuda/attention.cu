@@ -26,18 +26,7 @@ constexpr int kTile = 32;  // keys (forward, dQ) or queries (dK/dV) per shared-m
 constexpr int kRows = 4;   // warps per block, one row each
 constexpr int kMaxDPL = 8; // head-dim elements per lane: D <= 256
 
-template <typename A> struct Params {
-  int64_t B, H, Lq, Lk, D;
-  A scale;
-  bool causal;
-  const A* mask;  // additive, strides below (0 along broadcast dims), or null
-  int64_t smb, smh, smm, smn;
-  const bool* kpm;  // (B, Lk) or null
-  bool dropout;
-  uint64_t seed;
-  uint32_t thresh;
-  A drop_scale;
-};
+using attention::Params;
 
 template <typename A> __device__ __forceinline__ A warp_max(A x) {
   for (int o = 16; o > 0; o >>= 1) x = max(x, __shfl_xor_sync(0xffffffffu, x, o));
@@ -262,23 +251,6 @@ __global__ void attn_bwd_dkdv_kernel(Params<A> p, const T* q, const T* k, const 
   }
 }
 
-template <typename A>
-Params<A> make_params(const attention::Geometry& g, const std::optional<at::Tensor>& mask,
-                      const std::optional<at::Tensor>& kpm, double dropout_p, bool causal, double scale,
-                      int64_t seed) {
-  Params<A> p{g.B, g.H, g.Lq, g.Lk, g.D, A(scale), causal, nullptr, 0, 0, 0, 0, nullptr};
-  if (mask) {
-    p.mask = mask->const_data_ptr<A>();
-    p.smb = mask->stride(0), p.smh = mask->stride(1), p.smm = mask->stride(2), p.smn = mask->stride(3);
-  }
-  if (kpm) p.kpm = kpm->const_data_ptr<bool>();
-  p.dropout = dropout_p > 0;
-  p.seed = uint64_t(seed);
-  p.thresh = attention::dropout_threshold(dropout_p);
-  p.drop_scale = dropout_p < 1 ? A(1.0 / (1.0 - dropout_p)) : A(0);
-  return p;
-}
-
 template <typename A> size_t smem_bytes(int64_t D, int staged_rows) {
   return sizeof(A) * (kTile * (D + 1) + staged_rows * kRows * D);
 }
@@ -296,9 +268,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
   const auto g = attention::check_args(query, key, value, attn_mask, key_padding_mask, dropout_p);
   const c10::cuda::CUDAGuard guard(query.device());
   const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
-  std::optional<at::Tensor> kpm;
-  if (key_padding_mask) kpm = key_padding_mask->contiguous();
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto kpm = attention::contiguous_kpm(key_padding_mask);
+  const auto acc = attention::acc_type(q.scalar_type());
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({g.B, g.H, g.Lq}, q.options().dtype(acc));
   if (g.Lk == 0) {
@@ -311,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cuda", [&] {
     using A = at::acc_type<scalar_t, true>;
-    const auto p = make_params<A>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);
+    const auto p = attention::make_params<A>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);
     const size_t bytes = smem_bytes<A>(g.D, 1);
     allow_smem(attn_fwd_kernel<scalar_t, A>, bytes);
     attn_fwd_kernel<scalar_t, A><<<grid, kRows * 32, bytes, stream>>>(
@@ -329,12 +300,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     int64_t seed) {
   const auto g =
       attention::check_bwd_args(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p);
-  const auto acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = attention::acc_type(query.scalar_type());
   const c10::cuda::CUDAGuard guard(query.device());
   const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous(), o = out.contiguous(),
                    dO = grad_out.contiguous(), L = lse.contiguous();
-  std::optional<at::Tensor> kpm;
-  if (key_padding_mask) kpm = key_padding_mask->contiguous();
+  const auto kpm = attention::contiguous_kpm(key_padding_mask);
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
              dv = at::empty(v.sizes(), v.options());
   if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
@@ -342,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cuda", [&] {
     using A = at::acc_type<scalar_t, true>;
-    const auto p = make_params<A>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);
+    const auto p = attention::make_params<A>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);
     const int64_t rows = g.B * g.H * g.Lq;
     attn_delta_kernel<scalar_t, A><<<(rows + kRows - 1) / kRows, kRows * 32, 0, stream>>>(
         rows, g.D, dO.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), delta.mutable_data_ptr<A>());

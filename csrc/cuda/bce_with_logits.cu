@@ -10,7 +10,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -116,27 +115,24 @@ at::Tensor bce_with_logits_fwd_cuda(const at::Tensor& input, const at::Tensor& t
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous(), y = target.contiguous();
   const int64_t n = x.numel();
-  const bool reduce = reduction != at::Reduction::None;
-  if (reduce && n == 0) return at::full({}, reduction == at::Reduction::Mean ? NAN : 0.0, x.options());  // as torch
-  at::Tensor out = reduce ? at::empty({}, x.options()) : at::empty(x.sizes(), x.options());
+  at::Tensor out = bce::fwd_output(x, reduction);
   if (n == 0) return out;
   const int blocks = grid_for(n);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bce_with_logits_fwd_cuda", [&] {
     using T = scalar_t;
     using A = at::opmath_type<T>;
-    Operand<T> w, pw;
-    const at::Tensor keep_w = bce::make_operand(weight, x.sizes(), w);
-    const at::Tensor keep_pw = bce::make_operand(pos_weight, x.sizes(), pw);
+    const bce::Operands<T> o(x, weight, pos_weight);
     const T *xp = x.const_data_ptr<T>(), *yp = y.const_data_ptr<T>();
-    if (!reduce) {
-      bce_fwd_kernel<T, false><<<blocks, kThreads, 0, stream>>>(xp, yp, w, pw, out.mutable_data_ptr<T>(), nullptr, n);
+    if (reduction == at::Reduction::None) {
+      bce_fwd_kernel<T, false><<<blocks, kThreads, 0, stream>>>(xp, yp, o.w, o.pw, out.mutable_data_ptr<T>(),
+                                                                nullptr, n);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
     at::Tensor partial = at::empty({blocks}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
     A* pp = partial.mutable_data_ptr<A>();
-    bce_fwd_kernel<T, true><<<blocks, kThreads, 0, stream>>>(xp, yp, w, pw, nullptr, pp, n);
+    bce_fwd_kernel<T, true><<<blocks, kThreads, 0, stream>>>(xp, yp, o.w, o.pw, nullptr, pp, n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     bce_finish_kernel<T><<<1, kThreads, 0, stream>>>(pp, blocks, n, reduction == at::Reduction::Mean,
                                                      out.mutable_data_ptr<T>());
@@ -150,34 +146,29 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_bwd_cuda(const at::Tensor& gr
                                                             const std::optional<at::Tensor>& weight,
                                                             const std::optional<at::Tensor>& pos_weight,
                                                             int64_t reduction, bool input_grad, bool target_grad) {
-  bce::check_args(input, target, weight, pos_weight, reduction);
-  bce::check_grad_output(grad_output, input, reduction);
+  bce::check_bwd_args(grad_output, input, target, weight, pos_weight, reduction);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous(), y = target.contiguous();
   const int64_t n = x.numel();
-  at::Tensor dx = input_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  at::Tensor dy = target_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor dx, dy;
+  std::tie(dx, dy) = bce::bwd_outputs(x, input_grad, target_grad);
   if (n == 0 || !(input_grad || target_grad)) return {dx, dy};
   const int blocks = grid_for(n);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bce_with_logits_bwd_cuda", [&] {
     using T = scalar_t;
     using A = at::opmath_type<T>;
-    Operand<T> w, pw, g;
-    const at::Tensor keep_w = bce::make_operand(weight, x.sizes(), w);
-    const at::Tensor keep_pw = bce::make_operand(pos_weight, x.sizes(), pw);
-    const at::Tensor keep_g = bce::make_operand(std::optional<at::Tensor>(grad_output), x.sizes(), g);
-    const A scale = reduction == at::Reduction::Mean ? A(1) / A(n) : A(1);
-    const bool has_pw = pos_weight.has_value();
+    const bce::Operands<T> o(x, weight, pos_weight, grad_output);
+    const A scale = bce::grad_scale<A>(reduction, n);
     const T *xp = x.const_data_ptr<T>(), *yp = y.const_data_ptr<T>();
     T* dxp = input_grad ? dx.mutable_data_ptr<T>() : nullptr;
     T* dyp = target_grad ? dy.mutable_data_ptr<T>() : nullptr;
-    if (input_grad && target_grad)
-      bce_bwd_kernel<T, true, true><<<blocks, kThreads, 0, stream>>>(xp, yp, w, pw, g, scale, has_pw, dxp, dyp, n);
-    else if (input_grad)
-      bce_bwd_kernel<T, true, false><<<blocks, kThreads, 0, stream>>>(xp, yp, w, pw, g, scale, has_pw, dxp, dyp, n);
-    else
-      bce_bwd_kernel<T, false, true><<<blocks, kThreads, 0, stream>>>(xp, yp, w, pw, g, scale, has_pw, dxp, dyp, n);
+    auto go = [&](auto kernel) {
+      kernel<<<blocks, kThreads, 0, stream>>>(xp, yp, o.w, o.pw, o.g, scale, o.has_pw, dxp, dyp, n);
+    };
+    if (input_grad && target_grad) go(bce_bwd_kernel<T, true, true>);
+    else if (input_grad) go(bce_bwd_kernel<T, true, false>);
+    else go(bce_bwd_kernel<T, false, true>);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dx, dy};

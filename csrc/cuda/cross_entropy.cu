@@ -140,10 +140,18 @@ __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const acc_t<T>* __rest
   }
 }
 
-// Weight sum on the device (no sync); null without weights.
-at::Tensor weight_sum(const std::optional<at::Tensor>& w, at::ScalarType acc) {
-  return w.has_value() ? w->sum(acc) : at::Tensor();
-}
+// The class weights as the kernels read them: contiguous, with their sum on the device (no sync); null pointers
+// without weights.
+struct DeviceWeights {
+  at::Tensor w, sum;
+  DeviceWeights(const std::optional<at::Tensor>& weight, at::ScalarType x_type) {
+    if (!weight.has_value()) return;
+    w = weight->contiguous();
+    sum = weight->sum(ce_acc_type(x_type));
+  }
+  template <typename T> const T* data() const { return w.defined() ? w.const_data_ptr<T>() : nullptr; }
+  template <typename A> const A* sum_data() const { return sum.defined() ? sum.const_data_ptr<A>() : nullptr; }
+};
 
 RowArgs row_args(const CeGeometry& g, int64_t ignore_index, double eps) {
   return RowArgs{g.classes, g.inner, ignore_index, eps};
@@ -154,18 +162,15 @@ void launch_fwd(const at::Tensor& x, const at::Tensor& t, const std::optional<at
                 int64_t ignore_index, double eps, at::Tensor& loss, at::Tensor& lse, at::Tensor& flag) {
   if (g.rows() == 0) return;
   const bool prob = t.is_floating_point();
-  const at::Tensor wc = w.has_value() ? w->contiguous() : at::Tensor();
+  const DeviceWeights dw(w, x.scalar_type());
+  const RowArgs a = row_args(g, ignore_index, eps);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_fwd_cuda", [&] {
     using A = acc_t<scalar_t>;
-    const at::Tensor ws = weight_sum(w, ce_acc_type(x.scalar_type()));
-    const auto* wp = wc.defined() ? wc.const_data_ptr<scalar_t>() : nullptr;
-    const auto* wsp = ws.defined() ? ws.const_data_ptr<A>() : nullptr;
-    const RowArgs a = row_args(g, ignore_index, eps);
     auto go = [&](auto kernel) {
-      kernel<<<g.rows(), kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), t.const_data_ptr(), wp, wsp,
-                                                loss.mutable_data_ptr<A>(), lse.mutable_data_ptr<A>(),
-                                                flag.mutable_data_ptr<int64_t>(), a);
+      kernel<<<g.rows(), kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), t.const_data_ptr(),
+                                                dw.data<scalar_t>(), dw.sum_data<A>(), loss.mutable_data_ptr<A>(),
+                                                lse.mutable_data_ptr<A>(), flag.mutable_data_ptr<int64_t>(), a);
     };
     if (prob) go(ce_fwd_kernel<scalar_t, true, true>);
     else if (eps > 0) go(ce_fwd_kernel<scalar_t, false, true>);
@@ -178,19 +183,16 @@ void launch_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t
                 const std::optional<at::Tensor>& w, const at::Tensor& lse, const CeGeometry& g, int64_t ignore_index,
                 double eps, at::Tensor& dx) {
   if (g.rows() == 0 || g.classes == 0) return;
-  const at::Tensor wc = w.has_value() ? w->contiguous() : at::Tensor();
+  const DeviceWeights dw(w, x.scalar_type());
+  const RowArgs a = row_args(g, ignore_index, eps);
   const at::Tensor gc = grad.contiguous(), lc = lse.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_bwd_cuda", [&] {
     using A = acc_t<scalar_t>;
-    const at::Tensor ws = weight_sum(w, ce_acc_type(x.scalar_type()));
-    const auto* wp = wc.defined() ? wc.const_data_ptr<scalar_t>() : nullptr;
-    const auto* wsp = ws.defined() ? ws.const_data_ptr<A>() : nullptr;
-    const RowArgs a = row_args(g, ignore_index, eps);
     auto go = [&](auto kernel) {
       kernel<<<g.rows(), kThreads, 0, stream>>>(gc.const_data_ptr<A>(), x.const_data_ptr<scalar_t>(),
-                                                t.const_data_ptr(), wp, wsp, lc.const_data_ptr<A>(),
-                                                dx.mutable_data_ptr<scalar_t>(), a);
+                                                t.const_data_ptr(), dw.data<scalar_t>(), dw.sum_data<A>(),
+                                                lc.const_data_ptr<A>(), dx.mutable_data_ptr<scalar_t>(), a);
     };
     if (t.is_floating_point()) go(ce_bwd_kernel<scalar_t, true>);
     else go(ce_bwd_kernel<scalar_t, false>);
@@ -216,10 +218,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& inpu
   const CeGeometry g = check_ce_args(input, target, weight, label_smoothing, prob);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous(), t = target.contiguous();
-  const auto opts = x.options().dtype(ce_acc_type(x.scalar_type()));
-  at::Tensor loss = at::empty(ce_row_shape(x), opts), lse = at::empty(ce_row_shape(x), opts);
+  at::Tensor loss, lse;
+  std::tie(loss, lse) = ce_fwd_outputs(x, g);
   if (g.rows() == 0) return {loss, lse};
-  TORCH_CHECK(g.classes > 0, "cross_entropy: input has no classes (C = 0)");
   at::Tensor flag = new_flag(x);
   launch_fwd(x, t, weight, g, ignore_index, label_smoothing, loss, lse, flag);
   if (!prob) report_bad_target(flag, g.classes, ignore_index);
@@ -255,9 +256,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cuda(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
     double label_smoothing, int64_t chunk) {
-  check_linear_ce_args(input, weight, bias, target, class_weight, chunk);
-  const int64_t V = weight.size(0);
-  TORCH_CHECK(V > 0, "linear_cross_entropy: weight has no rows (V = 0)");
+  const int64_t V = check_linear_ce_fwd_args(input, weight, bias, target, class_weight, chunk);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor flag = new_flag(input);
   auto out = linear_ce_forward(input, weight, bias, target, chunk,
@@ -273,9 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cuda(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
     const at::Tensor& lse, int64_t ignore_index, double label_smoothing, int64_t chunk) {
-  check_linear_ce_args(input, weight, bias, target, class_weight, chunk);
-  const int64_t V = weight.size(0);
-  check_ce_bwd_args(grad_loss, lse, CeGeometry{input.size(0), V, 1}, input);
+  const int64_t V = check_linear_ce_bwd_args(grad_loss, input, weight, bias, target, class_weight, lse, chunk);
   const c10::cuda::CUDAGuard guard(input.device());
   return linear_ce_backward(grad_loss, input, weight, bias, target, lse, chunk,
                             [&](const at::Tensor& gs, at::Tensor& logits, const at::Tensor& ts, const at::Tensor& ls) {

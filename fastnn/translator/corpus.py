@@ -205,27 +205,22 @@ def _clause(r: random.Random):
         sk, se, person = "너", "you", "2"
     kind = r.random()
     place_ko = place_en = None
-    if kind < 0.55:
-        v = r.choice(VERBS)
-        ok, oe = _noun_phrase(r, v.objects)
-        if r.random() < 0.3:
-            pk, pe, _ = r.choice(PLACES)
-            place_ko, place_en = pk + "에서", pe
-        ko_core = f"{obj(ok)} {_ko_verb(v, tense, neg, question)}"
+    if kind < 0.88:  # a verb and its argument: an object (maybe at a place), "to" a place or "at" a place
+        if kind < 0.55:
+            v = r.choice(VERBS)
+            ok, oe = _noun_phrase(r, v.objects)
+            if r.random() < 0.3:
+                pk, pe, _ = r.choice(PLACES)
+                place_ko, place_en = pk + "에서", pe
+            arg_ko, arg_en = obj(ok), oe
+        else:
+            motion = kind < 0.75
+            v = r.choice(MOTION if motion else INTRANSITIVE)
+            pk, at, to = r.choice(PLACES)
+            arg_ko, arg_en = (pk + "에", to) if motion else (pk + "에서", at)
+        ko_core = f"{arg_ko} {_ko_verb(v, tense, neg, question)}"
         aux, main = _en_verb(v, tense, neg, person, question)
-        en_tail = f"{main} {oe}"
-    elif kind < 0.75:
-        v = r.choice(MOTION)
-        pk, _, pe = r.choice(PLACES)
-        ko_core = f"{pk}에 {_ko_verb(v, tense, neg, question)}"
-        aux, main = _en_verb(v, tense, neg, person, question)
-        en_tail = f"{main} {pe}"
-    elif kind < 0.88:
-        v = r.choice(INTRANSITIVE)
-        pk, pe, _ = r.choice(PLACES)
-        ko_core = f"{pk}에서 {_ko_verb(v, tense, neg, question)}"
-        aux, main = _en_verb(v, tense, neg, person, question)
-        en_tail = f"{main} {pe}"
+        en_tail = f"{main} {arg_en}"
     else:  # adjective predicate: "The X is (not) very big." / "I was tired."
         stem, pres, past, adj = r.choice(ADJECTIVES)
         tense = "past" if tense == "past" else "present"

@@ -43,6 +43,13 @@ class Cleaning:
             raise DataError(f"{where}: {why} (set data.clean: true to skip such lines)")
         self.skipped[why] = self.skipped.get(why, 0) + 1
 
+    def too_long(self, ko: str, en: str) -> bool:
+        """Whether the pair is over max_len on either side (then counted as skipped)."""
+        if self.max_len and max(len(ko), len(en)) > self.max_len:
+            self.skipped["too long"] = self.skipped.get("too long", 0) + 1
+            return True
+        return False
+
 
 def _decode_lines(raw: bytes, name: str, clean: Cleaning) -> list[str | None]:
     """Lines of a UTF-8 file; an undecodable line is an error naming it, or None when cleaning."""
@@ -73,8 +80,7 @@ def _pair_up(ko: list, en: list, ko_name: str, en_name: str, clean: Cleaning) ->
         if not k or not e:
             clean.bad("empty line", f"{ko_name if not k else en_name}:{i}")
             continue
-        if clean.max_len and max(len(k), len(e)) > clean.max_len:
-            clean.skipped["too long"] = clean.skipped.get("too long", 0) + 1
+        if clean.too_long(k, e):
             continue
         pairs.append((k, e))
     return pairs
@@ -106,8 +112,7 @@ def read_tsv(path: str, clean: Cleaning | None = None) -> list[Pair]:
         if not en or not ko:
             clean.bad("empty " + ("English" if not en else "Korean") + " column", f"{path}:{i}")
             continue
-        if clean.max_len and max(len(ko), len(en)) > clean.max_len:
-            clean.skipped["too long"] = clean.skipped.get("too long", 0) + 1
+        if clean.too_long(ko, en):
             continue
         pairs.append((ko, en))
     return pairs
