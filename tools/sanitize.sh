@@ -29,12 +29,23 @@ ubsan="$(gcc -print-file-name=libubsan.so)"
 # Python and torch leak by design (detect_leaks=0); torch's own allocator is not instrumented, so only fastnn's
 # code is checked. halt_on_error makes any report fatal; the pytest exit status then fails the step.
 export LD_PRELOAD="$asan $ubsan"
-export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:detect_odr_violation=0:allocator_may_return_null=1"
-export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+# Reports also go to files under $work/reports: a report from a process whose exit status nobody checks (a
+# subprocess, an xdist worker that pytest replaced) still fails the step.
+mkdir -p "$work/reports"
+export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:detect_odr_violation=0:allocator_may_return_null=1:log_path=$work/reports/asan"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$work/reports/ubsan"
 export PYTHONPATH="$work" TRITON_INTERPRET=1 PYTHONUNBUFFERED=1
 # The native backend's tests (Triton's interpreter runs no fastnn C++ and is slow under ASan), the bad-input
 # contract and the fuzz's native cases.
 if [ $# -eq 0 ]; then set -- tests -k "native or contract"; fi
 "$venv/bin/python" -c "import fastnn, sys; assert fastnn.__file__.startswith('$work'), fastnn.__file__"
-"$venv/bin/python" -m pytest -q -p no:cacheprovider -x -n "${PYTEST_WORKERS:-2}" "$@"
+status=0
+timeout "${FASTNN_SANITIZE_TIMEOUT:-2400}" "$venv/bin/python" -m pytest -q -p no:cacheprovider -x \
+    -n "${PYTEST_WORKERS:-2}" "$@" || status=$?
+if compgen -G "$work/reports/*" >/dev/null; then
+    echo "sanitize: sanitizer reports:"
+    cat "$work"/reports/*
+    exit 1
+fi
+[ $status -eq 0 ] || { echo "sanitize: pytest failed (status $status; 124 = timed out)"; exit $status; }
 echo "sanitize: clean in $((SECONDS - start)) s"
