@@ -102,9 +102,10 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     Args:
         input: logits (N, C), (N, C, d1, ...) or (C,); float32/float64/float16/bfloat16 (half types accumulate
             in float32).
-        target: class indices (N,), (N, d1, ...) or () of an integer dtype, each in [0, C) or ``ignore_index``;
-            or class probabilities of ``input``'s shape (floating; cast to ``input``'s dtype).
-        weight: (C,) rescaling weight per class (no gradient).
+        target: class indices (N,), (N, d1, ...) or () of dtype int64 (or uint8, as torch), each in [0, C) or
+            ``ignore_index``; or class probabilities of ``input``'s shape (floating; as in torch, the loss is
+            computed and returned in the promoted dtype of ``input`` and ``target``).
+        weight: (C,) rescaling weight per class, ``input``'s dtype (no gradient).
         size_average, reduce: deprecated, as in torch (they override ``reduction``).
         ignore_index: a class-index target equal to it contributes no loss and no gradient.
         reduction: "none" (input's shape without C), "mean" (weighted mean over non-ignored targets: NaN when
@@ -118,8 +119,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     Returns:
         The loss: a scalar, or (N, d1, ...) for "none", in ``input``'s dtype.
     Raises:
-        TypeError: ``input`` or ``weight`` not a floating tensor, ``target`` not a tensor or of bool/complex
-            dtype, or ``ignore_index`` not an int.
+        TypeError: ``input`` or ``weight`` not a floating tensor, ``weight`` of another dtype than ``input``,
+            ``target`` not a tensor or class indices of another dtype than int64/uint8 (int32, bool, ...), or
+            ``ignore_index`` not an int.
         ValueError: a 0-d ``input``; ``target`` of the wrong shape (class indices: input's shape without C,
             mismatched N included; probabilities: input's shape); ``weight`` not (C,); an unknown ``reduction``;
             ``label_smoothing`` outside [0, 1]; tensors on different devices.
@@ -209,7 +211,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             ``dropout_p`` outside [0, 1], or tensors on different devices.
         NotImplementedError: a float ``attn_mask`` requiring grad.
         NaN/Inf (in inputs or mask), zero-size dims (B, H, Lq or Lk = 0) and any strides (transposed, expanded,
-        channels-last) give torch's result, except fully masked rows as said above.
+        channels-last) give torch's result, except fully masked rows as said above; a NaN in a query or key
+        gives NaN rows as torch's math backend does (torch's CPU flash kernel returns zeros for a NaN query).
     """
     return _attention.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                                    key_padding_mask, backend)
