@@ -102,9 +102,10 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     Args:
         input: logits (N, C), (N, C, d1, ...) or (C,); float32/float64/float16/bfloat16 (half types accumulate
             in float32).
-        target: class indices (N,), (N, d1, ...) or () of an integer dtype, each in [0, C) or ``ignore_index``;
-            or class probabilities of ``input``'s shape (floating; cast to ``input``'s dtype).
-        weight: (C,) rescaling weight per class (no gradient).
+        target: class indices (N,), (N, d1, ...) or () of dtype int64 (or uint8, as torch), each in [0, C) or
+            ``ignore_index``; or class probabilities of ``input``'s shape (floating; as in torch, the loss is
+            computed and returned in the promoted dtype of ``input`` and ``target``).
+        weight: (C,) rescaling weight per class, ``input``'s dtype (no gradient).
         size_average, reduce: deprecated, as in torch (they override ``reduction``).
         ignore_index: a class-index target equal to it contributes no loss and no gradient.
         reduction: "none" (input's shape without C), "mean" (weighted mean over non-ignored targets: NaN when
@@ -118,7 +119,16 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     Returns:
         The loss: a scalar, or (N, d1, ...) for "none", in ``input``'s dtype.
     Raises:
-        IndexError for a class index outside [0, C) that is not ``ignore_index``.
+        TypeError: ``input`` or ``weight`` not a floating tensor, ``weight`` of another dtype than ``input``,
+            ``target`` not a tensor or class indices of another dtype than int64/uint8 (int32, bool, ...), or
+            ``ignore_index`` not an int.
+        ValueError: a 0-d ``input``; ``target`` of the wrong shape (class indices: input's shape without C,
+            mismatched N included; probabilities: input's shape); ``weight`` not (C,); an unknown ``reduction``;
+            ``label_smoothing`` outside [0, 1]; tensors on different devices.
+        IndexError: a class index outside [0, C) that is not ``ignore_index`` (negative ones included).
+        NotImplementedError: ``weight`` requiring grad.
+        NaN/Inf in any tensor, all targets ignored, zero-size tensors and any strides (transposed, expanded,
+        channels-last) give torch's result.
     """
     if size_average is not None or reduce is not None:
         from torch.nn import _reduction
@@ -147,6 +157,16 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     Returns:
         The loss: a scalar, or ``input.shape[:-1]`` for "none", in ``input``'s dtype. Gradients flow to input,
         weight and bias.
+    Raises:
+        TypeError: a non-floating ``input``/``weight``/``bias``/``class_weight``, ``weight`` of another dtype than
+            ``input``, or ``target`` not integer class indices (probabilities are not supported here).
+        ValueError: ``weight`` not 2-d, ``input``'s last dim not D, ``bias`` not (V,) of input's dtype,
+            ``target`` not of shape ``input.shape[:-1]``, ``class_weight`` not (V,), ``chunk_size`` not a positive
+            int, an unknown ``reduction``, ``label_smoothing`` outside [0, 1], or tensors on different devices.
+        IndexError: a class index outside [0, V) that is not ``ignore_index``.
+        RuntimeError: V = 0 (``weight`` has no rows).
+        As ``cross_entropy`` for the rest: NaN/Inf, zero-size and any strides give torch's
+        ``cross_entropy(linear(input, weight, bias), target)``.
     """
     return _ce.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, label_smoothing,
                                     class_weight, chunk_size, backend)
@@ -182,6 +202,17 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     Returns:
         (B, H, Lq, D) (or (H, Lq, D)) in query's dtype. A query row whose keys are all masked gets zeros and
         zero gradients (torch returns NaN there).
+    Raises:
+        TypeError: query/key/value not floating tensors of one dtype, ``attn_mask`` neither bool nor floating,
+            ``key_padding_mask`` not bool, or ``scale`` not a number.
+        ValueError: query/key/value not all 4-d or all 3-d, key not (B, H, Lk, D) for query's B, H and D (no
+            grouped-query broadcasting), value not key's shape (a value head dim other than D included), D outside
+            [1, 256], ``attn_mask`` not broadcastable to (B, H, Lq, Lk), ``key_padding_mask`` not exactly (B, Lk),
+            ``dropout_p`` outside [0, 1], or tensors on different devices.
+        NotImplementedError: a float ``attn_mask`` requiring grad.
+        NaN/Inf (in inputs or mask), zero-size dims (B, H, Lq or Lk = 0) and any strides (transposed, expanded,
+        channels-last) give torch's result, except fully masked rows as said above; a NaN in a query or key
+        gives NaN rows as torch's math backend does (torch's CPU flash kernel returns zeros for a NaN query).
     """
     return _attention.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                                    key_padding_mask, backend)

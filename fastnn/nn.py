@@ -52,12 +52,15 @@ class _SoftmaxBase(nn.Module):
 
 @_patchable(nn.Softmax)
 class Softmax(_SoftmaxBase):
-    """``torch.nn.Softmax(dim)`` on fastnn's fused softmax. Shape: any; output has the input's shape."""
+    """``torch.nn.Softmax(dim)`` on fastnn's fused softmax. Shape: any; output has the input's shape.
+
+    Raises: as ``fastnn.functional.softmax`` (TypeError for a non-floating input, IndexError for ``dim`` out of
+    range); NaN/Inf, zero-size and any strides give torch's result."""
 
 
 @_patchable(nn.LogSoftmax)
 class LogSoftmax(_SoftmaxBase):
-    """``torch.nn.LogSoftmax(dim)`` on fastnn's fused log-softmax."""
+    """``torch.nn.LogSoftmax(dim)`` on fastnn's fused log-softmax. Shape and Raises: as ``Softmax``."""
 
     _log = True
 
@@ -104,6 +107,9 @@ class BCEWithLogitsLoss(nn.Module):
     registered as buffers (None when not given), so ``state_dict`` keys match torch's.
 
     Shape: input (*), target (*) of the same shape; output (*) for ``reduction="none"``, else a scalar.
+
+    Raises: as ``fastnn.functional.binary_cross_entropy_with_logits`` (TypeError / ValueError naming input,
+    target, weight, pos_weight or reduction).
     """
 
     __constants__ = ["reduction"]
@@ -130,6 +136,7 @@ class BCEWithLogitsLoss(nn.Module):
 # The twins subclass their torch.nn classes for the constructor, parameter names, initialization and extra_repr,
 # and replace only forward.
 
+from ._validation import FLOATING, check_same_device  # noqa: E402
 from ._validation import check_tensor as _check_tensor  # noqa: E402
 
 def _share_parameters(twin: nn.Module, module: nn.Module) -> nn.Module:
@@ -145,6 +152,9 @@ class LSTMCell(nn.LSTMCell):
     """``torch.nn.LSTMCell(input_size, hidden_size, bias=True)`` on fastnn's fused cell.
 
     Shapes: input [B, I] or [I]; hx (h, c) of [B, H] or [H], or None -> (h', c').
+
+    Raises: as ``fastnn.functional.lstm_cell`` (TypeError / ValueError naming input or hx, e.g. a wrong feature
+    size, batch, dtype or device); NaN/Inf, a zero batch and any strides give torch's result.
     """
 
     def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -172,6 +182,13 @@ class LSTM(nn.LSTM):
             and give zero outputs (as a PackedSequence would).
     Returns:
         (output [T, B, D*H] (or a PackedSequence for one), (h_n, c_n) [num_layers * D, B, H]).
+    Raises:
+        TypeError: input not a floating tensor or not of the parameters' dtype; hx not a pair of tensors of
+            input's dtype and device.
+        ValueError: input not 2-d or 3-d, T = 0, input_size mismatch, hx of the wrong shape, lengths not integers
+            of shape (B,) in [0, T], or lengths together with a PackedSequence.
+        NotImplementedError: proj_size != 0 (constructor).
+        NaN/Inf, a zero batch and any strides give torch's result.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -291,7 +308,10 @@ class LSTM(nn.LSTM):
 class CrossEntropyLoss(nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss`` (same constructor, ``weight`` buffer and ``state_dict``) on fastnn's fused
     cross-entropy. ``inplace_backward=True`` writes the logits' gradient over the logits (see
-    ``fastnn.functional.cross_entropy`` for the contract). Shapes: input (N, C), (N, C, d...) or (C,)."""
+    ``fastnn.functional.cross_entropy`` for the contract). Shapes: input (N, C), (N, C, d...) or (C,).
+
+    Raises: as ``fastnn.functional.cross_entropy`` (TypeError / ValueError / IndexError naming input, target,
+    weight, ignore_index, reduction or label_smoothing)."""
 
     def __init__(self, weight: torch.Tensor | None = None, size_average=None, ignore_index: int = -100,
                  reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
@@ -327,6 +347,9 @@ class LinearCrossEntropyLoss(nn.Module):
         class_weight: optional (V,) per-class loss weight (a buffer, ``CrossEntropyLoss``'s ``weight``).
         ignore_index, reduction, label_smoothing: as ``nn.CrossEntropyLoss``.
         chunk_size: rows per chunk (default: a 128 MiB logits buffer).
+    Raises:
+        As ``fastnn.functional.linear_cross_entropy`` (TypeError / ValueError / IndexError naming input, target,
+        weight, bias, class_weight, chunk_size, reduction or label_smoothing).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
@@ -395,6 +418,15 @@ class MultiheadAttention(nn.Module):
     key_padding_mask (N, S) bool (True = ignore) or float (added); attn_mask (L, S) or (N * num_heads, L, S),
     bool (True = NOT allowed, torch's convention) or float (added). Returns (output like query, weights
     (N, L, S) averaged over heads or (N, H, L, S), or None).
+
+    Raises:
+        ValueError (constructor): embed_dim or num_heads not positive, embed_dim not divisible by num_heads.
+        TypeError: query, key or value not a tensor of the parameters' dtype; a mask neither bool nor floating.
+        ValueError: query not 2-d or 3-d; key/value of another rank; a last dim other than embed_dim / kdim /
+            vdim; key or value with another batch size than query (e.g. a layout that does not match
+            ``batch_first``); value's length not key's; key_padding_mask not (N, S) ((S,) unbatched); attn_mask
+            not (L, S) or (N * num_heads, L, S); tensors (parameters included) on different devices.
+        NaN/Inf, zero-size batch or length and any strides give torch's result.
     """
 
     __constants__ = ["batch_first"]
@@ -472,13 +504,8 @@ class MultiheadAttention(nn.Module):
         same = query is key and key is value
         if is_causal and attn_mask is not None and (need_weights or key_padding_mask is not None):
             is_causal = False  # as torch: the hint is only taken on its fused path; otherwise the mask rules
+        self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         unbatched = query.dim() == 2
-        if query.dim() not in (2, 3):
-            raise ValueError(f"MultiheadAttention: query must be 2-d (unbatched) or 3-d, got shape "
-                             f"{tuple(query.shape)}")
-        if key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError("MultiheadAttention: query, key and value must have the same number of dims, got "
-                             f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
@@ -487,8 +514,6 @@ class MultiheadAttention(nn.Module):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         # now (L, N, E) / (S, N, kdim)
         L, N, E = query.shape
-        if E != self.embed_dim:
-            raise ValueError(f"MultiheadAttention: query's last dim must be embed_dim={self.embed_dim}, got {E}")
         q, k, v = self._project(query, key, value, same)
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(1, N, E)])
@@ -543,6 +568,50 @@ class MultiheadAttention(nn.Module):
             out = out.transpose(0, 1)
         return out, weights
 
+    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask) -> None:
+        """The bad-input contract of forward: every tensor's type, dtype, device and shape is checked here, so a
+        bad call raises an error naming the argument (never a reshape error from deep inside, nor a silent
+        broadcast of a mask)."""
+        fn = "MultiheadAttention"
+        w = self.out_proj.weight
+        _check_tensor(query, "query", dtypes=(w.dtype,), ndim=(2, 3), fn=fn)
+        _check_tensor(key, "key", dtypes=(w.dtype,), fn=fn)
+        _check_tensor(value, "value", dtypes=(w.dtype,), fn=fn)
+        for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if m is not None:
+                _check_tensor(m, name, dtypes=FLOATING + (torch.bool,), fn=fn)
+        check_same_device(fn, query=query, key=key, value=value, key_padding_mask=key_padding_mask,
+                          attn_mask=attn_mask, parameters=w)
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"{fn}: query, key and value must have the same number of dims, got "
+                             f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
+        unbatched = query.dim() == 2
+        lead = (lambda t: t.shape[:1] + (1,)) if unbatched else (
+            (lambda t: (t.shape[1], t.shape[0])) if self.batch_first else (lambda t: tuple(t.shape[:2])))
+        (L, N), (S, Nk), (Sv, Nv) = lead(query), lead(key), lead(value)
+        layout = "(L, E)" if unbatched else "(N, L, E)" if self.batch_first else "(L, N, E)"
+        for name, t, dim, n in (("query", query, self.embed_dim, N), ("key", key, self.kdim, Nk),
+                                ("value", value, self.vdim, Nv)):
+            if t.shape[-1] != dim:
+                what = {"query": "embed_dim", "key": "kdim", "value": "vdim"}[name]
+                raise ValueError(f"{fn}: {name}'s last dim must be {what}={dim}, got shape {tuple(t.shape)}")
+            if n != N:
+                raise ValueError(f"{fn}: {name} must have query's batch size {N} (layout {layout}, "
+                                 f"batch_first={self.batch_first}), got shape {tuple(t.shape)}")
+        if Sv != S:
+            raise ValueError(f"{fn}: value must have key's sequence length {S}, got shapes {tuple(key.shape)} and "
+                             f"{tuple(value.shape)}")
+        if key_padding_mask is not None:
+            want = (S,) if unbatched else (N, S)
+            if tuple(key_padding_mask.shape) != want:
+                raise ValueError(f"{fn}: key_padding_mask must have shape {'(S,)' if unbatched else '(N, S)'} = "
+                                 f"{want}, got {tuple(key_padding_mask.shape)}")
+        if attn_mask is not None:
+            ok = ((L, S), (N * self.num_heads, L, S))
+            if tuple(attn_mask.shape) not in ok:
+                raise ValueError(f"{fn}: attn_mask must have shape (L, S) = {ok[0]} or (N * num_heads, L, S) = "
+                                 f"{ok[1]}, got {tuple(attn_mask.shape)}")
+
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
 
@@ -564,6 +633,12 @@ class MultiHeadSelfAttention(nn.Module):
     forward(hidden_states (B, L, hidden_size), key_padding_mask (B, L) bool True = pad, optional,
     is_causal=False) -> (B, L, hidden_size). Dropout on the attention probabilities (``attention_dropout``) is
     applied in training only.
+
+    Raises:
+        ValueError (constructor): hidden_size not divisible by num_heads.
+        TypeError: hidden_states not a tensor of the parameters' dtype; key_padding_mask not bool.
+        ValueError: hidden_states not (B, L, hidden_size), key_padding_mask not (B, L), or tensors on different
+            devices. A fully padded row gives zeros before ``dense``, as ``scaled_dot_product_attention``.
     """
 
     def __init__(self, num_heads: int, hidden_size: int, attention_dropout: float = 0.0, bias: bool = True) -> None:
@@ -584,6 +659,10 @@ class MultiHeadSelfAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
+        fn = "MultiHeadSelfAttention"
+        _check_tensor(hidden_states, "hidden_states", dtypes=(self.query.weight.dtype,), fn=fn)
+        check_same_device(fn, hidden_states=hidden_states, parameters=self.query.weight,
+                          key_padding_mask=key_padding_mask)
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"MultiHeadSelfAttention: hidden_states must be (B, L, {self.hidden_size}), got "
                              f"{tuple(hidden_states.shape)}")

@@ -91,7 +91,7 @@ static inline vec<float> exp(vec<float> x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const M bits = (__builtin_convertvector(n, M) + 127) << 23;
-  V y = p * reinterpret_cast<const V&>(bits);
+  V y = p * __builtin_bit_cast(V, bits);  // 2^n; a reinterpret_cast of the lvalue would break strict aliasing
   y = x < lo ? splat(0.0f) : y;
   y = x > hi ? splat(std::numeric_limits<float>::infinity()) : y;
   return y;

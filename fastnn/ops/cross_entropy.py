@@ -35,16 +35,22 @@ def _check_common(fn, weight, ignore_index, reduction, label_smoothing, classes,
         check_tensor(weight, wname, fn=fn)
         if weight.shape != (classes,):
             raise ValueError(f"{fn}: {wname} must have shape ({classes},) (one per class), got {tuple(weight.shape)}")
+        if weight.dtype != dtype:  # torch refuses it too
+            raise TypeError(f"{fn}: {wname} must have input's dtype {dtype}, got {weight.dtype}")
         if weight.requires_grad:
             raise NotImplementedError(f"{fn}: gradients with respect to {wname} are not supported (nor are they "
-                                      "in torch's nll_loss); pass {wname}.detach()")
-        weight = weight.to(dtype)
+                                      f"in torch's nll_loss); pass {wname}.detach()")
     return weight
 
 
+# The class-index dtypes torch's nll_loss takes.
+INDEX_DTYPES = (torch.int64, torch.uint8)
+
+
 def _check_index_target(fn, target, expect_shape, input_shape):
-    if target.dtype in (torch.bool,) or target.is_complex():
-        raise TypeError(f"{fn}: target must be int64 class indices or floating probabilities, got {target.dtype}")
+    if target.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{fn}: target must be class indices of dtype int64 (or uint8) or floating probabilities, "
+                        f"got {target.dtype}")
     if tuple(target.shape) != tuple(expect_shape):
         raise ValueError(f"{fn}: target of class indices must have shape {tuple(expect_shape)} for input of shape "
                          f"{tuple(input_shape)}, got {tuple(target.shape)}")
@@ -88,7 +94,10 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
         if target.shape != input.shape:
             raise ValueError(f"{fn}: target of class probabilities must have input's shape {tuple(input.shape)}, "
                              f"got {tuple(target.shape)}")
-        target = target.to(input.dtype)
+        # As torch: the loss is computed (and returned) in the promoted dtype of logits and probabilities.
+        dtype = torch.promote_types(input.dtype, target.dtype)
+        input, target = input.to(dtype), target.to(dtype)
+        weight = None if weight is None else weight.to(dtype)
     else:
         row_shape = input.shape[1:] if unbatched else (input.shape[0],) + tuple(input.shape[2:])
         target = _check_index_target(fn, target, () if unbatched else row_shape, input.shape)
@@ -223,7 +232,7 @@ def linear_cross_entropy(input, weight, target, bias=None, ignore_index: int = -
     if b == "reference":
         return reference.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, label_smoothing,
                                               class_weight)
-    x, t = input.reshape(-1, input.shape[-1]), target.reshape(-1)
+    x, t = input.reshape(target.numel(), input.shape[-1]), target.reshape(-1)  # (-1, D) is ambiguous for D = 0
     loss, _ = op("linear_cross_entropy", b)(x, weight, bias, t, class_weight, ignore_index, float(label_smoothing),
                                             chunk_size)
     out = _reduce(loss, t, class_weight, ignore_index, reduction, False, input.dtype)
