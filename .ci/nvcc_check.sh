@@ -5,7 +5,7 @@
 #   .ci/nvcc_check.sh [FILE.cu ...]        (default: every csrc/cuda/*.cu)
 # Environment: PYTHON  python of a CUDA build of torch (default /work/cuda-venv/bin/python)
 #              ARCHS   space-separated compute capabilities (default "80 90")
-#              ALLOW_SPILL  grep -E pattern of kernels whose spills are reported but not fatal (default "<double,":
+#              ALLOW_SPILL  grep -E pattern of kernels whose spills are reported but not fatal (default "<double[,>]":
 #                      ptxas 13.0 spills 8-48 bytes around libdevice's double exp in some float64 kernels even at
 #                      40-64 of the 128 registers allowed; float64 is fastnn's accuracy path, not a fast one)
 #              NVCC_FLAGS extra nvcc flags (setup.py passes FASTNN_NVCCFLAGS the same way)
@@ -71,11 +71,11 @@ for f in "${files[@]}"; do
                               stack = st = ld = 0 }
   ' "$log" | { if command -v cu++filt >/dev/null; then cu++filt; elif [ -x "$CUDA_HOME/bin/cu++filt" ]; then "$CUDA_HOME/bin/cu++filt"; else c++filt; fi; } \
     | sed -E 's/ (fastnn::)?(cuda::)?\(anonymous namespace\)::/ /' | tee "$tmp/report"
-  if grep SPILL "$tmp/report" | grep -qvE "${ALLOW_SPILL:-<double,}"; then
+  if grep SPILL "$tmp/report" | grep -qvE "${ALLOW_SPILL:-<double[,>]}"; then
     echo "nvcc_check: register spills in $f"
     status=1
   elif grep -q SPILL "$tmp/report"; then
-    echo "nvcc_check: spills only in kernels matching ALLOW_SPILL='${ALLOW_SPILL:-<double,}' (not fatal)"
+    echo "nvcc_check: spills only in kernels matching ALLOW_SPILL='${ALLOW_SPILL:-<double[,>]}' (not fatal)"
   fi
   grep -i "warning" "$log" | grep -v "^$" | head -20 || true
 done
