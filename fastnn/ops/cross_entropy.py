@@ -88,6 +88,10 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
         if target.shape != input.shape:
             raise ValueError(f"{fn}: target of class probabilities must have input's shape {tuple(input.shape)}, "
                              f"got {tuple(target.shape)}")
+        if ignore_index >= 0:
+            # torch refuses it too: a real class index means nothing for probabilities (negative ones pass).
+            raise ValueError(f"{fn}: ignore_index={ignore_index} is not supported for class-probability targets "
+                             "(floating target); leave it negative (default -100)")
         target = target.to(input.dtype)
     else:
         row_shape = input.shape[1:] if unbatched else (input.shape[0],) + tuple(input.shape[2:])
