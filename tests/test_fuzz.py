@@ -541,3 +541,51 @@ def test_lstm_cell_triton_bf16_rounding():
     for p in device_backends("lstm_cell", reference=True):
         if p.values[0] == "cpu":
             run_case(case, p.values[1])
+
+
+def _cpu_backends(op):
+    return [p.values[1] for p in device_backends(op, reference=True) if p.values[0] == "cpu"]
+
+
+@pytest.mark.parametrize("backend", _cpu_backends("cross_entropy"))
+@pytest.mark.parametrize("ignore_index", [0, 2])
+def test_cross_entropy_probability_target_refuses_class_ignore_index(backend, ignore_index):
+    # torch raises "ignore_index is not supported for floating point target" for ignore_index >= 0; fastnn
+    # silently ignored it. (Negative values pass on both sides.)
+    x, y = torch.tensor([1.541, 0.3, -2.0]), torch.tensor([0.97, 0.01, 0.02])
+    case = Case(
+        fastnn=lambda backend, x, y: F.cross_entropy(x, y, ignore_index=ignore_index, backend=backend),
+        torch=lambda x, y: TF.cross_entropy(x, y, ignore_index=ignore_index),
+        reference=lambda x, y: fastnn.reference.cross_entropy(x, y, ignore_index=ignore_index),
+        inputs=dict(x=x, y=y), grad_inputs=("x", "y"))
+    run_case(case, backend)
+
+
+def _sdpa_case(q, k, v, **kw):
+    return Case(fastnn=lambda backend, q, k, v: F.scaled_dot_product_attention(q, k, v, backend=backend, **kw),
+                torch=lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, **kw),
+                reference=lambda q, k, v: fastnn.reference.scaled_dot_product_attention(q, k, v, **kw),
+                inputs=dict(q=q, k=k, v=v), grad_inputs=("q", "k", "v"))
+
+
+@pytest.mark.parametrize("backend", _cpu_backends("attention"))
+@pytest.mark.parametrize("Lq", [0, 3])
+def test_attention_no_keys(backend, Lq):
+    # fastnn.reference took amax over the empty key dim (an IndexError); no keys means zeros, as torch.
+    q, k = torch.tensor([0.4623, -0.088, 0.5]).expand(1, 1, Lq, 3), torch.empty(1, 1, 0, 3)
+    run_case(_sdpa_case(q, k, k), backend)
+
+
+@pytest.mark.parametrize("backend", _cpu_backends("attention"))
+def test_attention_masked_row_with_infinite_value(backend):
+    # Triton (and CUDA) divided the accumulator of a fully masked row by 1 instead of writing zeros: 0 * inf = NaN
+    # there, where torch and the contract give zeros. Row 0 attends nothing; row 1 attends key 1 only.
+    q = torch.tensor([[[[0.4623, 1.0], [0.3, -0.2]]]])
+    k = torch.tensor([[[[0.4623, 0.5], [1.0, 2.0]]]])
+    v = torch.tensor([[[[float("inf"), 1.0], [0.5, -1.0]]]])
+    mask = torch.tensor([[False, False], [False, True]])
+    case = _sdpa_case(q, k, v, attn_mask=mask)
+    # fastnn's documented contract for the masked row: zeros (torch: NaN here, zeros with finite values).
+    case.torch = lambda q, k, v: torch.where(~mask.any(-1, keepdim=True), 0.0,
+                                             TF.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    run_case(case, backend)
