@@ -222,11 +222,13 @@ def _cross_entropy(draw, small):
     opts = draw(_ce_options(C, dtype))
     prob = draw(st.booleans())
     if prob:
-        # Probabilities in [0, 1], and sometimes inf/NaN - not finite ones far outside [0, 1] (torch does not check):
-        # the fused row computes w_c y'_c and S p_c - w_c y'_c, whose rounding grows with |y| (y = 1e4: a 1e-4
-        # gradient where torch's log_softmax backward cancels to exactly 0; w y' = 3e38 * 3 overflows to inf).
+        # Probabilities in [0, 1], sometimes 0, 1 or NaN - not values far outside [0, 1] (torch does not check them):
+        # the fused row computes loss = S (lse - m) - sum w y' (x - m) and dx = S p - w y' (S = sum w y'), whose
+        # rounding grows with |y| (y = 1e4: a 1e-4 gradient where torch's log_softmax backward cancels to exactly
+        # 0; w y' = 3e38 * 3 overflows) and which gives NaN (inf - inf) where torch's -sum(y log p) gives +-inf
+        # for an infinite y. Documented in docs/reliability.md as a known difference.
         y = draw(tensors(shape, dtype, lo=0.0, hi=1.0,
-                         specials=[0.0, 1.0, float("inf"), float("-inf"), float("nan")] if draw(st.booleans()) else False))
+                         specials=[0.0, 1.0, float("nan")] if draw(st.booleans()) else False))
         target = None
     else:
         y = None
@@ -424,6 +426,14 @@ def _compare(name, ours, theirs, ref64, atol=0.0):
     o, t, r = ours.double(), theirs.double(), ref64.double()
     assert torch.equal(o.isnan(), t.isnan()), f"{name}: NaN pattern differs from torch\nours={o}\ntorch={t}"
     inf = o.isinf() | t.isinf()
+    # Where torch overflows an intermediate in a half dtype (inf) but the exact result fits the dtype, a finite
+    # result within FLOOR of the reference is right, not a difference (fastnn accumulates in float32).
+    rd = r.to(ours.dtype).double()
+    fits = t.isinf() & o.isfinite() & rd.isfinite()
+    if fits.any():
+        assert ((o - r)[fits].abs() <= FLOOR[ours.dtype] * r[fits].abs().clamp(min=1)).all(), \
+            f"{name}: torch overflows, ours is not the reference\nours={o}\nref={r}"
+        inf = inf & ~fits
     assert torch.equal(o[inf], t[inf]), f"{name}: inf pattern differs from torch\nours={o}\ntorch={t}"
     ok = o.isfinite() & t.isfinite() & r.isfinite()
     if not ok.any():
