@@ -104,7 +104,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         wt = torch.where(valid, w.reshape(C)[t], 0)
         nll = -wt * logp.gather(cdim, t.unsqueeze(cdim)).squeeze(cdim)
         smooth = -(logp * w).sum(cdim)
-        per = torch.where(valid, (1 - eps) * nll + eps / C * smooth, 0)
+        # Without smoothing the all-class term is left out, not multiplied by 0: a -inf logit makes it inf.
+        per = torch.where(valid, (1 - eps) * nll + eps / C * smooth if eps else nll, 0)
         denom = wt.sum()
     if reduction == "none":
         out = per

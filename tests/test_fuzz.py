@@ -613,3 +613,14 @@ def test_cross_entropy_large_tied_logits_gradient(backend):
                 reference=lambda x: fastnn.reference.cross_entropy(x, torch.tensor([0])),
                 inputs=dict(x=x), grad_inputs=("x",))
     run_case(case, backend)
+
+
+@pytest.mark.parametrize("backend", _cpu_backends("cross_entropy"))
+def test_cross_entropy_minus_inf_logit_without_smoothing(backend):
+    # fastnn.reference added eps / C * (all-class loss) with eps = 0: 0 * inf = NaN for a -inf logit; torch: 0.
+    x = torch.tensor([1.541, float("-inf")])
+    case = Case(fastnn=lambda backend, x: F.cross_entropy(x, torch.tensor(0), reduction="none", backend=backend),
+                torch=lambda x: TF.cross_entropy(x, torch.tensor(0), reduction="none"),
+                reference=lambda x: fastnn.reference.cross_entropy(x, torch.tensor(0), reduction="none"),
+                inputs=dict(x=x), grad_inputs=("x",))
+    run_case(case, backend)
