@@ -104,7 +104,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         wt = torch.where(valid, w.reshape(C)[t], 0)
         nll = -wt * logp.gather(cdim, t.unsqueeze(cdim)).squeeze(cdim)
         smooth = -(logp * w).sum(cdim)
-        per = torch.where(valid, (1 - eps) * nll + eps / C * smooth, 0)
+        # Without smoothing the all-class term is left out, not multiplied by 0: a -inf logit makes it inf.
+        per = torch.where(valid, (1 - eps) * nll + eps / C * smooth if eps else nll, 0)
         denom = wt.sum()
     if reduction == "none":
         out = per
@@ -183,7 +184,7 @@ def attention_probs(query, key, attn_mask=None, dropout_p=0.0, is_causal=False, 
         s = s.masked_fill(key_padding_mask[:, None, None, :], neg)
     if is_causal:
         s = s.masked_fill(torch.ones(Lq, Lk, dtype=torch.bool, device=s.device).triu(1), neg)
-    m = s.amax(-1, keepdim=True).detach()
+    m = s.amax(-1, keepdim=True).detach() if Lk else s.new_zeros(s.shape[:-1] + (1,))  # no keys: zeros out
     m = torch.where(m == neg, torch.zeros_like(m), m)
     e = torch.exp(s - m)
     denom = e.sum(-1, keepdim=True)
@@ -210,5 +211,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask[None]
     p = attention_probs(q, k, attn_mask, dropout_p, is_causal, scale, key_padding_mask, seed)
-    out = (p @ _upcast(v)).to(query.dtype)
+    out = p @ _upcast(v)
+    # A row with nothing to attend is zeros even where a value is inf/NaN (0 * inf would be NaN).
+    out = torch.where((p != 0).any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype)).to(query.dtype)
     return out[0] if unbatched else out

@@ -165,7 +165,8 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, smm, sm
         acc = acc * alpha[:, None] + _mm(_to(p, v.dtype, UPCAST), v, ACC, PREC, UPCAST)
         m_i = m_new
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    # Every key masked: zeros, even where a value is inf/NaN (0 * inf in acc would be NaN).
+    out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
     lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     rmask = offs_m < Lq
     tl.store(O + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], _to(out, O.dtype.element_ty, UPCAST),

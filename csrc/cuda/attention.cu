@@ -118,7 +118,8 @@ __global__ void attn_fwd_kernel(Params<A> p, const T* q, const T* k, const T* v,
     const A inv = empty ? A(0) : A(1) / l;
     for (int t = 0; t < kMaxDPL; ++t) {
       const int64_t d = lane + 32 * t;
-      if (d < D) o[(bh * p.Lq + i) * D + d] = static_cast<T>(acc[t] * inv);
+      // Every key masked: zeros, even where a value is inf/NaN (acc = 0 * inf would be NaN).
+      if (d < D) o[(bh * p.Lq + i) * D + d] = static_cast<T>(empty ? A(0) : acc[t] * inv);
     }
     if (lane == 0) lse[bh * p.Lq + i] = empty ? A(INFINITY) : m + log(l);
   }

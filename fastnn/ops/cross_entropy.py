@@ -94,6 +94,10 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
         if target.shape != input.shape:
             raise ValueError(f"{fn}: target of class probabilities must have input's shape {tuple(input.shape)}, "
                              f"got {tuple(target.shape)}")
+        if ignore_index >= 0:
+            # torch refuses it too: a real class index means nothing for probabilities (negative ones pass).
+            raise ValueError(f"{fn}: ignore_index={ignore_index} is not supported for class-probability targets "
+                             "(floating target); leave it negative (default -100)")
         # As torch: the loss is computed (and returned) in the promoted dtype of logits and probabilities.
         dtype = torch.promote_types(input.dtype, target.dtype)
         input, target = input.to(dtype), target.to(dtype)
