@@ -389,7 +389,7 @@ def _attention(draw, small):
         grad_atol=grad_atol)
 
 
-# One line per op: name (for device_backends) -> strategy. Cross-entropy and attention add theirs here.
+# One line per op: name (for device_backends) -> strategy.
 OPS = {
     "softmax": _softmax,
     "bce_with_logits": _bce,
@@ -517,8 +517,11 @@ def test_fuzz(op, backend, data):
 # ---- regressions found by the fuzz and the contract tests, kept shrunk
 
 
-@pytest.mark.parametrize("backend", [p.values[1] for p in device_backends("bce_with_logits", reference=True)
-                                     if p.values[0] == "cpu"])
+def _cpu_backends(op):
+    return [p.values[1] for p in device_backends(op, reference=True) if p.values[0] == "cpu"]
+
+
+@pytest.mark.parametrize("backend", _cpu_backends("bce_with_logits"))
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_bce_infinite_target_without_pos_weight(backend, reduction):
     # The native kernel computed the positive term's weight as 1 + (pos_weight - 1) * y with pos_weight = 1 when
@@ -548,13 +551,8 @@ def test_lstm_cell_triton_bf16_rounding():
     case = Case(fastnn=lambda backend, x, w_ih, w_hh, h, c: F.lstm_cell(x, (h, c), w_ih, w_hh, backend=backend),
                 torch=cell(torch._VF.lstm_cell), reference=cell(fastnn.reference.lstm_cell),
                 inputs=dict(x=x, w_ih=w_ih, w_hh=w_hh, h=h, c=c), grad_inputs=("x", "w_ih", "w_hh", "h", "c"))
-    for p in device_backends("lstm_cell", reference=True):
-        if p.values[0] == "cpu":
-            run_case(case, p.values[1])
-
-
-def _cpu_backends(op):
-    return [p.values[1] for p in device_backends(op, reference=True) if p.values[0] == "cpu"]
+    for backend in _cpu_backends("lstm_cell"):
+        run_case(case, backend)
 
 
 @pytest.mark.parametrize("backend", _cpu_backends("cross_entropy"))
