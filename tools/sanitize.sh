@@ -28,7 +28,9 @@ flags="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recove
 FASTNN_CUDA=0 FASTNN_CXXFLAGS="$flags" FASTNN_LDFLAGS="-fsanitize=address,undefined" MAX_JOBS="${MAX_JOBS:-2}" \
     "$venv/bin/python" setup.py -q build_ext --inplace >build.log 2>&1 || { tail -50 build.log; exit 1; }
 so="$(ls fastnn/_C*.so)"
-nm -D "$so" | grep -q __asan_report || { echo "sanitize: $so is not instrumented"; exit 1; }
+# grep without -q reads all of nm's output: -q would exit at the first match and, under pipefail, nm's SIGPIPE
+# would fail the check on an instrumented build.
+nm -D "$so" | grep __asan_report >/dev/null || { echo "sanitize: $so is not instrumented"; exit 1; }
 echo "sanitize: built in $((SECONDS - start)) s"
 
 asan="$(gcc -print-file-name=libasan.so)"
