@@ -30,8 +30,7 @@ def wrap_dim(dim, ndim: int, *, name: str = "dim", fn: str = "fastnn") -> int:
 def check_same_device(fn: str, **tensors) -> None:
     named = {k: v for k, v in tensors.items() if v is not None}
     for k, v in named.items():  # callers may check devices before each argument's own checks
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"{fn}: {k} must be a torch.Tensor, got {type(v).__name__}")
+        check_tensor(v, k, dtypes=None, fn=fn)
     devices = {v.device for v in named.values()}
     if len(devices) > 1:
         desc = ", ".join(f"{k} on {v.device}" for k, v in named.items())

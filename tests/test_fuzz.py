@@ -521,6 +521,15 @@ def _cpu_backends(op):
     return [p.values[1] for p in device_backends(op, reference=True) if p.values[0] == "cpu"]
 
 
+def _same_call_case(name, inputs, **kw):
+    """The call fastnn.functional.<name>(*inputs, **kw) beside torch's and fastnn.reference's, every input
+    differentiated."""
+    return Case(fastnn=lambda backend, **t: getattr(F, name)(*t.values(), backend=backend, **kw),
+                torch=lambda **t: getattr(TF, name)(*t.values(), **kw),
+                reference=lambda **t: getattr(fastnn.reference, name)(*t.values(), **kw),
+                inputs=inputs, grad_inputs=tuple(inputs))
+
+
 @pytest.mark.parametrize("backend", _cpu_backends("bce_with_logits"))
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_bce_infinite_target_without_pos_weight(backend, reduction):
@@ -528,12 +537,7 @@ def test_bce_infinite_target_without_pos_weight(backend, reduction):
     # absent: 0 * inf = NaN where torch gives -inf / +inf (forward and d/dx).
     x = torch.tensor([0.5, -1.0, 2.0, 0.3])
     y = torch.tensor([float("inf"), float("-inf"), 0.5, 1e4])
-    case = Case(
-        fastnn=lambda backend, x, y: F.binary_cross_entropy_with_logits(x, y, reduction=reduction, backend=backend),
-        torch=lambda x, y: TF.binary_cross_entropy_with_logits(x, y, reduction=reduction),
-        reference=lambda x, y: fastnn.reference.binary_cross_entropy_with_logits(x, y, reduction=reduction),
-        inputs=dict(x=x, y=y), grad_inputs=("x", "y"))
-    run_case(case, backend)
+    run_case(_same_call_case("binary_cross_entropy_with_logits", dict(x=x, y=y), reduction=reduction), backend)
 
 
 def test_lstm_cell_triton_bf16_rounding():
@@ -561,19 +565,11 @@ def test_cross_entropy_probability_target_refuses_class_ignore_index(backend, ig
     # torch raises "ignore_index is not supported for floating point target" for ignore_index >= 0; fastnn
     # silently ignored it. (Negative values pass on both sides.)
     x, y = torch.tensor([1.541, 0.3, -2.0]), torch.tensor([0.97, 0.01, 0.02])
-    case = Case(
-        fastnn=lambda backend, x, y: F.cross_entropy(x, y, ignore_index=ignore_index, backend=backend),
-        torch=lambda x, y: TF.cross_entropy(x, y, ignore_index=ignore_index),
-        reference=lambda x, y: fastnn.reference.cross_entropy(x, y, ignore_index=ignore_index),
-        inputs=dict(x=x, y=y), grad_inputs=("x", "y"))
-    run_case(case, backend)
+    run_case(_same_call_case("cross_entropy", dict(x=x, y=y), ignore_index=ignore_index), backend)
 
 
 def _sdpa_case(q, k, v, **kw):
-    return Case(fastnn=lambda backend, q, k, v: F.scaled_dot_product_attention(q, k, v, backend=backend, **kw),
-                torch=lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, **kw),
-                reference=lambda q, k, v: fastnn.reference.scaled_dot_product_attention(q, k, v, **kw),
-                inputs=dict(q=q, k=k, v=v), grad_inputs=("q", "k", "v"))
+    return _same_call_case("scaled_dot_product_attention", dict(q=q, k=k, v=v), **kw)
 
 
 @pytest.mark.parametrize("backend", _cpu_backends("attention"))
