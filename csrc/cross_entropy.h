@@ -30,6 +30,18 @@ struct CeGeometry {
 
 inline at::ScalarType ce_acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The saved logsumexp is float64 for every input dtype: m + log(s) rounded to float32 is off by up to ulp(m) / 2
+// (5e-4 at |x| ~ 1e4), which the backward's exp(x - lse) would turn into a relative error of the softmax that
+// torch's log_softmax ((x - m) - log s) does not have. The backward splits it into hi + lo in the accumulation
+// type: x - hi is exact near the max (Sterbenz), so exp((x - hi) - lo) is as precise as torch's.
+template <typename A> struct SplitLse {
+  A hi, lo;
+  FASTNN_HOST_DEVICE explicit SplitLse(double lse)
+      : hi(static_cast<A>(lse)), lo(static_cast<A>(lse - static_cast<double>(static_cast<A>(lse)))) {
+    if (!(lo == lo)) lo = A(0);  // hi = +-inf (a row of -inf logits) or NaN: exp(x - hi) says it alone
+  }
+};
+
 // Checks the arguments of cross_entropy_fwd/bwd; returns the geometry and whether target holds probabilities.
 inline CeGeometry check_ce_args(const at::Tensor& input, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight, double label_smoothing, bool& prob) {
@@ -68,18 +80,18 @@ inline void check_ce_bwd_args(const at::Tensor& grad_loss, const at::Tensor& lse
   const auto acc = ce_acc_type(input.scalar_type());
   TORCH_CHECK(grad_loss.numel() == g.rows() && lse.numel() == g.rows(), "cross_entropy_bwd: grad_loss and lse must ",
               "have one value per row (", g.rows(), "), got ", grad_loss.numel(), " and ", lse.numel());
-  TORCH_CHECK(grad_loss.scalar_type() == acc && lse.scalar_type() == acc, "cross_entropy_bwd: grad_loss and lse ",
-              "must be ", acc, ", got ", grad_loss.scalar_type(), " and ", lse.scalar_type());
+  TORCH_CHECK(grad_loss.scalar_type() == acc && lse.scalar_type() == at::kDouble, "cross_entropy_bwd: grad_loss ",
+              "must be ", acc, " and lse float64, got ", grad_loss.scalar_type(), " and ", lse.scalar_type());
 }
 
-// The per-row outputs (loss, lse) of cross_entropy_fwd, uninitialized: input's shape without the class dim, in the
-// accumulation dtype.
+// The per-row outputs (loss, lse) of cross_entropy_fwd, uninitialized: input's shape without the class dim, the loss
+// in the accumulation dtype, lse in float64 (SplitLse).
 inline std::tuple<at::Tensor, at::Tensor> ce_fwd_outputs(const at::Tensor& input, const CeGeometry& g) {
   TORCH_CHECK(g.rows() == 0 || g.classes > 0, "cross_entropy: input has no classes (C = 0)");
   std::vector<int64_t> shape{input.size(0)};
   for (int64_t i = 2; i < input.dim(); ++i) shape.push_back(input.size(i));
   const auto opts = input.options().dtype(ce_acc_type(input.scalar_type()));
-  return {at::empty(shape, opts), at::empty(shape, opts)};
+  return {at::empty(shape, opts), at::empty(shape, opts.dtype(at::kDouble))};
 }
 
 // The checks of linear_cross_entropy_fwd and _bwd.
@@ -144,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> linear_ce_forward(const at::Tensor& input, co
   const at::Tensor x = input.contiguous(), w = weight.contiguous(), t = target.contiguous();
   const int64_t N = x.size(0), V = w.size(0);
   const auto acc = x.options().dtype(ce_acc_type(x.scalar_type()));
-  at::Tensor loss = at::empty({N}, acc), lse = at::empty({N}, acc);
+  at::Tensor loss = at::empty({N}, acc), lse = at::empty({N}, acc.dtype(at::kDouble));
   if (N == 0) return {loss, lse};
   at::Tensor buf = alloc({std::min(chunk, N), V}, x.options());
   for (int64_t s = 0; s < N; s += chunk) {

@@ -2,7 +2,7 @@
 
 One program per row (one (n, d1, ...) position; classes `inner` apart). The forward reads the row once, keeping
 per-lane running max and rescaled sum of exp (plus the weighted sums that label smoothing and probability targets
-need), and writes two floats: the loss and the logsumexp. The backward reads the row once more and writes the
+need), and writes the loss and the logsumexp (float64: see SplitLse in csrc/cross_entropy.h). The backward reads the row once more and writes the
 gradient, optionally over the logits themselves (DX == X). Formulas: csrc/cross_entropy.h.
 
 Out-of-range class indices are never used as addresses: the kernel clamps the read, gives the row a NaN loss and
@@ -92,7 +92,7 @@ def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, FLAG, n_cols, inner, ignore_index, E
             sx_vec += tl.where(mask, w * (x - pivot), 0.0)
     m = tl.max(m_vec, 0)
     log_s = tl.log(tl.sum(tl.where(m_vec == -float("inf"), 0.0, s_vec * tl.exp(m_vec - m)), 0))
-    lse = m + log_s
+    lse = m.to(tl.float64) + log_s.to(tl.float64)
     if PROB:
         loss = tl.sum(sy_vec, 0) * ((m - pivot) + log_s) - tl.sum(sx_vec, 0)
     else:
@@ -113,7 +113,11 @@ def ce_bwd_kernel(G, X, T, W, WSUM, LSE, DX, n_cols, inner, ignore_index, EPS,
     row, base, stride = row_start(n_cols, inner, LASTDIM)
     cols = tl.arange(0, BLOCK)
     g = tl.load(G + row).to(ACC)
-    lse = tl.load(LSE + row).to(ACC)
+    lse = tl.load(LSE + row)
+    # hi + lo = lse: x - hi is exact near the row's max, so exp((x - hi) - lo) keeps rows of |x| ~ 1e4 precise.
+    lse_hi = lse.to(ACC)
+    lse_lo = (lse - lse_hi.to(tl.float64)).to(ACC)
+    lse_lo = tl.where(lse_lo == lse_lo, lse_lo, 0.0)
     keep, add = _smoothing(EPS, n_cols)
     if PROB:
         sy_vec = tl.zeros([BLOCK], ACC)
@@ -140,9 +144,9 @@ def ce_bwd_kernel(G, X, T, W, WSUM, LSE, DX, n_cols, inner, ignore_index, EPS,
         w = _class_weight(W, c, mask, ACC, HAS_W)
         if PROB:
             y = tl.load(T + base + c * stride, mask=mask, other=0.0).to(ACC)
-            dx = a * tl.exp(x - lse) - g * (y * keep + add) * w
+            dx = a * tl.exp((x - lse_hi) - lse_lo) - g * (y * keep + add) * w
         else:
-            dx = a * tl.exp(x - lse) - g * add * w - tl.where(c == t, gt, 0.0)
+            dx = a * tl.exp((x - lse_hi) - lse_lo) - g * add * w - tl.where(c == t, gt, 0.0)
         dx = tl.where(live, dx, 0.0)
         tl.store(DX + base + c * stride, dx.to(DX.dtype.element_ty), mask=mask)
 
@@ -178,7 +182,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def forward_into(x, target, weight, ignore_index: int, label_smoothing: float, loss, lse) -> None:
     """Launcher. x (N, C, d...) contiguous; target int64 (N, d...) or probabilities like x; writes the
-    contiguous per-row loss and lse (the accumulation dtype). Raises IndexError on an out-of-range class index."""
+    contiguous per-row loss (the accumulation dtype) and lse (float64). Raises IndexError on an out-of-range class index."""
     n_cols, inner, rows = _geometry(x)
     if rows == 0:
         return
@@ -208,7 +212,7 @@ def cross_entropy_forward(x, target, weight, ignore_index, label_smoothing):
     x, target = x.contiguous(), target.contiguous()
     shape = (x.shape[0],) + tuple(x.shape[2:])
     loss = torch.empty(shape, dtype=acc_dtype(x.dtype), device=x.device)
-    lse = torch.empty_like(loss)
+    lse = torch.empty(shape, dtype=torch.float64, device=x.device)
     forward_into(x, target, weight, ignore_index, label_smoothing, loss, lse)
     return loss, lse
 
@@ -233,7 +237,7 @@ def linear_cross_entropy_forward(x, w, bias, target, class_weight, ignore_index,
     x, w, target = x.contiguous(), w.contiguous(), target.contiguous()
     N, V = x.shape[0], w.shape[0]
     loss = torch.empty(N, dtype=acc_dtype(x.dtype), device=x.device)
-    lse = torch.empty_like(loss)
+    lse = torch.empty(N, dtype=torch.float64, device=x.device)
     if N:
         buf = torch.empty(min(chunk, N), V, dtype=x.dtype, device=x.device)
         for s in range(0, N, chunk):
@@ -273,8 +277,8 @@ def _aot_specs():
             common = dict(ACC=tl.float32, BLOCK=MAX_BLOCK, PROB=prob, HAS_W=has_w, LASTDIM=True)
             sig = {"X": f"*{dt}", "T": tsig, "W": f"*{dt}", "WSUM": "*fp32", "n_cols": "i32", "inner": "i32",
                    "ignore_index": "i64", "EPS": "*fp32"}
-            yield (ce_fwd_kernel, dict(sig, LOSS="*fp32", LSE="*fp32", FLAG="*i64"), dict(common, SMOOTH=smooth), 16)
-            yield (ce_bwd_kernel, dict(sig, G="*fp32", LSE="*fp32", DX=f"*{dt}"), common, 16)
+            yield (ce_fwd_kernel, dict(sig, LOSS="*fp32", LSE="*fp64", FLAG="*i64"), dict(common, SMOOTH=smooth), 16)
+            yield (ce_bwd_kernel, dict(sig, G="*fp32", LSE="*fp64", DX=f"*{dt}"), common, 16)
 
 
 AOT = _aot_specs

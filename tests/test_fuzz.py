@@ -595,12 +595,11 @@ def test_attention_masked_row_with_infinite_value(backend):
     run_case(case, backend)
 
 
-@pytest.mark.xfail(strict=True, reason="open: the saved logsumexp is one float32 m + log(s), rounded to ulp(m); the "
-                   "backward's exp(x - lse) loses ~|x| * 6e-8 (docs/reliability.md)")
 @pytest.mark.parametrize("backend", [b for b in _cpu_backends("cross_entropy") if b != "reference"])
 def test_cross_entropy_large_tied_logits_gradient(backend):
-    # Found by the fuzz (linear_cross_entropy, x = 1e4, equal weight rows): two tied logits of 9000.3 give
-    # p = 0.5001 / 0.4999 in fastnn's backward where torch's log_softmax ((x - m) - log s) gives 0.5 exactly.
+    # Found by the fuzz (linear_cross_entropy, x = 1e4, equal weight rows): two tied logits of 9000.3 gave
+    # p = 0.5001 / 0.4999 when the backward read a float32 logsumexp (rounded to ulp(9000)); torch's log_softmax
+    # ((x - m) - log s) gives 0.5. The saved lse is now float64, split into hi + lo (SplitLse).
     x = torch.tensor([[9000.3, 9000.3, -5.0]])
     case = Case(fastnn=lambda backend, x: F.cross_entropy(x, torch.tensor([0]), backend=backend),
                 torch=lambda x: TF.cross_entropy(x, torch.tensor([0])),

@@ -40,7 +40,7 @@ __device__ __forceinline__ int64_t row_base(int64_t row, const RowArgs& a) {
 template <typename T, bool PROB, bool D>
 __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ x, const void* __restrict__ target,
                                                           const T* __restrict__ w, const acc_t<T>* __restrict__ wsum,
-                                                          acc_t<T>* __restrict__ loss, acc_t<T>* __restrict__ lse,
+                                                          acc_t<T>* __restrict__ loss, double* __restrict__ lse,
                                                           int64_t* __restrict__ flag, RowArgs a) {
   using A = acc_t<T>;
   const int64_t row = blockIdx.x;
@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
     ignored = t == a.ignore_index;
     bad = !ignored && (t < 0 || t >= C);
     if (ignored) {  // the whole block takes this branch together
-      if (threadIdx.x == 0) loss[row] = lse[row] = A(0);
+      if (threadIdx.x == 0) loss[row] = lse[row] = 0;
       return;
     }
     if (bad) {
@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
   }
   if (threadIdx.x == 0) {
     loss[row] = l;
-    lse[row] = M + log_s;
+    lse[row] = static_cast<double>(M) + static_cast<double>(log_s);
   }
 }
 
@@ -107,12 +107,13 @@ template <typename T, bool PROB>
 __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const acc_t<T>* __restrict__ grad, const T* x,
                                                           const void* __restrict__ target, const T* __restrict__ w,
                                                           const acc_t<T>* __restrict__ wsum,
-                                                          const acc_t<T>* __restrict__ lse, T* dx, RowArgs a) {
+                                                          const double* __restrict__ lse, T* dx, RowArgs a) {
   // x and dx may alias (inplace): each element is read before it is written, by the same thread.
   using A = acc_t<T>;
   const int64_t row = blockIdx.x;
   const int64_t base = row_base(row, a), C = a.classes, st = a.inner;
-  const A g = grad[row], l = lse[row];
+  const A g = grad[row];
+  const SplitLse<A> l(lse[row]);
   const A keep = A(1) - A(a.eps), add = A(a.eps) / A(C);
   const T* y = static_cast<const T*>(target);
   if constexpr (PROB) {
@@ -122,7 +123,7 @@ __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const acc_t<T>* __rest
     const A ga = g * block_reduce(u, SumOp{});
     for (int64_t c = threadIdx.x; c < C; c += kThreads) {
       const A wu = (static_cast<A>(y[base + c * st]) * keep + add) * (w ? static_cast<A>(w[c]) : A(1));
-      dx[base + c * st] = static_cast<T>(ga * exp_(static_cast<A>(x[base + c * st]) - l) - g * wu);
+      dx[base + c * st] = static_cast<T>(ga * exp_((static_cast<A>(x[base + c * st]) - l.hi) - l.lo) - g * wu);
     }
   } else {
     const int64_t t = static_cast<const int64_t*>(target)[row];
@@ -133,7 +134,7 @@ __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const acc_t<T>* __rest
     const A wt = w ? static_cast<A>(w[t]) : A(1);
     const A ga = g * (keep * wt + add * (w ? *wsum : A(C))), gb = g * add, gt = g * keep * wt;
     for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-      A v = ga * exp_(static_cast<A>(x[base + c * st]) - l) - gb * (w ? static_cast<A>(w[c]) : A(1));
+      A v = ga * exp_((static_cast<A>(x[base + c * st]) - l.hi) - l.lo) - gb * (w ? static_cast<A>(w[c]) : A(1));
       if (c == t) v -= gt;
       dx[base + c * st] = static_cast<T>(v);
     }
@@ -170,7 +171,7 @@ void launch_fwd(const at::Tensor& x, const at::Tensor& t, const std::optional<at
     auto go = [&](auto kernel) {
       kernel<<<g.rows(), kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), t.const_data_ptr(),
                                                 dw.data<scalar_t>(), dw.sum_data<A>(), loss.mutable_data_ptr<A>(),
-                                                lse.mutable_data_ptr<A>(), flag.mutable_data_ptr<int64_t>(), a);
+                                                lse.mutable_data_ptr<double>(), flag.mutable_data_ptr<int64_t>(), a);
     };
     if (prob) go(ce_fwd_kernel<scalar_t, true, true>);
     else if (eps > 0) go(ce_fwd_kernel<scalar_t, false, true>);
@@ -192,7 +193,7 @@ void launch_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t
     auto go = [&](auto kernel) {
       kernel<<<g.rows(), kThreads, 0, stream>>>(gc.const_data_ptr<A>(), x.const_data_ptr<scalar_t>(),
                                                 t.const_data_ptr(), dw.data<scalar_t>(), dw.sum_data<A>(),
-                                                lc.const_data_ptr<A>(), dx.mutable_data_ptr<scalar_t>(), a);
+                                                lc.const_data_ptr<double>(), dx.mutable_data_ptr<scalar_t>(), a);
     };
     if (t.is_floating_point()) go(ce_bwd_kernel<scalar_t, true>);
     else go(ce_bwd_kernel<scalar_t, false>);
