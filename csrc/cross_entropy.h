@@ -1,7 +1,7 @@
 // Cross-entropy pieces shared by the CPU and CUDA kernels: argument checks, the loss geometry, and the chunk loop
 // of linear + cross-entropy (device-agnostic ATen matmuls around a device's fused cross-entropy rows).
 //
-// Per row (logits x, logsumexp lse, p = exp(x - lse), smoothing eps over C classes, class weights w, W = sum(w)):
+// Per row (logits x, logsumexp lse = m + log(s), p = exp((x - m) - log(s)), smoothing eps over C classes, class weights w, W = sum(w)):
 //   class index t:  loss = (1 - eps) w_t (lse - x_t) + eps/C (W lse - sum_c w_c x_c)
 //                   dx_c = g [((1 - eps) w_t + eps/C W) p_c - eps/C w_c - (1 - eps) w_t [c == t]]
 //   probabilities:  y'_c = (1 - eps) y_c + eps/C,  S = sum_c w_c y'_c
@@ -30,17 +30,13 @@ struct CeGeometry {
 
 inline at::ScalarType ce_acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
-// The saved logsumexp is float64 for every input dtype: m + log(s) rounded to float32 is off by up to ulp(m) / 2
-// (5e-4 at |x| ~ 1e4), which the backward's exp(x - lse) would turn into a relative error of the softmax that
-// torch's log_softmax ((x - m) - log s) does not have. The backward splits it into hi + lo in the accumulation
-// type: x - hi is exact near the max (Sterbenz), so exp((x - hi) - lo) is as precise as torch's.
-template <typename A> struct SplitLse {
-  A hi, lo;
-  FASTNN_HOST_DEVICE explicit SplitLse(double lse)
-      : hi(static_cast<A>(lse)), lo(static_cast<A>(lse - static_cast<double>(static_cast<A>(lse)))) {
-    if (!(lo == lo)) lo = A(0);  // hi = +-inf (a row of -inf logits) or NaN: exp(x - hi) says it alone
-  }
-};
+// The per-row statistics cross_entropy_fwd saves for the backward ("lse"): shape (2, rows...) in the accumulation
+// dtype, lse[0] the row's max m and lse[1] = log(sum(exp(x - m))); the backward computes p = exp((x - m) - lse[1]),
+// as torch's log_softmax does. Not m + log(s) in one number: rounded, it is off by up to ulp(m) / 2 (5e-4 in float32
+// at |x| ~ 1e4; all of log(s) at |x| ~ 3e38, even in float64), which exp(x - lse) turns into a softmax error.
+template <typename A> A* stat_plane(const at::Tensor& lse, int64_t i) {
+  return static_cast<A*>(lse.select(0, i).data_ptr());
+}
 
 // Checks the arguments of cross_entropy_fwd/bwd; returns the geometry and whether target holds probabilities.
 inline CeGeometry check_ce_args(const at::Tensor& input, const at::Tensor& target,
@@ -78,20 +74,23 @@ inline CeGeometry check_ce_args(const at::Tensor& input, const at::Tensor& targe
 inline void check_ce_bwd_args(const at::Tensor& grad_loss, const at::Tensor& lse, const CeGeometry& g,
                               const at::Tensor& input) {
   const auto acc = ce_acc_type(input.scalar_type());
-  TORCH_CHECK(grad_loss.numel() == g.rows() && lse.numel() == g.rows(), "cross_entropy_bwd: grad_loss and lse must ",
-              "have one value per row (", g.rows(), "), got ", grad_loss.numel(), " and ", lse.numel());
-  TORCH_CHECK(grad_loss.scalar_type() == acc && lse.scalar_type() == at::kDouble, "cross_entropy_bwd: grad_loss ",
-              "must be ", acc, " and lse float64, got ", grad_loss.scalar_type(), " and ", lse.scalar_type());
+  TORCH_CHECK(grad_loss.numel() == g.rows() && lse.dim() >= 1 && lse.size(0) == 2 && lse.numel() == 2 * g.rows(),
+              "cross_entropy_bwd: grad_loss must have one value per row (", g.rows(), ") and lse two (2, rows...), ",
+              "got ", grad_loss.numel(), " and ", lse.sizes());
+  TORCH_CHECK(grad_loss.scalar_type() == acc && lse.scalar_type() == acc, "cross_entropy_bwd: grad_loss and lse ",
+              "must be ", acc, ", got ", grad_loss.scalar_type(), " and ", lse.scalar_type());
 }
 
-// The per-row outputs (loss, lse) of cross_entropy_fwd, uninitialized: input's shape without the class dim, the loss
-// in the accumulation dtype, lse in float64 (SplitLse).
+// The outputs (loss, lse) of cross_entropy_fwd, uninitialized, in the accumulation dtype: loss of input's shape without
+// the class dim, lse (2, that shape) (stat_plane).
 inline std::tuple<at::Tensor, at::Tensor> ce_fwd_outputs(const at::Tensor& input, const CeGeometry& g) {
   TORCH_CHECK(g.rows() == 0 || g.classes > 0, "cross_entropy: input has no classes (C = 0)");
   std::vector<int64_t> shape{input.size(0)};
   for (int64_t i = 2; i < input.dim(); ++i) shape.push_back(input.size(i));
   const auto opts = input.options().dtype(ce_acc_type(input.scalar_type()));
-  return {at::empty(shape, opts), at::empty(shape, opts.dtype(at::kDouble))};
+  std::vector<int64_t> stats{2};
+  stats.insert(stats.end(), shape.begin(), shape.end());
+  return {at::empty(shape, opts), at::empty(stats, opts)};
 }
 
 // The checks of linear_cross_entropy_fwd and _bwd.
@@ -156,12 +155,12 @@ std::tuple<at::Tensor, at::Tensor> linear_ce_forward(const at::Tensor& input, co
   const at::Tensor x = input.contiguous(), w = weight.contiguous(), t = target.contiguous();
   const int64_t N = x.size(0), V = w.size(0);
   const auto acc = x.options().dtype(ce_acc_type(x.scalar_type()));
-  at::Tensor loss = at::empty({N}, acc), lse = at::empty({N}, acc.dtype(at::kDouble));
+  at::Tensor loss = at::empty({N}, acc), lse = at::empty({2, N}, acc);
   if (N == 0) return {loss, lse};
   at::Tensor buf = alloc({std::min(chunk, N), V}, x.options());
   for (int64_t s = 0; s < N; s += chunk) {
     const int64_t n = std::min(chunk, N - s);
-    ce_fwd(chunk_logits(buf, x, w, bias, s, n), t.narrow(0, s, n), loss.narrow(0, s, n), lse.narrow(0, s, n));
+    ce_fwd(chunk_logits(buf, x, w, bias, s, n), t.narrow(0, s, n), loss.narrow(0, s, n), lse.narrow(1, s, n));
   }
   return {loss, lse};
 }
@@ -186,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
     for (int64_t s = 0; s < N; s += chunk) {
       const int64_t n = std::min(chunk, N - s);
       at::Tensor dlogits = chunk_logits(buf, x, w, bias, s, n);
-      ce_bwd(g.narrow(0, s, n), dlogits, t.narrow(0, s, n), l.narrow(0, s, n));
+      ce_bwd(g.narrow(0, s, n), dlogits, t.narrow(0, s, n), l.narrow(1, s, n));
       at::Tensor gi = grad_input.narrow(0, s, n);
       at::mm_out(gi, dlogits, w);
       const at::Tensor dt = half ? dlogits.t().to(at::kFloat) : dlogits.t();

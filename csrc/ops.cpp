@@ -59,8 +59,9 @@ TORCH_LIBRARY_FRAGMENT(fastnn, m) {
   // ---- cross_entropy (losses helper) BEGIN ----------------------------------------------------------------------
   // input (N, C, d1, ...) contiguous, classes along dim 1. target: int64 class indices of shape (N, d1, ...), or
   // class probabilities of input's shape and dtype. weight: optional (C,) class weights of input's dtype.
-  // Returns the unreduced loss and the per-row logsumexp, both (N, d1, ...) in the accumulation dtype (float32,
-  // or float64 for float64 input); fastnn/ops/cross_entropy.py reduces. Out-of-range indices (other than
+  // Returns the unreduced loss (N, d1, ...) and the per-row statistics "lse" (2, N, d1, ...) = (row max, log of the
+  // row's sum of exp(x - max)), in the accumulation dtype (float32, or float64 for float64 input);
+  // fastnn/ops/cross_entropy.py reduces. Out-of-range indices (other than
   // ignore_index) raise an IndexError.
   // inplace_backward only tells the autograd formula to use cross_entropy_bwd_inplace.
   m.def("cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"

@@ -2,7 +2,8 @@
 
 One program per row (one (n, d1, ...) position; classes `inner` apart). The forward reads the row once, keeping
 per-lane running max and rescaled sum of exp (plus the weighted sums that label smoothing and probability targets
-need), and writes the loss and the logsumexp (float64: see SplitLse in csrc/cross_entropy.h). The backward reads the row once more and writes the
+need), and writes the loss and the row's statistics (max m and log(s); stat_plane in csrc/cross_entropy.h says why not
+their sum). The backward reads the row once more and writes the
 gradient, optionally over the logits themselves (DX == X). Formulas: csrc/cross_entropy.h.
 
 Out-of-range class indices are never used as addresses: the kernel clamps the read, gives the row a NaN loss and
@@ -49,7 +50,15 @@ def _smoothing(EPS, n_cols):
 
 
 @triton.jit
-def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, FLAG, n_cols, inner, ignore_index, EPS,
+def _sum_of_offsets(a, b):
+    """a - b, where a = S (lse - pivot) and b = sum of w (x - pivot) are two ways of writing sum_c w_c (lse - x_c),
+    a sum of terms >= 0: when logits near 3e38 overflow both to inf, that is inf (torch's result), not NaN."""
+    d = a - b
+    return tl.where((d != d) & (a == a) & (b == b), float("inf"), d)
+
+
+@triton.jit
+def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, lse_plane, FLAG, n_cols, inner, ignore_index, EPS,
                   ACC: tl.constexpr, BLOCK: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr,
                   SMOOTH: tl.constexpr, LASTDIM: tl.constexpr):
     row, base, stride = row_start(n_cols, inner, LASTDIM)
@@ -92,32 +101,30 @@ def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, FLAG, n_cols, inner, ignore_index, E
             sx_vec += tl.where(mask, w * (x - pivot), 0.0)
     m = tl.max(m_vec, 0)
     log_s = tl.log(tl.sum(tl.where(m_vec == -float("inf"), 0.0, s_vec * tl.exp(m_vec - m)), 0))
-    lse = m.to(tl.float64) + log_s.to(tl.float64)
     if PROB:
-        loss = tl.sum(sy_vec, 0) * ((m - pivot) + log_s) - tl.sum(sx_vec, 0)
+        loss = _sum_of_offsets(tl.sum(sy_vec, 0) * ((m - pivot) + log_s), tl.sum(sx_vec, 0))
     else:
         wt, wsum = _target_weight(W, WSUM, t, n_cols, ACC, HAS_W)
         loss = keep * wt * ((m - xt) + log_s)
         if SMOOTH:
-            loss += add * (wsum * ((m - pivot) + log_s) - tl.sum(sx_vec, 0))
+            loss += add * _sum_of_offsets(wsum * ((m - pivot) + log_s), tl.sum(sx_vec, 0))
         loss = tl.where(ignored, 0.0, tl.where(bad, float("nan"), loss))
-        lse = tl.where(ignored, 0.0, lse)
+        m = tl.where(ignored, 0.0, m)
+        log_s = tl.where(ignored, 0.0, log_s)
     tl.store(LOSS + row, loss)
-    tl.store(LSE + row, lse)
+    tl.store(LSE + row, m)
+    tl.store(LSE + lse_plane + row, log_s)
 
 
 @triton.jit
-def ce_bwd_kernel(G, X, T, W, WSUM, LSE, DX, n_cols, inner, ignore_index, EPS,
+def ce_bwd_kernel(G, X, T, W, WSUM, LSE, lse_plane, DX, n_cols, inner, ignore_index, EPS,
                   ACC: tl.constexpr, BLOCK: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr,
                   LASTDIM: tl.constexpr):
     row, base, stride = row_start(n_cols, inner, LASTDIM)
     cols = tl.arange(0, BLOCK)
     g = tl.load(G + row).to(ACC)
-    lse = tl.load(LSE + row)
-    # hi + lo = lse: x - hi is exact near the row's max, so exp((x - hi) - lo) keeps rows of |x| ~ 1e4 precise.
-    lse_hi = lse.to(ACC)
-    lse_lo = (lse - lse_hi.to(tl.float64)).to(ACC)
-    lse_lo = tl.where(lse_lo == lse_lo, lse_lo, 0.0)
+    m = tl.load(LSE + row).to(ACC)
+    log_s = tl.load(LSE + lse_plane + row).to(ACC)
     keep, add = _smoothing(EPS, n_cols)
     if PROB:
         sy_vec = tl.zeros([BLOCK], ACC)
@@ -144,9 +151,11 @@ def ce_bwd_kernel(G, X, T, W, WSUM, LSE, DX, n_cols, inner, ignore_index, EPS,
         w = _class_weight(W, c, mask, ACC, HAS_W)
         if PROB:
             y = tl.load(T + base + c * stride, mask=mask, other=0.0).to(ACC)
-            dx = a * tl.exp((x - lse_hi) - lse_lo) - g * (y * keep + add) * w
+            dx = a * tl.exp((x - m) - log_s) - g * (y * keep + add) * w
         else:
-            dx = a * tl.exp((x - lse_hi) - lse_lo) - g * add * w - tl.where(c == t, gt, 0.0)
+            p = tl.exp((x - m) - log_s)
+            # The target's entry with p_t - 1 (exact near 1: a confident row gets 0, as in torch).
+            dx = tl.where(c == t, gt * (p - 1.0) + g * add * (wsum * p - w), a * p - g * add * w)
         dx = tl.where(live, dx, 0.0)
         tl.store(DX + base + c * stride, dx.to(DX.dtype.element_ty), mask=mask)
 
@@ -182,14 +191,16 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def forward_into(x, target, weight, ignore_index: int, label_smoothing: float, loss, lse) -> None:
     """Launcher. x (N, C, d...) contiguous; target int64 (N, d...) or probabilities like x; writes the
-    contiguous per-row loss (the accumulation dtype) and lse (float64). Raises IndexError on an out-of-range class index."""
+    contiguous per-row loss and the (2, rows) statistics lse (each plane contiguous), in the accumulation dtype.
+    Raises IndexError on an out-of-range class index."""
     n_cols, inner, rows = _geometry(x)
     if rows == 0:
         return
     prob = target.is_floating_point()
     w, wsum, has_w = _weights(weight, x)
     flag = torch.zeros(2, dtype=torch.int64, device=x.device)
-    ce_fwd_kernel[(rows,)](x, target, w, wsum, loss, lse, flag, n_cols, inner, ignore_index, _eps(label_smoothing, x),
+    ce_fwd_kernel[(rows,)](x, target, w, wsum, loss, lse, lse.stride(0), flag, n_cols, inner, ignore_index,
+                           _eps(label_smoothing, x),
                            PROB=prob, HAS_W=has_w, SMOOTH=label_smoothing > 0 and not prob, LASTDIM=inner == 1,
                            **_config(n_cols, x.dtype))
     if not prob and flag[0].item():
@@ -203,7 +214,10 @@ def backward_into(grad_loss, x, target, weight, lse, ignore_index: int, label_sm
     if rows == 0 or n_cols == 0:
         return
     w, wsum, has_w = _weights(weight, x)
-    ce_bwd_kernel[(rows,)](grad_loss.contiguous(), x, target, w, wsum, lse.contiguous(), dx, n_cols, inner,
+    lse = lse.reshape(2, rows)
+    if lse.stride(1) != 1:  # the kernel reads each plane as contiguous
+        lse = lse.contiguous()
+    ce_bwd_kernel[(rows,)](grad_loss.contiguous(), x, target, w, wsum, lse, lse.stride(0), dx, n_cols, inner,
                            ignore_index, _eps(label_smoothing, x), PROB=target.is_floating_point(), HAS_W=has_w,
                            LASTDIM=inner == 1, **_config(n_cols, x.dtype))
 
@@ -212,7 +226,7 @@ def cross_entropy_forward(x, target, weight, ignore_index, label_smoothing):
     x, target = x.contiguous(), target.contiguous()
     shape = (x.shape[0],) + tuple(x.shape[2:])
     loss = torch.empty(shape, dtype=acc_dtype(x.dtype), device=x.device)
-    lse = torch.empty(shape, dtype=torch.float64, device=x.device)
+    lse = torch.empty((2,) + shape, dtype=loss.dtype, device=x.device)
     forward_into(x, target, weight, ignore_index, label_smoothing, loss, lse)
     return loss, lse
 
@@ -237,20 +251,20 @@ def linear_cross_entropy_forward(x, w, bias, target, class_weight, ignore_index,
     x, w, target = x.contiguous(), w.contiguous(), target.contiguous()
     N, V = x.shape[0], w.shape[0]
     loss = torch.empty(N, dtype=acc_dtype(x.dtype), device=x.device)
-    lse = torch.empty(N, dtype=torch.float64, device=x.device)
+    lse = torch.empty(2, N, dtype=loss.dtype, device=x.device)
     if N:
         buf = torch.empty(min(chunk, N), V, dtype=x.dtype, device=x.device)
         for s in range(0, N, chunk):
             n = min(chunk, N - s)
             forward_into(_chunk_logits(buf, x, w, bias, s, n), target[s:s + n], class_weight, ignore_index,
-                         label_smoothing, loss[s:s + n], lse[s:s + n])
+                         label_smoothing, loss[s:s + n], lse[:, s:s + n])
     return loss, lse
 
 
 def linear_cross_entropy_backward(grad_loss, x, w, bias, target, class_weight, lse, ignore_index,
                                   label_smoothing, chunk):
     x, w, target = x.contiguous(), w.contiguous(), target.contiguous()
-    grad_loss, lse = grad_loss.contiguous(), lse.contiguous()
+    grad_loss = grad_loss.contiguous()
     N, V = x.shape[0], w.shape[0]
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     grad_input = torch.empty_like(x)
@@ -261,7 +275,7 @@ def linear_cross_entropy_backward(grad_loss, x, w, bias, target, class_weight, l
         for s in range(0, N, chunk):
             n = min(chunk, N - s)
             d = _chunk_logits(buf, x, w, bias, s, n)
-            backward_into(grad_loss[s:s + n], d, target[s:s + n], class_weight, lse[s:s + n], ignore_index,
+            backward_into(grad_loss[s:s + n], d, target[s:s + n], class_weight, lse[:, s:s + n], ignore_index,
                           label_smoothing, d)
             torch.mm(d, w, out=grad_input[s:s + n])
             grad_weight.addmm_(d.t().to(acc), x[s:s + n].to(acc))
@@ -277,8 +291,8 @@ def _aot_specs():
             common = dict(ACC=tl.float32, BLOCK=MAX_BLOCK, PROB=prob, HAS_W=has_w, LASTDIM=True)
             sig = {"X": f"*{dt}", "T": tsig, "W": f"*{dt}", "WSUM": "*fp32", "n_cols": "i32", "inner": "i32",
                    "ignore_index": "i64", "EPS": "*fp32"}
-            yield (ce_fwd_kernel, dict(sig, LOSS="*fp32", LSE="*fp64", FLAG="*i64"), dict(common, SMOOTH=smooth), 16)
-            yield (ce_bwd_kernel, dict(sig, G="*fp32", LSE="*fp64", DX=f"*{dt}"), common, 16)
+            yield (ce_fwd_kernel, dict(sig, LOSS="*fp32", LSE="*fp32", lse_plane="i32", FLAG="*i64"), dict(common, SMOOTH=smooth), 16)
+            yield (ce_bwd_kernel, dict(sig, G="*fp32", LSE="*fp32", lse_plane="i32", DX=f"*{dt}"), common, 16)
 
 
 AOT = _aot_specs

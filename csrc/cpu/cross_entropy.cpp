@@ -59,14 +59,15 @@ template <typename A, bool D> void exp_and_dev_sums(const A* x, A m, const Smoot
   u_out = hsum(u);
 }
 
-// Loss of one row of class index t; sets lse (float64: SplitLse).
-template <typename A> A fwd_index_row(const A* x, int64_t t, const Smooth<A>& p, double& lse) {
+// Loss of one row of class index t; sets its statistics m and log(s) (stat_plane).
+template <typename A> A fwd_index_row(const A* x, int64_t t, const Smooth<A>& p, A& m_out, A& ls_out) {
   const A m = max_of(x, p.C);
   A s, d = 0, u;
   if (p.eps > 0) exp_and_dev_sums<A, true>(x, m, p, nullptr, s, d, u);
   else exp_and_dev_sums<A, false>(x, m, p, nullptr, s, d, u);
   const A ls = std::log(s);
-  lse = double(m) + double(ls);
+  m_out = m;
+  ls_out = ls;
   const A wt = p.w ? p.w[t] : A(1);
   A loss = (A(1) - p.eps) * wt * (ls - (x[t] - m));
   if (p.eps > 0) loss += p.eps / A(p.C) * (p.wsum * ls - d);
@@ -74,28 +75,32 @@ template <typename A> A fwd_index_row(const A* x, int64_t t, const Smooth<A>& p,
 }
 
 // Loss of one row of probabilities y; sets lse. loss = S lse - sum(w y' x) = S log(s) - sum(w y' (x - m)).
-template <typename A> A fwd_prob_row(const A* x, const A* y, const Smooth<A>& p, double& lse) {
+template <typename A> A fwd_prob_row(const A* x, const A* y, const Smooth<A>& p, A& m_out, A& ls_out) {
   const A m = max_of(x, p.C);
   A s, d, S;
   exp_and_dev_sums<A, true>(x, m, p, y, s, d, S);
   const A ls = std::log(s);
-  lse = double(m) + double(ls);
+  m_out = m;
+  ls_out = ls;
   return S * ls - d;
 }
 
 // Gradient of one row (dx may alias x).
-template <typename A> void bwd_index_row(const A* x, int64_t t, SplitLse<A> l, A g, const Smooth<A>& p, A* dx) {
+template <typename A> void bwd_index_row(const A* x, int64_t t, A m, A ls, A g, const Smooth<A>& p, A* dx) {
   const A keep = (A(1) - p.eps) * (p.w ? p.w[t] : A(1)), add = p.eps / A(p.C);
   const A a = g * (keep + add * p.wsum), b = g * add;
   const A xt = x[t];
   for_chunks<A>(p.C, [&](int64_t i, int64_t len) {
-    const vec<A> e = exp((load(x + i, len) - l.hi) - l.lo) * a;
+    const vec<A> e = exp((load(x + i, len) - m) - ls) * a;
     store(dx + i, p.w ? e - load(p.w + i, len) * b : e - b, len);
   });
-  dx[t] = exp((xt - l.hi) - l.lo) * a - (p.w ? p.w[t] * b : b) - g * keep;
+  // The target's entry as g w_t (1 - eps) (p_t - 1) + ...: p_t - 1 is exact near 1, so a confident row (p_t = 1)
+  // gets exactly 0 as in torch, not the ulp that a p_t - g keep (contracted to an FMA) leaves.
+  const A pt = exp((xt - m) - ls);
+  dx[t] = g * keep * (pt - A(1)) + b * (p.wsum * pt - (p.w ? p.w[t] : A(1)));
 }
 
-template <typename A> void bwd_prob_row(const A* x, const A* y, SplitLse<A> l, A g, const Smooth<A>& p, A* dx) {
+template <typename A> void bwd_prob_row(const A* x, const A* y, A m, A ls, A g, const Smooth<A>& p, A* dx) {
   const A keep = A(1) - p.eps, add = p.eps / A(p.C);
   auto wy = [&](int64_t i, int64_t len) {
     vec<A> v = load(y + i, len) * keep + add;
@@ -109,7 +114,7 @@ template <typename A> void bwd_prob_row(const A* x, const A* y, SplitLse<A> l, A
   });
   const A gs = g * hsum(s);
   for_chunks<A>(p.C, [&](int64_t i, int64_t len) {
-    store(dx + i, exp((load(x + i, len) - l.hi) - l.lo) * gs - wy(i, len) * g, len);
+    store(dx + i, exp((load(x + i, len) - m) - ls) * gs - wy(i, len) * g, len);
   });
 }
 
@@ -163,18 +168,17 @@ void for_rows(const CeGeometry& g, const T* x, const T* y, T* dx, F&& f) {
 // The fused rows over raw storage; shared by cross_entropy_* and linear_cross_entropy_*.
 template <typename T>
 void ce_fwd_rows(const CeGeometry& g, const T* x, const int64_t* ti, const T* ty, const Smooth<acc_t<T>>& p,
-                 int64_t ignore_index, acc_t<T>* loss, double* lse) {
+                 int64_t ignore_index, acc_t<T>* loss, acc_t<T>* m, acc_t<T>* ls) {
   using A = acc_t<T>;
   for_rows<T, false>(g, x, ty, nullptr, [&](int64_t r, const A* xr, const A* yr, A*) {
     if (ti) {
       if (ti[r] == ignore_index) {  // torch: zero loss; the backward never reads this lse
-        loss[r] = 0;
-        lse[r] = 0;
+        loss[r] = m[r] = ls[r] = 0;
       } else {
-        loss[r] = fwd_index_row(xr, ti[r], p, lse[r]);
+        loss[r] = fwd_index_row(xr, ti[r], p, m[r], ls[r]);
       }
     } else {
-      loss[r] = fwd_prob_row(xr, yr, p, lse[r]);
+      loss[r] = fwd_prob_row(xr, yr, p, m[r], ls[r]);
     }
   });
 }
@@ -182,12 +186,12 @@ void ce_fwd_rows(const CeGeometry& g, const T* x, const int64_t* ti, const T* ty
 // dx may be x itself (inplace_backward).
 template <typename T>
 void ce_bwd_rows(const CeGeometry& g, const acc_t<T>* grad, const T* x, const int64_t* ti, const T* ty,
-                 const Smooth<acc_t<T>>& p, int64_t ignore_index, const double* lse, T* dx) {
+                 const Smooth<acc_t<T>>& p, int64_t ignore_index, const acc_t<T>* m, const acc_t<T>* ls, T* dx) {
   using A = acc_t<T>;
   for_rows<T, true>(g, x, ty, dx, [&](int64_t r, const A* xr, const A* yr, A* dr) {
-    if (!ti) bwd_prob_row(xr, yr, SplitLse<A>(lse[r]), grad[r], p, dr);
+    if (!ti) bwd_prob_row(xr, yr, m[r], ls[r], grad[r], p, dr);
     else if (ti[r] == ignore_index) std::fill(dr, dr + p.C, A(0));
-    else bwd_index_row(xr, ti[r], SplitLse<A>(lse[r]), grad[r], p, dr);
+    else bwd_index_row(xr, ti[r], m[r], ls[r], grad[r], p, dr);
   });
 }
 
@@ -220,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& input
     const Weights<scalar_t, A> w(weight, label_smoothing, c.g.classes);
     ce_fwd_rows<scalar_t>(c.g, c.x.const_data_ptr<scalar_t>(), c.prob ? nullptr : c.t.const_data_ptr<int64_t>(),
                           c.prob ? c.t.const_data_ptr<scalar_t>() : nullptr, w.p, ignore_index,
-                          loss.mutable_data_ptr<A>(), lse.mutable_data_ptr<double>());
+                          loss.mutable_data_ptr<A>(), stat_plane<A>(lse, 0), stat_plane<A>(lse, 1));
   });
   return {loss, lse};
 }
@@ -237,7 +241,7 @@ void cross_entropy_bwd_into(const at::Tensor& grad_loss, const CeCall& c, const 
     ce_bwd_rows<scalar_t>(c.g, gl.const_data_ptr<A>(), c.x.const_data_ptr<scalar_t>(),
                           c.prob ? nullptr : c.t.const_data_ptr<int64_t>(),
                           c.prob ? c.t.const_data_ptr<scalar_t>() : nullptr, w.p, ignore_index,
-                          l.const_data_ptr<double>(), out.mutable_data_ptr<scalar_t>());
+                          stat_plane<const A>(l, 0), stat_plane<const A>(l, 1), out.mutable_data_ptr<scalar_t>());
   });
 }
 
@@ -276,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
                             [&](const at::Tensor& logits, const at::Tensor& ts, at::Tensor loss, at::Tensor lse) {
       const CeGeometry g{logits.size(0), V, 1};
       ce_fwd_rows<scalar_t>(g, logits.const_data_ptr<scalar_t>(), ts.const_data_ptr<int64_t>(), nullptr, w.p,
-                            ignore_index, loss.mutable_data_ptr<A>(), lse.mutable_data_ptr<double>());
+                            ignore_index, loss.mutable_data_ptr<A>(), stat_plane<A>(lse, 0), stat_plane<A>(lse, 1));
     }, empty);
   });
   return out;
@@ -298,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
       const CeGeometry g{logits.size(0), V, 1};
       auto* p = logits.mutable_data_ptr<scalar_t>();
       ce_bwd_rows<scalar_t>(g, gs.const_data_ptr<A>(), p, ts.const_data_ptr<int64_t>(), nullptr, w.p, ignore_index,
-                            ls.const_data_ptr<double>(), p);
+                            stat_plane<const A>(ls, 0), stat_plane<const A>(ls, 1), p);
     }, empty);
   });
   return out;

@@ -36,11 +36,19 @@ __device__ __forceinline__ int64_t row_base(int64_t row, const RowArgs& a) {
   return (row / a.inner) * a.classes * a.inner + row % a.inner;
 }
 
+// a - b, where a = S (lse - pivot) and b = sum of w (x - pivot) are two ways of writing sum_c w_c (lse - x_c), a sum
+// of terms >= 0: when logits near 3e38 overflow both to inf, that is inf (torch's result), not NaN.
+template <typename A> __device__ __forceinline__ A sum_of_offsets(A a, A b) {
+  const A d = a - b;
+  return (d != d && a == a && b == b) ? A(INFINITY) : d;
+}
+
 // PROB: target holds probabilities (T); else int64 indices. D: accumulate the weighted offsets (smoothing or PROB).
 template <typename T, bool PROB, bool D>
 __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ x, const void* __restrict__ target,
                                                           const T* __restrict__ w, const acc_t<T>* __restrict__ wsum,
-                                                          acc_t<T>* __restrict__ loss, double* __restrict__ lse,
+                                                          acc_t<T>* __restrict__ loss, acc_t<T>* __restrict__ lse_m,
+                                                          acc_t<T>* __restrict__ lse_ls,
                                                           int64_t* __restrict__ flag, RowArgs a) {
   using A = acc_t<T>;
   const int64_t row = blockIdx.x;
@@ -52,14 +60,14 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
     ignored = t == a.ignore_index;
     bad = !ignored && (t < 0 || t >= C);
     if (ignored) {  // the whole block takes this branch together
-      if (threadIdx.x == 0) loss[row] = lse[row] = 0;
+      if (threadIdx.x == 0) loss[row] = lse_m[row] = lse_ls[row] = A(0);
       return;
     }
     if (bad) {
       if (threadIdx.x == 0) {
         flag[1] = t;  // any one bad index will do for the message
         flag[0] = 1;
-        loss[row] = lse[row] = NAN;
+        loss[row] = lse_m[row] = lse_ls[row] = NAN;
       }
       return;
     }
@@ -88,18 +96,19 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
   A l;
   if constexpr (PROB) {
     const A U = block_reduce(u, SumOp{}), Dv = block_reduce(d, SumOp{});
-    l = U * ((M - pivot) + log_s) - Dv;
+    l = sum_of_offsets(U * ((M - pivot) + log_s), Dv);
   } else {
     const A wt = w ? static_cast<A>(w[t]) : A(1);
     l = keep * wt * ((M - static_cast<A>(x[base + t * st])) + log_s);
     if constexpr (D) {
       const A Dv = block_reduce(d, SumOp{});
-      l += add * ((w ? *wsum : A(C)) * ((M - pivot) + log_s) - Dv);
+      l += add * sum_of_offsets((w ? *wsum : A(C)) * ((M - pivot) + log_s), Dv);
     }
   }
   if (threadIdx.x == 0) {
     loss[row] = l;
-    lse[row] = static_cast<double>(M) + static_cast<double>(log_s);
+    lse_m[row] = M;
+    lse_ls[row] = log_s;
   }
 }
 
@@ -107,13 +116,13 @@ template <typename T, bool PROB>
 __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const acc_t<T>* __restrict__ grad, const T* x,
                                                           const void* __restrict__ target, const T* __restrict__ w,
                                                           const acc_t<T>* __restrict__ wsum,
-                                                          const double* __restrict__ lse, T* dx, RowArgs a) {
+                                                          const acc_t<T>* __restrict__ lse_m,
+                                                          const acc_t<T>* __restrict__ lse_ls, T* dx, RowArgs a) {
   // x and dx may alias (inplace): each element is read before it is written, by the same thread.
   using A = acc_t<T>;
   const int64_t row = blockIdx.x;
   const int64_t base = row_base(row, a), C = a.classes, st = a.inner;
-  const A g = grad[row];
-  const SplitLse<A> l(lse[row]);
+  const A g = grad[row], m = lse_m[row], ls = lse_ls[row];
   const A keep = A(1) - A(a.eps), add = A(a.eps) / A(C);
   const T* y = static_cast<const T*>(target);
   if constexpr (PROB) {
@@ -123,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const acc_t<T>* __rest
     const A ga = g * block_reduce(u, SumOp{});
     for (int64_t c = threadIdx.x; c < C; c += kThreads) {
       const A wu = (static_cast<A>(y[base + c * st]) * keep + add) * (w ? static_cast<A>(w[c]) : A(1));
-      dx[base + c * st] = static_cast<T>(ga * exp_((static_cast<A>(x[base + c * st]) - l.hi) - l.lo) - g * wu);
+      dx[base + c * st] = static_cast<T>(ga * exp_((static_cast<A>(x[base + c * st]) - m) - ls) - g * wu);
     }
   } else {
     const int64_t t = static_cast<const int64_t*>(target)[row];
@@ -134,8 +143,9 @@ __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const acc_t<T>* __rest
     const A wt = w ? static_cast<A>(w[t]) : A(1);
     const A ga = g * (keep * wt + add * (w ? *wsum : A(C))), gb = g * add, gt = g * keep * wt;
     for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-      A v = ga * exp_((static_cast<A>(x[base + c * st]) - l.hi) - l.lo) - gb * (w ? static_cast<A>(w[c]) : A(1));
-      if (c == t) v -= gt;
+      const A p = exp_((static_cast<A>(x[base + c * st]) - m) - ls), wc = w ? static_cast<A>(w[c]) : A(1);
+      // The target's entry with p_t - 1 (exact near 1: a confident row gets 0, as in torch; see the CPU kernel).
+      const A v = c == t ? gt * (p - A(1)) + gb * ((w ? *wsum : A(C)) * p - wc) : ga * p - gb * wc;
       dx[base + c * st] = static_cast<T>(v);
     }
   }
@@ -171,7 +181,7 @@ void launch_fwd(const at::Tensor& x, const at::Tensor& t, const std::optional<at
     auto go = [&](auto kernel) {
       kernel<<<g.rows(), kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), t.const_data_ptr(),
                                                 dw.data<scalar_t>(), dw.sum_data<A>(), loss.mutable_data_ptr<A>(),
-                                                lse.mutable_data_ptr<double>(), flag.mutable_data_ptr<int64_t>(), a);
+                                                stat_plane<A>(lse, 0), stat_plane<A>(lse, 1), flag.mutable_data_ptr<int64_t>(), a);
     };
     if (prob) go(ce_fwd_kernel<scalar_t, true, true>);
     else if (eps > 0) go(ce_fwd_kernel<scalar_t, false, true>);
@@ -193,7 +203,7 @@ void launch_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t
     auto go = [&](auto kernel) {
       kernel<<<g.rows(), kThreads, 0, stream>>>(gc.const_data_ptr<A>(), x.const_data_ptr<scalar_t>(),
                                                 t.const_data_ptr(), dw.data<scalar_t>(), dw.sum_data<A>(),
-                                                lc.const_data_ptr<double>(), dx.mutable_data_ptr<scalar_t>(), a);
+                                                stat_plane<const A>(lc, 0), stat_plane<const A>(lc, 1), dx.mutable_data_ptr<scalar_t>(), a);
     };
     if (t.is_floating_point()) go(ce_bwd_kernel<scalar_t, true>);
     else go(ce_bwd_kernel<scalar_t, false>);

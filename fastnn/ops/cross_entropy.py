@@ -1,8 +1,9 @@
 """cross_entropy and linear_cross_entropy: custom ops ``fastnn::cross_entropy_fwd`` / ``_bwd`` (+ ``_bwd_inplace``)
 and ``fastnn::linear_cross_entropy_fwd`` / ``_bwd`` (C++ CPU, CUDA) and their ``_triton`` twins.
 
-The ops return the unreduced per-row loss (float32, or float64 for float64 input) and the per-row logsumexp in
-float64 (SplitLse in csrc/cross_entropy.h says why); the
+The ops return the unreduced per-row loss and, as "lse", the per-row statistics (2, rows...): the row's max and the
+log of its sum of exp(x - max) (stat_plane in csrc/cross_entropy.h says why not their sum), both float32 (float64
+for float64 input); the
 reduction is done here, in a few O(rows) torch ops that autograd differentiates. The backward saves only the logits
 (and, for linear + CE, input and weight) plus the logsumexp, and recomputes the softmax.
 """
@@ -119,7 +120,7 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
 
 def _fake_fwd(input, target, weight, ignore_index, label_smoothing, inplace_backward):
     shape = (input.shape[0],) + tuple(input.shape[2:])
-    return input.new_empty(shape, dtype=_acc(input.dtype)), input.new_empty(shape, dtype=torch.float64)
+    return input.new_empty(shape, dtype=_acc(input.dtype)), input.new_empty((2,) + shape, dtype=_acc(input.dtype))
 
 
 def _fake_bwd(grad_loss, input, target, weight, lse, ignore_index, label_smoothing):
@@ -136,11 +137,8 @@ def _target_grad(g, input, weight, lse, eps):
     # Probability targets: d loss / d y_c = -(1 - eps) w_c log p_c.
     shape = [1] * input.dim()
     shape[1] = input.shape[1]
-    acc = _acc(input.dtype)
-    hi = lse.to(acc)  # lse is float64: hi + lo, so that no (N, C) float64 temporary is made
-    lo = torch.nan_to_num(lse - hi.double(), nan=0.0).to(acc)
-    logp = (input.to(acc) - hi.unsqueeze(1)) - lo.unsqueeze(1)
-    w = 1.0 if weight is None else weight.to(acc).reshape(shape)
+    logp = (input.to(lse.dtype) - lse[0].unsqueeze(1)) - lse[1].unsqueeze(1)
+    w = 1.0 if weight is None else weight.to(lse.dtype).reshape(shape)
     return (-(1.0 - eps) * g.unsqueeze(1) * logp * w).to(input.dtype)
 
 
@@ -249,7 +247,7 @@ def linear_cross_entropy(input, weight, target, bias=None, ignore_index: int = -
 
 def _lfake_fwd(input, weight, bias, target, class_weight, ignore_index, label_smoothing, chunk):
     shape = (input.shape[0],)
-    return input.new_empty(shape, dtype=_acc(input.dtype)), input.new_empty(shape, dtype=torch.float64)
+    return input.new_empty(shape, dtype=_acc(input.dtype)), input.new_empty((2,) + shape, dtype=_acc(input.dtype))
 
 
 def _lfake_bwd(grad_loss, input, weight, bias, target, class_weight, lse, ignore_index, label_smoothing, chunk):
