@@ -48,8 +48,10 @@ inline void check_same(const at::Tensor& a, const char* an, const at::Tensor& b,
 
 #ifdef __CUDACC__
 #define FASTNN_HOST_DEVICE __host__ __device__
+#define FASTNN_UNROLL _Pragma("unroll")
 #else
 #define FASTNN_HOST_DEVICE
+#define FASTNN_UNROLL _Pragma("GCC unroll 4")
 #endif
 
 // A small operand broadcast over a big contiguous tensor (a loss's weight, pos_weight or grad_output), read in
@@ -68,7 +70,7 @@ struct Broadcast {
   // (full, scalar: no division; a (C,) vector along the last dim: one) stay cheap.
   FASTNN_HOST_DEVICE int64_t offset(int64_t i) const {
     int64_t off = 0;
-#pragma unroll
+    FASTNN_UNROLL
     for (int d = kMaxDims - 1; d >= 0; --d) {
       if (d > kMaxDims - ndim) {
         off += (i % size[d]) * stride[d];

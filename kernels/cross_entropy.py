@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import row_start
+from .common import cast_rtne, row_start
 
 MAX_BLOCK = 4096
 
@@ -157,7 +157,7 @@ def ce_bwd_kernel(G, X, T, W, WSUM, LSE, lse_plane, DX, n_cols, inner, ignore_in
             # The target's entry with p_t - 1 (exact near 1: a confident row gets 0, as in torch).
             dx = tl.where(c == t, gt * (p - 1.0) + g * add * (wsum * p - w), a * p - g * add * w)
         dx = tl.where(live, dx, 0.0)
-        tl.store(DX + base + c * stride, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + base + c * stride, cast_rtne(dx, DX.dtype.element_ty), mask=mask)
 
 
 def _config(n_cols: int, dtype: torch.dtype) -> dict:

@@ -45,9 +45,9 @@ template <typename A, bool D> void exp_and_dev_sums(const A* x, A m, const Smoot
       wu = y ? load(y + i, len) * keep + add : splat<A>(1);
       if (p.w) wu *= load(p.w + i, len);
     }
-    if (len < kW<A>) for (int64_t k = len; k < kW<A>; ++k) v[k] = wu[k] = 0;
+    for (int k = static_cast<int>(len); k < kW<A>; ++k) v[k] = wu[k] = 0;  // int k: GCC then sees k < kW
     vec<A> e = exp(v);
-    if (len < kW<A>) for (int64_t k = len; k < kW<A>; ++k) e[k] = 0;
+    for (int k = static_cast<int>(len); k < kW<A>; ++k) e[k] = 0;
     s += e;
     if constexpr (D) {
       u += wu;
