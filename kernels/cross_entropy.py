@@ -50,11 +50,14 @@ def _smoothing(EPS, n_cols):
 
 
 @triton.jit
-def _sum_of_offsets(a, b):
-    """a - b, where a = S (lse - pivot) and b = sum of w (x - pivot) are two ways of writing sum_c w_c (lse - x_c),
-    a sum of terms >= 0: when logits near 3e38 overflow both to inf, that is inf (torch's result), not NaN."""
-    d = a - b
-    return tl.where((d != d) & (a == a) & (b == b), float("inf"), d)
+def _sum_of_offsets(S, v, b):
+    """S v - b, where S v = S (lse - pivot) and b = sum of w (x - pivot) are two ways of writing the sum of terms
+    w_c (lse - x_c) >= 0. With logits near 3e38 either product may overflow though the sum fits (torch: finite)
+    or not (torch: inf): then S (v - b / S), or inf if that overflows too (never the NaN of inf - inf, nor -inf)."""
+    d = S * v - b
+    alt = S * (v - b / S)
+    alt = tl.where((tl.abs(alt) < float("inf")) | (v != v) | (b != b), alt, float("inf"))
+    return tl.where((tl.abs(d) < float("inf")) | (S == 0.0), d, alt)
 
 
 @triton.jit
@@ -102,12 +105,12 @@ def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, lse_plane, FLAG, n_cols, inner, igno
     m = tl.max(m_vec, 0)
     log_s = tl.log(tl.sum(tl.where(m_vec == -float("inf"), 0.0, s_vec * tl.exp(m_vec - m)), 0))
     if PROB:
-        loss = _sum_of_offsets(tl.sum(sy_vec, 0) * ((m - pivot) + log_s), tl.sum(sx_vec, 0))
+        loss = _sum_of_offsets(tl.sum(sy_vec, 0), (m - pivot) + log_s, tl.sum(sx_vec, 0))
     else:
         wt, wsum = _target_weight(W, WSUM, t, n_cols, ACC, HAS_W)
         loss = keep * wt * ((m - xt) + log_s)
         if SMOOTH:
-            loss += add * _sum_of_offsets(wsum * ((m - pivot) + log_s), tl.sum(sx_vec, 0))
+            loss += add * _sum_of_offsets(wsum, (m - pivot) + log_s, tl.sum(sx_vec, 0))
         loss = tl.where(ignored, 0.0, tl.where(bad, float("nan"), loss))
         m = tl.where(ignored, 0.0, m)
         log_s = tl.where(ignored, 0.0, log_s)

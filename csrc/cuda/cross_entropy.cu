@@ -36,11 +36,14 @@ __device__ __forceinline__ int64_t row_base(int64_t row, const RowArgs& a) {
   return (row / a.inner) * a.classes * a.inner + row % a.inner;
 }
 
-// a - b, where a = S (lse - pivot) and b = sum of w (x - pivot) are two ways of writing sum_c w_c (lse - x_c), a sum
-// of terms >= 0: when logits near 3e38 overflow both to inf, that is inf (torch's result), not NaN.
-template <typename A> __device__ __forceinline__ A sum_of_offsets(A a, A b) {
-  const A d = a - b;
-  return (d != d && a == a && b == b) ? A(INFINITY) : d;
+// S v - b, where S v = S (lse - pivot) and b = sum of w (x - pivot) are two ways of writing the sum of terms
+// w_c (lse - x_c) >= 0. With logits near 3e38 either product may overflow though the sum fits (torch: finite) or not
+// (torch: inf): then S (v - b / S), or inf if that overflows too (never the NaN of inf - inf, nor -inf).
+template <typename A> __device__ __forceinline__ A sum_of_offsets(A S, A v, A b) {
+  const A d = S * v - b;
+  if (::isfinite(d) || S == A(0) || v != v || b != b) return d;
+  const A alt = S * (v - b / S);
+  return ::isfinite(alt) ? alt : A(INFINITY);
 }
 
 // PROB: target holds probabilities (T); else int64 indices. D: accumulate the weighted offsets (smoothing or PROB).
@@ -96,13 +99,13 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
   A l;
   if constexpr (PROB) {
     const A U = block_reduce(u, SumOp{}), Dv = block_reduce(d, SumOp{});
-    l = sum_of_offsets(U * ((M - pivot) + log_s), Dv);
+    l = sum_of_offsets(U, (M - pivot) + log_s, Dv);
   } else {
     const A wt = w ? static_cast<A>(w[t]) : A(1);
     l = keep * wt * ((M - static_cast<A>(x[base + t * st])) + log_s);
     if constexpr (D) {
       const A Dv = block_reduce(d, SumOp{});
-      l += add * sum_of_offsets((w ? *wsum : A(C)) * ((M - pivot) + log_s), Dv);
+      l += add * sum_of_offsets(w ? *wsum : A(C), (M - pivot) + log_s, Dv);
     }
   }
   if (threadIdx.x == 0) {
