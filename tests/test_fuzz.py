@@ -643,38 +643,35 @@ def test_attention_masked_row_with_infinite_value(backend):
     run_case(case, backend)
 
 
-@pytest.mark.parametrize("backend", [b for b in _cpu_backends("cross_entropy") if b != "reference"])
-def test_cross_entropy_large_tied_logits_gradient(backend):
+# Shrunk cross_entropy rows: (logits, target, label_smoothing), each with what it found.
+CE_REGRESSIONS = {
     # Found by the fuzz (linear_cross_entropy, x = 1e4, equal weight rows): two tied logits of 9000.3 gave
     # p = 0.5001 / 0.4999 when the backward read a float32 logsumexp (rounded to ulp(9000)); torch's log_softmax
-    # ((x - m) - log s) gives 0.5. The saved lse is now float64, split into hi + lo (SplitLse).
-    x = torch.tensor([[9000.3, 9000.3, -5.0]])
-    case = Case(fastnn=lambda backend, x: F.cross_entropy(x, torch.tensor([0]), backend=backend),
-                torch=lambda x: TF.cross_entropy(x, torch.tensor([0])),
-                reference=lambda x: fastnn.reference.cross_entropy(x, torch.tensor([0])),
-                inputs=dict(x=x), grad_inputs=("x",))
-    run_case(case, backend)
-
-
-@pytest.mark.parametrize("backend", _cpu_backends("cross_entropy"))
-def test_cross_entropy_minus_inf_logit_without_smoothing(backend):
+    # ((x - m) - log s) gives 0.5. The kernels now save the row's (max, log-sum) pair.
+    "large_tied_logits": ([[9000.3, 9000.3, -5.0]], [0], 0.0),
     # fastnn.reference added eps / C * (all-class loss) with eps = 0: 0 * inf = NaN for a -inf logit; torch: 0.
-    x = torch.tensor([1.541, float("-inf")])
-    case = Case(fastnn=lambda backend, x: F.cross_entropy(x, torch.tensor(0), reduction="none", backend=backend),
-                torch=lambda x: TF.cross_entropy(x, torch.tensor(0), reduction="none"),
-                reference=lambda x: fastnn.reference.cross_entropy(x, torch.tensor(0), reduction="none"),
-                inputs=dict(x=x), grad_inputs=("x",))
-    run_case(case, backend)
+    "minus_inf_logit_without_smoothing": ([1.541, float("-inf")], 0, 0.0),
+    # Dedicated run (Triton): logits (3e38, 3e38). lse = m + log(2) rounds to m at that size (even in float64), and
+    # exp(x - lse) gave p = 1 for both classes; the (max, log-sum) pair keeps 0.5.
+    "tied_logits_at_float_max": ([3e38, 3e38], 0, 0.0),
+    # Dedicated run (linear_cross_entropy, Triton): logits ~ +-1e38 with smoothing. The smoothing sum overflows
+    # (torch: inf); the single-pass kernel's two offset sums both overflowed and gave inf - inf = NaN.
+    "smoothing_overflow_is_inf": ([[1.3869e+38, -2.6400e+37, -1.9608e+38, 5.1150e+37, -9.7620e+37]], [4], 0.1),
+    # Dedicated run (Triton): logits (3e38, -0.29), target 1. The loss, 2.85e38, fits (torch: finite) but the
+    # kernel's W (m - pivot) = 2 * 3e38 overflowed: inf. Now rescaled as W (v - b / W).
+    "smoothing_sum_fits_after_overflow": ([3e38, -0.29343], 1, 0.1),
+}
 
 
 @pytest.mark.parametrize("backend", _cpu_backends("cross_entropy"))
-def test_cross_entropy_tied_logits_at_float_max(backend):
-    # Found by the dedicated run (Triton): logits (3e38, 3e38). A saved lse = m + log(2) rounds to m at that size
-    # (even in float64), and exp(x - lse) gave p = 1 for both classes; the row's (max, log-sum) pair keeps 0.5.
-    x = torch.tensor([3e38, 3e38])
-    case = Case(fastnn=lambda backend, x: F.cross_entropy(x, torch.tensor(0), reduction="none", backend=backend),
-                torch=lambda x: TF.cross_entropy(x, torch.tensor(0), reduction="none"),
-                reference=lambda x: fastnn.reference.cross_entropy(x, torch.tensor(0), reduction="none"),
+@pytest.mark.parametrize("row", list(CE_REGRESSIONS))
+def test_cross_entropy_regression_rows(backend, row):
+    x, t, eps = CE_REGRESSIONS[row]
+    x, t = torch.tensor(x), torch.tensor(t)
+    opts = dict(reduction="none", label_smoothing=eps)
+    case = Case(fastnn=lambda backend, x: F.cross_entropy(x, t, backend=backend, **opts),
+                torch=lambda x: TF.cross_entropy(x, t, **opts),
+                reference=lambda x: fastnn.reference.cross_entropy(x, t, **opts),
                 inputs=dict(x=x), grad_inputs=("x",))
     run_case(case, backend)
 
@@ -692,32 +689,4 @@ def test_linear_cross_entropy_single_class_gradient_is_zero(backend):
                 reference=lambda x, w: fastnn.reference.linear_cross_entropy(x, w, t, class_weight=cw.double(),
                                                                              reduction="none"),
                 inputs=dict(x=x, w=w), grad_inputs=("x", "w"))
-    run_case(case, backend)
-
-
-@pytest.mark.parametrize("backend", _cpu_backends("cross_entropy"))
-def test_cross_entropy_smoothing_overflow_is_inf(backend):
-    # Found by the dedicated run (linear_cross_entropy, Triton): logits ~ +-1e38 with label smoothing. The smoothing
-    # sum overflows (torch: inf); the Triton kernel's two offset sums both overflowed and gave inf - inf = NaN.
-    x = torch.tensor([[1.3869e+38, -2.6400e+37, -1.9608e+38, 5.1150e+37, -9.7620e+37]])
-    t = torch.tensor([4])
-    case = Case(fastnn=lambda backend, x: F.cross_entropy(x, t, reduction="none", label_smoothing=0.1,
-                                                          backend=backend),
-                torch=lambda x: TF.cross_entropy(x, t, reduction="none", label_smoothing=0.1),
-                reference=lambda x: fastnn.reference.cross_entropy(x, t, reduction="none", label_smoothing=0.1),
-                inputs=dict(x=x), grad_inputs=("x",))
-    run_case(case, backend)
-
-
-@pytest.mark.parametrize("backend", _cpu_backends("cross_entropy"))
-def test_cross_entropy_smoothing_sum_fits_after_overflow(backend):
-    # Found by the dedicated run (Triton): logits (3e38, -0.29), target 1, smoothing 0.1. The loss is 2.85e38 (torch
-    # finite) but the single-pass kernels' W (m - pivot) = 2 * 3e38 overflowed: inf. Rescaled as W (v - b / W).
-    x = torch.tensor([3e38, -0.29343])
-    t = torch.tensor(1)
-    case = Case(fastnn=lambda backend, x: F.cross_entropy(x, t, reduction="none", label_smoothing=0.1,
-                                                          backend=backend),
-                torch=lambda x: TF.cross_entropy(x, t, reduction="none", label_smoothing=0.1),
-                reference=lambda x: fastnn.reference.cross_entropy(x, t, reduction="none", label_smoothing=0.1),
-                inputs=dict(x=x), grad_inputs=("x",))
     run_case(case, backend)
