@@ -50,17 +50,6 @@ def _smoothing(EPS, n_cols):
 
 
 @triton.jit
-def _sum_of_offsets(S, v, b):
-    """S v - b, where S v = S (lse - pivot) and b = sum of w (x - pivot) are two ways of writing the sum of terms
-    w_c (lse - x_c) >= 0. With logits near 3e38 either product may overflow though the sum fits (torch: finite)
-    or not (torch: inf): then S (v - b / S), or inf if that overflows too (never the NaN of inf - inf, nor -inf)."""
-    d = S * v - b
-    alt = S * (v - b / S)
-    alt = tl.where((tl.abs(alt) < float("inf")) | (v != v) | (b != b), alt, float("inf"))
-    return tl.where((tl.abs(d) < float("inf")) | (S == 0.0), d, alt)
-
-
-@triton.jit
 def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, lse_plane, FLAG, n_cols, inner, ignore_index, EPS,
                   ACC: tl.constexpr, BLOCK: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr,
                   SMOOTH: tl.constexpr, LASTDIM: tl.constexpr):
@@ -76,17 +65,14 @@ def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, lse_plane, FLAG, n_cols, inner, igno
         t = tl.where(ignored | bad, 0, t)
         n_eff = tl.where(ignored, 0, n_cols)  # an ignored row reads nothing
         xt = tl.load(X + base + t * stride).to(ACC)
-        pivot = xt
-    else:
-        pivot = tl.load(X + base).to(ACC)
-    # Weighted sums of x are taken as offsets from a pivot (the target's logit, or the row's first) and the loss
-    # as offsets from the max, so rows of large logits (|x| ~ 1e4) lose no precision.
-    pivot = tl.where(tl.abs(pivot) < float("inf"), pivot, 0.0)
     keep, add = _smoothing(EPS, n_cols)
     m_vec = tl.full([BLOCK], -float("inf"), ACC)
     s_vec = tl.zeros([BLOCK], ACC)
-    sx_vec = tl.zeros([BLOCK], ACC)  # sum of w (x - pivot) (smoothing) or of w y' (x - pivot) (probabilities)
-    sy_vec = tl.zeros([BLOCK], ACC)  # sum of w y'
+    # Weighted sums of x as offsets from each lane's running max, rebased when it grows (as s is), like the
+    # loss's: no term is positive, so rows of large logits (1e4) lose no precision and rows of 3e38 overflow only
+    # where the loss itself does (offsets from a fixed pivot could overflow in the middle: inf - inf).
+    sx_vec = tl.zeros([BLOCK], ACC)  # sum of w (x - m) (smoothing) or of w y' (x - m) (probabilities)
+    u_vec = tl.zeros([BLOCK], ACC)  # sum of w, or of w y'
     for start in range(0, n_eff, BLOCK):
         c = start + cols
         mask = c < n_cols
@@ -94,23 +80,27 @@ def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, lse_plane, FLAG, n_cols, inner, igno
         m_new = tl.maximum(m_vec, x)
         dead = m_new == -float("inf")
         s_vec = s_vec * tl.where(dead, 0.0, tl.exp(m_vec - m_new)) + tl.where(dead, 0.0, tl.exp(x - m_new))
-        m_vec = m_new
         if PROB or SMOOTH:
             w = _class_weight(W, c, mask, ACC, HAS_W)
             if PROB:
                 y = tl.load(T + base + c * stride, mask=mask, other=0.0).to(ACC)
                 w = tl.where(mask, (y * keep + add) * w, 0.0)
-                sy_vec += w
-            sx_vec += tl.where(mask, w * (x - pivot), 0.0)
+            # A lane still at -inf holds only -inf logits' terms (w x = -inf: the loss is inf, as torch's).
+            sx_vec = tl.where(m_vec > -float("inf"), sx_vec + u_vec * (m_vec - m_new), sx_vec)
+            sx_vec += tl.where(mask, w * (x - tl.where(dead, 0.0, m_new)), 0.0)
+            u_vec += w
+        m_vec = m_new
     m = tl.max(m_vec, 0)
     log_s = tl.log(tl.sum(tl.where(m_vec == -float("inf"), 0.0, s_vec * tl.exp(m_vec - m)), 0))
+    if PROB or SMOOTH:
+        sx = tl.sum(tl.where(m_vec > -float("inf"), sx_vec + u_vec * (m_vec - m), sx_vec), 0)
     if PROB:
-        loss = _sum_of_offsets(tl.sum(sy_vec, 0), (m - pivot) + log_s, tl.sum(sx_vec, 0))
+        loss = tl.sum(u_vec, 0) * log_s - sx
     else:
         wt, wsum = _target_weight(W, WSUM, t, n_cols, ACC, HAS_W)
         loss = keep * wt * ((m - xt) + log_s)
         if SMOOTH:
-            loss += add * _sum_of_offsets(wsum, (m - pivot) + log_s, tl.sum(sx_vec, 0))
+            loss += add * (wsum * log_s - sx)
         loss = tl.where(ignored, 0.0, tl.where(bad, float("nan"), loss))
         m = tl.where(ignored, 0.0, m)
         log_s = tl.where(ignored, 0.0, log_s)

@@ -658,8 +658,11 @@ CE_REGRESSIONS = {
     # (torch: inf); the single-pass kernel's two offset sums both overflowed and gave inf - inf = NaN.
     "smoothing_overflow_is_inf": ([[1.3869e+38, -2.6400e+37, -1.9608e+38, 5.1150e+37, -9.7620e+37]], [4], 0.1),
     # Dedicated run (Triton): logits (3e38, -0.29), target 1. The loss, 2.85e38, fits (torch: finite) but the
-    # kernel's W (m - pivot) = 2 * 3e38 overflowed: inf. Now rescaled as W (v - b / W).
+    # kernel's W (m - pivot) = 2 * 3e38 overflowed: inf.
     "smoothing_sum_fits_after_overflow": ([3e38, -0.29343], 1, 0.1),
+    # Dedicated run (Triton): probabilities with a first logit of -3e38 (the old pivot): torch's loss 2.9e38, the
+    # kernel's offsets from that pivot overflowed (inf). The sums are now offsets from the running max.
+    "probabilities_with_minus_huge_first_logit": ([-3e38, -0.29343, -2.1788], [0.9701, 0.7078, 0.4594], 0.0),
 }
 
 

@@ -36,16 +36,6 @@ __device__ __forceinline__ int64_t row_base(int64_t row, const RowArgs& a) {
   return (row / a.inner) * a.classes * a.inner + row % a.inner;
 }
 
-// S v - b, where S v = S (lse - pivot) and b = sum of w (x - pivot) are two ways of writing the sum of terms
-// w_c (lse - x_c) >= 0. With logits near 3e38 either product may overflow though the sum fits (torch: finite) or not
-// (torch: inf): then S (v - b / S), or inf if that overflows too (never the NaN of inf - inf, nor -inf).
-template <typename A> __device__ __forceinline__ A sum_of_offsets(A S, A v, A b) {
-  const A d = S * v - b;
-  if (::isfinite(d) || S == A(0) || v != v || b != b) return d;
-  const A alt = S * (v - b / S);
-  return ::isfinite(alt) ? alt : A(INFINITY);
-}
-
 // PROB: target holds probabilities (T); else int64 indices. D: accumulate the weighted offsets (smoothing or PROB).
 template <typename T, bool PROB, bool D>
 __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ x, const void* __restrict__ target,
@@ -76,36 +66,37 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
     }
   }
   const A keep = A(1) - A(a.eps), add = A(a.eps) / A(C);
-  // Offsets from a pivot (the target's logit, or the row's first) keep rows of large logits exact.
-  A pivot = static_cast<A>(x[base + (PROB ? 0 : t) * st]);
-  pivot = ::isfinite(pivot) ? pivot : A(0);
+  // Weighted sums of x as offsets from this thread's running max, rebased when it grows (as the sum of exp is):
+  // no term is positive, so rows of large logits lose no precision and overflow only where the loss does.
   LogSumExp<A> lse_acc = LogSumExp<A>::empty();
   A d = 0, u = 0;
   for (int64_t c = threadIdx.x; c < C; c += kThreads) {
     const A v = static_cast<A>(x[base + c * st]);
     const A one[1] = {v};
+    const A m_old = lse_acc.m;
     lse_acc.add(one);
     if constexpr (D) {
       A wu = w ? static_cast<A>(w[c]) : A(1);
-      if constexpr (PROB) {
-        wu *= static_cast<A>(static_cast<const T*>(target)[base + c * st]) * keep + add;
-        u += wu;
-      }
-      d += wu * (v - pivot);
+      if constexpr (PROB) wu *= static_cast<A>(static_cast<const T*>(target)[base + c * st]) * keep + add;
+      if (m_old > neg_inf<A>()) d += u * (m_old - lse_acc.m);
+      d += wu * (v - (lse_acc.m == neg_inf<A>() ? A(0) : lse_acc.m));  // at -inf: w x = -inf, the loss is inf
+      u += wu;
     }
   }
+  const A m_thread = lse_acc.m;
   lse_acc = block_reduce(lse_acc, MergeOp{});
   const A M = lse_acc.m, log_s = log_(lse_acc.s);
+  if constexpr (D) d = m_thread > neg_inf<A>() ? d + u * (m_thread - M) : d;
   A l;
   if constexpr (PROB) {
     const A U = block_reduce(u, SumOp{}), Dv = block_reduce(d, SumOp{});
-    l = sum_of_offsets(U, (M - pivot) + log_s, Dv);
+    l = U * log_s - Dv;
   } else {
     const A wt = w ? static_cast<A>(w[t]) : A(1);
     l = keep * wt * ((M - static_cast<A>(x[base + t * st])) + log_s);
     if constexpr (D) {
       const A Dv = block_reduce(d, SumOp{});
-      l += add * sum_of_offsets(w ? *wsum : A(C), (M - pivot) + log_s, Dv);
+      l += add * ((w ? *wsum : A(C)) * log_s - Dv);
     }
   }
   if (threadIdx.x == 0) {
