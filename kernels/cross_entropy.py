@@ -68,11 +68,13 @@ def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, lse_plane, FLAG, n_cols, inner, igno
     keep, add = _smoothing(EPS, n_cols)
     m_vec = tl.full([BLOCK], -float("inf"), ACC)
     s_vec = tl.zeros([BLOCK], ACC)
-    # Weighted sums of x as offsets from each lane's running max, rebased when it grows (as s is), like the
-    # loss's: no term is positive, so rows of large logits (1e4) lose no precision and rows of 3e38 overflow only
-    # where the loss itself does (offsets from a fixed pivot could overflow in the middle: inf - inf).
-    sx_vec = tl.zeros([BLOCK], ACC)  # sum of w (x - m) (smoothing) or of w y' (x - m) (probabilities)
-    u_vec = tl.zeros([BLOCK], ACC)  # sum of w, or of w y'
+    # Weighted sums of x as offsets from the running max (a scalar; the sums are reduced per block of classes, so
+    # that no per-lane state is added: 4096-wide blocks spill otherwise), rebased when it grows, as the loss's: no
+    # term is positive, so rows of large logits (1e4) lose no precision and rows of 3e38 overflow only where the
+    # loss does (offsets from a pivot fixed in advance could overflow midway: inf - inf).
+    sx = tl.full([], 0.0, ACC)  # sum of w (x - mr) (smoothing) or of w y' (x - mr) (probabilities)
+    u = tl.full([], 0.0, ACC)  # sum of w, or of w y'
+    mr = tl.full([], -float("inf"), ACC)
     for start in range(0, n_eff, BLOCK):
         c = start + cols
         mask = c < n_cols
@@ -80,22 +82,22 @@ def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, lse_plane, FLAG, n_cols, inner, igno
         m_new = tl.maximum(m_vec, x)
         dead = m_new == -float("inf")
         s_vec = s_vec * tl.where(dead, 0.0, tl.exp(m_vec - m_new)) + tl.where(dead, 0.0, tl.exp(x - m_new))
+        m_vec = m_new
         if PROB or SMOOTH:
             w = _class_weight(W, c, mask, ACC, HAS_W)
             if PROB:
                 y = tl.load(T + base + c * stride, mask=mask, other=0.0).to(ACC)
                 w = tl.where(mask, (y * keep + add) * w, 0.0)
-            # A lane still at -inf holds only -inf logits' terms (w x = -inf: the loss is inf, as torch's).
-            sx_vec = tl.where(m_vec > -float("inf"), sx_vec + u_vec * (m_vec - m_new), sx_vec)
-            sx_vec += tl.where(mask, w * (x - tl.where(dead, 0.0, m_new)), 0.0)
-            u_vec += w
-        m_vec = m_new
+            mr_new = tl.maximum(mr, tl.max(x, 0))
+            # While the max is -inf the sum holds only -inf logits' terms (w x = -inf: the loss is inf, as torch's).
+            sx = tl.where(mr > -float("inf"), sx + u * (mr - mr_new), sx)
+            sx += tl.sum(tl.where(mask, w * (x - tl.where(mr_new == -float("inf"), 0.0, mr_new)), 0.0), 0)
+            u += tl.sum(w, 0)
+            mr = mr_new
     m = tl.max(m_vec, 0)
     log_s = tl.log(tl.sum(tl.where(m_vec == -float("inf"), 0.0, s_vec * tl.exp(m_vec - m)), 0))
-    if PROB or SMOOTH:
-        sx = tl.sum(tl.where(m_vec > -float("inf"), sx_vec + u_vec * (m_vec - m), sx_vec), 0)
     if PROB:
-        loss = tl.sum(u_vec, 0) * log_s - sx
+        loss = u * log_s - sx
     else:
         wt, wsum = _target_weight(W, WSUM, t, n_cols, ACC, HAS_W)
         loss = keep * wt * ((m - xt) + log_s)
