@@ -1,7 +1,8 @@
 // Cross-entropy pieces shared by the CPU and CUDA kernels: argument checks, the loss geometry, and the chunk loop
 // of linear + cross-entropy (device-agnostic ATen matmuls around a device's fused cross-entropy rows).
 //
-// Per row (logits x, logsumexp lse = m + log(s), p = exp((x - m) - log(s)), smoothing eps over C classes, class weights w, W = sum(w)):
+// Per row (logits x, max m, lse = m + log(s), p = exp((x - m) - log(s)), smoothing eps over C classes, class
+// weights w, W = sum(w)):
 //   class index t:  loss = (1 - eps) w_t (lse - x_t) + eps/C (W lse - sum_c w_c x_c)
 //                   dx_c = g [((1 - eps) w_t + eps/C W) p_c - eps/C w_c - (1 - eps) w_t [c == t]]
 //   probabilities:  y'_c = (1 - eps) y_c + eps/C,  S = sum_c w_c y'_c
@@ -81,8 +82,8 @@ inline void check_ce_bwd_args(const at::Tensor& grad_loss, const at::Tensor& lse
               "must be ", acc, ", got ", grad_loss.scalar_type(), " and ", lse.scalar_type());
 }
 
-// The outputs (loss, lse) of cross_entropy_fwd, uninitialized, in the accumulation dtype: loss of input's shape without
-// the class dim, lse (2, that shape) (stat_plane).
+// The outputs (loss, lse) of cross_entropy_fwd, uninitialized, in the accumulation dtype: loss of input's shape
+// without the class dim, lse (2, that shape) (stat_plane).
 inline std::tuple<at::Tensor, at::Tensor> ce_fwd_outputs(const at::Tensor& input, const CeGeometry& g) {
   TORCH_CHECK(g.rows() == 0 || g.classes > 0, "cross_entropy: input has no classes (C = 0)");
   std::vector<int64_t> shape{input.size(0)};

@@ -66,7 +66,7 @@ TORCH_LIBRARY_FRAGMENT(fastnn, m) {
   // inplace_backward only tells the autograd formula to use cross_entropy_bwd_inplace.
   m.def("cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
         " bool inplace_backward) -> (Tensor, Tensor)");
-  // grad_input from the per-row grad_loss, the saved logits and logsumexp (the softmax is recomputed).
+  // grad_input from the per-row grad_loss, the saved logits and statistics (the softmax is recomputed).
   m.def("cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor lse,"
         " int ignore_index, float label_smoothing) -> Tensor");
   // The same, written over `input` (inplace_backward=True).

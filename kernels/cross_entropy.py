@@ -2,9 +2,9 @@
 
 One program per row (one (n, d1, ...) position; classes `inner` apart). The forward reads the row once, keeping
 per-lane running max and rescaled sum of exp (plus the weighted sums that label smoothing and probability targets
-need), and writes the loss and the row's statistics (max m and log(s); stat_plane in csrc/cross_entropy.h says why not
-their sum). The backward reads the row once more and writes the
-gradient, optionally over the logits themselves (DX == X). Formulas: csrc/cross_entropy.h.
+need), and writes the loss and the row's statistics (max m and log(s); stat_plane in csrc/cross_entropy.h says why
+not their sum). The backward reads the row once more and writes the gradient, optionally over the logits themselves
+(DX == X). Formulas: csrc/cross_entropy.h.
 
 Out-of-range class indices are never used as addresses: the kernel clamps the read, gives the row a NaN loss and
 records the index in a flag tensor, which the launcher checks and turns into an IndexError (one device sync).
@@ -286,7 +286,8 @@ def _aot_specs():
             common = dict(ACC=tl.float32, BLOCK=MAX_BLOCK, PROB=prob, HAS_W=has_w, LASTDIM=True)
             sig = {"X": f"*{dt}", "T": tsig, "W": f"*{dt}", "WSUM": "*fp32", "n_cols": "i32", "inner": "i32",
                    "ignore_index": "i64", "EPS": "*fp32"}
-            yield (ce_fwd_kernel, dict(sig, LOSS="*fp32", LSE="*fp32", lse_plane="i32", FLAG="*i64"), dict(common, SMOOTH=smooth), 16)
+            yield (ce_fwd_kernel, dict(sig, LOSS="*fp32", LSE="*fp32", lse_plane="i32", FLAG="*i64"),
+                   dict(common, SMOOTH=smooth), 16)
             yield (ce_bwd_kernel, dict(sig, G="*fp32", LSE="*fp32", lse_plane="i32", DX=f"*{dt}"), common, 16)
 
 

@@ -525,7 +525,8 @@ def run_case(case: Case, backend: str) -> None:
     plain_in = [leaves() for _ in case.plain]
     plain = [_tuple(fn(**inp)) for fn, inp in zip(case.plain, plain_in)]
     for i, (a, b, r) in enumerate(zip(ours, expected, ref)):
-        _compare(f"output {i}", a.detach(), b.detach(), r.detach(), case.out_atol, plain=[pl[i].detach() for pl in plain])
+        _compare(f"output {i}", a.detach(), b.detach(), r.detach(), case.out_atol,
+                 plain=[pl[i].detach() for pl in plain])
     # Gradients only where everything is finite (torch's own inf/NaN gradients are not a contract).
     if not all(torch.isfinite(t).all() for t in (*case.inputs.values(), *expected, *ref)):
         _event("gradients not compared")

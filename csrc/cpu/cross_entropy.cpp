@@ -74,7 +74,7 @@ template <typename A> A fwd_index_row(const A* x, int64_t t, const Smooth<A>& p,
   return loss;
 }
 
-// Loss of one row of probabilities y; sets lse. loss = S lse - sum(w y' x) = S log(s) - sum(w y' (x - m)).
+// Loss of one row of probabilities y; sets m and log(s). loss = S lse - sum(w y' x) = S log(s) - sum(w y' (x - m)).
 template <typename A> A fwd_prob_row(const A* x, const A* y, const Smooth<A>& p, A& m_out, A& ls_out) {
   const A m = max_of(x, p.C);
   A s, d, S;

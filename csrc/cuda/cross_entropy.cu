@@ -175,7 +175,8 @@ void launch_fwd(const at::Tensor& x, const at::Tensor& t, const std::optional<at
     auto go = [&](auto kernel) {
       kernel<<<g.rows(), kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), t.const_data_ptr(),
                                                 dw.data<scalar_t>(), dw.sum_data<A>(), loss.mutable_data_ptr<A>(),
-                                                stat_plane<A>(lse, 0), stat_plane<A>(lse, 1), flag.mutable_data_ptr<int64_t>(), a);
+                                                stat_plane<A>(lse, 0), stat_plane<A>(lse, 1),
+                                                flag.mutable_data_ptr<int64_t>(), a);
     };
     if (prob) go(ce_fwd_kernel<scalar_t, true, true>);
     else if (eps > 0) go(ce_fwd_kernel<scalar_t, false, true>);
@@ -197,7 +198,8 @@ void launch_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t
     auto go = [&](auto kernel) {
       kernel<<<g.rows(), kThreads, 0, stream>>>(gc.const_data_ptr<A>(), x.const_data_ptr<scalar_t>(),
                                                 t.const_data_ptr(), dw.data<scalar_t>(), dw.sum_data<A>(),
-                                                stat_plane<const A>(lc, 0), stat_plane<const A>(lc, 1), dx.mutable_data_ptr<scalar_t>(), a);
+                                                stat_plane<const A>(lc, 0), stat_plane<const A>(lc, 1),
+                                                dx.mutable_data_ptr<scalar_t>(), a);
     };
     if (t.is_floating_point()) go(ce_bwd_kernel<scalar_t, true>);
     else go(ce_bwd_kernel<scalar_t, false>);

@@ -3,9 +3,9 @@ and ``fastnn::linear_cross_entropy_fwd`` / ``_bwd`` (C++ CPU, CUDA) and their ``
 
 The ops return the unreduced per-row loss and, as "lse", the per-row statistics (2, rows...): the row's max and the
 log of its sum of exp(x - max) (stat_plane in csrc/cross_entropy.h says why not their sum), both float32 (float64
-for float64 input); the
-reduction is done here, in a few O(rows) torch ops that autograd differentiates. The backward saves only the logits
-(and, for linear + CE, input and weight) plus the logsumexp, and recomputes the softmax.
+for float64 input); the reduction is done here, in a few O(rows) torch ops that autograd differentiates. The
+backward saves only the logits (and, for linear + CE, input and weight) plus those statistics, and recomputes the
+softmax.
 """
 from __future__ import annotations
 
