@@ -32,7 +32,8 @@ STEP_TIMEOUT=${STEP_TIMEOUT:-1800}
 SANITIZE_K=${SANITIZE_K:-native}
 PYTEST_JOBS=${PYTEST_JOBS:-4}
 [ -n "${CUDA_HOME:-}" ] || { [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda; }
-export PATH=$PATH:${CUDA_HOME:-/usr/local/cuda}/bin
+# compute-sanitizer sits in its own folder in some toolkit layouts, not in bin/
+export PATH=$PATH:${CUDA_HOME:-/usr/local/cuda}/bin:${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer
 unset TRITON_INTERPRET
 : >"$OUT/summary.txt"
 failed=0

@@ -80,8 +80,8 @@ inline Geometry check_args(const at::Tensor& q, const at::Tensor& k, const at::T
   return g;
 }
 
-// The backward's arguments: the forward's, plus grad_out and out shaped like query and lse (B, H, Lq) in the
-// accumulation dtype.
+// The backward's arguments: the forward's, plus grad_out and out shaped like query and the forward's row
+// statistics lse (2, B, H, Lq) in the accumulation dtype: plane 0 the row max m of the scores, plane 1 log l.
 inline Geometry check_bwd_args(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& kpm,
@@ -90,9 +90,9 @@ inline Geometry check_bwd_args(const at::Tensor& grad_out, const at::Tensor& q, 
   check_same(grad_out, "grad_out", q, "query");
   check_same(out, "out", q, "query");
   const auto acc = acc_type(q.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == acc && lse.dim() == 3 && lse.size(0) == g.B && lse.size(1) == g.H &&
-                  lse.size(2) == g.Lq,
-              "lse must be (B, H, Lq) in ", acc, ", got ", lse.sizes(), " ", lse.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == acc && lse.dim() == 4 && lse.size(0) == 2 && lse.size(1) == g.B &&
+                  lse.size(2) == g.H && lse.size(3) == g.Lq,
+              "lse must be (2, B, H, Lq) in ", acc, ", got ", lse.sizes(), " ", lse.scalar_type());
   return g;
 }
 

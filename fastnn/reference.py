@@ -1,6 +1,6 @@
 """Plain-PyTorch ground truth of every fastnn op, written from the definitions with elementary tensor ops (not
 the fused torch kernels fastnn is compared with). Tests run it in float64 or float32; autograd differentiates it.
-Half-precision inputs are computed in float32 and cast back, as the fused kernels do."""
+Half-precision inputs are computed in float32 and cast back, as the fused kernels do (BCE: float64, see there)."""
 from __future__ import annotations
 
 import torch
@@ -10,6 +10,10 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in _HALF else x
+
+
+def _upcast64(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 or not x.is_floating_point() else x.double()
 
 
 def softmax(input: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -35,16 +39,18 @@ def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor, 
                                      reduction: str = "mean", pos_weight: torch.Tensor | None = None) -> torch.Tensor:
     """weight * ((1 - y) * x + (1 + (pos_weight - 1) * y) * softplus(-x)), with softplus(-x) = -log(sigmoid(x))
     written as max(-x, 0) + log1p(exp(-|x|)) so that no exp overflows; then summed or averaged over all
-    elements ("mean" of nothing is NaN)."""
-    x, y = _upcast(input), _upcast(target)
+    elements ("mean" of nothing is NaN). Computed in float64 (for every input dtype but float64): at |x| ~ 3e38
+    the terms and their gradients' products with weight and pos_weight overflow float32 where the result fits,
+    and which one overflows depends on how the formula is grouped."""
+    x, y = _upcast64(input), _upcast64(target)
     # Both branches of each `where` are finite, and autograd's derivative at x = 0 is the true -1/2 (abs and
     # clamp would give a one-sided subgradient there).
     pos = x >= 0
     softplus_neg = torch.log1p(torch.exp(torch.where(pos, -x, x))) - torch.where(pos, torch.zeros_like(x), x)
-    log_weight = 1 if pos_weight is None else 1 + (_upcast(pos_weight) - 1) * y
+    log_weight = 1 if pos_weight is None else 1 + (_upcast64(pos_weight) - 1) * y
     loss = (1 - y) * x + log_weight * softplus_neg
     if weight is not None:
-        loss = loss * _upcast(weight)
+        loss = loss * _upcast64(weight)
     if reduction == "mean":
         loss = loss.sum() / loss.numel()
     elif reduction == "sum":
@@ -119,10 +125,14 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
 def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                          bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, class_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """cross_entropy(input @ weight.T + bias, target) with the logits materialized. input (..., D), weight (V, D)."""
+    """cross_entropy(input @ weight.T + bias, target) with the logits materialized in input's dtype. input (..., D),
+    weight (V, D)."""
     logits = _upcast(input) @ _upcast(weight).T
     if bias is not None:
         logits = logits + _upcast(bias)
+    # The logits rounded to input's dtype, as torch's and the fused kernels' chunks hold them (float16 logits past
+    # 65504 are inf there too).
+    logits = logits.to(input.dtype)
     out = cross_entropy(logits.reshape(-1, weight.shape[0]), target.reshape(-1), class_weight, ignore_index,
                         reduction, label_smoothing)
     if reduction == "none":
@@ -178,8 +188,12 @@ def attention_probs(query, key, attn_mask=None, dropout_p=0.0, is_causal=False, 
     scale = D ** -0.5 if scale is None else scale
     s = (q @ k.transpose(-1, -2)) * scale
     neg = float("-inf")
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, neg) if attn_mask.dtype == torch.bool else s + attn_mask.to(s.dtype)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        s = s.masked_fill(~attn_mask, neg)
+    elif attn_mask is not None:
+        # A -inf entry masks its key whatever the score: inf + -inf would be NaN where the score overflowed.
+        add = attn_mask.to(s.dtype)
+        s = torch.where(add == neg, neg, s + add)
     if key_padding_mask is not None:
         s = s.masked_fill(key_padding_mask[:, None, None, :], neg)
     if is_causal:

@@ -2,16 +2,17 @@
 
 Tensors are (B, H, L, D), last dim contiguous. The forward keeps, per block of BLOCK_M queries, a running max m,
 sum l and unnormalized output acc while it walks the keys BLOCK_N at a time (online softmax), and writes the
-output and the per-row logsumexp lse = m + log(l) - the only things the backward needs besides q, k, v.
+output and the per-row statistics m and log(l) - the only things the backward needs besides q, k, v. They are
+kept apart (the launchers' lse is (2, B, H, Lq)): their sum would lose log(l) to ulp(m) at scores of 1e4 and more.
 
-The backward recomputes P = exp(S - lse) tile by tile in two kernels, so that neither needs atomics:
+The backward recomputes P = exp((S - m) - log(l)) tile by tile in two kernels, so that neither needs atomics:
   * _attn_bwd_dkdv: one program per key block walks the query blocks and accumulates dK, dV;
   * _attn_bwd_dq:   one program per query block walks the key blocks and accumulates dQ.
 With delta = rowsum(dO * O) (dropout included, since O already is the dropped product):
   dV = Pd^T dO,  dP = (dO V^T) * Z,  dS = P * (dP - delta),  dQ = dS K * scale,  dK = dS^T Q * scale
 where Pd = P * Z and Z is the dropout mask scaled by 1/(1-p), regenerated from (seed, row, col) by _keep.
 Causal limits each walk to the blocks that can be unmasked, for any Lq, Lk (no multiple-of-block assumption).
-A row with every key masked has l = 0: its output is 0 and its lse +inf, so P = 0 there and its gradients vanish.
+A row with every key masked has l = 0: its output is 0 and its m +inf, so P = 0 there and its gradients vanish.
 """
 from __future__ import annotations
 
@@ -69,7 +70,9 @@ def _scores(q, k, offs_m, offs_n, b, h, Lq, Lk, scale, MASK, smb, smh, smm, smn,
     s = _mm(q, tl.trans(k), ACC, PREC, UPCAST) * scale
     if HAS_MASK:
         mp = MASK + b * smb + h * smh + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :].to(tl.int64) * smn
-        s += tl.load(mp, mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk), other=0.0).to(ACC)
+        add = tl.load(mp, mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk), other=0.0).to(ACC)
+        # A -inf entry masks the key whatever its score (an overflowed +inf would give NaN).
+        s = tl.where(add == float("-inf"), float("-inf"), s + add)
     dead = offs_n[None, :] >= Lk
     if HAS_KPM:
         pad = tl.load(KPM + b * Lk + offs_n, mask=offs_n < Lk, other=1)
@@ -116,15 +119,16 @@ def _key_end(pid_m, Lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(LSE, DELTA, bh, Lq, offs_m):
-    """lse and delta of query rows offs_m (+inf and 0 past Lq, so those rows get P = 0)."""
+def _row_stats(LSE, LOGL, DELTA, bh, Lq, offs_m):
+    """m, log(l) and delta of query rows offs_m (+inf, 0, 0 past Lq, so those rows get P = 0)."""
     rmask = offs_m < Lq
     return (tl.load(LSE + bh * Lq + offs_m, mask=rmask, other=float("inf")),
+            tl.load(LOGL + bh * Lq + offs_m, mask=rmask, other=0.0),
             tl.load(DELTA + bh * Lq + offs_m, mask=rmask, other=0.0))
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, smm, smn,
+def _attn_fwd(Q, K, V, O, LSE, LOGL, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, smm, smn,
               seed_lo, seed_hi, thresh, drop_scale,
               HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
               ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -167,15 +171,15 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, smm, sm
     empty = l_i == 0.0
     # Every key masked: zeros, even where a value is inf/NaN (0 * inf in acc would be NaN).
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
-    lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     rmask = offs_m < Lq
     tl.store(O + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], _to(out, O.dtype.element_ty, UPCAST),
              mask=rmask[:, None] & dmask[None, :])
-    tl.store(LSE + bh * Lq + offs_m, lse, mask=rmask)
+    tl.store(LSE + bh * Lq + offs_m, tl.where(empty, float("inf"), m_i), mask=rmask)
+    tl.store(LOGL + bh * Lq + offs_m, tl.log(tl.where(empty, 1.0, l_i)), mask=rmask)
 
 
 @triton.jit
-def _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, bh, b, h, Lq, Lk, scale, MASK, smb, smh, smm,
+def _probs_and_dscores(q, k, v, do, m, logl, delta, offs_m, offs_n, bh, b, h, Lq, Lk, scale, MASK, smb, smh, smm,
                        smn, KPM, seed_lo, seed_hi, thresh, drop_scale,
                        HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
                        DROPOUT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
@@ -183,7 +187,7 @@ def _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, bh, b, h, Lq, Lk
     """(Pd, dS) of one tile: the dropped probabilities (for dV) and the score gradient (for dQ, dK)."""
     s = _scores(q, k, offs_m, offs_n, b, h, Lq, Lk, scale, MASK, smb, smh, smm, smn, KPM,
                 HAS_MASK, HAS_KPM, CAUSAL, ACC, PREC, UPCAST)
-    p = tl.exp(s - lse[:, None])  # lse = +inf on empty / out-of-range rows: p = 0
+    p = tl.exp((s - m[:, None]) - logl[:, None])  # m = +inf on empty / out-of-range rows: p = 0
     dp = _mm(do, tl.trans(v), ACC, PREC, UPCAST)
     pd = p
     if DROPOUT:
@@ -195,7 +199,7 @@ def _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, bh, b, h, Lq, Lk
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, smm, smn,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, LOGL, DELTA, DK, DV, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, smm, smn,
                    seed_lo, seed_hi, thresh, drop_scale,
                    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                    ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -212,10 +216,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, H, Lq, Lk, D, sca
     for start_m in range(lo, Lq, BLOCK_M):
         offs_m = start_m + offs_m0
         q, do = _load_tiles(q_base, do_base, offs_m, Lq, D, offs_d, dmask)
-        lse, delta = _row_stats(LSE, DELTA, bh, Lq, offs_m)
-        pd, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, bh, b, h, Lq, Lk, scale, MASK,
+        m, logl, delta = _row_stats(LSE, LOGL, DELTA, bh, Lq, offs_m)
+        pd, ds = _probs_and_dscores(q, k, v, do, m, logl, delta, offs_m, offs_n, bh, b, h, Lq, Lk, scale, MASK,
                                     smb, smh, smm, smn, KPM, seed_lo, seed_hi, thresh, drop_scale,
                                     HAS_MASK, HAS_KPM, CAUSAL, DROPOUT, ACC, PREC, UPCAST)
+        # Rows that attend nothing (m = +inf): dS = 0, where P (dP - delta) = 0 * inf if dO V overflows (the dQ
+        # kernel zeroes those rows of dO once instead; here, per tile, that cost registers: spills at D = 128).
+        ds = tl.where((m == float("inf"))[:, None], 0.0, ds)
         dv += _mm(tl.trans(_to(pd, do.dtype, UPCAST)), do, ACC, PREC, UPCAST)
         dk += _mm(tl.trans(_to(ds, q.dtype, UPCAST)), q, ACC, PREC, UPCAST)
     dk_ptrs, kv_mask = _tile(DK + bh * Lk * D, offs_n, Lk, D, offs_d, dmask)
@@ -225,7 +232,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, H, Lq, Lk, D, sca
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, smm, smn,
+def _attn_bwd_dq(Q, K, V, DO, LSE, LOGL, DELTA, DQ, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, smm, smn,
                  seed_lo, seed_hi, thresh, drop_scale,
                  HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                  ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -233,13 +240,15 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM, H, Lq, Lk, D, scale, sm
     pid_m, offs_m, bh, b, h, offs_d, dmask = _program(H, D, BLOCK_M, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
     q, do = _load_tiles(Q + bh * Lq * D, DO + bh * Lq * D, offs_m, Lq, D, offs_d, dmask)
-    lse, delta = _row_stats(LSE, DELTA, bh, Lq, offs_m)
+    m, logl, delta = _row_stats(LSE, LOGL, DELTA, bh, Lq, offs_m)
+    # Rows that attend nothing (m = +inf): dO zeroed, so dS = 0 there (P (dP - delta) = 0 * inf if dO V overflows).
+    do = tl.where((m == float("inf"))[:, None], 0.0, do).to(do.dtype)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     k_base, v_base = K + bh * Lk * D, V + bh * Lk * D
     for start_n in range(0, _key_end(pid_m, Lk, CAUSAL, BLOCK_M), BLOCK_N):
         offs_n = start_n + offs_n0
         k, v = _load_tiles(k_base, v_base, offs_n, Lk, D, offs_d, dmask)
-        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, bh, b, h, Lq, Lk, scale, MASK,
+        _, ds = _probs_and_dscores(q, k, v, do, m, logl, delta, offs_m, offs_n, bh, b, h, Lq, Lk, scale, MASK,
                                    smb, smh, smm, smn, KPM, seed_lo, seed_hi, thresh, drop_scale,
                                    HAS_MASK, HAS_KPM, CAUSAL, DROPOUT, ACC, PREC, UPCAST)
         dq += _mm(_to(ds, k.dtype, UPCAST), k, ACC, PREC, UPCAST)
@@ -262,7 +271,9 @@ def _blocks(d: int, dtype: torch.dtype, backward: bool, heavy: bool) -> dict:
     """Tile sizes. ``heavy``: masks or dropout, whose [BLOCK_M, BLOCK_N] offsets and hashes need registers too.
     Chosen so that no bf16/fp16 variant spills on sm_90 (kernels/aot.py). float32 (exact FMA dots, not tensor
     cores) and float64 take small tiles, and at D=256 no software pipelining (num_stages=1): the prefetched tiles
-    of the default 3 stages spilled ~800 B in dK/dV on sm_90; with one stage it needs 150 registers."""
+    of the default 3 stages spilled ~800 B in dK/dV on sm_90; with one stage it needs 150 registers. Since the
+    saved statistics became the pair (m, log l): float32 D=256 backward takes 4 warps (8 spilled 8-24 B in dK/dV)
+    and the plain half-precision D=256 forward 32 x 64 tiles (64 x 32 spilled 16 B)."""
     block_d = max(16, triton.next_power_of_2(d))
     if _INTERPRET:
         # The interpreter's cost is per operation, not per element: big tiles, few iterations.
@@ -271,9 +282,10 @@ def _blocks(d: int, dtype: torch.dtype, backward: bool, heavy: bool) -> dict:
     if dtype in (torch.float32, torch.float64):
         bm, bn = (32, 32) if block_d <= 32 else (16, 16)
         if block_d >= 256:
-            return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=num_warps, num_stages=1)
+            return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4 if backward else num_warps,
+                        num_stages=1)
     elif not backward:
-        bm, bn = (64, 64) if block_d <= 128 else ((32, 32) if heavy else (64, 32))
+        bm, bn = (64, 64) if block_d <= 128 else ((32, 32) if heavy else (32, 64))
     elif block_d <= 64:
         bm, bn = (32, 64) if heavy else (64, 64)
     elif block_d <= 128:
@@ -313,16 +325,19 @@ def _launch_args(q, k, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
 def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
     """q (B, H, Lq, D), k/v (B, H, Lk, D); attn_mask additive (B, H, Lq, Lk) in the accumulation dtype (any
     strides, 0 for broadcast dims) or None; key_padding_mask (B, Lk) bool or None.
-    Returns (out (B, H, Lq, D) in q's dtype, lse (B, H, Lq) float32 / float64)."""
+    Returns (out (B, H, Lq, D) in q's dtype, lse (2, B, H, Lq) float32 / float64: each row's max score m and
+    log of its sum of exp(s - m))."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, Lq, D = q.shape
     out = torch.empty_like(q)
-    lse = torch.empty((B, H, Lq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+    lse = torch.empty((2, B, H, Lq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                       device=q.device)
     if out.numel() == 0:
-        return out, lse.fill_(float("inf"))
+        lse[0].fill_(float("inf"))
+        lse[1].zero_()
+        return out, lse
     args = _launch_args(q, k, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, backward=False)
-    _attn_fwd[(triton.cdiv(Lq, args["BLOCK_M"]), B * H)](q, k, v, out, lse, **args)
+    _attn_fwd[(triton.cdiv(Lq, args["BLOCK_M"]), B * H)](q, k, v, out, lse[0], lse[1], **args)
     return out, lse
 
 
@@ -337,10 +352,10 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
         return dq.zero_(), dk.zero_(), dv.zero_()
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     delta = (do.to(acc) * out.to(acc)).sum(-1).contiguous()
-    lse = lse.contiguous()
+    m, logl = lse[0].contiguous(), lse[1].contiguous()
     args = _launch_args(q, k, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, backward=True)
-    _attn_bwd_dkdv[(triton.cdiv(Lk, args["BLOCK_N"]), B * H)](q, k, v, do, lse, delta, dk, dv, **args)
-    _attn_bwd_dq[(triton.cdiv(Lq, args["BLOCK_M"]), B * H)](q, k, v, do, lse, delta, dq, **args)
+    _attn_bwd_dkdv[(triton.cdiv(Lk, args["BLOCK_N"]), B * H)](q, k, v, do, m, logl, delta, dk, dv, **args)
+    _attn_bwd_dq[(triton.cdiv(Lq, args["BLOCK_M"]), B * H)](q, k, v, do, m, logl, delta, dq, **args)
     return dq, dk, dv
 
 
@@ -363,7 +378,7 @@ def _aot_specs():
                     cfg = _blocks(d, dtype, backward, heavy)
                     options = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
                     sig = {p: f"*{name}" for p in ptrs}
-                    sig.update({"LSE": "*fp32", "MASK": "*fp32", "KPM": "*u8"})
+                    sig.update({"LSE": "*fp32", "LOGL": "*fp32", "MASK": "*fp32", "KPM": "*u8"})
                     if backward:
                         sig["DELTA"] = "*fp32"
                     sig.update(scalars)

@@ -72,8 +72,8 @@ def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, lse_plane, FLAG, n_cols, inner, igno
     # that no per-lane state is added: 4096-wide blocks spill otherwise), rebased when it grows, as the loss's: no
     # term is positive, so rows of large logits (1e4) lose no precision and rows of 3e38 overflow only where the
     # loss does (offsets from a pivot fixed in advance could overflow midway: inf - inf).
-    sx = tl.full([], 0.0, ACC)  # sum of w (x - mr) (smoothing) or of w y' (x - mr) (probabilities)
-    u = tl.full([], 0.0, ACC)  # sum of w, or of w y'
+    sx = tl.full([], 0.0, ACC)  # sum of w eps/C (x - mr) (smoothing) or of w y' (x - mr) (probabilities)
+    u = tl.full([], 0.0, ACC)  # sum of w eps/C, or of w y'
     mr = tl.full([], -float("inf"), ACC)
     for start in range(0, n_eff, BLOCK):
         c = start + cols
@@ -88,6 +88,8 @@ def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, lse_plane, FLAG, n_cols, inner, igno
             if PROB:
                 y = tl.load(T + base + c * stride, mask=mask, other=0.0).to(ACC)
                 w = tl.where(mask, (y * keep + add) * w, 0.0)
+            else:  # smoothing's class share eps / C inside the sum: sum w (x - m) can overflow where the loss fits
+                w = w * add
             mr_new = tl.maximum(mr, tl.max(x, 0))
             # While the max is -inf the sum holds only -inf logits' terms (w x = -inf: the loss is inf, as torch's).
             sx = tl.where(mr > -float("inf"), sx + u * (mr - mr_new), sx)
@@ -102,7 +104,7 @@ def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, lse_plane, FLAG, n_cols, inner, igno
         wt, wsum = _target_weight(W, WSUM, t, n_cols, ACC, HAS_W)
         loss = keep * wt * ((m - xt) + log_s)
         if SMOOTH:
-            loss += add * (wsum * log_s - sx)
+            loss += add * wsum * log_s - sx
         loss = tl.where(ignored, 0.0, tl.where(bad, float("nan"), loss))
         m = tl.where(ignored, 0.0, m)
         log_s = tl.where(ignored, 0.0, log_s)

@@ -3,10 +3,11 @@
 // Forward: one task per (batch*head, block of kBQ queries), spread over cores with at::parallel_for. A task walks
 // the keys kBK at a time: S = Q K^T (one BLAS gemm on the tile), scale + masks row by row, online softmax (running
 // max m and sum l; the accumulator is rescaled when the max grows), then acc += P V (a second gemm). Memory per
-// task is O(kBQ * kBK + kBQ * D), whatever L is; the output is acc / l and lse = m + log l.
+// task is O(kBQ * kBK + kBQ * D), whatever L is; the output is acc / l, and the row's m and log l are saved as the
+// two planes of `lse` (their sum would lose log l to ulp(m) at scores of 1e4 and more).
 //
 // Backward: one task per batch*head, walking key chunks (outer) and query blocks (inner). It recomputes
-// P = exp(S - lse) and, with delta = rowsum(dO * O), accumulates dV += Pd^T dO, dK += dS^T Q and dQ += dS K,
+// P = exp((S - m) - log l) and, with delta = rowsum(dO * O), accumulates dV += Pd^T dO, dK += dS^T Q and dQ += dS K,
 // where dS = P * (dP * Z - delta), dP = dO V^T and Z the dropout mask (regenerated from the seed). Owning a whole
 // head lets dQ accumulate without atomics or a second recomputing pass.
 //
@@ -94,13 +95,13 @@ void finish_scores(const Params<A>& p, int64_t b, int64_t h, int64_t i, int64_t 
   const A sc = p.scale;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) s[j] *= sc;
-  if (p.mask) {
+  if (p.mask) {  // a -inf entry masks the key whatever its score (an overflowed +inf would give NaN)
     const A* mr = p.mask + b * p.smb + h * p.smh + i * p.smm + j0 * p.smn;
     if (p.smn == 1) {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) s[j] += mr[j];
+      for (int64_t j = 0; j < n; ++j) s[j] = mr[j] == ninf ? ninf : s[j] + mr[j];
     } else {
-      for (int64_t j = 0; j < n; ++j) s[j] += mr[j * p.smn];
+      for (int64_t j = 0; j < n; ++j) s[j] = mr[j * p.smn] == ninf ? ninf : s[j] + mr[j * p.smn];
     }
   }
   if (p.kpm) {
@@ -115,6 +116,7 @@ void finish_scores(const Params<A>& p, int64_t b, int64_t h, int64_t i, int64_t 
 template <typename A>
 void attention_fwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, A* o, A* lse) {
   const Geometry& g = p;
+  A* logl = lse + g.B * g.H * g.Lq;  // plane 1; plane 0 holds m
   const int64_t D = g.D, nqb = (g.Lq + kBQ - 1) / kBQ;
   at::parallel_for(0, g.B * g.H * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> S(kBQ * kBK), acc(kBQ * D), m(kBQ), l(kBQ);
@@ -155,14 +157,17 @@ void attention_fwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, 
       for (int64_t r = 0; r < mq; ++r) {
         A* orow = o + (bh * g.Lq + i0 + r) * D;
         const A* ar = acc.data() + r * D;
-        if (l[r] == A(0)) {  // every key masked: zeros, and lse = +inf makes the backward's P zero
+        const int64_t row = bh * g.Lq + i0 + r;
+        if (l[r] == A(0)) {  // every key masked: zeros, and m = +inf makes the backward's P zero
           std::fill(orow, orow + D, A(0));
-          lse[bh * g.Lq + i0 + r] = std::numeric_limits<A>::infinity();
+          lse[row] = std::numeric_limits<A>::infinity();
+          logl[row] = A(0);
         } else {
           const A inv = A(1) / l[r];
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) orow[d] = ar[d] * inv;
-          lse[bh * g.Lq + i0 + r] = m[r] + std::log(l[r]);
+          lse[row] = m[r];
+          logl[row] = std::log(l[r]);
         }
       }
     }
@@ -180,7 +185,7 @@ void attention_bwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, 
       const int64_t b = bh / g.H, h = bh % g.H;
       const A *Qh = q + bh * g.Lq * D, *dOh = dO + bh * g.Lq * D, *Oh = o + bh * g.Lq * D;
       const A *Kh = k + bh * g.Lk * D, *Vh = v + bh * g.Lk * D;
-      const A* lseh = lse + bh * g.Lq;
+      const A *mh = lse + bh * g.Lq, *llh = lse + (g.B * g.H + bh) * g.Lq;
       A* dQh = dq + bh * g.Lq * D;
       std::fill(dQh, dQh + g.Lq * D, A(0));
       for (int64_t i = 0; i < g.Lq; ++i) delta[i] = dot(dOh + i * D, Oh + i * D, D);
@@ -196,18 +201,23 @@ void attention_bwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, 
           for (int64_t r = 0; r < mq; ++r) {
             const int64_t i = i0 + r;
             A *pr = P.data() + r * n, *dr = dS.data() + r * n;
+            if (mh[i] == std::numeric_limits<A>::infinity()) {  // every key masked: P = dS = 0 (0 * dP is NaN
+              std::fill(pr, pr + n, A(0));                       // where dO V overflows)
+              std::fill(dr, dr + n, A(0));
+              continue;
+            }
             finish_scores(p, b, h, i, j0, n, pr);
-            const vec<A> li = splat(lseh[i]), di = splat(delta[i]);  // lse = +inf: P = 0 on empty rows
+            const vec<A> mi = splat(mh[i]), li = splat(llh[i]), di = splat(delta[i]);
             if (!p.dropout) {
               for_chunks<A>(n, [&](int64_t j, int64_t len) {
-                const vec<A> pv = exp(load(pr + j, len) - li);
+                const vec<A> pv = exp((load(pr + j, len) - mi) - li);
                 store(pr + j, pv, len);
                 store(dr + j, pv * (load(dr + j, len) - di), len);
               });
             } else {
               const int64_t row = bh * g.Lq + i;
               for (int64_t j = 0; j < n; ++j) {
-                const A pv = exp(pr[j] - lseh[i]);
+                const A pv = exp((pr[j] - mh[i]) - llh[i]);
                 const bool keep = attention::dropout_keep(p.seed, row, j0 + j, p.thresh);
                 pr[j] = keep ? pv * p.drop_scale : A(0);
                 dr[j] = pv * ((keep ? dr[j] * p.drop_scale : A(0)) - delta[i]);
@@ -243,10 +253,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
   const at::Tensor q = compute(query), k = compute(key), v = compute(value);
   const auto kpm = attention::contiguous_kpm(key_padding_mask);
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({g.B, g.H, g.Lq}, q.options());
+  at::Tensor lse = at::empty({2, g.B, g.H, g.Lq}, q.options());
   if (g.Lk == 0) {  // nothing to attend to anywhere
     out.zero_();
-    lse.fill_(std::numeric_limits<double>::infinity());
+    lse[0].fill_(std::numeric_limits<double>::infinity());
+    lse[1].zero_();
   } else if (out.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd_cpu", [&] {
       const auto p = attention::make_params<scalar_t>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);

@@ -32,8 +32,9 @@ template <typename A> struct Smooth {
 };
 
 // After the max pass, one pass over a row for sum(exp(x - m)) and, when D, sum(u_c (x_c - m)) with u_c the class
-// weight (WEIGHTED), times the smoothed probability y'_c (y non-null). Offsets from m keep a row of large logits
-// (|x| ~ 1e4) exact, as torch's log_softmax is.
+// weight times the smoothed probability y'_c (y non-null) or smoothing's class share eps / C (y null: inside the sum,
+// which alone can overflow where the loss fits). Offsets from m keep a row of large logits (|x| ~ 1e4) exact, as
+// torch's log_softmax is.
 template <typename A, bool D> void exp_and_dev_sums(const A* x, A m, const Smooth<A>& p, const A* y, A& s_out,
                                                     A& d_out, A& u_out) {
   const A keep = A(1) - p.eps, add = p.eps / A(p.C);
@@ -42,7 +43,7 @@ template <typename A, bool D> void exp_and_dev_sums(const A* x, A m, const Smoot
     vec<A> v = load(x + i, len) - m;
     vec<A> wu{};
     if constexpr (D) {
-      wu = y ? load(y + i, len) * keep + add : splat<A>(1);
+      wu = y ? load(y + i, len) * keep + add : splat<A>(add);
       if (p.w) wu *= load(p.w + i, len);
     }
     for (int k = static_cast<int>(len); k < kW<A>; ++k) v[k] = wu[k] = 0;  // int k: GCC then sees k < kW
@@ -70,7 +71,7 @@ template <typename A> A fwd_index_row(const A* x, int64_t t, const Smooth<A>& p,
   ls_out = ls;
   const A wt = p.w ? p.w[t] : A(1);
   A loss = (A(1) - p.eps) * wt * (ls - (x[t] - m));
-  if (p.eps > 0) loss += p.eps / A(p.C) * (p.wsum * ls - d);
+  if (p.eps > 0) loss += p.eps / A(p.C) * p.wsum * ls - d;
   return loss;
 }
 

@@ -4,9 +4,10 @@
 // lane's dot product and the softmax statistics are warp shuffles. Rows of the tile are padded to D + 1 floats so
 // the lanes' strided reads hit distinct banks. Accumulation is in float32 (float64 for float64 inputs).
 //
-//   forward  (warp = query row): online softmax over key tiles, out = acc / l, lse = m + log l (+inf if empty)
+//   forward  (warp = query row): online softmax over key tiles, out = acc / l, lse = (m, log l) (+inf, 0 if empty)
 //   backward delta = rowsum(dO * O); dQ kernel (warp = query row) walks key tiles; dK/dV kernel (warp = key row)
-//            walks query tiles. P = exp(S - lse) is recomputed, dropout regenerated from the seed (attention.h).
+//            walks query tiles. P = exp((S - m) - log l) is recomputed, dropout regenerated from the seed
+//            (attention.h).
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -47,7 +48,10 @@ __device__ __forceinline__ A score(const Params<A>& p, int64_t b, int64_t h, int
   if (p.causal && j > i) return ninf;
   if (p.kpm && p.kpm[b * p.Lk + j]) return ninf;
   A s = dot * p.scale;
-  if (p.mask) s += p.mask[b * p.smb + h * p.smh + i * p.smm + j * p.smn];
+  if (p.mask) {  // a -inf entry masks the key whatever its score (an overflowed +inf would give NaN)
+    const A m = p.mask[b * p.smb + h * p.smh + i * p.smm + j * p.smn];
+    s = m == ninf ? ninf : s + m;
+  }
   return s;
 }
 
@@ -121,7 +125,10 @@ __global__ void attn_fwd_kernel(Params<A> p, const T* q, const T* k, const T* v,
       // Every key masked: zeros, even where a value is inf/NaN (acc = 0 * inf would be NaN).
       if (d < D) o[(bh * p.Lq + i) * D + d] = static_cast<T>(empty ? A(0) : acc[t] * inv);
     }
-    if (lane == 0) lse[bh * p.Lq + i] = empty ? A(INFINITY) : m + log(l);
+    if (lane == 0) {  // m and log l apart: m + log l would lose log l to ulp(m) at large scores
+      lse[bh * p.Lq + i] = empty ? A(INFINITY) : m;
+      lse[(p.B * p.H + bh) * p.Lq + i] = empty ? A(0) : log(l);
+    }
   }
 }
 
@@ -149,7 +156,8 @@ __global__ void attn_bwd_dq_kernel(Params<A> p, const T* q, const T* k, const T*
   A *qrow = qs + warp * D, *dorow = dos + warp * D;
   load_row(qrow, Q + i * D, i < p.Lq, D);
   load_row(dorow, DO + i * D, i < p.Lq, D);
-  const A li = i < p.Lq ? lse[bh * p.Lq + i] : A(INFINITY);
+  const A mi = i < p.Lq ? lse[bh * p.Lq + i] : A(INFINITY);
+  const A li = i < p.Lq ? lse[(p.B * p.H + bh) * p.Lq + i] : A(0);
   const A di = i < p.Lq ? delta[bh * p.Lq + i] : A(0);
   A acc[kMaxDPL];
   for (int t = 0; t < kMaxDPL; ++t) acc[t] = 0;
@@ -159,13 +167,13 @@ __global__ void attn_bwd_dq_kernel(Params<A> p, const T* q, const T* k, const T*
     __syncthreads();
     load_tile(tile, K, j0, p.Lk, D);
     __syncthreads();
-    const A pj = dexp(score(p, b, h, i, j, dot_row(qrow, tile + lane * (D + 1), D)) - li);
+    const A pj = dexp((score(p, b, h, i, j, dot_row(qrow, tile + lane * (D + 1), D)) - mi) - li);
     __syncthreads();
     load_tile(tile, V, j0, p.Lk, D);
     __syncthreads();
     A dp = dot_row(dorow, tile + lane * (D + 1), D);
     if (p.dropout) dp = attention::dropout_keep(p.seed, bh * p.Lq + i, j, p.thresh) ? dp * p.drop_scale : A(0);
-    const A ds = pj * (dp - di);
+    const A ds = mi == A(INFINITY) ? A(0) : pj * (dp - di);  // every key masked: 0 (0 * an overflowed dP is NaN)
     __syncthreads();
     load_tile(tile, K, j0, p.Lk, D);
     __syncthreads();
@@ -205,12 +213,13 @@ __global__ void attn_bwd_dkdv_kernel(Params<A> p, const T* q, const T* k, const 
   // Causal: queries before the block's first key see none of it.
   for (int64_t i0 = p.causal ? (j0 / kTile) * kTile : 0; i0 < p.Lq; i0 += kTile) {
     const int64_t i = i0 + lane;
-    const A li = i < p.Lq ? lse[bh * p.Lq + i] : A(INFINITY);
+    const A mi = i < p.Lq ? lse[bh * p.Lq + i] : A(INFINITY);
+    const A li = i < p.Lq ? lse[(p.B * p.H + bh) * p.Lq + i] : A(0);
     const A di = i < p.Lq ? delta[bh * p.Lq + i] : A(0);
     __syncthreads();
     load_tile(tile, Q, i0, p.Lq, D);
     __syncthreads();
-    const A pi = dexp(score(p, b, h, i, j, dot_row(tile + lane * (D + 1), krow, D)) - li);
+    const A pi = dexp((score(p, b, h, i, j, dot_row(tile + lane * (D + 1), krow, D)) - mi) - li);
     __syncthreads();
     load_tile(tile, DO, i0, p.Lq, D);
     __syncthreads();
@@ -220,7 +229,7 @@ __global__ void attn_bwd_dkdv_kernel(Params<A> p, const T* q, const T* k, const 
       dp = keep ? dp * p.drop_scale : A(0);
       pd = keep ? pi * p.drop_scale : A(0);
     }
-    const A ds = pi * (dp - di);
+    const A ds = mi == A(INFINITY) ? A(0) : pi * (dp - di);  // every key masked: 0 (0 * an overflowed dP is NaN)
     for (int ii = 0; ii < kTile; ++ii) {  // dV += Pd^T dO while dO is staged
       const A w = __shfl_sync(0xffffffffu, pd, ii);
       const A* dr = tile + ii * (D + 1);
@@ -272,10 +281,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
   const auto kpm = attention::contiguous_kpm(key_padding_mask);
   const auto acc = attention::acc_type(q.scalar_type());
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({g.B, g.H, g.Lq}, q.options().dtype(acc));
+  at::Tensor lse = at::empty({2, g.B, g.H, g.Lq}, q.options().dtype(acc));
   if (g.Lk == 0) {
     out.zero_();
-    lse.fill_(std::numeric_limits<double>::infinity());
+    lse[0].fill_(std::numeric_limits<double>::infinity());
+    lse[1].zero_();
     return {out, lse};
   }
   if (out.numel() == 0) return {out, lse};

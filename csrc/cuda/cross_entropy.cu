@@ -77,7 +77,8 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
     lse_acc.add(one);
     if constexpr (D) {
       A wu = w ? static_cast<A>(w[c]) : A(1);
-      if constexpr (PROB) wu *= static_cast<A>(static_cast<const T*>(target)[base + c * st]) * keep + add;
+      // Smoothing's class share eps / C inside the sum: sum w (x - m) alone can overflow where the loss fits.
+      wu *= PROB ? static_cast<A>(static_cast<const T*>(target)[base + c * st]) * keep + add : add;
       if (m_old > neg_inf<A>()) d += u * (m_old - lse_acc.m);
       d += wu * (v - (lse_acc.m == neg_inf<A>() ? A(0) : lse_acc.m));  // at -inf: w x = -inf, the loss is inf
       u += wu;
@@ -96,7 +97,7 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
     l = keep * wt * ((M - static_cast<A>(x[base + t * st])) + log_s);
     if constexpr (D) {
       const A Dv = block_reduce(d, SumOp{});
-      l += add * ((w ? *wsum : A(C)) * log_s - Dv);
+      l += add * (w ? *wsum : A(C)) * log_s - Dv;
     }
   }
   if (threadIdx.x == 0) {

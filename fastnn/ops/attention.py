@@ -97,7 +97,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 
 def _fake_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
-    return query.new_empty(query.shape), query.new_empty(query.shape[:3], dtype=_acc_dtype(query.dtype))
+    # lse: (2, B, H, Lq), the row max and log-sum of the scores (kept apart, see kernels/attention.py)
+    return (query.new_empty(query.shape),
+            query.new_empty((2,) + tuple(query.shape[:3]), dtype=_acc_dtype(query.dtype)))
 
 
 def _fake_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
