@@ -97,7 +97,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
                   label_smoothing: float = 0.0, *, inplace_backward: bool = False,
                   backend: str | None = None) -> torch.Tensor:
     """``torch.nn.functional.cross_entropy`` as one fused pass: the softmax is never stored, the backward
-    recomputes it from the logits and a saved per-row logsumexp.
+    recomputes it from the logits and the saved per-row max and log-sum of exp.
 
     Args:
         input: logits (N, C), (N, C, d1, ...) or (C,); float32/float64/float16/bfloat16 (half types accumulate

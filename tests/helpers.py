@@ -64,3 +64,25 @@ def assert_matches(out: torch.Tensor, ref64: torch.Tensor, *, torch_out: torch.T
         finite = ref64[ref64.isfinite()]  # an all-NaN reference (e.g. "mean" of nothing) must not make the bound NaN
         bound = tol["atol"] + tol["rtol"] * (finite.abs().max().item() if finite.numel() else 0.0)
         assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
+
+
+def flash_delta_bound(name: str, q, k, v, grad_out, dtype, scale: float, attn_mask=None, is_causal=False,
+                      key_padding_mask=None) -> float:
+    """The error that FlashAttention's backward (and all three fastnn attention backends) carries by design in
+    float16 / bfloat16, twice over: delta = rowsum(dO * O) is taken from the output as stored, rounded to the dtype
+    (torch's CPU kernel keeps its float32 accumulator). With e the rounding's share of delta per row, it enters
+    dS = P (dP - delta) as -P e, so dQ as -scale e (P |K|) and dK as -scale P^T (e |Q|); 0 for other gradients and
+    dtypes. q, k, v, grad_out: 4-d (or 3-d unbatched) tensors; masks as fastnn.reference takes them."""
+    import fastnn.reference
+
+    if dtype not in LOW or name not in ("q", "k"):
+        return 0.0
+    q4, k4, v4, do4 = (t.detach().double() if t.dim() == 4 else t.detach().double()[None]
+                       for t in (q, k, v, grad_out))
+    kpm = key_padding_mask if key_padding_mask is None or key_padding_mask.dim() == 2 else key_padding_mask[None]
+    p = fastnn.reference.attention_probs(q4, k4, attn_mask, 0.0, is_causal, scale, kpm)
+    o = p @ v4.nan_to_num(0.0, 0.0, 0.0)
+    e = (do4 * (o.to(dtype).double() - o)).sum(-1, keepdim=True).nan_to_num(0.0, 0.0, 0.0).abs()
+    grow = e * (p @ k4.abs()) if name == "q" else p.transpose(-1, -2) @ (e * q4.abs())
+    worst = grow.nan_to_num(0.0, 0.0, 0.0).max().item() if grow.numel() else 0.0
+    return 2 * abs(scale) * worst if worst == worst and worst != float("inf") else 0.0

@@ -7,7 +7,7 @@ import torch.nn.functional as TF
 import fastnn
 import fastnn.functional as F
 from fastnn.ops.attention import _additive_mask
-from helpers import assert_matches, assert_raises_naming, device_backends
+from helpers import assert_matches, assert_raises_naming, device_backends, flash_delta_bound, max_err
 
 BACKENDS = device_backends("attention")
 CPU_BACKENDS = [p.values[1] for p in BACKENDS if p.values[0] == "cpu"]
@@ -125,6 +125,37 @@ def test_mask_combinations(device, backend, mask, kpm, is_causal):
     assert (ours[0][~live] == 0).all() and (ours[1][~live] == 0).all()
     if kpm:
         assert (ours[2][1] == 0).all() and (ours[3][1] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("qk,vmax", [(100.0, 1.0), (1.0, 6e4)], ids=["scores_1e4", "values_6e4"])
+def test_large_scores_and_values_near_the_dtype_max(device, backend, dtype, qk, vmax):
+    # Numerical robustness. scores_1e4: q, k ~ 100 N(0, 1) give scores spread over ~1e4 (exp overflows without the
+    # running max, and the saved row statistics must not lose log l to ulp(m)). values_6e4: values up to 6e4
+    # (float16's largest finite is 65504). Outputs finite; every error at most 2x torch's own in that dtype, plus
+    # for dQ / dK a few float32 ulps of the terms dS = P (dP - delta) cancels (|dO| |v| sqrt(D)), times |q|, |k|
+    # and the scale (torch's error there is 0 or not by luck of order), and in half precision FlashAttention's
+    # delta-from-the-rounded-output error (tests/helpers.py).
+    gen = torch.Generator().manual_seed(7)
+    B, H, L, D = 1, 2, 37, 16
+    q, k = (qk * torch.randn(B, H, L, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = vmax * (2 * torch.rand(B, H, L, D, generator=gen, dtype=torch.float64) - 1)
+    g = torch.randn(B, H, L, D, generator=gen, dtype=torch.float64)
+    q, k, v, g = (t.to(dtype).to(device) for t in (q, k, v, g))
+    ref = _run(fastnn.reference.scaled_dot_product_attention, q.double(), k.double(), v.double(), g.double())
+    ours = _run(F.scaled_dot_product_attention, q, k, v, g, backend=backend)
+    theirs = _run(TF.scaled_dot_product_attention, q, k, v, g)
+    assert ours[0].isfinite().all()
+    scale, eps = D ** -0.5, torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    for name, a, r, t in zip(("output", "q", "k", "v"), ours, ref, theirs):
+        err, err_t = max_err(a, r), max_err(t, r)
+        bound = 2 * err_t + 1e-6 * r.abs().max().item()
+        if name in ("q", "k"):
+            other = (k if name == "q" else q).double().abs().max().item()
+            bound += 4 * eps * g.double().abs().max().item() * vmax * D ** 0.5 * other * scale
+            bound += flash_delta_bound(name, q, k, v, g, dtype, scale)
+        assert err <= bound, f"{name}: error {err:.3g} > 2 x torch's {err_t:.3g} (bound {bound:.3g})"
 
 
 @pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[0] == "cpu"])

@@ -24,7 +24,7 @@ from hypothesis import assume, currently_in_test_context, event, given, strategi
 
 import fastnn
 import fastnn.functional as F
-from helpers import device_backends
+from helpers import device_backends, flash_delta_bound
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SIZES = [0, 1, 2, 3, 7, 16, 33]
@@ -411,20 +411,8 @@ def _attention(draw, small):
     big = max([t.abs().max().item() for t in (q, k, v) if t.numel()] + [0.0])
     grad_atol = 4 * torch.finfo(acc).eps * abs(eff) * big * big * D ** 0.5 if math.isfinite(big) else 0.0
 
-    def delta_bound(name, gs):
-        """FlashAttention's backward (fastnn's three backends) takes delta = rowsum(dO * O) from the output as
-        stored, rounded to float16 / bfloat16; torch's CPU kernel from its float32 accumulator. The rounding error
-        e = rowsum(dO * (O_rounded - O)) enters dS = P (dP - delta) as -P e, so dQ as -scale e (P |K|) and dK as
-        -scale P^T (e |Q|) - 10x torch's error where P is peaked on large keys (scale 1, |k| ~ 10)."""
-        if dtype not in (torch.float16, torch.bfloat16) or name not in ("q", "k"):
-            return 0.0
-        q4, k4, v4, do4 = (t.double() if t.dim() == 4 else t.double()[None] for t in (q, k, v, gs[0]))
-        p = fastnn.reference.attention_probs(q4, k4, attn_mask, 0.0, is_causal, eff,
-                                             kpm if kpm is None or kpm.dim() == 2 else kpm[None])
-        o = p @ v4.nan_to_num(0.0, 0.0, 0.0)
-        e = (do4 * (o.to(dtype).double() - o)).sum(-1, keepdim=True).nan_to_num(0.0, 0.0, 0.0).abs()
-        grow = e * (p @ k4.abs()) if name == "q" else p.transpose(-1, -2) @ (e * q4.abs())
-        return 2 * abs(eff) * _finite_or_zero(grow.nan_to_num(0.0, 0.0, 0.0).max().item() if grow.numel() else 0.0)
+    def delta_bound(name, gs):  # FlashAttention's delta from the rounded output (tests/helpers.py)
+        return flash_delta_bound(name, q, k, v, gs[0], dtype, eff, attn_mask, is_causal, kpm)
 
     def plain(q, k, v):  # torch in the input dtype, as the course layer computes attention
         s = (q @ k.transpose(-1, -2)) * eff + add.masked_fill(mask_dead, 0.0).to(q.dtype)
