@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 
 #include "common.h"
@@ -41,6 +42,9 @@ inline uint32_t dropout_threshold(double p) {
 
 struct Geometry {
   int64_t B, H, Lq, Lk, D;
+  // Query rows of all heads: the size of each of lse's two planes (row max m, then log l) - query row r's
+  // statistics are lse[r] and lse[query_rows() + r].
+  FASTNN_HOST_DEVICE int64_t query_rows() const { return B * H * Lq; }
 };
 
 // float64 inputs accumulate in float64, all others in float32 (the dtype of lse and of an additive mask).
@@ -78,6 +82,12 @@ inline Geometry check_args(const at::Tensor& q, const at::Tensor& k, const at::T
     TORCH_CHECK(kpm->device() == q.device(), "key_padding_mask must be on query's device");
   }
   return g;
+}
+
+// lse of a call with no keys: every row empty (m = +inf, so the backward's P is 0; log l = 0).
+inline void fill_no_keys_stats(at::Tensor& lse) {
+  lse[0].fill_(std::numeric_limits<double>::infinity());
+  lse[1].zero_();
 }
 
 // The backward's arguments: the forward's, plus grad_out and out shaped like query and the forward's row

@@ -12,10 +12,6 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in _HALF else x
 
 
-def _upcast64(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 or not x.is_floating_point() else x.double()
-
-
 def softmax(input: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """exp(x - max) / sum(exp(x - max)) over ``dim``; a row of all -inf gives NaN (as torch)."""
     x = _upcast(input)
@@ -42,15 +38,15 @@ def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor, 
     elements ("mean" of nothing is NaN). Computed in float64 (for every input dtype but float64): at |x| ~ 3e38
     the terms and their gradients' products with weight and pos_weight overflow float32 where the result fits,
     and which one overflows depends on how the formula is grouped."""
-    x, y = _upcast64(input), _upcast64(target)
+    x, y = input.double(), target.double()
     # Both branches of each `where` are finite, and autograd's derivative at x = 0 is the true -1/2 (abs and
     # clamp would give a one-sided subgradient there).
     pos = x >= 0
     softplus_neg = torch.log1p(torch.exp(torch.where(pos, -x, x))) - torch.where(pos, torch.zeros_like(x), x)
-    log_weight = 1 if pos_weight is None else 1 + (_upcast64(pos_weight) - 1) * y
+    log_weight = 1 if pos_weight is None else 1 + (pos_weight.double() - 1) * y
     loss = (1 - y) * x + log_weight * softplus_neg
     if weight is not None:
-        loss = loss * _upcast64(weight)
+        loss = loss * weight.double()
     if reduction == "mean":
         loss = loss.sum() / loss.numel()
     elif reduction == "sum":

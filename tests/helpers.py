@@ -66,6 +66,13 @@ def assert_matches(out: torch.Tensor, ref64: torch.Tensor, *, torch_out: torch.T
         assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
 
 
+def flash_cancel_floor(acc_dtype, scale: float, D: int, qk_max: float, v_max: float, do_max: float = 1.0) -> float:
+    """Absolute floor for attention's dQ / dK: 4 ulps (accumulation dtype) of the terms dS = P (dP - delta) cancels,
+    |dO| |v| sqrt(D), times |k| (dQ) or |q| (dK) and the scale. With one key the difference is exactly 0 in torch's
+    order and ~1 ulp of dP in a flash kernel's, so "2x torch's error" alone would demand bit-equality."""
+    return 4 * torch.finfo(acc_dtype).eps * abs(scale) * qk_max * v_max * do_max * D ** 0.5
+
+
 def flash_delta_bound(name: str, q, k, v, grad_out, dtype, scale: float, attn_mask=None, is_causal=False,
                       key_padding_mask=None) -> float:
     """The error that FlashAttention's backward (and all three fastnn attention backends) carries by design in
@@ -84,5 +91,4 @@ def flash_delta_bound(name: str, q, k, v, grad_out, dtype, scale: float, attn_ma
     o = p @ v4.nan_to_num(0.0, 0.0, 0.0)
     e = (do4 * (o.to(dtype).double() - o)).sum(-1, keepdim=True).nan_to_num(0.0, 0.0, 0.0).abs()
     grow = e * (p @ k4.abs()) if name == "q" else p.transpose(-1, -2) @ (e * q4.abs())
-    worst = grow.nan_to_num(0.0, 0.0, 0.0).max().item() if grow.numel() else 0.0
-    return 2 * abs(scale) * worst if worst == worst and worst != float("inf") else 0.0
+    return 2 * abs(scale) * (grow.nan_to_num(0.0, 0.0, 0.0).max().item() if grow.numel() else 0.0)

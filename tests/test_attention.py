@@ -7,7 +7,8 @@ import torch.nn.functional as TF
 import fastnn
 import fastnn.functional as F
 from fastnn.ops.attention import _additive_mask
-from helpers import assert_matches, assert_raises_naming, device_backends, flash_delta_bound, max_err
+from helpers import assert_matches, assert_raises_naming, device_backends, flash_cancel_floor, flash_delta_bound, \
+    max_err
 
 BACKENDS = device_backends("attention")
 CPU_BACKENDS = [p.values[1] for p in BACKENDS if p.values[0] == "cpu"]
@@ -147,13 +148,13 @@ def test_large_scores_and_values_near_the_dtype_max(device, backend, dtype, qk, 
     ours = _run(F.scaled_dot_product_attention, q, k, v, g, backend=backend)
     theirs = _run(TF.scaled_dot_product_attention, q, k, v, g)
     assert ours[0].isfinite().all()
-    scale, eps = D ** -0.5, torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    scale, acc = D ** -0.5, torch.float64 if dtype == torch.float64 else torch.float32
     for name, a, r, t in zip(("output", "q", "k", "v"), ours, ref, theirs):
         err, err_t = max_err(a, r), max_err(t, r)
         bound = 2 * err_t + 1e-6 * r.abs().max().item()
         if name in ("q", "k"):
             other = (k if name == "q" else q).double().abs().max().item()
-            bound += 4 * eps * g.double().abs().max().item() * vmax * D ** 0.5 * other * scale
+            bound += flash_cancel_floor(acc, scale, D, other, vmax, g.double().abs().max().item())
             bound += flash_delta_bound(name, q, k, v, g, dtype, scale)
         assert err <= bound, f"{name}: error {err:.3g} > 2 x torch's {err_t:.3g} (bound {bound:.3g})"
 

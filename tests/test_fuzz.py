@@ -24,7 +24,7 @@ from hypothesis import assume, currently_in_test_context, event, given, strategi
 
 import fastnn
 import fastnn.functional as F
-from helpers import device_backends, flash_delta_bound
+from helpers import device_backends, flash_cancel_floor, flash_delta_bound
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SIZES = [0, 1, 2, 3, 7, 16, 33]
@@ -409,7 +409,7 @@ def _attention(draw, small):
     torch_mask = None if simple else add.masked_fill(mask_dead, 0.0).to(dtype)
     # dS = P (dP - delta) cancels terms of size |scale| |k| |v| sqrt(D) (dO ~ N(0, 1)): a few ulps of that.
     big = max([t.abs().max().item() for t in (q, k, v) if t.numel()] + [0.0])
-    grad_atol = 4 * torch.finfo(acc).eps * abs(eff) * big * big * D ** 0.5 if math.isfinite(big) else 0.0
+    grad_atol = flash_cancel_floor(acc, eff, D, big, big) if math.isfinite(big) else 0.0
 
     def delta_bound(name, gs):  # FlashAttention's delta from the rounded output (tests/helpers.py)
         return flash_delta_bound(name, q, k, v, gs[0], dtype, eff, attn_mask, is_causal, kpm)

@@ -116,7 +116,7 @@ void finish_scores(const Params<A>& p, int64_t b, int64_t h, int64_t i, int64_t 
 template <typename A>
 void attention_fwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, A* o, A* lse) {
   const Geometry& g = p;
-  A* logl = lse + g.B * g.H * g.Lq;  // plane 1; plane 0 holds m
+  A* logl = lse + g.query_rows();  // plane 1; plane 0 holds m
   const int64_t D = g.D, nqb = (g.Lq + kBQ - 1) / kBQ;
   at::parallel_for(0, g.B * g.H * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> S(kBQ * kBK), acc(kBQ * D), m(kBQ), l(kBQ);
@@ -185,7 +185,7 @@ void attention_bwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, 
       const int64_t b = bh / g.H, h = bh % g.H;
       const A *Qh = q + bh * g.Lq * D, *dOh = dO + bh * g.Lq * D, *Oh = o + bh * g.Lq * D;
       const A *Kh = k + bh * g.Lk * D, *Vh = v + bh * g.Lk * D;
-      const A *mh = lse + bh * g.Lq, *llh = lse + (g.B * g.H + bh) * g.Lq;
+      const A *mh = lse + bh * g.Lq, *llh = lse + g.query_rows() + bh * g.Lq;
       A* dQh = dq + bh * g.Lq * D;
       std::fill(dQh, dQh + g.Lq * D, A(0));
       for (int64_t i = 0; i < g.Lq; ++i) delta[i] = dot(dOh + i * D, Oh + i * D, D);
@@ -256,8 +256,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
   at::Tensor lse = at::empty({2, g.B, g.H, g.Lq}, q.options());
   if (g.Lk == 0) {  // nothing to attend to anywhere
     out.zero_();
-    lse[0].fill_(std::numeric_limits<double>::infinity());
-    lse[1].zero_();
+    attention::fill_no_keys_stats(lse);
   } else if (out.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd_cpu", [&] {
       const auto p = attention::make_params<scalar_t>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);

@@ -127,7 +127,7 @@ __global__ void attn_fwd_kernel(Params<A> p, const T* q, const T* k, const T* v,
     }
     if (lane == 0) {  // m and log l apart: m + log l would lose log l to ulp(m) at large scores
       lse[bh * p.Lq + i] = empty ? A(INFINITY) : m;
-      lse[(p.B * p.H + bh) * p.Lq + i] = empty ? A(0) : log(l);
+      lse[p.query_rows() + bh * p.Lq + i] = empty ? A(0) : log(l);
     }
   }
 }
@@ -157,7 +157,7 @@ __global__ void attn_bwd_dq_kernel(Params<A> p, const T* q, const T* k, const T*
   load_row(qrow, Q + i * D, i < p.Lq, D);
   load_row(dorow, DO + i * D, i < p.Lq, D);
   const A mi = i < p.Lq ? lse[bh * p.Lq + i] : A(INFINITY);
-  const A li = i < p.Lq ? lse[(p.B * p.H + bh) * p.Lq + i] : A(0);
+  const A li = i < p.Lq ? lse[p.query_rows() + bh * p.Lq + i] : A(0);
   const A di = i < p.Lq ? delta[bh * p.Lq + i] : A(0);
   A acc[kMaxDPL];
   for (int t = 0; t < kMaxDPL; ++t) acc[t] = 0;
@@ -214,7 +214,7 @@ __global__ void attn_bwd_dkdv_kernel(Params<A> p, const T* q, const T* k, const 
   for (int64_t i0 = p.causal ? (j0 / kTile) * kTile : 0; i0 < p.Lq; i0 += kTile) {
     const int64_t i = i0 + lane;
     const A mi = i < p.Lq ? lse[bh * p.Lq + i] : A(INFINITY);
-    const A li = i < p.Lq ? lse[(p.B * p.H + bh) * p.Lq + i] : A(0);
+    const A li = i < p.Lq ? lse[p.query_rows() + bh * p.Lq + i] : A(0);
     const A di = i < p.Lq ? delta[bh * p.Lq + i] : A(0);
     __syncthreads();
     load_tile(tile, Q, i0, p.Lq, D);
@@ -284,8 +284,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
   at::Tensor lse = at::empty({2, g.B, g.H, g.Lq}, q.options().dtype(acc));
   if (g.Lk == 0) {
     out.zero_();
-    lse[0].fill_(std::numeric_limits<double>::infinity());
-    lse[1].zero_();
+    attention::fill_no_keys_stats(lse);
     return {out, lse};
   }
   if (out.numel() == 0) return {out, lse};
@@ -324,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cuda", [&] {
     using A = at::acc_type<scalar_t, true>;
     const auto p = attention::make_params<A>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);
-    const int64_t rows = g.B * g.H * g.Lq;
+    const int64_t rows = g.query_rows();
     attn_delta_kernel<scalar_t, A><<<(rows + kRows - 1) / kRows, kRows * 32, 0, stream>>>(
         rows, g.D, dO.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), delta.mutable_data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
