@@ -10,6 +10,7 @@
 // gradients straight through.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "common.h"
 #include "cpu/alloc.h"
@@ -33,11 +35,13 @@ constexpr int64_t kGrain = 16384;  // elements of a row block per parallel task:
 
 int64_t grain_rows(int64_t hidden) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(4 * hidden, 1)); }
 
-// One batch row of the forward. pre: the 4H gate pre-activations (may alias act), bias: 4H or null,
-// cp: the previous cell state. Writes act (4H), c and h (H each).
-template <typename T> void cell_fwd_row(const T* pre, const T* bias, const T* cp, T* act, T* c, T* h, int64_t H) {
+// n hidden units of one batch row of the forward; the gates of a unit lie H apart. pre: the gate
+// pre-activations (may alias act), bias: the same layout or null, cp: the previous cell state. Writes act (4
+// gates), c and h.
+template <typename T>
+void cell_fwd_row(const T* pre, const T* bias, const T* cp, T* act, T* c, T* h, int64_t H, int64_t n) {
   using A = acc_t<T>;
-  for_chunks<A>(H, [&](int64_t j, int64_t len) {
+  for_chunks<A>(n, [&](int64_t j, int64_t len) {
     vec<A> z[4];
     for (int k = 0; k < 4; ++k) {
       z[k] = load_as<A>(pre + k * H + j, len);
@@ -54,13 +58,14 @@ template <typename T> void cell_fwd_row(const T* pre, const T* bias, const T* cp
   });
 }
 
-// One batch row of the backward. The incoming gradients are sums of two terms each (dh + dh2, dc + dc2; the
-// second may be null) so the layer's recurrent and per-step gradients need no separate add. Writes the
-// pre-activation gradients dgates (4H) and dcp, the gradient of the previous cell state (may alias dc2).
+// n hidden units of one batch row of the backward (gates H apart, as above). The incoming gradients are sums of
+// two terms each (dh + dh2, dc + dc2; the second may be null) so the layer's recurrent and per-step gradients
+// need no separate add. Writes the pre-activation gradients dgates and dcp, the gradient of the previous cell
+// state (may alias dc2).
 template <typename T> void cell_bwd_row(const T* dh, const T* dh2, const T* dc, const T* dc2, const T* act,
-                                        const T* cp, T* dgates, T* dcp, int64_t H) {
+                                        const T* cp, T* dgates, T* dcp, int64_t H, int64_t n) {
   using A = acc_t<T>;
-  for_chunks<A>(H, [&](int64_t j, int64_t len) {
+  for_chunks<A>(n, [&](int64_t j, int64_t len) {
     const vec<A> i = load_as<A>(act + j, len), f = load_as<A>(act + H + j, len);
     const vec<A> g = load_as<A>(act + 2 * H + j, len), o = load_as<A>(act + 3 * H + j, len);
     const vec<A> c0 = load_as<A>(cp + j, len);
@@ -93,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tenso
     scalar_t* hn = hy.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B, grain_rows(H), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
-        cell_fwd_row(g + r * 4 * H, b, c + r * H, a + r * 4 * H, cn + r * H, hn + r * H, H);
+        cell_fwd_row(g + r * 4 * H, b, c + r * H, a + r * 4 * H, cn + r * H, hn + r * H, H, H);
     });
   });
   return {hy, cy, act};
@@ -115,13 +120,48 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_bwd_cpu(const at::Tensor& grad_hy_,
     at::parallel_for(0, B, grain_rows(H), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
         cell_bwd_row<scalar_t>(gh + r * H, nullptr, gc + r * H, nullptr, a + r * 4 * H, c + r * H,
-                               dg + r * 4 * H, dcp + r * H, H);
+                               dg + r * 4 * H, dcp + r * H, H, H);
     });
   });
   return {dgates, dcx};
 }
 
 // ---- the layer ----
+
+// The recurrence splits hidden units, not batch rows, over the threads: a thread's slice of a step's GEMM (the
+// four gate columns of its units, single-threaded inside the parallel region) feeds straight into its slice of
+// the cell, and in the backward its slice of the h gradient is exactly what its cell reads next. A step is then
+// one parallel region where a BLAS-threaded GEMM and a threaded cell take two, and the BLAS's own split of a
+// 32-row GEMM loses ~20% to fork / join and imbalance (B = 32, H = 512 on 2 cores: 0.55 ms for the whole product
+// on 2 threads, 0.43 ms for half of it on one).
+class UnitSlices {
+  static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+ public:
+  // B rows of a step whose GEMM has a reduction depth of K.
+  UnitSlices(int64_t B, int64_t H, int64_t K) : H_(H) {
+    constexpr int64_t kAlign = 16, kMinWork = int64_t(1) << 18;  // below ~256k multiply-adds a split costs more
+    const int64_t want = std::clamp<int64_t>(B * 4 * H * K / kMinWork, 1, at::get_num_threads());
+    width_ = ceil_div(ceil_div(H, std::min(want, ceil_div(H, kAlign))), kAlign) * kAlign;
+    n = ceil_div(H, width_);
+  }
+  int64_t begin(int64_t p) const { return p * width_; }
+  int64_t len(int64_t p) const { return std::min(width_, H_ - p * width_); }
+  // f(slice, first unit, units) for every slice, on the intra-op threads. The workers get the caller's
+  // thread-local state (autograd exclusion, inference mode), since f runs at:: ops.
+  template <typename F> void run(F&& f) const {
+    if (n == 1) return f(0, 0, H_);
+    const at::ThreadLocalState tls;
+    at::parallel_for(0, n, 1, [&](int64_t p0, int64_t p1) {
+      const at::ThreadLocalStateGuard guard(tls);
+      for (int64_t p = p0; p < p1; ++p) f(p, begin(p), len(p));
+    });
+  }
+  int64_t n;
+
+ private:
+  int64_t H_, width_;
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& w_ih, const std::optional<at::Tensor>& bias_, const at::Tensor& w_hh_,
@@ -131,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
   const at::Tensor bias = check_lstm_layer_input(x_, w_ih, bias_, w_hh_);
   check_same(h0_, "h0", c0_, "c0");
   const int64_t T = geo.T, B = geo.B, H = geo.H;
-  const at::Tensor w_hh_t = w_hh_.t(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
+  const at::Tensor w_hh = w_hh_, h0 = h0_.contiguous(), c0 = c0_.contiguous();
   // Big, freshly faulted buffers: the huge-page allocator (csrc/cpu/alloc.h).
   at::Tensor hs = cpu::empty({T, B, H}, x_.options()), cs = cpu::empty({T, B, H}, x_.options());
   at::Tensor act = cpu::empty({T, B, 4 * H}, x_.options());
@@ -140,24 +180,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
   // place (+ h W_hh^T) and activates: no separate [T, B, 4H] input-gate tensor, no per-step copy.
   const at::Tensor x2 = x_.reshape({T * B, x_.size(2)});
   at::Tensor act2 = act.view({T * B, 4 * H});
-  if (bias.defined()) at::addmm_out(act2, bias, x2, w_ih.t());
-  else at::mm_out(act2, x2, w_ih.t());
+  at::mm_out(act2, x2, w_ih.t());  // the bias joins in the cell: an addmm would first copy it to every row
+  const UnitSlices sl(B, H, H);
+  // Per slice and gate, the block of W_hh^T giving that gate's columns; made once, not per step.
+  std::vector<at::Tensor> w_blk(4 * sl.n);
+  for (int64_t p = 0; p < sl.n; ++p)
+    for (int64_t k = 0; k < 4; ++k) w_blk[4 * p + k] = w_hh.narrow(0, k * H + sl.begin(p), sl.len(p)).t();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "lstm_layer_fwd_cpu", [&] {
+    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? T - 1 - s : s, tp = reverse ? t + 1 : t - 1;
       const at::Tensor h_prev = s == 0 ? h0 : hs.select(0, tp), c_prev = s == 0 ? c0 : cs.select(0, tp);
-      at::Tensor act_t = act.select(0, t);
-      act_t.addmm_(h_prev, w_hh_t);
+      const at::Tensor act_t = act.select(0, t);
       scalar_t* a = act_t.mutable_data_ptr<scalar_t>();
       const scalar_t *hp = h_prev.const_data_ptr<scalar_t>(), *cp = c_prev.const_data_ptr<scalar_t>();
       scalar_t *hn = hs.mutable_data_ptr<scalar_t>() + t * B * H, *cn = cs.mutable_data_ptr<scalar_t>() + t * B * H;
-      at::parallel_for(0, B, grain_rows(H), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
+      sl.run([&](int64_t p, int64_t j0, int64_t n) {
+        for (int64_t k = 0; k < 4; ++k) act_t.narrow(1, k * H + j0, n).addmm_(h_prev, w_blk[4 * p + k]);
+        for (int64_t r = 0; r < B; ++r) {
+          const int64_t o = r * H + j0;
           if (geo.active(t, r)) {
-            cell_fwd_row<scalar_t>(a + r * 4 * H, nullptr, cp + r * H, a + r * 4 * H, cn + r * H, hn + r * H, H);
+            cell_fwd_row<scalar_t>(a + 4 * r * H + j0, b ? b + j0 : nullptr, cp + o, a + 4 * r * H + j0, cn + o,
+                                   hn + o, H, n);
           } else {
-            std::copy(cp + r * H, cp + (r + 1) * H, cn + r * H);
-            std::copy(hp + r * H, hp + (r + 1) * H, hn + r * H);
+            std::copy(cp + o, cp + o + n, cn + o);
+            std::copy(hp + o, hp + o + n, hn + o);
           }
         }
       });
@@ -180,35 +227,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
   // zero for the last step. pass holds, for rows past their length, the h gradient they hand through.
   at::Tensor dh = at::zeros({B, H}, act.options()), dc = at::zeros({B, H}, act.options());
   at::Tensor pass = geo.len ? at::zeros({B, H}, act.options()) : at::Tensor();
+  const UnitSlices sl(B, H, 4 * H);
+  std::vector<at::Tensor> w_blk(sl.n), dh_blk(sl.n), pass_blk(sl.n);
+  for (int64_t p = 0; p < sl.n; ++p) {
+    w_blk[p] = w_hh.narrow(1, sl.begin(p), sl.len(p));
+    dh_blk[p] = dh.narrow(1, sl.begin(p), sl.len(p));
+    if (pass.defined()) pass_blk[p] = pass.narrow(1, sl.begin(p), sl.len(p));
+  }
+  // The h gradient a step hands to the one before: through W_hh, plus what rows past their length hand through.
+  const auto recurrent = [&](int64_t p, const at::Tensor& dg_next) {
+    if (pass.defined()) at::addmm_out(dh_blk[p], pass_blk[p], dg_next, w_blk[p]);
+    else at::mm_out(dh_blk[p], dg_next, w_blk[p]);
+  };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "lstm_layer_bwd_cpu", [&] {
     scalar_t *dhp = dh.mutable_data_ptr<scalar_t>(), *dcp = dc.mutable_data_ptr<scalar_t>();
     scalar_t* pp = pass.defined() ? pass.mutable_data_ptr<scalar_t>() : nullptr;
     for (int64_t s = T - 1; s >= 0; --s) {
-      const int64_t t = reverse ? T - 1 - s : s, tp = reverse ? t + 1 : t - 1;
+      const int64_t t = reverse ? T - 1 - s : s, tp = reverse ? t + 1 : t - 1, tn = reverse ? t - 1 : t + 1;
       const scalar_t* cp = s == 0 ? c0.const_data_ptr<scalar_t>() : cs.const_data_ptr<scalar_t>() + tp * B * H;
       const scalar_t *gh = dhs.const_data_ptr<scalar_t>() + t * B * H, *gc = dcs.const_data_ptr<scalar_t>() + t * B * H;
       const scalar_t* a = act.const_data_ptr<scalar_t>() + t * B * 4 * H;
-      at::Tensor dg_t = dgx.select(0, t);
-      scalar_t* dg = dg_t.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, B, grain_rows(H), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t o = r * H;
+      scalar_t* dg = dgx.mutable_data_ptr<scalar_t>() + t * B * 4 * H;
+      // A slice's share of the previous iteration's GEMM gives exactly the dh units its cell needs next, so one
+      // parallel region per step holds both.
+      const at::Tensor dg_next = s == T - 1 ? at::Tensor() : dgx.select(0, tn);
+      sl.run([&](int64_t p, int64_t j0, int64_t n) {
+        if (dg_next.defined()) recurrent(p, dg_next);
+        for (int64_t r = 0; r < B; ++r) {
+          const int64_t o = r * H + j0;
           if (geo.active(t, r)) {
-            cell_bwd_row<scalar_t>(gh + o, dhp + o, gc + o, dcp + o, a + 4 * o, cp + o, dg + 4 * o, dcp + o, H);
-            if (pp) std::fill(pp + o, pp + o + H, scalar_t(0));
+            cell_bwd_row<scalar_t>(gh + o, dhp + o, gc + o, dcp + o, a + 4 * r * H + j0, cp + o,
+                                   dg + 4 * r * H + j0, dcp + o, H, n);
+            if (pp) std::fill(pp + o, pp + o + n, scalar_t(0));
           } else {
-            std::fill(dg + 4 * o, dg + 4 * o + 4 * H, scalar_t(0));
-            for (int64_t j = 0; j < H; ++j) {
-              pp[o + j] = static_cast<scalar_t>(acc_t<scalar_t>(gh[o + j]) + acc_t<scalar_t>(dhp[o + j]));
-              dcp[o + j] = static_cast<scalar_t>(acc_t<scalar_t>(gc[o + j]) + acc_t<scalar_t>(dcp[o + j]));
+            for (int64_t k = 0; k < 4; ++k) std::fill_n(dg + (4 * r + k) * H + j0, n, scalar_t(0));
+            for (int64_t j = o; j < o + n; ++j) {
+              pp[j] = static_cast<scalar_t>(acc_t<scalar_t>(gh[j]) + acc_t<scalar_t>(dhp[j]));
+              dcp[j] = static_cast<scalar_t>(acc_t<scalar_t>(gc[j]) + acc_t<scalar_t>(dcp[j]));
             }
           }
         }
       });
-      // The h gradient of the previous step: through W_hh, plus what rows past their length hand through.
-      if (pp) at::addmm_out(dh, pass, dg_t, w_hh);
-      else at::mm_out(dh, dg_t, w_hh);
     }
+    // The first step's gradient into h0: the whole GEMM, threaded by the BLAS.
+    const at::Tensor dg_first = dgx.select(0, reverse ? T - 1 : 0);
+    if (pp) at::addmm_out(dh, pass, dg_first, w_hh);
+    else at::mm_out(dh, dg_first, w_hh);
   });
   return {dgx, dh, dc};
 }
