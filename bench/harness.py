@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import fastnn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EAGER = "torch-eager"  # the implementation every ratio is taken against
@@ -106,8 +107,10 @@ def peak_extra_mb(fn: Callable, device: str) -> float | None:
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     try:
         # Freed heap memory is reused without new page faults, so a fn() that reuses it would show no growth:
-        # give it back to the OS first (glibc), then every byte fn() touches raises the RSS high-water mark.
+        # give it back to the OS first (glibc, fastnn's cache), then every byte fn() touches raises the RSS
+        # high-water mark.
         _malloc_trim()
+        fastnn.empty_cpu_cache()  # likewise the blocks fastnn's allocator keeps for reuse
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
         base = _proc_status_kb("VmRSS")

@@ -7,9 +7,22 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// Importing fastnn._C loads this library and so runs the registrations; the module itself is empty.
+#include "cpu/alloc.h"
+
+namespace {
+PyObject* empty_cpu_cache(PyObject*, PyObject*) {
+  fastnn::cpu::empty_cache();
+  Py_RETURN_NONE;
+}
+PyMethodDef methods[] = {
+    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Frees the CPU blocks fastnn's allocator keeps for reuse."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
+// Importing fastnn._C loads this library and so runs the registrations; the module itself holds only
+// empty_cpu_cache (fastnn.empty_cpu_cache).
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 

@@ -21,3 +21,10 @@ from .backend import BACKENDS, get_backend, use_backend  # noqa: E402,F401
 from .nn import patch  # noqa: E402,F401
 
 __version__ = "0.1.0"
+
+
+def empty_cpu_cache() -> None:
+    """Frees the large CPU blocks (2 MiB and more) fastnn's kernels keep for reuse, as torch.cuda.empty_cache does
+    for CUDA. Kept blocks spare a training loop's per-step buffers their page faults; the cache holds at most
+    FASTNN_CPU_CACHE_MB (default 256; 0 turns it off)."""
+    _C.empty_cpu_cache()

@@ -1,5 +1,9 @@
 """LSTM: the fused cell through every backend, and fastnn.nn.LSTMCell / LSTM against their torch.nn twins with
 the same weights (outputs, final states and every gradient), variable lengths, dropout, opcheck, compile."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -273,6 +277,48 @@ def test_lengths_argument_ignores_padding(bidir, batch_first):
     more = torch.cat([padded, torch.randn_like(padded)], dim=1 if batch_first else 0)
     _, (h2, c2) = ours(more, lengths=lengths)
     torch.testing.assert_close((h2, c2), (h, c))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_split_over_threads_with_lengths(dtype):
+    # H = 150 at B = 8 is enough work for the C++ layer to split the hidden units over two threads (slices of 80
+    # and 70 units, the second not a multiple of the vector width); float32 takes MKL's packed GEMM there, float64
+    # the addmm path. Unequal lengths make rows stop mid-sequence in both directions.
+    torch.manual_seed(0)
+    ours, theirs = _twins(dtype, input_size=16, hidden_size=150, num_layers=1, bidirectional=True)
+    lengths = torch.tensor([9, 3, 7, 1, 9, 5, 8, 2])
+    x = torch.randn(9, 8, 16, dtype=dtype)
+    results = []
+    for model in (ours, theirs):
+        xl = _leaf(x)
+        out, (h, c) = model(pack_padded_sequence(xl, lengths, enforce_sorted=False))
+        out, _ = pad_packed_sequence(out)
+        loss = (out * torch.cos(torch.arange(out.numel(), dtype=dtype)).view_as(out)).sum() + h.sin().sum() + c.sum()
+        results.append([out, h, c, *torch.autograd.grad(loss, [xl, *model.parameters()])])
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-11)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_cpu_block_cache():
+    # The layer's big buffers come from fastnn's CPU allocator, which keeps freed blocks for the next call of the
+    # same size: reused blocks give the same results, and empty_cpu_cache() frees them.
+    ours = fastnn.nn.LSTM(64, 256)
+    x = torch.randn(40, 16, 64)
+    with torch.no_grad():
+        first = ours(x)[0]
+        again = ours(x)[0]
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    fastnn.empty_cpu_cache()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], first, rtol=0, atol=0)
+
+
+def test_cpu_cache_size_variable_is_checked():
+    code = "import torch, fastnn; fastnn.nn.LSTM(64, 256)(torch.randn(40, 16, 64))"
+    env = dict(os.environ, FASTNN_CPU_CACHE_MB="lots")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "FASTNN_CPU_CACHE_MB" in res.stderr, res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("L,bidir", [(2, False), (3, True)])

@@ -17,8 +17,8 @@ constexpr size_t kHugePage = size_t(2) << 20;
 
 // Freed blocks wait here for a request of the same rounded size, so a training loop's per-step buffers (the
 // same shapes every step) are faulted in once, not every step: zeroing fresh pages was ~10% of an LSTM layer's
-// forward (B = 32, H = 512). Bounded, since the memory stays with the process: FASTNN_CPU_CACHE_MB (default 256,
-// 0 turns the cache off); a block bigger than the bound is never kept.
+// forward (B = 32, H = 512). Bounded, since the memory stays with the process: FASTNN_CPU_CACHE_MB (default
+// 256, 0 turns the cache off); fastnn.empty_cpu_cache() frees what it holds.
 class BlockCache {
  public:
   BlockCache() {
@@ -45,6 +45,12 @@ class BlockCache {
     free_.emplace(size, p);
     held_ += size;
     return true;
+  }
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& [size, p] : free_) std::free(p);
+    free_.clear();
+    held_ = 0;
   }
 
  private:
@@ -101,5 +107,7 @@ at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::detail::empty_generic(sizes, &g_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), c10::MemoryFormat::Contiguous);
 }
+
+void empty_cache() { cache().clear(); }
 
 }  // namespace fastnn::cpu
