@@ -109,8 +109,8 @@ def peak_extra_mb(fn: Callable, device: str) -> float | None:
         # Freed heap memory is reused without new page faults, so a fn() that reuses it would show no growth:
         # give it back to the OS first (glibc, fastnn's cache), then every byte fn() touches raises the RSS
         # high-water mark.
+        fastnn.empty_cpu_cache()  # the blocks fastnn's allocator keeps, back to glibc first
         _malloc_trim()
-        fastnn.empty_cpu_cache()  # likewise the blocks fastnn's allocator keeps for reuse
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
         base = _proc_status_kb("VmRSS")

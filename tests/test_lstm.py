@@ -282,8 +282,8 @@ def test_lengths_argument_ignores_padding(bidir, batch_first):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_layer_split_over_threads_with_lengths(dtype):
     # H = 150 at B = 8 is enough work for the C++ layer to split the hidden units over two threads (slices of 80
-    # and 70 units, the second not a multiple of the vector width); float32 takes MKL's packed GEMM there, float64
-    # the addmm path. Unequal lengths make rows stop mid-sequence in both directions.
+    # and 70 units, the second not a multiple of the vector width). Unequal lengths make rows stop mid-sequence in
+    # both directions.
     torch.manual_seed(0)
     ours, theirs = _twins(dtype, input_size=16, hidden_size=150, num_layers=1, bidirectional=True)
     lengths = torch.tensor([9, 3, 7, 1, 9, 5, 8, 2])

@@ -19,11 +19,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <initializer_list>
 #include <optional>
 #include <tuple>
-#include <utility>
-#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -131,74 +128,6 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_bwd_cpu(const at::Tensor& grad_hy_,
 
 // ---- the layer ----
 
-// MKL's packed GEMM, where the BLAS is MKL (torch's x86 builds): weak, so null elsewhere. MKL_INT is int (LP64).
-extern "C" {
-size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
-void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
-                      int ld, float* dest) __attribute__((weak));
-void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
-                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
-}
-
-// The recurrent products of a layer call, C[M, n] = A[M, K] op(B_i) + beta C, on MKL's packed GEMM: the weight
-// blocks B_i are packed once per call, and a step's A (h, or the gate gradients) once per thread per step
-// however many blocks it multiplies. A plain sgemm re-packs both on every call: ~15% of the forward at B = 32,
-// H = 512. Slot s holds one thread's packed A; the blocks used with it all have its n.
-class PackedGemm {
-  enum { kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kAMatrix = 161, kBMatrix = 162 };
-
- public:
-  struct Block {
-    const float* src;  // op(src) is [K, n]: src is [n, K] (trans) or [K, n], rows ld apart
-    int64_t ld;
-    bool trans;
-    int64_t n;
-  };
-  // Float on an MKL BLAS, every size within MKL's int.
-  static bool usable(at::ScalarType dtype, std::initializer_list<int64_t> sizes) {
-    if (dtype != at::kFloat || !cblas_sgemm_pack_get_size || !cblas_sgemm_pack || !cblas_sgemm_compute) return false;
-    return std::all_of(sizes.begin(), sizes.end(), [](int64_t v) { return v < (int64_t(1) << 30); });
-  }
-  // slot_n[s]: the n of the blocks slot s meets.
-  PackedGemm(int64_t M, int64_t K, const std::vector<Block>& blocks, const std::vector<int64_t>& slot_n)
-      : M_(M), K_(K), blocks_(blocks), slot_n_(slot_n) {
-    size_t total = 0;
-    const auto reserve = [&](size_t bytes) { return std::exchange(total, total + (bytes + 63) / 64 * 64); };
-    for (const Block& b : blocks_) b_off_.push_back(reserve(cblas_sgemm_pack_get_size(kBMatrix, M_, b.n, K_)));
-    for (const int64_t n : slot_n_) a_off_.push_back(reserve(cblas_sgemm_pack_get_size(kAMatrix, M_, n, K_)));
-    arena_ = cpu::empty({int64_t(total)}, at::TensorOptions().dtype(at::kByte));  // reused across calls
-    for (size_t i = 0; i < blocks_.size(); ++i) {
-      const Block& b = blocks_[i];
-      cblas_sgemm_pack(kRowMajor, kBMatrix, b.trans ? kTrans : kNoTrans, M_, b.n, K_, 1.f, b.src, b.ld, at(b_off_[i]));
-    }
-  }
-  // Templates so dtype-generic callers compile; only float ever gets here (usable()).
-  template <typename T> void pack_a(int64_t slot, const T* a, int64_t lda) {
-    if constexpr (std::is_same_v<T, float>) {
-      cblas_sgemm_pack(kRowMajor, kAMatrix, kNoTrans, M_, slot_n_[slot], K_, 1.f, a, lda, at(a_off_[slot]));
-    } else {
-      TORCH_CHECK(false, "fastnn: PackedGemm is float-only");
-    }
-  }
-  template <typename T> void gemm(int64_t block, int64_t slot, float beta, T* c, int64_t ldc) {
-    if constexpr (std::is_same_v<T, float>) {
-      const int n = blocks_[block].n;
-      cblas_sgemm_compute(kRowMajor, kPacked, kPacked, M_, n, K_, at(a_off_[slot]), K_, at(b_off_[block]), n, beta,
-                          c, ldc);
-    } else {
-      TORCH_CHECK(false, "fastnn: PackedGemm is float-only");
-    }
-  }
-
- private:
-  float* at(size_t offset) { return reinterpret_cast<float*>(arena_.mutable_data_ptr<uint8_t>() + offset); }
-  int M_, K_;
-  std::vector<Block> blocks_;
-  std::vector<int64_t> slot_n_;
-  std::vector<size_t> b_off_, a_off_;
-  at::Tensor arena_;
-};
-
 // The recurrence splits hidden units, not batch rows, over the threads: a thread's slice of a step's GEMM (the
 // four gate columns of its units, single-threaded inside the parallel region) feeds straight into its slice of
 // the cell, and in the backward its slice of the h gradient is exactly what its cell reads next. A step is then
@@ -254,19 +183,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
   at::mm_out(act2, x2, w_ih.t());  // the bias joins in the cell: an addmm would first copy it to every row
   const UnitSlices sl(B, H, H);
   // Per slice and gate, the block of W_hh^T giving that gate's columns; made once, not per step.
-  const bool packed = PackedGemm::usable(act.scalar_type(), {B, 4 * H, H});
   std::vector<at::Tensor> w_blk(4 * sl.n);
-  std::vector<PackedGemm::Block> blocks;
-  std::vector<int64_t> slot_n;
-  for (int64_t p = 0; p < sl.n; ++p) {
-    slot_n.push_back(sl.len(p));
-    for (int64_t k = 0; k < 4; ++k) {
-      if (packed) blocks.push_back({w_hh.const_data_ptr<float>() + (k * H + sl.begin(p)) * H, H, true, sl.len(p)});
-      else w_blk[4 * p + k] = w_hh.narrow(0, k * H + sl.begin(p), sl.len(p)).t();
-    }
-  }
-  std::optional<PackedGemm> pk;
-  if (packed) pk.emplace(B, H, blocks, slot_n);
+  for (int64_t p = 0; p < sl.n; ++p)
+    for (int64_t k = 0; k < 4; ++k) w_blk[4 * p + k] = w_hh.narrow(0, k * H + sl.begin(p), sl.len(p)).t();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "lstm_layer_fwd_cpu", [&] {
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     for (int64_t s = 0; s < T; ++s) {
@@ -277,11 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
       const scalar_t *hp = h_prev.const_data_ptr<scalar_t>(), *cp = c_prev.const_data_ptr<scalar_t>();
       scalar_t *hn = hs.mutable_data_ptr<scalar_t>() + t * B * H, *cn = cs.mutable_data_ptr<scalar_t>() + t * B * H;
       sl.run([&](int64_t p, int64_t j0, int64_t n) {
-        if (packed) pk->pack_a(p, hp, H);
-        for (int64_t k = 0; k < 4; ++k) {
-          if (packed) pk->gemm(4 * p + k, p, 1.f, a + k * H + j0, 4 * H);
-          else act_t.narrow(1, k * H + j0, n).addmm_(h_prev, w_blk[4 * p + k]);
-        }
+        for (int64_t k = 0; k < 4; ++k) act_t.narrow(1, k * H + j0, n).addmm_(h_prev, w_blk[4 * p + k]);
         for (int64_t r = 0; r < B; ++r) {
           const int64_t o = r * H + j0;
           if (geo.active(t, r)) {
@@ -313,30 +228,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
   at::Tensor dh = at::zeros({B, H}, act.options()), dc = at::zeros({B, H}, act.options());
   at::Tensor pass = geo.len ? at::zeros({B, H}, act.options()) : at::Tensor();
   const UnitSlices sl(B, H, 4 * H);
-  const bool packed = PackedGemm::usable(act.scalar_type(), {B, 4 * H, H});
   std::vector<at::Tensor> w_blk(sl.n), dh_blk(sl.n), pass_blk(sl.n);
-  std::vector<PackedGemm::Block> blocks;
-  std::vector<int64_t> slot_n;
   for (int64_t p = 0; p < sl.n; ++p) {
-    slot_n.push_back(sl.len(p));
-    if (packed) blocks.push_back({w_hh.const_data_ptr<float>() + sl.begin(p), H, false, sl.len(p)});
-    else w_blk[p] = w_hh.narrow(1, sl.begin(p), sl.len(p));
+    w_blk[p] = w_hh.narrow(1, sl.begin(p), sl.len(p));
     dh_blk[p] = dh.narrow(1, sl.begin(p), sl.len(p));
     if (pass.defined()) pass_blk[p] = pass.narrow(1, sl.begin(p), sl.len(p));
   }
-  std::optional<PackedGemm> pk;
-  if (packed) pk.emplace(B, 4 * H, blocks, slot_n);
   // The h gradient a step hands to the one before: through W_hh, plus what rows past their length hand through.
   const auto recurrent = [&](int64_t p, const at::Tensor& dg_next) {
-    if (packed) {
-      if (pass.defined()) dh_blk[p].copy_(pass_blk[p]);
-      pk->pack_a(p, dg_next.const_data_ptr<float>(), 4 * H);
-      pk->gemm(p, p, pass.defined() ? 1.f : 0.f, dh.mutable_data_ptr<float>() + sl.begin(p), H);
-    } else if (pass.defined()) {
-      at::addmm_out(dh_blk[p], pass_blk[p], dg_next, w_blk[p]);
-    } else {
-      at::mm_out(dh_blk[p], dg_next, w_blk[p]);
-    }
+    if (pass.defined()) at::addmm_out(dh_blk[p], pass_blk[p], dg_next, w_blk[p]);
+    else at::mm_out(dh_blk[p], dg_next, w_blk[p]);
   };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "lstm_layer_bwd_cpu", [&] {
     scalar_t *dhp = dh.mutable_data_ptr<scalar_t>(), *dcp = dc.mutable_data_ptr<scalar_t>();
