@@ -45,6 +45,8 @@ mkdir -p "$work/reports"
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:detect_odr_violation=0:allocator_may_return_null=1:log_path=$work/reports/asan"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:abort_on_error=1"
 export PYTHONPATH="$work" TRITON_INTERPRET=1 PYTHONUNBUFFERED=1
+# fastnn's block cache off, so a freed block is freed and a use after it is reported rather than hidden by reuse.
+export FASTNN_CPU_CACHE_MB=0
 # The native backend's tests (Triton's interpreter runs no fastnn C++ and is slow under ASan), the bad-input
 # contract and the fuzz's native cases.
 if [ $# -eq 0 ]; then set -- tests -k "native or contract"; fi
