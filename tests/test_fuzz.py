@@ -195,6 +195,58 @@ def _lstm_cell(draw, small):
             _absmax(x) * _absmax(w_ih) + _absmax(h) * _absmax(w_hh)))))
 
 
+@st.composite
+def _lstm_layer(draw, small):
+    # fastnn.nn.LSTM (one layer, either direction) against torch.nn.LSTM with the drawn weights: the C++ layer's
+    # recurrence, its split of the hidden units over the threads (H = 150 at B = 8 splits in two), lengths (rows
+    # stopping mid-sequence, in both directions) and initial states. Finite inputs: the cell's fuzz above covers
+    # the extreme values; here the point is the recurrence's bookkeeping.
+    T = draw(st.sampled_from([1, 3] if small else [1, 2, 5, 9]))
+    B = draw(st.sampled_from([1, 2] if small else [1, 3, 8]))
+    I = draw(st.sampled_from([1, 3, 8]))
+    H = draw(st.sampled_from([1, 4] if small else [1, 7, 33, 150]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    bidir, bias, given_hx = draw(st.booleans()), draw(st.booleans()), draw(st.booleans())
+    lengths = None
+    if draw(st.booleans()):
+        lengths = torch.tensor(draw(st.lists(st.integers(1, T), min_size=B, max_size=B)))
+    D = 2 if bidir else 1
+    inputs = dict(x=draw(tensors((T, B, I), dtype, scale=draw(st.sampled_from([1.0, 5.0])), specials=False)))
+    for sfx in ["", "_reverse"][:D]:
+        inputs["weight_ih_l0" + sfx] = draw(tensors((4 * H, I), dtype, scale=draw(st.sampled_from([0.3, 3.0])),
+                                                    specials=False))
+        inputs["weight_hh_l0" + sfx] = draw(tensors((4 * H, H), dtype, scale=0.3, specials=False))
+        if bias:
+            for name in ("bias_ih_l0", "bias_hh_l0"):
+                inputs[name + sfx] = draw(tensors((4 * H,), dtype, scale=1.0, specials=False))
+    if given_hx:
+        inputs["h0"] = draw(tensors((D, B, H), dtype, scale=1.0, specials=False))
+        inputs["c0"] = draw(tensors((D, B, H), dtype, scale=draw(st.sampled_from([1.0, 1e3])), specials=False))
+    kw = dict(input_size=I, hidden_size=H, bias=bias, bidirectional=bidir)
+
+    def run(module, x, h0=None, c0=None, **params):
+        seq = x if lengths is None else torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out, (h, c) = torch.func.functional_call(module, params, (seq, None if h0 is None else (h0, c0)))
+        if lengths is not None:
+            out = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=T)[0]
+        return out, h, c
+
+    def ours(backend, **t):
+        with fastnn.use_backend(backend):
+            return run(fastnn.nn.LSTM(**kw, dtype=dtype), **t)
+
+    c0 = inputs.get("c0")
+    term = max(1.0, _absmax(c0)) * _absmax(*(v for k, v in inputs.items() if k != "c0"))
+    return Case(
+        fastnn=ours, torch=lambda **t: run(torch.nn.LSTM(**kw, dtype=dtype), **t),
+        # torch's float64 LSTM: the cell's reference is fastnn.reference.lstm_cell, checked by the cell's fuzz.
+        reference=lambda **t: run(torch.nn.LSTM(**kw, dtype=torch.float64), **t),
+        inputs=inputs, grad_inputs=tuple(inputs), info=dict(lengths=lengths, bidirectional=bidir, bias=bias),
+        # A step's gradients sum 4H + I + B products, as the cell's; the recurrence carries them on.
+        grad_atol=cancel_floor(dtype, 4 * H + I + B, term),
+        out_atol=cancel_floor(dtype, I + H, term))
+
+
 # ---- cross_entropy / linear_cross_entropy
 
 CE_CLASSES = [1, 2, 3, 7, 16, 33]
@@ -445,6 +497,7 @@ OPS = {
     "softmax": _softmax,
     "bce_with_logits": _bce,
     "lstm_cell": _lstm_cell,
+    "lstm_layer": _lstm_layer,
     "cross_entropy": _cross_entropy,
     "linear_cross_entropy": _linear_cross_entropy,
     "attention": _attention,
