@@ -19,6 +19,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -154,6 +157,12 @@ class UnitSlices {
     const at::ThreadLocalState tls;
     at::parallel_for(0, n, 1, [&](int64_t p0, int64_t p1) {
       const at::ThreadLocalStateGuard guard(tls);
+#ifdef _OPENMP
+      // This thread's BLAS calls single-threaded: torch's libgomp allows nested regions (max-active-levels is
+      // unbounded), so a threaded BLAS could fork a team of its own from every worker. The setting belongs to
+      // the worker's implicit task and ends with the region.
+      omp_set_num_threads(1);
+#endif
       for (int64_t p = p0; p < p1; ++p) f(p, begin(p), len(p));
     });
   }
