@@ -142,7 +142,7 @@ class UnitSlices {
 
  public:
   // B rows of a step whose GEMM has a reduction depth of K.
-  UnitSlices(int64_t B, int64_t H, int64_t K) : H_(H) {
+  UnitSlices(int64_t B, int64_t H, int64_t K) : H_(H) {  // also captures the caller's thread-local state
     constexpr int64_t kAlign = 16, kMinWork = int64_t(1) << 18;  // below ~256k multiply-adds a split costs more
     const int64_t want = std::clamp<int64_t>(B * 4 * H * K / kMinWork, 1, at::get_num_threads());
     width_ = ceil_div(ceil_div(H, std::min(want, ceil_div(H, kAlign))), kAlign) * kAlign;
@@ -150,13 +150,12 @@ class UnitSlices {
   }
   int64_t begin(int64_t p) const { return p * width_; }
   int64_t len(int64_t p) const { return std::min(width_, H_ - p * width_); }
-  // f(slice, first unit, units) for every slice, on the intra-op threads. The workers get the caller's
-  // thread-local state (autograd exclusion, inference mode), since f runs at:: ops.
+  // f(slice, first unit, units) for every slice, on the intra-op threads. The workers get the constructing
+  // thread's thread-local state (autograd exclusion, inference mode), since f runs at:: ops.
   template <typename F> void run(F&& f) const {
     if (n == 1) return f(0, 0, H_);
-    const at::ThreadLocalState tls;
     at::parallel_for(0, n, 1, [&](int64_t p0, int64_t p1) {
-      const at::ThreadLocalStateGuard guard(tls);
+      const at::ThreadLocalStateGuard guard(tls_);
 #ifdef _OPENMP
       // This thread's BLAS calls single-threaded: torch's libgomp allows nested regions (max-active-levels is
       // unbounded), so a threaded BLAS could fork a team of its own from every worker. The setting belongs to
@@ -170,6 +169,7 @@ class UnitSlices {
 
  private:
   int64_t H_, width_;
+  at::ThreadLocalState tls_;  // once per layer call, not per step
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
@@ -180,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
   const at::Tensor bias = check_lstm_layer_input(x_, w_ih, bias_, w_hh_);
   check_same(h0_, "h0", c0_, "c0");
   const int64_t T = geo.T, B = geo.B, H = geo.H;
-  const at::Tensor w_hh = w_hh_, h0 = h0_.contiguous(), c0 = c0_.contiguous();
+  const at::Tensor h0 = h0_.contiguous(), c0 = c0_.contiguous();
   // Big, freshly faulted buffers: the huge-page allocator (csrc/cpu/alloc.h).
   at::Tensor hs = cpu::empty({T, B, H}, x_.options()), cs = cpu::empty({T, B, H}, x_.options());
   at::Tensor act = cpu::empty({T, B, 4 * H}, x_.options());
@@ -194,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
   // Per slice and gate, the block of W_hh^T giving that gate's columns; made once, not per step.
   std::vector<at::Tensor> w_blk(4 * sl.n);
   for (int64_t p = 0; p < sl.n; ++p)
-    for (int64_t k = 0; k < 4; ++k) w_blk[4 * p + k] = w_hh.narrow(0, k * H + sl.begin(p), sl.len(p)).t();
+    for (int64_t k = 0; k < 4; ++k) w_blk[4 * p + k] = w_hh_.narrow(0, k * H + sl.begin(p), sl.len(p)).t();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "lstm_layer_fwd_cpu", [&] {
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     for (int64_t s = 0; s < T; ++s) {
@@ -243,10 +243,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
     dh_blk[p] = dh.narrow(1, sl.begin(p), sl.len(p));
     if (pass.defined()) pass_blk[p] = pass.narrow(1, sl.begin(p), sl.len(p));
   }
-  // The h gradient a step hands to the one before: through W_hh, plus what rows past their length hand through.
-  const auto recurrent = [&](int64_t p, const at::Tensor& dg_next) {
-    if (pass.defined()) at::addmm_out(dh_blk[p], pass_blk[p], dg_next, w_blk[p]);
-    else at::mm_out(dh_blk[p], dg_next, w_blk[p]);
+  // The h gradient a step hands to the one before (a slice of it, or all): through W_hh, plus what rows past
+  // their length hand through (`passed`, undefined without lengths).
+  const auto hand_back = [](at::Tensor& out, const at::Tensor& passed, const at::Tensor& dg, const at::Tensor& w) {
+    if (passed.defined()) at::addmm_out(out, passed, dg, w);
+    else at::mm_out(out, dg, w);
   };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "lstm_layer_bwd_cpu", [&] {
     scalar_t *dhp = dh.mutable_data_ptr<scalar_t>(), *dcp = dc.mutable_data_ptr<scalar_t>();
@@ -261,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
       // parallel region per step holds both.
       const at::Tensor dg_next = s == T - 1 ? at::Tensor() : dgx.select(0, tn);
       sl.run([&](int64_t p, int64_t j0, int64_t n) {
-        if (dg_next.defined()) recurrent(p, dg_next);
+        if (dg_next.defined()) hand_back(dh_blk[p], pass_blk[p], dg_next, w_blk[p]);
         for (int64_t r = 0; r < B; ++r) {
           const int64_t o = r * H + j0;
           if (geo.active(t, r)) {
@@ -279,9 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
       });
     }
     // The first step's gradient into h0: the whole GEMM, threaded by the BLAS.
-    const at::Tensor dg_first = dgx.select(0, reverse ? T - 1 : 0);
-    if (pp) at::addmm_out(dh, pass, dg_first, w_hh);
-    else at::mm_out(dh, dg_first, w_hh);
+    hand_back(dh, pass, dgx.select(0, reverse ? T - 1 : 0), w_hh);
   });
   return {dgx, dh, dc};
 }
