@@ -300,6 +300,32 @@ def test_layer_split_over_threads_with_lengths(dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize("B,H", [
+    (13, 16),  # row tiles 6 + 6 + 1 of the packed recurrent GEMM; H one full 16-column panel
+    (35, 45),  # row tiles 6 x 5 + 4 + 1; 45 = two panels and a partial one of 13 columns
+])
+def test_layer_packed_recurrent_gemm_tails(B, H):
+    # float32 layers of more than one step run their recurrent products on csrc/cpu/gemm.h; these shapes reach
+    # every row-tile size and a partial last panel, forward and backward, with rows that stop early (the
+    # backward's pass-through is added onto the product) in both directions.
+    torch.manual_seed(1)
+    ours, theirs = _twins(torch.float32, input_size=11, hidden_size=H, num_layers=1, bidirectional=True)
+    ref = nn.LSTM(11, H, bidirectional=True, dtype=torch.float64)
+    ref.load_state_dict(theirs.state_dict())
+    lengths = torch.randint(1, 7, (B,))
+    lengths[0] = 6
+    x = torch.randn(6, B, 11)
+    results = []
+    for model, dtype in ((ours, torch.float32), (ref, torch.float64)):
+        xl = _leaf(x.to(dtype))
+        out, (h, c) = model(pack_padded_sequence(xl, lengths, enforce_sorted=False))
+        out, _ = pad_packed_sequence(out)
+        loss = (out * torch.cos(torch.arange(out.numel(), dtype=dtype)).view_as(out)).sum() + h.sin().sum() + c.sum()
+        results.append([out, h, c, *torch.autograd.grad(loss, [xl, *model.parameters()])])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=2e-5)
+
+
 def test_cpu_block_cache():
     # The layer's big buffers come from fastnn's CPU allocator, which keeps freed blocks for the next call of the
     # same size: reused blocks give the same results, and empty_cpu_cache() frees them.
