@@ -489,14 +489,16 @@ class MultiheadAttention(nn.Module):
         E = self.embed_dim
         b = self.in_proj_bias
         bq, bk, bv = (None, None, None) if b is None else (b[:E], b[E:2 * E], b[2 * E:])
+        lin = torch.nn.functional.linear
         if self._qkv_same_embed_dim:
             w = self.in_proj_weight
             if same:  # self-attention: one GEMM
-                return torch.nn.functional.linear(query, w, b).chunk(3, dim=-1)
+                return lin(query, w, b).chunk(3, dim=-1)
+            if key is value:  # encoder-decoder attention: keys and values in one GEMM, as torch does
+                return (lin(query, w[:E], bq),) + lin(key, w[E:], None if b is None else b[E:]).chunk(2, dim=-1)
             wq, wk, wv = w[:E], w[E:2 * E], w[2 * E:]
         else:
             wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        lin = torch.nn.functional.linear
         return lin(query, wq, bq), lin(key, wk, bk), lin(value, wv, bv)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,

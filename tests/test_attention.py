@@ -397,6 +397,32 @@ def test_multihead_attention_matches_torch(cfg, masks, need_weights):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("shared", [
+    "self",    # query is key is value: one GEMM for all three projections
+    "kv",      # key is value (encoder-decoder attention): one GEMM for keys and values
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_multihead_attention_shared_inputs(shared, bias):
+    theirs = torch.nn.MultiheadAttention(16, 4, bias=bias, dtype=torch.float64).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ours = fastnn.nn.MultiheadAttention(16, 4, bias=bias, dtype=torch.float64).eval()
+    ours.load_state_dict(theirs.state_dict())
+    q, k, _ = _mha_inputs({})
+    q.requires_grad_()
+    k.requires_grad_()
+    args = (q, q, q) if shared == "self" else (q, k, k)
+    out = ours(*args, need_weights=False)[0]
+    t_out = theirs(*args, need_weights=False)[0]
+    torch.testing.assert_close(out, t_out)
+    g = torch.randn_like(out)
+    leaves = [q] + ([] if shared == "self" else [k])
+    for a, b in zip(torch.autograd.grad(out, leaves + list(ours.parameters()), g),
+                    torch.autograd.grad(t_out, leaves + list(theirs.parameters()), g)):
+        torch.testing.assert_close(a, b)
+
+
 def test_multihead_attention_unbatched_and_per_head_weights():
     theirs = torch.nn.MultiheadAttention(16, 4, dtype=torch.float64).eval()
     ours = fastnn.nn.MultiheadAttention.from_torch(theirs)
