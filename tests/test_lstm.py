@@ -326,6 +326,20 @@ def test_layer_packed_recurrent_gemm_tails(B, H):
         torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=2e-5)
 
 
+def test_layer_op_with_no_input_features():
+    # nn.LSTM refuses input_size 0, the op does not: its input product is then an empty sum, which the packed GEMM
+    # must store as zeros (its K loop never runs). Same as one input feature with a zero weight column.
+    torch.manual_seed(2)
+    w_hh, bias = torch.randn(28, 7), torch.randn(28)
+    h0, c0 = torch.randn(2, 7), torch.randn(2, 7)
+    empty = torch.ops.fastnn.lstm_layer_fwd(torch.randn(3, 2, 0), torch.randn(28, 0), bias, w_hh, h0, c0, None,
+                                            False)
+    zero_col = torch.ops.fastnn.lstm_layer_fwd(torch.randn(3, 2, 1), torch.zeros(28, 1), bias, w_hh, h0, c0, None,
+                                               False)
+    for a, b in zip(empty, zero_col):
+        torch.testing.assert_close(a, b)
+
+
 def test_cpu_block_cache():
     # The layer's big buffers come from fastnn's CPU allocator, which keeps freed blocks for the next call of the
     # same size: reused blocks give the same results, and empty_cpu_cache() frees them.
