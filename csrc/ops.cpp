@@ -48,6 +48,8 @@ TORCH_LIBRARY(fastnn, m) {
   // [T, B, H] (a row past its length, int64 lengths [B], keeps its state) and the activated gates [T, B, 4H].
   // `reverse` walks t = T-1 .. 0.
   m.def("lstm_layer_fwd(Tensor x, Tensor w_ih, Tensor? bias, Tensor w_hh, Tensor h0, Tensor c0, Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor)");
+  // The same recurrence without autograd (CPU): no per-step gates or cell states kept; returns (hs, c_n).
+  m.def("lstm_layer_infer_fwd(Tensor x, Tensor w_ih, Tensor? bias, Tensor w_hh, Tensor h0, Tensor c0, Tensor? lengths, bool reverse) -> (Tensor, Tensor)");
   // -> (grad_gates [T, B, 4H], grad_h0, grad_c0); the weight, bias and input gradients are GEMMs / a sum of it.
   m.def("lstm_layer_bwd(Tensor grad_hs, Tensor grad_cs, Tensor w_hh, Tensor c0, Tensor cs, Tensor act, Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor)");
 }

@@ -66,6 +66,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@torch.compiler.assume_constant_result  # a dispatcher query Dynamo cannot trace; constant for a compiled graph
 def native_has(op: str, device_type: str) -> bool:
     """Whether fastnn._C registered a kernel of ``fastnn::{op}_fwd`` for this device type."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)

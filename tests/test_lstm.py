@@ -139,6 +139,64 @@ def test_layer_opcheck(reverse, with_lengths):
     torch.library.opcheck(torch.ops.fastnn.lstm_layer_bwd,
                           (torch.randn(T, B, H), torch.randn(T, B, H), w_hh.detach(), c0.detach(), cs, act, lengths,
                            reverse))
+    torch.library.opcheck(torch.ops.fastnn.lstm_layer_infer_fwd,
+                          tuple(t.detach() for t in (x, w_ih, bias, w_hh, h0, c0)) + (lengths, reverse))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_layer_infer_op_matches_training_op(dtype, reverse, with_lengths):
+    # The no-grad op runs the input product in blocks of steps (here ceil(256 / 40) = 7: blocks of 7 and 2 steps,
+    # taken in the order the steps run) and keeps two cell-state buffers; it must give the training op's hs and
+    # final c. float32 runs the packed GEMM, float64 ATen's.
+    torch.manual_seed(3)
+    T, B, I, H = 9, 40, 5, 24
+    args = (torch.randn(T, B, I, dtype=dtype), torch.randn(4 * H, I, dtype=dtype) / 2, torch.randn(4 * H, dtype=dtype),
+            torch.randn(4 * H, H, dtype=dtype) / 4, torch.randn(B, H, dtype=dtype), torch.randn(B, H, dtype=dtype))
+    lengths = torch.randint(1, T + 1, (B,)) if with_lengths else None
+    hs, cs, _ = torch.ops.fastnn.lstm_layer_fwd(*args, lengths, reverse)
+    hs_i, c_n = torch.ops.fastnn.lstm_layer_infer_fwd(*args, lengths, reverse)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(hs_i, hs, **tol)
+    torch.testing.assert_close(c_n, cs[0 if reverse else T - 1], **tol)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_layer_torch_compile_fullgraph(grad):
+    # The layer function compiles into one graph either way: without grad it calls the no-grad op (its fake
+    # kernel gives the shapes), with grad the training op and its autograd.
+    from fastnn.ops.lstm import lstm_layer
+
+    torch.manual_seed(5)
+    T, B, I, H = 5, 3, 4, 6
+    ts = [torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, H), torch.randn(4 * H, I), torch.randn(4 * H, H),
+          torch.randn(4 * H), torch.randn(4 * H)]
+    ts = [t.requires_grad_(grad) for t in ts]
+    f = lambda *a: lstm_layer(*a, reverse=True)  # noqa: E731
+    with torch.set_grad_enabled(grad):
+        want = f(*ts)
+        got = torch.compile(f, fullgraph=True)(*ts)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    if grad:
+        g = torch.autograd.grad(sum(o.sum() for o in got), ts)
+        w = torch.autograd.grad(sum(o.sum() for o in want), ts)
+        for a, b in zip(g, w):
+            torch.testing.assert_close(a, b)
+
+
+def test_lstm_without_grad_uses_the_infer_op_and_matches_torch():
+    torch.manual_seed(4)
+    ours, theirs = _twins(torch.float32, input_size=6, hidden_size=20, num_layers=2, bidirectional=True)
+    x = torch.randn(11, 37, 6)
+    with torch.no_grad():
+        want = theirs(x)
+        with torch.autograd.profiler.profile() as prof:
+            got = ours(x)
+    assert any(e.name == "fastnn::lstm_layer_infer_fwd" for e in prof.function_events)
+    for a, b in zip((got[0], *got[1]), (want[0], *want[1])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("device,backend", device_backends("lstm_cell"))

@@ -139,18 +139,22 @@ bool packed_wanted(const at::Tensor& w_hh, int64_t T) {
   return packed::kAvailable && w_hh.scalar_type() == at::kFloat && T > 1;
 }
 
-// out [M, N] = x [M, K] . w^T (w [N, K]), both contiguous float32, on packed::gemm with w^T packed into wp:
-// the threads pack a share of the panels each, then run a share of the rows each.
-void input_product_packed(const at::Tensor& x, const at::Tensor& w, float* wp, at::Tensor& out) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+// w [N, K] (contiguous float32) transposed into packed::gemm's panels at wp, the threads packing a share each.
+void pack_input_weight(const at::Tensor& w, float* wp) {
+  const int64_t N = w.size(0), K = w.size(1);
   const float* wd = w.const_data_ptr<float>();
   at::parallel_for(0, packed::panels(N), 1, [&](int64_t p0, int64_t p1) {
     const int64_t j0 = p0 * packed::kNR;
     packed::pack(wd + j0 * K, 1, K, K, std::min(N, p1 * packed::kNR) - j0, wp + j0 * K);
   });
-  // Rows in blocks of 48 within a thread's share: a block's A (48 x 512 floats) stays in L2 while the packed
-  // weights stream past it (2048 x 2048 x 512 on two cores: 48 rows 180 GF/s, 96 rows 176).
+}
+
+// out [M, N] = x [M, K] . w^T with w packed by pack_input_weight; x contiguous float32. The threads take a share
+// of the rows each, in blocks of 48: a block's A (48 x 512 floats) stays in L2 while the packed weights stream past
+// it (2048 x 2048 x 512 on two cores: 48 rows 180 GF/s, 96 rows 176; MKL 174).
+void input_product_packed(const at::Tensor& x, const float* wp, int64_t N, at::Tensor& out) {
   constexpr int64_t kRows = 48;
+  const int64_t M = x.size(0), K = x.size(1);
   const float* xd = x.const_data_ptr<float>();
   float* od = out.mutable_data_ptr<float>();
   at::parallel_for(0, M, kRows, [&](int64_t r0, int64_t r1) {
@@ -214,58 +218,84 @@ class UnitSlices {
   at::ThreadLocalState tls_;  // once per layer call, not per step
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
+// The forward recurrence of one layer, shared by the training op (keep: every step's activated gates and cell
+// state, which the backward reads) and the no-grad op (!keep: the input product in blocks of steps into a small
+// gate scratch, the cell state in two [B, H] buffers, so nothing of size T x 4H outlives a block). Returns hs
+// [T, B, H] and, with keep, cs [T, B, H] and act [T, B, 4H]; without, c_n [B, H] and an undefined tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward(
     const at::Tensor& x_, const at::Tensor& w_ih, const std::optional<at::Tensor>& bias_, const at::Tensor& w_hh_,
-    const at::Tensor& h0_, const at::Tensor& c0_, const std::optional<at::Tensor>& lengths, bool reverse) {
+    const at::Tensor& h0_, const at::Tensor& c0_, const std::optional<at::Tensor>& lengths, bool reverse, bool keep) {
   at::Tensor len_holder;
   const LstmLayerGeometry geo = check_lstm_layer(x_, "x", w_hh_, c0_, lengths, len_holder, x_.size(-1));
   const at::Tensor bias = check_lstm_layer_input(x_, w_ih, bias_, w_hh_);
   check_same(h0_, "h0", c0_, "c0");
-  const int64_t T = geo.T, B = geo.B, H = geo.H;
+  const int64_t T = geo.T, B = geo.B, H = geo.H, I = x_.size(2);
   const at::Tensor h0 = h0_.contiguous(), c0 = c0_.contiguous();
+  // Steps per input product: all of them with keep (the gates stay for the backward); else enough for >= 256
+  // rows, which keeps the GEMM efficient while its output (B = 32, H = 512: 8 steps, 512 KB) stays in cache.
+  const int64_t block = keep ? std::max<int64_t>(T, 1) : std::clamp<int64_t>((256 + B - 1) / std::max<int64_t>(B, 1), 1,
+                                                                               std::max<int64_t>(T, 1));
   // Big, freshly faulted buffers: the huge-page allocator (csrc/cpu/alloc.h).
-  at::Tensor hs = cpu::empty({T, B, H}, x_.options()), cs = cpu::empty({T, B, H}, x_.options());
-  at::Tensor act = cpu::empty({T, B, 4 * H}, x_.options());
-  if (T * B == 0) return {hs, cs, act};
-  // The input product of every step at once, straight into the gate buffer, which each step then completes in
-  // place (+ h W_hh^T) and activates: no separate [T, B, 4H] input-gate tensor, no per-step copy.
-  const int64_t I = x_.size(2);
+  at::Tensor hs = cpu::empty({T, B, H}, x_.options());
+  at::Tensor cs = cpu::empty({keep ? T : 2, B, H}, x_.options());  // !keep: two buffers, steps alternating
+  at::Tensor act = cpu::empty({keep ? T : block, B, 4 * H}, x_.options());
+  if (T * B == 0) return keep ? std::make_tuple(hs, cs, act) : std::make_tuple(hs, c0.clone(), at::Tensor());
   const at::Tensor x2 = x_.reshape({T * B, I});
-  at::Tensor act2 = act.view({T * B, 4 * H});
   const at::Tensor w_hh = w_hh_.contiguous();
   const UnitSlices sl(B, H, H);
   // Per slice and gate, the block of W_hh^T giving that gate's columns; made once, not per step.
   std::vector<at::Tensor> w_blk(4 * sl.n);
   for (int64_t p = 0; p < sl.n; ++p)
     for (int64_t k = 0; k < 4; ++k) w_blk[4 * p + k] = w_hh.narrow(0, k * H + sl.begin(p), sl.len(p)).t();
-  // float32: the products on packed::gemm, the weights packed once into one buffer: W_ih^T for the input
-  // product, then the W_hh blocks above, each thread packing its own slice (so it starts in that core's cache):
-  // gate k of slice p is the K = H by len(p) matrix W_hh[kH + begin(p) + j, i] at (i, j).
-  const int64_t blk = packed::packed_size(H, sl.len(0));
+  // float32: the products on packed::gemm, the weights packed once: W_ih^T for the input product and the W_hh
+  // blocks above, each thread packing its own slice (so it starts in that core's cache): gate k of slice p is the
+  // K = H by len(p) matrix W_hh[kH + begin(p) + j, i] at (i, j). With keep the input product is done before the
+  // recurrence starts, so W_hh's blocks reuse W_ih's space.
+  const int64_t blk = packed::packed_size(H, sl.len(0)), ih_size = packed::packed_size(I, 4 * H);
+  const int64_t hh_at = keep ? 0 : ih_size;
   at::Tensor wp;  // undefined: the products go to ATen
   if (packed_wanted(w_hh, T)) {
-    wp = cpu::empty({std::max(packed::packed_size(I, 4 * H), sl.n * 4 * blk)}, w_hh.options());
-    input_product_packed(x2.contiguous(), w_ih.contiguous(), wp.mutable_data_ptr<float>(), act2);
+    wp = cpu::empty({std::max(ih_size, hh_at + sl.n * 4 * blk)}, w_hh.options());
+    pack_input_weight(w_ih.contiguous(), wp.mutable_data_ptr<float>());
+  }
+  const at::Tensor xc = wp.defined() ? x2.contiguous() : x2;
+  // The input product of steps [t0, t0 + n) into the gate buffer's first n steps, which each step then completes
+  // in place (+ h W_hh^T) and activates: no separate input-gate tensor, no per-step copy. The bias joins in the
+  // cell: an addmm would first copy it to every row.
+  const auto input_product = [&](int64_t t0, int64_t n) {
+    at::Tensor out = act.narrow(0, 0, n).view({n * B, 4 * H});
+    if (wp.defined()) input_product_packed(xc.narrow(0, t0 * B, n * B), wp.const_data_ptr<float>(), 4 * H, out);
+    else at::mm_out(out, x2.narrow(0, t0 * B, n * B), w_ih.t());
+  };
+  if (keep) input_product(0, T);
+  if (wp.defined()) {
     sl.run([&](int64_t p, int64_t j0, int64_t n) {
       for (int64_t k = 0; k < 4; ++k)
         packed::pack(w_hh.const_data_ptr<float>() + (k * H + j0) * H, 1, H, H, n,
-                     wp.mutable_data_ptr<float>() + (4 * p + k) * blk);
+                     wp.mutable_data_ptr<float>() + hh_at + (4 * p + k) * blk);
     });
-  } else {
-    at::mm_out(act2, x2, w_ih.t());  // the bias joins in the cell: an addmm would first copy it to every row
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "lstm_layer_fwd_cpu", [&] {
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    int64_t t0 = 0;  // the first step in the gate buffer
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? T - 1 - s : s, tp = reverse ? t + 1 : t - 1;
-      const at::Tensor h_prev = s == 0 ? h0 : hs.select(0, tp), c_prev = s == 0 ? c0 : cs.select(0, tp);
-      const at::Tensor act_t = act.select(0, t);
+      if (!keep && s % block == 0) {  // the next block of steps, in the order they run
+        const int64_t n = std::min(block, T - s);
+        t0 = reverse ? t - n + 1 : t;
+        input_product(t0, n);
+      }
+      // !keep: the slots alternate so that the last step writes slot 0, the tensor returned as c_n.
+      const int64_t cur = keep ? t : (T - 1 - s) % 2, prev = keep ? tp : (T - s) % 2;
+      const at::Tensor h_prev = s == 0 ? h0 : hs.select(0, tp), c_prev = s == 0 ? c0 : cs.select(0, prev);
+      const at::Tensor act_t = act.select(0, t - t0);
       scalar_t* a = act_t.mutable_data_ptr<scalar_t>();
       const scalar_t *hp = h_prev.const_data_ptr<scalar_t>(), *cp = c_prev.const_data_ptr<scalar_t>();
-      scalar_t *hn = hs.mutable_data_ptr<scalar_t>() + t * B * H, *cn = cs.mutable_data_ptr<scalar_t>() + t * B * H;
+      scalar_t *hn = hs.mutable_data_ptr<scalar_t>() + t * B * H, *cn = cs.mutable_data_ptr<scalar_t>() + cur * B * H;
       sl.run([&](int64_t p, int64_t j0, int64_t n) {
         for (int64_t k = 0; k < 4; ++k) {
-          if (!packed_product(hp, H, B, H, wp, (4 * p + k) * blk, n, a + k * H + j0, 4 * H, /*accumulate=*/true))
+          if (!packed_product(hp, H, B, H, wp, hh_at + (4 * p + k) * blk, n, a + k * H + j0, 4 * H,
+                              /*accumulate=*/true))
             act_t.narrow(1, k * H + j0, n).addmm_(h_prev, w_blk[4 * p + k]);
         }
         for (int64_t r = 0; r < B; ++r) {
@@ -281,7 +311,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
       });
     }
   });
-  return {hs, cs, act};
+  if (keep) return {hs, cs, act};
+  return {hs, cs.select(0, 0), at::Tensor()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& w_ih, const std::optional<at::Tensor>& bias, const at::Tensor& w_hh,
+    const at::Tensor& h0, const at::Tensor& c0, const std::optional<at::Tensor>& lengths, bool reverse) {
+  return layer_forward(x, w_ih, bias, w_hh, h0, c0, lengths, reverse, /*keep=*/true);
+}
+
+// Without autograd: (hs, c_n).
+std::tuple<at::Tensor, at::Tensor> lstm_layer_infer_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& w_ih, const std::optional<at::Tensor>& bias, const at::Tensor& w_hh,
+    const at::Tensor& h0, const at::Tensor& c0, const std::optional<at::Tensor>& lengths, bool reverse) {
+  auto [hs, cn, unused] = layer_forward(x, w_ih, bias, w_hh, h0, c0, lengths, reverse, /*keep=*/false);
+  return {hs, cn};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
@@ -370,6 +415,7 @@ TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
   m.impl("lstm_cell_fwd", &lstm_cell_fwd_cpu);
   m.impl("lstm_cell_bwd", &lstm_cell_bwd_cpu);
   m.impl("lstm_layer_fwd", &lstm_layer_fwd_cpu);
+  m.impl("lstm_layer_infer_fwd", &lstm_layer_infer_fwd_cpu);
   m.impl("lstm_layer_bwd", &lstm_layer_bwd_cpu);
 }
 

@@ -146,8 +146,15 @@ def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.
     T, B, I = x.shape
     H = w_hh.shape[1]
     if backend == "native" and native_has("lstm_layer", x.device.type):
-        hs, cs, _ = torch.ops.fastnn.lstm_layer_fwd(x, w_ih, _sum_bias(b_ih, b_hh), w_hh, h0, c0, lengths, reverse)
         last = 0 if reverse else T - 1
+        args = (x, w_ih, _sum_bias(b_ih, b_hh), w_hh, h0, c0, lengths, reverse)
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                               for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0))
+        if not grad and native_has("lstm_layer_infer", x.device.type):
+            # Nothing to differentiate: the op keeps no per-step gates or cell states for a backward.
+            hs, c_n = torch.ops.fastnn.lstm_layer_infer_fwd(*args)
+            return hs, hs[last], c_n
+        hs, cs, _ = torch.ops.fastnn.lstm_layer_fwd(*args)
         return hs, hs[last], cs[last]
     # Elsewhere a Python loop over the fused cell, the input product still one GEMM over all steps.
     # The bias joins that GEMM, so its gradient is one sum over all steps rather than T accumulations.
@@ -182,6 +189,13 @@ def _layer_fake_fwd(x, w_ih, bias, w_hh, h0, c0, lengths, reverse):
     T, B, _ = x.shape
     H = w_hh.shape[1]
     return x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(T, B, 4 * H)
+
+
+def _layer_infer_fake_fwd(x, w_ih, bias, w_hh, h0, c0, lengths, reverse):
+    return x.new_empty(x.shape[0], x.shape[1], w_hh.shape[1]), c0.new_empty(c0.shape)
+
+
+torch.library.register_fake("fastnn::lstm_layer_infer_fwd")(_layer_infer_fake_fwd)
 
 
 def _layer_fake_bwd(grad_hs, grad_cs, w_hh, c0, cs, act, lengths, reverse):
