@@ -233,30 +233,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward(
   const at::Tensor h0 = h0_.contiguous(), c0 = c0_.contiguous();
   // Steps per input product: all of them with keep (the gates stay for the backward); else enough for >= 256
   // rows, which keeps the GEMM efficient while its output (B = 32, H = 512: 8 steps, 512 KB) stays in cache.
-  const int64_t block = keep ? std::max<int64_t>(T, 1) : std::clamp<int64_t>((256 + B - 1) / std::max<int64_t>(B, 1), 1,
-                                                                               std::max<int64_t>(T, 1));
+  const int64_t block =
+      keep ? T : std::clamp<int64_t>((256 + B - 1) / std::max<int64_t>(B, 1), 1, std::max<int64_t>(T, 1));
   // Big, freshly faulted buffers: the huge-page allocator (csrc/cpu/alloc.h).
   at::Tensor hs = cpu::empty({T, B, H}, x_.options());
   at::Tensor cs = cpu::empty({keep ? T : 2, B, H}, x_.options());  // !keep: two buffers, steps alternating
-  at::Tensor act = cpu::empty({keep ? T : block, B, 4 * H}, x_.options());
+  at::Tensor act = cpu::empty({block, B, 4 * H}, x_.options());
   if (T * B == 0) return keep ? std::make_tuple(hs, cs, act) : std::make_tuple(hs, c0.clone(), at::Tensor());
   const at::Tensor x2 = x_.reshape({T * B, I});
   const at::Tensor w_hh = w_hh_.contiguous();
   const UnitSlices sl(B, H, H);
-  // Per slice and gate, the block of W_hh^T giving that gate's columns; made once, not per step.
-  std::vector<at::Tensor> w_blk(4 * sl.n);
-  for (int64_t p = 0; p < sl.n; ++p)
-    for (int64_t k = 0; k < 4; ++k) w_blk[4 * p + k] = w_hh.narrow(0, k * H + sl.begin(p), sl.len(p)).t();
-  // float32: the products on packed::gemm, the weights packed once: W_ih^T for the input product and the W_hh
-  // blocks above, each thread packing its own slice (so it starts in that core's cache): gate k of slice p is the
-  // K = H by len(p) matrix W_hh[kH + begin(p) + j, i] at (i, j). With keep the input product is done before the
-  // recurrence starts, so W_hh's blocks reuse W_ih's space.
+  // Per slice and gate, the block of W_hh^T giving that gate's columns (gate k of slice p: the K = H by len(p)
+  // matrix W_hh[kH + begin(p) + j, i] at (i, j)); made once, not per step. float32 packs these blocks and W_ih^T
+  // once for packed::gemm, each thread its own slice (so it starts in that core's cache); with keep the input
+  // product is done before the recurrence starts, so W_hh's blocks reuse W_ih's space. Elsewhere ATen multiplies
+  // views.
   const int64_t blk = packed::packed_size(H, sl.len(0)), ih_size = packed::packed_size(I, 4 * H);
   const int64_t hh_at = keep ? 0 : ih_size;
-  at::Tensor wp;  // undefined: the products go to ATen
+  at::Tensor wp;
+  std::vector<at::Tensor> w_blk(4 * sl.n);
   if (packed_wanted(w_hh, T)) {
     wp = cpu::empty({std::max(ih_size, hh_at + sl.n * 4 * blk)}, w_hh.options());
     pack_input_weight(w_ih.contiguous(), wp.mutable_data_ptr<float>());
+  } else {
+    for (int64_t p = 0; p < sl.n; ++p)
+      for (int64_t k = 0; k < 4; ++k) w_blk[4 * p + k] = w_hh.narrow(0, k * H + sl.begin(p), sl.len(p)).t();
   }
   const at::Tensor xc = wp.defined() ? x2.contiguous() : x2;
   // The input product of steps [t0, t0 + n) into the gate buffer's first n steps, which each step then completes
@@ -344,21 +345,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
   at::Tensor dh = at::zeros({B, H}, act.options()), dc = at::zeros({B, H}, act.options());
   at::Tensor pass = geo.len ? at::zeros({B, H}, act.options()) : at::Tensor();
   const UnitSlices sl(B, H, 4 * H);
-  std::vector<at::Tensor> w_blk(sl.n), dh_blk(sl.n), pass_blk(sl.n);
-  for (int64_t p = 0; p < sl.n; ++p) {
-    w_blk[p] = w_hh.narrow(1, sl.begin(p), sl.len(p));
-    dh_blk[p] = dh.narrow(1, sl.begin(p), sl.len(p));
-    if (pass.defined()) pass_blk[p] = pass.narrow(1, sl.begin(p), sl.len(p));
-  }
-  // float32: each slice's block of W_hh (K = 4H by len(p), at (i, j) W_hh[i, begin(p) + j]) packed for
-  // packed::gemm by the thread that uses it.
+  // Each slice's block of W_hh (K = 4H by len(p), at (i, j) W_hh[i, begin(p) + j]): float32 packs it for
+  // packed::gemm, by the thread that uses it; elsewhere ATen multiplies views (of dh and pass too).
   const int64_t blk = packed::packed_size(4 * H, sl.len(0));
-  at::Tensor wp;  // undefined: the products go to ATen
+  at::Tensor wp;
+  std::vector<at::Tensor> w_blk(sl.n), dh_blk(sl.n), pass_blk(sl.n);
   if (packed_wanted(w_hh, T)) {
     wp = cpu::empty({sl.n * blk}, w_hh.options());
     sl.run([&](int64_t p, int64_t j0, int64_t n) {
       packed::pack(w_hh.const_data_ptr<float>() + j0, H, 1, 4 * H, n, wp.mutable_data_ptr<float>() + p * blk);
     });
+  } else {
+    for (int64_t p = 0; p < sl.n; ++p) {
+      w_blk[p] = w_hh.narrow(1, sl.begin(p), sl.len(p));
+      dh_blk[p] = dh.narrow(1, sl.begin(p), sl.len(p));
+      if (pass.defined()) pass_blk[p] = pass.narrow(1, sl.begin(p), sl.len(p));
+    }
   }
   // The h gradient a step hands to the one before (a slice of it, or all): through W_hh, plus what rows past
   // their length hand through (`passed`, undefined without lengths).
