@@ -15,6 +15,10 @@ SIZES = [
     (7, 4, 2, 3),         # chunks of 3 over 7 rows: a short last chunk
     (113, 16, 123, 32),   # odd sizes, four chunks
     (9, 8, 5000, 4),      # rows longer than one Triton block
+    # The float32 CPU kernel: three class blocks of 64 (the last 22), 20 features (a partial panel of 16), tiles
+    # of 24 rows (the last 13: row tiles of 6, 6, 1).
+    (61, 20, 150, 24),
+    (600, 8, 70, None),   # the default chunk: tiles of 512 rows and 88
 ]
 OPTIONS = [  # (bias, class_weight, ignored, label_smoothing, reduction)
     (True, False, False, 0.0, "mean"),
@@ -104,6 +108,48 @@ def test_batched_input_and_reduction_none(device, backend):
     out = F.linear_cross_entropy(x3, w, t3, b, reduction="none", chunk_size=5, backend=backend)
     assert out.shape == (3, 4)
     torch.testing.assert_close(out, TF.cross_entropy(TF.linear(x3, w, b).transpose(1, 2), t3, reduction="none"))
+
+
+@pytest.mark.parametrize("threads,V", [
+    (1, 150),  # one thread takes every class block
+    (3, 150),  # three threads, a block each: three grad_input shares and three sets of statistics to merge
+    (3, 100),  # two blocks: only two of the three threads get work
+])
+def test_native_float32_thread_counts(threads, V):
+    x, w, b, t, c = make_case(37, 24, V, True, True, True, "cpu", torch.float32)
+    kw = dict(reduction="sum", label_smoothing=0.1)
+    r, rg, g = run(lambda x_, w_, b_: fastnn.reference.linear_cross_entropy(x_, w_, t, b_, class_weight=c.double(),
+                                                                            **kw), x.double(), w.double(), b.double())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        o, og, _ = run(lambda x_, w_, b_: F.linear_cross_entropy(x_, w_, t, b_, class_weight=c, backend="native",
+                                                                 **kw), x, w, b, g.float())
+    finally:
+        torch.set_num_threads(before)
+    assert_matches(o, r)
+    for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), og, rg):
+        assert_matches(a, e, name=name)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("linear_cross_entropy"))
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_minus_inf_logits_in_a_whole_class_block(device, backend, smoothing):
+    # A bias of -inf on the first 64 classes: the float32 CPU kernel's first block of classes is all -inf for
+    # every row (x - max is NaN there), the targets lie in the second. torch: a finite loss, or +inf with smoothing.
+    x, w, b, _, _ = make_case(9, 8, 97, True, False, False, device, torch.float32)
+    b[:64] = float("-inf")
+    t = torch.randint(64, 97, (9,), device=device)
+    kw = dict(reduction="none", label_smoothing=smoothing)
+    expect = TF.cross_entropy(TF.linear(x, w, b), t, **kw)
+    got = F.linear_cross_entropy(x, w, t, b, backend=backend, **kw)
+    torch.testing.assert_close(got, expect)
+    if smoothing == 0:  # (with smoothing torch's gradient is NaN: inf - inf)
+        leaves = [v.clone().requires_grad_() for v in (x, w)]
+        g_ref = torch.autograd.grad(TF.cross_entropy(TF.linear(*leaves, b), t, **kw).sum(), leaves)
+        g = torch.autograd.grad(F.linear_cross_entropy(*leaves, t, b, backend=backend, **kw).sum(), leaves)
+        for a, e in zip(g, g_ref):
+            torch.testing.assert_close(a, e)
 
 
 @pytest.mark.parametrize("backend", [p.values[1] for p in device_backends("linear_cross_entropy")

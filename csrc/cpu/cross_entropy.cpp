@@ -11,11 +11,14 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <memory>
 #include <optional>
+#include <vector>
 
 #include "common.h"
 #include "cpu/alloc.h"
+#include "cpu/gemm.h"
 #include "cpu/vec.h"
 #include "cross_entropy.h"
 
@@ -264,6 +267,255 @@ void cross_entropy_bwd_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor
   cross_entropy_bwd_into(grad_loss, c, weight, lse, ignore_index, label_smoothing, out);
 }
 
+// ---- linear + cross-entropy, fused on packed::gemm (float32 with AVX2): no (rows, V) logits buffer at all.
+//
+// The chunk loop below (csrc/cross_entropy.h) runs four products per chunk on the BLAS: the logits x W^T twice
+// (forward, and recomputed in the backward), grad_input dl W and grad_weight dl^T x, each through memory, since a
+// chunk's logits (128 MiB) do not fit in cache. At N = 8192, D = 512, V = 32000 on two Zen 3 cores MKL runs them at
+// 158 (x W^T), 180 and 183 GF/s, and the four take 95% of the op's time, so the recompute alone put fastnn at
+// 1.02x torch's three-product eager time. Here the threads take blocks of kClasses classes instead; a block's
+// logits for a tile of rows (64 x 1024 floats, 256 KiB) stay in L2 from the product that makes them to the
+// products that consume their gradient, and every product runs on packed::gemm with the big operand (W) in place
+// and only the tile of x packed: W_blk x^T at ~190 GF/s (MKL on the same 1024-row product: 158 as x W^T, 176 as
+// W x^T), then the block's share of grad_weight (its own rows: no race) and of grad_input (a per-thread sum).
+// The forward keeps per-column online-softmax statistics per thread and merges them at the end of a tile.
+namespace fused {
+
+constexpr int64_t kClasses = 64;  // classes per block
+// Rows per tile (fewer when the op's chunk is smaller): a thread's grad_input partial (512 x D) stays in its L2
+// across the blocks (Zen 3, 512 KiB per core; D = 512: 512 rows 169 GF/s, 1024 rows 126).
+constexpr int64_t kRows = 512;
+
+// The row stride of a block's logits: padded past a multiple of 1024 bytes so that walking down a column (the
+// transposed product's A) does not map every row to the same L1 set (1024 rows unpadded: 107 GF/s, padded 126).
+inline int64_t block_ld(int64_t n) { return (n + 15) / 16 * 16 + 16; }
+
+bool wanted(const at::Tensor& input) { return packed::kAvailable && input.scalar_type() == at::kFloat; }
+
+// The threads' shares of the class blocks: part q takes blocks [first(q), first(q + 1)).
+struct Parts {
+  int64_t blocks, n;
+  Parts(int64_t V) : blocks((V + kClasses - 1) / kClasses), n(std::min<int64_t>(at::get_num_threads(), blocks)) {}
+  int64_t first(int64_t q) const { return blocks * q / n; }
+  // f(part) on the intra-op threads.
+  template <typename F> void run(F&& f) const {
+    at::parallel_for(0, n, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) f(q);
+    });
+  }
+};
+
+// One tile's inputs: rows [s, s + n) of x packed twice, as the logits' B (panels of 16 rows of x: [D][16]) and as
+// grad_weight's B (panels of 16 features: [n][16]; backward only).
+struct Tile {
+  int64_t s, n;
+};
+
+// blk [mc, n] (rows ld apart) = logits of classes [v0, v0 + mc) for the tile's rows: W_blk . x_tile^T (+ bias).
+inline void block_logits(const float* w, const float* bias, int64_t D, int64_t v0, int64_t mc, const float* xT,
+                         int64_t n, float* blk, int64_t ld) {
+  if (bias)
+    for (int64_t r = 0; r < mc; ++r) std::fill_n(blk + r * ld, n, bias[v0 + r]);
+  packed::gemm(w + v0 * D, D, mc, D, xT, n, blk, ld, /*accumulate=*/bias != nullptr);
+}
+
+// The tile's targets that fall in classes [v0, v0 + mc): f(column j, row of the block).
+template <typename F> inline void targets_in(const int64_t* t, int64_t n, int64_t ignore_index, int64_t v0,
+                                             int64_t mc, F&& f) {
+  for (int64_t j = 0; j < n; ++j)
+    if (t[j] != ignore_index && t[j] >= v0 && t[j] < v0 + mc) f(j, t[j] - v0);
+}
+
+// A part's running statistics over its classes, per column of the tile: max m, sum of exp(x - m), and (smoothing)
+// d = sum u_c (x_c - m) with u_c = w_c eps / C; U = sum of the u_c so far.
+struct Stats {
+  float *m, *s, *d;
+  float U;
+  void reset(int64_t n) {
+    std::fill_n(m, n, -std::numeric_limits<float>::infinity());
+    std::fill_n(s, n, 0.0f);
+    std::fill_n(d, n, 0.0f);
+    U = 0;
+  }
+  // Folds in a block's logits blk [mc, n] (rows ld apart); u = eps / C (0: no smoothing), w the block's class
+  // weights or null.
+  void add(const float* blk, int64_t ld, int64_t mc, int64_t n, float u, const float* w) {
+    using V = vec<float>;
+    const float inf = std::numeric_limits<float>::infinity();
+    for_chunks<float>(n, [&](int64_t j, int64_t len) {
+      V bm = splat(-inf);
+      for (int64_t r = 0; r < mc; ++r) bm = vmax(bm, load(blk + r * ld + j, len, -inf));
+      const V mo = load(m + j, len, 0.0f), mn = vmax(mo, bm);
+      V es{}, ds{};
+      for (int64_t r = 0; r < mc; ++r) {
+        const V x = load(blk + r * ld + j, len, 0.0f) - mn;
+        es += exp(x);
+        if (u != 0) ds += x * (w ? u * w[r] : u);
+      }
+      // A column whose logits so far are all -inf (x - m is NaN there) has an empty sum, and deviations of -inf.
+      const auto dead = mn == splat(-inf);
+      const V sn = load(s + j, len) * exp(mo - mn) + es;
+      store(s + j, dead ? splat(0.0f) : sn, len);
+      if (u != 0) {  // the earlier classes' deviations move with the max; U == 0 before the first block
+        const V dn = load(d + j, len) + (U != 0 ? (mo - mn) * U : splat(0.0f)) + ds;
+        store(d + j, dead ? splat(-inf) : dn, len);
+      }
+      store(m + j, mn, len);
+    });
+    if (u != 0)
+      for (int64_t r = 0; r < mc; ++r) U += w ? u * w[r] : u;
+  }
+};
+
+// Floats of the per-thread scratch: a block's logits and either statistics (forward) or W_blk packed and a
+// grad_input partial sum (backward).
+inline int64_t part_floats(int64_t nt, int64_t D, bool backward) {
+  return kClasses * block_ld(nt) + (backward ? packed::packed_size(kClasses, D) + nt * D : 3 * nt);
+}
+
+void pack_tile(const float* x, int64_t D, const Tile& tile, float* xT, float* xD) {
+  const float* xs = x + tile.s * D;
+  at::parallel_for(0, packed::panels(tile.n), 1, [&](int64_t p0, int64_t p1) {
+    const int64_t j0 = p0 * packed::kNR;
+    packed::pack(xs + j0 * D, 1, D, D, std::min(tile.n, p1 * packed::kNR) - j0, xT + j0 * D);
+  });
+  if (xD)
+    at::parallel_for(0, packed::panels(D), 1, [&](int64_t p0, int64_t p1) {
+      const int64_t f0 = p0 * packed::kNR;
+      packed::pack(xs + f0, D, 1, tile.n, std::min(D, p1 * packed::kNR) - f0, xD + f0 * tile.n);
+    });
+}
+
+void forward(const float* x, const float* w, const float* bias, const int64_t* t, int64_t N, int64_t D, int64_t V,
+             const Smooth<float>& p, int64_t ignore_index, int64_t chunk, float* loss, float* m_out,
+             float* ls_out) {
+  const int64_t nt = std::min(chunk, kRows);
+  const Parts parts(V);
+  const int64_t per = part_floats(nt, D, false);
+  at::Tensor scratch = empty({packed::packed_size(D, nt) + nt + parts.n * per}, at::TensorOptions(at::kFloat));
+  float* xT = scratch.mutable_data_ptr<float>();
+  float* xt = xT + packed::packed_size(D, nt);  // target logits of the tile
+  std::vector<Stats> st(parts.n);
+  for (int64_t q = 0; q < parts.n; ++q) {
+    float* b = xt + nt + q * per + kClasses * block_ld(nt);
+    st[q] = Stats{b, b + nt, b + 2 * nt, 0};
+  }
+  const float u = p.eps > 0 ? p.eps / float(V) : 0.0f;
+  for (int64_t s0 = 0; s0 < N; s0 += nt) {
+    const Tile tile{s0, std::min(nt, N - s0)};
+    const int64_t n = tile.n, ld = block_ld(n);
+    const int64_t* ts = t + s0;
+    pack_tile(x, D, tile, xT, nullptr);
+    parts.run([&](int64_t q) {
+      float* blk = xt + nt + q * per;
+      st[q].reset(n);
+      for (int64_t b = parts.first(q); b < parts.first(q + 1); ++b) {
+        const int64_t v0 = b * kClasses, mc = std::min(kClasses, V - v0);
+        block_logits(w, bias, D, v0, mc, xT, n, blk, ld);
+        targets_in(ts, n, ignore_index, v0, mc, [&](int64_t j, int64_t r) { xt[j] = blk[r * ld + j]; });
+        st[q].add(blk, ld, mc, n, u, p.w ? p.w + v0 : nullptr);
+      }
+    });
+    for (int64_t j = 0; j < n; ++j) {  // merge the parts' statistics; then the row's loss as fwd_index_row
+      const int64_t r = s0 + j;
+      if (ts[j] == ignore_index) {
+        loss[r] = m_out[r] = ls_out[r] = 0;
+        continue;
+      }
+      float M = -std::numeric_limits<float>::infinity(), S = 0, Dv = 0;
+      for (const Stats& a : st) M = std::max(M, a.m[j]);
+      for (const Stats& a : st) {
+        S += a.s[j] * std::exp(a.m[j] - M);
+        if (u != 0) Dv += a.d[j] + (a.U != 0 ? (a.m[j] - M) * a.U : 0.0f);
+      }
+      const float ls = std::log(S), wt = p.w ? p.w[ts[j]] : 1.0f;
+      float l = (1.0f - p.eps) * wt * (ls - (xt[j] - M));
+      if (u != 0) l += u * p.wsum * ls - Dv;
+      loss[r] = l;
+      m_out[r] = M;
+      ls_out[r] = ls;
+    }
+  }
+}
+
+void backward(const float* g, const float* x, const float* w, const float* bias, const int64_t* t, const float* m,
+              const float* ls, int64_t N, int64_t D, int64_t V, const Smooth<float>& p, int64_t ignore_index,
+              int64_t chunk, float* dx, float* dw, float* db) {
+  using Vf = vec<float>;
+  const int64_t nt = std::min(chunk, kRows);
+  const Parts parts(V);
+  const int64_t per = part_floats(nt, D, true);
+  const int64_t packs = packed::packed_size(D, nt) + packed::packed_size(nt, D);
+  // Per column of a tile: max, log-sum, and the gradient's coefficients a (of p_c), b (of w_c) and k (target).
+  at::Tensor scratch = empty({packs + 6 * nt + parts.n * per}, at::TensorOptions(at::kFloat));
+  float* xT = scratch.mutable_data_ptr<float>();
+  float* xD = xT + packed::packed_size(D, nt);
+  float *cm = xD + packed::packed_size(nt, D), *cl = cm + nt, *ca = cl + nt, *cb = ca + nt, *ck = cb + nt,
+        *xt = ck + nt;
+  float* part0 = xt + nt;  // then each part's scratch: blk, W_blk packed, its grad_input partial
+  auto dx_part = [&](int64_t q) { return part0 + (q + 1) * per - nt * D; };
+  const float keep = 1.0f - p.eps, add = p.eps / float(V), inf = std::numeric_limits<float>::infinity();
+  for (int64_t s0 = 0; s0 < N; s0 += nt) {
+    const Tile tile{s0, std::min(nt, N - s0)};
+    const int64_t n = tile.n, ld = block_ld(n);
+    const int64_t* ts = t + s0;
+    for (int64_t j = 0; j < n; ++j) {  // bwd_index_row's coefficients; an ignored column gets exactly 0
+      const bool ign = ts[j] == ignore_index;
+      const float kw = ign ? 0.0f : keep * (p.w ? p.w[ts[j]] : 1.0f), gj = ign ? 0.0f : g[s0 + j];
+      cm[j] = ign ? inf : m[s0 + j];  // exp(x - inf) = 0
+      cl[j] = ign ? 0.0f : ls[s0 + j];
+      ca[j] = gj * (kw + add * p.wsum);
+      cb[j] = gj * add;
+      ck[j] = gj * kw;
+    }
+    pack_tile(x, D, tile, xT, xD);
+    parts.run([&](int64_t q) {
+      float* blk = part0 + q * per;
+      float* wp = blk + kClasses * block_ld(nt);
+      float* dxq = dx_part(q);
+      for (int64_t b = parts.first(q); b < parts.first(q + 1); ++b) {
+        const int64_t v0 = b * kClasses, mc = std::min(kClasses, V - v0);
+        block_logits(w, bias, D, v0, mc, xT, n, blk, ld);
+        targets_in(ts, n, ignore_index, v0, mc, [&](int64_t j, int64_t r) { xt[j] = blk[r * ld + j]; });
+        for (int64_t r = 0; r < mc; ++r) {  // dl = g (a p - b w_c), in place
+          float* row = blk + r * ld;
+          // The block's grad_weight rows come from memory next: start them now, under this compute-bound pass.
+          if (s0 > 0)
+            for (int64_t f = 0; f < D; f += 16) __builtin_prefetch(dw + (v0 + r) * D + f, 1);
+          const float wc = p.w ? p.w[v0 + r] : 1.0f;
+          for_chunks<float>(n, [&](int64_t j, int64_t len) {
+            const Vf e = exp((load(row + j, len) - load(cm + j, len)) - load(cl + j, len));
+            store(row + j, e * load(ca + j, len) - load(cb + j, len) * wc, len);
+          });
+        }
+        targets_in(ts, n, ignore_index, v0, mc, [&](int64_t j, int64_t r) {  // as bwd_index_row's target entry
+          const float pt = exp((xt[j] - cm[j]) - cl[j]);
+          blk[r * ld + j] = ck[j] * (pt - 1.0f) + cb[j] * (p.wsum * pt - (p.w ? p.w[ts[j]] : 1.0f));
+        });
+        // This block's rows of grad_weight (the first tile stores, later ones add) and grad_bias.
+        packed::gemm(blk, ld, mc, n, xD, D, dw + v0 * D, D, /*accumulate=*/s0 > 0);
+        if (db)
+          for (int64_t r = 0; r < mc; ++r) db[v0 + r] = (s0 > 0 ? db[v0 + r] : 0.0f) + sum(blk + r * ld, n);
+        // This part's share of grad_input: dl_blk^T . W_blk (the part's first block stores).
+        packed::pack(w + v0 * D, D, 1, mc, D, wp);
+        packed::gemm<true>(blk, ld, n, mc, wp, D, dxq, D, /*accumulate=*/b > parts.first(q));
+      }
+    });
+    at::parallel_for(0, n, 16, [&](int64_t j0, int64_t j1) {  // grad_input rows = the parts' sum
+      for (int64_t j = j0; j < j1; ++j) {
+        float* out = dx + (s0 + j) * D;
+        std::copy_n(dx_part(0) + j * D, D, out);
+        for (int64_t q = 1; q < parts.n; ++q) {
+          const float* in = dx_part(q) + j * D;
+          for (int64_t f = 0; f < D; ++f) out[f] += in[f];
+        }
+      }
+    });
+  }
+}
+
+}  // namespace fused
+
 // ---- linear + cross-entropy: csrc/cross_entropy.h's chunk loop around the rows above.
 
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
@@ -273,6 +525,17 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
   const int64_t V = check_linear_ce_fwd_args(input, weight, bias, target, class_weight, chunk);
   const at::Tensor t = target.contiguous();
   check_targets(t.const_data_ptr<int64_t>(), t.numel(), V, ignore_index);
+  if (fused::wanted(input)) {
+    const at::Tensor x = input.contiguous(), w = weight.contiguous();
+    const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : bias;
+    const int64_t N = x.size(0);
+    at::Tensor loss = at::empty({N}, x.options()), lse = at::empty({2, N}, x.options());
+    const Weights<float, float> cw(class_weight, label_smoothing, V);
+    fused::forward(x.const_data_ptr<float>(), w.const_data_ptr<float>(), b ? b->const_data_ptr<float>() : nullptr,
+                   t.const_data_ptr<int64_t>(), N, x.size(1), V, cw.p, ignore_index, chunk,
+                   loss.mutable_data_ptr<float>(), stat_plane<float>(lse, 0), stat_plane<float>(lse, 1));
+    return {loss, lse};
+  }
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_cross_entropy_fwd_cpu", [&] {
     using A = acc_t<scalar_t>;
@@ -294,6 +557,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
   const int64_t V = check_linear_ce_bwd_args(grad_loss, input, weight, bias, target, class_weight, lse, chunk);
   const at::Tensor t = target.contiguous();
   check_targets(t.const_data_ptr<int64_t>(), t.numel(), V, ignore_index);
+  if (fused::wanted(input)) {
+    const at::Tensor x = input.contiguous(), w = weight.contiguous(), g = grad_loss.contiguous(),
+                     l = lse.contiguous();
+    const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : bias;
+    const int64_t N = x.size(0), D = x.size(1);
+    at::Tensor dx = empty(x.sizes(), x.options()), dw = empty(w.sizes(), w.options());
+    at::Tensor db = b ? at::empty({V}, x.options()) : at::zeros({V}, x.options());
+    if (N == 0) {
+      dw.zero_();
+      db.zero_();
+      return {dx, dw, db};
+    }
+    const Weights<float, float> cw(class_weight, label_smoothing, V);
+    fused::backward(g.const_data_ptr<float>(), x.const_data_ptr<float>(), w.const_data_ptr<float>(),
+                    b ? b->const_data_ptr<float>() : nullptr, t.const_data_ptr<int64_t>(),
+                    stat_plane<const float>(l, 0), stat_plane<const float>(l, 1), N, D, V, cw.p, ignore_index,
+                    chunk, dx.mutable_data_ptr<float>(), dw.mutable_data_ptr<float>(),
+                    b ? db.mutable_data_ptr<float>() : nullptr);
+    return {dx, dw, db};
+  }
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_cross_entropy_bwd_cpu", [&] {
     using A = acc_t<scalar_t>;

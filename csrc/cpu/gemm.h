@@ -1,11 +1,12 @@
-// A float32 GEMM against a matrix packed once, for the LSTM layer: the recurrence's h W_hh^T (forward) and
-// dG W_hh (backward), B = 32 rows a step against the same W_hh for every step, and the input product x W_ih^T.
+// A float32 GEMM against a packed B: the LSTM layer's recurrence (h W_hh^T forward, dG W_hh backward: B = 32 rows
+// a step against the same W_hh for every step) and input product x W_ih^T, and linear + cross-entropy's four
+// products per block of classes (logits, grad_weight, grad_input; csrc/cpu/cross_entropy.cpp).
 //
 // Why not the BLAS: MKL repacks B on every call, and at M = 32 that copy is a large share of the work: one core
 // reaches 72 GF/s on 32x512 . 512x1024 where this kernel, with W_hh packed once per layer call, reaches 90 (the
 // same core's MKL on a 1024-row product: 93). The packing is the usual one: panels of 16 columns stored k-major
 // ([K][16]), so the micro-kernel streams one panel with two aligned-width loads per k and broadcasts A; up to 6
-// rows at a time keep 12 accumulators in the 16 ymm registers.
+// rows at a time keep 12 accumulators in the 16 ymm registers. A is read in place, row-major or (TA) transposed.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -44,8 +45,13 @@ inline void pack(const float* src, int64_t sk, int64_t sj, int64_t K, int64_t nc
 }
 
 #if FASTNN_PACKED_GEMM
-// C[MR x 16] = (C if accumulate) + A[MR x K] . panel[K x 16]; A rows lda apart, C rows ldc apart.
-template <int MR>
+// Element (r, k) of A: rows lda apart, or with TA (A stored transposed) columns lda apart.
+template <bool TA> inline const float* a_at(const float* a, int64_t lda, int64_t r, int64_t k) {
+  return TA ? a + k * lda + r : a + r * lda + k;
+}
+
+// C[MR x 16] = (C if accumulate) + A[MR x K] . panel[K x 16]; C rows ldc apart.
+template <int MR, bool TA>
 __attribute__((always_inline)) inline void micro(const float* __restrict a, int64_t lda, const float* __restrict bp,
                                                  int64_t K, float* c, int64_t ldc, bool accumulate) {
   __m256 lo[MR], hi[MR];
@@ -55,7 +61,7 @@ __attribute__((always_inline)) inline void micro(const float* __restrict a, int6
     const __m256 b0 = _mm256_loadu_ps(bp + kNR * k), b1 = _mm256_loadu_ps(bp + kNR * k + 8);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m256 x = _mm256_broadcast_ss(a + r * lda + k);
+      const __m256 x = _mm256_broadcast_ss(a_at<TA>(a, lda, r, k));
       lo[r] = _mm256_fmadd_ps(x, b0, lo[r]);
       hi[r] = _mm256_fmadd_ps(x, b1, hi[r]);
     }
@@ -72,29 +78,32 @@ __attribute__((always_inline)) inline void micro(const float* __restrict a, int6
 }
 
 // One panel's 16 (or, for the last, nr) columns of C for rows [0, M).
-template <int MR>
+template <int MR, bool TA>
 inline void rows_of_panel(const float* a, int64_t lda, int64_t& r, int64_t M, const float* bp, int64_t K, float* c,
                           int64_t ldc, int64_t nr, bool accumulate) {
   for (; r + MR <= M; r += MR) {
     if (nr == kNR) {
-      micro<MR>(a + r * lda, lda, bp, K, c + r * ldc, ldc, accumulate);
+      micro<MR, TA>(a_at<TA>(a, lda, r, 0), lda, bp, K, c + r * ldc, ldc, accumulate);
     } else {  // a partial panel goes through a full-width tile, so no store crosses C's row end
       float tile[MR * kNR];
       for (int i = 0; i < MR; ++i) {
         std::fill_n(tile + i * kNR, kNR, 0.0f);
         if (accumulate) std::copy_n(c + (r + i) * ldc, nr, tile + i * kNR);
       }
-      micro<MR>(a + r * lda, lda, bp, K, tile, kNR, accumulate);
+      micro<MR, TA>(a_at<TA>(a, lda, r, 0), lda, bp, K, tile, kNR, accumulate);
       for (int i = 0; i < MR; ++i) std::copy_n(tile + i * kNR, nr, c + (r + i) * ldc);
     }
   }
 }
 #endif
 
-// C[M x ncols] = (C if accumulate) + A[M x K] . B, B packed by pack(); A rows lda apart, C rows ldc apart.
-// Single-threaded: the LSTM splits columns over its threads. Only with kAvailable.
+// C[M x ncols] = (C if accumulate) + A[M x K] . B, B packed by pack(); A rows lda apart (TA: A stored transposed,
+// its columns lda apart), C rows ldc apart. The panels lie panel_stride floats apart (default K * 16, as pack()
+// writes them; more for rows [k0, k0 + K) of a taller packed matrix, passed as bp + k0 * 16). Single-threaded:
+// the callers split the work over their threads. Only with kAvailable.
+template <bool TA = false>
 inline void gemm(const float* a, int64_t lda, int64_t M, int64_t K, const float* bp, int64_t ncols, float* c,
-                 int64_t ldc, bool accumulate) {
+                 int64_t ldc, bool accumulate, int64_t panel_stride = -1) {
 #if FASTNN_PACKED_GEMM
   if (K == 0) {  // an empty sum: the blocks below would never store
     if (!accumulate)
@@ -104,22 +113,24 @@ inline void gemm(const float* a, int64_t lda, int64_t M, int64_t K, const float*
   // K in blocks of 512: a panel's block (32 KB) and the rows' A stay near L1 (Zen 3, 2048 x 2048 x 512 on two
   // cores: 180 GF/s with 512, 176 with 256; MKL: 174). The first block stores, the rest accumulate.
   constexpr int64_t KC = 512;
+  if (panel_stride < 0) panel_stride = K * kNR;
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = std::min(KC, K - k0);
     const bool acc = accumulate || k0 > 0;
     for (int64_t p = 0; p < panels(ncols); ++p) {
       const int64_t nr = std::min(kNR, ncols - p * kNR);
-      const float* panel = bp + p * K * kNR + k0 * kNR;
+      const float* panel = bp + p * panel_stride + k0 * kNR;
+      const float* ak = a_at<TA>(a, lda, 0, k0);
       float* cp = c + p * kNR;
       int64_t r = 0;
-      rows_of_panel<6>(a + k0, lda, r, M, panel, kc, cp, ldc, nr, acc);
-      rows_of_panel<4>(a + k0, lda, r, M, panel, kc, cp, ldc, nr, acc);
-      rows_of_panel<2>(a + k0, lda, r, M, panel, kc, cp, ldc, nr, acc);
-      rows_of_panel<1>(a + k0, lda, r, M, panel, kc, cp, ldc, nr, acc);
+      rows_of_panel<6, TA>(ak, lda, r, M, panel, kc, cp, ldc, nr, acc);
+      rows_of_panel<4, TA>(ak, lda, r, M, panel, kc, cp, ldc, nr, acc);
+      rows_of_panel<2, TA>(ak, lda, r, M, panel, kc, cp, ldc, nr, acc);
+      rows_of_panel<1, TA>(ak, lda, r, M, panel, kc, cp, ldc, nr, acc);
     }
   }
 #else
-  (void)a, (void)lda, (void)M, (void)K, (void)bp, (void)ncols, (void)c, (void)ldc, (void)accumulate;
+  (void)a, (void)lda, (void)M, (void)K, (void)bp, (void)ncols, (void)c, (void)ldc, (void)accumulate, (void)panel_stride;
 #endif
 }
 
