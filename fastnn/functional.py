@@ -145,9 +145,9 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     """``cross_entropy(input @ weight.T + bias, target, ...)`` without materializing the (N, V) logits: rows run
     in chunks through one reused (chunk_size, V) buffer, and the backward recomputes each chunk's logits (no
     gradient is computed or stored in the forward). Peak extra memory is O(chunk_size x V). The float32 CPU
-    kernel (on CPUs with AVX2) goes further: threads take blocks of 64 classes against tiles of at most
-    min(chunk_size, 512) rows, so each block's logits and their gradient stay in cache, and its extra memory is
-    O(threads x tile x (64 + D)), with no (chunk_size, V) buffer.
+    kernel (on CPUs with AVX2, when V gives each thread a block) goes further: threads take blocks of 64 classes
+    against tiles of at most min(chunk_size, 512) rows, so each block's logits and their gradient stay in cache,
+    and its extra memory is O(threads x tile x (64 + D)), with no (chunk_size, V) buffer.
 
     Args:
         input: (..., D) hidden states; float32/float64/float16/bfloat16.

@@ -291,7 +291,12 @@ constexpr int64_t kRows = 512;
 // transposed product's A) does not map every row to the same L1 set (1024 rows unpadded: 107 GF/s, padded 126).
 inline int64_t block_ld(int64_t n) { return (n + 15) / 16 * 16 + 16; }
 
-bool wanted(const at::Tensor& input) { return packed::kAvailable && input.scalar_type() == at::kFloat; }
+// float32 with AVX2, and a block of classes for every thread: the threads split classes, not rows, so a small
+// vocabulary (V = 10 on 2 threads: one block) would run on one core where the BLAS and the row kernel use all.
+bool wanted(const at::Tensor& input, int64_t V) {
+  return packed::kAvailable && input.scalar_type() == at::kFloat &&
+         (V + kClasses - 1) / kClasses >= at::get_num_threads();
+}
 
 // The threads' shares of the class blocks: part q takes blocks [first(q), first(q + 1)).
 struct Parts {
@@ -531,7 +536,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
   const int64_t V = check_linear_ce_fwd_args(input, weight, bias, target, class_weight, chunk);
   const at::Tensor t = target.contiguous();
   check_targets(t.const_data_ptr<int64_t>(), t.numel(), V, ignore_index);
-  if (fused::wanted(input)) {
+  if (fused::wanted(input, V)) {
     const at::Tensor x = input.contiguous(), w = weight.contiguous();
     const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : bias;
     const int64_t N = x.size(0);
@@ -563,7 +568,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
   const int64_t V = check_linear_ce_bwd_args(grad_loss, input, weight, bias, target, class_weight, lse, chunk);
   const at::Tensor t = target.contiguous();
   check_targets(t.const_data_ptr<int64_t>(), t.numel(), V, ignore_index);
-  if (fused::wanted(input)) {
+  if (fused::wanted(input, V)) {
     const at::Tensor x = input.contiguous(), w = weight.contiguous(), g = grad_loss.contiguous(),
                      l = lse.contiguous();
     const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : bias;
