@@ -19,6 +19,7 @@ SIZES = [
     # of 24 rows (the last 13: row tiles of 6, 6, 1).
     (61, 20, 150, 24),
     (600, 8, 70, None),   # the default chunk: tiles of 512 rows and 88
+    (13, 600, 150, None),  # D > 512: the CPU kernel's logits sum two depth blocks (onto the bias, if any)
 ]
 OPTIONS = [  # (bias, class_weight, ignored, label_smoothing, reduction)
     (True, False, False, 0.0, "mean"),
