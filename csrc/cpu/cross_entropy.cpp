@@ -283,12 +283,14 @@ void cross_entropy_bwd_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor
 namespace fused {
 
 constexpr int64_t kClasses = 64;  // classes per block
-// Rows per tile (fewer when the op's chunk is smaller): a thread's grad_input partial (512 x D) stays in its L2
-// across the blocks (Zen 3, 512 KiB per core; D = 512: 512 rows 169 GF/s, 1024 rows 126).
+// Rows per tile (fewer when the op's chunk is smaller). grad_input's product adds into a thread's (rows x D)
+// partial once per block, so the partial should stay near L2 (Zen 3: 512 KiB per core): at D = 512 that product
+// ran at 183 GF/s with 512 rows, 164 with 1024, and the other two products at ~190 either way.
 constexpr int64_t kRows = 512;
 
 // The row stride of a block's logits: padded past a multiple of 1024 bytes so that walking down a column (the
-// transposed product's A) does not map every row to the same L1 set (1024 rows unpadded: 107 GF/s, padded 126).
+// transposed product's A) does not map every row to the same L1 set (measured with tiles of 1024 rows, before
+// the slab order below: 107 GF/s unpadded, 126 padded).
 inline int64_t block_ld(int64_t n) { return (n + 15) / 16 * 16 + 16; }
 
 // float32 with AVX2, and a block of classes for every thread: the threads split classes, not rows, so a small
@@ -311,8 +313,7 @@ struct Parts {
   }
 };
 
-// One tile's inputs: rows [s, s + n) of x packed twice, as the logits' B (panels of 16 rows of x: [D][16]) and as
-// grad_weight's B (panels of 16 features: [n][16]; backward only).
+// One tile: rows [s, s + n) of x.
 struct Tile {
   int64_t s, n;
 };
@@ -379,6 +380,8 @@ inline int64_t part_floats(int64_t nt, int64_t D, bool backward) {
   return kClasses * block_ld(nt) + (backward ? packed::packed_size(kClasses, D) + nt * D : 3 * nt);
 }
 
+// The tile's x packed twice: as the logits' B into xT (panels of 16 rows of x, each [D][16]) and, for the
+// backward, as grad_weight's B into xD (panels of 16 features, each [n][16]).
 void pack_tile(const float* x, int64_t D, const Tile& tile, float* xT, float* xD) {
   const float* xs = x + tile.s * D;
   at::parallel_for(0, packed::panels(tile.n), 1, [&](int64_t p0, int64_t p1) {
