@@ -1,9 +1,11 @@
 """Cross-entropy and linear + cross-entropy, forward and forward+backward: fastnn backends vs torch eager vs
 torch.compile, time and peak extra memory.
 
-    python bench/bench_cross_entropy.py [--quick] [--goal] [--device cpu|cuda] [--no-compile]
+    python bench/bench_cross_entropy.py [--quick] [--goal] [--shapes] [--device cpu|cuda] [--no-compile]
 
---goal runs only the two goal cases (no sweep).
+--goal runs only the two goal cases (no sweep). --shapes runs only linear + CE at N=4096 over feature sizes and
+vocabularies: where the logits are cheap next to the products (large D, small V) the backward's fourth product
+costs more than the saved memory traffic gains, and this shows where that turns.
 
 Goal cases (issue 3, float32, 2-core CPU):
   CE N=8192, C=32000:               fwd+bwd <= 0.6x torch eager time, <= 0.5x its peak memory
@@ -102,7 +104,11 @@ def main():
     b = Bench("cross_entropy")
     ce, lin = ce_impls(b), linear_impls(b)
     validate(ce, lin, b.device)
-    if b.quick:
+    if "--shapes" in b.extra:
+        for D in (64, 512, 1024):
+            for V in (1000, 8000, 32000):
+                bench_linear(b, lin, 4096, D, V, f"shapes D={D}")
+    elif b.quick:
         bench_ce(b, ce, 1024, 32000, "goal (quick)")
         bench_linear(b, lin, 1024, 512, 32000, "goal (quick)")
     else:
