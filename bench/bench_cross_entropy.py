@@ -107,7 +107,6 @@ def main():
     if "--shapes" in b.extra:
         for D in (64, 512, 1024):
             for V in (1000, 8000, 32000):
-                torch._dynamo.reset()  # a shape per compile, not dynamo's recompile limit falling back to eager
                 bench_linear(b, lin, 4096, D, V, f"shapes D={D}")
     elif b.quick:
         bench_ce(b, ce, 1024, 32000, "goal (quick)")

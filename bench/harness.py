@@ -138,6 +138,10 @@ class Bench:
         p.add_argument("--no-save", action="store_true", help="print only: no CSV rows, no plot")
         p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
         self.args, self.extra = p.parse_known_args(argv)
+        # The torch.compile baselines compile once per shape (dynamic=False), and a sweep passes dynamo's default
+        # recompile limit of 8 graphs per function, past which it silently runs the rest eagerly: rows labelled
+        # torch-compile would time eager.
+        torch._dynamo.config.recompile_limit = 1024
         self.op, self.device, self.quick = op, self.args.device, self.args.quick
         self.repeats = self.args.repeats or (3 if self.quick else 7)
         self.rows: list[dict] = []
