@@ -17,7 +17,9 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <array>
 #include <optional>
+#include <vector>
 
 #include "common.h"
 
@@ -170,30 +172,36 @@ template <typename Bwd, typename Alloc>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& lse, int64_t chunk,
-    Bwd&& ce_bwd, Alloc&& alloc) {
+    std::array<bool, 3> mask, Bwd&& ce_bwd, Alloc&& alloc) {
   const at::Tensor x = input.contiguous(), w = weight.contiguous(), t = target.contiguous();
   const at::Tensor g = grad_loss.contiguous(), l = lse.contiguous();
   const int64_t N = x.size(0), V = w.size(0);
   // Half types accumulate grad_weight / grad_bias over the chunks in float32 (one rounding at the end).
   const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
   const auto acc = half ? x.options().dtype(at::kFloat) : x.options();
-  at::Tensor grad_input = alloc(x.sizes(), x.options());
+  // A gradient left out of the mask is an empty (0,) tensor and its product is skipped.
+  auto sized = [&](bool wanted, at::IntArrayRef sizes) { return wanted ? sizes.vec() : std::vector<int64_t>{0}; };
+  at::Tensor grad_input = alloc(sized(mask[0], x.sizes()), x.options());
   // grad_weight is written by the first chunk's GEMM (no zero fill); grad_bias is only summed when there is a bias.
-  at::Tensor grad_weight = alloc(w.sizes(), acc), grad_bias = at::zeros({V}, acc);
+  at::Tensor grad_weight = alloc(sized(mask[1], w.sizes()), acc), grad_bias = at::zeros(sized(mask[2], {V}), acc);
   if (N == 0) grad_weight.zero_();
-  else {
+  else if (mask[0] || mask[1] || (mask[2] && bias.has_value())) {
     at::Tensor buf = alloc({std::min(chunk, N), V}, x.options());
     for (int64_t s = 0; s < N; s += chunk) {
       const int64_t n = std::min(chunk, N - s);
       at::Tensor dlogits = chunk_logits(buf, x, w, bias, s, n);
       ce_bwd(g.narrow(0, s, n), dlogits, t.narrow(0, s, n), l.narrow(1, s, n));
-      at::Tensor gi = grad_input.narrow(0, s, n);
-      at::mm_out(gi, dlogits, w);
-      const at::Tensor dt = half ? dlogits.t().to(at::kFloat) : dlogits.t();
-      const at::Tensor xs = half ? x.narrow(0, s, n).to(at::kFloat) : x.narrow(0, s, n);
-      if (s == 0) at::mm_out(grad_weight, dt, xs);
-      else grad_weight.addmm_(dt, xs);
-      if (bias.has_value()) grad_bias.add_(dlogits.sum(0, false, acc.dtype().toScalarType()));
+      if (mask[0]) {
+        at::Tensor gi = grad_input.narrow(0, s, n);
+        at::mm_out(gi, dlogits, w);
+      }
+      if (mask[1]) {
+        const at::Tensor dt = half ? dlogits.t().to(at::kFloat) : dlogits.t();
+        const at::Tensor xs = half ? x.narrow(0, s, n).to(at::kFloat) : x.narrow(0, s, n);
+        if (s == 0) at::mm_out(grad_weight, dt, xs);
+        else grad_weight.addmm_(dt, xs);
+      }
+      if (mask[2] && bias.has_value()) grad_bias.add_(dlogits.sum(0, false, acc.dtype().toScalarType()));
     }
   }
   if (half) return {grad_input, grad_weight.to(x.scalar_type()), grad_bias.to(x.scalar_type())};

@@ -97,16 +97,18 @@ TORCH_LIBRARY_FRAGMENT(fastnn, m) {
   // input (N, D), weight (V, D), bias (V,), target (N,) int64, class_weight (V,). Rows run `chunk` at a time
   // through one reused (chunk, V) logits buffer; the backward recomputes each chunk's logits. Returns as
   // cross_entropy_fwd; the backward returns (grad_input, grad_weight, grad_bias), grad_bias (V,) even without bias.
+  // output_mask says which of the three to compute (as ATen's backward ops): one left out is not computed and
+  // comes back as an empty (0,) tensor, so a frozen head or a detached input skips a whole matrix product.
   m.def("linear_cross_entropy_fwd(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight,"
         " int ignore_index, float label_smoothing, int chunk) -> (Tensor, Tensor)");
   m.def("linear_cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor weight, Tensor? bias, Tensor target,"
-        " Tensor? class_weight, Tensor lse, int ignore_index, float label_smoothing, int chunk)"
+        " Tensor? class_weight, Tensor lse, int ignore_index, float label_smoothing, int chunk, bool[3] output_mask)"
         " -> (Tensor, Tensor, Tensor)");
   m.def("linear_cross_entropy_fwd_triton(Tensor input, Tensor weight, Tensor? bias, Tensor target,"
         " Tensor? class_weight, int ignore_index, float label_smoothing, int chunk) -> (Tensor, Tensor)");
   m.def("linear_cross_entropy_bwd_triton(Tensor grad_loss, Tensor input, Tensor weight, Tensor? bias,"
-        " Tensor target, Tensor? class_weight, Tensor lse, int ignore_index, float label_smoothing, int chunk)"
-        " -> (Tensor, Tensor, Tensor)");
+        " Tensor target, Tensor? class_weight, Tensor lse, int ignore_index, float label_smoothing, int chunk,"
+        " bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // ---- cross_entropy (losses helper) END ------------------------------------------------------------------------
 }
 

@@ -162,7 +162,8 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
         chunk_size: rows per chunk; default: as many as keep the logits buffer at 128 MiB.
     Returns:
         The loss: a scalar, or ``input.shape[:-1]`` for "none", in ``input``'s dtype. Gradients flow to input,
-        weight and bias.
+        weight and bias; only those that require grad are computed (a frozen head or a detached input skips one
+        of the backward's three products).
     Raises:
         TypeError: a non-floating ``input``/``weight``/``bias``/``class_weight``, ``weight`` of another dtype than
             ``input``, or ``target`` not integer class indices (probabilities are not supported here).

@@ -7,6 +7,7 @@ from torch import nn
 
 import fastnn
 import fastnn.functional as F
+from fastnn.ops import op
 from helpers import assert_matches, assert_raises_naming, device_backends
 
 # (N, D, V, chunk_size)
@@ -81,6 +82,35 @@ def test_matches_reference(device, backend, N, D, V, chunk, bias, cw, ignored, s
     assert_matches(o, r)
     for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), og, rg):
         assert_matches(a, e, name=name)
+
+
+# Which of (input, weight, bias) require grad: a linear probe on detached features, a frozen head, the bias alone.
+WANTED = [(False, True, True), (True, False, False), (True, False, True), (False, False, True), (True, True, False)]
+
+
+@pytest.mark.parametrize("device,backend", device_backends("linear_cross_entropy"))
+@pytest.mark.parametrize("wanted", WANTED)
+# float32 takes the CPU kernel (V = 150: class blocks for both threads), float64 the chunk loop.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_only_the_gradients_asked_for(device, backend, wanted, dtype):
+    x, w, b, t, c = make_case(10 if backend == "triton" else 61, 20, 150, True, True, True, device, dtype)
+    kw = dict(label_smoothing=0.1, class_weight=c)
+    leaves = [v.detach().clone().requires_grad_(want) for v, want in zip((x, w, b), wanted)]
+    asked = [v for v in leaves if v.requires_grad]
+    g = torch.autograd.grad(F.linear_cross_entropy(leaves[0], leaves[1], t, leaves[2], chunk_size=24,
+                                                   backend=backend, **kw), asked)
+    ref = [v.double().requires_grad_(v.requires_grad) for v in leaves]
+    rg = torch.autograd.grad(fastnn.reference.linear_cross_entropy(ref[0], ref[1], t, ref[2], label_smoothing=0.1,
+                                                                   class_weight=c.double()),
+                             [v for v in ref if v.requires_grad])
+    for a, e in zip(g, rg):
+        assert_matches(a, e)
+    # The op itself computes only those: the others come back empty.
+    loss, lse = op("linear_cross_entropy", backend)(x, w, b, t, c, -100, 0.1, 24)
+    bwd = getattr(torch.ops.fastnn, "linear_cross_entropy_bwd" + ("_triton" if backend == "triton" else ""))
+    out = bwd(torch.ones_like(loss), x, w, b, t, c, lse, -100, 0.1, 24, list(wanted))
+    for o, v, want in zip(out, (x, w, b), wanted):
+        assert o.shape == (v.shape if want else (0,))
 
 
 @pytest.mark.parametrize("device,backend", device_backends("linear_cross_entropy"))
@@ -175,8 +205,9 @@ def test_opcheck(suffix, bias):
     args = (x.requires_grad_(), w.requires_grad_(), b, t, c, -100, 0.1, 3)
     torch.library.opcheck(getattr(ops, "linear_cross_entropy_fwd" + suffix), args)
     loss, lse = getattr(ops, "linear_cross_entropy_fwd" + suffix)(x.detach(), w.detach(), b, t, c, -100, 0.1, 3)
-    torch.library.opcheck(getattr(ops, "linear_cross_entropy_bwd" + suffix),
-                          (torch.randn(7), x.detach(), w.detach(), b, t, c, lse, -100, 0.1, 3))
+    for mask in ([True, True, True], [False, True, bias], [True, False, False]):
+        torch.library.opcheck(getattr(ops, "linear_cross_entropy_bwd" + suffix),
+                              (torch.randn(7), x.detach(), w.detach(), b, t, c, lse, -100, 0.1, 3, mask))
 
 
 @pytest.mark.parametrize("device,backend", device_backends("linear_cross_entropy"))

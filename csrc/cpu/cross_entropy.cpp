@@ -381,7 +381,7 @@ inline int64_t part_floats(int64_t nt, int64_t D, bool backward) {
 }
 
 // The tile's x packed twice: as the logits' B into xT (panels of 16 rows of x, each [D][16]) and, for the
-// backward, as grad_weight's B into xD (panels of 16 features, each [n][16]).
+// backward's grad_weight, as its B into xD (panels of 16 features, each [n][16]; xD null: not needed).
 void pack_tile(const float* x, int64_t D, const Tile& tile, float* xT, float* xD) {
   const float* xs = x + tile.s * D;
   at::parallel_for(0, packed::panels(tile.n), 1, [&](int64_t p0, int64_t p1) {
@@ -447,6 +447,7 @@ void forward(const float* x, const float* w, const float* bias, const int64_t* t
   }
 }
 
+// dx (N, D), dw (V, D), db (V,): each null when that gradient is not wanted, and its product is skipped.
 void backward(const float* g, const float* x, const float* w, const float* bias, const int64_t* t, const float* m,
               const float* ls, int64_t N, int64_t D, int64_t V, const Smooth<float>& p, int64_t ignore_index,
               int64_t chunk, float* dx, float* dw, float* db) {
@@ -477,7 +478,7 @@ void backward(const float* g, const float* x, const float* w, const float* bias,
       cb[j] = gj * add;
       ck[j] = gj * kw;
     }
-    pack_tile(x, D, tile, xT, xD);
+    pack_tile(x, D, tile, xT, dw ? xD : nullptr);
     parts.run([&](int64_t q) {
       float* blk = part0 + q * per;
       float* wp = blk + kClasses * block_ld(nt);
@@ -490,7 +491,7 @@ void backward(const float* g, const float* x, const float* w, const float* bias,
           float* row = blk + r * ld;
           // The block's grad_weight rows come from memory next: start them now, under this compute-bound pass
           // (that product: 181 -> 194 GF/s).
-          if (s0 > 0)
+          if (dw && s0 > 0)
             for (int64_t f = 0; f < D; f += 16) __builtin_prefetch(dw + (v0 + r) * D + f, 1);
           const float wc = p.w ? p.w[v0 + r] : 1.0f;
           for_chunks<float>(n, [&](int64_t j, int64_t len) {
@@ -503,19 +504,20 @@ void backward(const float* g, const float* x, const float* w, const float* bias,
           blk[r * ld + j] = ck[j] * (pt - 1.0f) + cb[j] * (p.wsum * pt - (p.w ? p.w[ts[j]] : 1.0f));
         });
         // This block's rows of grad_weight (the first tile stores, later ones add) and grad_bias.
-        packed::gemm(blk, ld, mc, n, xD, D, dw + v0 * D, D, /*accumulate=*/s0 > 0);
+        if (dw) packed::gemm(blk, ld, mc, n, xD, D, dw + v0 * D, D, /*accumulate=*/s0 > 0);
         if (db)
           for (int64_t r = 0; r < mc; ++r) db[v0 + r] = (s0 > 0 ? db[v0 + r] : 0.0f) + sum(blk + r * ld, n);
         // This part's share of grad_input: dl_blk^T . W_blk (the part's first block stores). In slabs of 12 rows,
         // each across all of D: the slab's A (12 x 64) stays in L1 and its C rows stream in order, where the
         // gemm's own order (a panel down all rows) revisits the whole 1 MiB partial per panel (170 -> 183 GF/s).
+        if (!dx) continue;
         packed::pack(w + v0 * D, D, 1, mc, D, wp);
         for (int64_t r0 = 0; r0 < n; r0 += 12)
           packed::gemm<true>(blk + r0, ld, std::min<int64_t>(12, n - r0), mc, wp, D, dxq + r0 * D, D,
                              /*accumulate=*/b > parts.first(q));
       }
     });
-    at::parallel_for(0, n, 16, [&](int64_t j0, int64_t j1) {  // grad_input rows = the parts' sum
+    if (dx) at::parallel_for(0, n, 16, [&](int64_t j0, int64_t j1) {  // grad_input rows = the parts' sum
       for (int64_t j = j0; j < j1; ++j) {
         float* out = dx + (s0 + j) * D;
         std::copy_n(dx_part(0) + j * D, D, out);
@@ -567,7 +569,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
-    const at::Tensor& lse, int64_t ignore_index, double label_smoothing, int64_t chunk) {
+    const at::Tensor& lse, int64_t ignore_index, double label_smoothing, int64_t chunk, std::array<bool, 3> mask) {
   const int64_t V = check_linear_ce_bwd_args(grad_loss, input, weight, bias, target, class_weight, lse, chunk);
   const at::Tensor t = target.contiguous();
   check_targets(t.const_data_ptr<int64_t>(), t.numel(), V, ignore_index);
@@ -576,26 +578,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
                      l = lse.contiguous();
     const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : bias;
     const int64_t N = x.size(0), D = x.size(1);
-    at::Tensor dx = empty(x.sizes(), x.options()), dw = empty(w.sizes(), w.options());
-    at::Tensor db = b ? at::empty({V}, x.options()) : at::zeros({V}, x.options());
+    // As linear_ce_backward: a gradient out of the mask is (0,) and its product is skipped (a null pointer).
+    at::Tensor dx = empty(mask[0] ? x.sizes() : at::IntArrayRef{0}, x.options()),
+               dw = empty(mask[1] ? w.sizes() : at::IntArrayRef{0}, w.options());
+    const bool bias_grad = mask[2] && b.has_value();
+    at::Tensor db = bias_grad ? at::empty({V}, x.options()) : at::zeros({mask[2] ? V : 0}, x.options());
     if (N == 0) {
       dw.zero_();
       db.zero_();
       return {dx, dw, db};
     }
+    if (!mask[0] && !mask[1] && !bias_grad) return {dx, dw, db};
     const Weights<float, float> cw(class_weight, label_smoothing, V);
     fused::backward(g.const_data_ptr<float>(), x.const_data_ptr<float>(), w.const_data_ptr<float>(),
                     b ? b->const_data_ptr<float>() : nullptr, t.const_data_ptr<int64_t>(),
                     stat_plane<const float>(l, 0), stat_plane<const float>(l, 1), N, D, V, cw.p, ignore_index,
-                    chunk, dx.mutable_data_ptr<float>(), dw.mutable_data_ptr<float>(),
-                    b ? db.mutable_data_ptr<float>() : nullptr);
+                    chunk, mask[0] ? dx.mutable_data_ptr<float>() : nullptr,
+                    mask[1] ? dw.mutable_data_ptr<float>() : nullptr, bias_grad ? db.mutable_data_ptr<float>() : nullptr);
     return {dx, dw, db};
   }
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_cross_entropy_bwd_cpu", [&] {
     using A = acc_t<scalar_t>;
     const Weights<scalar_t, A> w(class_weight, label_smoothing, V);
-    out = linear_ce_backward(grad_loss, input, weight, bias, t, lse, chunk,
+    out = linear_ce_backward(grad_loss, input, weight, bias, t, lse, chunk, mask,
                              [&](const at::Tensor& gs, at::Tensor& logits, const at::Tensor& ts, const at::Tensor& ls) {
       const CeGeometry g{logits.size(0), V, 1};
       auto* p = logits.mutable_data_ptr<scalar_t>();

@@ -279,10 +279,10 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cuda(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
-    const at::Tensor& lse, int64_t ignore_index, double label_smoothing, int64_t chunk) {
+    const at::Tensor& lse, int64_t ignore_index, double label_smoothing, int64_t chunk, std::array<bool, 3> mask) {
   const int64_t V = check_linear_ce_bwd_args(grad_loss, input, weight, bias, target, class_weight, lse, chunk);
   const c10::cuda::CUDAGuard guard(input.device());
-  return linear_ce_backward(grad_loss, input, weight, bias, target, lse, chunk,
+  return linear_ce_backward(grad_loss, input, weight, bias, target, lse, chunk, mask,
                             [&](const at::Tensor& gs, at::Tensor& logits, const at::Tensor& ts, const at::Tensor& ls) {
     launch_bwd(gs, logits, ts, class_weight, ls, CeGeometry{logits.size(0), V, 1}, ignore_index, label_smoothing,
                logits);

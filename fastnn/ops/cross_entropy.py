@@ -250,8 +250,10 @@ def _lfake_fwd(input, weight, bias, target, class_weight, ignore_index, label_sm
     return input.new_empty(shape, dtype=_acc(input.dtype)), input.new_empty((2,) + shape, dtype=_acc(input.dtype))
 
 
-def _lfake_bwd(grad_loss, input, weight, bias, target, class_weight, lse, ignore_index, label_smoothing, chunk):
-    return input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
+def _lfake_bwd(grad_loss, input, weight, bias, target, class_weight, lse, ignore_index, label_smoothing, chunk,
+               output_mask):
+    shapes = (input.shape, weight.shape, (weight.shape[0],))
+    return tuple(t.new_empty(s if want else (0,)) for t, s, want in zip((input, weight, weight), shapes, output_mask))
 
 
 def _lsetup_context(ctx, inputs, output):
@@ -263,9 +265,12 @@ def _lsetup_context(ctx, inputs, output):
 
 def _lbackward(ctx, grads, bwd_op):
     input, weight, bias, target, class_weight, lse = ctx.saved_tensors
+    # Only the gradients autograd asks for: a frozen head skips grad_weight's product, a detached input grad_input's.
+    mask = list(ctx.needs_input_grad[:3])
     gi, gw, gb = bwd_op(grads[0], input, weight, bias, target, class_weight, lse, ctx.ignore_index,
-                        ctx.label_smoothing, ctx.chunk)
-    return gi, gw, gb if ctx.has_bias else None, None, None, None, None, None
+                        ctx.label_smoothing, ctx.chunk, mask)
+    gi, gw, gb = (g if want else None for g, want in zip((gi, gw, gb), mask))
+    return gi, gw, gb, None, None, None, None, None
 
 
 def _ltriton_fwd(input, weight, bias, target, class_weight, ignore_index, label_smoothing, chunk):
@@ -275,11 +280,12 @@ def _ltriton_fwd(input, weight, bias, target, class_weight, ignore_index, label_
                                         chunk)
 
 
-def _ltriton_bwd(grad_loss, input, weight, bias, target, class_weight, lse, ignore_index, label_smoothing, chunk):
+def _ltriton_bwd(grad_loss, input, weight, bias, target, class_weight, lse, ignore_index, label_smoothing, chunk,
+                 output_mask):
     from ..kernels.cross_entropy import linear_cross_entropy_backward
 
     return linear_cross_entropy_backward(grad_loss, input, weight, bias, target, class_weight, lse, ignore_index,
-                                         label_smoothing, chunk)
+                                         label_smoothing, chunk, output_mask)
 
 
 register_op("linear_cross_entropy", fake_fwd=_lfake_fwd, fake_bwd=_lfake_bwd, setup_context=_lsetup_context,
