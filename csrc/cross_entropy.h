@@ -168,6 +168,17 @@ std::tuple<at::Tensor, at::Tensor> linear_ce_forward(const at::Tensor& input, co
   return {loss, lse};
 }
 
+// linear_cross_entropy_bwd's outputs: grad_input and grad_weight (acc: the accumulation type's options)
+// uninitialized, grad_bias zeros (summed into; and the answer without a bias). One that mask leaves out is an
+// empty (0,) tensor, and its product is skipped.
+template <typename Alloc>
+std::array<at::Tensor, 3> linear_ce_grads(const at::Tensor& x, const at::Tensor& w, std::array<bool, 3> mask,
+                                          const at::TensorOptions& acc, Alloc&& alloc) {
+  auto sized = [](bool wanted, at::IntArrayRef sizes) { return wanted ? sizes.vec() : std::vector<int64_t>{0}; };
+  return {alloc(sized(mask[0], x.sizes()), x.options()), alloc(sized(mask[1], w.sizes()), acc),
+          at::zeros(sized(mask[2], {w.size(0)}), acc)};
+}
+
 template <typename Bwd, typename Alloc>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
@@ -179,11 +190,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
   // Half types accumulate grad_weight / grad_bias over the chunks in float32 (one rounding at the end).
   const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
   const auto acc = half ? x.options().dtype(at::kFloat) : x.options();
-  // A gradient left out of the mask is an empty (0,) tensor and its product is skipped.
-  auto sized = [&](bool wanted, at::IntArrayRef sizes) { return wanted ? sizes.vec() : std::vector<int64_t>{0}; };
-  at::Tensor grad_input = alloc(sized(mask[0], x.sizes()), x.options());
   // grad_weight is written by the first chunk's GEMM (no zero fill); grad_bias is only summed when there is a bias.
-  at::Tensor grad_weight = alloc(sized(mask[1], w.sizes()), acc), grad_bias = at::zeros(sized(mask[2], {V}), acc);
+  auto [grad_input, grad_weight, grad_bias] = linear_ce_grads(x, w, mask, acc, alloc);
   if (N == 0) grad_weight.zero_();
   else if (mask[0] || mask[1] || (mask[2] && bias.has_value())) {
     at::Tensor buf = alloc({std::min(chunk, N), V}, x.options());

@@ -63,6 +63,14 @@ template <typename A, bool D> void exp_and_dev_sums(const A* x, A m, const Smoot
   u_out = hsum(u);
 }
 
+// Loss of a row of class index t from its statistics: ls = log(s), xm = x_t - m, d = sum u_c (x_c - m) (0 without
+// smoothing). Also linear + CE's fused kernel, which gathers the statistics over blocks of classes.
+template <typename A> A index_loss(A ls, A xm, int64_t t, A d, const Smooth<A>& p) {
+  A loss = (A(1) - p.eps) * (p.w ? p.w[t] : A(1)) * (ls - xm);
+  if (p.eps > 0) loss += p.eps / A(p.C) * p.wsum * ls - d;
+  return loss;
+}
+
 // Loss of one row of class index t; sets its statistics m and log(s) (stat_plane).
 template <typename A> A fwd_index_row(const A* x, int64_t t, const Smooth<A>& p, A& m_out, A& ls_out) {
   const A m = max_of(x, p.C);
@@ -72,10 +80,7 @@ template <typename A> A fwd_index_row(const A* x, int64_t t, const Smooth<A>& p,
   const A ls = std::log(s);
   m_out = m;
   ls_out = ls;
-  const A wt = p.w ? p.w[t] : A(1);
-  A loss = (A(1) - p.eps) * wt * (ls - (x[t] - m));
-  if (p.eps > 0) loss += p.eps / A(p.C) * p.wsum * ls - d;
-  return loss;
+  return index_loss(ls, x[t] - m, t, d, p);
 }
 
 // Loss of one row of probabilities y; sets m and log(s). loss = S lse - sum(w y' x) = S log(s) - sum(w y' (x - m)).
@@ -89,6 +94,13 @@ template <typename A> A fwd_prob_row(const A* x, const A* y, const Smooth<A>& p,
   return S * ls - d;
 }
 
+// The gradient's entry at the target, with p_t its probability, gk = g w_t (1 - eps) and b = g eps / C:
+// g w_t (1 - eps) (p_t - 1) + ...: p_t - 1 is exact near 1, so a confident row (p_t = 1) gets exactly 0 as in
+// torch, not the ulp that a p_t - g keep (contracted to an FMA) leaves.
+template <typename A> A target_grad(A pt, A gk, A b, int64_t t, const Smooth<A>& p) {
+  return gk * (pt - A(1)) + b * (p.wsum * pt - (p.w ? p.w[t] : A(1)));
+}
+
 // Gradient of one row (dx may alias x).
 template <typename A> void bwd_index_row(const A* x, int64_t t, A m, A ls, A g, const Smooth<A>& p, A* dx) {
   const A keep = (A(1) - p.eps) * (p.w ? p.w[t] : A(1)), add = p.eps / A(p.C);
@@ -98,10 +110,7 @@ template <typename A> void bwd_index_row(const A* x, int64_t t, A m, A ls, A g, 
     const vec<A> e = exp((load(x + i, len) - m) - ls) * a;
     store(dx + i, p.w ? e - load(p.w + i, len) * b : e - b, len);
   });
-  // The target's entry as g w_t (1 - eps) (p_t - 1) + ...: p_t - 1 is exact near 1, so a confident row (p_t = 1)
-  // gets exactly 0 as in torch, not the ulp that a p_t - g keep (contracted to an FMA) leaves.
-  const A pt = exp((xt - m) - ls);
-  dx[t] = g * keep * (pt - A(1)) + b * (p.wsum * pt - (p.w ? p.w[t] : A(1)));
+  dx[t] = target_grad(exp((xt - m) - ls), g * keep, b, t, p);
 }
 
 template <typename A> void bwd_prob_row(const A* x, const A* y, A m, A ls, A g, const Smooth<A>& p, A* dx) {
@@ -425,7 +434,7 @@ void forward(const float* x, const float* w, const float* bias, const int64_t* t
         st[q].add(blk, ld, mc, n, u, p.w ? p.w + v0 : nullptr);
       }
     });
-    for (int64_t j = 0; j < n; ++j) {  // merge the parts' statistics; then the row's loss as fwd_index_row
+    for (int64_t j = 0; j < n; ++j) {  // merge the parts' statistics; then the row's loss
       const int64_t r = s0 + j;
       if (ts[j] == ignore_index) {
         loss[r] = m_out[r] = ls_out[r] = 0;
@@ -437,10 +446,8 @@ void forward(const float* x, const float* w, const float* bias, const int64_t* t
         S += a.s[j] * std::exp(a.m[j] - M);
         if (u != 0) Dv += a.d[j] + (a.U != 0 ? (a.m[j] - M) * a.U : 0.0f);
       }
-      const float ls = std::log(S), wt = p.w ? p.w[ts[j]] : 1.0f;
-      float l = (1.0f - p.eps) * wt * (ls - (xt[j] - M));
-      if (u != 0) l += u * p.wsum * ls - Dv;
-      loss[r] = l;
+      const float ls = std::log(S);
+      loss[r] = index_loss(ls, xt[j] - M, ts[j], Dv, p);
       m_out[r] = M;
       ls_out[r] = ls;
     }
@@ -499,9 +506,8 @@ void backward(const float* g, const float* x, const float* w, const float* bias,
             store(row + j, e * load(ca + j, len) - load(cb + j, len) * wc, len);
           });
         }
-        targets_in(ts, n, ignore_index, v0, mc, [&](int64_t j, int64_t r) {  // as bwd_index_row's target entry
-          const float pt = exp((xt[j] - cm[j]) - cl[j]);
-          blk[r * ld + j] = ck[j] * (pt - 1.0f) + cb[j] * (p.wsum * pt - (p.w ? p.w[ts[j]] : 1.0f));
+        targets_in(ts, n, ignore_index, v0, mc, [&](int64_t j, int64_t r) {
+          blk[r * ld + j] = target_grad(exp((xt[j] - cm[j]) - cl[j]), ck[j], cb[j], ts[j], p);
         });
         // This block's rows of grad_weight (the first tile stores, later ones add) and grad_bias.
         if (dw) packed::gemm(blk, ld, mc, n, xD, D, dw + v0 * D, D, /*accumulate=*/s0 > 0);
@@ -578,17 +584,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
                      l = lse.contiguous();
     const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : bias;
     const int64_t N = x.size(0), D = x.size(1);
-    // As linear_ce_backward: a gradient out of the mask is (0,) and its product is skipped (a null pointer).
-    at::Tensor dx = empty(mask[0] ? x.sizes() : at::IntArrayRef{0}, x.options()),
-               dw = empty(mask[1] ? w.sizes() : at::IntArrayRef{0}, w.options());
+    auto [dx, dw, db] = linear_ce_grads(x, w, mask, x.options(), empty);
     const bool bias_grad = mask[2] && b.has_value();
-    at::Tensor db = bias_grad ? at::empty({V}, x.options()) : at::zeros({mask[2] ? V : 0}, x.options());
-    if (N == 0) {
-      dw.zero_();
-      db.zero_();
-      return {dx, dw, db};
-    }
-    if (!mask[0] && !mask[1] && !bias_grad) return {dx, dw, db};
+    if (N == 0) dw.zero_();
+    if (N == 0 || (!mask[0] && !mask[1] && !bias_grad)) return {dx, dw, db};
     const Weights<float, float> cw(class_weight, label_smoothing, V);
     fused::backward(g.const_data_ptr<float>(), x.const_data_ptr<float>(), w.const_data_ptr<float>(),
                     b ? b->const_data_ptr<float>() : nullptr, t.const_data_ptr<int64_t>(),

@@ -258,7 +258,6 @@ def _lfake_bwd(grad_loss, input, weight, bias, target, class_weight, lse, ignore
 
 def _lsetup_context(ctx, inputs, output):
     input, weight, bias, target, class_weight, ctx.ignore_index, ctx.label_smoothing, ctx.chunk = inputs
-    ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(input, weight, bias, target, class_weight, output[1])
 
