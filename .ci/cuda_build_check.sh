@@ -84,7 +84,7 @@ import torch, fastnn, fastnn.ops
 from fastnn.backend import native_has
 ops = sorted({n.split("::")[1][:-4] for n in torch._C._dispatch_get_all_op_names()
               if n.startswith("fastnn::") and n.endswith("_fwd")})
-with_cuda = [op for op in ops if native_has(op, "cuda")]
+with_cuda = [op for op in ops if native_has(getattr(torch.ops.fastnn, op + "_fwd"), "cuda")]
 print("fastnn imported from", fastnn.__file__)
 print("ops with a CUDA kernel:", with_cuda, "| without (CPU/Triton only so far):", sorted(set(ops) - set(with_cuda)))
 assert "softmax" in with_cuda, "fastnn._C registered no CUDA kernels: was it built without CUDA?"

@@ -97,7 +97,7 @@ def main():
         validate(impls, "cpu", torch.float32)
         # The goal case.
         run_case(b, impls, 8, 8, 512, 64, True, torch.float32, "goal")
-        # Memory vs L: fastnn's extra memory is O(L) (q, k, v grads, lse), the course layer's O(L^2).
+        # Memory vs L: fastnn's extra memory is O(L) (q, k, v grads, stats), the course layer's O(L^2).
         Ls = [512, 1024, 2048, 4096] if b.quick else [512, 1024, 2048, 4096, 8192]
         for L in Ls:
             only = {"fastnn-native", EAGER} | ({COURSE} if L <= 4096 else set())

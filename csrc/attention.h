@@ -42,12 +42,12 @@ inline uint32_t dropout_threshold(double p) {
 
 struct Geometry {
   int64_t B, H, Lq, Lk, D;
-  // Query rows of all heads: the size of each of lse's two planes (row max m, then log l) - query row r's
-  // statistics are lse[r] and lse[query_rows() + r].
+  // Query rows of all heads: the size of each of the two planes of stats (row max m, then log l) - query row r's
+  // statistics are stats[r] and stats[query_rows() + r].
   FASTNN_HOST_DEVICE int64_t query_rows() const { return B * H * Lq; }
 };
 
-// float64 inputs accumulate in float64, all others in float32 (the dtype of lse and of an additive mask).
+// float64 inputs accumulate in float64, all others in float32 (the dtype of stats and of an additive mask).
 inline at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Checks the op's arguments (Python validates first; this is defense in depth) and returns the geometry.
@@ -84,25 +84,25 @@ inline Geometry check_args(const at::Tensor& q, const at::Tensor& k, const at::T
   return g;
 }
 
-// lse of a call with no keys: every row empty (m = +inf, so the backward's P is 0; log l = 0).
-inline void fill_no_keys_stats(at::Tensor& lse) {
-  lse[0].fill_(std::numeric_limits<double>::infinity());
-  lse[1].zero_();
+// stats of a call with no keys: every row empty (m = +inf, so the backward's P is 0; log l = 0).
+inline void fill_no_keys_stats(at::Tensor& stats) {
+  stats[0].fill_(std::numeric_limits<double>::infinity());
+  stats[1].zero_();
 }
 
 // The backward's arguments: the forward's, plus grad_out and out shaped like query and the forward's row
-// statistics lse (2, B, H, Lq) in the accumulation dtype: plane 0 the row max m of the scores, plane 1 log l.
+// statistics stats (2, B, H, Lq) in the accumulation dtype: plane 0 the row max m of the scores, plane 1 log l.
 inline Geometry check_bwd_args(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& stats,
                                const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& kpm,
                                double dropout_p) {
   const Geometry g = check_args(q, k, v, mask, kpm, dropout_p);
   check_same(grad_out, "grad_out", q, "query");
   check_same(out, "out", q, "query");
   const auto acc = acc_type(q.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == acc && lse.dim() == 4 && lse.size(0) == 2 && lse.size(1) == g.B &&
-                  lse.size(2) == g.H && lse.size(3) == g.Lq,
-              "lse must be (2, B, H, Lq) in ", acc, ", got ", lse.sizes(), " ", lse.scalar_type());
+  TORCH_CHECK(stats.scalar_type() == acc && stats.dim() == 4 && stats.size(0) == 2 && stats.size(1) == g.B &&
+                  stats.size(2) == g.H && stats.size(3) == g.Lq,
+              "stats must be (2, B, H, Lq) in ", acc, ", got ", stats.sizes(), " ", stats.scalar_type());
   return g;
 }
 

@@ -33,12 +33,12 @@ struct CeGeometry {
 
 inline at::ScalarType ce_acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
-// The per-row statistics cross_entropy_fwd saves for the backward ("lse"): shape (2, rows...) in the accumulation
-// dtype, lse[0] the row's max m and lse[1] = log(sum(exp(x - m))); the backward computes p = exp((x - m) - lse[1]),
+// The per-row statistics cross_entropy_fwd saves for the backward ("stats"): shape (2, rows...) in the accumulation
+// dtype, stats[0] the row's max m and stats[1] = log(sum(exp(x - m))); the backward computes p = exp((x - m) - stats[1]),
 // as torch's log_softmax does. Not m + log(s) in one number: rounded, it is off by up to ulp(m) / 2 (5e-4 in float32
-// at |x| ~ 1e4; all of log(s) at |x| ~ 3e38, even in float64), which exp(x - lse) turns into a softmax error.
-template <typename A> A* stat_plane(const at::Tensor& lse, int64_t i) {
-  return static_cast<A*>(lse.select(0, i).data_ptr());
+// at |x| ~ 1e4; all of log(s) at |x| ~ 3e38, even in float64), which exp(x - stats) turns into a softmax error.
+template <typename A> A* stat_plane(const at::Tensor& stats, int64_t i) {
+  return static_cast<A*>(stats.select(0, i).data_ptr());
 }
 
 // Checks the arguments of cross_entropy_fwd/bwd; returns the geometry and whether target holds probabilities.
@@ -74,18 +74,18 @@ inline CeGeometry check_ce_args(const at::Tensor& input, const at::Tensor& targe
   return g;
 }
 
-inline void check_ce_bwd_args(const at::Tensor& grad_loss, const at::Tensor& lse, const CeGeometry& g,
+inline void check_ce_bwd_args(const at::Tensor& grad_loss, const at::Tensor& stats, const CeGeometry& g,
                               const at::Tensor& input) {
   const auto acc = ce_acc_type(input.scalar_type());
-  TORCH_CHECK(grad_loss.numel() == g.rows() && lse.dim() >= 1 && lse.size(0) == 2 && lse.numel() == 2 * g.rows(),
-              "cross_entropy_bwd: grad_loss must have one value per row (", g.rows(), ") and lse two (2, rows...), ",
-              "got ", grad_loss.numel(), " and ", lse.sizes());
-  TORCH_CHECK(grad_loss.scalar_type() == acc && lse.scalar_type() == acc, "cross_entropy_bwd: grad_loss and lse ",
-              "must be ", acc, ", got ", grad_loss.scalar_type(), " and ", lse.scalar_type());
+  TORCH_CHECK(grad_loss.numel() == g.rows() && stats.dim() >= 1 && stats.size(0) == 2 && stats.numel() == 2 * g.rows(),
+              "cross_entropy_bwd: grad_loss must have one value per row (", g.rows(), ") and stats two (2, rows...), ",
+              "got ", grad_loss.numel(), " and ", stats.sizes());
+  TORCH_CHECK(grad_loss.scalar_type() == acc && stats.scalar_type() == acc, "cross_entropy_bwd: grad_loss and stats ",
+              "must be ", acc, ", got ", grad_loss.scalar_type(), " and ", stats.scalar_type());
 }
 
-// The outputs (loss, lse) of cross_entropy_fwd, uninitialized, in the accumulation dtype: loss of input's shape
-// without the class dim, lse (2, that shape) (stat_plane).
+// The outputs (loss, stats) of cross_entropy_fwd, uninitialized, in the accumulation dtype: loss of input's shape
+// without the class dim, stats (2, that shape) (stat_plane).
 inline std::tuple<at::Tensor, at::Tensor> ce_fwd_outputs(const at::Tensor& input, const CeGeometry& g) {
   TORCH_CHECK(g.rows() == 0 || g.classes > 0, "cross_entropy: input has no classes (C = 0)");
   std::vector<int64_t> shape{input.size(0)};
@@ -132,9 +132,9 @@ inline int64_t check_linear_ce_fwd_args(const at::Tensor& input, const at::Tenso
 inline int64_t check_linear_ce_bwd_args(const at::Tensor& grad_loss, const at::Tensor& input,
                                         const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                         const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
-                                        const at::Tensor& lse, int64_t chunk) {
+                                        const at::Tensor& stats, int64_t chunk) {
   check_linear_ce_args(input, weight, bias, target, class_weight, chunk);
-  check_ce_bwd_args(grad_loss, lse, CeGeometry{input.size(0), weight.size(0), 1}, input);
+  check_ce_bwd_args(grad_loss, stats, CeGeometry{input.size(0), weight.size(0), 1}, input);
   return weight.size(0);
 }
 
@@ -148,7 +148,7 @@ inline at::Tensor chunk_logits(at::Tensor& buf, const at::Tensor& x, const at::T
   return logits;
 }
 
-// ce_fwd(logits, target, loss, lse) and ce_bwd(grad_loss, logits, target, lse) run a device's fused rows on one
+// ce_fwd(logits, target, loss, stats) and ce_bwd(grad_loss, logits, target, stats) run a device's fused rows on one
 // (n, V) chunk; ce_bwd overwrites the logits with their gradient. alloc(sizes, options) -> an uninitialized tensor
 // (the CPU passes its huge-page allocator: faulting in 4 KiB pages costs more than the work on them).
 template <typename Fwd, typename Alloc>
@@ -158,14 +158,14 @@ std::tuple<at::Tensor, at::Tensor> linear_ce_forward(const at::Tensor& input, co
   const at::Tensor x = input.contiguous(), w = weight.contiguous(), t = target.contiguous();
   const int64_t N = x.size(0), V = w.size(0);
   const auto acc = x.options().dtype(ce_acc_type(x.scalar_type()));
-  at::Tensor loss = at::empty({N}, acc), lse = at::empty({2, N}, acc);
-  if (N == 0) return {loss, lse};
+  at::Tensor loss = at::empty({N}, acc), stats = at::empty({2, N}, acc);
+  if (N == 0) return {loss, stats};
   at::Tensor buf = alloc({std::min(chunk, N), V}, x.options());
   for (int64_t s = 0; s < N; s += chunk) {
     const int64_t n = std::min(chunk, N - s);
-    ce_fwd(chunk_logits(buf, x, w, bias, s, n), t.narrow(0, s, n), loss.narrow(0, s, n), lse.narrow(1, s, n));
+    ce_fwd(chunk_logits(buf, x, w, bias, s, n), t.narrow(0, s, n), loss.narrow(0, s, n), stats.narrow(1, s, n));
   }
-  return {loss, lse};
+  return {loss, stats};
 }
 
 // linear_cross_entropy_bwd's outputs: grad_input and grad_weight (acc: the accumulation type's options)
@@ -182,10 +182,10 @@ std::array<at::Tensor, 3> linear_ce_grads(const at::Tensor& x, const at::Tensor&
 template <typename Bwd, typename Alloc>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& lse, int64_t chunk,
+    const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& stats, int64_t chunk,
     std::array<bool, 3> mask, Bwd&& ce_bwd, Alloc&& alloc) {
   const at::Tensor x = input.contiguous(), w = weight.contiguous(), t = target.contiguous();
-  const at::Tensor g = grad_loss.contiguous(), l = lse.contiguous();
+  const at::Tensor g = grad_loss.contiguous(), l = stats.contiguous();
   const int64_t N = x.size(0), V = w.size(0);
   // Half types accumulate grad_weight / grad_bias over the chunks in float32 (one rounding at the end).
   const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;

@@ -67,14 +67,16 @@ def triton_interpret() -> bool:
 
 
 @torch.compiler.assume_constant_result  # a dispatcher query Dynamo cannot trace; constant for a compiled graph
-def native_has(op: str, device_type: str) -> bool:
-    """Whether fastnn._C registered a kernel of ``fastnn::{op}_fwd`` for this device type."""
+def native_has(op: torch._ops.OpOverloadPacket, device_type: str) -> bool:
+    """Whether fastnn._C registered a kernel of ``op`` (e.g. ``torch.ops.fastnn.softmax_fwd``) for this device
+    type."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnn::{op}_fwd", key)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(op._qualified_op_name, key)
 
 
-def resolve(op: str, backend: str | None, *tensors: torch.Tensor | None) -> str:
-    """Concrete backend ("native", "triton" or "reference") for running ``fastnn::op`` on ``tensors``.
+def resolve(op: torch._ops.OpOverloadPacket, backend: str | None, *tensors: torch.Tensor | None) -> str:
+    """Concrete backend ("native", "triton" or "reference") for running ``op`` (the native forward op, e.g.
+    ``torch.ops.fastnn.softmax_fwd``) on ``tensors``.
 
     Raises a ValueError naming the problem when the tensors sit on different devices or when the requested
     backend cannot run on their device. Under torch.compile the choice is made once, at trace time.
@@ -82,13 +84,15 @@ def resolve(op: str, backend: str | None, *tensors: torch.Tensor | None) -> str:
     ts = [t for t in tensors if t is not None]
     devices = {t.device for t in ts}
     if len(devices) > 1:
-        raise ValueError(f"fastnn.{op}: all tensors must be on the same device, got {sorted(map(str, devices))}")
+        raise ValueError(f"{op._qualified_op_name}: all tensors must be on the same device, got "
+                         f"{sorted(map(str, devices))}")
     return _choose(op, backend, ts[0].device.type if ts else "cpu")
 
 
 # Dynamo cannot trace the dispatcher query or the ContextVar; the answer is a constant for a compiled graph.
 @torch.compiler.assume_constant_result
-def _choose(op: str, backend: str | None, dev: str) -> str:
+def _choose(op: torch._ops.OpOverloadPacket, backend: str | None, dev: str) -> str:
+    what = op._qualified_op_name
     name = _check_name(backend) if backend is not None else get_backend()
     if name == "auto":
         if dev == "cuda" and triton_status()[0]:
@@ -96,16 +100,16 @@ def _choose(op: str, backend: str | None, dev: str) -> str:
         name = "native"
     if name == "native" and not native_has(op, dev):
         hint = " (fastnn was built without CUDA: reinstall with a CUDA build of torch)" if dev == "cuda" else ""
-        raise ValueError(f"fastnn.{op}: the native backend has no kernel for {dev} tensors{hint}")
+        raise ValueError(f"{what}: the native backend has no kernel for {dev} tensors{hint}")
     if name == "triton":
         ok, why = triton_status()
         if not ok:
-            raise ValueError(f"fastnn.{op}: the triton backend was asked for but {why}")
+            raise ValueError(f"{what}: the triton backend was asked for but {why}")
         if dev == "cpu" and not triton_interpret():
             raise ValueError(
-                f"fastnn.{op}: the triton backend needs CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 "
+                f"{what}: the triton backend needs CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 "
                 "before importing triton (the interpreter, for testing)"
             )
         if dev not in ("cpu", "cuda"):
-            raise ValueError(f"fastnn.{op}: the triton backend cannot run on {dev} tensors")
+            raise ValueError(f"{what}: the triton backend cannot run on {dev} tensors")
     return name

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from .ops import attention as _attention
+from .ops import bce_with_logits as _bce
+from .ops import cross_entropy as _ce
+from .ops import linear_cross_entropy as _lce
+from .ops import lstm as _lstm
 from .ops import softmax as _softmax
 
 
@@ -22,18 +27,14 @@ def softmax(input: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None
         IndexError: ``dim`` out of range for ``input``'s rank.
         NaN/Inf, 0-d, zero-size and any strides (transposed, expanded, channels-last) give torch's result.
     """
-    return _softmax.softmax(input, dim, False, dtype, backend)
+    return _softmax.softmax(input, dim=dim, log=False, dtype=dtype, backend=backend)
 
 
 def log_softmax(input: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None, *,
                 backend: str | None = None) -> torch.Tensor:
     """``torch.nn.functional.log_softmax``: x - logsumexp(x) over ``dim``. Args, Returns and Raises as
     ``softmax``."""
-    return _softmax.softmax(input, dim, True, dtype, backend)
-
-
-# ---- binary cross-entropy with logits ----
-from .ops import bce_with_logits as _bce  # noqa: E402
+    return _softmax.softmax(input, dim=dim, log=True, dtype=dtype, backend=backend)
 
 
 def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
@@ -62,34 +63,8 @@ def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor, 
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
-    return _bce.bce_with_logits(input, target, weight, reduction, pos_weight, backend)
-
-
-# ---- LSTM
-
-def lstm_cell(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None, w_ih: torch.Tensor,
-              w_hh: torch.Tensor, b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None, *,
-              backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of ``torch.nn.LSTMCell`` (gate order i, f, g, o): the two products on BLAS, the rest one fused
-    kernel forward and one backward.
-
-    Args:
-        input: [B, I], or [I] unbatched.
-        hx: (h, c), each [B, H] ([H] unbatched), or None for zeros.
-        w_ih: [4H, I];  w_hh: [4H, H];  b_ih, b_hh: [4H] or None.
-    Returns:
-        (h', c'), each [B, H] ([H] unbatched).
-    Raises:
-        TypeError / ValueError naming the argument (input, w_ih, w_hh, b_ih, b_hh, hx): see
-        ``fastnn.ops.lstm.lstm_cell``. NaN/Inf, a zero batch and any strides give torch's result.
-    """
-    from .ops import lstm as _lstm
-
-    return _lstm.lstm_cell(input, hx, w_ih, w_hh, b_ih, b_hh, backend)
-
-
-# ---- cross_entropy / linear_cross_entropy (losses helper) BEGIN ----------------------------------------------------
-from .ops import cross_entropy as _ce  # noqa: E402
+    return _bce.bce_with_logits(input, target, weight=weight, reduction=reduction, pos_weight=pos_weight,
+                                backend=backend)
 
 
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
@@ -131,11 +106,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         channels-last) give torch's result.
     """
     if size_average is not None or reduce is not None:
-        from torch.nn import _reduction
-
-        reduction = _reduction.legacy_get_string(size_average, reduce)
-    return _ce.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, inplace_backward,
-                             backend)
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    return _ce.cross_entropy(input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                             label_smoothing=label_smoothing, inplace_backward=inplace_backward, backend=backend)
 
 
 def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -175,14 +148,9 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
         As ``cross_entropy`` for the rest: NaN/Inf, zero-size and any strides give torch's
         ``cross_entropy(linear(input, weight, bias), target)``.
     """
-    return _ce.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, label_smoothing,
-                                    class_weight, chunk_size, backend)
-
-# ---- cross_entropy / linear_cross_entropy (losses helper) END ------------------------------------------------------
-
-
-# ---- attention (issue 4) -------------------------------------------------------------------------------------
-from .ops import attention as _attention  # noqa: E402
+    return _lce.linear_cross_entropy(input, weight, target, bias=bias, ignore_index=ignore_index,
+                                     reduction=reduction, label_smoothing=label_smoothing, class_weight=class_weight,
+                                     chunk_size=chunk_size, backend=backend)
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -221,5 +189,25 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         channels-last) give torch's result, except fully masked rows as said above; a NaN in a query or key
         gives NaN rows as torch's math backend does (torch's CPU flash kernel returns zeros for a NaN query).
     """
-    return _attention.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                                   key_padding_mask, backend)
+    return _attention.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                   is_causal=is_causal, scale=scale,
+                                                   key_padding_mask=key_padding_mask, backend=backend)
+
+
+def lstm_cell(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None, w_ih: torch.Tensor,
+              w_hh: torch.Tensor, b_ih: torch.Tensor | None = None, b_hh: torch.Tensor | None = None, *,
+              backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of ``torch.nn.LSTMCell`` (gate order i, f, g, o): the two products on BLAS, the rest one fused
+    kernel forward and one backward.
+
+    Args:
+        input: [B, I], or [I] unbatched.
+        hx: (h, c), each [B, H] ([H] unbatched), or None for zeros.
+        w_ih: [4H, I];  w_hh: [4H, H];  b_ih, b_hh: [4H] or None.
+    Returns:
+        (h', c'), each [B, H] ([H] unbatched).
+    Raises:
+        TypeError / ValueError naming the argument (input, w_ih, w_hh, b_ih, b_hh, hx): see
+        ``fastnn.ops.lstm.lstm_cell``. NaN/Inf, a zero batch and any strides give torch's result.
+    """
+    return _lstm.lstm_cell(input, hx, w_ih, w_hh, b_ih=b_ih, b_hh=b_hh, backend=backend)

@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from . import functional as F
+from ._validation import FLOATING, check_same_device
+from ._validation import check_tensor as _check_tensor
 
 log = logging.getLogger("fastnn")
 
-# torch.nn class -> fastnn twin; each twin implements `from_torch(module)`. Later ops add their modules here.
+# torch.nn class -> fastnn twin; each twin implements `from_torch(module)`.
 PATCHABLE: dict[type, type] = {}
 
 
@@ -100,7 +102,7 @@ def patch(model: nn.Module, *, verbose: bool = True) -> nn.Module:
     return model
 
 
-# ---- binary cross-entropy with logits ----
+# ---- binary cross-entropy with logits ----------------------------------------------------------------------------
 @_patchable(nn.BCEWithLogitsLoss)
 class BCEWithLogitsLoss(nn.Module):
     """``torch.nn.BCEWithLogitsLoss`` on fastnn's fused kernel: same constructor, and ``weight`` / ``pos_weight``
@@ -136,8 +138,6 @@ class BCEWithLogitsLoss(nn.Module):
 # The twins subclass their torch.nn classes for the constructor, parameter names, initialization and extra_repr,
 # and replace only forward.
 
-from ._validation import FLOATING, check_same_device  # noqa: E402
-from ._validation import check_tensor as _check_tensor  # noqa: E402
 
 def _share_parameters(twin: nn.Module, module: nn.Module) -> nn.Module:
     # The twin takes the module's own Parameter objects (not copies), so an optimizer built before patching
@@ -230,7 +230,7 @@ class LSTM(nn.LSTM):
             lengths = self._check_lengths(lengths, T, B, fn)
         from .backend import resolve
 
-        backend = resolve("lstm_cell", None, x, h0, self.weight_ih_l0)
+        backend = resolve(torch.ops.fastnn.lstm_cell_fwd, None, x, h0, self.weight_ih_l0)
         layer_in = x
         h_n, c_n = [], []
         for layer in range(L):
@@ -302,7 +302,7 @@ class LSTM(nn.LSTM):
         return _share_parameters(twin, module)
 
 
-# ---- CrossEntropyLoss / LinearCrossEntropyLoss (losses helper) BEGIN -----------------------------------------------
+# ---- cross-entropy and linear + cross-entropy ---------------------------------------------------------------------
 
 @_patchable(nn.CrossEntropyLoss)
 class CrossEntropyLoss(nn.CrossEntropyLoss):
@@ -385,10 +385,7 @@ class LinearCrossEntropyLoss(nn.Module):
                 f"ignore_index={self.ignore_index}, reduction={self.reduction}, "
                 f"label_smoothing={self.label_smoothing}")
 
-# ---- CrossEntropyLoss / LinearCrossEntropyLoss (losses helper) END -------------------------------------------------
-
-
-# ---- attention (issue 4) -------------------------------------------------------------------------------------
+# ---- attention -------------------------------------------------------------------------------------------------
 
 def _attention_weights_path(q, k, v, attn_mask, dropout_p, is_causal, key_padding_mask):
     """need_weights=True: the attention matrix is returned, so it is materialized (B, H, L, S) and the output

@@ -3,7 +3,7 @@
 Tensors are (B, H, L, D), last dim contiguous. The forward keeps, per block of BLOCK_M queries, a running max m,
 sum l and unnormalized output acc while it walks the keys BLOCK_N at a time (online softmax), and writes the
 output and the per-row statistics m and log(l) - the only things the backward needs besides q, k, v. They are
-kept apart (the launchers' lse is (2, B, H, Lq)): their sum would lose log(l) to ulp(m) at scores of 1e4 and more.
+kept apart (the launchers' stats are (2, B, H, Lq)): their sum would lose log(l) to ulp(m) at scores of 1e4 and more.
 
 The backward recomputes P = exp((S - m) - log(l)) tile by tile in two kernels, so that neither needs atomics:
   * _attn_bwd_dkdv: one program per key block walks the query blocks and accumulates dK, dV;
@@ -325,23 +325,23 @@ def _launch_args(q, k, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
 def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
     """q (B, H, Lq, D), k/v (B, H, Lk, D); attn_mask additive (B, H, Lq, Lk) in the accumulation dtype (any
     strides, 0 for broadcast dims) or None; key_padding_mask (B, Lk) bool or None.
-    Returns (out (B, H, Lq, D) in q's dtype, lse (2, B, H, Lq) float32 / float64: each row's max score m and
+    Returns (out (B, H, Lq, D) in q's dtype, stats (2, B, H, Lq) float32 / float64: each row's max score m and
     log of its sum of exp(s - m))."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, Lq, D = q.shape
     out = torch.empty_like(q)
-    lse = torch.empty((2, B, H, Lq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+    stats = torch.empty((2, B, H, Lq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                       device=q.device)
     if out.numel() == 0:
-        lse[0].fill_(float("inf"))
-        lse[1].zero_()
-        return out, lse
+        stats[0].fill_(float("inf"))
+        stats[1].zero_()
+        return out, stats
     args = _launch_args(q, k, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, backward=False)
-    _attn_fwd[(triton.cdiv(Lq, args["BLOCK_M"]), B * H)](q, k, v, out, lse[0], lse[1], **args)
-    return out, lse
+    _attn_fwd[(triton.cdiv(Lq, args["BLOCK_M"]), B * H)](q, k, v, out, stats[0], stats[1], **args)
+    return out, stats
 
 
-def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
+def attention_backward(grad_out, q, k, v, out, stats, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
                        seed):
     """Returns (dq, dk, dv), contiguous, in q's dtype."""
     q, k, v, out, do = (t.contiguous() for t in (q, k, v, out, grad_out))
@@ -352,7 +352,7 @@ def attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
         return dq.zero_(), dk.zero_(), dv.zero_()
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     delta = (do.to(acc) * out.to(acc)).sum(-1).contiguous()
-    m, logl = lse[0].contiguous(), lse[1].contiguous()
+    m, logl = stats[0].contiguous(), stats[1].contiguous()
     args = _launch_args(q, k, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, backward=True)
     _attn_bwd_dkdv[(triton.cdiv(Lk, args["BLOCK_N"]), B * H)](q, k, v, do, m, logl, delta, dk, dv, **args)
     _attn_bwd_dq[(triton.cdiv(Lq, args["BLOCK_M"]), B * H)](q, k, v, do, m, logl, delta, dq, **args)

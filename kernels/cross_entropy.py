@@ -1,4 +1,4 @@
-"""Triton fused softmax cross-entropy, forward and backward, and the chunked linear + cross-entropy around it.
+"""Triton fused softmax cross-entropy, forward and backward.
 
 One program per row (one (n, d1, ...) position; classes `inner` apart). The forward reads the row once, keeping
 per-lane running max and rescaled sum of exp (plus the weighted sums that label smoothing and probability targets
@@ -50,7 +50,7 @@ def _smoothing(EPS, n_cols):
 
 
 @triton.jit
-def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, lse_plane, FLAG, n_cols, inner, ignore_index, EPS,
+def ce_fwd_kernel(X, T, W, WSUM, LOSS, STATS, stats_plane, FLAG, n_cols, inner, ignore_index, EPS,
                   ACC: tl.constexpr, BLOCK: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr,
                   SMOOTH: tl.constexpr, LASTDIM: tl.constexpr):
     row, base, stride = row_start(n_cols, inner, LASTDIM)
@@ -109,19 +109,19 @@ def ce_fwd_kernel(X, T, W, WSUM, LOSS, LSE, lse_plane, FLAG, n_cols, inner, igno
         m = tl.where(ignored, 0.0, m)
         log_s = tl.where(ignored, 0.0, log_s)
     tl.store(LOSS + row, loss)
-    tl.store(LSE + row, m)
-    tl.store(LSE + lse_plane + row, log_s)
+    tl.store(STATS + row, m)
+    tl.store(STATS + stats_plane + row, log_s)
 
 
 @triton.jit
-def ce_bwd_kernel(G, X, T, W, WSUM, LSE, lse_plane, DX, n_cols, inner, ignore_index, EPS,
+def ce_bwd_kernel(G, X, T, W, WSUM, STATS, stats_plane, DX, n_cols, inner, ignore_index, EPS,
                   ACC: tl.constexpr, BLOCK: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr,
                   LASTDIM: tl.constexpr):
     row, base, stride = row_start(n_cols, inner, LASTDIM)
     cols = tl.arange(0, BLOCK)
     g = tl.load(G + row).to(ACC)
-    m = tl.load(LSE + row).to(ACC)
-    log_s = tl.load(LSE + lse_plane + row).to(ACC)
+    m = tl.load(STATS + row).to(ACC)
+    log_s = tl.load(STATS + stats_plane + row).to(ACC)
     keep, add = _smoothing(EPS, n_cols)
     if PROB:
         sy_vec = tl.zeros([BLOCK], ACC)
@@ -186,9 +186,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def forward_into(x, target, weight, ignore_index: int, label_smoothing: float, loss, lse) -> None:
+def forward_into(x, target, weight, ignore_index: int, label_smoothing: float, loss, stats) -> None:
     """Launcher. x (N, C, d...) contiguous; target int64 (N, d...) or probabilities like x; writes the
-    contiguous per-row loss and the (2, rows) statistics lse (each plane contiguous), in the accumulation dtype.
+    contiguous per-row loss and the (2, rows) statistics stats (each plane contiguous), in the accumulation dtype.
     Raises IndexError on an out-of-range class index."""
     n_cols, inner, rows = _geometry(x)
     if rows == 0:
@@ -196,7 +196,7 @@ def forward_into(x, target, weight, ignore_index: int, label_smoothing: float, l
     prob = target.is_floating_point()
     w, wsum, has_w = _weights(weight, x)
     flag = torch.zeros(2, dtype=torch.int64, device=x.device)
-    ce_fwd_kernel[(rows,)](x, target, w, wsum, loss, lse, lse.stride(0), flag, n_cols, inner, ignore_index,
+    ce_fwd_kernel[(rows,)](x, target, w, wsum, loss, stats, stats.stride(0), flag, n_cols, inner, ignore_index,
                            _eps(label_smoothing, x),
                            PROB=prob, HAS_W=has_w, SMOOTH=label_smoothing > 0 and not prob, LASTDIM=inner == 1,
                            **_config(n_cols, x.dtype))
@@ -205,16 +205,16 @@ def forward_into(x, target, weight, ignore_index: int, label_smoothing: float, l
                          f"[0, {n_cols - 1}] or ignore_index ({ignore_index})")
 
 
-def backward_into(grad_loss, x, target, weight, lse, ignore_index: int, label_smoothing: float, dx) -> None:
+def backward_into(grad_loss, x, target, weight, stats, ignore_index: int, label_smoothing: float, dx) -> None:
     """Launcher. Writes grad_input into dx (which may be x itself)."""
     n_cols, inner, rows = _geometry(x)
     if rows == 0 or n_cols == 0:
         return
     w, wsum, has_w = _weights(weight, x)
-    lse = lse.reshape(2, rows)
-    if lse.stride(1) != 1:  # the kernel reads each plane as contiguous
-        lse = lse.contiguous()
-    ce_bwd_kernel[(rows,)](grad_loss.contiguous(), x, target, w, wsum, lse, lse.stride(0), dx, n_cols, inner,
+    stats = stats.reshape(2, rows)
+    if stats.stride(1) != 1:  # the kernel reads each plane as contiguous
+        stats = stats.contiguous()
+    ce_bwd_kernel[(rows,)](grad_loss.contiguous(), x, target, w, wsum, stats, stats.stride(0), dx, n_cols, inner,
                            ignore_index, _eps(label_smoothing, x), PROB=target.is_floating_point(), HAS_W=has_w,
                            LASTDIM=inner == 1, **_config(n_cols, x.dtype))
 
@@ -223,68 +223,16 @@ def cross_entropy_forward(x, target, weight, ignore_index, label_smoothing):
     x, target = x.contiguous(), target.contiguous()
     shape = (x.shape[0],) + tuple(x.shape[2:])
     loss = torch.empty(shape, dtype=acc_dtype(x.dtype), device=x.device)
-    lse = torch.empty((2,) + shape, dtype=loss.dtype, device=x.device)
-    forward_into(x, target, weight, ignore_index, label_smoothing, loss, lse)
-    return loss, lse
+    stats = torch.empty((2,) + shape, dtype=loss.dtype, device=x.device)
+    forward_into(x, target, weight, ignore_index, label_smoothing, loss, stats)
+    return loss, stats
 
 
-def cross_entropy_backward(grad_loss, x, target, weight, lse, ignore_index, label_smoothing, out=None):
+def cross_entropy_backward(grad_loss, x, target, weight, stats, ignore_index, label_smoothing, out=None):
     x, target = x.contiguous(), target.contiguous()
     dx = torch.empty_like(x) if out is None else out
-    backward_into(grad_loss, x, target, weight, lse, ignore_index, label_smoothing, dx)
+    backward_into(grad_loss, x, target, weight, stats, ignore_index, label_smoothing, dx)
     return dx
-
-
-# ---- linear + cross-entropy: the same chunk loop as csrc/cross_entropy.h, with torch matmuls around the kernels.
-
-def _chunk_logits(buf, x, w, bias, s, n):
-    out = buf[:n]
-    if bias is None:
-        return torch.mm(x[s:s + n], w.t(), out=out)
-    return torch.addmm(bias, x[s:s + n], w.t(), out=out)
-
-
-def linear_cross_entropy_forward(x, w, bias, target, class_weight, ignore_index, label_smoothing, chunk):
-    x, w, target = x.contiguous(), w.contiguous(), target.contiguous()
-    N, V = x.shape[0], w.shape[0]
-    loss = torch.empty(N, dtype=acc_dtype(x.dtype), device=x.device)
-    lse = torch.empty(2, N, dtype=loss.dtype, device=x.device)
-    if N:
-        buf = torch.empty(min(chunk, N), V, dtype=x.dtype, device=x.device)
-        for s in range(0, N, chunk):
-            n = min(chunk, N - s)
-            forward_into(_chunk_logits(buf, x, w, bias, s, n), target[s:s + n], class_weight, ignore_index,
-                         label_smoothing, loss[s:s + n], lse[:, s:s + n])
-    return loss, lse
-
-
-def linear_cross_entropy_backward(grad_loss, x, w, bias, target, class_weight, lse, ignore_index,
-                                  label_smoothing, chunk, output_mask=(True, True, True)):
-    """(grad_input, grad_weight, grad_bias); one that output_mask leaves out is an empty (0,) tensor and its
-    product is skipped, as in the native op."""
-    x, w, target = x.contiguous(), w.contiguous(), target.contiguous()
-    grad_loss = grad_loss.contiguous()
-    N, V = x.shape[0], w.shape[0]
-    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    want_x, want_w, want_b = output_mask
-    grad_input = torch.empty(x.shape if want_x else (0,), dtype=x.dtype, device=x.device)
-    grad_weight = torch.zeros(w.shape if want_w else (0,), dtype=acc, device=x.device)
-    grad_bias = torch.zeros(V if want_b else 0, dtype=acc, device=x.device)
-    want_b = want_b and bias is not None  # without a bias the (V,) gradient is zeros
-    if N and (want_x or want_w or want_b):
-        buf = torch.empty(min(chunk, N), V, dtype=x.dtype, device=x.device)
-        for s in range(0, N, chunk):
-            n = min(chunk, N - s)
-            d = _chunk_logits(buf, x, w, bias, s, n)
-            backward_into(grad_loss[s:s + n], d, target[s:s + n], class_weight, lse[:, s:s + n], ignore_index,
-                          label_smoothing, d)
-            if want_x:
-                torch.mm(d, w, out=grad_input[s:s + n])
-            if want_w:
-                grad_weight.addmm_(d.t().to(acc), x[s:s + n].to(acc))
-            if want_b:
-                grad_bias += d.sum(0, dtype=acc)
-    return grad_input, grad_weight.to(x.dtype), grad_bias.to(x.dtype)
 
 
 def _aot_specs():
@@ -295,9 +243,9 @@ def _aot_specs():
             common = dict(ACC=tl.float32, BLOCK=MAX_BLOCK, PROB=prob, HAS_W=has_w, LASTDIM=True)
             sig = {"X": f"*{dt}", "T": tsig, "W": f"*{dt}", "WSUM": "*fp32", "n_cols": "i32", "inner": "i32",
                    "ignore_index": "i64", "EPS": "*fp32"}
-            yield (ce_fwd_kernel, dict(sig, LOSS="*fp32", LSE="*fp32", lse_plane="i32", FLAG="*i64"),
+            yield (ce_fwd_kernel, dict(sig, LOSS="*fp32", STATS="*fp32", stats_plane="i32", FLAG="*i64"),
                    dict(common, SMOOTH=smooth), 16)
-            yield (ce_bwd_kernel, dict(sig, G="*fp32", LSE="*fp32", lse_plane="i32", DX=f"*{dt}"), common, 16)
+            yield (ce_bwd_kernel, dict(sig, G="*fp32", STATS="*fp32", stats_plane="i32", DX=f"*{dt}"), common, 16)
 
 
 AOT = _aot_specs

@@ -273,8 +273,8 @@ def test_opcheck(suffix, case):
     bwd = getattr(torch.ops.fastnn, "attention_bwd" + suffix)
     args = (q, k, v, mask, kpm, p, causal, 0.25, 12345)
     torch.library.opcheck(fwd, args)
-    out, lse = fwd(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
-    torch.library.opcheck(bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, mask, kpm, p,
+    out, stats = fwd(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    torch.library.opcheck(bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, stats, mask, kpm, p,
                                 causal, 0.25, 12345))
 
 

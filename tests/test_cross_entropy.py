@@ -218,11 +218,11 @@ def test_opcheck(suffix, kind, weighted):
     ops = torch.ops.fastnn
     x.requires_grad_()
     torch.library.opcheck(getattr(ops, "cross_entropy_fwd" + suffix), (x, t, w, -100, 0.1, False))
-    loss, lse = getattr(ops, "cross_entropy_fwd" + suffix)(x.detach(), t, w, -100, 0.1, False)
+    loss, stats = getattr(ops, "cross_entropy_fwd" + suffix)(x.detach(), t, w, -100, 0.1, False)
     g = torch.randn(loss.shape)
-    torch.library.opcheck(getattr(ops, "cross_entropy_bwd" + suffix), (g, x.detach(), t, w, lse, -100, 0.1))
+    torch.library.opcheck(getattr(ops, "cross_entropy_bwd" + suffix), (g, x.detach(), t, w, stats, -100, 0.1))
     torch.library.opcheck(getattr(ops, "cross_entropy_bwd_inplace" + suffix),
-                          (g, x.detach().clone(), t, w, lse, -100, 0.1))
+                          (g, x.detach().clone(), t, w, stats, -100, 0.1))
 
 
 @pytest.mark.parametrize("device,backend", device_backends("cross_entropy"))

@@ -736,8 +736,8 @@ CE_REGRESSIONS = {
     "large_tied_logits": ([[9000.3, 9000.3, -5.0]], [0], 0.0),
     # fastnn.reference added eps / C * (all-class loss) with eps = 0: 0 * inf = NaN for a -inf logit; torch: 0.
     "minus_inf_logit_without_smoothing": ([1.541, float("-inf")], 0, 0.0),
-    # Dedicated run (Triton): logits (3e38, 3e38). lse = m + log(2) rounds to m at that size (even in float64), and
-    # exp(x - lse) gave p = 1 for both classes; the (max, log-sum) pair keeps 0.5.
+    # Dedicated run (Triton): logits (3e38, 3e38). stats = m + log(2) rounds to m at that size (even in float64), and
+    # exp(x - stats) gave p = 1 for both classes; the (max, log-sum) pair keeps 0.5.
     "tied_logits_at_float_max": ([3e38, 3e38], 0, 0.0),
     # Dedicated run (linear_cross_entropy, Triton): logits ~ +-1e38 with smoothing. The smoothing sum overflows
     # (torch: inf); the single-pass kernel's two offset sums both overflowed and gave inf - inf = NaN.
@@ -816,7 +816,7 @@ def test_linear_cross_entropy_float16_logit_overflow(backend):
 @pytest.mark.parametrize("backend", _cpu_backends("attention"))
 def test_attention_tied_large_scores(backend):
     # Dedicated run (native): two keys of 3e38 with D = 1 gave twice torch's grad k and a NaN grad q. The saved
-    # lse = m + log(2) rounds to m at that size, so the backward's P was 1 for both keys; at scores of 9000.25 it
+    # stats = m + log(2) rounds to m at that size, so the backward's P was 1 for both keys; at scores of 9000.25 it
     # was already off by ulp(9000) / 2. The kernels now save m and log(l) apart (cross-entropy's fix).
     q = torch.tensor([[[[1.0]], [[-0.088]]]])
     k = torch.tensor([[[[9000.25], [9000.25]], [[3e38], [3e38]]]])
@@ -844,7 +844,7 @@ def test_attention_masked_key_with_overflowing_score(backend, case):
 @pytest.mark.parametrize("backend", _cpu_backends("cross_entropy"))
 def test_cross_entropy_smoothing_loss_near_float_max(backend):
     # Dedicated run (Triton; native and CUDA the same): logits (3e38, -0.29, -2.18), weights, label_smoothing 1.
-    # The loss, eps/C (W lse - sum w x) = 3.2e38, fits (torch: NaN, 0 * inf), but the kernels' sum of w (x - m),
+    # The loss, eps/C (W stats - sum w x) = 3.2e38, fits (torch: NaN, 0 * inf), but the kernels' sum of w (x - m),
     # 9.7e38, overflowed before the 1/C: inf. The class share eps / C is now taken inside the sum.
     x, t, w = torch.tensor([3e38, -0.29343, -2.1788]), torch.tensor(2), torch.tensor([1.6679, 1.3261, 1.9077])
     opts = dict(reduction="none", label_smoothing=1.0)

@@ -7,7 +7,6 @@ from torch import nn
 
 import fastnn
 import fastnn.functional as F
-from fastnn.ops import op
 from helpers import assert_matches, assert_raises_naming, device_backends
 
 # (N, D, V, chunk_size)
@@ -106,9 +105,11 @@ def test_only_the_gradients_asked_for(device, backend, wanted, dtype):
     for a, e in zip(g, rg):
         assert_matches(a, e)
     # The op itself computes only those: the others come back empty.
-    loss, lse = op("linear_cross_entropy", backend)(x, w, b, t, c, -100, 0.1, 24)
-    bwd = getattr(torch.ops.fastnn, "linear_cross_entropy_bwd" + ("_triton" if backend == "triton" else ""))
-    out = bwd(torch.ones_like(loss), x, w, b, t, c, lse, -100, 0.1, 24, list(wanted))
+    fwd, bwd = ((torch.ops.fastnn.linear_cross_entropy_fwd_triton, torch.ops.fastnn.linear_cross_entropy_bwd_triton)
+                if backend == "triton" else
+                (torch.ops.fastnn.linear_cross_entropy_fwd, torch.ops.fastnn.linear_cross_entropy_bwd))
+    loss, stats = fwd(x, w, b, t, c, -100, 0.1, 24)
+    out = bwd(torch.ones_like(loss), x, w, b, t, c, stats, -100, 0.1, 24, list(wanted))
     for o, v, want in zip(out, (x, w, b), wanted):
         assert o.shape == (v.shape if want else (0,))
 
@@ -204,10 +205,10 @@ def test_opcheck(suffix, bias):
     ops = torch.ops.fastnn
     args = (x.requires_grad_(), w.requires_grad_(), b, t, c, -100, 0.1, 3)
     torch.library.opcheck(getattr(ops, "linear_cross_entropy_fwd" + suffix), args)
-    loss, lse = getattr(ops, "linear_cross_entropy_fwd" + suffix)(x.detach(), w.detach(), b, t, c, -100, 0.1, 3)
+    loss, stats = getattr(ops, "linear_cross_entropy_fwd" + suffix)(x.detach(), w.detach(), b, t, c, -100, 0.1, 3)
     for mask in ([True, True, True], [False, True, bias], [True, False, False]):
         torch.library.opcheck(getattr(ops, "linear_cross_entropy_bwd" + suffix),
-                              (torch.randn(7), x.detach(), w.detach(), b, t, c, lse, -100, 0.1, 3, mask))
+                              (torch.randn(7), x.detach(), w.detach(), b, t, c, stats, -100, 0.1, 3, mask))
 
 
 @pytest.mark.parametrize("device,backend", device_backends("linear_cross_entropy"))
@@ -255,7 +256,7 @@ def test_bad_input_raises_clear_error(call, exc, words):
 
 
 def test_default_chunk_bounds_the_buffer():
-    from fastnn.ops.cross_entropy import CHUNK_BYTES, default_chunk
+    from fastnn.ops.linear_cross_entropy import CHUNK_BYTES, default_chunk
 
     for V in (7, 1000, 32000, 256000, 10 ** 8):
         rows = default_chunk(V, torch.float32)

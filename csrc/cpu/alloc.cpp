@@ -103,7 +103,7 @@ HugePageAllocator g_allocator;
 
 }  // namespace
 
-at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+at::Tensor hugepage_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::detail::empty_generic(sizes, &g_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), c10::MemoryFormat::Contiguous);
 }

@@ -13,7 +13,7 @@
 namespace fastnn::cpu {
 
 // at::empty(sizes, options) with the huge-page allocator (contiguous, CPU).
-at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options);
+at::Tensor hugepage_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // Frees every block the allocator keeps for reuse (fastnn.empty_cpu_cache).
 void empty_cache();

@@ -4,7 +4,7 @@
 // the keys kBK at a time: S = Q K^T (one BLAS gemm on the tile), scale + masks row by row, online softmax (running
 // max m and sum l; the accumulator is rescaled when the max grows), then acc += P V (a second gemm). Memory per
 // task is O(kBQ * kBK + kBQ * D), whatever L is; the output is acc / l, and the row's m and log l are saved as the
-// two planes of `lse` (their sum would lose log l to ulp(m) at scores of 1e4 and more).
+// two planes of `stats` (their sum would lose log l to ulp(m) at scores of 1e4 and more).
 //
 // Backward: one task per batch*head, walking key chunks (outer) and query blocks (inner). It recomputes
 // P = exp((S - m) - log l) and, with delta = rowsum(dO * O), accumulates dV += Pd^T dO, dK += dS^T Q and dQ += dS K,
@@ -114,9 +114,9 @@ void finish_scores(const Params<A>& p, int64_t b, int64_t h, int64_t i, int64_t 
 }
 
 template <typename A>
-void attention_fwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, A* o, A* lse) {
+void attention_fwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, A* o, A* stats) {
   const Geometry& g = p;
-  A* logl = lse + g.query_rows();  // plane 1; plane 0 holds m
+  A* logl = stats + g.query_rows();  // plane 1; plane 0 holds m
   const int64_t D = g.D, nqb = (g.Lq + kBQ - 1) / kBQ;
   at::parallel_for(0, g.B * g.H * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> S(kBQ * kBK), acc(kBQ * D), m(kBQ), l(kBQ);
@@ -160,13 +160,13 @@ void attention_fwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, 
         const int64_t row = bh * g.Lq + i0 + r;
         if (l[r] == A(0)) {  // every key masked: zeros, and m = +inf makes the backward's P zero
           std::fill(orow, orow + D, A(0));
-          lse[row] = std::numeric_limits<A>::infinity();
+          stats[row] = std::numeric_limits<A>::infinity();
           logl[row] = A(0);
         } else {
           const A inv = A(1) / l[r];
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) orow[d] = ar[d] * inv;
-          lse[row] = m[r];
+          stats[row] = m[r];
           logl[row] = std::log(l[r]);
         }
       }
@@ -176,7 +176,7 @@ void attention_fwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, 
 
 template <typename A>
 void attention_bwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, const A* o, const A* dO,
-                        const A* lse, A* dq, A* dk, A* dv) {
+                        const A* stats, A* dq, A* dk, A* dv) {
   const Geometry& g = p;
   const int64_t D = g.D;
   at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
@@ -185,7 +185,7 @@ void attention_bwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, 
       const int64_t b = bh / g.H, h = bh % g.H;
       const A *Qh = q + bh * g.Lq * D, *dOh = dO + bh * g.Lq * D, *Oh = o + bh * g.Lq * D;
       const A *Kh = k + bh * g.Lk * D, *Vh = v + bh * g.Lk * D;
-      const A *mh = lse + bh * g.Lq, *llh = lse + g.query_rows() + bh * g.Lq;
+      const A *mh = stats + bh * g.Lq, *llh = stats + g.query_rows() + bh * g.Lq;
       A* dQh = dq + bh * g.Lq * D;
       std::fill(dQh, dQh + g.Lq * D, A(0));
       for (int64_t i = 0; i < g.Lq; ++i) delta[i] = dot(dOh + i * D, Oh + i * D, D);
@@ -253,30 +253,30 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
   const at::Tensor q = compute(query), k = compute(key), v = compute(value);
   const auto kpm = attention::contiguous_kpm(key_padding_mask);
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({2, g.B, g.H, g.Lq}, q.options());
+  at::Tensor stats = at::empty({2, g.B, g.H, g.Lq}, q.options());
   if (g.Lk == 0) {  // nothing to attend to anywhere
     out.zero_();
-    attention::fill_no_keys_stats(lse);
+    attention::fill_no_keys_stats(stats);
   } else if (out.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd_cpu", [&] {
       const auto p = attention::make_params<scalar_t>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);
       attention_fwd_impl<scalar_t>(p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                                    v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                   lse.mutable_data_ptr<scalar_t>());
+                                   stats.mutable_data_ptr<scalar_t>());
     });
   }
-  return {out.to(query.scalar_type()), lse};
+  return {out.to(query.scalar_type()), stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
+    const at::Tensor& out, const at::Tensor& stats, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_padding_mask, double dropout_p, bool is_causal, double scale,
     int64_t seed) {
   const Geometry g =
-      attention::check_bwd_args(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p);
+      attention::check_bwd_args(grad_out, query, key, value, out, stats, attn_mask, key_padding_mask, dropout_p);
   const at::Tensor q = compute(query), k = compute(key), v = compute(value), o = compute(out),
-                   dO = compute(grad_out), L = lse.contiguous();
+                   dO = compute(grad_out), L = stats.contiguous();
   const auto kpm = attention::contiguous_kpm(key_padding_mask);
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
              dv = at::zeros(v.sizes(), v.options());

@@ -185,7 +185,7 @@ void ce_fwd_rows(const CeGeometry& g, const T* x, const int64_t* ti, const T* ty
   using A = acc_t<T>;
   for_rows<T, false>(g, x, ty, nullptr, [&](int64_t r, const A* xr, const A* yr, A*) {
     if (ti) {
-      if (ti[r] == ignore_index) {  // torch: zero loss; the backward never reads this lse
+      if (ti[r] == ignore_index) {  // torch: zero loss; the backward never reads these statistics
         loss[r] = m[r] = ls[r] = 0;
       } else {
         loss[r] = fwd_index_row(xr, ti[r], p, m[r], ls[r]);
@@ -229,25 +229,25 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& input
                                                          int64_t ignore_index, double label_smoothing,
                                                          bool /*inplace_backward*/) {
   const CeCall c = prepare(input, target, weight, ignore_index, label_smoothing);
-  at::Tensor loss, lse;
-  std::tie(loss, lse) = ce_fwd_outputs(c.x, c.g);
-  if (c.g.rows() == 0) return {loss, lse};
+  at::Tensor loss, stats;
+  std::tie(loss, stats) = ce_fwd_outputs(c.x, c.g);
+  if (c.g.rows() == 0) return {loss, stats};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.x.scalar_type(), "cross_entropy_fwd_cpu", [&] {
     using A = acc_t<scalar_t>;
     const Weights<scalar_t, A> w(weight, label_smoothing, c.g.classes);
     ce_fwd_rows<scalar_t>(c.g, c.x.const_data_ptr<scalar_t>(), c.prob ? nullptr : c.t.const_data_ptr<int64_t>(),
                           c.prob ? c.t.const_data_ptr<scalar_t>() : nullptr, w.p, ignore_index,
-                          loss.mutable_data_ptr<A>(), stat_plane<A>(lse, 0), stat_plane<A>(lse, 1));
+                          loss.mutable_data_ptr<A>(), stat_plane<A>(stats, 0), stat_plane<A>(stats, 1));
   });
-  return {loss, lse};
+  return {loss, stats};
 }
 
 // Writes grad_input into `out` (a fresh tensor, or the contiguous input itself).
 void cross_entropy_bwd_into(const at::Tensor& grad_loss, const CeCall& c, const std::optional<at::Tensor>& weight,
-                            const at::Tensor& lse, int64_t ignore_index, double label_smoothing, at::Tensor& out) {
-  check_ce_bwd_args(grad_loss, lse, c.g, c.x);
+                            const at::Tensor& stats, int64_t ignore_index, double label_smoothing, at::Tensor& out) {
+  check_ce_bwd_args(grad_loss, stats, c.g, c.x);
   if (c.g.rows() == 0 || c.g.classes == 0) return;
-  const at::Tensor gl = grad_loss.contiguous(), l = lse.contiguous();
+  const at::Tensor gl = grad_loss.contiguous(), l = stats.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.x.scalar_type(), "cross_entropy_bwd_cpu", [&] {
     using A = acc_t<scalar_t>;
     const Weights<scalar_t, A> w(weight, label_smoothing, c.g.classes);
@@ -259,21 +259,21 @@ void cross_entropy_bwd_into(const at::Tensor& grad_loss, const CeCall& c, const 
 }
 
 at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-                                 const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                 const std::optional<at::Tensor>& weight, const at::Tensor& stats,
                                  int64_t ignore_index, double label_smoothing) {
   const CeCall c = prepare(input, target, weight, ignore_index, label_smoothing);
-  at::Tensor dx = empty(c.x.sizes(), c.x.options());
-  cross_entropy_bwd_into(grad_loss, c, weight, lse, ignore_index, label_smoothing, dx);
+  at::Tensor dx = hugepage_empty(c.x.sizes(), c.x.options());
+  cross_entropy_bwd_into(grad_loss, c, weight, stats, ignore_index, label_smoothing, dx);
   return dx;
 }
 
 void cross_entropy_bwd_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-                                   const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                   const std::optional<at::Tensor>& weight, const at::Tensor& stats,
                                    int64_t ignore_index, double label_smoothing) {
   TORCH_CHECK(input.is_contiguous(), "cross_entropy_bwd_inplace: input must be contiguous");
   const CeCall c = prepare(input, target, weight, ignore_index, label_smoothing);
   at::Tensor out = c.x;  // the same storage as input
-  cross_entropy_bwd_into(grad_loss, c, weight, lse, ignore_index, label_smoothing, out);
+  cross_entropy_bwd_into(grad_loss, c, weight, stats, ignore_index, label_smoothing, out);
 }
 
 // ---- linear + cross-entropy, fused on packed::gemm (float32 with AVX2): no (rows, V) logits buffer at all.
@@ -410,7 +410,7 @@ void forward(const float* x, const float* w, const float* bias, const int64_t* t
   const int64_t nt = std::min(chunk, kRows);
   const Parts parts(V);
   const int64_t per = part_floats(nt, D, false);
-  at::Tensor scratch = empty({packed::packed_size(D, nt) + nt + parts.n * per}, at::TensorOptions(at::kFloat));
+  at::Tensor scratch = hugepage_empty({packed::packed_size(D, nt) + nt + parts.n * per}, at::TensorOptions(at::kFloat));
   float* xT = scratch.mutable_data_ptr<float>();
   float* xt = xT + packed::packed_size(D, nt);  // target logits of the tile
   std::vector<Stats> st(parts.n);
@@ -464,7 +464,7 @@ void backward(const float* g, const float* x, const float* w, const float* bias,
   const int64_t per = part_floats(nt, D, true);
   const int64_t packs = packed::packed_size(D, nt) + packed::packed_size(nt, D);
   // Per column of a tile: max, log-sum, and the gradient's coefficients a (of p_c), b (of w_c) and k (target).
-  at::Tensor scratch = empty({packs + 6 * nt + parts.n * per}, at::TensorOptions(at::kFloat));
+  at::Tensor scratch = hugepage_empty({packs + 6 * nt + parts.n * per}, at::TensorOptions(at::kFloat));
   float* xT = scratch.mutable_data_ptr<float>();
   float* xD = xT + packed::packed_size(D, nt);
   float *cm = xD + packed::packed_size(nt, D), *cl = cm + nt, *ca = cl + nt, *cb = ca + nt, *ck = cb + nt,
@@ -551,23 +551,23 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
     const at::Tensor x = input.contiguous(), w = weight.contiguous();
     const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : bias;
     const int64_t N = x.size(0);
-    at::Tensor loss = at::empty({N}, x.options()), lse = at::empty({2, N}, x.options());
+    at::Tensor loss = at::empty({N}, x.options()), stats = at::empty({2, N}, x.options());
     const Weights<float, float> cw(class_weight, label_smoothing, V);
     fused::forward(x.const_data_ptr<float>(), w.const_data_ptr<float>(), b ? b->const_data_ptr<float>() : nullptr,
                    t.const_data_ptr<int64_t>(), N, x.size(1), V, cw.p, ignore_index, chunk,
-                   loss.mutable_data_ptr<float>(), stat_plane<float>(lse, 0), stat_plane<float>(lse, 1));
-    return {loss, lse};
+                   loss.mutable_data_ptr<float>(), stat_plane<float>(stats, 0), stat_plane<float>(stats, 1));
+    return {loss, stats};
   }
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_cross_entropy_fwd_cpu", [&] {
     using A = acc_t<scalar_t>;
     const Weights<scalar_t, A> w(class_weight, label_smoothing, V);
     out = linear_ce_forward(input, weight, bias, t, chunk,
-                            [&](const at::Tensor& logits, const at::Tensor& ts, at::Tensor loss, at::Tensor lse) {
+                            [&](const at::Tensor& logits, const at::Tensor& ts, at::Tensor loss, at::Tensor stats) {
       const CeGeometry g{logits.size(0), V, 1};
       ce_fwd_rows<scalar_t>(g, logits.const_data_ptr<scalar_t>(), ts.const_data_ptr<int64_t>(), nullptr, w.p,
-                            ignore_index, loss.mutable_data_ptr<A>(), stat_plane<A>(lse, 0), stat_plane<A>(lse, 1));
-    }, empty);
+                            ignore_index, loss.mutable_data_ptr<A>(), stat_plane<A>(stats, 0), stat_plane<A>(stats, 1));
+    }, hugepage_empty);
   });
   return out;
 }
@@ -575,16 +575,16 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
-    const at::Tensor& lse, int64_t ignore_index, double label_smoothing, int64_t chunk, std::array<bool, 3> mask) {
-  const int64_t V = check_linear_ce_bwd_args(grad_loss, input, weight, bias, target, class_weight, lse, chunk);
+    const at::Tensor& stats, int64_t ignore_index, double label_smoothing, int64_t chunk, std::array<bool, 3> mask) {
+  const int64_t V = check_linear_ce_bwd_args(grad_loss, input, weight, bias, target, class_weight, stats, chunk);
   const at::Tensor t = target.contiguous();
   check_targets(t.const_data_ptr<int64_t>(), t.numel(), V, ignore_index);
   if (fused::wanted(input, V)) {
     const at::Tensor x = input.contiguous(), w = weight.contiguous(), g = grad_loss.contiguous(),
-                     l = lse.contiguous();
+                     l = stats.contiguous();
     const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : bias;
     const int64_t N = x.size(0), D = x.size(1);
-    auto [dx, dw, db] = linear_ce_grads(x, w, mask, x.options(), empty);
+    auto [dx, dw, db] = linear_ce_grads(x, w, mask, x.options(), hugepage_empty);
     const bool bias_grad = mask[2] && b.has_value();
     if (N == 0) dw.zero_();
     if (N == 0 || (!mask[0] && !mask[1] && !bias_grad)) return {dx, dw, db};
@@ -600,13 +600,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_cross_entropy_bwd_cpu", [&] {
     using A = acc_t<scalar_t>;
     const Weights<scalar_t, A> w(class_weight, label_smoothing, V);
-    out = linear_ce_backward(grad_loss, input, weight, bias, t, lse, chunk, mask,
+    out = linear_ce_backward(grad_loss, input, weight, bias, t, stats, chunk, mask,
                              [&](const at::Tensor& gs, at::Tensor& logits, const at::Tensor& ts, const at::Tensor& ls) {
       const CeGeometry g{logits.size(0), V, 1};
       auto* p = logits.mutable_data_ptr<scalar_t>();
       ce_bwd_rows<scalar_t>(g, gs.const_data_ptr<A>(), p, ts.const_data_ptr<int64_t>(), nullptr, w.p, ignore_index,
                             stat_plane<const A>(ls, 0), stat_plane<const A>(ls, 1), p);
-    }, empty);
+    }, hugepage_empty);
   });
   return out;
 }

@@ -186,7 +186,7 @@ at::Tensor softmax_fwd_cpu(const at::Tensor& input, int64_t dim, bool log) {
   check_floating(input, "input");
   dim = wrap_dim(dim, input.dim());
   const at::Tensor x = input.contiguous();
-  at::Tensor y = empty(x.sizes(), x.options());
+  at::Tensor y = hugepage_empty(x.sizes(), x.options());
   if (x.numel() == 0) return y;
   const DimGeometry g(x, dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_fwd_cpu", [&] {
@@ -206,7 +206,7 @@ at::Tensor softmax_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& outp
   check_same(grad_output, "grad_output", output, "output");
   dim = wrap_dim(dim, output.dim());
   const at::Tensor dy = grad_output.contiguous(), y = output.contiguous();
-  at::Tensor dx = empty(y.sizes(), y.options());
+  at::Tensor dx = hugepage_empty(y.sizes(), y.options());
   if (y.numel() == 0) return dx;
   const DimGeometry g(y, dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "softmax_bwd_cpu", [&] {

@@ -4,7 +4,7 @@
 // lane's dot product and the softmax statistics are warp shuffles. Rows of the tile are padded to D + 1 floats so
 // the lanes' strided reads hit distinct banks. Accumulation is in float32 (float64 for float64 inputs).
 //
-//   forward  (warp = query row): online softmax over key tiles, out = acc / l, lse = (m, log l) (+inf, 0 if empty)
+//   forward  (warp = query row): online softmax over key tiles, out = acc / l, stats = (m, log l) (+inf, 0 if empty)
 //   backward delta = rowsum(dO * O); dQ kernel (warp = query row) walks key tiles; dK/dV kernel (warp = key row)
 //            walks query tiles. P = exp((S - m) - log l) is recomputed, dropout regenerated from the seed
 //            (attention.h).
@@ -77,7 +77,7 @@ template <typename A> __device__ __forceinline__ A dot_row(const A* a, const A* 
 }
 
 template <typename T, typename A>
-__global__ void attn_fwd_kernel(Params<A> p, const T* q, const T* k, const T* v, T* o, A* lse) {
+__global__ void attn_fwd_kernel(Params<A> p, const T* q, const T* k, const T* v, T* o, A* stats) {
   extern __shared__ unsigned char smem_raw[];
   A* tile = reinterpret_cast<A*>(smem_raw);
   A* qs = tile + kTile * (p.D + 1);
@@ -126,8 +126,8 @@ __global__ void attn_fwd_kernel(Params<A> p, const T* q, const T* k, const T* v,
       if (d < D) o[(bh * p.Lq + i) * D + d] = static_cast<T>(empty ? A(0) : acc[t] * inv);
     }
     if (lane == 0) {  // m and log l apart: m + log l would lose log l to ulp(m) at large scores
-      lse[bh * p.Lq + i] = empty ? A(INFINITY) : m;
-      lse[p.query_rows() + bh * p.Lq + i] = empty ? A(0) : log(l);
+      stats[bh * p.Lq + i] = empty ? A(INFINITY) : m;
+      stats[p.query_rows() + bh * p.Lq + i] = empty ? A(0) : log(l);
     }
   }
 }
@@ -143,7 +143,7 @@ __global__ void attn_delta_kernel(int64_t rows, int64_t D, const T* dO, const T*
 }
 
 template <typename T, typename A>
-__global__ void attn_bwd_dq_kernel(Params<A> p, const T* q, const T* k, const T* v, const T* dO, const A* lse,
+__global__ void attn_bwd_dq_kernel(Params<A> p, const T* q, const T* k, const T* v, const T* dO, const A* stats,
                                    const A* delta, T* dq) {
   extern __shared__ unsigned char smem_raw[];
   A* tile = reinterpret_cast<A*>(smem_raw);
@@ -156,8 +156,8 @@ __global__ void attn_bwd_dq_kernel(Params<A> p, const T* q, const T* k, const T*
   A *qrow = qs + warp * D, *dorow = dos + warp * D;
   load_row(qrow, Q + i * D, i < p.Lq, D);
   load_row(dorow, DO + i * D, i < p.Lq, D);
-  const A mi = i < p.Lq ? lse[bh * p.Lq + i] : A(INFINITY);
-  const A li = i < p.Lq ? lse[p.query_rows() + bh * p.Lq + i] : A(0);
+  const A mi = i < p.Lq ? stats[bh * p.Lq + i] : A(INFINITY);
+  const A li = i < p.Lq ? stats[p.query_rows() + bh * p.Lq + i] : A(0);
   const A di = i < p.Lq ? delta[bh * p.Lq + i] : A(0);
   A acc[kMaxDPL];
   for (int t = 0; t < kMaxDPL; ++t) acc[t] = 0;
@@ -195,7 +195,7 @@ __global__ void attn_bwd_dq_kernel(Params<A> p, const T* q, const T* k, const T*
 }
 
 template <typename T, typename A>
-__global__ void attn_bwd_dkdv_kernel(Params<A> p, const T* q, const T* k, const T* v, const T* dO, const A* lse,
+__global__ void attn_bwd_dkdv_kernel(Params<A> p, const T* q, const T* k, const T* v, const T* dO, const A* stats,
                                      const A* delta, T* dk, T* dv) {
   extern __shared__ unsigned char smem_raw[];
   A* tile = reinterpret_cast<A*>(smem_raw);
@@ -213,8 +213,8 @@ __global__ void attn_bwd_dkdv_kernel(Params<A> p, const T* q, const T* k, const 
   // Causal: queries before the block's first key see none of it.
   for (int64_t i0 = p.causal ? (j0 / kTile) * kTile : 0; i0 < p.Lq; i0 += kTile) {
     const int64_t i = i0 + lane;
-    const A mi = i < p.Lq ? lse[bh * p.Lq + i] : A(INFINITY);
-    const A li = i < p.Lq ? lse[p.query_rows() + bh * p.Lq + i] : A(0);
+    const A mi = i < p.Lq ? stats[bh * p.Lq + i] : A(INFINITY);
+    const A li = i < p.Lq ? stats[p.query_rows() + bh * p.Lq + i] : A(0);
     const A di = i < p.Lq ? delta[bh * p.Lq + i] : A(0);
     __syncthreads();
     load_tile(tile, Q, i0, p.Lq, D);
@@ -281,13 +281,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
   const auto kpm = attention::contiguous_kpm(key_padding_mask);
   const auto acc = attention::acc_type(q.scalar_type());
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({2, g.B, g.H, g.Lq}, q.options().dtype(acc));
+  at::Tensor stats = at::empty({2, g.B, g.H, g.Lq}, q.options().dtype(acc));
   if (g.Lk == 0) {
     out.zero_();
-    attention::fill_no_keys_stats(lse);
-    return {out, lse};
+    attention::fill_no_keys_stats(stats);
+    return {out, stats};
   }
-  if (out.numel() == 0) return {out, lse};
+  if (out.numel() == 0) return {out, stats};
   const dim3 grid((g.Lq + kRows - 1) / kRows, g.B * g.H);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cuda", [&] {
@@ -297,23 +297,23 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
     allow_smem(attn_fwd_kernel<scalar_t, A>, bytes);
     attn_fwd_kernel<scalar_t, A><<<grid, kRows * 32, bytes, stream>>>(
         p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<A>());
+        out.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out, lse};
+  return {out, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
+    const at::Tensor& out, const at::Tensor& stats, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_padding_mask, double dropout_p, bool is_causal, double scale,
     int64_t seed) {
   const auto g =
-      attention::check_bwd_args(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p);
+      attention::check_bwd_args(grad_out, query, key, value, out, stats, attn_mask, key_padding_mask, dropout_p);
   const auto acc = attention::acc_type(query.scalar_type());
   const c10::cuda::CUDAGuard guard(query.device());
   const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous(), o = out.contiguous(),
-                   dO = grad_out.contiguous(), L = lse.contiguous();
+                   dO = grad_out.contiguous(), L = stats.contiguous();
   const auto kpm = attention::contiguous_kpm(key_padding_mask);
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
              dv = at::empty(v.sizes(), v.options());

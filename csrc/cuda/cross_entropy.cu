@@ -165,7 +165,7 @@ RowArgs row_args(const CeGeometry& g, int64_t ignore_index, double eps) {
 
 // Fused rows over (rows, C[, inner]) storage; shared by cross_entropy_* and linear_cross_entropy_*.
 void launch_fwd(const at::Tensor& x, const at::Tensor& t, const std::optional<at::Tensor>& w, const CeGeometry& g,
-                int64_t ignore_index, double eps, at::Tensor& loss, at::Tensor& lse, at::Tensor& flag) {
+                int64_t ignore_index, double eps, at::Tensor& loss, at::Tensor& stats, at::Tensor& flag) {
   if (g.rows() == 0) return;
   const bool prob = t.is_floating_point();
   const DeviceWeights dw(w, x.scalar_type());
@@ -176,7 +176,7 @@ void launch_fwd(const at::Tensor& x, const at::Tensor& t, const std::optional<at
     auto go = [&](auto kernel) {
       kernel<<<g.rows(), kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), t.const_data_ptr(),
                                                 dw.data<scalar_t>(), dw.sum_data<A>(), loss.mutable_data_ptr<A>(),
-                                                stat_plane<A>(lse, 0), stat_plane<A>(lse, 1),
+                                                stat_plane<A>(stats, 0), stat_plane<A>(stats, 1),
                                                 flag.mutable_data_ptr<int64_t>(), a);
     };
     if (prob) go(ce_fwd_kernel<scalar_t, true, true>);
@@ -187,12 +187,12 @@ void launch_fwd(const at::Tensor& x, const at::Tensor& t, const std::optional<at
 }
 
 void launch_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
-                const std::optional<at::Tensor>& w, const at::Tensor& lse, const CeGeometry& g, int64_t ignore_index,
+                const std::optional<at::Tensor>& w, const at::Tensor& stats, const CeGeometry& g, int64_t ignore_index,
                 double eps, at::Tensor& dx) {
   if (g.rows() == 0 || g.classes == 0) return;
   const DeviceWeights dw(w, x.scalar_type());
   const RowArgs a = row_args(g, ignore_index, eps);
-  const at::Tensor gc = grad.contiguous(), lc = lse.contiguous();
+  const at::Tensor gc = grad.contiguous(), lc = stats.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_bwd_cuda", [&] {
     using A = acc_t<scalar_t>;
@@ -226,38 +226,38 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& inpu
   const CeGeometry g = check_ce_args(input, target, weight, label_smoothing, prob);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous(), t = target.contiguous();
-  at::Tensor loss, lse;
-  std::tie(loss, lse) = ce_fwd_outputs(x, g);
-  if (g.rows() == 0) return {loss, lse};
+  at::Tensor loss, stats;
+  std::tie(loss, stats) = ce_fwd_outputs(x, g);
+  if (g.rows() == 0) return {loss, stats};
   at::Tensor flag = new_flag(x);
-  launch_fwd(x, t, weight, g, ignore_index, label_smoothing, loss, lse, flag);
+  launch_fwd(x, t, weight, g, ignore_index, label_smoothing, loss, stats, flag);
   if (!prob) report_bad_target(flag, g.classes, ignore_index);
-  return {loss, lse};
+  return {loss, stats};
 }
 
 at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& stats,
                                   int64_t ignore_index, double label_smoothing) {
   bool prob = false;
   const CeGeometry g = check_ce_args(input, target, weight, label_smoothing, prob);
-  check_ce_bwd_args(grad_loss, lse, g, input);
+  check_ce_bwd_args(grad_loss, stats, g, input);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
   at::Tensor dx = at::empty(x.sizes(), x.options());
-  launch_bwd(grad_loss, x, target.contiguous(), weight, lse, g, ignore_index, label_smoothing, dx);
+  launch_bwd(grad_loss, x, target.contiguous(), weight, stats, g, ignore_index, label_smoothing, dx);
   return dx;
 }
 
 void cross_entropy_bwd_inplace_cuda(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-                                    const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                    const std::optional<at::Tensor>& weight, const at::Tensor& stats,
                                     int64_t ignore_index, double label_smoothing) {
   TORCH_CHECK(input.is_contiguous(), "cross_entropy_bwd_inplace: input must be contiguous");
   bool prob = false;
   const CeGeometry g = check_ce_args(input, target, weight, label_smoothing, prob);
-  check_ce_bwd_args(grad_loss, lse, g, input);
+  check_ce_bwd_args(grad_loss, stats, g, input);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor dx = input;
-  launch_bwd(grad_loss, input, target.contiguous(), weight, lse, g, ignore_index, label_smoothing, dx);
+  launch_bwd(grad_loss, input, target.contiguous(), weight, stats, g, ignore_index, label_smoothing, dx);
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cuda(
@@ -268,8 +268,8 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cuda(
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor flag = new_flag(input);
   auto out = linear_ce_forward(input, weight, bias, target, chunk,
-                               [&](const at::Tensor& logits, const at::Tensor& ts, at::Tensor loss, at::Tensor lse) {
-    launch_fwd(logits, ts, class_weight, CeGeometry{logits.size(0), V, 1}, ignore_index, label_smoothing, loss, lse,
+                               [&](const at::Tensor& logits, const at::Tensor& ts, at::Tensor loss, at::Tensor stats) {
+    launch_fwd(logits, ts, class_weight, CeGeometry{logits.size(0), V, 1}, ignore_index, label_smoothing, loss, stats,
                flag);
   }, device_empty);
   report_bad_target(flag, V, ignore_index);
@@ -279,10 +279,10 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cuda(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
-    const at::Tensor& lse, int64_t ignore_index, double label_smoothing, int64_t chunk, std::array<bool, 3> mask) {
-  const int64_t V = check_linear_ce_bwd_args(grad_loss, input, weight, bias, target, class_weight, lse, chunk);
+    const at::Tensor& stats, int64_t ignore_index, double label_smoothing, int64_t chunk, std::array<bool, 3> mask) {
+  const int64_t V = check_linear_ce_bwd_args(grad_loss, input, weight, bias, target, class_weight, stats, chunk);
   const c10::cuda::CUDAGuard guard(input.device());
-  return linear_ce_backward(grad_loss, input, weight, bias, target, lse, chunk, mask,
+  return linear_ce_backward(grad_loss, input, weight, bias, target, stats, chunk, mask,
                             [&](const at::Tensor& gs, at::Tensor& logits, const at::Tensor& ts, const at::Tensor& ls) {
     launch_bwd(gs, logits, ts, class_weight, ls, CeGeometry{logits.size(0), V, 1}, ignore_index, label_smoothing,
                logits);

@@ -8,11 +8,12 @@ import torch
 from .. import reference
 from .._validation import FLOATING, check_same_device, check_tensor
 from ..backend import resolve
-from . import op, register_op
+from .registry import Triton, register_op
 
 FN = "scaled_dot_product_attention"
 MAX_HEAD_DIM = 256
 SEED_MASK = 0x7FFFFFFF7FFFFFFF
+_FORWARD = {"native": torch.ops.fastnn.attention_fwd, "triton": torch.ops.fastnn.attention_fwd_triton}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,7 +84,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise ValueError(f"{FN}: key_padding_mask must have shape {'(Lk,)' if unbatched else '(B, Lk)'} = "
                              f"{want}, got {tuple(key_padding_mask.shape)}")
         kpm = key_padding_mask.reshape(B, Lk)
-    b = resolve("attention", backend, q, k, v, mask, kpm)
+    b = resolve(torch.ops.fastnn.attention_fwd, backend, q, k, v, mask, kpm)
     # Drawn from torch's default CPU generator, so torch.manual_seed makes dropout reproducible.
     # Bit 31 of each 32-bit half is cleared: Triton would type such a half as uint32, which its interpreter
     # mishandles.
@@ -92,31 +93,31 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         out = reference.scaled_dot_product_attention(q, k, v, mask, float(dropout_p), bool(is_causal), float(scale),
                                                      kpm, seed)
     else:
-        out, _ = op("attention", b)(q, k, v, mask, kpm, float(dropout_p), bool(is_causal), float(scale), seed)
+        out, _ = _FORWARD[b](q, k, v, mask, kpm, float(dropout_p), bool(is_causal), float(scale), seed)
     return out[0] if unbatched else out
 
 
 def _fake_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
-    # lse: (2, B, H, Lq), the row max and log-sum of the scores (kept apart, see kernels/attention.py)
+    # stats: (2, B, H, Lq), the row max and log-sum of the scores (kept apart, see kernels/attention.py)
     return (query.new_empty(query.shape),
             query.new_empty((2,) + tuple(query.shape[:3]), dtype=_acc_dtype(query.dtype)))
 
 
-def _fake_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
+def _fake_bwd(grad_out, query, key, value, out, stats, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
               seed):
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, kpm, ctx.dropout_p, ctx.is_causal, ctx.scale, ctx.seed = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, mask, kpm)
+    out, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(q, k, v, out, stats, mask, kpm)
 
 
 def _backward(ctx, grads, bwd_op):
-    q, k, v, out, lse, mask, kpm = ctx.saved_tensors
-    dq, dk, dv = bwd_op(grads[0], q, k, v, out, lse, mask, kpm, ctx.dropout_p, ctx.is_causal, ctx.scale, ctx.seed)
+    q, k, v, out, stats, mask, kpm = ctx.saved_tensors
+    dq, dk, dv = bwd_op(grads[0], q, k, v, out, stats, mask, kpm, ctx.dropout_p, ctx.is_causal, ctx.scale, ctx.seed)
     return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -132,5 +133,7 @@ def _triton_bwd(*args):
     return attention_backward(*args)
 
 
-register_op("attention", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward=_backward,
-            triton_fwd=_triton_fwd, triton_bwd=_triton_bwd)
+register_op(torch.ops.fastnn.attention_fwd, torch.ops.fastnn.attention_bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd,
+            setup_context=_setup_context, backward=_backward,
+            triton=Triton(torch.ops.fastnn.attention_fwd_triton, torch.ops.fastnn.attention_bwd_triton, _triton_fwd,
+                          _triton_bwd))

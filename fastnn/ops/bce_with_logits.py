@@ -8,7 +8,9 @@ import torch
 from .. import reference
 from .._validation import check_same_device, check_tensor
 from ..backend import resolve
-from . import op, register_op
+from .registry import Triton, register_op
+
+_FORWARD = {"native": torch.ops.fastnn.bce_with_logits_fwd, "triton": torch.ops.fastnn.bce_with_logits_fwd_triton}
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction
 FN = "binary_cross_entropy_with_logits"
@@ -58,10 +60,10 @@ def bce_with_logits(input: torch.Tensor, target: torch.Tensor, weight: torch.Ten
     if reduction not in REDUCTIONS:
         raise ValueError(f"{FN}: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
     check_same_device(FN, input=input, **named)
-    b = resolve("bce_with_logits", backend, input, target, weight, pos_weight)
+    b = resolve(torch.ops.fastnn.bce_with_logits_fwd, backend, input, target, weight, pos_weight)
     if b == "reference":
         return reference.binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weight)
-    return op("bce_with_logits", b)(input, target, weight, pos_weight, REDUCTIONS[reduction])
+    return _FORWARD[b](input, target, weight, pos_weight, REDUCTIONS[reduction])
 
 
 def _fake_fwd(input, target, weight, pos_weight, reduction):
@@ -100,5 +102,7 @@ def _triton_bwd(grad_output, input, target, weight, pos_weight, reduction, input
                                     target_grad)
 
 
-register_op("bce_with_logits", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context,
-            backward=_backward, triton_fwd=_triton_fwd, triton_bwd=_triton_bwd)
+register_op(torch.ops.fastnn.bce_with_logits_fwd, torch.ops.fastnn.bce_with_logits_bwd, fake_fwd=_fake_fwd,
+            fake_bwd=_fake_bwd, setup_context=_setup_context, backward=_backward,
+            triton=Triton(torch.ops.fastnn.bce_with_logits_fwd_triton, torch.ops.fastnn.bce_with_logits_bwd_triton,
+                          _triton_fwd, _triton_bwd))

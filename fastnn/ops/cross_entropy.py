@@ -1,31 +1,33 @@
-"""cross_entropy and linear_cross_entropy: custom ops ``fastnn::cross_entropy_fwd`` / ``_bwd`` (+ ``_bwd_inplace``)
-and ``fastnn::linear_cross_entropy_fwd`` / ``_bwd`` (C++ CPU, CUDA) and their ``_triton`` twins.
+"""cross_entropy: custom ops ``fastnn::cross_entropy_fwd`` / ``_bwd`` (+ ``_bwd_inplace``) (C++ CPU, CUDA) and their
+``_triton`` twins, and the checks and reduction that linear_cross_entropy shares.
 
-The ops return the unreduced per-row loss and, as "lse", the per-row statistics (2, rows...): the row's max and the
+The ops return the unreduced per-row loss and, as "stats", the per-row statistics (2, rows...): the row's max and the
 log of its sum of exp(x - max) (stat_plane in csrc/cross_entropy.h says why not their sum), both float32 (float64
 for float64 input); the reduction is done here, in a few O(rows) torch ops that autograd differentiates. The
-backward saves only the logits (and, for linear + CE, input and weight) plus those statistics, and recomputes the
-softmax.
+backward saves only the logits plus those statistics, and recomputes the softmax.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
 from .. import reference
 from .._validation import check_same_device, check_tensor
 from ..backend import resolve
-from . import op, register_op
+from .registry import Triton, register_op
+
+_FORWARD = {"native": torch.ops.fastnn.cross_entropy_fwd, "triton": torch.ops.fastnn.cross_entropy_fwd_triton}
+# The in-place backward of each backward op (inplace_backward=True).
+_INPLACE = {torch.ops.fastnn.cross_entropy_bwd: torch.ops.fastnn.cross_entropy_bwd_inplace,
+            torch.ops.fastnn.cross_entropy_bwd_triton: torch.ops.fastnn.cross_entropy_bwd_inplace_triton}
 
 REDUCTIONS = ("none", "mean", "sum")
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_common(fn, weight, ignore_index, reduction, label_smoothing, classes, dtype, wname="weight"):
+def check_loss_options(fn, weight, ignore_index, reduction, label_smoothing, classes, dtype, wname="weight"):
     if reduction not in REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -49,7 +51,7 @@ def _check_common(fn, weight, ignore_index, reduction, label_smoothing, classes,
 INDEX_DTYPES = (torch.int64, torch.uint8)
 
 
-def _check_index_target(fn, target, expect_shape, input_shape):
+def check_index_target(fn, target, expect_shape, input_shape):
     if target.dtype not in INDEX_DTYPES:
         raise TypeError(f"{fn}: target must be class indices of dtype int64 (or uint8) or floating probabilities, "
                         f"got {target.dtype}")
@@ -59,7 +61,7 @@ def _check_index_target(fn, target, expect_shape, input_shape):
     return target.long()
 
 
-def _reduce(loss, target, weight, ignore_index, reduction, prob, dtype):
+def reduce_loss(loss, target, weight, ignore_index, reduction, prob, dtype):
     """loss: per-row losses (accumulation dtype). A "mean" divides by the summed weight of the non-ignored targets
     (their count without weights; the number of rows for probability targets), as torch; all ignored gives NaN."""
     if reduction == "none":
@@ -90,7 +92,7 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
     check_same_device(fn, input=input, target=target, weight=weight)
     unbatched = input.dim() == 1
     classes = input.shape[0 if unbatched else 1]
-    weight = _check_common(fn, weight, ignore_index, reduction, label_smoothing, classes, input.dtype)
+    weight = check_loss_options(fn, weight, ignore_index, reduction, label_smoothing, classes, input.dtype)
     prob = target.is_floating_point()
     if prob:
         if target.shape != input.shape:
@@ -106,24 +108,24 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
         weight = None if weight is None else weight.to(dtype)
     else:
         row_shape = input.shape[1:] if unbatched else (input.shape[0],) + tuple(input.shape[2:])
-        target = _check_index_target(fn, target, () if unbatched else row_shape, input.shape)
-    b = resolve("cross_entropy", backend, input, target, weight)
+        target = check_index_target(fn, target, () if unbatched else row_shape, input.shape)
+    b = resolve(torch.ops.fastnn.cross_entropy_fwd, backend, input, target, weight)
     if b == "reference":
         return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
     x = input.unsqueeze(0) if unbatched else input
     t = target.unsqueeze(0) if unbatched else target
-    loss, _ = op("cross_entropy", b)(x.contiguous(), t.contiguous(), weight, ignore_index, float(label_smoothing),
+    loss, _ = _FORWARD[b](x.contiguous(), t.contiguous(), weight, ignore_index, float(label_smoothing),
                                      bool(inplace_backward))
-    out = _reduce(loss, t, weight, ignore_index, reduction, prob, input.dtype)
+    out = reduce_loss(loss, t, weight, ignore_index, reduction, prob, input.dtype)
     return out.squeeze(0) if unbatched and reduction == "none" else out
 
 
 def _fake_fwd(input, target, weight, ignore_index, label_smoothing, inplace_backward):
     shape = (input.shape[0],) + tuple(input.shape[2:])
-    return input.new_empty(shape, dtype=_acc(input.dtype)), input.new_empty((2,) + shape, dtype=_acc(input.dtype))
+    return input.new_empty(shape, dtype=acc_dtype(input.dtype)), input.new_empty((2,) + shape, dtype=acc_dtype(input.dtype))
 
 
-def _fake_bwd(grad_loss, input, target, weight, lse, ignore_index, label_smoothing):
+def _fake_bwd(grad_loss, input, target, weight, stats, ignore_index, label_smoothing):
     return input.new_empty(input.shape)
 
 
@@ -133,22 +135,22 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, target, weight, output[1])
 
 
-def _target_grad(g, input, weight, lse, eps):
+def _target_grad(g, input, weight, stats, eps):
     # Probability targets: d loss / d y_c = -(1 - eps) w_c log p_c.
     shape = [1] * input.dim()
     shape[1] = input.shape[1]
-    logp = (input.to(lse.dtype) - lse[0].unsqueeze(1)) - lse[1].unsqueeze(1)
-    w = 1.0 if weight is None else weight.to(lse.dtype).reshape(shape)
+    logp = (input.to(stats.dtype) - stats[0].unsqueeze(1)) - stats[1].unsqueeze(1)
+    w = 1.0 if weight is None else weight.to(stats.dtype).reshape(shape)
     return (-(1.0 - eps) * g.unsqueeze(1) * logp * w).to(input.dtype)
 
 
 def _backward(ctx, grads, bwd_op):
-    input, target, weight, lse = ctx.saved_tensors
+    input, target, weight, stats = ctx.saved_tensors
     g = grads[0]
-    args = (target, weight, lse, ctx.ignore_index, ctx.label_smoothing)
+    args = (target, weight, stats, ctx.ignore_index, ctx.label_smoothing)
     grad_target = None
     if ctx.needs_input_grad[1] and target.is_floating_point():
-        grad_target = _target_grad(g, input, weight, lse, ctx.label_smoothing)
+        grad_target = _target_grad(g, input, weight, stats, ctx.label_smoothing)
     if not ctx.needs_input_grad[0]:
         grad_input = None
     elif ctx.inplace:
@@ -169,123 +171,25 @@ def _triton_fwd(input, target, weight, ignore_index, label_smoothing, inplace_ba
     return cross_entropy_forward(input, target, weight, ignore_index, label_smoothing)
 
 
-def _triton_bwd(grad_loss, input, target, weight, lse, ignore_index, label_smoothing):
+def _triton_bwd(grad_loss, input, target, weight, stats, ignore_index, label_smoothing):
     from ..kernels.cross_entropy import cross_entropy_backward
 
-    return cross_entropy_backward(grad_loss, input, target, weight, lse, ignore_index, label_smoothing)
+    return cross_entropy_backward(grad_loss, input, target, weight, stats, ignore_index, label_smoothing)
 
 
-def _triton_bwd_inplace(grad_loss, input, target, weight, lse, ignore_index, label_smoothing):
+def _triton_bwd_inplace(grad_loss, input, target, weight, stats, ignore_index, label_smoothing):
     from ..kernels.cross_entropy import backward_into
 
     if not input.is_contiguous():
         raise RuntimeError("cross_entropy_bwd_inplace: input must be contiguous")
-    backward_into(grad_loss, input, target.contiguous(), weight, lse, ignore_index, label_smoothing, input)
+    backward_into(grad_loss, input, target.contiguous(), weight, stats, ignore_index, label_smoothing, input)
 
 
-register_op("cross_entropy", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context,
-            backward=_backward, triton_fwd=_triton_fwd, triton_bwd=_triton_bwd)
-for _s in ("", "_triton"):
-    torch.library.register_fake(f"fastnn::cross_entropy_bwd_inplace{_s}")(lambda *args: None)
-torch.library.register_kernel("fastnn::cross_entropy_bwd_inplace_triton", ("cpu", "cuda"), _triton_bwd_inplace)
-_INPLACE = {torch.ops.fastnn.cross_entropy_bwd: torch.ops.fastnn.cross_entropy_bwd_inplace,
-            torch.ops.fastnn.cross_entropy_bwd_triton: torch.ops.fastnn.cross_entropy_bwd_inplace_triton}
-
-
-# ---- linear + cross-entropy -----------------------------------------------------------------------------------
-
-# One (chunk, V) logits buffer of at most 128 MiB: below ~1024 rows the CPU GEMMs lose ~10% of their FLOP rate
-# (measured at D=512, V=32000 on 2 cores), and 128 MiB is still ~0.04x the (N, V) tensors torch keeps at N=8192.
-CHUNK_BYTES = 1 << 27
-
-
-def default_chunk(vocab: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: the largest power of two whose (rows, vocab) logits fit in CHUNK_BYTES (at least 1)."""
-    rows = CHUNK_BYTES // max(1, vocab * torch.empty((), dtype=dtype).element_size())
-    return 1 << max(0, int(math.log2(max(rows, 1))))
-
-
-def linear_cross_entropy(input, weight, target, bias=None, ignore_index: int = -100, reduction: str = "mean",
-                         label_smoothing: float = 0.0, class_weight=None, chunk_size: int | None = None,
-                         backend: str | None = None):
-    """cross_entropy(input @ weight.T + bias, target) in row chunks (see fastnn.functional)."""
-    fn = "linear_cross_entropy"
-    check_tensor(input, "input", fn=fn)
-    check_tensor(weight, "weight", fn=fn, ndim=2)
-    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{fn}: input must be (..., D) with D = weight.shape[1] = {weight.shape[1]}, got "
-                         f"{tuple(input.shape)}")
-    if weight.dtype != input.dtype:
-        raise TypeError(f"{fn}: weight must have input's dtype {input.dtype}, got {weight.dtype}")
-    V = weight.shape[0]
-    if bias is not None:
-        check_tensor(bias, "bias", fn=fn)
-        if bias.shape != (V,) or bias.dtype != input.dtype:
-            raise ValueError(f"{fn}: bias must be ({V},) of input's dtype, got {tuple(bias.shape)} {bias.dtype}")
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
-    if target.is_floating_point():
-        raise TypeError(f"{fn}: target must be int64 class indices, got {target.dtype}")
-    check_same_device(fn, input=input, weight=weight, target=target, bias=bias, class_weight=class_weight)
-    class_weight = _check_common(fn, class_weight, ignore_index, reduction, label_smoothing, V, input.dtype,
-                                 "class_weight")
-    target = _check_index_target(fn, target, input.shape[:-1], input.shape)
-    if chunk_size is None:
-        chunk_size = default_chunk(V, input.dtype)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
-    b = resolve("linear_cross_entropy", backend, input, weight, target, bias, class_weight)
-    if b == "reference":
-        return reference.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, label_smoothing,
-                                              class_weight)
-    x, t = input.reshape(target.numel(), input.shape[-1]), target.reshape(-1)  # (-1, D) is ambiguous for D = 0
-    loss, _ = op("linear_cross_entropy", b)(x, weight, bias, t, class_weight, ignore_index, float(label_smoothing),
-                                            chunk_size)
-    out = _reduce(loss, t, class_weight, ignore_index, reduction, False, input.dtype)
-    return out.reshape(input.shape[:-1]) if reduction == "none" else out
-
-
-def _lfake_fwd(input, weight, bias, target, class_weight, ignore_index, label_smoothing, chunk):
-    shape = (input.shape[0],)
-    return input.new_empty(shape, dtype=_acc(input.dtype)), input.new_empty((2,) + shape, dtype=_acc(input.dtype))
-
-
-def _lfake_bwd(grad_loss, input, weight, bias, target, class_weight, lse, ignore_index, label_smoothing, chunk,
-               output_mask):
-    shapes = (input.shape, weight.shape, (weight.shape[0],))
-    return tuple(t.new_empty(s if want else (0,)) for t, s, want in zip((input, weight, weight), shapes, output_mask))
-
-
-def _lsetup_context(ctx, inputs, output):
-    input, weight, bias, target, class_weight, ctx.ignore_index, ctx.label_smoothing, ctx.chunk = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(input, weight, bias, target, class_weight, output[1])
-
-
-def _lbackward(ctx, grads, bwd_op):
-    input, weight, bias, target, class_weight, lse = ctx.saved_tensors
-    # Only the gradients autograd asks for: a frozen head skips grad_weight's product, a detached input grad_input's.
-    mask = list(ctx.needs_input_grad[:3])
-    gi, gw, gb = bwd_op(grads[0], input, weight, bias, target, class_weight, lse, ctx.ignore_index,
-                        ctx.label_smoothing, ctx.chunk, mask)
-    gi, gw, gb = (g if want else None for g, want in zip((gi, gw, gb), mask))
-    return gi, gw, gb, None, None, None, None, None
-
-
-def _ltriton_fwd(input, weight, bias, target, class_weight, ignore_index, label_smoothing, chunk):
-    from ..kernels.cross_entropy import linear_cross_entropy_forward
-
-    return linear_cross_entropy_forward(input, weight, bias, target, class_weight, ignore_index, label_smoothing,
-                                        chunk)
-
-
-def _ltriton_bwd(grad_loss, input, weight, bias, target, class_weight, lse, ignore_index, label_smoothing, chunk,
-                 output_mask):
-    from ..kernels.cross_entropy import linear_cross_entropy_backward
-
-    return linear_cross_entropy_backward(grad_loss, input, weight, bias, target, class_weight, lse, ignore_index,
-                                         label_smoothing, chunk, output_mask)
-
-
-register_op("linear_cross_entropy", fake_fwd=_lfake_fwd, fake_bwd=_lfake_bwd, setup_context=_lsetup_context,
-            backward=_lbackward, triton_fwd=_ltriton_fwd, triton_bwd=_ltriton_bwd)
+register_op(torch.ops.fastnn.cross_entropy_fwd, torch.ops.fastnn.cross_entropy_bwd, fake_fwd=_fake_fwd,
+            fake_bwd=_fake_bwd, setup_context=_setup_context, backward=_backward,
+            triton=Triton(torch.ops.fastnn.cross_entropy_fwd_triton, torch.ops.fastnn.cross_entropy_bwd_triton,
+                          _triton_fwd, _triton_bwd))
+for _inplace in _INPLACE.values():
+    torch.library.register_fake(_inplace.default)(lambda *args: None)
+torch.library.register_kernel(torch.ops.fastnn.cross_entropy_bwd_inplace_triton.default, ("cpu", "cuda"),
+                              _triton_bwd_inplace)

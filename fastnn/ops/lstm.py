@@ -12,7 +12,9 @@ import torch
 from .. import reference
 from .._validation import check_same_device, check_tensor
 from ..backend import native_has, resolve
-from . import op, register_op
+from .registry import Triton, register_op
+
+_CELL_FORWARD = {"native": torch.ops.fastnn.lstm_cell_fwd, "triton": torch.ops.fastnn.lstm_cell_fwd_triton}
 
 # ---------------------------------------------------------------------------------------------------- the cell
 
@@ -70,13 +72,13 @@ def lstm_cell(input: torch.Tensor, hx, w_ih: torch.Tensor, w_hh: torch.Tensor, b
     tensors = {"input": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "hx[0] (h)": h, "hx[1] (c)": c}
     check_same_device(fn, **tensors)
     _check_same_dtype(fn, tensors)
-    b = resolve("lstm_cell", backend, *tensors.values())
+    b = resolve(torch.ops.fastnn.lstm_cell_fwd, backend, *tensors.values())
     if b == "reference":
         hy, cy = reference.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
     else:
         gates = torch.addmm(torch.mm(x, w_ih.t()), h, w_hh.t())
         bias = b_ih + b_hh if b_ih is not None and b_hh is not None else (b_ih if b_ih is not None else b_hh)
-        hy, cy, _ = op("lstm_cell", b)(gates, bias, c)
+        hy, cy, _ = _CELL_FORWARD[b](gates, bias, c)
     return (hy.squeeze(0), cy.squeeze(0)) if unbatched else (hy, cy)
 
 
@@ -123,8 +125,10 @@ def _cell_triton_bwd(grad_hy, grad_cy, act, cx):
     return lstm_cell_backward(grad_hy, grad_cy, act, cx)
 
 
-register_op("lstm_cell", fake_fwd=_cell_fake_fwd, fake_bwd=_cell_fake_bwd, setup_context=_cell_setup_context,
-            backward=_cell_backward, triton_fwd=_cell_triton_fwd, triton_bwd=_cell_triton_bwd)
+register_op(torch.ops.fastnn.lstm_cell_fwd, torch.ops.fastnn.lstm_cell_bwd, fake_fwd=_cell_fake_fwd,
+            fake_bwd=_cell_fake_bwd, setup_context=_cell_setup_context, backward=_cell_backward,
+            triton=Triton(torch.ops.fastnn.lstm_cell_fwd_triton, torch.ops.fastnn.lstm_cell_bwd_triton,
+                          _cell_triton_fwd, _cell_triton_bwd))
 
 # --------------------------------------------------------------------------------------------------- the layer
 
@@ -145,12 +149,12 @@ def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.
     """
     T, B, I = x.shape
     H = w_hh.shape[1]
-    if backend == "native" and native_has("lstm_layer", x.device.type):
+    if backend == "native" and native_has(torch.ops.fastnn.lstm_layer_fwd, x.device.type):
         last = 0 if reverse else T - 1
         args = (x, w_ih, _sum_bias(b_ih, b_hh), w_hh, h0, c0, lengths, reverse)
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0))
-        if not grad and native_has("lstm_layer_infer", x.device.type):
+        if not grad and native_has(torch.ops.fastnn.lstm_layer_infer_fwd, x.device.type):
             # Nothing to differentiate: the op keeps no per-step gates or cell states for a backward.
             hs, c_n = torch.ops.fastnn.lstm_layer_infer_fwd(*args)
             return hs, hs[last], c_n
@@ -168,7 +172,7 @@ def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.
         if backend == "reference":
             hn, cn = reference.lstm_cell_gates(torch.addmm(gx[t], h, w_hh.t()), None, c)
         else:
-            hn, cn, _ = op("lstm_cell", backend)(torch.addmm(gx[t], h, w_hh.t()), None, c)
+            hn, cn, _ = _CELL_FORWARD[backend](torch.addmm(gx[t], h, w_hh.t()), None, c)
         if mask is not None:
             m = mask[t].unsqueeze(1)
             hn, cn = torch.where(m, hn, h), torch.where(m, cn, c)
@@ -195,7 +199,7 @@ def _layer_infer_fake_fwd(x, w_ih, bias, w_hh, h0, c0, lengths, reverse):
     return x.new_empty(x.shape[0], x.shape[1], w_hh.shape[1]), c0.new_empty(c0.shape)
 
 
-torch.library.register_fake("fastnn::lstm_layer_infer_fwd")(_layer_infer_fake_fwd)
+torch.library.register_fake(torch.ops.fastnn.lstm_layer_infer_fwd.default)(_layer_infer_fake_fwd)
 
 
 def _layer_fake_bwd(grad_hs, grad_cs, w_hh, c0, cs, act, lengths, reverse):
@@ -230,5 +234,5 @@ def _layer_backward(ctx, grads, bwd_op):
     return grad_x, grad_w_ih, grad_bias, grad_w_hh, grad_h0, grad_c0, None, None
 
 
-register_op("lstm_layer", fake_fwd=_layer_fake_fwd, fake_bwd=_layer_fake_bwd, setup_context=_layer_setup_context,
-            backward=_layer_backward)
+register_op(torch.ops.fastnn.lstm_layer_fwd, torch.ops.fastnn.lstm_layer_bwd, fake_fwd=_layer_fake_fwd,
+            fake_bwd=_layer_fake_bwd, setup_context=_layer_setup_context, backward=_layer_backward)

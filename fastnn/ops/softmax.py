@@ -7,7 +7,9 @@ import torch
 from .. import reference
 from .._validation import check_tensor, wrap_dim
 from ..backend import resolve
-from . import op, register_op
+from .registry import Triton, register_op
+
+_FORWARD = {"native": torch.ops.fastnn.softmax_fwd, "triton": torch.ops.fastnn.softmax_fwd_triton}
 
 
 def softmax(input: torch.Tensor, dim: int, log: bool, dtype: torch.dtype | None = None,
@@ -29,10 +31,10 @@ def softmax(input: torch.Tensor, dim: int, log: bool, dtype: torch.dtype | None 
         input = input.to(dtype) if isinstance(input, torch.Tensor) else input
     check_tensor(input, "input", fn=fn)
     dim = wrap_dim(dim, input.dim(), fn=fn)
-    b = resolve("softmax", backend, input)
+    b = resolve(torch.ops.fastnn.softmax_fwd, backend, input)
     if b == "reference":
         return (reference.log_softmax if log else reference.softmax)(input, dim)
-    return op("softmax", b)(input, dim, log)
+    return _FORWARD[b](input, dim, log)
 
 
 def _fake_fwd(input, dim, log):
@@ -65,5 +67,7 @@ def _triton_bwd(grad_output, output, dim, log):
     return softmax_backward(grad_output, output, dim, log)
 
 
-register_op("softmax", fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward=_backward,
-            triton_fwd=_triton_fwd, triton_bwd=_triton_bwd)
+register_op(torch.ops.fastnn.softmax_fwd, torch.ops.fastnn.softmax_bwd, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd,
+            setup_context=_setup_context, backward=_backward,
+            triton=Triton(torch.ops.fastnn.softmax_fwd_triton, torch.ops.fastnn.softmax_bwd_triton, _triton_fwd,
+                          _triton_bwd))
