@@ -206,9 +206,372 @@ def plot_curves(history: dict, path: str) -> None:
     os.replace(path + ".tmp.png", path)
 
 
-def _say(d: Dist, *a):
-    if d.main:
-        print(*a, flush=True)
+def _resumed_config(cfg: dict, ck: dict) -> dict:
+    """The config a resumed run goes on with.
+
+    Args:
+        cfg: the config given now.
+        ck: the run's last checkpoint.
+
+    Returns:
+        The checkpoint's config, with cfg's run_dir and cfg's values of the train keys below.
+    """
+    # The run's own config wins, except for keys that only say how long to go on.
+    run = {**ck["config"], "run_dir": cfg["run_dir"]}
+    run["train"] = {**ck["config"]["train"], **{k: cfg["train"][k] for k in ("max_steps", "epochs", "stop_after",
+                                                                           "time_limit", "save_every")}}
+    return run
+
+
+class Trainer:
+    """One training run, shaped as JoeyNMT's TrainManager: the constructor sets it up, `run()` carries it out.
+
+    `run()` trains epoch by epoch (`train_step` per batch), validates after each epoch (`validate`), saves
+    checkpoints (`save`), and at the end scores the best checkpoint on the test split (`test`). With `resume`,
+    the constructor continues from run_dir/last.pt exactly where it stopped (`_resume`): same model, optimizer,
+    data order and random state, so the result equals that of an uninterrupted run.
+    """
+
+    def __init__(self, cfg: dict, resume: bool = False, progress: bool = True):
+        """Reads the data, makes the tokenizers, builds the model and optimizer (or resumes them).
+
+        Args:
+            cfg: a full config, as config.load returns.
+            resume: continue from run_dir/last.pt.
+            progress: show a tqdm bar (rank 0 only).
+        """
+        self.t_start = time.time()
+        self.proc = Dist(cfg.get("device", "auto"))
+        self.progress = progress
+        self._set_threads(cfg["train"])
+        self.run_dir = cfg["run_dir"]
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.last_path, self.best_path = os.path.join(self.run_dir, "last.pt"), os.path.join(self.run_dir, "best.pt")
+        ck = load_checkpoint(self.last_path) if resume else None
+        self.cfg = cfg if ck is None else _resumed_config(cfg, ck)
+        self.tcfg = self.cfg["train"]
+        self.ecfg = cfg["eval"]  # the eval section as given now, also on resume
+        self._load_data()
+        self._make_tokenizers(ck)
+        self._encode_data()
+        self._build_model(ck)
+        self._plan_steps()
+        self.session_steps, self.stop, self.interrupted, self.signal_hit = 0, False, False, False
+
+    # --- set up ----------------------------------------------------------------------------------------------
+    def _say(self, *a) -> None:
+        if self.proc.main:
+            print(*a, flush=True)
+
+    def _set_threads(self, tcfg: dict) -> None:
+        world = self.proc.world
+        threads = tcfg.get("threads") or (max(1, (os.cpu_count() or 1) // world) if world > 1 else 0)
+        if threads:
+            torch.set_num_threads(threads)
+
+    def _load_data(self) -> None:
+        """Reads the train and dev pairs; only the training pairs are cut to data.max_chars."""
+        data = self.cfg["data"]
+        clean = D.Cleaning(skip=bool(data["clean"]), max_len=data.get("max_chars", 0))
+        self.clean_skip = clean.skip
+        self.train_pairs = _read(self.cfg, "train", clean)
+        self.dev_pairs = _read(self.cfg, "dev", D.Cleaning(skip=clean.skip))
+        if clean.skipped:
+            self._say("data: skipped " + ", ".join(f"{n} x {why}" for why, n in clean.skipped.items()))
+        if not self.train_pairs:
+            raise D.DataError("no training pairs")
+        self._say(f"data: {len(self.train_pairs)} train / {len(self.dev_pairs)} dev pairs")
+
+    def _make_tokenizers(self, ck: dict | None) -> None:
+        """The checkpoint's SentencePiece models on resume, else the ones rank 0 trains on the training pairs."""
+        if ck is not None:
+            protos = (ck["src_spm"], ck["tgt_spm"])
+        else:
+            protos = self.proc.broadcast(self._train_tokenizers())  # every process uses rank 0's models
+        self.src_tok, self.tgt_tok = Tokenizer(protos[0]), Tokenizer(protos[1])
+
+    def _train_tokenizers(self) -> tuple[bytes, bytes] | None:
+        """Trains one SentencePiece model per language on the training pairs, on rank 0 only.
+
+        Returns:
+            The (source, target) models, serialized; None on the other ranks.
+        """
+        if not self.proc.main:
+            return None
+        tk = self.cfg["tokenizer"]
+        t0 = time.time()
+        src_tok = Tokenizer.train((k for k, _ in self.train_pairs), tk["src_vocab"], tk["model_type"], 0.9995)
+        tgt_tok = Tokenizer.train((e for _, e in self.train_pairs), tk["tgt_vocab"], tk["model_type"], 1.0)
+        self._say(f"tokenizer: sentencepiece {tk['model_type']}, {len(src_tok)} ko / {len(tgt_tok)} en pieces "
+                  f"({time.time() - t0:.1f}s)")
+        return src_tok.proto, tgt_tok.proto
+
+    def _encode_data(self) -> None:
+        max_len = self.cfg["tokenizer"]["max_len"]
+        self.train_ex = encode_pairs(self.train_pairs, self.src_tok, self.tgt_tok, max_len)
+        self.dev_ex = encode_pairs(self.dev_pairs, self.src_tok, self.tgt_tok, max_len)
+        self.lengths = [(len(s), len(t) + 1) for s, t in self.train_ex]
+
+    def _build_model(self, ck: dict | None) -> None:
+        """The model and optimizer from the config's seed; on resume, then the checkpoint's state."""
+        cfg, proc = self.cfg, self.proc
+        torch.manual_seed(cfg["seed"])
+        random.seed(cfg["seed"])
+        self.model = build_model(cfg, len(self.src_tok), len(self.tgt_tok)).to(proc.device)
+        self.opt = make_optimizer(self.model, self.tcfg)
+        self.state = {"step": 0, "epoch": 0, "batch": 0, "best_bleu": -1.0, "bad_epochs": 0,
+                      "history": {"train": [], "dev": []}, "train_seconds": 0.0}
+        if ck is not None:
+            self._resume(ck)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self._say(f"model: {cfg['model']['arch']} preset={cfg['model'].get('preset')} {n_params / 1e6:.2f}M "
+                  f"parameters, kernels={cfg['kernels']}, device={proc.device}, processes={proc.world}")
+        self.net = self.model
+        if proc.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[proc.device] if proc.device.type == "cuda" else None)
+
+    def _plan_steps(self) -> None:
+        """The schedule's length in steps, and the autocast of every training step."""
+        t = self.tcfg
+        self.total_steps = len(self._epoch_batches(0)) * t["epochs"]
+        if t["max_steps"]:
+            self.total_steps = min(self.total_steps, t["max_steps"])
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.proc.device.type == "cuda" and t["bf16"]
+                         else contextlib.nullcontext())
+
+    def _epoch_batches(self, epoch: int) -> list:
+        return D.token_batches(self.lengths, self.tcfg["max_tokens"], self.cfg["seed"], epoch)
+
+    # --- save and resume -------------------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Writes all that `_resume` needs to `path` (rank 0 only)."""
+        if self.proc.main:
+            save_atomic({"config": self.cfg, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                         "state": self.state, "rng": _rng_state(), "src_spm": self.src_tok.proto,
+                         "tgt_spm": self.tgt_tok.proto}, path)
+
+    def _resume(self, ck: dict) -> None:
+        """Takes the model, optimizer, counters and random state from `ck`, a checkpoint `save` wrote."""
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.state = ck["state"]
+        _set_rng_state(ck["rng"])
+        self._say(f"resumed from {self.last_path} at step {self.state['step']} (epoch {self.state['epoch'] + 1}, "
+                  f"batch {self.state['batch']})")
+
+    # --- run -------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Trains and validates, saves last.pt, then (unless interrupted) tests the best checkpoint.
+
+        Returns:
+            {"steps", "history", "checkpoint": best.pt's path, "interrupted", "model", "train_seconds",
+            "test": the test scores, or None when interrupted, on ranks other than 0 or without test pairs}.
+        """
+        old_handlers = self._catch_signals()
+        self.t_train = time.time() - self.state["train_seconds"]
+        self.bar = self._progress_bar()
+        self.train_and_validate()
+        if self.bar is not None:
+            self.bar.close()
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+        self.save(self.last_path)
+        state = self.state
+        result = {"steps": state["step"], "history": state["history"], "checkpoint": self.best_path,
+                  "interrupted": self.interrupted, "model": self.model, "train_seconds": state["train_seconds"],
+                  "test": None}
+        if self.interrupted:
+            self._say(f"stopped after {self.session_steps} steps (step {state['step']}); continue with --resume")
+            return result
+        if self.proc.main:
+            result["test"] = self.test()
+            print(f"\ntotal {time.time() - self.t_start:.0f}s wall, {time.process_time():.0f}s CPU; checkpoints in "
+                  f"{self.run_dir} (best.pt, last.pt), curve {os.path.join(self.run_dir, 'curves.png')}", flush=True)
+        if self.proc.world > 1:
+            dist.barrier()
+        return result
+
+    def _catch_signals(self) -> dict:
+        """Installs `_on_signal` for SIGINT and SIGTERM, where it can (in the main thread).
+
+        Returns:
+            The handlers it replaced, by signal.
+        """
+        # Ctrl-C (or SIGTERM) ends the run at the next step boundary with a checkpoint, so --resume continues it
+        # exactly; a second Ctrl-C interrupts at once.
+        old_handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old_handlers[sig] = signal.signal(sig, self._on_signal)
+        return old_handlers
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signal_hit:
+            raise KeyboardInterrupt
+        self.signal_hit = True
+        self._say("\ninterrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def _progress_bar(self):
+        if not (self.proc.main and self.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.state["step"], desc="train", file=sys.stderr,
+                    dynamic_ncols=True, mininterval=1.0)
+
+    def train_and_validate(self) -> None:
+        """Epochs of training steps, each followed by validation, until the epochs, the step or time budget, an
+        interruption or early stopping end the run."""
+        self.model.train()
+        self.run_loss = self.run_tok = 0.0
+        self.tok_clock, self.tok_count = time.time(), 0
+        while self.state["epoch"] < self.tcfg["epochs"] and not self.stop:
+            batches = self._epoch_batches(self.state["epoch"])
+            while self.state["batch"] < len(batches) and not self.stop:
+                loss_sum, ntok, lr = self.train_step(batches[self.state["batch"]])
+                self._log_step(loss_sum, ntok, lr)
+                self._save_and_check_stop()
+            if self.interrupted:
+                break
+            self._end_epoch(len(batches))
+
+    # --- one step --------------------------------------------------------------------------------------------
+    def train_step(self, batch: list[int]) -> tuple[torch.Tensor, float, float]:
+        """One optimizer step on one global batch, of which this process takes its share.
+
+        Args:
+            batch: indices into the training examples.
+
+        Returns:
+            (this process's summed loss, the global batch's target tokens, the learning rate of the step).
+        """
+        proc, t = self.proc, self.tcfg
+        share = batch[proc.rank::proc.world]
+        # Each process takes every world-th sentence of the global batch: same global batch at any scale.
+        mine = [self.train_ex[i] for i in share] or [self.train_ex[batch[0]]]
+        src, tin, tout = collate(mine, proc.device)
+        ntok = proc.sum(tout.ne(PAD).sum().item() if share else 0)
+        lr = lr_at(self.state["step"] + 1, self.total_steps, t)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        with self.autocast:
+            loss_sum = self.net(src, tin, tout)
+        if not share:
+            loss_sum = loss_sum * 0  # an idle process still joins DDP's gradient all-reduce
+        # DDP averages gradients over processes; scaling by world / global tokens makes that the mean over
+        # every target token of the global batch, as in one process.
+        (loss_sum * (proc.world / ntok)).backward()
+        if t["clip"]:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t["clip"])
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.state["step"] += 1
+        self.state["batch"] += 1
+        self.session_steps += 1
+        return loss_sum, ntok, lr
+
+    def _log_step(self, loss_sum: torch.Tensor, ntok: float, lr: float) -> None:
+        """Adds the step to the running loss; every train.log_every steps, to the history and the bar."""
+        self.run_loss += self.proc.sum(loss_sum.item())
+        self.run_tok += ntok
+        self.tok_count += ntok
+        if self.state["step"] % self.tcfg["log_every"] == 0:
+            self.state["history"]["train"].append((self.state["step"], self.run_loss / self.run_tok))
+            if self.bar is not None:
+                now = time.time()
+                self.bar.set_postfix(loss=f"{self.run_loss / self.run_tok:.3f}",
+                                     tok_s=f"{self.tok_count / (now - self.tok_clock):.0f}", lr=f"{lr:.2e}",
+                                     refresh=False)
+                self.tok_clock, self.tok_count = now, 0
+            self.run_loss = self.run_tok = 0.0
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _save_and_check_stop(self) -> None:
+        """Saves last.pt every train.save_every steps; sets `stop` (and `interrupted`) when a budget is spent."""
+        t, state = self.tcfg, self.state
+        state["train_seconds"] = time.time() - self.t_train
+        if t["save_every"] and state["step"] % t["save_every"] == 0:
+            self.save(self.last_path)
+        # Rank 0's clock and signals decide for every process.
+        out_of_time, hit = self.proc.broadcast((bool(t["time_limit"]) and state["train_seconds"] >= t["time_limit"],
+                                                self.signal_hit))
+        if (t["stop_after"] and self.session_steps >= t["stop_after"]) or hit:
+            self.stop = self.interrupted = True
+        if (t["max_steps"] and state["step"] >= t["max_steps"]) or out_of_time:
+            self.stop = True
+
+    # --- evaluate --------------------------------------------------------------------------------------------
+    def _end_epoch(self, n_batches: int) -> None:
+        """End of an epoch (or of the step/time budget): validate, keep the best, maybe stop early."""
+        state = self.state
+        if self.proc.main:
+            self.validate()
+        state["bad_epochs"] = self.proc.broadcast(state["bad_epochs"])
+        if state["batch"] >= n_batches:  # advanced only now, so an interruption never skips validation
+            state["epoch"] += 1
+            state["batch"] = 0
+        if self.tcfg["patience"] and state["bad_epochs"] >= self.tcfg["patience"]:
+            self._say(f"early stopping: no better dev BLEU for {state['bad_epochs']} epochs")
+            self.stop = True
+
+    def validate(self) -> None:
+        """Scores the dev set, reports it, saves best.pt on a better BLEU and redraws the curves (rank 0 only)."""
+        state = self.state
+        dev_loss, sc = self.evaluate_dev()
+        state["history"]["dev"].append((state["step"], dev_loss, sc["bleu"]))
+        msg = (f"epoch {state['epoch'] + 1} step {state['step']}: dev loss {dev_loss:.3f}, "
+               f"BLEU {sc['bleu']:.2f}, chrF {sc['chrf']:.2f}  ({time.time() - self.t_start:.0f}s)")
+        if not state["history"]["dev"][:-1]:
+            msg += f"\n  dev BLEU signature: {sc['bleu_sig']}"
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+        if sc["bleu"] > state["best_bleu"]:
+            state["best_bleu"], state["bad_epochs"] = sc["bleu"], 0
+            self.save(self.best_path)
+        else:
+            state["bad_epochs"] += 1
+        plot_curves(state["history"], os.path.join(self.run_dir, "curves.png"))
+
+    def evaluate_dev(self) -> tuple[float, dict]:
+        """Scores the model on the dev set, then puts it back in training mode.
+
+        Returns:
+            (the dev loss per target token, `scores` of the first eval.dev_sentences dev translations).
+        """
+        dev_loss = mean_loss(self.model, self.dev_ex, self.tcfg["max_tokens"], self.proc.device)
+        sub = self.dev_pairs[: self.ecfg["dev_sentences"]]
+        hyps = self._translate(self.model, sub, self.ecfg["dev_beam"])
+        self.model.train()
+        return dev_loss, scores(hyps, [e for _, e in sub])
+
+    def test(self) -> dict | None:
+        """Translates the test split with best.pt and prints its scores and a few samples (rank 0 only).
+
+        Returns:
+            `scores` of the translations, or None without test pairs.
+        """
+        ecfg = self.ecfg
+        test_pairs = _read(self.cfg, "test", D.Cleaning(skip=self.clean_skip))
+        if not test_pairs:
+            return None
+        best, _, _, _ = model_from_checkpoint(load_checkpoint(self.best_path), device=self.proc.device)
+        hyps = self._translate(best, test_pairs, ecfg["beam"])
+        sc = scores(hyps, [e for _, e in test_pairs])
+        print(f"\ntest ({len(test_pairs)} pairs, beam {ecfg['beam']}): {sc['bleu_str']}\n  {sc['chrf_str']}")
+        print(f"  BLEU signature: {sc['bleu_sig']}\n  chrF signature: {sc['chrf_sig']}")
+        for (k, e), h in list(zip(test_pairs, hyps))[: ecfg["samples"]]:
+            print(f"\n  ko:  {k}\n  ref: {e}\n  hyp: {h}")
+        return sc
+
+    def _translate(self, model, pairs: list, beam_size: int) -> list[str]:
+        """Translations of the sources of `pairs`, with the eval section's decoding settings."""
+        e = self.ecfg
+        return translate_lines(model, self.src_tok, self.tgt_tok, [k for k, _ in pairs], beam_size,
+                               e["length_penalty"], e["batch_sentences"], e["max_len_ratio"], self.proc.device)
 
 
 def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
@@ -217,218 +580,4 @@ def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
     With `resume`, continues from run_dir/last.pt exactly where it stopped: same model, optimizer, data order
     and random state, so the result equals that of an uninterrupted run.
     """
-    t_start = time.time()
-    d = Dist(cfg.get("device", "auto"))
-    tcfg, ecfg = cfg["train"], cfg["eval"]
-    threads = tcfg.get("threads") or (max(1, (os.cpu_count() or 1) // d.world) if d.world > 1 else 0)
-    if threads:
-        torch.set_num_threads(threads)
-    run_dir = cfg["run_dir"]
-    os.makedirs(run_dir, exist_ok=True)
-    last_path, best_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
-    ck = load_checkpoint(last_path) if resume else None
-    if ck is not None:
-        # The run's own config wins, except for keys that only say how long to go on.
-        cfg = {**ck["config"], "run_dir": run_dir}
-        cfg["train"] = {**ck["config"]["train"], **{k: tcfg[k] for k in ("max_steps", "epochs", "stop_after",
-                                                                       "time_limit", "save_every")}}
-        tcfg = cfg["train"]
-
-    clean = D.Cleaning(skip=bool(cfg["data"]["clean"]), max_len=cfg["data"].get("max_chars", 0))
-    train_pairs = _read(cfg, "train", clean)
-    dev_pairs = _read(cfg, "dev", D.Cleaning(skip=clean.skip))
-    if clean.skipped:
-        _say(d, "data: skipped " + ", ".join(f"{n} x {why}" for why, n in clean.skipped.items()))
-    if not train_pairs:
-        raise D.DataError("no training pairs")
-    _say(d, f"data: {len(train_pairs)} train / {len(dev_pairs)} dev pairs")
-
-    tk = cfg["tokenizer"]
-    if ck is not None:
-        protos = (ck["src_spm"], ck["tgt_spm"])
-    else:
-        protos = None
-        if d.main:
-            t0 = time.time()
-            src_tok = Tokenizer.train((k for k, _ in train_pairs), tk["src_vocab"], tk["model_type"], 0.9995)
-            tgt_tok = Tokenizer.train((e for _, e in train_pairs), tk["tgt_vocab"], tk["model_type"], 1.0)
-            protos = (src_tok.proto, tgt_tok.proto)
-            _say(d, f"tokenizer: sentencepiece {tk['model_type']}, {len(src_tok)} ko / {len(tgt_tok)} en pieces "
-                    f"({time.time() - t0:.1f}s)")
-        protos = d.broadcast(protos)  # every process uses rank 0's models
-    src_tok, tgt_tok = Tokenizer(protos[0]), Tokenizer(protos[1])
-    train_ex = encode_pairs(train_pairs, src_tok, tgt_tok, tk["max_len"])
-    dev_ex = encode_pairs(dev_pairs, src_tok, tgt_tok, tk["max_len"])
-    lengths = [(len(s), len(t) + 1) for s, t in train_ex]
-
-    torch.manual_seed(cfg["seed"])
-    random.seed(cfg["seed"])
-    model = build_model(cfg, len(src_tok), len(tgt_tok)).to(d.device)
-    opt = make_optimizer(model, tcfg)
-    state = {"step": 0, "epoch": 0, "batch": 0, "best_bleu": -1.0, "bad_epochs": 0,
-             "history": {"train": [], "dev": []}, "train_seconds": 0.0}
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        state = ck["state"]
-        _set_rng_state(ck["rng"])
-        _say(d, f"resumed from {last_path} at step {state['step']} (epoch {state['epoch'] + 1}, "
-                f"batch {state['batch']})")
-    n_params = sum(p.numel() for p in model.parameters())
-    _say(d, f"model: {cfg['model']['arch']} preset={cfg['model'].get('preset')} {n_params / 1e6:.2f}M parameters, "
-            f"kernels={cfg['kernels']}, device={d.device}, processes={d.world}")
-    net = model
-    if d.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda"
-                                                        else None)
-
-    batches_per_epoch = len(D.token_batches(lengths, tcfg["max_tokens"], cfg["seed"], 0))
-    total_steps = batches_per_epoch * tcfg["epochs"]
-    if tcfg["max_steps"]:
-        total_steps = min(total_steps, tcfg["max_steps"])
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" and tcfg["bf16"]
-                else contextlib.nullcontext())
-
-    def checkpoint(path: str) -> None:
-        if d.main:
-            save_atomic({"config": cfg, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "state": state, "rng": _rng_state(), "src_spm": src_tok.proto, "tgt_spm": tgt_tok.proto},
-                        path)
-
-    def evaluate_dev() -> tuple[float, dict]:
-        dev_loss = mean_loss(model, dev_ex, tcfg["max_tokens"], d.device)
-        sub = dev_pairs[: ecfg["dev_sentences"]]
-        hyps = translate_lines(model, src_tok, tgt_tok, [k for k, _ in sub], ecfg["dev_beam"],
-                               ecfg["length_penalty"], ecfg["batch_sentences"], ecfg["max_len_ratio"], d.device)
-        model.train()
-        return dev_loss, scores(hyps, [e for _, e in sub])
-
-    session_steps, stop, interrupted = 0, False, False
-    # Ctrl-C (or SIGTERM) ends the run at the next step boundary with a checkpoint, so --resume continues it
-    # exactly; a second Ctrl-C interrupts at once.
-    signals = {"hit": False}
-
-    def on_signal(signum, frame):
-        if signals["hit"]:
-            raise KeyboardInterrupt
-        signals["hit"] = True
-        _say(d, "\ninterrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
-
-    old_handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old_handlers[sig] = signal.signal(sig, on_signal)
-    t_train = time.time() - state["train_seconds"]
-    bar = None
-    if d.main and progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=state["step"], desc="train", file=sys.stderr, dynamic_ncols=True,
-                   mininterval=1.0)
-    model.train()
-    run_loss = run_tok = 0.0
-    tok_clock, tok_count = time.time(), 0
-    while state["epoch"] < tcfg["epochs"] and not stop:
-        batches = D.token_batches(lengths, tcfg["max_tokens"], cfg["seed"], state["epoch"])
-        while state["batch"] < len(batches):
-            batch = batches[state["batch"]]
-            # Each process takes every world-th sentence of the global batch: same global batch at any scale.
-            mine = [train_ex[i] for i in batch[d.rank::d.world]] or [train_ex[batch[0]]]
-            src, tin, tout = collate(mine, d.device)
-            ntok_local = tout.ne(PAD).sum().item() if batch[d.rank::d.world] else 0
-            ntok = d.sum(ntok_local)
-            lr = lr_at(state["step"] + 1, total_steps, tcfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with autocast:
-                loss_sum = net(src, tin, tout)
-            if not batch[d.rank::d.world]:
-                loss_sum = loss_sum * 0  # an idle process still joins DDP's gradient all-reduce
-            # DDP averages gradients over processes; scaling by world / global tokens makes that the mean over
-            # every target token of the global batch, as in one process.
-            (loss_sum * (d.world / ntok)).backward()
-            if tcfg["clip"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["clip"])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["batch"] += 1
-            session_steps += 1
-            run_loss += d.sum(loss_sum.item())
-            run_tok += ntok
-            tok_count += ntok
-            if state["step"] % tcfg["log_every"] == 0:
-                state["history"]["train"].append((state["step"], run_loss / run_tok))
-                if bar is not None:
-                    now = time.time()
-                    bar.set_postfix(loss=f"{run_loss / run_tok:.3f}", tok_s=f"{tok_count / (now - tok_clock):.0f}",
-                                    lr=f"{lr:.2e}", refresh=False)
-                    tok_clock, tok_count = now, 0
-                run_loss = run_tok = 0.0
-            if bar is not None:
-                bar.update(1)
-            state["train_seconds"] = time.time() - t_train
-            if tcfg["save_every"] and state["step"] % tcfg["save_every"] == 0:
-                checkpoint(last_path)
-            # Rank 0's clock and signals decide for every process.
-            out_of_time, hit = d.broadcast((bool(tcfg["time_limit"]) and state["train_seconds"] >=
-                                            tcfg["time_limit"], signals["hit"]))
-            if (tcfg["stop_after"] and session_steps >= tcfg["stop_after"]) or hit:
-                stop = interrupted = True
-            if (tcfg["max_steps"] and state["step"] >= tcfg["max_steps"]) or out_of_time:
-                stop = True
-            if stop:
-                break
-        if interrupted:
-            break
-        # End of an epoch (or of the step/time budget): validate, keep the best, maybe stop early.
-        if d.main:
-            dev_loss, sc = evaluate_dev()
-            state["history"]["dev"].append((state["step"], dev_loss, sc["bleu"]))
-            msg = (f"epoch {state['epoch'] + 1} step {state['step']}: dev loss {dev_loss:.3f}, "
-                   f"BLEU {sc['bleu']:.2f}, chrF {sc['chrf']:.2f}  ({time.time() - t_start:.0f}s)")
-            if not state["history"]["dev"][:-1]:
-                msg += f"\n  dev BLEU signature: {sc['bleu_sig']}"
-            if bar is not None:
-                bar.write(msg)
-            else:
-                print(msg, flush=True)
-            if sc["bleu"] > state["best_bleu"]:
-                state["best_bleu"], state["bad_epochs"] = sc["bleu"], 0
-                checkpoint(best_path)
-            else:
-                state["bad_epochs"] += 1
-            plot_curves(state["history"], os.path.join(run_dir, "curves.png"))
-        state["bad_epochs"] = d.broadcast(state["bad_epochs"])
-        if state["batch"] >= len(batches):  # advanced only now, so an interruption never skips validation
-            state["epoch"] += 1
-            state["batch"] = 0
-        if tcfg["patience"] and state["bad_epochs"] >= tcfg["patience"]:
-            _say(d, f"early stopping: no better dev BLEU for {state['bad_epochs']} epochs")
-            stop = True
-    if bar is not None:
-        bar.close()
-    for sig, handler in old_handlers.items():
-        signal.signal(sig, handler)
-    checkpoint(last_path)
-    result = {"steps": state["step"], "history": state["history"], "checkpoint": best_path, "interrupted": interrupted,
-              "model": model, "train_seconds": state["train_seconds"], "test": None}
-    if interrupted:
-        _say(d, f"stopped after {session_steps} steps (step {state['step']}); continue with --resume")
-        return result
-    if d.main:
-        test_pairs = _read(cfg, "test", D.Cleaning(skip=clean.skip))
-        if test_pairs:
-            best, _, _, _ = model_from_checkpoint(load_checkpoint(best_path), device=d.device)
-            hyps = translate_lines(best, src_tok, tgt_tok, [k for k, _ in test_pairs], ecfg["beam"],
-                                   ecfg["length_penalty"], ecfg["batch_sentences"], ecfg["max_len_ratio"], d.device)
-            sc = scores(hyps, [e for _, e in test_pairs])
-            result["test"] = sc
-            print(f"\ntest ({len(test_pairs)} pairs, beam {ecfg['beam']}): {sc['bleu_str']}\n  {sc['chrf_str']}")
-            print(f"  BLEU signature: {sc['bleu_sig']}\n  chrF signature: {sc['chrf_sig']}")
-            for (k, e), h in list(zip(test_pairs, hyps))[: ecfg["samples"]]:
-                print(f"\n  ko:  {k}\n  ref: {e}\n  hyp: {h}")
-        print(f"\ntotal {time.time() - t_start:.0f}s wall, {time.process_time():.0f}s CPU; checkpoints in {run_dir} (best.pt, last.pt), curve "
-              f"{os.path.join(run_dir, 'curves.png')}", flush=True)
-    if d.world > 1:
-        dist.barrier()
-    return result
+    return Trainer(cfg, resume, progress).run()
