@@ -111,10 +111,9 @@ setup(
     packages=find_packages(include=["fastnn", "fastnn.*"]) + ["fastnn.kernels"],
     # The Triton kernels sit in kernels/ at the top of the repository and install as fastnn.kernels.
     package_dir={"fastnn.kernels": "kernels"},
-    # --- translator (issue 6) ---
+    # The translator's default configuration and its command line.
     package_data={"fastnn.translator": ["*.yaml"]},
     entry_points={"console_scripts": ["fastnn-translate=fastnn.translator.__main__:main"]},
-    # --- end translator ---
     ext_modules=[build_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

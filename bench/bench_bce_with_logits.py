@@ -2,7 +2,7 @@
 
     python bench/bench_bce_with_logits.py [--quick] [--device cpu|cuda]
 
-Goal case (issue 3): 8192 x 4096 float32, reduction "mean", on a 2-core CPU <= 0.5x torch eager time. torch eager
+Goal case (README's goal table): 8192 x 4096 float32, reduction "mean", on a 2-core CPU <= 0.5x torch eager time. torch eager
 composes log_sigmoid, mul, sub and mean forward (and sigmoid, sub, mul backward), each a pass over memory with
 a temporary; fastnn makes one pass forward (no output but the scalar) and one backward. Also timed: the same with a
 (4096,) pos_weight, and reduction "none". Validates every implementation against fastnn.reference first.

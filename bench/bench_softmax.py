@@ -2,8 +2,8 @@
 
     python bench/bench_softmax.py [--quick] [--device cpu|cuda]
 
-Row lengths 128 ... 262,144 at a fixed total size, plus the goal case 4096 x 32000 float32 (issue: on a 2-core
-CPU, fwd+bwd <= 0.8x torch eager and <= 1.0x torch.compile). Validates every implementation against
+Row lengths 128 ... 262,144 at a fixed total size, plus the goal case 4096 x 32000 float32 (README's goal table:
+on a 2-core CPU, fwd+bwd <= 0.8x torch eager and <= 1.0x torch.compile). Validates every implementation against
 fastnn.reference before timing it.
 """
 from __future__ import annotations

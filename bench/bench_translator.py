@@ -4,7 +4,7 @@ for the `small` and `course` presets (Transformer) and the LSTM seq2seq.
     python bench/bench_translator.py [--quick] [--device cpu|cuda]
 
 One step = forward, label-smoothed loss, backward, gradient clipping and an AdamW update on a fixed batch of
-random token ids (sources and targets of similar length, some padding). Goal (issue 6): on CPU the fastnn
+random token ids (sources and targets of similar length, some padding). Goal (README's goal table): on CPU the fastnn
 step takes <= 0.85x the torch step. The "fastnn" rows use fastnn.nn's module wherever it exists and torch.nn's
 otherwise; the resolved sources are printed, so a row is only a kernel comparison for the modules fastnn has.
 """

@@ -1,4 +1,4 @@
-"""The issue's equivalence check at full length: the same N fp32 training steps (default 200) on CPU with
+"""The kernels' equivalence check on the translator at full length: the same N fp32 training steps (default 200) on CPU with
 kernels=fastnn and kernels=torch from the same seed; prints both loss curves' largest relative difference.
 
     python bench/translator_kernels_match.py [--steps 200] [--arch transformer|lstm] [--preset small]

@@ -1,4 +1,4 @@
-"""Shared test helpers: which (device, backend) pairs run here, and the comparison rules of the brief."""
+"""Shared test helpers: which (device, backend) pairs run here, and the comparison rules (docs/reliability.md)."""
 from __future__ import annotations
 
 import pytest

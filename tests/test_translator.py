@@ -237,7 +237,7 @@ def _train_losses(cfg):
 @pytest.mark.parametrize("arch", ["transformer", "lstm"])
 def test_fastnn_and_torch_kernels_same_losses(tmp_path, arch):
     """The same fp32 steps from the same seed on either kernel library: losses within 1e-3 relative.
-    (bench/translator_kernels_match.py runs the issue's 200 steps.)"""
+    (bench/translator_kernels_match.py runs 200 steps.)"""
     sets = [f"model.arch={arch}", "train.max_steps=25", "train.epochs=100", "eval.beam=1"]
     a = _train_losses(tiny_cfg(tmp_path, *sets, "kernels=fastnn", name="f"))
     b = _train_losses(tiny_cfg(tmp_path, *sets, "kernels=torch", name="t"))

@@ -16,8 +16,7 @@ namespace {
 constexpr size_t kHugePage = size_t(2) << 20;
 
 // Freed blocks wait here for a request of the same rounded size, so a training loop's per-step buffers (the
-// same shapes every step) are faulted in once, not every step: zeroing fresh pages was ~10% of an LSTM layer's
-// forward (B = 32, H = 512). Bounded, since the memory stays with the process: FASTNN_CPU_CACHE_MB (default
+// same shapes every step) are faulted in once, not every step (docs/measurements.md, "CPU allocator"). Bounded, since the memory stays with the process: FASTNN_CPU_CACHE_MB (default
 // 256, 0 turns the cache off); fastnn.empty_cpu_cache() frees what it holds.
 class BlockCache {
  public:

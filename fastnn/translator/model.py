@@ -1,5 +1,5 @@
-"""The translation models: the course's encoder–decoder Transformer and an LSTM encoder–decoder with
-attention. Attention, softmax, the loss and the LSTM come from `kernel_modules(kernels)`, so the same code
+"""The translation models: an encoder–decoder Transformer (Vaswani et al.) and an LSTM encoder–decoder with
+Luong attention. Attention, softmax, the loss and the LSTM come from `kernel_modules(kernels)`, so the same code
 builds the model on fastnn's kernels or on torch's, with the same parameter names."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .tokenizer import PAD
 log = logging.getLogger("fastnn.translator")
 
 PRESETS = {
-    # The course's model (Vaswani et al.'s base, with 3 + 3 layers).
+    # Vaswani et al.'s base Transformer with 3 + 3 layers: the model size a typical translation course trains.
     "course": dict(d_model=512, heads=8, enc_layers=3, dec_layers=3, ffn=2048, dropout=0.1),
     # Trains on a 2-core CPU in a few minutes.
     "small": dict(d_model=128, heads=4, enc_layers=2, dec_layers=2, ffn=256, dropout=0.1),
@@ -208,7 +208,7 @@ class Transformer(Seq2Seq):
 
 
 class LSTMSeq2Seq(Seq2Seq):
-    """The course's seq2seq: a (bidirectional) LSTM encoder; an LSTM decoder initialised from the encoder's
+    """Seq2seq with attention (Luong et al.): a (bidirectional) LSTM encoder; an LSTM decoder initialised from the encoder's
     final state; Luong "general" attention over the encoder outputs after the decoder LSTM (so teacher-forced
     training runs the decoder LSTM over the whole sequence in one call)."""
 

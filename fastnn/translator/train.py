@@ -371,11 +371,13 @@ class Trainer:
         old_handlers = self._catch_signals()
         self.t_train = time.time() - self.state["train_seconds"]
         self.bar = self._progress_bar()
-        self.train_and_validate()
-        if self.bar is not None:
-            self.bar.close()
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
+        try:
+            self.train_and_validate()
+        finally:  # also after a second Ctrl-C: the caller gets its own handlers back
+            if self.bar is not None:
+                self.bar.close()
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
         self.save(self.last_path)
         state = self.state
         result = {"steps": state["step"], "history": state["history"], "checkpoint": self.best_path,
