@@ -72,33 +72,52 @@ def patch(model: nn.Module, *, verbose: bool = True) -> nn.Module:
     left alone, since they may override forward) with its fastnn twin, keeping parameters, buffers and
     train/eval mode.
 
-    Returns the model (the twin itself if ``model`` is a supported module). The replaced names are logged to
-    the "fastnn" logger and, with ``verbose``, printed one summary line.
-    """
-    replaced: list[str] = []
+    Every twin is built before the model is changed, so a failure leaves the model as it was. A module in a
+    configuration its twin cannot run (its ``from_torch`` raises NotImplementedError, ValueError or TypeError) is
+    left as the torch module and named in the report, never an error.
 
-    def swap(module: nn.Module) -> nn.Module:
+    Returns the model (the twin itself if ``model`` is a supported module). The replaced and the kept names are
+    logged to the "fastnn" logger and, with ``verbose``, printed in one summary line.
+    """
+    swaps: list[tuple[nn.Module | None, str, str, nn.Module]] = []  # (parent, attribute, report name, twin)
+    kept: list[str] = []
+
+    twins: dict[int, nn.Module | None] = {}  # a module shared by two parents gets one twin
+
+    def plan(parent: nn.Module | None, attr: str, name: str, module: nn.Module) -> None:
         twin_cls = PATCHABLE.get(type(module))
         if twin_cls is None:
-            return module
-        twin = twin_cls.from_torch(module)
-        twin.train(module.training)
-        return twin
+            return
+        if id(module) not in twins:
+            try:
+                twins[id(module)] = twin_cls.from_torch(module).train(module.training)
+            except (NotImplementedError, ValueError, TypeError) as e:
+                twins[id(module)] = None
+                kept.append(f"{name} ({type(module).__name__}: {e})")
+        if twins[id(module)] is not None:
+            swaps.append((parent, attr, f"{name} ({type(module).__name__})", twins[id(module)]))
 
     if type(model) in PATCHABLE:
-        replaced.append(f"<root> ({type(model).__name__})")
-        model = swap(model)
+        plan(None, "", "<root>", model)
     else:
-        for parent_name, parent in list(model.named_modules()):
-            for child_name, child in list(parent.named_children()):
-                new = swap(child)
-                if new is not child:
-                    setattr(parent, child_name, new)
-                    replaced.append(f"{parent_name + '.' if parent_name else ''}{child_name} ({type(child).__name__})")
+        for parent_name, parent in model.named_modules():
+            for child_name, child in parent.named_children():
+                plan(parent, child_name, f"{parent_name + '.' if parent_name else ''}{child_name}", child)
+    for parent, attr, _, twin in swaps:
+        if parent is None:
+            model = twin
+        else:
+            setattr(parent, attr, twin)
+    replaced = [name for _, _, name, _ in swaps]
     for name in replaced:
         log.info("fastnn.patch: replaced %s", name)
+    for name in kept:
+        log.info("fastnn.patch: kept the torch module %s", name)
     if verbose:
-        print(f"fastnn.patch: replaced {len(replaced)} module(s)" + (": " + ", ".join(replaced) if replaced else ""))
+        line = f"fastnn.patch: replaced {len(replaced)} module(s)" + (": " + ", ".join(replaced) if replaced else "")
+        if kept:
+            line += f"; kept {len(kept)} torch module(s) fastnn cannot run: " + ", ".join(kept)
+        print(line)
     return model
 
 

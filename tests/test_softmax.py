@@ -193,6 +193,37 @@ def test_patch_replaces_and_keeps_weights(capsys):
     assert type(fastnn.patch(nn.Softmax(0), verbose=False)) is fastnn.nn.Softmax
 
 
+class _Unsupported(nn.Module):
+    """A twin whose from_torch refuses the module, as a twin does for a configuration it cannot run."""
+
+    @classmethod
+    def from_torch(cls, module):
+        raise NotImplementedError("not this configuration")
+
+
+class _Broken(nn.Module):
+    @classmethod
+    def from_torch(cls, module):
+        raise RuntimeError("a bug in a twin")
+
+
+def test_patch_keeps_what_it_cannot_run_and_never_half_changes(monkeypatch, capsys):
+    shared = nn.Softmax(-1)
+    model = nn.Sequential(nn.Softmax(0), nn.Tanh(), nn.Sequential(shared, nn.Hardtanh()), shared)
+    monkeypatch.setitem(fastnn.nn.PATCHABLE, nn.Tanh, _Unsupported)
+    fastnn.patch(model)
+    out = capsys.readouterr().out
+    assert type(model[1]) is nn.Tanh and "kept 1 torch module(s)" in out and "1 (Tanh: not this configuration)" in out
+    assert type(model[0]) is fastnn.nn.Softmax and model[2][0] is model[3]  # one twin for a shared module
+    assert type(model[3]) is fastnn.nn.Softmax
+    # A twin that fails for another reason raises, and leaves the model as it was: every twin is built first.
+    model = nn.Sequential(nn.Softmax(0), nn.Hardtanh(), nn.LogSoftmax(1))
+    monkeypatch.setitem(fastnn.nn.PATCHABLE, nn.Hardtanh, _Broken)
+    with pytest.raises(RuntimeError, match="a bug in a twin"):
+        fastnn.patch(model)
+    assert [type(m) for m in model] == [nn.Softmax, nn.Hardtanh, nn.LogSoftmax]
+
+
 def _nullcontext():
     import contextlib
 
