@@ -176,7 +176,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         key_padding_mask: (B, Lk) bool ((Lk,) for 3-d inputs), True = padding key; applied in the kernel.
     Returns:
         (B, H, Lq, D) (or (H, Lq, D)) in query's dtype. A query row whose keys are all masked gets zeros and
-        zero gradients (torch returns NaN there).
+        zero gradients, as torch 2.13's CPU SDPA gives (math and flash backends; torch.nn.MultiheadAttention with
+        need_weights=True returns NaN there).
     Raises:
         TypeError: query/key/value not floating tensors of one dtype, ``attn_mask`` neither bool nor floating,
             ``key_padding_mask`` not bool, or ``scale`` not a number.
