@@ -1,13 +1,13 @@
 """Scaled dot-product attention, forward and forward+backward: fastnn backends vs torch SDPA (eager) vs the
-course-style matmul -> softmax -> matmul layer (eager and torch.compile).
+textbook attention layer that materializes the scores, matmul -> softmax -> matmul (eager and torch.compile).
 
     python bench/bench_attention.py [--quick] [--device cpu|cuda] [--no-compile]
 
-CPU goal (issue 4): B=8, H=8, L=512, D=64, causal, float32, fwd+bwd: <= 1.0x torch SDPA ("vs eager" column) and
->= 3x faster than the course-style layer; peak extra memory over L = 512 ... 8192 grows linearly for fastnn
-(the course layer's grows as L^2). GPU (only when CUDA exists): TFLOP/s at D = 64/128, L = 512 ... 16k, causal
-and not, bf16, against torch SDPA's flash and cuDNN backends; forward FLOPs 4*B*H*Lq*Lk*D (halved when causal),
-backward 2.5x forward.
+CPU goal (README, "Benchmarks"): B=8, H=8, L=512, D=64, causal, float32, fwd+bwd: <= 1.0x torch SDPA ("vs eager"
+column) and >= 3x faster than matmul -> softmax -> matmul; peak extra memory over L = 512 ... 8192 grows
+linearly for fastnn (matmul -> softmax -> matmul's grows as L^2). GPU (only when CUDA exists): TFLOP/s at
+D = 64/128, L = 512 ... 16k, causal and not, bf16, against torch SDPA's flash and cuDNN backends; forward FLOPs
+4*B*H*Lq*Lk*D (halved when causal), backward 2.5x forward.
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import fastnn
 import fastnn.functional as F
 from harness import EAGER, Bench
 
-COURSE = "course-matmul-softmax-matmul"
+MATMUL_SOFTMAX = "matmul-softmax-matmul"
 
 
-def course(q, k, v, is_causal):
-    """What a course's attention layer computes: the full L x L score and probability matrices."""
+def matmul_softmax_matmul(q, k, v, is_causal):
+    """Attention as the textbook layer writes it: the full L x L score and probability matrices."""
     s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if is_causal:
         L = s.shape[-1]
@@ -55,9 +55,9 @@ def implementations(b: Bench) -> dict:
                                                                                    backend="triton")
     impls["fastnn-native"] = lambda q, k, v, c: F.scaled_dot_product_attention(q, k, v, is_causal=c,
                                                                                backend="native")
-    impls[COURSE] = course
+    impls[MATMUL_SOFTMAX] = matmul_softmax_matmul
     if b.compile_ok:
-        impls["course-compiled"] = torch.compile(course, dynamic=False)
+        impls[f"{MATMUL_SOFTMAX}-compiled"] = torch.compile(matmul_softmax_matmul, dynamic=False)
     return impls
 
 
@@ -97,10 +97,10 @@ def main():
         validate(impls, "cpu", torch.float32)
         # The goal case.
         run_case(b, impls, 8, 8, 512, 64, True, torch.float32, "goal")
-        # Memory vs L: fastnn's extra memory is O(L) (q, k, v grads, stats), the course layer's O(L^2).
+        # Memory vs L: fastnn's extra memory is O(L) (q, k, v grads, stats), matmul -> softmax -> matmul's O(L^2).
         Ls = [512, 1024, 2048, 4096] if b.quick else [512, 1024, 2048, 4096, 8192]
         for L in Ls:
-            only = {"fastnn-native", EAGER} | ({COURSE} if L <= 4096 else set())
+            only = {"fastnn-native", EAGER} | ({MATMUL_SOFTMAX} if L <= 4096 else set())
             run_case(b, impls, 1, 8, L, 64, True, torch.float32, "memory", only=only)
     else:
         validate(impls, "cuda", torch.bfloat16)

@@ -21,7 +21,8 @@
 namespace fastnn::attention {
 
 // fastnn.reference.dropout_keep, bit for bit: element (row, col) of the flattened (B*H*Lq, Lk) probabilities is
-// kept when the top 24 bits of a 32-bit hash of (seed, row, col) reach the threshold round(p * 2^24).
+// kept when the top 24 bits of a 32-bit hash of (seed, row, col) reach the threshold round(p * 2^24). The
+// constants are kernels/dropout.py's, which the Python and Triton versions import.
 FASTNN_HD uint32_t fmix32(uint32_t h) {
   h ^= h >> 16;
   h *= 0x85EBCA6Bu;

@@ -11,6 +11,7 @@ from torch import nn
 from . import functional as F
 from ._validation import FLOATING, check_same_device
 from ._validation import check_tensor as _check_tensor
+from .ops.attention import attention_with_weights, multihead_attention_masks
 
 log = logging.getLogger("fastnn")
 
@@ -406,17 +407,6 @@ class LinearCrossEntropyLoss(nn.Module):
 
 # ---- attention -------------------------------------------------------------------------------------------------
 
-def _attention_weights_path(q, k, v, attn_mask, dropout_p, is_causal, key_padding_mask):
-    """need_weights=True: the attention matrix is returned, so it is materialized (B, H, L, S) and the output
-    computed from it with plain matmuls - the slower path, kept apart from the fused kernel."""
-    from .ops.attention import SEED_MASK
-    from .reference import attention_probs
-
-    seed = int(torch.randint(0, 2 ** 62, (1,)).item()) & SEED_MASK if dropout_p > 0 else 0
-    p = attention_probs(q, k, attn_mask, dropout_p, is_causal, None, key_padding_mask, seed)
-    return (p @ v.to(p.dtype)).to(q.dtype), p.to(q.dtype)
-
-
 @_patchable(nn.MultiheadAttention)
 class MultiheadAttention(nn.Module):
     """``torch.nn.MultiheadAttention`` on fastnn's fused attention: same constructor, forward signature, parameters
@@ -540,38 +530,13 @@ class MultiheadAttention(nn.Module):
             k = torch.cat([k, k.new_zeros(1, N, E)])
             v = torch.cat([v, v.new_zeros(1, N, E)])
         extra = int(self.bias_k is not None) + int(self.add_zero_attn)
-        S = k.shape[0]
         H, hd = self.num_heads, self.head_dim
         q, k, v = (t.reshape(t.shape[0], N, H, hd).permute(1, 2, 0, 3) for t in (q, k, v))  # (N, H, L|S, hd)
-        mask = None
-        if attn_mask is not None and not is_causal:
-            if attn_mask.dim() == 3:
-                attn_mask = attn_mask.reshape(N, H, L, attn_mask.shape[-1])
-            elif attn_mask.dim() != 2:
-                raise ValueError(f"MultiheadAttention: attn_mask must be 2-d (L, S) or 3-d (N * num_heads, L, S), "
-                                 f"got shape {tuple(attn_mask.shape)}")
-            mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
-            if extra:  # the appended keys are always attended
-                mask = torch.nn.functional.pad(mask, (0, extra), value=True if mask.dtype == torch.bool else 0.0)
-        kpm = None
-        if key_padding_mask is not None:
-            if extra:
-                key_padding_mask = torch.nn.functional.pad(
-                    key_padding_mask, (0, extra), value=False if key_padding_mask.dtype == torch.bool else 0.0)
-            if key_padding_mask.dtype == torch.bool:
-                kpm = key_padding_mask
-            else:  # a float padding mask is additive: fold it into attn_mask
-                add = key_padding_mask.to(q.dtype)[:, None, None, :]
-                if mask is None:
-                    mask = add
-                elif mask.dtype == torch.bool:
-                    mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf")) + add
-                else:
-                    mask = mask + add
+        mask, kpm = multihead_attention_masks(attn_mask, key_padding_mask, H, extra, q.dtype, is_causal=is_causal)
         p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
-            out, weights = _attention_weights_path(q, k, v, mask, p, is_causal, kpm)
+            out, weights = attention_with_weights(q, k, v, mask, p, is_causal, kpm)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
             if unbatched:
@@ -645,7 +610,7 @@ class MultiheadAttention(nn.Module):
 
 
 class MultiHeadSelfAttention(nn.Module):
-    """The course's self-attention layer - query, key, value and dense projections of ``hidden_size`` split into
+    """The textbook self-attention layer - query, key, value and dense projections of ``hidden_size`` split into
     ``num_heads`` heads - with the matmul -> softmax -> matmul core replaced by the fused kernel.
 
     forward(hidden_states (B, L, hidden_size), key_padding_mask (B, L) bool True = pad, optional,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .kernels.dropout import COL_MUL, FMIX_MUL1, FMIX_MUL2, KEEP_BITS, ROW_MUL, dropout_threshold, seed_halves
+
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -138,7 +140,7 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
 # ---- cross_entropy / linear_cross_entropy (losses helper) END ------------------------------------------------------
 
 
-# ---- attention (issue 4) -------------------------------------------------------------------------------------
+# ---- attention ----
 
 _M32 = 0xFFFFFFFF
 
@@ -150,9 +152,9 @@ def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
     h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
+    h = _mul32(h, FMIX_MUL1)
     h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
+    h = _mul32(h, FMIX_MUL2)
     return h ^ (h >> 16)
 
 
@@ -161,17 +163,14 @@ def dropout_keep(seed: int, rows: torch.Tensor, cols: torch.Tensor, p: float) ->
 
     Element (row, col) of the flattened (B*H*Lq, Lk) probability matrix is kept when the top 24 bits of a hash of
     (seed, row, col) are >= round(p * 2**24). The hash is murmur3's 32-bit finalizer applied twice, written with
-    32-bit wrap-around arithmetic so that C++, CUDA, Triton and this function agree bit for bit.
+    32-bit wrap-around arithmetic so that C++, CUDA, Triton and this function agree bit for bit (its constants:
+    fastnn.kernels.dropout).
     """
     rows, cols = torch.broadcast_tensors(rows.long(), cols.long())
-    lo, hi = seed & _M32, (seed >> 32) & _M32
-    x = (_mul32(rows & _M32, 0x9E3779B1) + _mul32(cols & _M32, 0x85EBCA77) + lo) & _M32
+    lo, hi = seed_halves(seed)
+    x = (_mul32(rows & _M32, ROW_MUL) + _mul32(cols & _M32, COL_MUL) + lo) & _M32
     x = _fmix32(_fmix32(x) ^ hi)
-    return (x >> 8) >= dropout_threshold(p)
-
-
-def dropout_threshold(p: float) -> int:
-    return min(1 << 24, int(round(p * (1 << 24))))
+    return (x >> (32 - KEEP_BITS)) >= dropout_threshold(p)
 
 
 def attention_probs(query, key, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, key_padding_mask=None,

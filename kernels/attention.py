@@ -3,7 +3,8 @@
 Tensors are (B, H, L, D), last dim contiguous. The forward keeps, per block of BLOCK_M queries, a running max m,
 sum l and unnormalized output acc while it walks the keys BLOCK_N at a time (online softmax), and writes the
 output and the per-row statistics m and log(l) - the only things the backward needs besides q, k, v. They are
-kept apart (the launchers' stats are (2, B, H, Lq)): their sum would lose log(l) to ulp(m) at scores of 1e4 and more.
+kept apart, as the two planes of the launchers' stats (2, B, H, Lq) that the kernels take as ROW_MAX and LOGL:
+their sum would lose log(l) to ulp(m) at scores of 1e4 and more.
 
 The backward recomputes P = exp((S - m) - log(l)) tile by tile in two kernels, so that neither needs atomics:
   * _attn_bwd_dkdv: one program per key block walks the query blocks and accumulates dK, dV;
@@ -22,16 +23,21 @@ import torch
 import triton
 import triton.language as tl
 
+from .dropout import COL_MUL, FMIX_MUL1, FMIX_MUL2, KEEP_BITS, ROW_MUL, SEED_MASK, dropout_threshold, seed_halves
+
 MAX_HEAD_DIM = 256
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# The dropout hash's constants (kernels/dropout.py) as a jitted function may read a global: constexpr.
+_ROW_MUL, _COL_MUL, _FMIX_MUL1, _FMIX_MUL2 = (tl.constexpr(c) for c in (ROW_MUL, COL_MUL, FMIX_MUL1, FMIX_MUL2))
+_DROP_SHIFT = tl.constexpr(32 - KEEP_BITS)
 
 
 @triton.jit
 def _fmix32(h):
     h ^= h >> 16
-    h *= 0x85EBCA6B
+    h *= _FMIX_MUL1
     h ^= h >> 13
-    h *= 0xC2B2AE35
+    h *= _FMIX_MUL2
     h ^= h >> 16
     return h
 
@@ -56,10 +62,10 @@ def _to(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _keep(rows, cols, seed_lo, seed_hi, thresh):
-    # fastnn.reference.dropout_keep, in uint32 arithmetic.
-    x = rows.to(tl.uint32)[:, None] * 0x9E3779B1 + cols.to(tl.uint32)[None, :] * 0x85EBCA77 + seed_lo.to(tl.uint32)
+    # The hash of kernels/dropout.py (fastnn.reference.dropout_keep), in uint32 arithmetic.
+    x = rows.to(tl.uint32)[:, None] * _ROW_MUL + cols.to(tl.uint32)[None, :] * _COL_MUL + seed_lo.to(tl.uint32)
     x = _fmix32(_fmix32(x) ^ seed_hi.to(tl.uint32))
-    return (x >> 8) >= thresh
+    return (x >> _DROP_SHIFT) >= thresh
 
 
 @triton.jit
@@ -119,22 +125,23 @@ def _key_end(pid_m, Lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(LSE, LOGL, DELTA, bh, Lq, offs_m):
+def _row_stats(ROW_MAX, LOGL, DELTA, bh, Lq, offs_m):
     """m, log(l) and delta of query rows offs_m (+inf, 0, 0 past Lq, so those rows get P = 0)."""
     rmask = offs_m < Lq
-    return (tl.load(LSE + bh * Lq + offs_m, mask=rmask, other=float("inf")),
+    return (tl.load(ROW_MAX + bh * Lq + offs_m, mask=rmask, other=float("inf")),
             tl.load(LOGL + bh * Lq + offs_m, mask=rmask, other=0.0),
             tl.load(DELTA + bh * Lq + offs_m, mask=rmask, other=0.0))
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, LOGL, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, smm, smn,
+def _attn_fwd(Q, K, V, O, ROW_MAX, LOGL, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, smm, smn,
               seed_lo, seed_hi, thresh, drop_scale,
               HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
               ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # Spelled out rather than through _program / _tile / _key_end: fp32 at D = 256 sits at ptxas' edge, and the
-    # helpers' order of the same operations made it spill 8-16 B or take 120 registers instead of 80 (kernels/aot.py).
+    # helpers' order of the same operations made it spill or take more registers (kernels/aot.py; the counts:
+    # docs/measurements.md, "Attention").
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -174,7 +181,7 @@ def _attn_fwd(Q, K, V, O, LSE, LOGL, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, s
     rmask = offs_m < Lq
     tl.store(O + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], _to(out, O.dtype.element_ty, UPCAST),
              mask=rmask[:, None] & dmask[None, :])
-    tl.store(LSE + bh * Lq + offs_m, tl.where(empty, float("inf"), m_i), mask=rmask)
+    tl.store(ROW_MAX + bh * Lq + offs_m, tl.where(empty, float("inf"), m_i), mask=rmask)
     tl.store(LOGL + bh * Lq + offs_m, tl.log(tl.where(empty, 1.0, l_i)), mask=rmask)
 
 
@@ -199,7 +206,7 @@ def _probs_and_dscores(q, k, v, do, m, logl, delta, offs_m, offs_n, bh, b, h, Lq
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, LOGL, DELTA, DK, DV, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, smm, smn,
+def _attn_bwd_dkdv(Q, K, V, DO, ROW_MAX, LOGL, DELTA, DK, DV, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, smm, smn,
                    seed_lo, seed_hi, thresh, drop_scale,
                    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                    ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -216,7 +223,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, LOGL, DELTA, DK, DV, MASK, KPM, H, Lq, Lk, 
     for start_m in range(lo, Lq, BLOCK_M):
         offs_m = start_m + offs_m0
         q, do = _load_tiles(q_base, do_base, offs_m, Lq, D, offs_d, dmask)
-        m, logl, delta = _row_stats(LSE, LOGL, DELTA, bh, Lq, offs_m)
+        m, logl, delta = _row_stats(ROW_MAX, LOGL, DELTA, bh, Lq, offs_m)
         pd, ds = _probs_and_dscores(q, k, v, do, m, logl, delta, offs_m, offs_n, bh, b, h, Lq, Lk, scale, MASK,
                                     smb, smh, smm, smn, KPM, seed_lo, seed_hi, thresh, drop_scale,
                                     HAS_MASK, HAS_KPM, CAUSAL, DROPOUT, ACC, PREC, UPCAST)
@@ -232,7 +239,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, LOGL, DELTA, DK, DV, MASK, KPM, H, Lq, Lk, 
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, LOGL, DELTA, DQ, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, smm, smn,
+def _attn_bwd_dq(Q, K, V, DO, ROW_MAX, LOGL, DELTA, DQ, MASK, KPM, H, Lq, Lk, D, scale, smb, smh, smm, smn,
                  seed_lo, seed_hi, thresh, drop_scale,
                  HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                  ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -240,7 +247,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, LOGL, DELTA, DQ, MASK, KPM, H, Lq, Lk, D, sca
     pid_m, offs_m, bh, b, h, offs_d, dmask = _program(H, D, BLOCK_M, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
     q, do = _load_tiles(Q + bh * Lq * D, DO + bh * Lq * D, offs_m, Lq, D, offs_d, dmask)
-    m, logl, delta = _row_stats(LSE, LOGL, DELTA, bh, Lq, offs_m)
+    m, logl, delta = _row_stats(ROW_MAX, LOGL, DELTA, bh, Lq, offs_m)
     # Rows that attend nothing (m = +inf): dO zeroed, so dS = 0 there (P (dP - delta) = 0 * inf if dO V overflows).
     do = tl.where((m == float("inf"))[:, None], 0.0, do).to(do.dtype)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
@@ -269,11 +276,11 @@ def _prec(dtype: torch.dtype) -> str:
 
 def _blocks(d: int, dtype: torch.dtype, backward: bool, heavy: bool) -> dict:
     """Tile sizes. ``heavy``: masks or dropout, whose [BLOCK_M, BLOCK_N] offsets and hashes need registers too.
-    Chosen so that no bf16/fp16 variant spills on sm_90 (kernels/aot.py). float32 (exact FMA dots, not tensor
-    cores) and float64 take small tiles, and at D=256 no software pipelining (num_stages=1): the prefetched tiles
-    of the default 3 stages spilled ~800 B in dK/dV on sm_90; with one stage it needs 150 registers. Since the
-    saved statistics became the pair (m, log l): float32 D=256 backward takes 4 warps (8 spilled 8-24 B in dK/dV)
-    and the plain half-precision D=256 forward 32 x 64 tiles (64 x 32 spilled 16 B)."""
+    Chosen so that no bf16/fp16/float32 variant spills on sm_90 (kernels/aot.py checks). float32 (exact FMA dots,
+    not tensor cores) and float64 take small tiles, and at D=256 no software pipelining (num_stages=1): the
+    prefetched tiles of the default 3 stages spilled in dK/dV. float32 D=256 backward takes 4 warps and the plain
+    half-precision D=256 forward 32 x 64 tiles: 8 warps and 64 x 32 tiles spilled once the saved statistics became
+    the pair (m, log l). ptxas' counts: docs/measurements.md, "Attention"."""
     block_d = max(16, triton.next_power_of_2(d))
     if _INTERPRET:
         # The interpreter's cost is per operation, not per element: big tiles, few iterations.
@@ -296,11 +303,9 @@ def _blocks(d: int, dtype: torch.dtype, backward: bool, heavy: bool) -> dict:
 
 
 def _dropout_args(dropout_p: float, seed: int) -> dict:
-    from fastnn.reference import dropout_threshold
-
-    # Halves kept below 2**31 (fastnn.ops.attention draws seeds that way) so both are typed int32.
-    seed &= 0x7FFFFFFF7FFFFFFF
-    return dict(seed_lo=seed & 0xFFFFFFFF, seed_hi=(seed >> 32) & 0xFFFFFFFF, thresh=dropout_threshold(dropout_p),
+    # Halves kept below 2**31 (SEED_MASK; fastnn.ops.attention draws seeds that way) so both are typed int32.
+    seed_lo, seed_hi = seed_halves(seed & SEED_MASK)
+    return dict(seed_lo=seed_lo, seed_hi=seed_hi, thresh=dropout_threshold(dropout_p),
                 drop_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
 
 
@@ -331,7 +336,7 @@ def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal
     B, H, Lq, D = q.shape
     out = torch.empty_like(q)
     stats = torch.empty((2, B, H, Lq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
-                      device=q.device)
+                        device=q.device)
     if out.numel() == 0:
         stats[0].fill_(float("inf"))
         stats[1].zero_()
@@ -378,7 +383,7 @@ def _aot_specs():
                     cfg = _blocks(d, dtype, backward, heavy)
                     options = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
                     sig = {p: f"*{name}" for p in ptrs}
-                    sig.update({"LSE": "*fp32", "LOGL": "*fp32", "MASK": "*fp32", "KPM": "*u8"})
+                    sig.update({"ROW_MAX": "*fp32", "LOGL": "*fp32", "MASK": "*fp32", "KPM": "*u8"})
                     if backward:
                         sig["DELTA"] = "*fp32"
                     sig.update(scalars)

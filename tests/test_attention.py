@@ -465,19 +465,19 @@ def test_patch_swaps_multihead_attention(capsys):
     assert torch.nn.MultiheadAttention in fastnn.nn.PATCHABLE
 
 
-def test_multi_head_self_attention_matches_course_layer():
+def test_multi_head_self_attention_matches_unfused_layer():
     torch.manual_seed(0)
     m = fastnn.nn.MultiHeadSelfAttention(num_heads=4, hidden_size=32).double()
     x = torch.randn(2, 11, 32, dtype=torch.float64, requires_grad=True)
 
-    def course(x):  # matmul -> softmax -> matmul, written out
+    def unfused(x):  # matmul -> softmax -> matmul, written out
         B, L, _ = x.shape
         heads = lambda t: t.view(B, L, 4, 8).transpose(1, 2)  # noqa: E731
         q, k, v = heads(m.query(x)), heads(m.key(x)), heads(m.value(x))
         p = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, -1)
         return m.dense((p @ v).transpose(1, 2).reshape(B, L, 32))
 
-    out, expected = m(x), course(x)
+    out, expected = m(x), unfused(x)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(expected.sum(), x)[0])
     with pytest.raises(ValueError, match="hidden_size"):

@@ -116,7 +116,7 @@ void finish_scores(const Params<A>& p, int64_t b, int64_t h, int64_t i, int64_t 
 template <typename A>
 void attention_fwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, A* o, A* stats) {
   const Geometry& g = p;
-  A* logl = stats + g.query_rows();  // plane 1; plane 0 holds m
+  A *row_max = stats, *logl = stats + g.query_rows();  // the two planes of stats
   const int64_t D = g.D, nqb = (g.Lq + kBQ - 1) / kBQ;
   at::parallel_for(0, g.B * g.H * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> S(kBQ * kBK), acc(kBQ * D), m(kBQ), l(kBQ);
@@ -160,13 +160,13 @@ void attention_fwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, 
         const int64_t row = bh * g.Lq + i0 + r;
         if (l[r] == A(0)) {  // every key masked: zeros, and m = +inf makes the backward's P zero
           std::fill(orow, orow + D, A(0));
-          stats[row] = std::numeric_limits<A>::infinity();
+          row_max[row] = std::numeric_limits<A>::infinity();
           logl[row] = A(0);
         } else {
           const A inv = A(1) / l[r];
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) orow[d] = ar[d] * inv;
-          stats[row] = m[r];
+          row_max[row] = m[r];
           logl[row] = std::log(l[r]);
         }
       }
@@ -276,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const Geometry g =
       attention::check_bwd_args(grad_out, query, key, value, out, stats, attn_mask, key_padding_mask, dropout_p);
   const at::Tensor q = compute(query), k = compute(key), v = compute(value), o = compute(out),
-                   dO = compute(grad_out), L = stats.contiguous();
+                   dO = compute(grad_out), row_stats = stats.contiguous();
   const auto kpm = attention::contiguous_kpm(key_padding_mask);
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
              dv = at::zeros(v.sizes(), v.options());
@@ -287,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       const auto p = attention::make_params<scalar_t>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);
       attention_bwd_impl<scalar_t>(p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                                    v.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
-                                   dO.const_data_ptr<scalar_t>(), L.const_data_ptr<scalar_t>(),
+                                   dO.const_data_ptr<scalar_t>(), row_stats.const_data_ptr<scalar_t>(),
                                    dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
                                    dv.mutable_data_ptr<scalar_t>());
     });

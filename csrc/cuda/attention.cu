@@ -313,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const auto acc = attention::acc_type(query.scalar_type());
   const c10::cuda::CUDAGuard guard(query.device());
   const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous(), o = out.contiguous(),
-                   dO = grad_out.contiguous(), L = stats.contiguous();
+                   dO = grad_out.contiguous(), row_stats = stats.contiguous();
   const auto kpm = attention::contiguous_kpm(key_padding_mask);
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
              dv = at::empty(v.sizes(), v.options());
@@ -332,12 +332,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     allow_smem(attn_bwd_dkdv_kernel<scalar_t, A>, bytes);
     attn_bwd_dq_kernel<scalar_t, A><<<dim3((g.Lq + kRows - 1) / kRows, g.B * g.H), kRows * 32, bytes, stream>>>(
         p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-        dO.const_data_ptr<scalar_t>(), L.const_data_ptr<A>(), delta.const_data_ptr<A>(),
+        dO.const_data_ptr<scalar_t>(), row_stats.const_data_ptr<A>(), delta.const_data_ptr<A>(),
         dq.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     attn_bwd_dkdv_kernel<scalar_t, A><<<dim3((g.Lk + kRows - 1) / kRows, g.B * g.H), kRows * 32, bytes, stream>>>(
         p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-        dO.const_data_ptr<scalar_t>(), L.const_data_ptr<A>(), delta.const_data_ptr<A>(),
+        dO.const_data_ptr<scalar_t>(), row_stats.const_data_ptr<A>(), delta.const_data_ptr<A>(),
         dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -1,6 +1,8 @@
 """scaled dot-product attention: custom ops ``fastnn::attention_fwd`` / ``attention_bwd`` (C++ CPU, CUDA) and
 their ``_triton`` twins, with one fake and one autograd formula. The backward saves q, k, v (the inputs), the
-output and the per-row logsumexp - nothing of size Lq x Lk - and regenerates dropout from a seed."""
+output and the per-row statistics (max score, log-sum) - nothing of size Lq x Lk - and regenerates dropout from
+a seed. Also what ``fastnn.nn.MultiheadAttention`` computes around the op: its masks in the op's convention and
+the path that returns the attention weights."""
 from __future__ import annotations
 
 import torch
@@ -8,16 +10,22 @@ import torch
 from .. import reference
 from .._validation import FLOATING, check_same_device, check_tensor
 from ..backend import resolve
+from ..kernels.dropout import SEED_MASK
 from .registry import Triton, register_op
 
 FN = "scaled_dot_product_attention"
 MAX_HEAD_DIM = 256
-SEED_MASK = 0x7FFFFFFF7FFFFFFF
 _FORWARD = {"native": torch.ops.fastnn.attention_fwd, "triton": torch.ops.fastnn.attention_fwd_triton}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _draw_seed(dropout_p: float) -> int:
+    """The dropout hash's seed (0 without dropout): drawn below 2**62 from torch's default CPU generator, so that
+    torch.manual_seed makes dropout reproducible, then masked by SEED_MASK (kernels/dropout.py says why)."""
+    return int(torch.randint(0, 2 ** 62, (1,)).item()) & SEED_MASK if dropout_p > 0 else 0
 
 
 def _additive_mask(attn_mask, full_shape, acc, unbatched):
@@ -85,16 +93,58 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                              f"{want}, got {tuple(key_padding_mask.shape)}")
         kpm = key_padding_mask.reshape(B, Lk)
     b = resolve(torch.ops.fastnn.attention_fwd, backend, q, k, v, mask, kpm)
-    # Drawn from torch's default CPU generator, so torch.manual_seed makes dropout reproducible.
-    # Bit 31 of each 32-bit half is cleared: Triton would type such a half as uint32, which its interpreter
-    # mishandles.
-    seed = int(torch.randint(0, 2 ** 62, (1,)).item()) & SEED_MASK if dropout_p > 0 else 0
+    seed = _draw_seed(dropout_p)
     if b == "reference":
         out = reference.scaled_dot_product_attention(q, k, v, mask, float(dropout_p), bool(is_causal), float(scale),
                                                      kpm, seed)
     else:
         out, _ = _FORWARD[b](q, k, v, mask, kpm, float(dropout_p), bool(is_causal), float(scale), seed)
     return out[0] if unbatched else out
+
+
+def multihead_attention_masks(attn_mask, key_padding_mask, num_heads: int, extra_keys: int, dtype: torch.dtype,
+                              is_causal: bool = False):
+    """``torch.nn.MultiheadAttention``'s masks as ``scaled_dot_product_attention`` takes them, for the (N, H, L, S')
+    heads that MultiheadAttention builds, S' = S + extra_keys.
+
+    attn_mask: (L, S) or (N * num_heads, L, S), bool with True = NOT allowed (torch's convention) or additive
+    float, or None; dropped when ``is_causal`` (then only torch's hint for the in-kernel causal mask).
+    key_padding_mask: (N, S), bool with True = ignore or additive float, or None. ``extra_keys`` keys appended
+    after the S (bias_k, add_zero_attn) are always attended: both masks are padded for them.
+    Returns (attn_mask, key_padding_mask): attn_mask bool with True = attend or additive in ``dtype``,
+    broadcastable to (N, num_heads, L, S'), or None; key_padding_mask (N, S') bool or None, a float one being
+    added to attn_mask instead."""
+    pad = torch.nn.functional.pad
+    mask = None
+    if attn_mask is not None and not is_causal:
+        if attn_mask.dim() == 3:
+            attn_mask = attn_mask.reshape(attn_mask.shape[0] // num_heads, num_heads, *attn_mask.shape[1:])
+        mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(dtype)
+        if extra_keys:
+            mask = pad(mask, (0, extra_keys), value=True if mask.dtype == torch.bool else 0.0)
+    if key_padding_mask is None:
+        return mask, None
+    if extra_keys:
+        key_padding_mask = pad(key_padding_mask, (0, extra_keys),
+                               value=False if key_padding_mask.dtype == torch.bool else 0.0)
+    if key_padding_mask.dtype == torch.bool:
+        return mask, key_padding_mask
+    add = key_padding_mask.to(dtype)[:, None, None, :]
+    if mask is None:
+        return add, None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask + add, None
+
+
+def attention_with_weights(q, k, v, attn_mask, dropout_p: float, is_causal: bool, key_padding_mask):
+    """(out, weights): attention that also returns its (B, H, Lq, Lk) probabilities (MultiheadAttention's
+    need_weights=True), so the matrix is materialized and the output computed from it with plain matmuls - the
+    slower path, kept apart from the fused kernel. q, k, v (B, H, L, D) and the masks as
+    ``scaled_dot_product_attention`` takes them; the default scale; both results in q's dtype."""
+    seed = _draw_seed(dropout_p)
+    p = reference.attention_probs(q, k, attn_mask, dropout_p, is_causal, None, key_padding_mask, seed)
+    return (p @ v.to(p.dtype)).to(q.dtype), p.to(q.dtype)
 
 
 def _fake_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
