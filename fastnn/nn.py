@@ -413,7 +413,8 @@ class MultiheadAttention(nn.Module):
     and ``state_dict`` keys, so ``load_state_dict`` of a torch module's state gives the same outputs.
 
     Differences from torch, all deliberate:
-      * a query row whose keys are all masked outputs zeros (torch: NaN), with zero gradients;
+      * a query row whose keys are all masked outputs zeros with zero gradients (torch 2.13 on CPU:
+        zeros with need_weights=False, NaN with need_weights=True);
       * ``need_weights=True`` (torch's default) materializes the (N, H, L, S) attention matrix on a separate,
         slower path; pass ``need_weights=False`` for the fused kernel (what torch's Transformer layers do);
       * ``is_causal=True`` needs no ``attn_mask`` (torch requires one as a hint). As in torch, the hint replaces

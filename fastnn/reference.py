@@ -211,7 +211,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     query (B, H, Lq, D) or (H, Lq, D); key/value (..., Lk, D); attn_mask bool (True = attend) or additive,
     broadcastable to (B, H, Lq, Lk); key_padding_mask (B, Lk) bool, True = pad; causal keeps j <= i (top-left,
-    as torch). A row with nothing left to attend gives zeros (torch: NaN). Dropout uses ``dropout_keep``.
+    as torch). A row with nothing left to attend gives zeros (as torch 2.13's CPU SDPA). Dropout uses ``dropout_keep``.
     """
     unbatched = query.dim() == 3
     q, k, v = query, key, value
