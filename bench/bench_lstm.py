@@ -3,8 +3,9 @@ CPU, cuDNN on the GPU) and a torch.nn.LSTMCell loop.
 
     python bench/bench_lstm.py [--quick] [--device cpu|cuda]
 
-Goal case (issue): T=64, B=32, input=hidden=512, float32: on a 2-core CPU fastnn.nn.LSTM <= 1.0x nn.LSTM; on a
-GPU <= 1.0x cuDNN's nn.LSTM. Validates every implementation against a float64 torch LSTM before timing it.
+Goal case (README, "Benchmarks"): T=64, B=32, input=hidden=512, float32: on a 2-core CPU fastnn.nn.LSTM <= 1.0x
+nn.LSTM; on a GPU <= 1.0x cuDNN's nn.LSTM. Validates every implementation against a float64 torch LSTM before
+timing it.
 """
 from __future__ import annotations
 

@@ -212,3 +212,44 @@ def lstm_cell(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None,
         ``fastnn.ops.lstm.lstm_cell``. NaN/Inf, a zero batch and any strides give torch's result.
     """
     return _lstm.lstm_cell(input, hx, w_ih, w_hh, b_ih=b_ih, b_hh=b_hh, backend=backend)
+
+
+def lstm(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None, params: list[torch.Tensor],
+         num_layers: int, bias: bool = True, dropout: float = 0.0, training: bool = True,
+         bidirectional: bool = False, lengths: torch.Tensor | None = None, *,
+         backend: str | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``torch.nn.LSTM``'s forward as a function, over a padded, time-major batch (gate order i, f, g, o;
+    ``fastnn.nn.LSTM`` converts batch-first, unbatched and packed input to it). Each layer and direction computes
+    its input product for all steps as one GEMM; with the native backend (CPU, CUDA) its recurrence then runs in
+    one C++ call, with the others as a loop over the fused cell. Without autograd (``torch.no_grad()``, or nothing
+    requiring grad) the CPU layer keeps no per-step gates or cell states.
+
+    Args:
+        input: [T, B, I], T >= 1; float32, float64, float16 or bfloat16.
+        hx: (h0, c0), each [num_layers * D, B, H] (D = 2 if bidirectional, else 1), or None for zeros.
+        params: the weights as ``torch.nn.LSTM._flat_weights`` lists them: for each layer, for each direction
+            (forward, then reverse), weight_ih [4H, I] ([4H, D * H] past the first layer), weight_hh [4H, H], and
+            with ``bias`` bias_ih, bias_hh [4H]; all of input's dtype and device.
+        num_layers: stacked layers, each reading the previous one's output.
+        bias: whether ``params`` holds the biases.
+        dropout: dropout probability on every layer's output but the last's, applied when ``training``.
+        training: apply ``dropout`` (as ``torch.nn.functional.dropout``'s ``training``).
+        bidirectional: run a reverse direction too and concatenate the two outputs.
+        lengths: int [B], each in [0, T]: the valid steps of each sequence. A row past its length keeps its states
+            (h_n, c_n are those of its last valid step, the reverse direction starts at it) and its output is
+            zero, as a ``PackedSequence`` through ``torch.nn.LSTM`` and back gives. None: all T steps.
+    Returns:
+        (output [T, B, D * H], (h_n, c_n)): output is the last layer's h at every step, the directions
+        concatenated; h_n, c_n [num_layers * D, B, H] are every layer's and direction's final states.
+    Raises:
+        TypeError: input or a parameter not a floating tensor, a parameter not of input's dtype (named, e.g.
+            weight_hh_l1_reverse), params not a list, or hx not a pair (h0, c0) of tensors of input's dtype and
+            device.
+        ValueError: input not 3-d or T = 0; params not holding num_layers * D * (4 if bias else 2) tensors, or one
+            of the wrong shape (named); input.size(-1) not the input size of weight_ih_l0; hx of the wrong shape;
+            lengths not integers of shape (B,) in [0, T]; dropout outside [0, 1]; num_layers < 1; tensors on
+            different devices.
+        NaN/Inf, a zero batch and any strides give torch's result.
+    """
+    return _lstm.lstm(input, hx, params, num_layers=num_layers, bias=bias, dropout=dropout, training=training,
+                      bidirectional=bidirectional, lengths=lengths, backend=backend)

@@ -192,8 +192,8 @@ class LSTM(nn.LSTM):
     bidirectional=False; proj_size must be 0) on fastnn's LSTM kernels, with torch's parameter names
     (``weight_ih_l0``, ``weight_hh_l0_reverse``, ...) so a torch ``state_dict`` loads unchanged.
 
-    Each layer and direction computes its input product for all steps as one GEMM; on the CPU its recurrence
-    then runs in one C++ call (an addmm and the fused cell per step), elsewhere as a loop over the fused cell.
+    forward converts its input (a ``PackedSequence``, batch_first, unbatched) to a padded [T, B, I] batch and runs
+    ``fastnn.functional.lstm`` on the module's parameters.
 
     forward(input, hx=None, *, lengths=None):
         input: [T, B, I] ([B, T, I] with batch_first), [T, I] unbatched, or a ``PackedSequence``.
@@ -220,8 +220,6 @@ class LSTM(nn.LSTM):
                          device=device, dtype=dtype)
 
     def forward(self, input, hx=None, *, lengths=None):
-        from .ops.lstm import lstm_layer
-
         fn = "fastnn.nn.LSTM"
         packed = isinstance(input, nn.utils.rnn.PackedSequence)
         if packed:
@@ -236,43 +234,10 @@ class LSTM(nn.LSTM):
         unbatched = x.dim() == 2
         if unbatched:
             x = x.unsqueeze(1)
-        T, B, I = x.shape
-        D, H, L = 2 if self.bidirectional else 1, self.hidden_size, self.num_layers
-        if T == 0:  # torch refuses it too
-            raise ValueError(f"{fn}: input must have a sequence length larger than 0, got shape {tuple(input.shape)}")
-        if I != self.input_size:
-            raise ValueError(f"{fn}: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {I}")
-        if x.dtype != self.weight_ih_l0.dtype:
-            raise TypeError(f"{fn}: input dtype {str(x.dtype).replace('torch.', '')} does not match the "
-                            f"parameters' {str(self.weight_ih_l0.dtype).replace('torch.', '')}")
-        h0, c0 = self._initial_states(hx, unbatched, x, L * D, B, H, fn)
-        if lengths is not None:
-            lengths = self._check_lengths(lengths, T, B, fn)
-        from .backend import resolve
-
-        backend = resolve(torch.ops.fastnn.lstm_cell_fwd, None, x, h0, self.weight_ih_l0)
-        layer_in = x
-        h_n, c_n = [], []
-        for layer in range(L):
-            outs = []
-            for d in range(D):
-                sfx = f"_l{layer}" + ("_reverse" if d else "")
-                k = layer * D + d
-                hs, h, c = lstm_layer(layer_in, h0[k], c0[k], getattr(self, "weight_ih" + sfx),
-                                      getattr(self, "weight_hh" + sfx), getattr(self, "bias_ih" + sfx, None),
-                                      getattr(self, "bias_hh" + sfx, None), lengths, bool(d), backend)
-                outs.append(hs)
-                h_n.append(h)
-                c_n.append(c)
-            layer_in = outs[0] if D == 1 else torch.cat(outs, 2)
-            if self.dropout and self.training and layer < L - 1:
-                layer_in = torch.nn.functional.dropout(layer_in, self.dropout, True)
-        out = layer_in
-        if lengths is not None:
-            # Past its length a row holds its last state; its output there is zero, as unpacking would give.
-            valid = torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)
-            out = out * valid.to(out.device, out.dtype).unsqueeze(2)
-        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+            hx = self._batch_states(hx, fn)
+        params = [getattr(self, name) for name in self._flat_weights_names]  # current under functional_call too
+        out, (h_n, c_n) = F.lstm(x, hx, params, self.num_layers, bias=self.bias, dropout=self.dropout,
+                                 training=self.training, bidirectional=self.bidirectional, lengths=lengths)
         if packed:
             si = input.sorted_indices
             out_sorted = out if si is None else out.index_select(1, si)
@@ -285,35 +250,17 @@ class LSTM(nn.LSTM):
             out = out.transpose(0, 1)
         return out, (h_n, c_n)
 
-    def _initial_states(self, hx, unbatched, x, LD, B, H, fn):
-        if hx is None:
-            z = x.new_zeros(LD, B, H)
-            return z, z
+    def _batch_states(self, hx, fn):
+        # Unbatched input takes states of (num_layers * num_directions, hidden_size): a batch of one for F.lstm.
+        # Anything but a pair of tensors goes on unchanged for F.lstm to name.
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            raise TypeError(f"{fn}: hx must be a tuple (h0, c0) or None, got {type(hx).__name__}")
-        states = []
+            return hx
+        want = (self.num_layers * (2 if self.bidirectional else 1), self.hidden_size)
         for name, s in zip(("hx[0] (h0)", "hx[1] (c0)"), hx):
-            _check_tensor(s, name, fn=fn)
-            want = (LD, H) if unbatched else (LD, B, H)
-            if tuple(s.shape) != want:
-                raise ValueError(f"{fn}: {name} must have shape {want} (num_layers * num_directions, batch, "
-                                 f"hidden_size), got {tuple(s.shape)}")
-            if s.dtype != x.dtype or s.device != x.device:
-                raise TypeError(f"{fn}: {name} must match input's dtype and device ({x.dtype}, {x.device}), got "
-                                f"{s.dtype} on {s.device}")
-            states.append(s.unsqueeze(1) if unbatched else s)
-        return states
-
-    @staticmethod
-    def _check_lengths(lengths, T, B, fn):
-        lengths = torch.as_tensor(lengths)
-        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or tuple(lengths.shape) != (B,):
-            raise ValueError(f"{fn}: lengths must be integers of shape ({B},), got {lengths.dtype} "
-                             f"{tuple(lengths.shape)}")
-        lengths = lengths.to("cpu", torch.int64)
-        if B and (lengths.min() < 0 or lengths.max() > T):
-            raise ValueError(f"{fn}: lengths must lie in [0, {T}] (the sequence length), got {lengths.tolist()}")
-        return lengths
+            if isinstance(s, torch.Tensor) and tuple(s.shape) != want:
+                raise ValueError(f"{fn}: {name} must have shape {want} (num_layers * num_directions, hidden_size) "
+                                 f"for unbatched input, got {tuple(s.shape)}")
+        return tuple(s.unsqueeze(1) if isinstance(s, torch.Tensor) else s for s in hx)
 
     @classmethod
     def from_torch(cls, module: nn.LSTM) -> "LSTM":

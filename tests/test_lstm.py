@@ -1,5 +1,6 @@
-"""LSTM: the fused cell through every backend, and fastnn.nn.LSTMCell / LSTM against their torch.nn twins with
-the same weights (outputs, final states and every gradient), variable lengths, dropout, opcheck, compile."""
+"""LSTM: the fused cell through every backend, and fastnn.functional.lstm and fastnn.nn.LSTMCell / LSTM against
+their torch.nn twins with the same weights (outputs, final states and every gradient), variable lengths, dropout,
+opcheck, compile."""
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_s
 
 import fastnn
 import fastnn.functional as F
+from fastnn.ops.lstm import lstm_layer
 from helpers import assert_matches, assert_raises_naming, device_backends
 
 FULL = [torch.float32, torch.float64]
@@ -166,8 +168,6 @@ def test_layer_infer_op_matches_training_op(dtype, reverse, with_lengths):
 def test_layer_torch_compile_fullgraph(grad):
     # The layer function compiles into one graph either way: without grad it calls the no-grad op (its fake
     # kernel gives the shapes), with grad the training op and its autograd.
-    from fastnn.ops.lstm import lstm_layer
-
     torch.manual_seed(5)
     T, B, I, H = 5, 3, 4, 6
     ts = [torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, H), torch.randn(4 * H, I), torch.randn(4 * H, H),
@@ -460,6 +460,85 @@ def test_unbatched_input():
     torch.testing.assert_close(ours(x), theirs(x))
 
 
+# ---------------------------------------------------------------------------------------------- F.lstm
+
+FUNCTIONAL_CASES = [
+    # (T, B, input, hidden, layers, bidirectional, bias, lengths)
+    (6, 4, 5, 7, 2, True, True, None),            # bidirectional, two layers: layer 2 eats 2H features
+    (6, 4, 5, 7, 3, False, True, [6, 2, 5, 1]),   # three layers, unsorted lengths with a length-1 row
+    (5, 3, 4, 9, 2, True, False, [5, 3, 3]),      # no biases (params holds 2 per layer and direction), lengths
+]
+
+
+@pytest.mark.parametrize("device,backend", device_backends("lstm_cell", reference=True))
+@pytest.mark.parametrize("T,B,I,H,L,bidir,bias,lengths", FUNCTIONAL_CASES)
+def test_functional_lstm_matches_torch(device, backend, T, B, I, H, L, bidir, bias, lengths):
+    # F.lstm on torch.nn.LSTM's own _flat_weights gives nn.LSTM's outputs, final states and every gradient;
+    # with lengths, those of the packed sequence through nn.LSTM, padded back with zeros.
+    torch.manual_seed(6)
+    dtype, D = torch.float64, 2 if bidir else 1
+    theirs = nn.LSTM(I, H, L, bias=bias, bidirectional=bidir, dtype=dtype, device=device)
+    lengths = None if lengths is None else torch.tensor(lengths)
+    x = torch.randn(T, B, I, dtype=dtype, device=device)
+    hx = tuple(torch.randn(L * D, B, H, dtype=dtype, device=device) for _ in range(2))
+    seeds = [torch.randn(T, B, D * H, dtype=dtype, device=device)] + \
+        [torch.randn(L * D, B, H, dtype=dtype, device=device) for _ in range(2)]
+
+    def ours(x, hx):
+        return F.lstm(x, hx, theirs._flat_weights, L, bias=bias, bidirectional=bidir, lengths=lengths,
+                      backend=backend)
+
+    def torch_lstm(x, hx):
+        if lengths is None:
+            return theirs(x, hx)
+        out, states = theirs(pack_padded_sequence(x, lengths, enforce_sorted=False), hx)
+        return pad_packed_sequence(out, total_length=T)[0], states
+
+    results = []
+    for f in (ours, torch_lstm):
+        xl, hl = _leaf(x), tuple(_leaf(s) for s in hx)
+        out, (h, c) = f(xl, hl)
+        grads = _grads((out, h, c), [xl, *hl, *theirs._flat_weights], seeds)
+        results.append([out.detach(), h.detach(), c.detach(), *grads])
+    names = ["output", "h_n", "c_n", "grad_input", "grad_h0", "grad_c0"] + \
+        [f"grad_{n}" for n in theirs._flat_weights_names]
+    for name, a, b in zip(names, *results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11, msg=lambda m: f"{name}: {m}")
+
+
+def test_functional_lstm_dropout_only_while_training():
+    torch.manual_seed(8)
+    theirs = nn.LSTM(5, 6, 3, dropout=0.5, dtype=torch.float64).eval()
+    x = torch.randn(4, 2, 5, dtype=torch.float64)
+    want = theirs(x)
+    torch.testing.assert_close(F.lstm(x, None, theirs._flat_weights, 3, dropout=0.5, training=False), want)
+    assert not torch.allclose(F.lstm(x, None, theirs._flat_weights, 3, dropout=0.5)[0], want[0])
+
+
+def test_functional_lstm_torch_compile_fullgraph():
+    # Two bidirectional layers compile into one graph, forward and backward: the argument checks and the backend
+    # choice run at trace time, the layer ops through their fake kernels and autograd formula.
+    torch.manual_seed(9)
+    L, T, B, I, H = 2, 5, 3, 4, 6
+    params = [p.detach().requires_grad_() for p in nn.LSTM(I, H, L, bidirectional=True)._flat_weights]
+    ts = [torch.randn(T, B, I, requires_grad=True)] + [torch.randn(2 * L, B, H, requires_grad=True)
+                                                       for _ in range(2)] + params
+
+    def f(x, h0, c0, *params):
+        out, (h, c) = F.lstm(x, (h0, c0), list(params), L, bidirectional=True)
+        return out, h, c
+
+    want = f(*ts)
+    got = torch.compile(f, fullgraph=True)(*ts)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(sum(o.sum() for o in got), ts),
+                               torch.autograd.grad(sum(o.sum() for o in want), ts))
+
+
+def _lstm_params(I=4, H=7, L=1, bias=True):
+    return nn.LSTM(I, H, L, bias=bias)._flat_weights
+
+
 def test_patch_swaps_lstm_and_cell_sharing_parameters(capsys):
     model = nn.ModuleDict({"rnn": nn.LSTM(4, 6, 2, batch_first=True), "cell": nn.LSTMCell(6, 5)})
     x = torch.randn(2, 3, 4)
@@ -503,6 +582,17 @@ def test_patch_swaps_lstm_and_cell_sharing_parameters(capsys):
     (lambda: fastnn.nn.LSTM(4, 6)(torch.randn(5, 2, 4), lengths=torch.tensor([5])), ValueError,
      ["lengths", "(2,)"]),
     (lambda: fastnn.nn.LSTM(4, 6, proj_size=3), NotImplementedError, ["proj_size"]),
+    (lambda: F.lstm(torch.randn(5, 4), None, _lstm_params(), 1), ValueError, ["input", "3-dimensional"]),
+    (lambda: F.lstm(torch.randn(5, 2, 4), None, _lstm_params()[:3], 1), ValueError, ["params", "4 tensors"]),
+    (lambda: F.lstm(torch.randn(5, 2, 4), None, _lstm_params(L=2), 1), ValueError, ["params", "got 8"]),
+    (lambda: F.lstm(torch.randn(5, 2, 4), None, _lstm_params(bias=False), 1), ValueError, ["params", "got 2"]),
+    (lambda: F.lstm(torch.randn(5, 2, 4), None, _lstm_params(L=2)[:4] + [torch.randn(28, 6)] +
+                    _lstm_params(L=2)[5:], 2), ValueError, ["weight_ih_l1", "(28, 7)"]),
+    (lambda: F.lstm(torch.randn(5, 2, 4), None, _lstm_params()[:3] + [torch.randn(28).double()], 1), TypeError,
+     ["dtype", "bias_hh_l0"]),
+    (lambda: F.lstm(torch.randn(5, 2, 3), None, _lstm_params(), 1), ValueError, ["input_size", "Expected 4, got 3"]),
+    (lambda: F.lstm(torch.randn(5, 2, 4), None, _lstm_params(), 1, dropout=1.5), ValueError, ["dropout"]),
+    (lambda: F.lstm(torch.randn(5, 2, 4), None, _lstm_params(), 0), ValueError, ["num_layers"]),
     (lambda: torch.ops.fastnn.lstm_cell_fwd(torch.randn(3, 27), None, torch.randn(3, 7)), RuntimeError,
      ["gates", "[B, 4H]"]),
     (lambda: torch.ops.fastnn.lstm_layer_fwd(torch.randn(2, 3, 5), torch.randn(28, 5), None, torch.randn(28, 7),

@@ -31,7 +31,7 @@
 #include "cpu/alloc.h"
 #include "cpu/gemm.h"
 #include "cpu/vec.h"
-#include "lstm_common.h"
+#include "lstm.h"
 
 namespace fastnn::cpu {
 namespace {
@@ -151,7 +151,7 @@ void pack_input_weight(const at::Tensor& w, float* wp) {
 
 // out [M, N] = x [M, K] . w^T with w packed by pack_input_weight; x contiguous float32. The threads take a share
 // of the rows each, in blocks of 48: a block's A (48 x 512 floats) stays in L2 while the packed weights stream past
-// it (2048 x 2048 x 512 on two cores: 48 rows 180 GF/s, 96 rows 176; MKL 174).
+// it (block sizes against MKL: docs/measurements.md, "LSTM").
 void input_product_packed(const at::Tensor& x, const float* wp, int64_t N, at::Tensor& out) {
   constexpr int64_t kRows = 48;
   const int64_t M = x.size(0), K = x.size(1);
@@ -181,8 +181,8 @@ bool packed_product(const T* a, int64_t lda, int64_t M, int64_t K, const at::Ten
 // four gate columns of its units, single-threaded inside the parallel region) feeds straight into its slice of
 // the cell, and in the backward its slice of the h gradient is exactly what its cell reads next. A step is then
 // one parallel region where a BLAS-threaded GEMM and a threaded cell take two, and the BLAS's own split of a
-// 32-row GEMM loses ~20% to fork / join and imbalance (B = 32, H = 512 on 2 cores: 0.55 ms for the whole product
-// on 2 threads, 0.43 ms for half of it on one).
+// GEMM of a few dozen rows loses much of the second thread to fork / join and imbalance (docs/measurements.md,
+// "LSTM").
 class UnitSlices {
   static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -20,7 +20,7 @@
 
 #include "common.h"
 #include "cuda/common.cuh"
-#include "lstm_common.h"
+#include "lstm.h"
 
 namespace fastnn::cuda {
 namespace {

@@ -1,5 +1,7 @@
 """LSTM: custom ops ``fastnn::lstm_cell_fwd`` / ``lstm_cell_bwd`` (C++ CPU, CUDA) with ``_triton`` twins, and
-``fastnn::lstm_layer_fwd`` / ``lstm_layer_bwd`` (C++ CPU: a whole layer's recurrence in one call).
+``fastnn::lstm_layer_fwd`` / ``lstm_layer_bwd`` (C++ CPU and CUDA: a whole layer's recurrence in one call) with
+``lstm_layer_infer_fwd`` (C++ CPU: the same without autograd); ``lstm`` runs a multi-layer, optionally
+bidirectional LSTM on them, layer by layer.
 
 The matrix products are ordinary differentiable torch ops (``mm`` / ``addmm`` on the platform BLAS) around the
 fused ops, so autograd turns their gradients into GEMMs too. The cell's backward saves the activated gates and
@@ -16,7 +18,7 @@ from .registry import Triton, register_op
 
 _CELL_FORWARD = {"native": torch.ops.fastnn.lstm_cell_fwd, "triton": torch.ops.fastnn.lstm_cell_fwd_triton}
 
-# ---------------------------------------------------------------------------------------------------- the cell
+# ---- the cell
 
 
 def lstm_cell(input: torch.Tensor, hx, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor | None = None,
@@ -130,7 +132,7 @@ register_op(torch.ops.fastnn.lstm_cell_fwd, torch.ops.fastnn.lstm_cell_bwd, fake
             triton=Triton(torch.ops.fastnn.lstm_cell_fwd_triton, torch.ops.fastnn.lstm_cell_bwd_triton,
                           _cell_triton_fwd, _cell_triton_bwd))
 
-# --------------------------------------------------------------------------------------------------- the layer
+# ---- one layer and direction
 
 
 def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
@@ -236,3 +238,127 @@ def _layer_backward(ctx, grads, bwd_op):
 
 register_op(torch.ops.fastnn.lstm_layer_fwd, torch.ops.fastnn.lstm_layer_bwd, fake_fwd=_layer_fake_fwd,
             fake_bwd=_layer_fake_bwd, setup_context=_layer_setup_context, backward=_layer_backward)
+
+# ---- the multi-layer LSTM
+
+
+def lstm(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None, params: list[torch.Tensor],
+         num_layers: int, bias: bool = True, dropout: float = 0.0, training: bool = True,
+         bidirectional: bool = False, lengths: torch.Tensor | None = None, backend: str | None = None):
+    """``torch.nn.LSTM``'s forward over a padded, time-major batch, as ``fastnn.functional.lstm`` documents it:
+    input [T, B, I], hx (h0, c0) [num_layers * D, B, H] or None, params in ``nn.LSTM._flat_weights`` order ->
+    (output [T, B, D * H], (h_n, c_n)). Checks every argument, then runs each layer's directions with
+    ``lstm_layer``, dropout between layers while training, and zeroes the outputs past ``lengths``."""
+    fn = "lstm"
+    check_tensor(input, "input", ndim=3, fn=fn)
+    T, B, _ = input.shape
+    if T == 0:  # torch refuses it too
+        raise ValueError(f"{fn}: input must have a sequence length larger than 0, got shape {tuple(input.shape)}")
+    D = 2 if bidirectional else 1
+    names, H = _check_params(fn, input, params, num_layers, bias, D)
+    h0, c0 = _initial_states(fn, hx, input, num_layers * D, H)
+    if lengths is not None:
+        lengths = _check_lengths(fn, lengths, T, B)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+        raise ValueError(f"{fn}: dropout must be a probability in [0, 1], got {dropout!r}")
+    check_same_device(fn, input=input, **dict(zip(names, params)))
+    backend = resolve(torch.ops.fastnn.lstm_cell_fwd, backend, input, h0, params[0])
+    per = len(params) // (num_layers * D)  # weight_ih, weight_hh (, bias_ih, bias_hh) of one layer and direction
+    layer_in, h_n, c_n = input, [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            w_ih, w_hh, *biases = params[k * per:(k + 1) * per]
+            b_ih, b_hh = biases or (None, None)
+            hs, h, c = lstm_layer(layer_in, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, lengths, bool(d), backend)
+            outs.append(hs)
+            h_n.append(h)
+            c_n.append(c)
+        layer_in = outs[0] if D == 1 else torch.cat(outs, 2)
+        if dropout and training and layer < num_layers - 1:
+            layer_in = torch.nn.functional.dropout(layer_in, dropout, True)
+    out = layer_in
+    if lengths is not None:
+        # Past its length a row holds its last state; its output there is zero, as unpacking would give.
+        valid = torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)
+        out = out * valid.to(out.device, out.dtype).unsqueeze(2)
+    return out, (torch.stack(h_n), torch.stack(c_n))
+
+
+def _param_names(num_layers: int, D: int, bias: bool) -> list[str]:
+    """``torch.nn.LSTM``'s parameter names in its ``_flat_weights`` order: per layer and direction weight_ih,
+    weight_hh (, bias_ih, bias_hh), the reverse direction's with the suffix ``_reverse``."""
+    kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
+    return [f"{kind}_l{layer}{'_reverse' if d else ''}" for layer in range(num_layers) for d in range(D)
+            for kind in kinds]
+
+
+def _check_params(fn, input, params, num_layers, bias, D):
+    """Checks params against input and the layout; returns their names and the hidden size."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"{fn}: num_layers must be a positive int, got {num_layers!r}")
+    names = _param_names(num_layers, D, bias)
+    if not isinstance(params, (list, tuple)):
+        raise TypeError(f"{fn}: params must be a list of tensors, got {type(params).__name__}")
+    if len(params) != len(names):
+        raise ValueError(f"{fn}: params must hold {len(names)} tensors for num_layers={num_layers}, bias={bias}, "
+                         f"bidirectional={D == 2} ({', '.join(names[:len(names) // (num_layers * D)])}, ... in "
+                         f"torch.nn.LSTM's order), got {len(params)}")
+    for name, p in zip(names, params):
+        check_tensor(p, name, fn=fn)
+    w_ih, w_hh = params[0], params[1]
+    if w_hh.dim() != 2 or w_hh.shape[0] != 4 * w_hh.shape[1]:
+        raise ValueError(f"{fn}: weight_hh_l0 must be [4*hidden_size, hidden_size], got {tuple(w_hh.shape)}")
+    H = w_hh.shape[1]
+    if w_ih.dim() != 2 or w_ih.shape[0] != 4 * H:
+        raise ValueError(f"{fn}: weight_ih_l0 must be [4*hidden_size, input_size] = [{4 * H}, input_size], got "
+                         f"{tuple(w_ih.shape)}")
+    if input.shape[2] != w_ih.shape[1]:
+        raise ValueError(f"{fn}: input.size(-1) must be equal to input_size. Expected {w_ih.shape[1]}, got "
+                         f"{input.shape[2]}")
+    per = len(names) // (num_layers * D)
+    for i, (name, p) in enumerate(zip(names, params)):
+        layer, kind = i // (per * D), i % per  # kind: weight_ih, weight_hh, bias_ih, bias_hh
+        want = ((4 * H, input.shape[2] if layer == 0 else D * H), (4 * H, H), (4 * H,), (4 * H,))[kind]
+        if tuple(p.shape) != want:
+            raise ValueError(f"{fn}: {name} must have shape {want}, got {tuple(p.shape)}")
+        if p.dtype != input.dtype:
+            raise TypeError(f"{fn}: input dtype {_dtype_name(input)} does not match the parameters' "
+                            f"{_dtype_name(p)} ({name})")
+    return names, H
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _initial_states(fn, hx, input, LD, H):
+    """(h0, c0), each [LD, B, H]: hx checked against input, or zeros."""
+    if hx is None:
+        z = input.new_zeros(LD, input.shape[1], H)
+        return z, z
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        raise TypeError(f"{fn}: hx must be a tuple (h0, c0) or None, got {type(hx).__name__}")
+    want = (LD, input.shape[1], H)
+    for name, s in zip(("hx[0] (h0)", "hx[1] (c0)"), hx):
+        check_tensor(s, name, fn=fn)
+        if tuple(s.shape) != want:
+            raise ValueError(f"{fn}: {name} must have shape {want} (num_layers * num_directions, batch, "
+                             f"hidden_size), got {tuple(s.shape)}")
+        if s.dtype != input.dtype or s.device != input.device:
+            raise TypeError(f"{fn}: {name} must match input's dtype and device ({input.dtype}, {input.device}), "
+                            f"got {s.dtype} on {s.device}")
+    return hx
+
+
+def _check_lengths(fn, lengths, T, B):
+    """lengths as int64 [B] on the CPU (where the layer ops read them), each in [0, T]."""
+    lengths = torch.as_tensor(lengths)
+    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or tuple(lengths.shape) != (B,):
+        raise ValueError(f"{fn}: lengths must be integers of shape ({B},), got {lengths.dtype} "
+                         f"{tuple(lengths.shape)}")
+    lengths = lengths.to("cpu", torch.int64)
+    if B and (lengths.min() < 0 or lengths.max() > T):
+        raise ValueError(f"{fn}: lengths must lie in [0, {T}] (the sequence length), got {lengths.tolist()}")
+    return lengths

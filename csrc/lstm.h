@@ -1,4 +1,4 @@
-// Argument checks and layer geometry shared by the CPU and CUDA LSTM kernels (csrc/{cpu,cuda}/lstm.*).
+// LSTM pieces shared by the CPU and CUDA kernels (csrc/{cpu,cuda}/lstm.*): argument checks and layer geometry.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
