@@ -1,10 +1,10 @@
 // A float32 GEMM against a packed B: the LSTM layer's recurrence (h W_hh^T forward, dG W_hh backward: B = 32 rows
 // a step against the same W_hh for every step) and input product x W_ih^T, and linear + cross-entropy's four
-// products per block of classes (logits, grad_weight, grad_input; csrc/cpu/cross_entropy.cpp).
+// products per block of classes (logits, grad_weight, grad_input; csrc/cpu/linear_cross_entropy.cpp).
 //
-// Why not the BLAS: MKL repacks B on every call, and at M = 32 that copy is a large share of the work: one core
-// reaches 72 GF/s on 32x512 . 512x1024 where this kernel, with W_hh packed once per layer call, reaches 90 (the
-// same core's MKL on a 1024-row product: 93). The packing is the usual one: panels of 16 columns stored k-major
+// Why not the BLAS: MKL repacks B on every call, and at M = 32 that copy is a large share of the work; this kernel,
+// with W_hh packed once per layer call, runs those products faster than MKL does (docs/measurements.md, "The
+// packed GEMM"). The packing is the usual one: panels of 16 columns stored k-major
 // ([K][16]), so the micro-kernel streams one panel with two aligned-width loads per k and broadcasts A; up to 6
 // rows at a time keep 12 accumulators in the 16 ymm registers. A is read in place, row-major or (TA) transposed.
 #pragma once
@@ -110,8 +110,8 @@ inline void gemm(const float* a, int64_t lda, int64_t M, int64_t K, const float*
       for (int64_t r = 0; r < M; ++r) std::fill_n(c + r * ldc, ncols, 0.0f);
     return;
   }
-  // K in blocks of 512: a panel's block (32 KB) and the rows' A stay near L1 (Zen 3, 2048 x 2048 x 512 on two
-  // cores: 180 GF/s with 512, 176 with 256; MKL: 174). The first block stores, the rest accumulate.
+  // K in blocks of 512: a panel's block (32 KB) and the rows' A stay near L1 (docs/measurements.md). The first
+  // block stores, the rest accumulate.
   constexpr int64_t KC = 512;
   if (panel_stride < 0) panel_stride = K * kNR;
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
