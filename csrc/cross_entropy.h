@@ -1,5 +1,5 @@
-// Cross-entropy pieces shared by the CPU and CUDA kernels: argument checks, the loss geometry, and the chunk loop
-// of linear + cross-entropy (device-agnostic ATen matmuls around a device's fused cross-entropy rows).
+// Cross-entropy pieces shared by the CPU and CUDA kernels, and by linear + cross-entropy's
+// (csrc/linear_cross_entropy.h): the argument checks, the loss geometry, the per-row statistics and the outputs.
 //
 // Per row (logits x, max m, lse = m + log(s), p = exp((x - m) - log(s)), smoothing eps over C classes, class
 // weights w, W = sum(w)):
@@ -10,15 +10,10 @@
 // exactly torch's cross_entropy before its reduction (an ignored row: loss 0, gradient 0).
 #pragma once
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
 
-#include <algorithm>
-#include <array>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -34,9 +29,10 @@ struct CeGeometry {
 inline at::ScalarType ce_acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The per-row statistics cross_entropy_fwd saves for the backward ("stats"): shape (2, rows...) in the accumulation
-// dtype, stats[0] the row's max m and stats[1] = log(sum(exp(x - m))); the backward computes p = exp((x - m) - stats[1]),
-// as torch's log_softmax does. Not m + log(s) in one number: rounded, it is off by up to ulp(m) / 2 (5e-4 in float32
-// at |x| ~ 1e4; all of log(s) at |x| ~ 3e38, even in float64), which exp(x - stats) turns into a softmax error.
+// dtype, stats[0] the row's max m and stats[1] = log(sum(exp(x - m))); the backward computes
+// p = exp((x - m) - stats[1]), as torch's log_softmax does. Not the logsumexp m + log(s) in one number: rounded, it
+// is off by up to ulp(m) / 2 (5e-4 in float32 at |x| ~ 1e4; all of log(s) at |x| ~ 3e38, even in float64), which
+// exp(x - lse) turns into a softmax error.
 template <typename A> A* stat_plane(const at::Tensor& stats, int64_t i) {
   return static_cast<A*>(stats.select(0, i).data_ptr());
 }
@@ -94,126 +90,6 @@ inline std::tuple<at::Tensor, at::Tensor> ce_fwd_outputs(const at::Tensor& input
   std::vector<int64_t> stats{2};
   stats.insert(stats.end(), shape.begin(), shape.end());
   return {at::empty(shape, opts), at::empty(stats, opts)};
-}
-
-// The checks of linear_cross_entropy_fwd and _bwd.
-inline void check_linear_ce_args(const at::Tensor& input, const at::Tensor& weight,
-                                 const std::optional<at::Tensor>& bias, const at::Tensor& target,
-                                 const std::optional<at::Tensor>& class_weight, int64_t chunk) {
-  check_floating(input, "input");
-  TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.size(1) == weight.size(1),
-              "linear_cross_entropy: input must be (N, D) and weight (V, D), got ", input.sizes(), " and ",
-              weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type() && weight.device() == input.device(),
-              "linear_cross_entropy: weight must have input's dtype and device");
-  if (bias.has_value())
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == input.scalar_type(),
-                "linear_cross_entropy: bias must be (V,) of input's dtype, got ", bias->sizes());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == input.size(0) && target.scalar_type() == at::kLong,
-              "linear_cross_entropy: target must be (N,) int64, got ", target.sizes(), " ", target.scalar_type());
-  if (class_weight.has_value())
-    TORCH_CHECK(class_weight->dim() == 1 && class_weight->size(0) == weight.size(0) &&
-                    class_weight->scalar_type() == input.scalar_type() && class_weight->device() == input.device(),
-                "linear_cross_entropy: class_weight must be (V,) of input's dtype and device, got ",
-                class_weight->sizes());
-  TORCH_CHECK(chunk > 0, "linear_cross_entropy: chunk must be positive, got ", chunk);
-}
-
-// Checks linear_cross_entropy_fwd's arguments; returns V, the number of classes.
-inline int64_t check_linear_ce_fwd_args(const at::Tensor& input, const at::Tensor& weight,
-                                        const std::optional<at::Tensor>& bias, const at::Tensor& target,
-                                        const std::optional<at::Tensor>& class_weight, int64_t chunk) {
-  check_linear_ce_args(input, weight, bias, target, class_weight, chunk);
-  TORCH_CHECK(weight.size(0) > 0, "linear_cross_entropy: weight has no rows (V = 0)");
-  return weight.size(0);
-}
-
-// Checks linear_cross_entropy_bwd's arguments; returns V.
-inline int64_t check_linear_ce_bwd_args(const at::Tensor& grad_loss, const at::Tensor& input,
-                                        const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                        const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
-                                        const at::Tensor& stats, int64_t chunk) {
-  check_linear_ce_args(input, weight, bias, target, class_weight, chunk);
-  check_ce_bwd_args(grad_loss, stats, CeGeometry{input.size(0), weight.size(0), 1}, input);
-  return weight.size(0);
-}
-
-// logits of rows [s, s + n) into the front of the reused buffer.
-inline at::Tensor chunk_logits(at::Tensor& buf, const at::Tensor& x, const at::Tensor& w,
-                               const std::optional<at::Tensor>& bias, int64_t s, int64_t n) {
-  at::Tensor logits = buf.narrow(0, 0, n);
-  const at::Tensor xs = x.narrow(0, s, n);
-  if (bias.has_value()) at::addmm_out(logits, *bias, xs, w.t());
-  else at::mm_out(logits, xs, w.t());
-  return logits;
-}
-
-// ce_fwd(logits, target, loss, stats) and ce_bwd(grad_loss, logits, target, stats) run a device's fused rows on one
-// (n, V) chunk; ce_bwd overwrites the logits with their gradient. alloc(sizes, options) -> an uninitialized tensor
-// (the CPU passes its huge-page allocator: faulting in 4 KiB pages costs more than the work on them).
-template <typename Fwd, typename Alloc>
-std::tuple<at::Tensor, at::Tensor> linear_ce_forward(const at::Tensor& input, const at::Tensor& weight,
-                                                     const std::optional<at::Tensor>& bias, const at::Tensor& target,
-                                                     int64_t chunk, Fwd&& ce_fwd, Alloc&& alloc) {
-  const at::Tensor x = input.contiguous(), w = weight.contiguous(), t = target.contiguous();
-  const int64_t N = x.size(0), V = w.size(0);
-  const auto acc = x.options().dtype(ce_acc_type(x.scalar_type()));
-  at::Tensor loss = at::empty({N}, acc), stats = at::empty({2, N}, acc);
-  if (N == 0) return {loss, stats};
-  at::Tensor buf = alloc({std::min(chunk, N), V}, x.options());
-  for (int64_t s = 0; s < N; s += chunk) {
-    const int64_t n = std::min(chunk, N - s);
-    ce_fwd(chunk_logits(buf, x, w, bias, s, n), t.narrow(0, s, n), loss.narrow(0, s, n), stats.narrow(1, s, n));
-  }
-  return {loss, stats};
-}
-
-// linear_cross_entropy_bwd's outputs: grad_input and grad_weight (acc: the accumulation type's options)
-// uninitialized, grad_bias zeros (summed into; and the answer without a bias). One that mask leaves out is an
-// empty (0,) tensor, and its product is skipped.
-template <typename Alloc>
-std::array<at::Tensor, 3> linear_ce_grads(const at::Tensor& x, const at::Tensor& w, std::array<bool, 3> mask,
-                                          const at::TensorOptions& acc, Alloc&& alloc) {
-  auto sized = [](bool wanted, at::IntArrayRef sizes) { return wanted ? sizes.vec() : std::vector<int64_t>{0}; };
-  return {alloc(sized(mask[0], x.sizes()), x.options()), alloc(sized(mask[1], w.sizes()), acc),
-          at::zeros(sized(mask[2], {w.size(0)}), acc)};
-}
-
-template <typename Bwd, typename Alloc>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
-    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& stats, int64_t chunk,
-    std::array<bool, 3> mask, Bwd&& ce_bwd, Alloc&& alloc) {
-  const at::Tensor x = input.contiguous(), w = weight.contiguous(), t = target.contiguous();
-  const at::Tensor g = grad_loss.contiguous(), l = stats.contiguous();
-  const int64_t N = x.size(0), V = w.size(0);
-  // Half types accumulate grad_weight / grad_bias over the chunks in float32 (one rounding at the end).
-  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  const auto acc = half ? x.options().dtype(at::kFloat) : x.options();
-  // grad_weight is written by the first chunk's GEMM (no zero fill); grad_bias is only summed when there is a bias.
-  auto [grad_input, grad_weight, grad_bias] = linear_ce_grads(x, w, mask, acc, alloc);
-  if (N == 0) grad_weight.zero_();
-  else if (mask[0] || mask[1] || (mask[2] && bias.has_value())) {
-    at::Tensor buf = alloc({std::min(chunk, N), V}, x.options());
-    for (int64_t s = 0; s < N; s += chunk) {
-      const int64_t n = std::min(chunk, N - s);
-      at::Tensor dlogits = chunk_logits(buf, x, w, bias, s, n);
-      ce_bwd(g.narrow(0, s, n), dlogits, t.narrow(0, s, n), l.narrow(1, s, n));
-      if (mask[0]) {
-        at::Tensor gi = grad_input.narrow(0, s, n);
-        at::mm_out(gi, dlogits, w);
-      }
-      if (mask[1]) {
-        const at::Tensor dt = half ? dlogits.t().to(at::kFloat) : dlogits.t();
-        const at::Tensor xs = half ? x.narrow(0, s, n).to(at::kFloat) : x.narrow(0, s, n);
-        if (s == 0) at::mm_out(grad_weight, dt, xs);
-        else grad_weight.addmm_(dt, xs);
-      }
-      if (mask[2] && bias.has_value()) grad_bias.add_(dlogits.sum(0, false, acc.dtype().toScalarType()));
-    }
-  }
-  if (half) return {grad_input, grad_weight.to(x.scalar_type()), grad_bias.to(x.scalar_type())};
-  return {grad_input, grad_weight, grad_bias};
 }
 
 }  // namespace fastnn

@@ -1,6 +1,6 @@
 // A float32 GEMM against a packed B: the LSTM layer's recurrence (h W_hh^T forward, dG W_hh backward: B = 32 rows
 // a step against the same W_hh for every step) and input product x W_ih^T, and linear + cross-entropy's four
-// products per block of classes (logits, grad_weight, grad_input; csrc/cpu/cross_entropy.cpp).
+// products per block of classes (logits, grad_weight, grad_input; csrc/cpu/linear_cross_entropy.cpp).
 //
 // Why not the BLAS: MKL repacks B on every call, and at M = 32 that copy is a large share of the work, where this
 // kernel packs W_hh once per layer call and reuses it for every step (against MKL: docs/measurements.md, "LSTM").

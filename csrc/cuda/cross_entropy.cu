@@ -1,12 +1,13 @@
-// Fused softmax cross-entropy on CUDA (formulas in csrc/cross_entropy.h), and linear + cross-entropy on top.
+// Fused softmax cross-entropy on CUDA (formulas in csrc/cross_entropy.h); linear + cross-entropy runs the same rows
+// on its chunks' logits (csrc/cuda/cross_entropy_rows.cuh).
 //
 // One thread block per row (an (n, d1, ...) position; classes `inner` apart, coalesced when inner == 1). Forward:
 // a single read of the row, each thread keeping an online max / rescaled sum of exp plus the weighted offsets
 // that smoothing and probability targets need, combined by block reductions; it writes only the loss and the
-// logsumexp. Backward: one more read of the row (two for probability targets: their weighted sum first), writing
-// the gradient, possibly over the logits (inplace). Out-of-range class indices are never used as addresses: the
-// read is clamped, the row's loss is NaN, and the index lands in a device flag that the host checks after the
-// launch (one sync) and reports as an IndexError.
+// row's statistics (max, log of the sum of exp). Backward: one more read of the row (two for probability targets:
+// their weighted sum first), writing the gradient, possibly over the logits (inplace). Out-of-range class indices
+// are never used as addresses: the read is clamped, the row's loss is NaN, and the index lands in a device flag
+// that the host checks after the launch (one sync) and reports as an IndexError.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -21,6 +22,7 @@
 #include "common.h"
 #include "cross_entropy.h"
 #include "cuda/common.cuh"
+#include "cuda/cross_entropy_rows.cuh"
 
 namespace fastnn::cuda {
 namespace {
@@ -40,8 +42,8 @@ __device__ __forceinline__ int64_t row_base(int64_t row, const RowArgs& a) {
 template <typename T, bool PROB, bool D>
 __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ x, const void* __restrict__ target,
                                                           const T* __restrict__ w, const acc_t<T>* __restrict__ wsum,
-                                                          acc_t<T>* __restrict__ loss, acc_t<T>* __restrict__ lse_m,
-                                                          acc_t<T>* __restrict__ lse_ls,
+                                                          acc_t<T>* __restrict__ loss, acc_t<T>* __restrict__ stat_m,
+                                                          acc_t<T>* __restrict__ stat_ls,
                                                           int64_t* __restrict__ flag, RowArgs a) {
   using A = acc_t<T>;
   const int64_t row = blockIdx.x;
@@ -53,14 +55,14 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
     ignored = t == a.ignore_index;
     bad = !ignored && (t < 0 || t >= C);
     if (ignored) {  // the whole block takes this branch together
-      if (threadIdx.x == 0) loss[row] = lse_m[row] = lse_ls[row] = A(0);
+      if (threadIdx.x == 0) loss[row] = stat_m[row] = stat_ls[row] = A(0);
       return;
     }
     if (bad) {
       if (threadIdx.x == 0) {
         flag[1] = t;  // any one bad index will do for the message
         flag[0] = 1;
-        loss[row] = lse_m[row] = lse_ls[row] = NAN;
+        loss[row] = stat_m[row] = stat_ls[row] = NAN;
       }
       return;
     }
@@ -68,25 +70,25 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
   const A keep = A(1) - A(a.eps), add = A(a.eps) / A(C);
   // Weighted sums of x as offsets from this thread's running max, rebased when it grows (as the sum of exp is):
   // no term is positive, so rows of large logits lose no precision and overflow only where the loss does.
-  LogSumExp<A> lse_acc = LogSumExp<A>::empty();
+  LogSumExp<A> stat = LogSumExp<A>::empty();
   A d = 0, u = 0;
   for (int64_t c = threadIdx.x; c < C; c += kThreads) {
     const A v = static_cast<A>(x[base + c * st]);
     const A one[1] = {v};
-    const A m_old = lse_acc.m;
-    lse_acc.add(one);
+    const A m_old = stat.m;
+    stat.add(one);
     if constexpr (D) {
       A wu = w ? static_cast<A>(w[c]) : A(1);
       // Smoothing's class share eps / C inside the sum: sum w (x - m) alone can overflow where the loss fits.
       wu *= PROB ? static_cast<A>(static_cast<const T*>(target)[base + c * st]) * keep + add : add;
-      if (m_old > neg_inf<A>()) d += u * (m_old - lse_acc.m);
-      d += wu * (v - (lse_acc.m == neg_inf<A>() ? A(0) : lse_acc.m));  // at -inf: w x = -inf, the loss is inf
+      if (m_old > neg_inf<A>()) d += u * (m_old - stat.m);
+      d += wu * (v - (stat.m == neg_inf<A>() ? A(0) : stat.m));  // at -inf: w x = -inf, the loss is inf
       u += wu;
     }
   }
-  const A m_thread = lse_acc.m;
-  lse_acc = block_reduce(lse_acc, MergeOp{});
-  const A M = lse_acc.m, log_s = log_(lse_acc.s);
+  const A m_thread = stat.m;
+  stat = block_reduce(stat, MergeOp{});
+  const A M = stat.m, log_s = log_(stat.s);
   if constexpr (D) d = m_thread > neg_inf<A>() ? d + u * (m_thread - M) : d;
   A l;
   if constexpr (PROB) {
@@ -102,8 +104,8 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
   }
   if (threadIdx.x == 0) {
     loss[row] = l;
-    lse_m[row] = M;
-    lse_ls[row] = log_s;
+    stat_m[row] = M;
+    stat_ls[row] = log_s;
   }
 }
 
@@ -111,13 +113,13 @@ template <typename T, bool PROB>
 __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const acc_t<T>* __restrict__ grad, const T* x,
                                                           const void* __restrict__ target, const T* __restrict__ w,
                                                           const acc_t<T>* __restrict__ wsum,
-                                                          const acc_t<T>* __restrict__ lse_m,
-                                                          const acc_t<T>* __restrict__ lse_ls, T* dx, RowArgs a) {
+                                                          const acc_t<T>* __restrict__ stat_m,
+                                                          const acc_t<T>* __restrict__ stat_ls, T* dx, RowArgs a) {
   // x and dx may alias (inplace): each element is read before it is written, by the same thread.
   using A = acc_t<T>;
   const int64_t row = blockIdx.x;
   const int64_t base = row_base(row, a), C = a.classes, st = a.inner;
-  const A g = grad[row], m = lse_m[row], ls = lse_ls[row];
+  const A g = grad[row], m = stat_m[row], ls = stat_ls[row];
   const A keep = A(1) - A(a.eps), add = A(a.eps) / A(C);
   const T* y = static_cast<const T*>(target);
   if constexpr (PROB) {
@@ -163,9 +165,10 @@ RowArgs row_args(const CeGeometry& g, int64_t ignore_index, double eps) {
   return RowArgs{g.classes, g.inner, ignore_index, eps};
 }
 
-// Fused rows over (rows, C[, inner]) storage; shared by cross_entropy_* and linear_cross_entropy_*.
-void launch_fwd(const at::Tensor& x, const at::Tensor& t, const std::optional<at::Tensor>& w, const CeGeometry& g,
-                int64_t ignore_index, double eps, at::Tensor& loss, at::Tensor& stats, at::Tensor& flag) {
+}  // namespace
+
+void ce_fwd_rows(const at::Tensor& x, const at::Tensor& t, const std::optional<at::Tensor>& w, const CeGeometry& g,
+                 int64_t ignore_index, double eps, at::Tensor& loss, at::Tensor& stats, at::Tensor& flag) {
   if (g.rows() == 0) return;
   const bool prob = t.is_floating_point();
   const DeviceWeights dw(w, x.scalar_type());
@@ -186,20 +189,20 @@ void launch_fwd(const at::Tensor& x, const at::Tensor& t, const std::optional<at
   });
 }
 
-void launch_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
-                const std::optional<at::Tensor>& w, const at::Tensor& stats, const CeGeometry& g, int64_t ignore_index,
-                double eps, at::Tensor& dx) {
+void ce_bwd_rows(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
+                 const std::optional<at::Tensor>& w, const at::Tensor& stats, const CeGeometry& g, int64_t ignore_index,
+                 double eps, at::Tensor& dx) {
   if (g.rows() == 0 || g.classes == 0) return;
   const DeviceWeights dw(w, x.scalar_type());
   const RowArgs a = row_args(g, ignore_index, eps);
-  const at::Tensor gc = grad.contiguous(), lc = stats.contiguous();
+  const at::Tensor gc = grad.contiguous(), st = stats.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_bwd_cuda", [&] {
     using A = acc_t<scalar_t>;
     auto go = [&](auto kernel) {
       kernel<<<g.rows(), kThreads, 0, stream>>>(gc.const_data_ptr<A>(), x.const_data_ptr<scalar_t>(),
                                                 t.const_data_ptr(), dw.data<scalar_t>(), dw.sum_data<A>(),
-                                                stat_plane<const A>(lc, 0), stat_plane<const A>(lc, 1),
+                                                stat_plane<const A>(st, 0), stat_plane<const A>(st, 1),
                                                 dx.mutable_data_ptr<scalar_t>(), a);
     };
     if (t.is_floating_point()) go(ce_bwd_kernel<scalar_t, true>);
@@ -207,8 +210,6 @@ void launch_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
-
-at::Tensor device_empty(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); }
 
 at::Tensor new_flag(const at::Tensor& x) { return at::zeros({2}, x.options().dtype(at::kLong)); }
 
@@ -218,6 +219,8 @@ void report_bad_target(const at::Tensor& flag, int64_t classes, int64_t ignore_i
   TORCH_CHECK_INDEX(p[0] == 0, "cross_entropy: target ", p[1], " is out of bounds: expected a class index in [0, ",
                     classes - 1, "] or ignore_index (", ignore_index, ")");
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& input, const at::Tensor& target,
                                                           const std::optional<at::Tensor>& weight,
@@ -230,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& inpu
   std::tie(loss, stats) = ce_fwd_outputs(x, g);
   if (g.rows() == 0) return {loss, stats};
   at::Tensor flag = new_flag(x);
-  launch_fwd(x, t, weight, g, ignore_index, label_smoothing, loss, stats, flag);
+  ce_fwd_rows(x, t, weight, g, ignore_index, label_smoothing, loss, stats, flag);
   if (!prob) report_bad_target(flag, g.classes, ignore_index);
   return {loss, stats};
 }
@@ -244,7 +247,7 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
   at::Tensor dx = at::empty(x.sizes(), x.options());
-  launch_bwd(grad_loss, x, target.contiguous(), weight, stats, g, ignore_index, label_smoothing, dx);
+  ce_bwd_rows(grad_loss, x, target.contiguous(), weight, stats, g, ignore_index, label_smoothing, dx);
   return dx;
 }
 
@@ -257,36 +260,7 @@ void cross_entropy_bwd_inplace_cuda(const at::Tensor& grad_loss, const at::Tenso
   check_ce_bwd_args(grad_loss, stats, g, input);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor dx = input;
-  launch_bwd(grad_loss, input, target.contiguous(), weight, stats, g, ignore_index, label_smoothing, dx);
-}
-
-std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cuda(
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& target, const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
-    double label_smoothing, int64_t chunk) {
-  const int64_t V = check_linear_ce_fwd_args(input, weight, bias, target, class_weight, chunk);
-  const c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor flag = new_flag(input);
-  auto out = linear_ce_forward(input, weight, bias, target, chunk,
-                               [&](const at::Tensor& logits, const at::Tensor& ts, at::Tensor loss, at::Tensor stats) {
-    launch_fwd(logits, ts, class_weight, CeGeometry{logits.size(0), V, 1}, ignore_index, label_smoothing, loss, stats,
-               flag);
-  }, device_empty);
-  report_bad_target(flag, V, ignore_index);
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
-    const at::Tensor& stats, int64_t ignore_index, double label_smoothing, int64_t chunk, std::array<bool, 3> mask) {
-  const int64_t V = check_linear_ce_bwd_args(grad_loss, input, weight, bias, target, class_weight, stats, chunk);
-  const c10::cuda::CUDAGuard guard(input.device());
-  return linear_ce_backward(grad_loss, input, weight, bias, target, stats, chunk, mask,
-                            [&](const at::Tensor& gs, at::Tensor& logits, const at::Tensor& ts, const at::Tensor& ls) {
-    launch_bwd(gs, logits, ts, class_weight, ls, CeGeometry{logits.size(0), V, 1}, ignore_index, label_smoothing,
-               logits);
-  }, device_empty);
+  ce_bwd_rows(grad_loss, input, target.contiguous(), weight, stats, g, ignore_index, label_smoothing, dx);
 }
 
 }  // namespace
@@ -295,8 +269,6 @@ TORCH_LIBRARY_IMPL(fastnn, CUDA, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
   m.impl("cross_entropy_bwd_inplace", &cross_entropy_bwd_inplace_cuda);
-  m.impl("linear_cross_entropy_fwd", &linear_cross_entropy_fwd_cuda);
-  m.impl("linear_cross_entropy_bwd", &linear_cross_entropy_bwd_cuda);
 }
 
 }  // namespace fastnn::cuda

@@ -20,8 +20,8 @@ from .registry import Triton, register_op
 _FORWARD = {"native": torch.ops.fastnn.linear_cross_entropy_fwd,
             "triton": torch.ops.fastnn.linear_cross_entropy_fwd_triton}
 
-# One (chunk, V) logits buffer of at most 128 MiB: below ~1024 rows the CPU GEMMs lose ~10% of their FLOP rate
-# (measured at D=512, V=32000 on 2 cores), and 128 MiB is still ~0.04x the (N, V) tensors torch keeps at N=8192.
+# One (chunk, V) logits buffer of at most 128 MiB: on fewer rows (below ~1024 at V=32000) the CPU GEMMs lose
+# FLOP rate (docs/measurements.md), and 128 MiB is still ~0.04x the (N, V) tensors torch keeps at N=8192.
 CHUNK_BYTES = 1 << 27
 
 

@@ -1,0 +1,80 @@
+"""Linear + cross-entropy, forward and forward+backward: fastnn backends vs torch eager
+(cross_entropy(linear(x, w), t)) vs torch.compile, time and peak extra memory.
+
+    python bench/bench_linear_cross_entropy.py [--quick] [--shapes] [--device cpu|cuda] [--no-compile]
+
+--shapes runs N=4096 over feature sizes and vocabularies instead of the goal case: where the logits are cheap next
+to the products (large D, small V) the backward's fourth product costs more than the saved memory traffic gains,
+and this shows where that turns.
+
+Goal case (the README's "Benchmarks" table, float32, 2-core CPU):
+  N=8192, D=512, V=32000: fwd+bwd <= 1.0x torch eager time, extra peak memory <= 0.1x torch's
+Every implementation is checked against fastnn.reference before it is timed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as TF
+
+import fastnn
+import fastnn.functional as F
+from harness import EAGER, Bench
+
+
+def implementations(b: Bench) -> dict:
+    def eager(x, w, t):
+        return TF.cross_entropy(TF.linear(x, w), t)
+
+    impls = {EAGER: eager}
+    if b.compile_ok:
+        impls["torch-compile"] = torch.compile(eager, dynamic=False)
+    impls["fastnn-native"] = lambda x, w, t: F.linear_cross_entropy(x, w, t, backend="native")
+    if b.device == "cuda":
+        impls["fastnn-triton"] = lambda x, w, t: F.linear_cross_entropy(x, w, t, backend="triton")
+    return impls
+
+
+def validate(impls: dict, device: str) -> None:
+    t = torch.randint(0, 1025, (37,), device=device)
+    h, w = torch.randn(37, 64, device=device), torch.randn(1025, 64, device=device) / 8
+    ref = fastnn.reference.linear_cross_entropy(h.double(), w.double(), t)
+    for name, f in impls.items():
+        err = abs(f(h, w, t).item() - ref.item())
+        assert err < 1e-4, f"{name} disagrees with the reference: error {err}"
+
+
+def run_case(b: Bench, impls: dict, N: int, D: int, V: int, tag: str) -> None:
+    x = torch.randn(N, D, device=b.device, requires_grad=True)
+    w = (torch.randn(V, D, device=b.device) / D ** 0.5).requires_grad_()
+    t = torch.randint(0, V, (N,), device=b.device)
+    case = f"N={N},D={D},V={V}"
+    flops = 2 * N * D * V
+    for name, f in impls.items():
+        b.run(case=case, impl=name, fn=lambda: f(x.detach(), w.detach(), t), flops=flops,
+              series=f"linear+CE fwd {tag}", x=V)
+
+        def fwd_bwd():
+            f(x, w, t).backward()
+            x.grad = w.grad = None
+
+        # torch: 3 matmuls; fastnn: 4 (the backward recomputes the logits chunk by chunk)
+        b.run(case=case, impl=name, fn=fwd_bwd, flops=3 * flops, series=f"linear+CE fwd+bwd {tag}", x=V)
+
+
+def main():
+    b = Bench("linear_cross_entropy")
+    impls = implementations(b)
+    validate(impls, b.device)
+    if "--shapes" in b.extra:
+        for D in (64, 512, 1024):
+            for V in (1000, 8000, 32000):
+                run_case(b, impls, 4096, D, V, f"shapes D={D}")
+    elif b.quick:
+        run_case(b, impls, 1024, 512, 32000, "goal (quick)")
+    else:
+        run_case(b, impls, 8192, 512, 32000, "goal")
+    b.finish()
+
+
+if __name__ == "__main__":
+    main()
