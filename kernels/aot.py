@@ -1,6 +1,6 @@
 """Ahead-of-time compile of every fastnn Triton kernel for NVIDIA GPUs - no GPU needed - with a register report.
 
-    python -m fastnn.kernels.aot [--arch 90] [--arch 80] [--only softmax] [--keep DIR]
+    python -m fastnn.kernels.aot [--arch 90] [--arch 80] [--only softmax] [--variant both] [--keep DIR]
 
 Every module ``kernels/<op>.py`` that defines ``AOT`` (a callable yielding ``(kernel, signature, constexprs,
 num_warps)``: the representative specializations its launcher uses) is found automatically and each entry is
@@ -8,6 +8,15 @@ compiled with ``triton.compile`` for each ``--arch`` (default 90, i.e. sm_90). P
 spill bytes (ptxas' own report, captured from a fresh cache), local memory and shared memory (``cuobjdump
 --dump-resource-usage`` of the cubin, Triton's bundled copy). Exit status 1 if any kernel fails to compile or
 spills registers, 0 otherwise.
+
+Variants (column ``var``). At launch the JIT specializes each pointer whose address is a multiple of 16 and each
+integer that is a multiple of 16 with ``tt.divisibility = 16`` (and turns an integer equal to 1 into the constant
+1): that is what lets it emit 16-byte loads. ``A`` (aligned) is the variant that runs for aligned tensors and
+sizes - every pointer and every integer argument divisible by 16, as torch's allocations and sizes like 64, 1024
+or 4096 give; ``U`` (unaligned) has no such hint, the variant that runs for an odd size (a vocabulary of 50257)
+or a sliced tensor. ``--variant`` picks one or both (default). A signature entry may carry Triton's own hint
+(``"i32:16"``, ``"*fp32:16"``, or ``"i32:1"`` for an argument the launcher always passes as 1); a hint holds in
+both variants.
 """
 from __future__ import annotations
 
@@ -94,18 +103,47 @@ def _describe(constexprs: dict) -> str:
     return ",".join(f"{k}={short(v)}" for k, v in constexprs.items())
 
 
-def compile_one(kernel, signature: dict, constexprs: dict, options, arch: int):
+def _dtype(signature: dict) -> str:
+    """The element type of the kernel's first pointer argument (fp32 and bf16 rows otherwise read the same)."""
+    return next((t.split(":")[0][1:] for t in signature.values() if t.startswith("*")), "-")
+
+
+_DIVISIBLE = re.compile(r"^(\*.*|[iu](32|64))$")  # what the JIT gives tt.divisibility: pointers and integers
+
+
+def specialize(kernel, signature: dict, constexprs: dict, aligned: bool):
+    """(signature, constexprs, names given tt.divisibility=16) as the JIT would build them for a launch whose
+    pointer and integer arguments are all multiples of 16 (``aligned``) or none of them; Triton's ``:16`` / ``:1``
+    hints in ``signature`` hold either way. Triton >= 3.3 wants every argument in the signature, constexprs typed
+    "constexpr"."""
+    sig, consts, divisible = {}, dict(constexprs), []
+    for name in kernel.arg_names:
+        ty, _, hint = signature.get(name, "constexpr").partition(":")
+        if hint == "1":
+            consts[name], ty = 1, "constexpr"
+        elif hint == "16" or (aligned and not hint and name not in consts and _DIVISIBLE.match(ty)):
+            divisible.append(name)
+        elif hint:
+            raise ValueError(f"{kernel.__name__}: argument {name}: only the hints 1 and 16 exist, got {hint!r}")
+        sig[name] = ty
+    return sig, consts, divisible
+
+
+def compile_one(kernel, signature: dict, constexprs: dict, options, arch: int, aligned: bool = True):
     """options: the launch's num_warps, or a dict of compile options (num_warps, num_stages)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    # Triton >= 3.3 wants every argument in the signature, constexprs typed "constexpr".
-    sig = {name: signature.get(name, "constexpr") for name in kernel.arg_names}
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+    target = GPUTarget("cuda", arch, 32)
+    sig, consts, divisible = specialize(kernel, signature, constexprs, aligned)
+    backend = triton.compiler.make_backend(target)
+    attr = backend.parse_attr("D")  # the JIT's own encoding of "divisible by 16": [["tt.divisibility", 16]]
+    attrs = {(kernel.arg_names.index(name),): attr for name in divisible}
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         opts = options if isinstance(options, dict) else {"num_warps": options}
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+        compiled = triton.compile(src, target=target, options=opts)
     return compiled, log.getvalue()
 
 
@@ -113,19 +151,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastnn.kernels.aot", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 or 80 (repeatable)")
     p.add_argument("--only", action="append", help="kernel module name, e.g. softmax (repeatable)")
+    p.add_argument("--variant", choices=("aligned", "unaligned", "both"), default="both",
+                   help="A: every pointer and integer argument divisible by 16 (what runs for aligned tensors); "
+                        "U: no divisibility hints; both (default)")
     p.add_argument("--keep", help="also write each kernel's PTX and cubin under this directory")
     args = p.parse_args(argv)
     archs = args.arch or [90]
+    variants = {"aligned": [True], "unaligned": [False], "both": [True, False]}[args.variant]
 
     cache = tempfile.mkdtemp(prefix="fastnn-aot-")
     _prepare_env(cache)
     try:
-        return _run(archs, args.only, args.keep)
+        return _run(archs, args.only, args.keep, variants)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
 
-def _run(archs, only, keep) -> int:
+def _run(archs, only, keep, variants=(True,)) -> int:
     import triton
 
     tool = _cuobjdump()
@@ -133,44 +175,49 @@ def _run(archs, only, keep) -> int:
     if not modules:
         print("aot: no kernels/*.py module defines AOT", file=sys.stderr)
         return 1
-    print(f"triton {triton.__version__}; archs {archs}; cuobjdump: {tool or 'not found'}")
-    print(f"{'arch':<6} {'kernel':<44} {'warps':>5} {'regs':>5} {'spill':>9} {'local':>6} {'smem':>7} {'s':>5}  "
-          "constexprs")
+    print(f"triton {triton.__version__}; archs {archs}; variants {''.join('AU'[not a] for a in variants)} "
+          f"(A: arguments divisible by 16, U: no hints); cuobjdump: {tool or 'not found'}")
+    print(f"{'arch':<6} {'kernel':<38} {'var':>3} {'dtype':>5} {'warps':>5} {'regs':>5} {'spill':>6} {'local':>6} "
+          f"{'smem':>7} {'s':>5}  constexprs")
     failures, total = [], 0
     for name, aot in modules:
         for kernel, signature, constexprs, options in aot():
             num_warps = options["num_warps"] if isinstance(options, dict) else options
             for arch in archs:
-                total += 1
-                label = f"{name}.{kernel.__name__}"
-                start = time.time()
-                try:
-                    compiled, log = compile_one(kernel, signature, constexprs, options, arch)
-                except Exception as e:  # a compile error is a failure of this check, not a crash of the report
-                    failures.append(f"sm_{arch} {label} [{_describe(constexprs)}]: {type(e).__name__}: {e}")
-                    print(f"sm_{arch:<3} {label:<44} {num_warps:>5}  COMPILE ERROR: {str(e).splitlines()[0][:80]}")
-                    continue
-                secs = time.time() - start
-                rep = ptxas_report(log)
-                use = resource_usage(compiled.asm["cubin"], tool)
-                regs = rep.get("regs", use.get("REG", getattr(compiled, "n_regs", None)))
-                spill = rep.get("spill_stores", 0) + rep.get("spill_loads", 0)
-                local = use.get("LOCAL", 0)
-                spilled = spill > 0 or local > 0
-                if not rep and not use:
-                    failures.append(f"sm_{arch} {label}: no register report (neither ptxas log nor cuobjdump)")
-                if spilled:
-                    failures.append(f"sm_{arch} {label} [{_describe(constexprs)}]: spills {spill} B, local {local} B")
-                smem = compiled.metadata.shared
-                print(f"sm_{arch:<3} {label:<44} {num_warps:>5} {regs!s:>5} {spill:>9} {local:>6} {smem:>7} "
-                      f"{secs:>5.1f}  {_describe(constexprs)}{'  SPILL' if spilled else ''}")
-                if keep:
-                    os.makedirs(keep, exist_ok=True)
-                    stem = os.path.join(keep, f"sm{arch}-{label}-{compiled.hash[:10]}")
-                    with open(stem + ".ptx", "w") as f:
-                        f.write(compiled.asm["ptx"])
-                    with open(stem + ".cubin", "wb") as f:
-                        f.write(compiled.asm["cubin"])
+                for aligned in variants:
+                    total += 1
+                    var = "A" if aligned else "U"
+                    label = f"{name}.{kernel.__name__}"
+                    head = f"sm_{arch:<3} {label:<38} {var:>3} {_dtype(signature):>5} {num_warps:>5}"
+                    what = f"sm_{arch} {label} ({var}, {_dtype(signature)}) [{_describe(constexprs)}]"
+                    start = time.time()
+                    try:
+                        compiled, log = compile_one(kernel, signature, constexprs, options, arch, aligned)
+                    except Exception as e:  # a compile error is a failure of this check, not a crash of the report
+                        failures.append(f"{what}: {type(e).__name__}: {e}")
+                        print(f"{head}  COMPILE ERROR: {str(e).splitlines()[0][:80] if str(e) else type(e).__name__}")
+                        continue
+                    secs = time.time() - start
+                    rep = ptxas_report(log)
+                    use = resource_usage(compiled.asm["cubin"], tool)
+                    regs = rep.get("regs", use.get("REG", getattr(compiled, "n_regs", None)))
+                    spill = rep.get("spill_stores", 0) + rep.get("spill_loads", 0)
+                    local = use.get("LOCAL", 0)
+                    spilled = spill > 0 or local > 0
+                    if not rep and not use:
+                        failures.append(f"{what}: no register report (neither ptxas log nor cuobjdump)")
+                    if spilled:
+                        failures.append(f"{what}: spills {spill} B, local {local} B")
+                    smem = compiled.metadata.shared
+                    print(f"{head} {regs!s:>5} {spill:>6} {local:>6} {smem:>7} {secs:>5.1f}  "
+                          f"{_describe(constexprs)}{'  SPILL' if spilled else ''}")
+                    if keep:
+                        os.makedirs(keep, exist_ok=True)
+                        stem = os.path.join(keep, f"sm{arch}-{label}-{var}-{compiled.hash[:10]}")
+                        with open(stem + ".ptx", "w") as f:
+                            f.write(compiled.asm["ptx"])
+                        with open(stem + ".cubin", "wb") as f:
+                            f.write(compiled.asm["cubin"])
     print(f"aot: {total} compilations, {len(failures)} failure(s)")
     for f in failures:
         print("  FAIL " + f)

@@ -14,13 +14,14 @@ import torch.nn.functional as TF
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import fastnn
 import fastnn.functional as F
 import fastnn.nn as fnn
 
 ERRORS = (TypeError, ValueError, IndexError, RuntimeError, NotImplementedError)
 
 
-def r(*shape, dtype=torch.float32, device="cpu"):
+def r(*shape, dtype=torch.float32, device=None):  # None: the default device (CUDA in test_contract_cuda)
     return torch.randn(shape, dtype=dtype, device=device)
 
 
@@ -666,8 +667,11 @@ def _flat(out):
     return [t for o in out for t in _flat(o)]
 
 
-@pytest.mark.parametrize("ours,theirs,names", [pytest.param(o, t, n, id=i) for i, o, t, n in ROWS])
-def test_contract(ours, theirs, names):
+_ROW_PARAMS = [pytest.param(o, t, n, id=i) for i, o, t, n in ROWS]
+
+
+@pytest.mark.parametrize("ours,theirs,names", _ROW_PARAMS)
+def test_contract(ours, theirs, names, tol=1e-5):
     torch.manual_seed(0)
     try:
         got = ours()
@@ -688,4 +692,38 @@ def test_contract(ours, theirs, names):
             assert a is b
             continue
         assert a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True)
+
+
+# The table on CUDA tensors: every tensor the rows make follows torch.device("cuda") (a 'meta' one stays the second
+# device), fastnn on each backend against torch on CUDA. Tolerances are first guesses, not yet measured on a GPU:
+# the native kernels build with --use_fast_math, Triton's float32 dots are TF32.
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("ours,theirs,names", _ROW_PARAMS)
+def test_contract_cuda(backend, ours, theirs, names):
+    with torch.device("cuda"), fastnn.use_backend(backend):
+        test_contract(ours, theirs, names, tol=1e-4 if backend == "native" else 2e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("bad", [5, 1005, -7, 2 ** 40])
+def test_out_of_range_target_cuda(backend, op, bad):
+    # Reported, as on the CPU: an IndexError naming the target, raised before anything reads the logits there, so
+    # the device stays usable (a kernel reading it would fault; memcheck over tools/gpu_sanitize_driver.py, which
+    # puts such targets at the first and last row, checks that nothing reads it).
+    x, w = torch.randn(6, 8, device="cuda"), torch.randn(5, 8, device="cuda")
+    t = torch.randint(0, 5, (6,), device="cuda")
+    t[-1] = bad
+
+    def call(t):
+        if op == "cross_entropy":
+            return F.cross_entropy(x @ w.t(), t, backend=backend)
+        return F.linear_cross_entropy(x, w, t, backend=backend)
+
+    with pytest.raises(IndexError, match="target"):
+        call(t)
+    torch.cuda.synchronize()
+    assert call(t.clamp(0, 4)).isfinite()

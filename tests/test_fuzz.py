@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from typing import Callable
 
 import pytest
@@ -226,7 +227,7 @@ def _lstm_layer(draw, small):
     kw = dict(input_size=I, hidden_size=H, bias=bias, bidirectional=bidir)
 
     def run(module, x, h0=None, c0=None, **params):
-        seq = x if lengths is None else torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        seq = x if lengths is None else torch.nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
         out, (h, c) = torch.func.functional_call(module, params, (seq, None if h0 is None else (h0, c0)))
         if lengths is not None:
             out = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=T)[0]
@@ -572,7 +573,32 @@ def _compare(name, ours, theirs, ref64, atol=0.0, plain=()):
     assert err_o <= bound, f"{name}: error {err_o:.3g} > 2 x torch's {err_t:.3g} + floor (bound {bound:.3g})"
 
 
-def run_case(case: Case, backend: str) -> None:
+def _to_device(obj, device, seen):
+    """obj with every tensor it holds on ``device``: containers in place, functions through their closures (the
+    tensors a strategy's lambdas captured: targets, weights, masks)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            obj[k] = _to_device(v, device, seen)
+    elif isinstance(obj, list):
+        obj[:] = [_to_device(v, device, seen) for v in obj]
+    elif isinstance(obj, tuple):
+        return tuple(_to_device(v, device, seen) for v in obj)
+    elif isinstance(obj, types.FunctionType):
+        for cell in obj.__closure__ or ():
+            if id(cell) not in seen:
+                seen.add(id(cell))
+                try:
+                    cell.cell_contents = _to_device(cell.cell_contents, device, seen)
+                except ValueError:  # an empty cell
+                    pass
+    return obj
+
+
+def run_case(case: Case, backend: str, device: str = "cpu") -> None:
+    """Torch and the reference run on the CPU, where the strategies drew the tensors (on CUDA an out-of-range
+    target is a device-side assert, not torch's IndexError); fastnn on ``device``."""
     names = list(case.inputs)
 
     def leaves(cast=None):
@@ -582,20 +608,29 @@ def run_case(case: Case, backend: str) -> None:
             out[k] = v.requires_grad_(k in case.grad_inputs)
         return out
 
-    ours_in, torch_in, ref_in = leaves(), leaves(), leaves(torch.float64)
+    def on_device():
+        if device != "cpu":
+            seen = set()
+            for f in dataclasses.fields(case):
+                if f.name != "info":
+                    _to_device(getattr(case, f.name), device, seen)
+        return leaves()
+
+    torch_in, ref_in = leaves(), leaves(torch.float64)
     try:
         expected = _tuple(case.torch(**torch_in))
     except (RuntimeError, IndexError, ValueError) as e:  # torch refuses the call: fastnn must refuse it too
         _event(f"torch refuses ({type(e).__name__})")
         with pytest.raises((RuntimeError, ValueError, TypeError, IndexError)):
-            case.fastnn(backend, **ours_in)
+            case.fastnn(backend, **on_device())
         return
-    ours = _tuple(case.fastnn(backend, **ours_in))
     ref = _tuple(case.reference(**ref_in))
     plain_in = [leaves() for _ in case.plain]
     plain = [_tuple(fn(**inp)) for fn, inp in zip(case.plain, plain_in)]
+    ours_in = on_device()
+    ours = _tuple(case.fastnn(backend, **ours_in))
     for i, (a, b, r) in enumerate(zip(ours, expected, ref)):
-        _compare(f"output {i}", a.detach(), b.detach(), r.detach(), case.out_atol,
+        _compare(f"output {i}", a.detach().to(b.device), b.detach(), r.detach(), case.out_atol,
                  plain=[pl[i].detach() for pl in plain])
     # Gradients only where everything is finite (torch's own inf/NaN gradients are not a contract).
     if not all(torch.isfinite(t).all() for t in (*case.inputs.values(), *expected, *ref)):
@@ -608,7 +643,7 @@ def run_case(case: Case, backend: str) -> None:
     gs = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in ours]
 
     def grads(outs, inp):
-        pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, gs) if o.requires_grad]
+        pairs = [(o, g.to(o.device, o.dtype)) for o, g in zip(outs, gs) if o.requires_grad]
         return torch.autograd.grad([o for o, _ in pairs], [inp[k] for k in grads_wrt], [g for _, g in pairs],
                                    allow_unused=True)
 
@@ -621,8 +656,8 @@ def run_case(case: Case, backend: str) -> None:
         assert a is not None, f"grad {k}: fastnn gave none"
         if not (r.isfinite().all() and b.isfinite().all()):
             continue
-        atol = case.grad_atol + (case.grad_bound(k, gs) if case.grad_bound is not None else 0.0)
-        _compare(f"grad {k}", a, b, r, atol, plain=[gp[i] for gp in g_plain])
+        atol = case.grad_atol + (case.grad_bound(k, [g.to(device) for g in gs]) if case.grad_bound else 0.0)
+        _compare(f"grad {k}", a.to(b.device), b, r, atol, plain=[gp[i] for gp in g_plain])
         compared += 1
     _event("gradients compared" if compared else "gradients not compared")
     if case.check is not None:
@@ -636,15 +671,17 @@ def _event(what: str) -> None:
 
 
 def _params():
-    return [pytest.param(op, p.values[1], id=f"{op}-{p.values[1]}")
-            for op in OPS for p in device_backends(op, reference=True) if p.values[0] == "cpu"]
+    # CPU ids stay "<op>-<backend>"; CUDA ones (marked cuda) read "<op>-cuda-<backend>".
+    return [pytest.param(op, *p.values, marks=p.marks, id=f"{op}-{p.values[1]}" if p.values[0] == "cpu" else
+                         f"{op}-{p.values[0]}-{p.values[1]}")
+            for op in OPS for p in device_backends(op, reference=True)]
 
 
-@pytest.mark.parametrize("op,backend", _params())
+@pytest.mark.parametrize("op,device,backend", _params())
 @given(data=st.data())
-def test_fuzz(op, backend, data):
-    case = data.draw(OPS[op](small=backend == "triton"), label="case")
-    run_case(case, backend)
+def test_fuzz(op, device, backend, data):
+    case = data.draw(OPS[op](small=backend == "triton" and device == "cpu"), label="case")
+    run_case(case, backend, device)
 
 
 # ---- regressions found by the fuzz and the contract tests, kept shrunk
