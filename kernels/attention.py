@@ -298,7 +298,7 @@ def _blocks(d: int, dtype: torch.dtype, backward: bool, heavy: bool) -> dict:
     elif block_d <= 128:
         bm, bn = (32, 32) if heavy else (32, 64)
     else:
-        bm, bn = (16, 32) if heavy else (32, 32)
+        bm, bn = (16, 16) if heavy else (32, 32)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=num_warps)
 
 
