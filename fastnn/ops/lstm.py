@@ -174,6 +174,9 @@ def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.
     # The bias joins that GEMM, so its gradient is one sum over all steps rather than T accumulations.
     bias, x2 = _sum_bias(b_ih, b_hh), x.reshape(T * B, I)
     gx = (torch.addmm(bias, x2, w_ih.t()) if bias is not None else torch.mm(x2, w_ih.t())).view(T, B, 4 * H)
+    # unbind, not gx[t]: each indexing's backward would write a zero-filled [T, B, 4H] gradient (O(T^2) memory
+    # traffic); unbind's backward stacks the T step gradients once.
+    gx = gx.unbind(0)
     h, c = h0, c0
     hs = []
     steps = range(T - 1, -1, -1) if reverse else range(T)
