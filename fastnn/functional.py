@@ -209,7 +209,8 @@ def lstm_cell(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None,
         (h', c'), each [B, H] ([H] unbatched).
     Raises:
         TypeError / ValueError naming the argument (input, w_ih, w_hh, b_ih, b_hh, hx): see
-        ``fastnn.ops.lstm.lstm_cell``. NaN/Inf, a zero batch and any strides give torch's result.
+        ``fastnn.ops.lstm.lstm_cell``. An input of the wrong feature size gives torch's message ("input has
+        inconsistent input_size: got 11 expected 10") in a ValueError (torch: RuntimeError). NaN/Inf, a zero batch and any strides give torch's result.
     """
     return _lstm.lstm_cell(input, hx, w_ih, w_hh, b_ih=b_ih, b_hh=b_hh, backend=backend)
 
@@ -222,14 +223,19 @@ def lstm(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None, para
     ``fastnn.nn.LSTM`` converts batch-first, unbatched and packed input to it). Each layer and direction computes
     its input product for all steps as one GEMM; with the native backend (CPU, CUDA) its recurrence then runs in
     one C++ call, with the others as a loop over the fused cell. Without autograd (``torch.no_grad()``, or nothing
-    requiring grad) the CPU layer keeps no per-step gates or cell states.
+    requiring grad) the CPU layer keeps no per-step gates or cell states. With projections (``params`` holding a
+    weight_hr per layer and direction, as ``torch.nn.LSTM(proj_size=P)._flat_weights`` does; inferred from their
+    number, as ``torch.lstm`` does) h_t = (o_t * tanh(c_t)) W_hr^T has P features, and every backend runs the
+    loop over the fused cell plus the projection's product per step: slower than the one-call native layer.
 
     Args:
         input: [T, B, I], T >= 1; float32, float64, float16 or bfloat16.
-        hx: (h0, c0), each [num_layers * D, B, H] (D = 2 if bidirectional, else 1), or None for zeros.
+        hx: (h0 [num_layers * D, B, R], c0 [num_layers * D, B, H]) (D = 2 if bidirectional, else 1; R = P with
+            projections, else H), or None for zeros.
         params: the weights as ``torch.nn.LSTM._flat_weights`` lists them: for each layer, for each direction
-            (forward, then reverse), weight_ih [4H, I] ([4H, D * H] past the first layer), weight_hh [4H, H], and
-            with ``bias`` bias_ih, bias_hh [4H]; all of input's dtype and device.
+            (forward, then reverse), weight_ih [4H, I] ([4H, D * R] past the first layer), weight_hh [4H, R],
+            with ``bias`` bias_ih, bias_hh [4H], and with projections weight_hr [P, H]; all of input's dtype and
+            device.
         num_layers: stacked layers, each reading the previous one's output.
         bias: whether ``params`` holds the biases.
         dropout: dropout probability on every layer's output but the last's, applied when ``training``.
@@ -239,14 +245,15 @@ def lstm(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None, para
             (h_n, c_n are those of its last valid step, the reverse direction starts at it) and its output is
             zero, as a ``PackedSequence`` through ``torch.nn.LSTM`` and back gives. None: all T steps.
     Returns:
-        (output [T, B, D * H], (h_n, c_n)): output is the last layer's h at every step, the directions
-        concatenated; h_n, c_n [num_layers * D, B, H] are every layer's and direction's final states.
+        (output [T, B, D * R], (h_n, c_n)): output is the last layer's h at every step, the directions
+        concatenated; h_n [num_layers * D, B, R], c_n [num_layers * D, B, H] are every layer's and direction's
+        final states.
     Raises:
         TypeError: input or a parameter not a floating tensor, a parameter not of input's dtype (named, e.g.
             weight_hh_l1_reverse), params not a list, or hx not a pair (h0, c0) of tensors of input's dtype and
             device.
-        ValueError: input not 3-d or T = 0; params not holding num_layers * D * (4 if bias else 2) tensors, or one
-            of the wrong shape (named); input.size(-1) not the input size of weight_ih_l0; hx of the wrong shape;
+        ValueError: input not 3-d or T = 0; params not holding num_layers * D * (4 if bias else 2) tensors (one
+            more per layer and direction with projections), or one of the wrong shape (named); input.size(-1) not the input size of weight_ih_l0; hx of the wrong shape;
             lengths not integers of shape (B,) in [0, T]; dropout outside [0, 1]; num_layers < 1; tensors on
             different devices.
         NaN/Inf, a zero batch and any strides give torch's result.

@@ -174,7 +174,9 @@ class LSTMCell(nn.LSTMCell):
     Shapes: input [B, I] or [I]; hx (h, c) of [B, H] or [H], or None -> (h', c').
 
     Raises: as ``fastnn.functional.lstm_cell`` (TypeError / ValueError naming input or hx, e.g. a wrong feature
-    size, batch, dtype or device); NaN/Inf, a zero batch and any strides give torch's result.
+    size, batch, dtype or device; a wrong feature size in torch's words, "input has inconsistent input_size: got
+    11 expected 10", as a ValueError where torch raises a RuntimeError); NaN/Inf, a zero batch and any strides give
+    torch's result.
     """
 
     def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -189,35 +191,38 @@ class LSTMCell(nn.LSTMCell):
 @_patchable(nn.LSTM)
 class LSTM(nn.LSTM):
     """``torch.nn.LSTM`` (input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-    bidirectional=False; proj_size must be 0) on fastnn's LSTM kernels, with torch's parameter names
-    (``weight_ih_l0``, ``weight_hh_l0_reverse``, ...) so a torch ``state_dict`` loads unchanged.
+    bidirectional=False, proj_size=0) on fastnn's LSTM kernels, with torch's parameter names (``weight_ih_l0``,
+    ``weight_hh_l0_reverse``, ``weight_hr_l0``, ...) so a torch ``state_dict`` loads unchanged.
+
+    proj_size = P > 0 is torch's LSTM with projections: h_t = (o_t * tanh(c_t)) W_hr^T has P features (h0, h_n
+    and the output too), c stays H. Such a layer runs a per-step loop over the fused cell and the projection's
+    product on every backend (the one-call native layer has no projection), so it is slower than proj_size=0.
 
     forward converts its input (a ``PackedSequence``, batch_first, unbatched) to a padded [T, B, I] batch and runs
     ``fastnn.functional.lstm`` on the module's parameters.
 
     forward(input, hx=None, *, lengths=None):
         input: [T, B, I] ([B, T, I] with batch_first), [T, I] unbatched, or a ``PackedSequence``.
-        hx: (h0, c0), each [num_layers * num_directions, B, H], or None for zeros.
+        hx: (h0 [num_layers * num_directions, B, R], c0 [num_layers * num_directions, B, H]), R = proj_size
+            if proj_size > 0 else H, or None for zeros.
         lengths: optional int [B]: valid steps of each padded sequence; steps past it leave the states alone
             and give zero outputs (as a PackedSequence would).
     Returns:
-        (output [T, B, D*H] (or a PackedSequence for one), (h_n, c_n) [num_layers * D, B, H]).
+        (output [T, B, D*R] (or a PackedSequence for one), (h_n [num_layers * D, B, R], c_n [num_layers * D,
+        B, H])).
     Raises:
         TypeError: input not a floating tensor or not of the parameters' dtype; hx not a pair of tensors of
             input's dtype and device.
         ValueError: input not 2-d or 3-d, T = 0, input_size mismatch, hx of the wrong shape, lengths not integers
             of shape (B,) in [0, T], or lengths together with a PackedSequence.
-        NotImplementedError: proj_size != 0 (constructor).
         NaN/Inf, a zero batch and any strides give torch's result.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
                  device=None, dtype=None) -> None:
-        if proj_size != 0:
-            raise NotImplementedError(f"fastnn.nn.LSTM supports proj_size=0 only, got proj_size={proj_size}")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         device=device, dtype=dtype)
+                         proj_size, device=device, dtype=dtype)
 
     def forward(self, input, hx=None, *, lengths=None):
         fn = "fastnn.nn.LSTM"
@@ -255,10 +260,11 @@ class LSTM(nn.LSTM):
         # Anything but a pair of tensors goes on unchanged for F.lstm to name.
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
             return hx
-        want = (self.num_layers * (2 if self.bidirectional else 1), self.hidden_size)
-        for name, s in zip(("hx[0] (h0)", "hx[1] (c0)"), hx):
-            if isinstance(s, torch.Tensor) and tuple(s.shape) != want:
-                raise ValueError(f"{fn}: {name} must have shape {want} (num_layers * num_directions, hidden_size) "
+        LD = self.num_layers * (2 if self.bidirectional else 1)
+        sizes = ("proj_size", self.proj_size) if self.proj_size else ("hidden_size", self.hidden_size)
+        for name, s, (size, n) in zip(("hx[0] (h0)", "hx[1] (c0)"), hx, (sizes, ("hidden_size", self.hidden_size))):
+            if isinstance(s, torch.Tensor) and tuple(s.shape) != (LD, n):
+                raise ValueError(f"{fn}: {name} must have shape {(LD, n)} (num_layers * num_directions, {size}) "
                                  f"for unbatched input, got {tuple(s.shape)}")
         return tuple(s.unsqueeze(1) if isinstance(s, torch.Tensor) else s for s in hx)
 

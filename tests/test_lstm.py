@@ -278,6 +278,63 @@ def test_lstm_matches_torch(device, backend, T, B, I, H, L, bidir, bf, bias, dty
             torch.testing.assert_close(o, r.to(dtype), **tol, msg=lambda m: f"{name}: {m}")
 
 
+PROJ_CASES = [
+    # (T, B, input, hidden, proj_size, layers, bidirectional, batch_first, bias)
+    (4, 3, 5, 7, 3, 2, True, False, True),    # two bidirectional layers: layer 2 eats 2P features
+    (3, 2, 4, 6, 5, 1, False, True, False),   # batch_first, no biases (params: w_ih, w_hh, w_hr), P = H - 1
+]
+
+
+@pytest.mark.parametrize("device,backend", device_backends("lstm_cell", reference=True))
+@pytest.mark.parametrize("T,B,I,H,P,L,bidir,bf,bias", PROJ_CASES)
+@pytest.mark.parametrize("dtype", FULL)
+def test_lstm_proj_matches_torch(device, backend, T, B, I, H, P, L, bidir, bf, bias, dtype):
+    # torch.nn.LSTM(proj_size=P): h (h0, h_n, the output) has P features, c has H; its state_dict (weight_hr_l0,
+    # ...) loads unchanged. Outputs, final states and every gradient against torch's float64 LSTM.
+    torch.manual_seed(12)
+    kw = dict(input_size=I, hidden_size=H, num_layers=L, bidirectional=bidir, batch_first=bf, bias=bias,
+              proj_size=P)
+    ours, theirs = _twins(dtype, device, **kw)
+    assert "weight_hr_l0" in ours.state_dict() and ours._flat_weights_names == theirs._flat_weights_names
+    ref64 = nn.LSTM(**kw, dtype=torch.float64, device=device)
+    ref64.load_state_dict(theirs.state_dict())
+    D = 2 if bidir else 1
+    x = torch.randn((B, T, I) if bf else (T, B, I), device=device).to(dtype)
+    hx = (torch.randn(L * D, B, P, device=device).to(dtype), torch.randn(L * D, B, H, device=device).to(dtype))
+    seeds = [torch.randn((B, T, D * P) if bf else (T, B, D * P), device=device).to(dtype),
+             torch.randn(L * D, B, P, device=device).to(dtype), torch.randn(L * D, B, H, device=device).to(dtype)]
+    with fastnn.use_backend(backend):
+        got = _run_lstm(ours, x, hx, seeds)
+    ref = _run_lstm(ref64, x.double(), tuple(s.double() for s in hx), [s.double() for s in seeds])
+    names = ["output", "h_n", "c_n", "grad_input", "grad_h0", "grad_c0"] + \
+        [f"grad_{n}" for n, _ in theirs.named_parameters()]
+    assert len(names) == len(got) and any("weight_hr" in n for n in names)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-11)
+    for name, o, r in zip(names, got, ref):
+        assert o.dtype == dtype, name
+        torch.testing.assert_close(o, r.to(dtype), **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_lstm_proj_torch_compile_fullgraph():
+    # F.lstm with projections (the per-step loop, unrolled by the trace) compiles into one graph, forward and
+    # backward. (Dynamo refuses to trace an nn.LSTM subclass's forward: the functional form is what compiles.)
+    torch.manual_seed(13)
+    theirs = nn.LSTM(4, 6, proj_size=3, bidirectional=True)
+    ts = [torch.randn(2, 2, 4, requires_grad=True)] + [p.detach().requires_grad_() for p in theirs._flat_weights]
+
+    def f(x, *params):
+        out, (h, c) = F.lstm(x, None, list(params), 1, bidirectional=True)
+        return out, h, c
+
+    got = torch.compile(f, fullgraph=True)(*ts)
+    want = theirs(ts[0])
+    want = (want[0], *want[1])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(sum(o.sum() for o in got), ts),
+                               torch.autograd.grad(sum(o.sum() for o in want), [ts[0], *theirs.parameters()]),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_lstm_state_dict_and_repr_match_torch():
     ours, theirs = _twins(torch.float32, input_size=5, hidden_size=7, num_layers=2, bidirectional=True)
     assert list(ours.state_dict()) == list(theirs.state_dict())
@@ -291,20 +348,20 @@ def test_lstm_state_dict_and_repr_match_torch():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _packed_case(bidir, L=2, batch_first=False):
+def _packed_case(bidir, L=2, batch_first=False, proj_size=0):
     lengths = torch.tensor([5, 9, 1, 9, 3])  # unsorted, with ties and a length-1 sequence
     seqs = [torch.randn(int(n), 6) for n in lengths]
     ours, theirs = _twins(torch.float32, input_size=6, hidden_size=11, num_layers=L, bidirectional=bidir,
-                          batch_first=batch_first)
+                          batch_first=batch_first, proj_size=proj_size)
     return lengths, seqs, ours, theirs
 
 
 @pytest.mark.parametrize("device,backend", device_backends("lstm_cell", reference=True))
-@pytest.mark.parametrize("bidir", [False, True])
-def test_packed_sequence(device, backend, bidir):
-    lengths, seqs, ours, theirs = _packed_case(bidir)
+@pytest.mark.parametrize("bidir,P", [(False, 0), (True, 0), (True, 4)])
+def test_packed_sequence(device, backend, bidir, P):
+    lengths, seqs, ours, theirs = _packed_case(bidir, proj_size=P)
     D = 2 if bidir else 1
-    hx = tuple(torch.randn(2 * D, 5, 11) for _ in range(2))
+    hx = tuple(torch.randn(2 * D, 5, n) for n in (P or 11, 11))
     results = []
     for model, be in ((ours, backend), (theirs, None)):
         xs = [_leaf(s) for s in seqs]
@@ -324,8 +381,9 @@ def test_packed_sequence(device, backend, bidir):
 
 @pytest.mark.parametrize("bidir", [False, True])
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_lengths_argument_ignores_padding(bidir, batch_first):
-    lengths, seqs, ours, theirs = _packed_case(bidir, batch_first=batch_first)
+@pytest.mark.parametrize("P", [0, 4])
+def test_lengths_argument_ignores_padding(bidir, batch_first, P):
+    lengths, seqs, ours, theirs = _packed_case(bidir, batch_first=batch_first, proj_size=P)
     padded = nn.utils.rnn.pad_sequence(seqs, batch_first=batch_first, padding_value=7.0)
     out, (h, c) = ours(padded, lengths=lengths)
     t_out, (t_h, t_c) = theirs(pack_padded_sequence(padded, lengths, batch_first=batch_first, enforce_sorted=False))
@@ -452,10 +510,11 @@ def test_dropout_train_and_eval(L, bidir):
     assert not torch.allclose(out, ours.eval()(x)[0])
 
 
-def test_unbatched_input():
-    ours, theirs = _twins(torch.float32, input_size=4, hidden_size=6, num_layers=2, bidirectional=True)
+@pytest.mark.parametrize("P", [0, 3])
+def test_unbatched_input(P):
+    ours, theirs = _twins(torch.float32, input_size=4, hidden_size=6, num_layers=2, bidirectional=True, proj_size=P)
     x = torch.randn(5, 4)
-    hx = (torch.randn(4, 6), torch.randn(4, 6))
+    hx = (torch.randn(4, P or 6), torch.randn(4, 6))
     torch.testing.assert_close(ours(x, hx), theirs(x, hx))
     torch.testing.assert_close(ours(x), theirs(x))
 
@@ -463,26 +522,28 @@ def test_unbatched_input():
 # ---------------------------------------------------------------------------------------------- F.lstm
 
 FUNCTIONAL_CASES = [
-    # (T, B, input, hidden, layers, bidirectional, bias, lengths)
-    (6, 4, 5, 7, 2, True, True, None),            # bidirectional, two layers: layer 2 eats 2H features
-    (6, 4, 5, 7, 3, False, True, [6, 2, 5, 1]),   # three layers, unsorted lengths with a length-1 row
-    (5, 3, 4, 9, 2, True, False, [5, 3, 3]),      # no biases (params holds 2 per layer and direction), lengths
+    # (T, B, input, hidden, layers, bidirectional, bias, lengths, proj_size)
+    (6, 4, 5, 7, 2, True, True, None, 0),            # bidirectional, two layers: layer 2 eats 2H features
+    (6, 4, 5, 7, 3, False, True, [6, 2, 5, 1], 0),   # three layers, unsorted lengths with a length-1 row
+    (5, 3, 4, 9, 2, True, False, [5, 3, 3], 0),      # no biases (params holds 2 per layer and direction), lengths
+    (5, 3, 4, 7, 2, True, True, [5, 1, 3], 3),       # projections (weight_hr in params): h of 3, layer 2 eats 6
 ]
 
 
 @pytest.mark.parametrize("device,backend", device_backends("lstm_cell", reference=True))
-@pytest.mark.parametrize("T,B,I,H,L,bidir,bias,lengths", FUNCTIONAL_CASES)
-def test_functional_lstm_matches_torch(device, backend, T, B, I, H, L, bidir, bias, lengths):
+@pytest.mark.parametrize("T,B,I,H,L,bidir,bias,lengths,P", FUNCTIONAL_CASES)
+def test_functional_lstm_matches_torch(device, backend, T, B, I, H, L, bidir, bias, lengths, P):
     # F.lstm on torch.nn.LSTM's own _flat_weights gives nn.LSTM's outputs, final states and every gradient;
     # with lengths, those of the packed sequence through nn.LSTM, padded back with zeros.
     torch.manual_seed(6)
     dtype, D = torch.float64, 2 if bidir else 1
-    theirs = nn.LSTM(I, H, L, bias=bias, bidirectional=bidir, dtype=dtype, device=device)
+    theirs = nn.LSTM(I, H, L, bias=bias, bidirectional=bidir, proj_size=P, dtype=dtype, device=device)
     lengths = None if lengths is None else torch.tensor(lengths)
     x = torch.randn(T, B, I, dtype=dtype, device=device)
-    hx = tuple(torch.randn(L * D, B, H, dtype=dtype, device=device) for _ in range(2))
-    seeds = [torch.randn(T, B, D * H, dtype=dtype, device=device)] + \
-        [torch.randn(L * D, B, H, dtype=dtype, device=device) for _ in range(2)]
+    R = P or H  # the size of h
+    hx = tuple(torch.randn(L * D, B, n, dtype=dtype, device=device) for n in (R, H))
+    seeds = [torch.randn(T, B, D * R, dtype=dtype, device=device)] + \
+        [torch.randn(L * D, B, n, dtype=dtype, device=device) for n in (R, H)]
 
     def ours(x, hx):
         return F.lstm(x, hx, theirs._flat_weights, L, bias=bias, bidirectional=bidir, lengths=lengths,
@@ -535,23 +596,27 @@ def test_functional_lstm_torch_compile_fullgraph():
                                torch.autograd.grad(sum(o.sum() for o in want), ts))
 
 
-def _lstm_params(I=4, H=7, L=1, bias=True):
-    return nn.LSTM(I, H, L, bias=bias)._flat_weights
+def _lstm_params(I=4, H=7, L=1, bias=True, P=0):
+    return nn.LSTM(I, H, L, bias=bias, proj_size=P)._flat_weights
 
 
 def test_patch_swaps_lstm_and_cell_sharing_parameters(capsys):
-    model = nn.ModuleDict({"rnn": nn.LSTM(4, 6, 2, batch_first=True), "cell": nn.LSTMCell(6, 5)})
+    # proj (an LSTM with projections) used to be kept as the torch module; now it is swapped too.
+    model = nn.ModuleDict({"rnn": nn.LSTM(4, 6, 2, batch_first=True), "proj": nn.LSTM(6, 7, proj_size=6),
+                           "cell": nn.LSTMCell(6, 5)})
     x = torch.randn(2, 3, 4)
 
     def run(m):
         out, _ = m["rnn"](x)
+        out, _ = m["proj"](out)
         return m["cell"](out[:, -1])
 
     expected = run(model)
     params = dict(model.named_parameters())
     fastnn.patch(model)
     assert type(model["rnn"]) is fastnn.nn.LSTM and type(model["cell"]) is fastnn.nn.LSTMCell
-    assert "replaced 2 module(s)" in capsys.readouterr().out
+    assert type(model["proj"]) is fastnn.nn.LSTM and model["proj"].proj_size == 6
+    assert "replaced 3 module(s)" in capsys.readouterr().out
     torch.testing.assert_close(run(model), expected)
     assert all(p is params[n] for n, p in model.named_parameters())  # an existing optimizer keeps working
 
@@ -581,7 +646,22 @@ def test_patch_swaps_lstm_and_cell_sharing_parameters(capsys):
      ["lengths", "[0, 5]"]),
     (lambda: fastnn.nn.LSTM(4, 6)(torch.randn(5, 2, 4), lengths=torch.tensor([5])), ValueError,
      ["lengths", "(2,)"]),
-    (lambda: fastnn.nn.LSTM(4, 6, proj_size=3), NotImplementedError, ["proj_size"]),
+    (lambda: fastnn.nn.LSTMCell(10, 4)(torch.randn(3, 11)), ValueError,
+     ["input has inconsistent input_size: got 11 expected 10"]),  # torch's words (a RuntimeError there)
+    (lambda: fastnn.nn.LSTM(4, 6, proj_size=6), ValueError, ["proj_size", "smaller than hidden_size"]),  # torch's
+    (lambda: fastnn.nn.LSTM(4, 6, proj_size=3)(torch.randn(5, 2, 4), (torch.randn(1, 2, 6), torch.randn(1, 2, 6))),
+     ValueError, ["hx[0]", "(1, 2, 3)", "proj_size"]),
+    (lambda: fastnn.nn.LSTM(4, 6, proj_size=3)(torch.randn(5, 2, 4), (torch.randn(1, 2, 3), torch.randn(1, 2, 3))),
+     ValueError, ["hx[1]", "(1, 2, 6)", "hidden_size"]),
+    (lambda: fastnn.nn.LSTM(4, 6, proj_size=3)(torch.randn(5, 4), (torch.randn(1, 6), torch.randn(1, 6))),
+     ValueError, ["hx[0]", "(1, 3)", "unbatched"]),
+    (lambda: F.lstm(torch.randn(5, 2, 4), None, _lstm_params(H=6, P=3)[:4] + [torch.randn(3, 5)], 1), ValueError,
+     ["weight_hr_l0", "(3, 5)"]),
+    (lambda: F.lstm(torch.randn(5, 2, 4), None, _lstm_params(H=6, P=3, L=2)[:5] + [torch.randn(24, 6)] +
+                    _lstm_params(H=6, P=3, L=2)[6:], 2), ValueError, ["weight_ih_l1", "(24, 3)"]),
+    (lambda: F.lstm(torch.randn(5, 2, 4), None, _lstm_params(H=6, P=3)[:1] + [torch.randn(24, 6)] +
+                    _lstm_params(H=6, P=3)[2:], 1), ValueError, ["weight_hh_l0", "proj_size", "[24, 3]"]),
+    (lambda: F.lstm(torch.randn(5, 2, 4), None, _lstm_params()[:3], 1), ValueError, ["params", "5 with a weight_hr"]),
     (lambda: F.lstm(torch.randn(5, 4), None, _lstm_params(), 1), ValueError, ["input", "3-dimensional"]),
     (lambda: F.lstm(torch.randn(5, 2, 4), None, _lstm_params()[:3], 1), ValueError, ["params", "4 tensors"]),
     (lambda: F.lstm(torch.randn(5, 2, 4), None, _lstm_params(L=2), 1), ValueError, ["params", "got 8"]),

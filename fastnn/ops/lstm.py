@@ -36,8 +36,9 @@ def lstm_cell(input: torch.Tensor, hx, w_ih: torch.Tensor, w_hh: torch.Tensor, b
 
     Raises:
         TypeError: a non-tensor or non-floating argument, hx not a pair, or tensors of different dtypes.
-        ValueError: a wrong rank or shape (named: input, w_ih, w_hh, b_ih, b_hh, hx[0] (h), hx[1] (c)), or
-            tensors on different devices. NaN/Inf, zero batch and any strides are accepted and give torch's
+        ValueError: a wrong rank or shape (named: input, w_ih, w_hh, b_ih, b_hh, hx[0] (h), hx[1] (c); an input
+            of the wrong feature size in torch's words, "input has inconsistent input_size: got 11 expected 10",
+            where torch raises a RuntimeError), or tensors on different devices. NaN/Inf, zero batch and any strides are accepted and give torch's
             result.
     """
     fn = "lstm_cell"
@@ -47,9 +48,12 @@ def lstm_cell(input: torch.Tensor, hx, w_ih: torch.Tensor, w_hh: torch.Tensor, b
     hidden = w_hh.shape[1]
     if w_hh.shape[0] != 4 * hidden:
         raise ValueError(f"{fn}: w_hh must be [4*hidden_size, hidden_size], got {tuple(w_hh.shape)}")
-    if tuple(w_ih.shape) != (4 * hidden, input.shape[-1]):
-        raise ValueError(f"{fn}: w_ih must be [4*hidden_size, input_size] = [{4 * hidden}, {input.shape[-1]}] "
-                         f"(input has {input.shape[-1]} features), got {tuple(w_ih.shape)}")
+    if w_ih.shape[0] != 4 * hidden:
+        raise ValueError(f"{fn}: w_ih must be [4*hidden_size, input_size] = [{4 * hidden}, input_size], got "
+                         f"{tuple(w_ih.shape)}")
+    if input.shape[-1] != w_ih.shape[1]:  # torch's words (it raises a RuntimeError)
+        raise ValueError(f"{fn}: input has inconsistent input_size: got {input.shape[-1]} expected "
+                         f"{w_ih.shape[1]} (the input_size of w_ih {tuple(w_ih.shape)})")
     for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
         if b is not None:
             check_tensor(b, name, fn=fn)
@@ -137,21 +141,25 @@ register_op(torch.ops.fastnn.lstm_cell_fwd, torch.ops.fastnn.lstm_cell_bwd, fake
 
 def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
                b_ih: torch.Tensor | None, b_hh: torch.Tensor | None, lengths: torch.Tensor | None = None,
-               reverse: bool = False, backend: str = "native"):
+               reverse: bool = False, backend: str = "native", w_hr: torch.Tensor | None = None):
     """One direction of one LSTM layer over a whole sequence (arguments already checked by the caller).
 
     Args:
-        x: [T, B, I];  h0, c0: [B, H];  weights as in ``lstm_cell``;  lengths: int64 [B] on the CPU or None.
+        x: [T, B, I];  h0: [B, R], c0: [B, H] (R = P with a projection, else H);  w_ih [4H, I], w_hh [4H, R],
+            b_ih, b_hh [4H] or None;  lengths: int64 [B] on the CPU or None.
         reverse: run t = T-1 .. 0 (a bidirectional layer's second direction).
         backend: a resolved backend ("native", "triton" or "reference").
+        w_hr: [P, H] or None: ``torch.nn.LSTM(proj_size=P)``'s projection, h_t = (o_t * tanh(c_t)) W_hr^T.
+            A projected layer always runs the per-step loop over the fused cell (the native layer op has no
+            projection): T small products and cell calls from Python, slower than the one-call native layer.
 
     Returns:
-        (hs, h_n, c_n): hs [T, B, H] holds the state after every step (a row past its length keeps its state,
+        (hs, h_n, c_n): hs [T, B, R] holds the state after every step (a row past its length keeps its state,
         so h_n and c_n are those of its last real step); the caller zeroes padded outputs.
     """
     T, B, I = x.shape
-    H = w_hh.shape[1]
-    if backend == "native" and native_has(torch.ops.fastnn.lstm_layer_fwd, x.device.type):
+    H = w_ih.shape[0] // 4
+    if w_hr is None and backend == "native" and native_has(torch.ops.fastnn.lstm_layer_fwd, x.device.type):
         last = 0 if reverse else T - 1
         args = (x, w_ih, _sum_bias(b_ih, b_hh), w_hh, h0, c0, lengths, reverse)
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
@@ -166,6 +174,9 @@ def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.
     # The bias joins that GEMM, so its gradient is one sum over all steps rather than T accumulations.
     bias, x2 = _sum_bias(b_ih, b_hh), x.reshape(T * B, I)
     gx = (torch.addmm(bias, x2, w_ih.t()) if bias is not None else torch.mm(x2, w_ih.t())).view(T, B, 4 * H)
+    # unbind, not gx[t]: each indexing's backward would write a zero-filled [T, B, 4H] gradient (O(T^2) memory
+    # traffic); unbind's backward stacks the T step gradients once.
+    gx = gx.unbind(0)
     h, c = h0, c0
     hs = []
     steps = range(T - 1, -1, -1) if reverse else range(T)
@@ -175,6 +186,8 @@ def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.
             hn, cn = reference.lstm_cell_gates(torch.addmm(gx[t], h, w_hh.t()), None, c)
         else:
             hn, cn, _ = _CELL_FORWARD[backend](torch.addmm(gx[t], h, w_hh.t()), None, c)
+        if w_hr is not None:
+            hn = torch.mm(hn, w_hr.t())
         if mask is not None:
             m = mask[t].unsqueeze(1)
             hn, cn = torch.where(m, hn, h), torch.where(m, cn, c)
@@ -182,7 +195,7 @@ def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.
         hs.append(h)
     if reverse:
         hs.reverse()
-    return (torch.stack(hs) if hs else x.new_zeros(0, B, H)), h, c
+    return (torch.stack(hs) if hs else x.new_zeros(0, B, h0.shape[1])), h, c
 
 
 def _sum_bias(b_ih, b_hh):
@@ -246,8 +259,9 @@ def lstm(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None, para
          num_layers: int, bias: bool = True, dropout: float = 0.0, training: bool = True,
          bidirectional: bool = False, lengths: torch.Tensor | None = None, backend: str | None = None):
     """``torch.nn.LSTM``'s forward over a padded, time-major batch, as ``fastnn.functional.lstm`` documents it:
-    input [T, B, I], hx (h0, c0) [num_layers * D, B, H] or None, params in ``nn.LSTM._flat_weights`` order ->
-    (output [T, B, D * H], (h_n, c_n)). Checks every argument, then runs each layer's directions with
+    input [T, B, I], hx (h0 [num_layers * D, B, R], c0 [num_layers * D, B, H]) or None, params in
+    ``nn.LSTM._flat_weights`` order (with weight_hr for projections, R = proj_size, else R = H) ->
+    (output [T, B, D * R], (h_n, c_n)). Checks every argument, then runs each layer's directions with
     ``lstm_layer``, dropout between layers while training, and zeroes the outputs past ``lengths``."""
     fn = "lstm"
     check_tensor(input, "input", ndim=3, fn=fn)
@@ -255,23 +269,25 @@ def lstm(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None, para
     if T == 0:  # torch refuses it too
         raise ValueError(f"{fn}: input must have a sequence length larger than 0, got shape {tuple(input.shape)}")
     D = 2 if bidirectional else 1
-    names, H = _check_params(fn, input, params, num_layers, bias, D)
-    h0, c0 = _initial_states(fn, hx, input, num_layers * D, H)
+    names, H, R = _check_params(fn, input, params, num_layers, bias, D)
+    h0, c0 = _initial_states(fn, hx, input, num_layers * D, H, R)
     if lengths is not None:
         lengths = _check_lengths(fn, lengths, T, B)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
         raise ValueError(f"{fn}: dropout must be a probability in [0, 1], got {dropout!r}")
     check_same_device(fn, input=input, **dict(zip(names, params)))
     backend = resolve(torch.ops.fastnn.lstm_cell_fwd, backend, input, h0, params[0])
-    per = len(params) // (num_layers * D)  # weight_ih, weight_hh (, bias_ih, bias_hh) of one layer and direction
+    per = len(params) // (num_layers * D)  # weight_ih, weight_hh (, bias_ih, bias_hh) (, weight_hr)
+    proj = per in (3, 5)
     layer_in, h_n, c_n = input, [], []
     for layer in range(num_layers):
         outs = []
         for d in range(D):
             k = layer * D + d
-            w_ih, w_hh, *biases = params[k * per:(k + 1) * per]
-            b_ih, b_hh = biases or (None, None)
-            hs, h, c = lstm_layer(layer_in, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, lengths, bool(d), backend)
+            w_ih, w_hh, *rest = params[k * per:(k + 1) * per]
+            w_hr = rest.pop() if proj else None
+            b_ih, b_hh = rest or (None, None)
+            hs, h, c = lstm_layer(layer_in, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, lengths, bool(d), backend, w_hr)
             outs.append(hs)
             h_n.append(h)
             c_n.append(c)
@@ -286,66 +302,79 @@ def lstm(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None, para
     return out, (torch.stack(h_n), torch.stack(c_n))
 
 
-def _param_names(num_layers: int, D: int, bias: bool) -> list[str]:
+def _param_names(num_layers: int, D: int, bias: bool, proj: bool = False) -> list[str]:
     """``torch.nn.LSTM``'s parameter names in its ``_flat_weights`` order: per layer and direction weight_ih,
-    weight_hh (, bias_ih, bias_hh), the reverse direction's with the suffix ``_reverse``."""
-    kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
+    weight_hh (, bias_ih, bias_hh) (, weight_hr), the reverse direction's with the suffix ``_reverse``."""
+    kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ()) + (("weight_hr",) if proj else ())
     return [f"{kind}_l{layer}{'_reverse' if d else ''}" for layer in range(num_layers) for d in range(D)
             for kind in kinds]
 
 
 def _check_params(fn, input, params, num_layers, bias, D):
-    """Checks params against input and the layout; returns their names and the hidden size."""
+    """Checks params against input and the layout; returns their names, the hidden size H and the size R of h
+    (proj_size when params hold weight_hr, as torch.lstm infers it from their number, else H)."""
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"{fn}: num_layers must be a positive int, got {num_layers!r}")
     names = _param_names(num_layers, D, bias)
     if not isinstance(params, (list, tuple)):
         raise TypeError(f"{fn}: params must be a list of tensors, got {type(params).__name__}")
-    if len(params) != len(names):
+    proj = len(params) == len(names) + num_layers * D
+    if proj:
+        names = _param_names(num_layers, D, bias, proj=True)
+    elif len(params) != len(names):
+        per = len(names) // (num_layers * D)
         raise ValueError(f"{fn}: params must hold {len(names)} tensors for num_layers={num_layers}, bias={bias}, "
-                         f"bidirectional={D == 2} ({', '.join(names[:len(names) // (num_layers * D)])}, ... in "
-                         f"torch.nn.LSTM's order), got {len(params)}")
+                         f"bidirectional={D == 2} ({', '.join(names[:per])}, ... in torch.nn.LSTM's order; "
+                         f"{len(names) + num_layers * D} with a weight_hr each for proj_size > 0), got {len(params)}")
     for name, p in zip(names, params):
         check_tensor(p, name, fn=fn)
+    per = len(names) // (num_layers * D)
     w_ih, w_hh = params[0], params[1]
-    if w_hh.dim() != 2 or w_hh.shape[0] != 4 * w_hh.shape[1]:
-        raise ValueError(f"{fn}: weight_hh_l0 must be [4*hidden_size, hidden_size], got {tuple(w_hh.shape)}")
-    H = w_hh.shape[1]
-    if w_ih.dim() != 2 or w_ih.shape[0] != 4 * H:
-        raise ValueError(f"{fn}: weight_ih_l0 must be [4*hidden_size, input_size] = [{4 * H}, input_size], got "
-                         f"{tuple(w_ih.shape)}")
+    if w_ih.dim() != 2 or w_ih.shape[0] % 4:
+        raise ValueError(f"{fn}: weight_ih_l0 must be [4*hidden_size, input_size], got {tuple(w_ih.shape)}")
+    H = w_ih.shape[0] // 4
+    if proj:
+        w_hr = params[per - 1]
+        if w_hr.dim() != 2 or w_hr.shape[1] != H:
+            raise ValueError(f"{fn}: weight_hr_l0 must be [proj_size, hidden_size] = [proj_size, {H}], got "
+                             f"{tuple(w_hr.shape)}")
+    R = params[per - 1].shape[0] if proj else H
+    if tuple(w_hh.shape) != (4 * H, R):
+        raise ValueError(f"{fn}: weight_hh_l0 must be [4*hidden_size, {'proj_size' if proj else 'hidden_size'}] = "
+                         f"{[4 * H, R]}, got {tuple(w_hh.shape)}")
     if input.shape[2] != w_ih.shape[1]:
         raise ValueError(f"{fn}: input.size(-1) must be equal to input_size. Expected {w_ih.shape[1]}, got "
                          f"{input.shape[2]}")
-    per = len(names) // (num_layers * D)
     for i, (name, p) in enumerate(zip(names, params)):
-        layer, kind = i // (per * D), i % per  # kind: weight_ih, weight_hh, bias_ih, bias_hh
-        want = ((4 * H, input.shape[2] if layer == 0 else D * H), (4 * H, H), (4 * H,), (4 * H,))[kind]
+        layer, kind = i // (per * D), i % per  # kind: weight_ih, weight_hh (, bias_ih, bias_hh) (, weight_hr)
+        shapes = [(4 * H, input.shape[2] if layer == 0 else D * R), (4 * H, R)] + [(4 * H,)] * (2 * bias)
+        want = (shapes + [(R, H)])[kind]
         if tuple(p.shape) != want:
             raise ValueError(f"{fn}: {name} must have shape {want}, got {tuple(p.shape)}")
         if p.dtype != input.dtype:
             raise TypeError(f"{fn}: input dtype {_dtype_name(input)} does not match the parameters' "
                             f"{_dtype_name(p)} ({name})")
-    return names, H
+    return names, H, R
 
 
 def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
-def _initial_states(fn, hx, input, LD, H):
-    """(h0, c0), each [LD, B, H]: hx checked against input, or zeros."""
+def _initial_states(fn, hx, input, LD, H, R):
+    """(h0 [LD, B, R], c0 [LD, B, H]): hx checked against input, or zeros (R = proj_size, or H without one)."""
+    B = input.shape[1]
     if hx is None:
-        z = input.new_zeros(LD, input.shape[1], H)
-        return z, z
+        c = input.new_zeros(LD, B, H)
+        return (c if R == H else input.new_zeros(LD, B, R)), c
     if not isinstance(hx, (tuple, list)) or len(hx) != 2:
         raise TypeError(f"{fn}: hx must be a tuple (h0, c0) or None, got {type(hx).__name__}")
-    want = (LD, input.shape[1], H)
-    for name, s in zip(("hx[0] (h0)", "hx[1] (c0)"), hx):
+    sizes = ("proj_size" if R != H else "hidden_size", "hidden_size")
+    for name, s, size, want in zip(("hx[0] (h0)", "hx[1] (c0)"), hx, sizes, ((LD, B, R), (LD, B, H))):
         check_tensor(s, name, fn=fn)
         if tuple(s.shape) != want:
             raise ValueError(f"{fn}: {name} must have shape {want} (num_layers * num_directions, batch, "
-                             f"hidden_size), got {tuple(s.shape)}")
+                             f"{size}), got {tuple(s.shape)}")
         if s.dtype != input.dtype or s.device != input.device:
             raise TypeError(f"{fn}: {name} must match input's dtype and device ({input.dtype}, {input.device}), "
                             f"got {s.dtype} on {s.device}")
