@@ -1,14 +1,18 @@
 """Triton flash attention, forward and backward, with causal / additive / key-padding masks and dropout.
 
-Tensors are (B, H, L, D), last dim contiguous. The forward keeps, per block of BLOCK_M queries, a running max m,
+q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, DV): query head h reads kv head h // G, G = H / Hk (grouped-query
+attention; G = 1 otherwise), and DV may differ from D. q, k, v are read through batch / head strides (0 along
+broadcast dims), each head's (L, D) block row-contiguous; outputs and gradients are contiguous. The forward keeps, per block of BLOCK_M queries, a running max m,
 sum l and unnormalized output acc while it walks the keys BLOCK_N at a time (online softmax), and writes the
 output and the per-row statistics m and log(l) - the only things the backward needs besides q, k, v. They are
 kept apart, as the two planes of the launchers' stats (2, B, H, Lq) that the kernels take as ROW_MAX and LOGL:
 their sum would lose log(l) to ulp(m) at scores of 1e4 and more.
 
 The backward recomputes P = exp((S - m) - log(l)) tile by tile in two kernels, so that neither needs atomics:
-  * _attn_bwd_dkdv: one program per key block walks the query blocks and accumulates dK, dV;
-  * _attn_bwd_dq:   one program per query block walks the key blocks and accumulates dQ.
+  * _attn_bwd_dkdv: one program per (key block, kv head) walks the G query heads' query blocks and accumulates
+                    dK, dV (summed over the group);
+  * _attn_bwd_dq:   one program per query block walks the key blocks and accumulates dQ, and, when asked for, adds
+                    dS into the attn_mask's gradient (atomics: d(mask) = dS summed over the mask's broadcast dims).
 With delta = rowsum(dO * O) (dropout included, since O already is the dropped product):
   dV = Pd^T dO,  dP = (dO V^T) * Z,  dS = P * (dP - delta),  dQ = dS K * scale,  dK = dS^T Q * scale
 where Pd = P * Z and Z is the dropout mask scaled by 1/(1-p), regenerated from (seed, row, col) by _keep.
@@ -158,7 +162,7 @@ def _row_stats(ROW_MAX, LOGL, DELTA, bh, Lq, offs_m):
 def _attn_fwd(Q, K, V, O, ROW_MAX, LOGL, MASK, KPM, H, G, Lq, Lk, D, DV, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh,
               scale, smb, smh, smm, smn, seed_lo, seed_hi, thresh, drop_scale,
               HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-              ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+              ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, GQA: tl.constexpr, EQUAL_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     # Spelled out rather than through _program / _tile / _key_end: fp32 at D = 256 sits at ptxas' edge, and the
     # helpers' order of the same operations made it spill or take more registers (kernels/aot.py; the counts:
@@ -166,7 +170,11 @@ def _attn_fwd(Q, K, V, O, ROW_MAX, LOGL, MASK, KPM, H, G, Lq, Lk, D, DV, q_sb, q
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
-    hk = h // G  # the kv head this query head reads (grouped-query attention; G = 1 otherwise)
+    hk = h
+    if GQA:
+        hk = h // G  # the kv head this query head reads (grouped-query attention)
+    if EQUAL_D:  # the common case, specialized: one set of head-dim offsets and masks (registers; kernels/aot.py)
+        DV = D
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -234,11 +242,18 @@ def _probs_and_dscores(q, k, v, do, m, logl, delta, offs_m, offs_n, bh, b, h, Lq
 def _attn_bwd_dkdv(Q, K, V, DO, ROW_MAX, LOGL, DELTA, DK, DV_, MASK, KPM, H, G, Lq, Lk, D, DV, q_sb, q_sh, k_sb, k_sh,
                    v_sb, v_sh, scale, smb, smh, smm, smn, seed_lo, seed_hi, thresh, drop_scale,
                    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                   ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                   ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, GQA: tl.constexpr,
+                   EQUAL_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     # One program per (key block, batch * kv head): it walks the G query heads that share the kv head (grouped-
     # query attention), so dK / dV sum over the group without atomics.
-    pid_n, offs_n, bhk, b, hk, offs_d, dmask, offs_dv, dvmask = _program(H // G, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+    if EQUAL_D:
+        DV = D
+    n_group = 1
+    if GQA:
+        n_group = G
+    pid_n, offs_n, bhk, b, hk, offs_d, dmask, offs_dv, dvmask = _program(H // n_group, D, DV, BLOCK_N, BLOCK_D,
+                                                                         BLOCK_DV)
     offs_m0 = tl.arange(0, BLOCK_M)
     k, v = _load_tiles(K + b * k_sb + hk * k_sh, V + b * v_sb + hk * v_sh, offs_n, Lk, D, offs_d, dmask, DV,
                        offs_dv, dvmask)
@@ -247,8 +262,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, ROW_MAX, LOGL, DELTA, DK, DV_, MASK, KPM, H, G, 
     lo = 0
     if CAUSAL:
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # queries before the block's first key see none of it
-    for g in range(0, G):
-        h = hk * G + g
+    for g in range(0, n_group):
+        h = hk * n_group + g
         bh = b * H + h
         q_base, do_base = Q + b * q_sb + h * q_sh, DO + bh * Lq * DV
         for start_m in range(lo, Lq, BLOCK_M):
@@ -274,12 +289,16 @@ def _attn_bwd_dq(Q, K, V, DO, ROW_MAX, LOGL, DELTA, DQ, DMASK, MASK, KPM, H, G, 
                  k_sh, v_sb, v_sh, scale, smb, smh, smm, smn, dmb, dmh, dmm, dmn, seed_lo, seed_hi, thresh,
                  drop_scale,
                  HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                 ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 MASK_GRAD: tl.constexpr, DM_SUM_M: tl.constexpr, DM_SUM_N: tl.constexpr,
+                 ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, GQA: tl.constexpr,
+                 EQUAL_D: tl.constexpr, MASK_GRAD: tl.constexpr, DM_SUM_M: tl.constexpr, DM_SUM_N: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     # Also the mask's gradient (MASK_GRAD): dS tile by tile, added atomically into DMASK (the mask's own shape).
+    if EQUAL_D:
+        DV = D
     pid_m, offs_m, bh, b, h, offs_d, dmask, offs_dv, dvmask = _program(H, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV)
-    hk = h // G
+    hk = h
+    if GQA:
+        hk = h // G
     offs_n0 = tl.arange(0, BLOCK_N)
     q, do = _load_tiles(Q + b * q_sb + h * q_sh, DO + bh * Lq * DV, offs_m, Lq, D, offs_d, dmask, DV, offs_dv,
                         dvmask)
@@ -382,7 +401,8 @@ def _launch_args(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, sca
                 **dict(zip(("smb", "smh", "smm", "smn"), strides)), **_dropout_args(dropout_p, seed),
                 HAS_MASK=attn_mask is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=bool(is_causal),
                 DROPOUT=dropout_p > 0, ACC=_acc(dtype), PREC=_prec(dtype),
-                UPCAST=_INTERPRET and dtype == torch.bfloat16, **_head_blocks(D, DV, dtype, backward, heavy))
+                UPCAST=_INTERPRET and dtype == torch.bfloat16, GQA=Hk != H, EQUAL_D=D == DV,
+                **_head_blocks(D, DV, dtype, backward, heavy))
 
 
 def _head_blocks(d: int, dv: int, dtype: torch.dtype, backward: bool, heavy: bool) -> dict:
@@ -391,6 +411,14 @@ def _head_blocks(d: int, dv: int, dtype: torch.dtype, backward: bool, heavy: boo
     cfg = _blocks(max(d, dv), dtype, backward, heavy)
     cfg["BLOCK_D"] = max(16, triton.next_power_of_2(d))
     cfg["BLOCK_DV"] = max(16, triton.next_power_of_2(dv))
+    return cfg
+
+
+def _mask_grad_warps(cfg: dict) -> dict:
+    """The dQ kernel's config when it also sums the mask's gradient: float32 / float64 at head dim 256 (4 warps)
+    spilled 32 B there with the atomics' addresses live, 8 warps do not (kernels/aot.py)."""
+    if cfg["PREC"] == "ieee" and cfg["BLOCK_D"] >= 256:
+        return {**cfg, "num_warps": 8}
     return cfg
 
 
@@ -435,7 +463,7 @@ def attention_backward(grad_out, q, k, v, out, stats, attn_mask, key_padding_mas
     _attn_bwd_dkdv[(triton.cdiv(Lk, args["BLOCK_N"]), B * Hk)](q, k, v, do, m, logl, delta, dk, dv, **args)
     dm_strides = _bstrides(dmask, range(4)) if mask_grad else (0, 0, 0, 0)
     _attn_bwd_dq[(triton.cdiv(Lq, args["BLOCK_M"]), B * H)](
-        q, k, v, do, m, logl, delta, dq, dmask if mask_grad else q, **args,
+        q, k, v, do, m, logl, delta, dq, dmask if mask_grad else q, **(_mask_grad_warps(args) if mask_grad else args),
         **dict(zip(("dmb", "dmh", "dmm", "dmn"), dm_strides)), MASK_GRAD=mask_grad,
         DM_SUM_M=mask_grad and attn_mask.shape[2] == 1, DM_SUM_N=mask_grad and attn_mask.shape[3] == 1)
     return dq, dk, dv, dmask
@@ -453,12 +481,14 @@ def _aot_specs():
         for d in (64, 128, 256):
             for heavy in (False, True):
                 flags = dict(HAS_MASK=heavy, HAS_KPM=heavy, CAUSAL=heavy, DROPOUT=heavy, ACC=tl.float32,
-                             PREC=_prec(dtype), UPCAST=False)
+                             PREC=_prec(dtype), UPCAST=False, GQA=heavy, EQUAL_D=True)
                 for backward, kernel, ptrs in (
                         (False, _attn_fwd, ("Q", "K", "V", "O")),
                         (True, _attn_bwd_dkdv, ("Q", "K", "V", "DO", "DK", "DV_")),
                         (True, _attn_bwd_dq, ("Q", "K", "V", "DO", "DQ"))):
                     cfg = _head_blocks(d, d, dtype, backward, heavy)
+                    if kernel is _attn_bwd_dq and heavy:  # MASK_GRAD below
+                        cfg = {k: v for k, v in _mask_grad_warps({**cfg, "PREC": _prec(dtype)}).items() if k != "PREC"}
                     options = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
                     sig = {p: f"*{name}" for p in ptrs}
                     sig.update({"ROW_MAX": "*fp32", "LOGL": "*fp32", "MASK": "*fp32", "KPM": "*u8",

@@ -6,10 +6,15 @@
 // task is O(kBQ * kBK + kBQ * D), whatever L is; the output is acc / l, and the row's m and log l are saved as the
 // two planes of `stats` (their sum would lose log l to ulp(m) at scores of 1e4 and more).
 //
-// Backward: one task per batch*head, walking key chunks (outer) and query blocks (inner). It recomputes
-// P = exp((S - m) - log l) and, with delta = rowsum(dO * O), accumulates dV += Pd^T dO, dK += dS^T Q and dQ += dS K,
-// where dS = P * (dP * Z - delta), dP = dO V^T and Z the dropout mask (regenerated from the seed). Owning a whole
-// head lets dQ accumulate without atomics or a second recomputing pass.
+// Backward: one task per (batch, kv head), walking key chunks (outer), then the query heads that share the kv head
+// (grouped-query attention) and their query blocks (inner). It recomputes P = exp((S - m) - log l) and, with
+// delta = rowsum(dO * O), accumulates dV += Pd^T dO, dK += dS^T Q and dQ += dS K, where dS = P * (dP * Z - delta),
+// dP = dO V^T and Z the dropout mask (regenerated from the seed). Owning whole heads lets dQ accumulate, and dK /
+// dV sum over the group, without atomics or a second recomputing pass. d(attn_mask) = dS, summed over the mask's
+// broadcast dims: added in that pass when each task owns its part of the mask, else (a mask shared by the batch
+// or by kv heads) in a pass of its own over the mask's rows (mask_grad_pass).
+// q, k, v are read through batch / head strides (0 along broadcast dims: an expanded key is not copied); the
+// value head dim Dv may differ from the query/key one D.
 //
 // The tile products go to the BLAS sgemm_/dgemm_ that libtorch exports (MKL in the x86-64 wheels), on raw
 // pointers - no tensor objects per tile: at 64 x 256 x 64 a tile is big enough for BLAS to run near peak. Inside

@@ -1,7 +1,9 @@
 """scaled dot-product attention: custom ops ``fastnn::attention_fwd`` / ``attention_bwd`` (C++ CPU, CUDA) and
 their ``_triton`` twins, with one fake and one autograd formula. The backward saves q, k, v (the inputs), the
 output and the per-row statistics (max score, log-sum) - nothing of size Lq x Lk - and regenerates dropout from
-a seed. Also what ``fastnn.nn.MultiheadAttention`` computes around the op: its masks in the op's convention and
+a seed; a float attn_mask that requires grad gets d(mask) from the same backward call (mask_grad). Grouped-query
+key/value heads, a value head dim other than the query's and broadcast batch dims go to the kernels as they are
+(stride-0 views, not copies). Also what ``fastnn.nn.MultiheadAttention`` computes around the op: its masks in the op's convention and
 the path that returns the attention weights."""
 from __future__ import annotations
 
