@@ -88,21 +88,27 @@ TORCH_LIBRARY(fastnn, m) {
   m.def("bce_with_logits_bwd_triton(Tensor grad_output, Tensor input, Tensor target, Tensor? weight,"
         " Tensor? pos_weight, int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
 
-  // ---- attention: flash-style scaled dot-product attention. q (B,H,Lq,D), k/v (B,H,Lk,D); attn_mask additive in
-  // the accumulation dtype (float32, float64 for float64 inputs), shaped (B,H,Lq,Lk) with stride 0 along broadcast
-  // dims; key_padding_mask (B,Lk) bool, True = pad. Dropout is regenerated from `seed`. Returns (out, stats): out
-  // in q's dtype, stats (2,B,H,Lq) in the accumulation dtype, each query row's max score and log of its sum of
-  // exp (+inf and 0 for a fully masked row).
+  // ---- attention: flash-style scaled dot-product attention. q (B,H,Lq,D), k (B,Hk,Lk,D), v (B,Hk,Lk,Dv): Hk key /
+  // value heads shared by H query heads (grouped-query attention, H a multiple of Hk; query head h reads kv head
+  // h / (H / Hk)); Dv may differ from D (each in [1, 256]). q, k, v are read through their batch / head strides
+  // (0 for a broadcast batch or head: an expanded operand is not copied). attn_mask additive in the accumulation
+  // dtype (float32, float64 for float64 inputs), 4-d with each dim 1 or (B,H,Lq,Lk)'s, read in place;
+  // key_padding_mask (B,Lk) bool, True = pad. Dropout is regenerated from `seed`. Returns (out, stats): out
+  // (B,H,Lq,Dv) in q's dtype, stats (2,B,H,Lq) in the accumulation dtype, each query row's max score and log of
+  // its sum of exp (+inf and 0 for a fully masked row).
+  // The backward returns (dq, dk, dv, dmask): dk, dv (B,Hk,Lk,*) summed over each kv head's query heads; dmask =
+  // d(loss)/d(attn_mask), the score gradient summed over the mask's broadcast dims, of the mask's own shape in the
+  // accumulation dtype when mask_grad (which needs an attn_mask), else an empty (0,) tensor.
   m.def("attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? key_padding_mask,"
         " float dropout_p, bool is_causal, float scale, int seed) -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor stats,"
-        " Tensor? attn_mask, Tensor? key_padding_mask, float dropout_p, bool is_causal, float scale, int seed)"
-        " -> (Tensor, Tensor, Tensor)");
+        " Tensor? attn_mask, Tensor? key_padding_mask, float dropout_p, bool is_causal, float scale, int seed,"
+        " bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("attention_fwd_triton(Tensor query, Tensor key, Tensor value, Tensor? attn_mask,"
         " Tensor? key_padding_mask, float dropout_p, bool is_causal, float scale, int seed) -> (Tensor, Tensor)");
   m.def("attention_bwd_triton(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor stats,"
-        " Tensor? attn_mask, Tensor? key_padding_mask, float dropout_p, bool is_causal, float scale, int seed)"
-        " -> (Tensor, Tensor, Tensor)");
+        " Tensor? attn_mask, Tensor? key_padding_mask, float dropout_p, bool is_causal, float scale, int seed,"
+        " bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---- lstm_cell (gate order i, f, g, o). The matrix products stay outside, on BLAS; these are the fused rest.
   // gates = x W_ih^T + h W_hh^T [B, 4H] (bias optional, [4H]), cx [B, H] -> (hy, cy, act), where act [B, 4H] holds

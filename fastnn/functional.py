@@ -155,43 +155,53 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-                                 is_causal: bool = False, scale: float | None = None,
-                                 key_padding_mask: torch.Tensor | None = None, *,
+                                 is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
+                                 key_padding_mask: torch.Tensor | None = None,
                                  backend: str | None = None) -> torch.Tensor:
     """``torch.nn.functional.scaled_dot_product_attention`` as a flash-style kernel: softmax(q k^T * scale + mask)
-    v computed tile by tile with an online softmax, so memory grows with L, not L^2.
+    v computed tile by tile with an online softmax, so memory grows with L, not L^2. Same positional arguments as
+    torch 2.13's; fastnn's own ``key_padding_mask`` and ``backend`` are keyword-only.
 
     Args:
-        query: (B, H, Lq, D) or (H, Lq, D); float32, float64, float16 or bfloat16 (accumulation in float32).
-        key, value: (B, H, Lk, D) or (H, Lk, D), query's dtype; Lk may differ from Lq. D in [1, 256].
-        attn_mask: bool (True = attend) or additive float, broadcastable to (B, H, Lq, Lk). A broadcast mask
-            (e.g. (Lq, Lk) or (B, 1, 1, Lk)) is read through stride-0 dims, never expanded in memory. No
-            gradient flows to it.
+        query: (B, Hq, Lq, D) or (Hq, Lq, D); float32, float64, float16 or bfloat16 (accumulation in float32).
+        key: (B, Hk, Lk, D), value: (B, Hv, Lk, Dv) (or 3-d), query's dtype; Lk may differ from Lq and the value
+            head dim Dv from D. Batch dims broadcast between query, key and value as in torch (a size-1 batch is
+            read in place, not copied), and so do heads without ``enable_gqa``. Head dims up to 256 run on the
+            fused kernels; larger ones on fastnn's reference path (plain PyTorch, Lq x Lk memory), with a
+            one-time warning.
+        attn_mask: bool (True = attend) or additive float, broadcastable to (B, Hq, Lq, Lk). A broadcast mask
+            (e.g. (Lq, Lk) or (B, 1, 1, Lk)) is read through stride-0 dims, never expanded in memory. A float
+            mask that requires grad gets its gradient (a learned bias: T5 relative positions, ALiBi slopes),
+            summed over the dims it broadcasts over, computed tile by tile in the backward (memory beyond the
+            mask's own size stays O(L)).
         dropout_p: dropout on the attention probabilities. The mask is a hash of a seed drawn from torch's CPU
             generator (so ``torch.manual_seed`` reproduces it) and is regenerated in the backward, not stored.
             Unlike torch, dropout is applied whenever ``dropout_p > 0``: pass 0.0 for evaluation.
         is_causal: query i attends to keys j <= i (top-left alignment, as torch's ``is_causal``). May be combined
             with ``attn_mask`` (torch refuses the combination).
         scale: score scale, default 1 / sqrt(D).
+        enable_gqa: grouped-query attention (torch >= 2.5): key and value have Hk (Hv) heads, Hq a multiple of
+            them, query head h reading key head h // (Hq / Hk). The kernels read the shared head in place (no
+            repeat_interleave) and sum dK / dV over each group.
         key_padding_mask: (B, Lk) bool ((Lk,) for 3-d inputs), True = padding key; applied in the kernel.
     Returns:
-        (B, H, Lq, D) (or (H, Lq, D)) in query's dtype. A query row whose keys are all masked gets zeros and
+        (B, Hq, Lq, Dv) (or (Hq, Lq, Dv)) in query's dtype. A query row whose keys are all masked gets zeros and
         zero gradients, as torch 2.13's CPU SDPA gives (math and flash backends; torch.nn.MultiheadAttention with
         need_weights=True returns NaN there).
     Raises:
         TypeError: query/key/value not floating tensors of one dtype, ``attn_mask`` neither bool nor floating,
-            ``key_padding_mask`` not bool, or ``scale`` not a number.
-        ValueError: query/key/value not all 4-d or all 3-d, key not (B, H, Lk, D) for query's B, H and D (no
-            grouped-query broadcasting), value not key's shape (a value head dim other than D included), D outside
-            [1, 256], ``attn_mask`` not broadcastable to (B, H, Lq, Lk), ``key_padding_mask`` not exactly (B, Lk),
-            ``dropout_p`` outside [0, 1], or tensors on different devices.
-        NotImplementedError: a float ``attn_mask`` requiring grad.
+            ``key_padding_mask`` not bool, ``scale`` not a number or ``enable_gqa`` not a bool.
+        ValueError: query/key/value not 3-d or 4-d, key's head dim not query's, value's length not key's, a
+            head dim of 0, batch sizes (or, without ``enable_gqa``, head counts) that do not broadcast, with
+            ``enable_gqa`` query heads not a multiple of key's and value's, ``attn_mask`` not broadcastable to
+            (B, Hq, Lq, Lk), ``key_padding_mask`` not exactly (B, Lk), ``dropout_p`` outside [0, 1], or tensors on
+            different devices.
         NaN/Inf (in inputs or mask), zero-size dims (B, H, Lq or Lk = 0) and any strides (transposed, expanded,
-        channels-last) give torch's result, except fully masked rows as said above; a NaN in a query or key
-        gives NaN rows as torch's math backend does (torch's CPU flash kernel returns zeros for a NaN query).
+            channels-last) give torch's result, except fully masked rows as said above; a NaN in a query or key
+            gives NaN rows as torch's math backend does (torch's CPU flash kernel returns zeros for a NaN query).
     """
     return _attention.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                   is_causal=is_causal, scale=scale,
+                                                   is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
                                                    key_padding_mask=key_padding_mask, backend=backend)
 
 

@@ -173,15 +173,23 @@ def dropout_keep(seed: int, rows: torch.Tensor, cols: torch.Tensor, p: float) ->
     return (x >> (32 - KEEP_BITS)) >= dropout_threshold(p)
 
 
+def _share_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Key or value (B, Hk, L, D) for `heads` query heads: grouped-query attention (query head h reads head
+    h // (heads / Hk), torch's enable_gqa) when Hk divides heads; otherwise as is (broadcast or equal)."""
+    hk = x.shape[-3]
+    return x.repeat_interleave(heads // hk, dim=-3) if 1 < hk < heads and heads % hk == 0 else x
+
+
 def attention_probs(query, key, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, key_padding_mask=None,
                     seed=0):
     """The attention matrix softmax(q k^T * scale + masks), dropout applied, of shape (B, H, Lq, Lk) in the
     compute dtype; arguments as ``scaled_dot_product_attention`` (4-d only). Fully masked rows are zero."""
-    q, k = _upcast(query), _upcast(key)
-    B, H, Lq, D = q.shape
+    q, k = _upcast(query), _share_heads(_upcast(key), query.shape[-3])
+    Lq, D = q.shape[-2:]
     Lk = k.shape[-2]
     scale = D ** -0.5 if scale is None else scale
     s = (q @ k.transpose(-1, -2)) * scale
+    B, H = s.shape[:2]  # broadcast batch and heads
     neg = float("-inf")
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         s = s.masked_fill(~attn_mask, neg)
@@ -209,9 +217,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  key_padding_mask=None, seed=0):
     """softmax(q k^T * scale + mask) v, with the masks of fastnn.functional.scaled_dot_product_attention.
 
-    query (B, H, Lq, D) or (H, Lq, D); key/value (..., Lk, D); attn_mask bool (True = attend) or additive,
-    broadcastable to (B, H, Lq, Lk); key_padding_mask (B, Lk) bool, True = pad; causal keeps j <= i (top-left,
-    as torch). A row with nothing left to attend gives zeros (as torch 2.13's CPU SDPA). Dropout uses ``dropout_keep``.
+    query (B, H, Lq, D) or (H, Lq, D); key (..., Lk, D); value (..., Lk, Dv); batch and head dims broadcast, and a
+    key / value with Hk heads, 1 < Hk < H dividing H, is shared by groups of H / Hk query heads (torch's
+    enable_gqa). attn_mask bool (True = attend) or additive, broadcastable to (B, H, Lq, Lk); key_padding_mask
+    (B, Lk) bool, True = pad; causal keeps j <= i (top-left, as torch). A row with nothing left to attend gives
+    zeros (as torch 2.13's CPU SDPA). Dropout uses ``dropout_keep`` (rows numbered over (B, H, Lq) of the
+    broadcast result). Differentiable in every tensor argument, a float attn_mask included.
     """
     unbatched = query.dim() == 3
     q, k, v = query, key, value
@@ -220,7 +231,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask[None]
     p = attention_probs(q, k, attn_mask, dropout_p, is_causal, scale, key_padding_mask, seed)
-    out = p @ _upcast(v)
+    out = p @ _share_heads(_upcast(v), p.shape[-3])
     # A row with nothing to attend is zeros even where a value is inf/NaN (0 * inf would be NaN).
     out = torch.where((p != 0).any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype)).to(query.dtype)
     return out[0] if unbatched else out

@@ -183,11 +183,125 @@ def test_scale_and_reference_vs_torch(device, backend, scale):
     torch.testing.assert_close(out, TF.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=True))
 
 
+# ---- torch 2.13 parity: value head dim, grouped-query attention, broadcast batch dims, the mask's gradient ----
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_() if t is not None and t.is_floating_point() else t for t in ts]
+
+
+def _grads(fn, q, k, v, mask, g, **kw):
+    """(output, dq, dk, dv[, dmask]) of fn(q, k, v, attn_mask=mask, **kw) with fresh leaves."""
+    q, k, v, mask = _leaves(q, k, v, mask)
+    out = fn(q, k, v, attn_mask=mask, **kw)
+    leaves = [q, k, v] + ([mask] if mask is not None and mask.is_floating_point() else [])
+    return (out.detach(),) + torch.autograd.grad(out, leaves, g)
+
+
+PARITY = {  # name: (query, key, value shapes, attn_mask shape or None, enable_gqa)
+    "course_dk128_dv256": ((1, 30, 128), (1, 50, 128), (1, 50, 256), None, False),  # n_Q=30, n_K=n_V=50
+    "dv_ne_dk_batched": ((2, 3, 7, 59), (2, 3, 97, 59), (2, 3, 97, 24), (7, 97), False),
+    "gqa_4_on_2": ((2, 4, 7, 16), (2, 2, 9, 16), (2, 2, 9, 33), (1, 4, 7, 9), True),
+    "mqa_6_on_1": ((1, 6, 13, 8), (1, 1, 13, 8), (1, 1, 13, 8), (1, 1, 1, 13), True),
+    "gqa_key_value_heads_differ": ((2, 4, 5, 8), (2, 1, 6, 8), (2, 2, 6, 8), None, True),
+    "heads_broadcast": ((2, 3, 5, 8), (2, 1, 6, 8), (2, 1, 6, 8), (2, 1, 1, 6), False),
+    "batch_broadcast_kv": ((3, 2, 7, 16), (1, 2, 11, 16), (1, 2, 11, 16), (3, 1, 1, 11), False),
+    "batch_broadcast_q": ((1, 2, 7, 16), (3, 2, 11, 16), (3, 2, 11, 16), (7, 11), False),
+    "mixed_3d_4d": ((2, 7, 16), (3, 2, 11, 16), (3, 2, 11, 5), (2, 7, 1), False),
+}
+
+
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[0] == "cpu"])
+@pytest.mark.parametrize("case", list(PARITY))
+def test_parity_with_torch_sdpa(device, backend, case):
+    """Shapes torch 2.13's SDPA accepts that fastnn refused: Dv != D, enable_gqa, broadcast batch / head dims,
+    mixed 3-d / 4-d; with a float mask that requires grad. Output and every gradient against torch's own
+    autograd, float64."""
+    qs, ks, vs, ms, gqa = PARITY[case]
+    q, k, v = (torch.randn(s, dtype=torch.float64) for s in (qs, ks, vs))
+    mask = torch.randn(ms, dtype=torch.float64) if ms is not None else None
+    theirs_out = TF.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    g = torch.randn_like(theirs_out)
+    theirs = _grads(TF.scaled_dot_product_attention, q, k, v, mask, g, enable_gqa=gqa)
+    ours = _grads(F.scaled_dot_product_attention, q, k, v, mask, g, enable_gqa=gqa, backend=backend)
+    for name, a, t in zip(("output", "dq", "dk", "dv", "dmask"), ours, theirs):
+        assert a.shape == t.shape, name
+        torch.testing.assert_close(a, t, msg=name)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[0] == "cpu"])
+@pytest.mark.parametrize("mask_shape", [(37, 45), (1, 3, 37, 45), (2, 1, 1, 45), (3, 37, 1), (2, 3, 37, 45)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("extra", ["", "causal_kpm_dropout"])
+def test_mask_gradient(device, backend, mask_shape, extra):
+    """d(loss)/d(attn_mask) for a learned float bias, summed over the dims it broadcasts over: against torch's
+    autograd through its SDPA, and with causal + key padding + dropout against fastnn's reference (the same
+    dropout mask), whose autograd has the math of torch's."""
+    B, H, Lq, Lk, D = 2, 3, 37, 45, 24
+    q, k, v = _qkv(B, H, Lq, Lk, D, torch.float32)
+    mask = torch.randn(mask_shape)
+    g = torch.randn(B, H, Lq, D)
+    if not extra:
+        ours = _grads(F.scaled_dot_product_attention, q, k, v, mask, g, backend=backend)
+        theirs = _grads(TF.scaled_dot_product_attention, q.double(), k.double(), v.double(), mask.double(),
+                        g.double())
+    else:
+        kpm = torch.rand(B, Lk) < 0.2
+        kpm[1] = True  # batch 1 attends nothing: zero gradients there
+        kw = dict(is_causal=True, key_padding_mask=kpm, dropout_p=0.3)
+        torch.manual_seed(11)
+        ours = _grads(F.scaled_dot_product_attention, q, k, v, mask, g, backend=backend, **kw)
+        torch.manual_seed(11)
+        theirs = _grads(F.scaled_dot_product_attention, q.double(), k.double(), v.double(), mask.double(),
+                        g.double(), backend="reference", **kw)
+    assert ours[4].shape == mask.shape
+    for name, a, t in zip(("output", "dq", "dk", "dv"), ours, theirs):
+        assert_matches(a, t, name=name)
+    # Each score gradient P (dP - delta) cancels terms of |dP| ~ 5 (exactly, for a row with one key), and dmask
+    # sums n of them per element (over keys: a sum that is exactly 0, softmax being shift-invariant, so only
+    # rounding is left): float32's absolute error grows with n.
+    n = B * H * Lq * Lk // mask.numel()
+    torch.testing.assert_close(ours[4], theirs[4].float(), rtol=1e-5, atol=5e-6 * n)
+
+
+def test_large_head_dim_runs_on_the_reference_path(monkeypatch):
+    import fastnn.ops.attention as attn
+
+    monkeypatch.setattr(attn, "_warned_head_dim", False)
+    q, k, v = (torch.randn(2, 2, L, 300, dtype=torch.float64) for L in (5, 7, 7))
+    mask = torch.randn(5, 7, dtype=torch.float64)
+    g = torch.randn(2, 2, 5, 300, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="reference path"):
+        ours = _grads(F.scaled_dot_product_attention, q, k, v, mask, g)
+    theirs = _grads(TF.scaled_dot_product_attention, q, k, v, mask, g)
+    for a, t in zip(ours, theirs):
+        torch.testing.assert_close(a, t)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        F.scaled_dot_product_attention(q[..., :8], k[..., :8], v)  # value head dim 300 alone takes it too
+
+
+def test_new_arguments_keep_their_positions():
+    # torch 2.13's order: (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) (torch takes the
+    # last two by keyword only; fastnn also positionally); fastnn's key_padding_mask and backend are keyword-only.
+    import inspect
+
+    params = inspect.signature(F.scaled_dot_product_attention).parameters
+    assert list(params)[:8] == ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+    assert params["key_padding_mask"].kind is inspect.Parameter.KEYWORD_ONLY
+    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, None, 0.0, False, None, True),
+                               TF.scaled_dot_product_attention(q, k, v, None, 0.0, False, scale=None,
+                                                               enable_gqa=True))
+
+
 def test_broadcast_mask_is_not_materialized():
+    # The op takes the mask at its own shape (size 1 along broadcast dims); the kernels broadcast by strides.
     m = _additive_mask(torch.rand(45) > 0.5, (2, 3, 37, 45), torch.float32, unbatched=False)
-    assert m.shape == (2, 3, 37, 45) and m.stride()[:3] == (0, 0, 0)
+    assert m.shape == (1, 1, 1, 45) and m.untyped_storage().nbytes() == 45 * 4
     m = _additive_mask(torch.randn(2, 1, 1, 45), (2, 3, 37, 45), torch.float32, unbatched=False)
-    assert m.stride()[1:3] == (0, 0) and m.untyped_storage().nbytes() == 2 * 45 * 4
+    assert m.shape == (2, 1, 1, 45) and m.untyped_storage().nbytes() == 2 * 45 * 4
 
 
 # ---- dropout -------------------------------------------------------------------------------------------------
@@ -236,11 +350,21 @@ def test_dropout_one_gives_zeros():
 # ---- autograd machinery --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("case", ["plain", "masks", "dropout"])
+@pytest.mark.parametrize("case", ["plain", "masks", "dropout", "gqa_dv_mask_grad"])
 def test_gradcheck(backend, case):
     B, H, Lq, Lk, D = 1, 2, 5, 7, 6
     q, k, v = (t.requires_grad_() for t in _qkv(B, H, Lq, Lk, D, torch.float64))
     kw = {}
+    if case == "gqa_dv_mask_grad":  # 2 query heads on 1 kv head, value head dim 3, learned (Lq, Lk) bias, dropout
+        k, v = k[:, :1].detach().requires_grad_(), torch.randn(B, 1, Lk, 3, dtype=torch.float64, requires_grad=True)
+        mask = torch.randn(Lq, Lk, dtype=torch.float64, requires_grad=True)
+
+        def fn(q, k, v, mask):
+            torch.manual_seed(3)
+            return F.scaled_dot_product_attention(q, k, v, mask, 0.3, True, None, True, backend=backend)
+
+        assert torch.autograd.gradcheck(fn, (q, k, v, mask), fast_mode=backend == "triton")
+        return
     if case == "masks":
         kw = dict(attn_mask=torch.randn(Lq, Lk), is_causal=True, key_padding_mask=torch.tensor([[0, 1, 0, 0, 0, 1, 0]]).bool())
     if case == "dropout":
@@ -255,7 +379,7 @@ def test_gradcheck(backend, case):
 
 
 @pytest.mark.parametrize("suffix", ["", "_triton"])
-@pytest.mark.parametrize("case", ["plain", "masks_dropout"])
+@pytest.mark.parametrize("case", ["plain", "masks_dropout", "gqa_dv_mask_grad"])
 def test_opcheck(suffix, case):
     if suffix and "triton" not in CPU_BACKENDS:
         pytest.skip("no Triton on CPU here")
@@ -269,13 +393,18 @@ def test_opcheck(suffix, case):
         mask = _additive_mask(torch.rand(Lq, Lk) > 0.2, (B, H, Lq, Lk), torch.float32, False)
         kpm = torch.rand(B, Lk) < 0.2
         p, causal = 0.25, True
+    if case == "gqa_dv_mask_grad":  # 4 query heads on 2 kv heads, value head dim 24, a learned (H, 1, Lk) bias
+        k, v = k[:, :1].expand(B, 2, Lk, D), torch.randn(B, 2, Lk, 24)
+        q = torch.randn(B, 4, Lq, D)
+        mask = torch.randn(1, 4, 1, Lk, requires_grad=True)
     fwd = getattr(torch.ops.fastnn, "attention_fwd" + suffix)
     bwd = getattr(torch.ops.fastnn, "attention_bwd" + suffix)
     args = (q, k, v, mask, kpm, p, causal, 0.25, 12345)
     torch.library.opcheck(fwd, args)
     out, stats = fwd(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
-    torch.library.opcheck(bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, stats, mask, kpm, p,
-                                causal, 0.25, 12345))
+    d = lambda t: t.detach() if t is not None else None  # noqa: E731
+    torch.library.opcheck(bwd, (torch.randn_like(out), d(q), d(k), d(v), out, stats, d(mask), kpm, p, causal, 0.25,
+                                12345, case == "gqa_dv_mask_grad"))
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -288,10 +417,27 @@ def test_torch_compile_fullgraph(device, backend):
 
     q, k, v = (t.requires_grad_() for t in _qkv(2, 3, 11, 19, 32, torch.float32, device))
     out = torch.compile(f, fullgraph=True)(q, k, v)
-    grads = torch.autograd.grad(out.sum(), (q, k, v))
-    expected = f(q, k, v)
+    _check_compiled(f, out, q, k, v)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_torch_compile_fullgraph_gqa_mask_grad(device, backend):
+    bias = torch.randn(1, 4, 11, 19, device=device, requires_grad=True)  # a learned relative-position bias
+
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, bias, enable_gqa=True, backend=backend)
+
+    q = torch.randn(2, 4, 11, 32, device=device, requires_grad=True)
+    k, v = (torch.randn(2, 2, 19, d, device=device, requires_grad=True) for d in (32, 48))
+    out = torch.compile(f, fullgraph=True)(q, k, v)
+    _check_compiled(f, out, q, k, v, bias)
+
+
+def _check_compiled(f, out, *leaves):
+    grads = torch.autograd.grad(out.sum(), leaves)
+    expected = f(*leaves[:3])
     torch.testing.assert_close(out, expected)
-    for a, b in zip(grads, torch.autograd.grad(expected.sum(), (q, k, v))):
+    for a, b in zip(grads, torch.autograd.grad(expected.sum(), leaves)):
         torch.testing.assert_close(a, b)
 
 
@@ -306,14 +452,21 @@ def _t(*shape, dtype=torch.float32):
      TypeError, ["same dtype"]),
     (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8).long(), _t(2, 3, 5, 8), _t(2, 3, 5, 8)), TypeError,
      ["query", "int64"]),
-    (lambda: F.scaled_dot_product_attention(_t(3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8)), ValueError, ["3-d"]),
+    (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(3, 3, 5, 8), _t(3, 3, 5, 8)), ValueError,
+     ["batch", "broadcast"]),
+    (lambda: F.scaled_dot_product_attention(_t(2, 4, 4, 8), _t(2, 2, 5, 8), _t(2, 2, 5, 8)), ValueError,
+     ["head", "enable_gqa"]),
+    (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(2, 2, 5, 8), _t(2, 2, 5, 8), enable_gqa=True),
+     ValueError, ["enable_gqa", "multiple"]),
+    (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8), enable_gqa=1), TypeError,
+     ["enable_gqa"]),
     (lambda: F.scaled_dot_product_attention(_t(4, 8), _t(5, 8), _t(5, 8)), ValueError, ["query", "dimensional"]),
     (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(2, 3, 5, 7), _t(2, 3, 5, 7)), ValueError,
      ["key", "head dim"]),
     (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 6, 8)), ValueError,
-     ["value", "shape"]),
-    (lambda: F.scaled_dot_product_attention(_t(1, 1, 4, 300), _t(1, 1, 5, 300), _t(1, 1, 5, 300)), ValueError,
-     ["head dim", "256"]),
+     ["value", "length"]),
+    (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 0), _t(2, 3, 5, 0), _t(2, 3, 5, 8)), ValueError,
+     ["head dims", "at least 1"]),
     (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8), attn_mask=_t(4, 4)),
      ValueError, ["attn_mask", "broadcastable"]),
     (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8),
@@ -327,8 +480,6 @@ def _t(*shape, dtype=torch.float32):
      ValueError, ["dropout_p"]),
     (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8), scale="x"), TypeError,
      ["scale"]),
-    (lambda: F.scaled_dot_product_attention(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8),
-                                            attn_mask=_t(4, 5).requires_grad_()), NotImplementedError, ["attn_mask"]),
     (lambda: torch.ops.fastnn.attention_fwd(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 6, 8), None, None, 0.0, False,
                                             1.0, 0), RuntimeError, ["value"]),
     (lambda: torch.ops.fastnn.attention_fwd(_t(2, 3, 4, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8), _t(2, 3, 4, 4), None,

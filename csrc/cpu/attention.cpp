@@ -6,10 +6,15 @@
 // task is O(kBQ * kBK + kBQ * D), whatever L is; the output is acc / l, and the row's m and log l are saved as the
 // two planes of `stats` (their sum would lose log l to ulp(m) at scores of 1e4 and more).
 //
-// Backward: one task per batch*head, walking key chunks (outer) and query blocks (inner). It recomputes
-// P = exp((S - m) - log l) and, with delta = rowsum(dO * O), accumulates dV += Pd^T dO, dK += dS^T Q and dQ += dS K,
-// where dS = P * (dP * Z - delta), dP = dO V^T and Z the dropout mask (regenerated from the seed). Owning a whole
-// head lets dQ accumulate without atomics or a second recomputing pass.
+// Backward: one task per (batch, kv head), walking key chunks (outer), then the query heads that share the kv head
+// (grouped-query attention) and their query blocks (inner). It recomputes P = exp((S - m) - log l) and, with
+// delta = rowsum(dO * O), accumulates dV += Pd^T dO, dK += dS^T Q and dQ += dS K, where dS = P * (dP * Z - delta),
+// dP = dO V^T and Z the dropout mask (regenerated from the seed). Owning whole heads lets dQ accumulate, and dK /
+// dV sum over the group, without atomics or a second recomputing pass. d(attn_mask) = dS, summed over the mask's
+// broadcast dims: added in that pass when each task owns its part of the mask, else (a mask shared by the batch
+// or by kv heads) in a pass of its own over the mask's rows (mask_grad_pass).
+// q, k, v are read through batch / head strides (0 along broadcast dims: an expanded key is not copied); the
+// value head dim Dv may differ from the query/key one D.
 //
 // The tile products go to the BLAS sgemm_/dgemm_ that libtorch exports (MKL in the x86-64 wheels), on raw
 // pointers - no tensor objects per tile: at 64 x 256 x 64 a tile is big enough for BLAS to run near peak. Inside
@@ -117,14 +122,14 @@ template <typename A>
 void attention_fwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, A* o, A* stats) {
   const Geometry& g = p;
   A *row_max = stats, *logl = stats + g.query_rows();  // the two planes of stats
-  const int64_t D = g.D, nqb = (g.Lq + kBQ - 1) / kBQ;
+  const int64_t D = g.D, Dv = g.Dv, nqb = (g.Lq + kBQ - 1) / kBQ;
   at::parallel_for(0, g.B * g.H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> S(kBQ * kBK), acc(kBQ * D), m(kBQ), l(kBQ);
+    std::vector<A> S(kBQ * kBK), acc(kBQ * Dv), m(kBQ), l(kBQ);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / nqb, i0 = (t % nqb) * kBQ, mq = std::min(kBQ, g.Lq - i0);
-      const int64_t b = bh / g.H, h = bh % g.H;
-      const A* Q = q + (bh * g.Lq + i0) * D;
-      const A *K = k + bh * g.Lk * D, *V = v + bh * g.Lk * D;
+      const int64_t b = bh / g.H, h = bh % g.H, hk = h / g.group();
+      const A* Q = q + b * p.qsb + h * p.qsh + i0 * D;
+      const A *K = k + b * p.ksb + hk * p.ksh, *V = v + b * p.vsb + hk * p.vsh;
       std::fill(m.begin(), m.end(), -std::numeric_limits<A>::infinity());
       std::fill(l.begin(), l.end(), A(0));
       std::fill(acc.begin(), acc.end(), A(0));
@@ -142,9 +147,9 @@ void attention_fwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, 
           l[r] = l[r] * alpha + sum_exp<A, true>(s, msafe, s, n);
           m[r] = mnew;
           if (alpha != A(1)) {
-            A* ar = acc.data() + r * D;
+            A* ar = acc.data() + r * Dv;
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
+            for (int64_t d = 0; d < Dv; ++d) ar[d] *= alpha;
           }
           if (p.dropout) {
             const int64_t row = bh * g.Lq + i;
@@ -152,20 +157,20 @@ void attention_fwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, 
               s[j] = attention::dropout_keep(p.seed, row, j0 + j, p.thresh) ? s[j] * p.drop_scale : A(0);
           }
         }
-        gemm<A>(false, false, mq, D, n, A(1), S.data(), n, V + j0 * D, D, A(1), acc.data(), D);
+        gemm<A>(false, false, mq, Dv, n, A(1), S.data(), n, V + j0 * Dv, Dv, A(1), acc.data(), Dv);
       }
       for (int64_t r = 0; r < mq; ++r) {
-        A* orow = o + (bh * g.Lq + i0 + r) * D;
-        const A* ar = acc.data() + r * D;
+        A* orow = o + (bh * g.Lq + i0 + r) * Dv;
+        const A* ar = acc.data() + r * Dv;
         const int64_t row = bh * g.Lq + i0 + r;
         if (l[r] == A(0)) {  // every key masked: zeros, and m = +inf makes the backward's P zero
-          std::fill(orow, orow + D, A(0));
+          std::fill(orow, orow + Dv, A(0));
           row_max[row] = std::numeric_limits<A>::infinity();
           logl[row] = A(0);
         } else {
           const A inv = A(1) / l[r];
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) orow[d] = ar[d] * inv;
+          for (int64_t d = 0; d < Dv; ++d) orow[d] = ar[d] * inv;
           row_max[row] = m[r];
           logl[row] = std::log(l[r]);
         }
@@ -174,74 +179,163 @@ void attention_fwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, 
   });
 }
 
+// What the backward reads of one query head (b, h): its q, dO, o rows, its kv head's k, v and its statistics.
+template <typename A> struct Head {
+  int64_t b, h, bh;
+  const A *Q, *dO, *O, *K, *V, *m, *logl;
+};
+
+template <typename A>
+Head<A> head(const Params<A>& p, const A* q, const A* k, const A* v, const A* o, const A* dO, const A* stats,
+             int64_t b, int64_t h) {
+  const Geometry& g = p;
+  const int64_t bh = b * g.H + h, hk = h / g.group();
+  return {b, h, bh, q + b * p.qsb + h * p.qsh, dO + bh * g.Lq * g.Dv, o + bh * g.Lq * g.Dv,
+          k + b * p.ksb + hk * p.ksh, v + b * p.vsb + hk * p.vsh, stats + bh * g.Lq,
+          stats + g.query_rows() + bh * g.Lq};
+}
+
+// One tile of the backward: queries i0..i0+mq of head hd against keys j0..j0+n. P becomes the dropped
+// probabilities Pd (for dV), dS the score gradient P * (dP * Z - delta) (for dQ, dK and the mask), both (mq, n);
+// delta holds rowsum(dO * O) of the tile's rows.
+template <typename A>
+void probs_and_dscores(const Params<A>& p, const Head<A>& hd, const A* delta, int64_t i0, int64_t mq, int64_t j0,
+                       int64_t n, A* P, A* dS) {
+  const Geometry& g = p;
+  const int64_t D = g.D, Dv = g.Dv;
+  gemm<A>(false, true, mq, n, D, A(1), hd.Q + i0 * D, D, hd.K + j0 * D, D, A(0), P, n);
+  gemm<A>(false, true, mq, n, Dv, A(1), hd.dO + i0 * Dv, Dv, hd.V + j0 * Dv, Dv, A(0), dS, n);
+  for (int64_t r = 0; r < mq; ++r) {
+    const int64_t i = i0 + r;
+    A *pr = P + r * n, *dr = dS + r * n;
+    if (hd.m[i] == std::numeric_limits<A>::infinity()) {  // every key masked: P = dS = 0 (0 * dP is NaN
+      std::fill(pr, pr + n, A(0));                         // where dO V overflows)
+      std::fill(dr, dr + n, A(0));
+      continue;
+    }
+    finish_scores(p, hd.b, hd.h, i, j0, n, pr);
+    const vec<A> mi = splat(hd.m[i]), li = splat(hd.logl[i]), di = splat(delta[r]);
+    if (!p.dropout) {
+      for_chunks<A>(n, [&](int64_t j, int64_t len) {
+        const vec<A> pv = exp((load(pr + j, len) - mi) - li);
+        store(pr + j, pv, len);
+        store(dr + j, pv * (load(dr + j, len) - di), len);
+      });
+    } else {
+      const int64_t row = hd.bh * g.Lq + i;
+      for (int64_t j = 0; j < n; ++j) {
+        const A pv = exp((pr[j] - hd.m[i]) - hd.logl[i]);
+        const bool keep = attention::dropout_keep(p.seed, row, j0 + j, p.thresh);
+        pr[j] = keep ? pv * p.drop_scale : A(0);
+        dr[j] = pv * ((keep ? dr[j] * p.drop_scale : A(0)) - delta[r]);
+      }
+    }
+  }
+}
+
+// rowsum(dO * O) of rows i0..i0+mq of head hd into delta.
+template <typename A> void row_deltas(const Geometry& g, const Head<A>& hd, int64_t i0, int64_t mq, A* delta) {
+  for (int64_t r = 0; r < mq; ++r) delta[r] = dot(hd.dO + (i0 + r) * g.Dv, hd.O + (i0 + r) * g.Dv, g.Dv);
+}
+
+// dmask += dS of one tile, through the mask gradient's strides (0 along broadcast dims: summed there).
+template <typename A>
+void add_dmask(const Params<A>& p, const Head<A>& hd, int64_t i0, int64_t mq, int64_t j0, int64_t n, const A* dS) {
+  A* base = p.dmask + hd.b * p.dmb + hd.h * p.dmh + j0 * p.dmn;
+  for (int64_t r = 0; r < mq; ++r) {
+    A* row = base + (i0 + r) * p.dmm;
+    const A* dr = dS + r * n;
+    if (p.dmn == 1) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) row[j] += dr[j];
+    } else {
+      A s = 0;
+      for (int64_t j = 0; j < n; ++j) s += dr[j];
+      row[0] += s;
+    }
+  }
+}
+
+// Whether two backward tasks (one per (b, kv head)) can reach one element of the mask gradient: then it is
+// summed by mask_grad_pass instead, whose tasks own disjoint parts of it.
+template <typename A> bool mask_grad_shared(const Params<A>& p) {
+  const Geometry& g = p;
+  return (p.dmb == 0 && g.B > 1) || (p.dmh == 0 && g.Hk > 1);
+}
+
 template <typename A>
 void attention_bwd_impl(const Params<A>& p, const A* q, const A* k, const A* v, const A* o, const A* dO,
                         const A* stats, A* dq, A* dk, A* dv) {
   const Geometry& g = p;
-  const int64_t D = g.D;
-  at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> P(kBQ * kBK), dS(kBQ * kBK), dKc(kBK * D), dVc(kBK * D), delta(g.Lq);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / g.H, h = bh % g.H;
-      const A *Qh = q + bh * g.Lq * D, *dOh = dO + bh * g.Lq * D, *Oh = o + bh * g.Lq * D;
-      const A *Kh = k + bh * g.Lk * D, *Vh = v + bh * g.Lk * D;
-      const A *mh = stats + bh * g.Lq, *llh = stats + g.query_rows() + bh * g.Lq;
-      A* dQh = dq + bh * g.Lq * D;
-      std::fill(dQh, dQh + g.Lq * D, A(0));
-      for (int64_t i = 0; i < g.Lq; ++i) delta[i] = dot(dOh + i * D, Oh + i * D, D);
+  const int64_t D = g.D, Dv = g.Dv, G = g.group();
+  const bool dmask_here = p.dmask && !mask_grad_shared(p);
+  // One task per (batch, kv head): it owns dK / dV of that head and dQ of the G query heads that read it.
+  at::parallel_for(0, g.B * g.Hk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> P(kBQ * kBK), dS(kBQ * kBK), dKc(kBK * D), dVc(kBK * Dv), delta(G * g.Lq);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / g.Hk, hk = t % g.Hk;
+      for (int64_t x = 0; x < G; ++x) {
+        const Head<A> hd = head(p, q, k, v, o, dO, stats, b, hk * G + x);
+        std::fill(dq + hd.bh * g.Lq * D, dq + (hd.bh + 1) * g.Lq * D, A(0));
+        row_deltas(g, hd, 0, g.Lq, delta.data() + x * g.Lq);
+      }
       for (int64_t j0 = 0; j0 < g.Lk; j0 += kBK) {
         const int64_t n = std::min(kBK, g.Lk - j0);
         std::fill(dKc.begin(), dKc.begin() + n * D, A(0));
-        std::fill(dVc.begin(), dVc.begin() + n * D, A(0));
-        // Causal: queries before j0 see none of these keys.
-        for (int64_t i0 = p.causal ? (j0 / kBQ) * kBQ : 0; i0 < g.Lq; i0 += kBQ) {
-          const int64_t mq = std::min(kBQ, g.Lq - i0);
-          gemm<A>(false, true, mq, n, D, A(1), Qh + i0 * D, D, Kh + j0 * D, D, A(0), P.data(), n);
-          gemm<A>(false, true, mq, n, D, A(1), dOh + i0 * D, D, Vh + j0 * D, D, A(0), dS.data(), n);
-          for (int64_t r = 0; r < mq; ++r) {
-            const int64_t i = i0 + r;
-            A *pr = P.data() + r * n, *dr = dS.data() + r * n;
-            if (mh[i] == std::numeric_limits<A>::infinity()) {  // every key masked: P = dS = 0 (0 * dP is NaN
-              std::fill(pr, pr + n, A(0));                       // where dO V overflows)
-              std::fill(dr, dr + n, A(0));
-              continue;
-            }
-            finish_scores(p, b, h, i, j0, n, pr);
-            const vec<A> mi = splat(mh[i]), li = splat(llh[i]), di = splat(delta[i]);
-            if (!p.dropout) {
-              for_chunks<A>(n, [&](int64_t j, int64_t len) {
-                const vec<A> pv = exp((load(pr + j, len) - mi) - li);
-                store(pr + j, pv, len);
-                store(dr + j, pv * (load(dr + j, len) - di), len);
-              });
-            } else {
-              const int64_t row = bh * g.Lq + i;
-              for (int64_t j = 0; j < n; ++j) {
-                const A pv = exp((pr[j] - mh[i]) - llh[i]);
-                const bool keep = attention::dropout_keep(p.seed, row, j0 + j, p.thresh);
-                pr[j] = keep ? pv * p.drop_scale : A(0);
-                dr[j] = pv * ((keep ? dr[j] * p.drop_scale : A(0)) - delta[i]);
-              }
-            }
+        std::fill(dVc.begin(), dVc.begin() + n * Dv, A(0));
+        for (int64_t x = 0; x < G; ++x) {
+          const Head<A> hd = head(p, q, k, v, o, dO, stats, b, hk * G + x);
+          A* dQh = dq + hd.bh * g.Lq * D;
+          // Causal: queries before j0 see none of these keys.
+          for (int64_t i0 = p.causal ? (j0 / kBQ) * kBQ : 0; i0 < g.Lq; i0 += kBQ) {
+            const int64_t mq = std::min(kBQ, g.Lq - i0);
+            probs_and_dscores(p, hd, delta.data() + x * g.Lq + i0, i0, mq, j0, n, P.data(), dS.data());
+            if (dmask_here) add_dmask(p, hd, i0, mq, j0, n, dS.data());
+            gemm<A>(true, false, n, Dv, mq, A(1), P.data(), n, hd.dO + i0 * Dv, Dv, A(1), dVc.data(), Dv);
+            gemm<A>(true, false, n, D, mq, A(1), dS.data(), n, hd.Q + i0 * D, D, A(1), dKc.data(), D);
+            gemm<A>(false, false, mq, D, n, p.scale, dS.data(), n, hd.K + j0 * D, D, A(1), dQh + i0 * D, D);
           }
-          gemm<A>(true, false, n, D, mq, A(1), P.data(), n, dOh + i0 * D, D, A(1), dVc.data(), D);
-          gemm<A>(true, false, n, D, mq, A(1), dS.data(), n, Qh + i0 * D, D, A(1), dKc.data(), D);
-          gemm<A>(false, false, mq, D, n, p.scale, dS.data(), n, Kh + j0 * D, D, A(1), dQh + i0 * D, D);
         }
-        A *dKh = dk + (bh * g.Lk + j0) * D, *dVh = dv + (bh * g.Lk + j0) * D;
-        for (int64_t x = 0; x < n * D; ++x) {
-          dKh[x] = dKc[x] * p.scale;
-          dVh[x] = dVc[x];
-        }
+        A *dKh = dk + (t * g.Lk + j0) * D, *dVh = dv + (t * g.Lk + j0) * Dv;
+        for (int64_t x = 0; x < n * D; ++x) dKh[x] = dKc[x] * p.scale;
+        std::copy(dVc.begin(), dVc.begin() + n * Dv, dVh);
       }
     }
   });
 }
 
-// Inputs in the compute dtype (float32 for half types), contiguous.
-at::Tensor compute(const at::Tensor& t) {
-  const auto s = t.scalar_type();
-  return (s == at::kHalf || s == at::kBFloat16) ? t.to(at::kFloat).contiguous() : t.contiguous();
+// The mask gradient where backward tasks would share its elements (a mask broadcast over the batch or the kv
+// heads): a pass of its own that recomputes dS, one task per block of rows of the mask's own shape, each summing
+// every (b, h, query row) that maps there - deterministic, no atomics, no memory beyond the mask gradient.
+template <typename A>
+void mask_grad_pass(const Params<A>& p, const A* q, const A* k, const A* v, const A* o, const A* dO,
+                    const A* stats) {
+  const Geometry& g = p;
+  const int64_t Bm = p.dmb ? g.B : 1, Hm = p.dmh ? g.H : 1, Lqm = p.dmm ? g.Lq : 1;
+  const int64_t nrb = (Lqm + kBQ - 1) / kBQ;
+  at::parallel_for(0, Bm * Hm * nrb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> P(kBQ * kBK), dS(kBQ * kBK), delta(kBQ);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bm = t / (Hm * nrb), hm = (t / nrb) % Hm, rb = t % nrb;
+      // query rows of this task: a block of kBQ, or all of them when the mask is broadcast over queries
+      const int64_t ilo = p.dmm ? rb * kBQ : 0, ihi = p.dmm ? std::min(g.Lq, ilo + kBQ) : g.Lq;
+      for (int64_t b = p.dmb ? bm : 0; b < (p.dmb ? bm + 1 : g.B); ++b) {
+        for (int64_t h = p.dmh ? hm : 0; h < (p.dmh ? hm + 1 : g.H); ++h) {
+          const Head<A> hd = head(p, q, k, v, o, dO, stats, b, h);
+          for (int64_t i0 = ilo; i0 < ihi; i0 += kBQ) {
+            const int64_t mq = std::min(kBQ, ihi - i0);
+            row_deltas(g, hd, i0, mq, delta.data());
+            const int64_t kend = p.causal ? std::min(g.Lk, i0 + mq) : g.Lk;
+            for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
+              const int64_t n = std::min(kBK, kend - j0);
+              probs_and_dscores(p, hd, delta.data(), i0, mq, j0, n, P.data(), dS.data());
+              add_dmask(p, hd, i0, mq, j0, n, dS.data());
+            }
+          }
+        }
+      }
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
@@ -250,16 +344,19 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
                                                      const std::optional<at::Tensor>& key_padding_mask,
                                                      double dropout_p, bool is_causal, double scale, int64_t seed) {
   const Geometry g = attention::check_args(query, key, value, attn_mask, key_padding_mask, dropout_p);
-  const at::Tensor q = compute(query), k = compute(key), v = compute(value);
+  const auto cdt = attention::acc_type(query.scalar_type());  // the compute dtype: float32 for half types
+  const at::Tensor q = attention::kernel_operand(query, cdt), k = attention::kernel_operand(key, cdt),
+                   v = attention::kernel_operand(value, cdt);
   const auto kpm = attention::contiguous_kpm(key_padding_mask);
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor out = at::empty({g.B, g.H, g.Lq, g.Dv}, q.options());
   at::Tensor stats = at::empty({2, g.B, g.H, g.Lq}, q.options());
   if (g.Lk == 0) {  // nothing to attend to anywhere
     out.zero_();
     attention::fill_no_keys_stats(stats);
   } else if (out.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd_cpu", [&] {
-      const auto p = attention::make_params<scalar_t>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);
+      const auto p =
+          attention::make_params<scalar_t>(g, q, k, v, attn_mask, kpm, dropout_p, is_causal, scale, seed);
       attention_fwd_impl<scalar_t>(p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                                    v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                                    stats.mutable_data_ptr<scalar_t>());
@@ -268,32 +365,37 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
   return {out.to(query.scalar_type()), stats};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& out, const at::Tensor& stats, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_padding_mask, double dropout_p, bool is_causal, double scale,
-    int64_t seed) {
-  const Geometry g =
-      attention::check_bwd_args(grad_out, query, key, value, out, stats, attn_mask, key_padding_mask, dropout_p);
-  const at::Tensor q = compute(query), k = compute(key), v = compute(value), o = compute(out),
-                   dO = compute(grad_out), row_stats = stats.contiguous();
+    int64_t seed, bool mask_grad) {
+  const Geometry g = attention::check_bwd_args(grad_out, query, key, value, out, stats, attn_mask,
+                                               key_padding_mask, dropout_p, mask_grad);
+  const auto cdt = attention::acc_type(query.scalar_type());
+  const at::Tensor q = attention::kernel_operand(query, cdt), k = attention::kernel_operand(key, cdt),
+                   v = attention::kernel_operand(value, cdt), o = out.to(cdt).contiguous(),
+                   dO = grad_out.to(cdt).contiguous(), row_stats = stats.contiguous();
   const auto kpm = attention::contiguous_kpm(key_padding_mask);
-  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
-             dv = at::zeros(v.sizes(), v.options());
-  if (q.numel() == 0 || k.numel() == 0) {
+  at::Tensor dq = at::empty({g.B, g.H, g.Lq, g.D}, q.options()), dk = at::zeros({g.B, g.Hk, g.Lk, g.D}, q.options()),
+             dv = at::zeros({g.B, g.Hk, g.Lk, g.Dv}, q.options());
+  at::Tensor dmask = attention::mask_grad_buffer(attn_mask, mask_grad, q.options());
+  if (dq.numel() == 0 || g.Lk == 0) {
     dq.zero_();
   } else {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_bwd_cpu", [&] {
-      const auto p = attention::make_params<scalar_t>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);
-      attention_bwd_impl<scalar_t>(p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                                   v.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
-                                   dO.const_data_ptr<scalar_t>(), row_stats.const_data_ptr<scalar_t>(),
-                                   dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
-                                   dv.mutable_data_ptr<scalar_t>());
+      const auto p = attention::make_params<scalar_t>(g, q, k, v, attn_mask, kpm, dropout_p, is_causal, scale,
+                                                      seed, &dmask);
+      const scalar_t *qp = q.const_data_ptr<scalar_t>(), *kp = k.const_data_ptr<scalar_t>(),
+                     *vp = v.const_data_ptr<scalar_t>(), *op = o.const_data_ptr<scalar_t>(),
+                     *gp = dO.const_data_ptr<scalar_t>(), *sp = row_stats.const_data_ptr<scalar_t>();
+      attention_bwd_impl<scalar_t>(p, qp, kp, vp, op, gp, sp, dq.mutable_data_ptr<scalar_t>(),
+                                   dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
+      if (p.dmask && mask_grad_shared(p)) mask_grad_pass<scalar_t>(p, qp, kp, vp, op, gp, sp);
     });
   }
   const auto t = query.scalar_type();
-  return {dq.to(t), dk.to(t), dv.to(t)};
+  return {dq.to(t), dk.to(t), dv.to(t), dmask};
 }
 
 }  // namespace

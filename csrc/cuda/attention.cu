@@ -16,6 +16,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "attention.h"
@@ -25,7 +26,7 @@ namespace {
 
 constexpr int kTile = 32;  // keys (forward, dQ) or queries (dK/dV) per shared-memory tile: one per lane
 constexpr int kRows = 4;   // warps per block, one row each
-constexpr int kMaxDPL = 8; // head-dim elements per lane: D <= 256
+constexpr int kMaxDPL = 8; // head-dim elements per lane: D, Dv <= 256
 
 using attention::Params;
 
@@ -57,7 +58,7 @@ __device__ __forceinline__ A score(const Params<A>& p, int64_t b, int64_t h, int
 
 // rows [r0, r0 + kTile) of a (L, D) matrix into a padded shared tile (zeros past L).
 template <typename T, typename A>
-__device__ void load_tile(A* tile, const T* src, int64_t r0, int64_t L, int64_t D) {
+__device__ void load_tile(A* tile, const T* src, int64_t r0, int64_t L, int64_t D) {  // rows D + 1 apart
   const int64_t ld = D + 1;
   for (int64_t x = threadIdx.x; x < kTile * D; x += blockDim.x) {
     const int64_t r = x / D, d = x % D;
@@ -76,15 +77,16 @@ template <typename A> __device__ __forceinline__ A dot_row(const A* a, const A* 
   return s;
 }
 
+// Tiles are staged with rows of the widest head dim + 1 floats; a tile of width W (D or Dv) has rows W + 1 apart.
 template <typename T, typename A>
 __global__ void attn_fwd_kernel(Params<A> p, const T* q, const T* k, const T* v, T* o, A* stats) {
   extern __shared__ unsigned char smem_raw[];
   A* tile = reinterpret_cast<A*>(smem_raw);
-  A* qs = tile + kTile * (p.D + 1);
+  A* qs = tile + kTile * (max(p.D, p.Dv) + 1);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-  const int64_t i0 = int64_t(blockIdx.x) * kRows, i = i0 + warp, D = p.D;
-  const T *Q = q + bh * p.Lq * D, *K = k + bh * p.Lk * D, *V = v + bh * p.Lk * D;
+  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H, hk = h / p.group();
+  const int64_t i0 = int64_t(blockIdx.x) * kRows, i = i0 + warp, D = p.D, Dv = p.Dv;
+  const T *Q = q + b * p.qsb + h * p.qsh, *K = k + b * p.ksb + hk * p.ksh, *V = v + b * p.vsb + hk * p.vsh;
   A* qrow = qs + warp * D;
   load_row(qrow, Q + i * D, i < p.Lq, D);
   A acc[kMaxDPL];
@@ -105,15 +107,15 @@ __global__ void attn_fwd_kernel(Params<A> p, const T* q, const T* k, const T* v,
     m = mnew;
     if (p.dropout) pj = attention::dropout_keep(p.seed, bh * p.Lq + i, j, p.thresh) ? pj * p.drop_scale : A(0);
     __syncthreads();
-    load_tile(tile, V, j0, p.Lk, D);
+    load_tile(tile, V, j0, p.Lk, Dv);
     __syncthreads();
     for (int t = 0; t < kMaxDPL; ++t) acc[t] *= alpha;
     for (int jj = 0; jj < kTile; ++jj) {
       const A w = __shfl_sync(0xffffffffu, pj, jj);
-      const A* vr = tile + jj * (D + 1);
+      const A* vr = tile + jj * (Dv + 1);
       for (int t = 0; t < kMaxDPL; ++t) {
         const int64_t d = lane + 32 * t;
-        if (d < D) acc[t] += w * vr[d];
+        if (d < Dv) acc[t] += w * vr[d];
       }
     }
   }
@@ -123,7 +125,7 @@ __global__ void attn_fwd_kernel(Params<A> p, const T* q, const T* k, const T* v,
     for (int t = 0; t < kMaxDPL; ++t) {
       const int64_t d = lane + 32 * t;
       // Every key masked: zeros, even where a value is inf/NaN (acc = 0 * inf would be NaN).
-      if (d < D) o[(bh * p.Lq + i) * D + d] = static_cast<T>(empty ? A(0) : acc[t] * inv);
+      if (d < Dv) o[(bh * p.Lq + i) * Dv + d] = static_cast<T>(empty ? A(0) : acc[t] * inv);
     }
     if (lane == 0) {  // m and log l apart: m + log l would lose log l to ulp(m) at large scores
       stats[bh * p.Lq + i] = empty ? A(INFINITY) : m;
@@ -147,18 +149,21 @@ __global__ void attn_bwd_dq_kernel(Params<A> p, const T* q, const T* k, const T*
                                    const A* delta, T* dq) {
   extern __shared__ unsigned char smem_raw[];
   A* tile = reinterpret_cast<A*>(smem_raw);
-  A* qs = tile + kTile * (p.D + 1);
+  A* qs = tile + kTile * (max(p.D, p.Dv) + 1);
   A* dos = qs + kRows * p.D;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-  const int64_t i0 = int64_t(blockIdx.x) * kRows, i = i0 + warp, D = p.D;
-  const T *Q = q + bh * p.Lq * D, *K = k + bh * p.Lk * D, *V = v + bh * p.Lk * D, *DO = dO + bh * p.Lq * D;
-  A *qrow = qs + warp * D, *dorow = dos + warp * D;
+  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H, hk = h / p.group();
+  const int64_t i0 = int64_t(blockIdx.x) * kRows, i = i0 + warp, D = p.D, Dv = p.Dv;
+  const T *Q = q + b * p.qsb + h * p.qsh, *K = k + b * p.ksb + hk * p.ksh, *V = v + b * p.vsb + hk * p.vsh,
+          *DO = dO + bh * p.Lq * Dv;
+  A *qrow = qs + warp * D, *dorow = dos + warp * Dv;
   load_row(qrow, Q + i * D, i < p.Lq, D);
-  load_row(dorow, DO + i * D, i < p.Lq, D);
+  load_row(dorow, DO + i * Dv, i < p.Lq, Dv);
   const A mi = i < p.Lq ? stats[bh * p.Lq + i] : A(INFINITY);
   const A li = i < p.Lq ? stats[p.query_rows() + bh * p.Lq + i] : A(0);
   const A di = i < p.Lq ? delta[bh * p.Lq + i] : A(0);
+  // the mask gradient's row of this query (atomics: other heads / batches may share it)
+  A* dmrow = p.dmask ? p.dmask + b * p.dmb + h * p.dmh + i * p.dmm : nullptr;
   A acc[kMaxDPL];
   for (int t = 0; t < kMaxDPL; ++t) acc[t] = 0;
   const int64_t kend = p.causal ? min(p.Lk, i0 + kRows) : p.Lk;
@@ -169,11 +174,19 @@ __global__ void attn_bwd_dq_kernel(Params<A> p, const T* q, const T* k, const T*
     __syncthreads();
     const A pj = dexp((score(p, b, h, i, j, dot_row(qrow, tile + lane * (D + 1), D)) - mi) - li);
     __syncthreads();
-    load_tile(tile, V, j0, p.Lk, D);
+    load_tile(tile, V, j0, p.Lk, Dv);
     __syncthreads();
-    A dp = dot_row(dorow, tile + lane * (D + 1), D);
+    A dp = dot_row(dorow, tile + lane * (Dv + 1), Dv);
     if (p.dropout) dp = attention::dropout_keep(p.seed, bh * p.Lq + i, j, p.thresh) ? dp * p.drop_scale : A(0);
     const A ds = mi == A(INFINITY) ? A(0) : pj * (dp - di);  // every key masked: 0 (0 * an overflowed dP is NaN)
+    if (dmrow) {  // d(mask) = dS, summed over the keys first where the mask broadcasts over them
+      if (p.dmn == 0) {
+        const A sum = warp_sum(ds);
+        if (lane == 0 && i < p.Lq) atomicAdd(dmrow, sum);
+      } else if (i < p.Lq && j < p.Lk) {
+        atomicAdd(dmrow + j * p.dmn, ds);
+      }
+    }
     __syncthreads();
     load_tile(tile, K, j0, p.Lk, D);
     __syncthreads();
@@ -194,75 +207,81 @@ __global__ void attn_bwd_dq_kernel(Params<A> p, const T* q, const T* k, const T*
   }
 }
 
+// One block per (kRows keys, batch * kv head): it walks the query heads that share the kv head, so dK / dV sum
+// over the group without atomics.
 template <typename T, typename A>
 __global__ void attn_bwd_dkdv_kernel(Params<A> p, const T* q, const T* k, const T* v, const T* dO, const A* stats,
                                      const A* delta, T* dk, T* dv) {
   extern __shared__ unsigned char smem_raw[];
   A* tile = reinterpret_cast<A*>(smem_raw);
-  A* ks = tile + kTile * (p.D + 1);
+  A* ks = tile + kTile * (max(p.D, p.Dv) + 1);
   A* vs = ks + kRows * p.D;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-  const int64_t j0 = int64_t(blockIdx.x) * kRows, j = j0 + warp, D = p.D;
-  const T *Q = q + bh * p.Lq * D, *K = k + bh * p.Lk * D, *V = v + bh * p.Lk * D, *DO = dO + bh * p.Lq * D;
-  A *krow = ks + warp * D, *vrow = vs + warp * D;
+  const int64_t bhk = blockIdx.y, b = bhk / p.Hk, hk = bhk % p.Hk, G = p.group();
+  const int64_t j0 = int64_t(blockIdx.x) * kRows, j = j0 + warp, D = p.D, Dv = p.Dv;
+  const T *K = k + b * p.ksb + hk * p.ksh, *V = v + b * p.vsb + hk * p.vsh;
+  A *krow = ks + warp * D, *vrow = vs + warp * Dv;
   load_row(krow, K + j * D, j < p.Lk, D);
-  load_row(vrow, V + j * D, j < p.Lk, D);
+  load_row(vrow, V + j * Dv, j < p.Lk, Dv);
   A gk[kMaxDPL], gv[kMaxDPL];
   for (int t = 0; t < kMaxDPL; ++t) gk[t] = gv[t] = 0;
-  // Causal: queries before the block's first key see none of it.
-  for (int64_t i0 = p.causal ? (j0 / kTile) * kTile : 0; i0 < p.Lq; i0 += kTile) {
-    const int64_t i = i0 + lane;
-    const A mi = i < p.Lq ? stats[bh * p.Lq + i] : A(INFINITY);
-    const A li = i < p.Lq ? stats[p.query_rows() + bh * p.Lq + i] : A(0);
-    const A di = i < p.Lq ? delta[bh * p.Lq + i] : A(0);
-    __syncthreads();
-    load_tile(tile, Q, i0, p.Lq, D);
-    __syncthreads();
-    const A pi = dexp((score(p, b, h, i, j, dot_row(tile + lane * (D + 1), krow, D)) - mi) - li);
-    __syncthreads();
-    load_tile(tile, DO, i0, p.Lq, D);
-    __syncthreads();
-    A dp = dot_row(tile + lane * (D + 1), vrow, D), pd = pi;
-    if (p.dropout) {
-      const bool keep = attention::dropout_keep(p.seed, bh * p.Lq + i, j, p.thresh);
-      dp = keep ? dp * p.drop_scale : A(0);
-      pd = keep ? pi * p.drop_scale : A(0);
-    }
-    const A ds = mi == A(INFINITY) ? A(0) : pi * (dp - di);  // every key masked: 0 (0 * an overflowed dP is NaN)
-    for (int ii = 0; ii < kTile; ++ii) {  // dV += Pd^T dO while dO is staged
-      const A w = __shfl_sync(0xffffffffu, pd, ii);
-      const A* dr = tile + ii * (D + 1);
-      for (int t = 0; t < kMaxDPL; ++t) {
-        const int64_t d = lane + 32 * t;
-        if (d < D) gv[t] += w * dr[d];
+  for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+    const int64_t bh = b * p.H + h;
+    const T *Q = q + b * p.qsb + h * p.qsh, *DO = dO + bh * p.Lq * Dv;
+    // Causal: queries before the block's first key see none of it.
+    for (int64_t i0 = p.causal ? (j0 / kTile) * kTile : 0; i0 < p.Lq; i0 += kTile) {
+      const int64_t i = i0 + lane;
+      const A mi = i < p.Lq ? stats[bh * p.Lq + i] : A(INFINITY);
+      const A li = i < p.Lq ? stats[p.query_rows() + bh * p.Lq + i] : A(0);
+      const A di = i < p.Lq ? delta[bh * p.Lq + i] : A(0);
+      __syncthreads();
+      load_tile(tile, Q, i0, p.Lq, D);
+      __syncthreads();
+      const A pi = dexp((score(p, b, h, i, j, dot_row(tile + lane * (D + 1), krow, D)) - mi) - li);
+      __syncthreads();
+      load_tile(tile, DO, i0, p.Lq, Dv);
+      __syncthreads();
+      A dp = dot_row(tile + lane * (Dv + 1), vrow, Dv), pd = pi;
+      if (p.dropout) {
+        const bool keep = attention::dropout_keep(p.seed, bh * p.Lq + i, j, p.thresh);
+        dp = keep ? dp * p.drop_scale : A(0);
+        pd = keep ? pi * p.drop_scale : A(0);
       }
-    }
-    __syncthreads();
-    load_tile(tile, Q, i0, p.Lq, D);
-    __syncthreads();
-    for (int ii = 0; ii < kTile; ++ii) {
-      const A w = __shfl_sync(0xffffffffu, ds, ii);
-      const A* qr = tile + ii * (D + 1);
-      for (int t = 0; t < kMaxDPL; ++t) {
-        const int64_t d = lane + 32 * t;
-        if (d < D) gk[t] += w * qr[d];
+      const A ds = mi == A(INFINITY) ? A(0) : pi * (dp - di);  // every key masked: 0 (0 * an overflowed dP is NaN)
+      for (int ii = 0; ii < kTile; ++ii) {  // dV += Pd^T dO while dO is staged
+        const A w = __shfl_sync(0xffffffffu, pd, ii);
+        const A* dr = tile + ii * (Dv + 1);
+        for (int t = 0; t < kMaxDPL; ++t) {
+          const int64_t d = lane + 32 * t;
+          if (d < Dv) gv[t] += w * dr[d];
+        }
+      }
+      __syncthreads();
+      load_tile(tile, Q, i0, p.Lq, D);
+      __syncthreads();
+      for (int ii = 0; ii < kTile; ++ii) {
+        const A w = __shfl_sync(0xffffffffu, ds, ii);
+        const A* qr = tile + ii * (D + 1);
+        for (int t = 0; t < kMaxDPL; ++t) {
+          const int64_t d = lane + 32 * t;
+          if (d < D) gk[t] += w * qr[d];
+        }
       }
     }
   }
   if (j < p.Lk) {
     for (int t = 0; t < kMaxDPL; ++t) {
       const int64_t d = lane + 32 * t;
-      if (d < D) {
-        dk[(bh * p.Lk + j) * D + d] = static_cast<T>(gk[t] * p.scale);
-        dv[(bh * p.Lk + j) * D + d] = static_cast<T>(gv[t]);
-      }
+      if (d < D) dk[(bhk * p.Lk + j) * D + d] = static_cast<T>(gk[t] * p.scale);
+      if (d < Dv) dv[(bhk * p.Lk + j) * Dv + d] = static_cast<T>(gv[t]);
     }
   }
 }
 
-template <typename A> size_t smem_bytes(int64_t D, int staged_rows) {
-  return sizeof(A) * (kTile * (D + 1) + staged_rows * kRows * D);
+// The staging tile (rows of the widest head dim + 1) and `row_dims` = the summed widths of the rows each warp
+// keeps (q: D; q and dO: D + Dv; k and v: D + Dv).
+template <typename A> size_t smem_bytes(int64_t D, int64_t Dv, int64_t row_dims) {
+  return sizeof(A) * (kTile * (std::max(D, Dv) + 1) + kRows * row_dims);
 }
 
 // Shared memory above 48 KiB needs an opt-in; at D = 256 in float64 the tiles reach ~75 KiB.
@@ -277,10 +296,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
                                                       double dropout_p, bool is_causal, double scale, int64_t seed) {
   const auto g = attention::check_args(query, key, value, attn_mask, key_padding_mask, dropout_p);
   const c10::cuda::CUDAGuard guard(query.device());
-  const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
+  const auto dt = query.scalar_type();
+  const at::Tensor q = attention::kernel_operand(query, dt), k = attention::kernel_operand(key, dt),
+                   v = attention::kernel_operand(value, dt);
   const auto kpm = attention::contiguous_kpm(key_padding_mask);
-  const auto acc = attention::acc_type(q.scalar_type());
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  const auto acc = attention::acc_type(dt);
+  at::Tensor out = at::empty({g.B, g.H, g.Lq, g.Dv}, q.options());
   at::Tensor stats = at::empty({2, g.B, g.H, g.Lq}, q.options().dtype(acc));
   if (g.Lk == 0) {
     out.zero_();
@@ -292,8 +313,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cuda", [&] {
     using A = at::acc_type<scalar_t, true>;
-    const auto p = attention::make_params<A>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);
-    const size_t bytes = smem_bytes<A>(g.D, 1);
+    const auto p = attention::make_params<A>(g, q, k, v, attn_mask, kpm, dropout_p, is_causal, scale, seed);
+    const size_t bytes = smem_bytes<A>(g.D, g.Dv, g.D);
     allow_smem(attn_fwd_kernel<scalar_t, A>, bytes);
     attn_fwd_kernel<scalar_t, A><<<grid, kRows * 32, bytes, stream>>>(
         p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
@@ -303,31 +324,34 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& query, c
   return {out, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& out, const at::Tensor& stats, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_padding_mask, double dropout_p, bool is_causal, double scale,
-    int64_t seed) {
-  const auto g =
-      attention::check_bwd_args(grad_out, query, key, value, out, stats, attn_mask, key_padding_mask, dropout_p);
-  const auto acc = attention::acc_type(query.scalar_type());
+    int64_t seed, bool mask_grad) {
+  const auto g = attention::check_bwd_args(grad_out, query, key, value, out, stats, attn_mask, key_padding_mask,
+                                           dropout_p, mask_grad);
+  const auto dt = query.scalar_type();
+  const auto acc = attention::acc_type(dt);
   const c10::cuda::CUDAGuard guard(query.device());
-  const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous(), o = out.contiguous(),
-                   dO = grad_out.contiguous(), row_stats = stats.contiguous();
+  const at::Tensor q = attention::kernel_operand(query, dt), k = attention::kernel_operand(key, dt),
+                   v = attention::kernel_operand(value, dt), o = out.contiguous(), dO = grad_out.contiguous(),
+                   row_stats = stats.contiguous();
   const auto kpm = attention::contiguous_kpm(key_padding_mask);
-  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
-             dv = at::empty(v.sizes(), v.options());
-  if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+  at::Tensor dq = at::empty({g.B, g.H, g.Lq, g.D}, q.options()), dk = at::empty({g.B, g.Hk, g.Lk, g.D}, q.options()),
+             dv = at::empty({g.B, g.Hk, g.Lk, g.Dv}, q.options());
+  at::Tensor dmask = attention::mask_grad_buffer(attn_mask, mask_grad, q.options().dtype(acc));
+  if (dq.numel() == 0 || g.Lk == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dmask};
   at::Tensor delta = at::empty({g.B, g.H, g.Lq}, q.options().dtype(acc));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cuda", [&] {
     using A = at::acc_type<scalar_t, true>;
-    const auto p = attention::make_params<A>(g, attn_mask, kpm, dropout_p, is_causal, scale, seed);
+    const auto p = attention::make_params<A>(g, q, k, v, attn_mask, kpm, dropout_p, is_causal, scale, seed, &dmask);
     const int64_t rows = g.query_rows();
     attn_delta_kernel<scalar_t, A><<<(rows + kRows - 1) / kRows, kRows * 32, 0, stream>>>(
-        rows, g.D, dO.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), delta.mutable_data_ptr<A>());
+        rows, g.Dv, dO.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), delta.mutable_data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const size_t bytes = smem_bytes<A>(g.D, 2);
+    const size_t bytes = smem_bytes<A>(g.D, g.Dv, g.D + g.Dv);
     allow_smem(attn_bwd_dq_kernel<scalar_t, A>, bytes);
     allow_smem(attn_bwd_dkdv_kernel<scalar_t, A>, bytes);
     attn_bwd_dq_kernel<scalar_t, A><<<dim3((g.Lq + kRows - 1) / kRows, g.B * g.H), kRows * 32, bytes, stream>>>(
@@ -335,13 +359,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
         dO.const_data_ptr<scalar_t>(), row_stats.const_data_ptr<A>(), delta.const_data_ptr<A>(),
         dq.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    attn_bwd_dkdv_kernel<scalar_t, A><<<dim3((g.Lk + kRows - 1) / kRows, g.B * g.H), kRows * 32, bytes, stream>>>(
+    attn_bwd_dkdv_kernel<scalar_t, A><<<dim3((g.Lk + kRows - 1) / kRows, g.B * g.Hk), kRows * 32, bytes, stream>>>(
         p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
         dO.const_data_ptr<scalar_t>(), row_stats.const_data_ptr<A>(), delta.const_data_ptr<A>(),
         dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {dq, dk, dv};
+  return {dq, dk, dv, dmask};
 }
 
 }  // namespace

@@ -1,9 +1,13 @@
 """scaled dot-product attention: custom ops ``fastnn::attention_fwd`` / ``attention_bwd`` (C++ CPU, CUDA) and
 their ``_triton`` twins, with one fake and one autograd formula. The backward saves q, k, v (the inputs), the
 output and the per-row statistics (max score, log-sum) - nothing of size Lq x Lk - and regenerates dropout from
-a seed. Also what ``fastnn.nn.MultiheadAttention`` computes around the op: its masks in the op's convention and
+a seed; a float attn_mask that requires grad gets d(mask) from the same backward call (mask_grad). Grouped-query
+key/value heads, a value head dim other than the query's and broadcast batch dims go to the kernels as they are
+(stride-0 views, not copies). Also what ``fastnn.nn.MultiheadAttention`` computes around the op: its masks in the op's convention and
 the path that returns the attention weights."""
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -29,51 +33,102 @@ def _draw_seed(dropout_p: float) -> int:
 
 
 def _additive_mask(attn_mask, full_shape, acc, unbatched):
-    """attn_mask (bool: True = attend, or additive float) as an additive mask in ``acc`` expanded - not copied -
-    to the 4-d ``full_shape``: only a mask that already is Lq x Lk costs Lq x Lk memory."""
+    """attn_mask (bool: True = attend, or additive float) as a 4-d additive mask in ``acc`` of its own shape
+    (size 1 along the dims it broadcasts over), which the kernels broadcast to the 4-d ``full_shape`` by strides:
+    only a mask that already is Lq x Lk costs Lq x Lk memory, and its gradient has the mask's own shape."""
     check_tensor(attn_mask, "attn_mask", dtypes=FLOATING + (torch.bool,), fn=FN)
     target = full_shape[1:] if unbatched else full_shape
     try:
-        if torch.broadcast_shapes(attn_mask.shape, target) != tuple(target):
+        if attn_mask.dim() > len(target) or torch.broadcast_shapes(attn_mask.shape, target) != tuple(target):
             raise RuntimeError
     except RuntimeError:
         raise ValueError(f"{FN}: attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to "
                          f"{'(H, Lq, Lk)' if unbatched else '(B, H, Lq, Lk)'} = {tuple(target)}") from None
-    if attn_mask.requires_grad:
-        raise NotImplementedError(f"{FN}: gradients with respect to a float attn_mask are not supported; "
-                                  "detach it")
     if attn_mask.dtype == torch.bool:
         mask = torch.zeros(attn_mask.shape, dtype=acc, device=attn_mask.device)
         mask.masked_fill_(~attn_mask, float("-inf"))
     else:
         mask = attn_mask.to(acc)
-    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(full_shape)
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+
+
+def _broadcast(sizes, what: str, hint: str = "") -> int:
+    try:
+        return torch.broadcast_shapes(*((s,) for s in sizes))[0]
+    except RuntimeError:
+        raise ValueError(f"{FN}: the {what} of query, key and value ({', '.join(map(str, sizes))}) do not "
+                         f"broadcast{hint}") from None
+
+
+def _kv_heads(k, v, H: int, enable_gqa: bool):
+    """(k, v, Hk): key and value with one head count Hk for the kernels, H a multiple of it. Grouped-query
+    (enable_gqa): query head h reads key head h // (H / key heads) and value head h // (H / value heads), as
+    torch's repeat_interleave; without it heads broadcast. A single kv head is shared by all query heads
+    without copying (Hk = 1); unequal key and value head counts (rare) are repeated to a common one."""
+    Hk, Hv = k.shape[1], v.shape[1]
+    if enable_gqa:
+        if min(Hk, Hv) < 1 or H % Hk or H % Hv:
+            raise ValueError(f"{FN}: with enable_gqa the number of query heads ({H}) must be a multiple of the "
+                             f"key's ({Hk}) and the value's ({Hv})")
+        if Hk == Hv:
+            return k, v, Hk
+        hkv = max(Hk, Hv) if max(Hk, Hv) % min(Hk, Hv) == 0 else H
+    else:
+        hkv = 1 if Hk == Hv == 1 else H
+    k, v = (t if t.shape[1] in (1, hkv) else t.repeat_interleave(hkv // t.shape[1], dim=1) for t in (k, v))
+    return k, v, hkv
+
+
+_warned_head_dim = False
+
+
+def _head_dims_fit(D: int, Dv: int) -> bool:
+    """Whether the fused kernels take head dims D (query / key) and Dv (value): both in [1, MAX_HEAD_DIM]. Larger
+    ones run on the reference path (unfused: Lq x Lk memory), with a warning the first time."""
+    global _warned_head_dim
+    if max(D, Dv) <= MAX_HEAD_DIM:
+        return True
+    if not _warned_head_dim:
+        _warned_head_dim = True
+        warnings.warn(f"{FN}: head dims (query/key {D}, value {Dv}) above the fused kernels' {MAX_HEAD_DIM} run on "
+                      "fastnn's reference path (plain PyTorch, attention matrix materialized); warned once",
+                      stacklevel=4)
+    return False
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 key_padding_mask=None, backend=None):
+                                 enable_gqa=False, key_padding_mask=None, backend=None):
     """See ``fastnn.functional.scaled_dot_product_attention``."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(t, name, ndim=(3, 4), fn=FN)
     if not (query.dtype == key.dtype == value.dtype):
         raise TypeError(f"{FN}: query, key and value must have the same dtype, got {query.dtype}, {key.dtype} and "
                         f"{value.dtype}")
-    if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(f"{FN}: query, key and value must all be 4-d (B, H, L, D) or all 3-d (H, L, D), got shapes "
-                         f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"{FN}: enable_gqa must be a bool, got {type(enable_gqa).__name__}")
     check_same_device(FN, query=query, key=key, value=value, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
-    unbatched = query.dim() == 3
-    q, k, v = (t.unsqueeze(0) if unbatched else t for t in (query, key, value))
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    if tuple(k.shape) != (B, H, Lk, D):
-        raise ValueError(f"{FN}: key must have query's batch, heads and head dim {(B, H, D)}: expected "
-                         f"(..., Lk, {D}), got query {tuple(query.shape)} and key {tuple(key.shape)}")
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"{FN}: value must have key's shape {tuple(key.shape)}, got {tuple(value.shape)} (a value "
-                         "head dim different from the query's is not supported)")
-    if not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"{FN}: head dim (query's last dim) must be in [1, {MAX_HEAD_DIM}], got {D}")
+    # 3-d operands are one batch; the result has the most dims of the three (as torch's broadcasting)
+    unbatched = max(query.dim(), key.dim(), value.dim()) == 3
+    q, k, v = (t.unsqueeze(0) if t.dim() == 3 else t for t in (query, key, value))
+    Lq, D = q.shape[2:]
+    Lk, Dv = v.shape[2:]
+    if k.shape[3] != D:
+        raise ValueError(f"{FN}: key must have query's head dim {D}: expected (..., Lk, {D}), got query "
+                         f"{tuple(query.shape)} and key {tuple(key.shape)}")
+    if k.shape[2] != Lk:
+        raise ValueError(f"{FN}: value must have key's length Lk = {k.shape[2]}: expected (..., {k.shape[2]}, Dv), "
+                         f"got key {tuple(key.shape)} and value {tuple(value.shape)}")
+    if min(D, Dv) < 1:
+        raise ValueError(f"{FN}: head dims (query's and value's last dims) must be at least 1, got {D} and {Dv}")
+    B = _broadcast([t.shape[0] for t in (q, k, v)], "batch sizes")
+    if enable_gqa:
+        H = q.shape[1]
+    else:
+        H = _broadcast([t.shape[1] for t in (q, k, v)], "head counts",
+                       " (enable_gqa=True shares key/value heads among query heads)")
+    k, v, Hk = _kv_heads(k, v, H, enable_gqa)
+    # Broadcast batch / head dims become stride-0 views, read in place by the kernels; autograd sums the gradients.
+    q, k, v = q.expand(B, H, Lq, D), k.expand(B, Hk, Lk, D), v.expand(B, Hk, Lk, Dv)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{FN}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
     if scale is None:
@@ -93,6 +148,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                              f"{want}, got {tuple(key_padding_mask.shape)}")
         kpm = key_padding_mask.reshape(B, Lk)
     b = resolve(torch.ops.fastnn.attention_fwd, backend, q, k, v, mask, kpm)
+    if not _head_dims_fit(D, Dv):
+        b = "reference"
     seed = _draw_seed(dropout_p)
     if b == "reference":
         out = reference.scaled_dot_product_attention(q, k, v, mask, float(dropout_p), bool(is_causal), float(scale),
@@ -148,14 +205,16 @@ def attention_with_weights(q, k, v, attn_mask, dropout_p: float, is_causal: bool
 
 
 def _fake_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
-    # stats: (2, B, H, Lq), the row max and log-sum of the scores (kept apart, see kernels/attention.py)
-    return (query.new_empty(query.shape),
+    # out (B, H, Lq, Dv); stats: (2, B, H, Lq), the row max and log-sum of the scores (kept apart, see
+    # kernels/attention.py)
+    return (query.new_empty(tuple(query.shape[:3]) + (value.shape[3],)),
             query.new_empty((2,) + tuple(query.shape[:3]), dtype=_acc_dtype(query.dtype)))
 
 
 def _fake_bwd(grad_out, query, key, value, out, stats, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
-              seed):
-    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+              seed, mask_grad):
+    dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else query.new_empty((0,), dtype=_acc_dtype(query.dtype))
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), dmask
 
 
 def _setup_context(ctx, inputs, output):
@@ -167,8 +226,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grads, bwd_op):
     q, k, v, out, stats, mask, kpm = ctx.saved_tensors
-    dq, dk, dv = bwd_op(grads[0], q, k, v, out, stats, mask, kpm, ctx.dropout_p, ctx.is_causal, ctx.scale, ctx.seed)
-    return dq, dk, dv, None, None, None, None, None, None
+    mask_grad = mask is not None and ctx.needs_input_grad[3]  # a learned bias (T5, ALiBi slopes)
+    dq, dk, dv, dmask = bwd_op(grads[0], q, k, v, out, stats, mask, kpm, ctx.dropout_p, ctx.is_causal, ctx.scale,
+                               ctx.seed, mask_grad)
+    return dq, dk, dv, dmask if mask_grad else None, None, None, None, None, None
 
 
 def _triton_fwd(*args):
