@@ -189,12 +189,16 @@ def _leaves(*ts):
     return [t.detach().clone().requires_grad_() if t is not None and t.is_floating_point() else t for t in ts]
 
 
-def _grads(fn, q, k, v, mask, g, **kw):
-    """(output, dq, dk, dv[, dmask]) of fn(q, k, v, attn_mask=mask, **kw) with fresh leaves."""
+def _grads(fn, q, k, v, mask, g, device="cpu", **kw):
+    """(output, dq, dk, dv[, dmask]) of fn(q, k, v, attn_mask=mask, **kw) with fresh leaves on ``device``,
+    returned on the CPU."""
+    q, k, v, mask, g = (None if t is None else t.to(device) for t in (q, k, v, mask, g))
+    if "key_padding_mask" in kw:
+        kw["key_padding_mask"] = kw["key_padding_mask"].to(device)
     q, k, v, mask = _leaves(q, k, v, mask)
     out = fn(q, k, v, attn_mask=mask, **kw)
     leaves = [q, k, v] + ([mask] if mask is not None and mask.is_floating_point() else [])
-    return (out.detach(),) + torch.autograd.grad(out, leaves, g)
+    return tuple(t.cpu() for t in (out.detach(),) + torch.autograd.grad(out, leaves, g))
 
 
 PARITY = {  # name: (query, key, value shapes, attn_mask shape or None, enable_gqa)
@@ -210,7 +214,7 @@ PARITY = {  # name: (query, key, value shapes, attn_mask shape or None, enable_g
 }
 
 
-@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[0] == "cpu"])
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("case", list(PARITY))
 def test_parity_with_torch_sdpa(device, backend, case):
     """Shapes torch 2.13's SDPA accepts that fastnn refused: Dv != D, enable_gqa, broadcast batch / head dims,
@@ -222,13 +226,13 @@ def test_parity_with_torch_sdpa(device, backend, case):
     theirs_out = TF.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     g = torch.randn_like(theirs_out)
     theirs = _grads(TF.scaled_dot_product_attention, q, k, v, mask, g, enable_gqa=gqa)
-    ours = _grads(F.scaled_dot_product_attention, q, k, v, mask, g, enable_gqa=gqa, backend=backend)
+    ours = _grads(F.scaled_dot_product_attention, q, k, v, mask, g, device, enable_gqa=gqa, backend=backend)
     for name, a, t in zip(("output", "dq", "dk", "dv", "dmask"), ours, theirs):
         assert a.shape == t.shape, name
         torch.testing.assert_close(a, t, msg=name)
 
 
-@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[0] == "cpu"])
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("mask_shape", [(37, 45), (1, 3, 37, 45), (2, 1, 1, 45), (3, 37, 1), (2, 3, 37, 45)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("extra", ["", "causal_kpm_dropout"])
@@ -241,7 +245,7 @@ def test_mask_gradient(device, backend, mask_shape, extra):
     mask = torch.randn(mask_shape)
     g = torch.randn(B, H, Lq, D)
     if not extra:
-        ours = _grads(F.scaled_dot_product_attention, q, k, v, mask, g, backend=backend)
+        ours = _grads(F.scaled_dot_product_attention, q, k, v, mask, g, device, backend=backend)
         theirs = _grads(TF.scaled_dot_product_attention, q.double(), k.double(), v.double(), mask.double(),
                         g.double())
     else:
@@ -249,7 +253,7 @@ def test_mask_gradient(device, backend, mask_shape, extra):
         kpm[1] = True  # batch 1 attends nothing: zero gradients there
         kw = dict(is_causal=True, key_padding_mask=kpm, dropout_p=0.3)
         torch.manual_seed(11)
-        ours = _grads(F.scaled_dot_product_attention, q, k, v, mask, g, backend=backend, **kw)
+        ours = _grads(F.scaled_dot_product_attention, q, k, v, mask, g, device, backend=backend, **kw)
         torch.manual_seed(11)
         theirs = _grads(F.scaled_dot_product_attention, q.double(), k.double(), v.double(), mask.double(),
                         g.double(), backend="reference", **kw)
