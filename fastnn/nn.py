@@ -408,9 +408,12 @@ class LinearCrossEntropyLoss(nn.Module):
 # ---- attention -------------------------------------------------------------------------------------------------
 
 @_patchable(nn.MultiheadAttention)
-class MultiheadAttention(nn.Module):
-    """``torch.nn.MultiheadAttention`` on fastnn's fused attention: same constructor, forward signature, parameters
-    and ``state_dict`` keys, so ``load_state_dict`` of a torch module's state gives the same outputs.
+class MultiheadAttention(nn.MultiheadAttention):
+    """``torch.nn.MultiheadAttention`` on fastnn's fused attention. A subclass that replaces only ``forward``: the
+    constructor, defaults, parameters, ``state_dict`` keys, initialization and every other attribute and method
+    (``merge_masks``, ``_qkv_same_embed_dim``, ...) are torch's, so torch's Transformer layers, which read them,
+    take it unchanged. ``from_torch`` shares the module's Parameter objects (an optimizer built before
+    ``fastnn.patch`` keeps training the patched model).
 
     Differences from torch, all deliberate:
       * a query row whose keys are all masked outputs zeros with zero gradients (torch 2.13 on CPU:
@@ -436,61 +439,12 @@ class MultiheadAttention(nn.Module):
         NaN/Inf, zero-size batch or length and any strides give torch's result.
     """
 
-    __constants__ = ["batch_first"]
-
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
                  kdim=None, vdim=None, batch_first=False, device=None, dtype=None) -> None:
-        if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(f"embed_dim and num_heads must be greater than 0, got embed_dim={embed_dim} and "
-                             f"num_heads={num_heads} instead")
-        super().__init__()
-        fk = {"device": device, "dtype": dtype}
-        self.embed_dim = embed_dim
-        self.kdim = kdim if kdim is not None else embed_dim
-        self.vdim = vdim if vdim is not None else embed_dim
-        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.batch_first = batch_first
-        self.head_dim = embed_dim // num_heads
-        if self.head_dim * num_heads != embed_dim:
+        if embed_dim > 0 and num_heads > 0 and embed_dim % num_heads:  # torch asserts; a ValueError says it better
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        if not self._qkv_same_embed_dim:
-            self.q_proj_weight = nn.Parameter(torch.empty((embed_dim, embed_dim), **fk))
-            self.k_proj_weight = nn.Parameter(torch.empty((embed_dim, self.kdim), **fk))
-            self.v_proj_weight = nn.Parameter(torch.empty((embed_dim, self.vdim), **fk))
-            self.register_parameter("in_proj_weight", None)
-        else:
-            self.in_proj_weight = nn.Parameter(torch.empty((3 * embed_dim, embed_dim), **fk))
-            self.register_parameter("q_proj_weight", None)
-            self.register_parameter("k_proj_weight", None)
-            self.register_parameter("v_proj_weight", None)
-        if bias:
-            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **fk))
-        else:
-            self.register_parameter("in_proj_bias", None)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
-        if add_bias_kv:
-            self.bias_k = nn.Parameter(torch.empty((1, 1, embed_dim), **fk))
-            self.bias_v = nn.Parameter(torch.empty((1, 1, embed_dim), **fk))
-        else:
-            self.bias_k = self.bias_v = None
-        self.add_zero_attn = add_zero_attn
-        self._reset_parameters()
-
-    def _reset_parameters(self) -> None:  # torch's initialization
-        if self._qkv_same_embed_dim:
-            nn.init.xavier_uniform_(self.in_proj_weight)
-        else:
-            nn.init.xavier_uniform_(self.q_proj_weight)
-            nn.init.xavier_uniform_(self.k_proj_weight)
-            nn.init.xavier_uniform_(self.v_proj_weight)
-        if self.in_proj_bias is not None:
-            nn.init.constant_(self.in_proj_bias, 0.0)
-            nn.init.constant_(self.out_proj.bias, 0.0)
-        if self.bias_k is not None:
-            nn.init.xavier_normal_(self.bias_k)
-            nn.init.xavier_normal_(self.bias_v)
+        super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
+                         device=device, dtype=dtype)
 
     def _project(self, query, key, value, same):
         E = self.embed_dim
@@ -510,6 +464,9 @@ class MultiheadAttention(nn.Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
+        if query.is_nested or key.is_nested or value.is_nested:  # torch's own path: its fast path or its error
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)
         same = query is key and key is value
         if is_causal and attn_mask is not None and (need_weights or key_padding_mask is not None):
             is_causal = False  # as torch: the hint is only taken on its fused path; otherwise the mask rules
@@ -596,18 +553,14 @@ class MultiheadAttention(nn.Module):
                 raise ValueError(f"{fn}: attn_mask must have shape (L, S) = {ok[0]} or (N * num_heads, L, S) = "
                                  f"{ok[1]}, got {tuple(attn_mask.shape)}")
 
-    def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
-
     @classmethod
     def from_torch(cls, module: nn.MultiheadAttention) -> "MultiheadAttention":
-        ref = module.out_proj.weight
         twin = cls(module.embed_dim, module.num_heads, dropout=module.dropout,
                    bias=module.in_proj_bias is not None, add_bias_kv=module.bias_k is not None,
                    add_zero_attn=module.add_zero_attn, kdim=module.kdim, vdim=module.vdim,
-                   batch_first=module.batch_first, device=ref.device, dtype=ref.dtype)
-        twin.load_state_dict(module.state_dict())
-        return twin
+                   batch_first=module.batch_first, device="meta")
+        twin.out_proj = module.out_proj
+        return _share_parameters(twin, module)
 
 
 class MultiHeadSelfAttention(nn.Module):
