@@ -418,7 +418,9 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     Differences from torch, all deliberate:
       * a query row whose keys are all masked outputs zeros with zero gradients (torch 2.13 on CPU:
-        zeros with need_weights=False, NaN with need_weights=True);
+        zeros with need_weights=False, NaN with need_weights=True and on its inference fast path - eval,
+        no_grad, batch_first self-attention - so also in a TransformerDecoderLayer whose target sequence is
+        all padding);
       * ``need_weights=True`` (torch's default) materializes the (N, H, L, S) attention matrix on a separate,
         slower path; pass ``need_weights=False`` for the fused kernel (what torch's Transformer layers do);
       * ``is_causal=True`` needs no ``attn_mask`` (torch requires one as a hint). As in torch, the hint replaces

@@ -14,6 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastnn
 
+pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+
 E, HEADS, FF, N, S, T = 16, 4, 32, 3, 7, 5  # d_model, nhead (even: torch's fast path needs it), ff dim, batch, lengths
 TORCH_ATTENTION = ("aten::_transformer_encoder_layer_fwd", "aten::_native_multi_head_attention",
                    "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
@@ -60,7 +62,7 @@ def _inputs(kind, batch_first, masks):
     position, so no query row has every key masked."""
     seq = lambda L: torch.randn(N, L, E) if batch_first else torch.randn(L, N, E)  # noqa: E731
     pad = lambda L: torch.arange(L) >= torch.tensor([L, L - 2, 2])[:, None]  # noqa: E731
-    causal = nn.Transformer.generate_square_subsequent_mask
+    causal = lambda L: torch.ones(L, L, dtype=torch.bool).triu(1)  # noqa: E731  (bool like the padding)
     padding, is_causal = "padding" in masks, "causal" in masks
     if kind in ("encoder", "encoder_layer"):
         kw = {}
@@ -119,6 +121,27 @@ def test_patched_transformer_matches_torch(kind, mode, masks, batch_first, norm_
         assert [n for n, _ in ours.named_parameters()] == names
         for name, a, b in zip(["input"] * len(args) + names, ours_g, theirs_g):
             torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_fully_padded_sequences(mode):
+    # A sequence that is all padding: fastnn gives zeros for its fully masked attention rows. So does torch, but
+    # for its MultiheadAttention fast path (eval, no_grad: the decoder's self-attention), which gives NaN.
+    theirs = _build("transformer", True, False)
+    ours = fastnn.patch(copy.deepcopy(theirs), verbose=False)
+    training, grad = MODES[mode]
+    theirs.train(training)
+    ours.train(training)
+    (src, tgt), kw, _ = _inputs("transformer", True, "padding")
+    for mask in ("src_key_padding_mask", "tgt_key_padding_mask", "memory_key_padding_mask"):
+        kw[mask] = kw[mask].clone()
+        kw[mask][1] = True
+    with torch.set_grad_enabled(grad):
+        out, expected = ours(src, tgt, **kw), theirs(src, tgt, **kw)
+    assert out.isfinite().all()
+    nan_rows = expected.isnan().any(-1)
+    assert nan_rows.any(-1).tolist() == ([False, True, False] if mode == "eval_no_grad" else [False] * N)
+    torch.testing.assert_close(out[~nan_rows], expected[~nan_rows])
 
 
 def test_encoder_nested_tensor_padding_gives_torchs_zeros():
