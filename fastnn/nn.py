@@ -588,12 +588,19 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     ``use_torch_fast_path = True`` (on the class or one layer) gives torch's forward back, fast path included,
     for inference where torch's fused layer is faster (README: 1.04-1.4x of its time on the CPU).
 
-    ``from_torch`` makes a twin that holds the module's own submodules and Parameters, with its ``self_attn``
-    replaced by ``fastnn.nn.MultiheadAttention`` (sharing the Parameters); the torch module is left unchanged.
-    Shapes, arguments and Raises: as torch's.
+    The constructor is torch's (the same arguments, defaults and initialization), its ``self_attn`` then a
+    ``fastnn.nn.MultiheadAttention``. ``from_torch`` makes a twin that holds the module's own submodules and
+    Parameters, with its ``self_attn`` replaced by ``fastnn.nn.MultiheadAttention`` (sharing the Parameters); the
+    torch module is left unchanged. Shapes, arguments and Raises: as torch's.
     """
 
     use_torch_fast_path = False
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation=torch.nn.functional.relu,
+                 layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, device=None, dtype=None) -> None:
+        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first,
+                         bias, device, dtype)
+        self.self_attn = MultiheadAttention.from_torch(self.self_attn)
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
         if self.use_torch_fast_path:

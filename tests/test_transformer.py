@@ -207,6 +207,10 @@ def test_nested_input_to_multihead_attention_takes_torchs_path():
         torch.testing.assert_close(a, b)
 
 
+def _arguments(fn):
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
 @pytest.mark.parametrize("cfg", [dict(), dict(kdim=12, vdim=20, batch_first=True), dict(bias=False),
                                  dict(add_bias_kv=True, add_zero_attn=True)], ids=str)
 def test_multihead_attention_has_torchs_attributes(cfg):
@@ -214,8 +218,7 @@ def test_multihead_attention_has_torchs_attributes(cfg):
     ours = fastnn.nn.MultiheadAttention(E, HEADS, dropout=0.25, **cfg)
     assert isinstance(ours, nn.MultiheadAttention)
     for method in ("__init__", "forward"):  # torch's arguments, names and defaults
-        ours_sig, theirs_sig = (inspect.signature(getattr(m, method)).parameters.values() for m in (ours, theirs))
-        assert [(p.name, p.kind, p.default) for p in ours_sig] == [(p.name, p.kind, p.default) for p in theirs_sig]
+        assert _arguments(getattr(ours, method)) == _arguments(getattr(theirs, method))
     assert set(dir(theirs)) <= set(dir(ours))
     for name, value in vars(theirs).items():  # every plain attribute, with torch's value
         if not isinstance(value, (torch.Tensor, dict)):
@@ -262,3 +265,25 @@ def test_from_torch_leaves_the_torch_layer_unchanged():
     assert twin.state_dict().keys() == layer.state_dict().keys()
     assert all(p is q for p, q in zip(twin.parameters(), layer.parameters()))
     assert twin.activation is layer.activation and twin.activation_relu_or_gelu == layer.activation_relu_or_gelu
+
+
+def test_encoder_layer_constructor_is_torchs():
+    kw = dict(dim_feedforward=FF, dropout=0.0, batch_first=True, activation="gelu", norm_first=True)
+    torch.manual_seed(3)
+    theirs = nn.TransformerEncoderLayer(E, HEADS, **kw)
+    torch.manual_seed(3)
+    ours = fastnn.nn.TransformerEncoderLayer(E, HEADS, **kw)
+    assert type(ours.self_attn) is fastnn.nn.MultiheadAttention and ours.self_attn.batch_first
+    for method in ("__init__", "forward"):
+        assert _arguments(getattr(ours, method)) == _arguments(getattr(theirs, method))
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    x = torch.randn(N, S, E)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_patch_draws_no_random_numbers():
+    model = _build("transformer", True, False)
+    state = torch.get_rng_state()
+    fastnn.patch(model, verbose=False)
+    assert torch.equal(torch.get_rng_state(), state)
