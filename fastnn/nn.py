@@ -473,7 +473,7 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if query.is_nested or key.is_nested or value.is_nested:  # torch's own path: its fast path or its error
+        if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):  # torch's fast path/error
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
         same = query is key and key is value
