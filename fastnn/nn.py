@@ -83,28 +83,24 @@ def patch(model: nn.Module, *, verbose: bool = True) -> nn.Module:
     """
     swaps: list[tuple[nn.Module | None, str, str, nn.Module]] = []  # (parent, attribute, report name, twin)
     kept: list[str] = []
-
     twins: dict[int, nn.Module | None] = {}  # a module shared by two parents gets one twin
 
     def plan(parent: nn.Module | None, attr: str, name: str, module: nn.Module) -> None:
+        """Plans the swap of `module`, or else looks for candidates among its children (a twin brings its own)."""
         twin_cls = PATCHABLE.get(type(module))
-        if twin_cls is None:
-            return
-        if id(module) not in twins:
+        if twin_cls is not None and id(module) not in twins:
             try:
                 twins[id(module)] = twin_cls.from_torch(module).train(module.training)
             except (NotImplementedError, ValueError, TypeError) as e:
                 twins[id(module)] = None
                 kept.append(f"{name} ({type(module).__name__}: {e})")
-        if twins[id(module)] is not None:
+        if twins.get(id(module)) is not None:
             swaps.append((parent, attr, f"{name} ({type(module).__name__})", twins[id(module)]))
+            return
+        for child_name, child in module.named_children():
+            plan(module, child_name, child_name if parent is None else f"{name}.{child_name}", child)
 
-    if type(model) in PATCHABLE:
-        plan(None, "", "<root>", model)
-    else:
-        for parent_name, parent in model.named_modules():
-            for child_name, child in parent.named_children():
-                plan(parent, child_name, f"{parent_name + '.' if parent_name else ''}{child_name}", child)
+    plan(None, "", "<root>", model)
     for parent, attr, _, twin in swaps:
         if parent is None:
             model = twin
