@@ -164,8 +164,8 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     Returns:
         The loss: a scalar, or ``input.shape[:-1] + (d1, ..., dK)`` for "none", in ``input``'s dtype (the
         promoted dtype of input and target for probabilities). Gradients flow to input, linear_weight and
-        linear_bias; with class-index targets only those that require grad are computed (a frozen head or a
-        detached input skips one of the backward's three products).
+        linear_bias (and to probability targets, as in torch); with class-index targets only those that require
+        grad are computed (a frozen head or a detached input skips one of the backward's three products).
     Raises:
         TypeError: a non-floating ``input``/``linear_weight``/``linear_bias``/``weight``, ``linear_weight`` of
             another dtype than ``input``, ``target`` neither int64 (or uint8) indices nor floating, or ``options``

@@ -361,7 +361,7 @@ class LinearCrossEntropyLoss(_LinearCrossEntropyBase):
                  bias: bool = False, device=None, dtype=None, reduction: str = "mean",
                  weight: torch.Tensor | None = None, ignore_index: int | None = None, label_smoothing: float = 0.0,
                  options=None, chunk_size: int | None = None) -> None:
-        super().__init__(in_features, num_classes, out_features=tuple(out_features), bias=bias, device=device,
+        super().__init__(in_features, num_classes, out_features=out_features, bias=bias, device=device,
                          dtype=dtype, reduction=reduction, weight=weight, ignore_index=ignore_index,
                          label_smoothing=label_smoothing, options=options)
         self.chunk_size = chunk_size

@@ -430,6 +430,11 @@ def test_probability_targets_hold_one_chunk_of_logits(device, backend):
         assert_matches(o, r)
         for a, e in zip(og, rg):
             assert_matches(a, e)
+    tt = t.clone().requires_grad_()  # probabilities take a gradient too, as in torch
+    got = torch.autograd.grad(F.linear_cross_entropy(x, w, tt, label_smoothing=0.1, chunk_size=4, backend=backend),
+                              tt)[0]
+    assert_matches(got, torch.autograd.grad(fastnn.reference.linear_cross_entropy(x, w, tt, label_smoothing=0.1),
+                                            tt)[0], name="grad_target")
     leaf = x.clone().requires_grad_()
     loss = F.linear_cross_entropy(leaf, w, t, chunk_size=4, backend=backend)
     loss.backward(retain_graph=True)

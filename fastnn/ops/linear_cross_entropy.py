@@ -139,7 +139,7 @@ def _probability_rows(x, w, bias, y, weight, label_smoothing, chunk, backend):
         return cross_entropy(logits, yc, weight, reduction="none", label_smoothing=label_smoothing,
                              backend=backend)
 
-    grad = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x, w, bias))
+    grad = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x, w, bias, y))
     out = []
     for s in range(0, max(x.shape[0], 1), chunk):  # one (empty) chunk for no rows keeps the graph
         args = (x[s:s + chunk], w, bias, y[s:s + chunk])
