@@ -1,5 +1,7 @@
 """Linear + cross-entropy, forward and forward+backward: fastnn backends vs torch eager
-(cross_entropy(linear(x, w), t)) vs torch.compile, time and peak extra memory.
+(cross_entropy(linear(x, w), t)) vs torch.compile, and (torch >= 2.13) torch's own
+torch.nn.functional.linear_cross_entropy on its reference path (options=None) and on its chunked path
+(options=torch.nn.LinearCrossEntropyOptions()), time and peak extra memory.
 
     python bench/bench_linear_cross_entropy.py [--quick] [--shapes] [--device cpu|cuda] [--no-compile]
 
@@ -8,7 +10,8 @@ to the products (large D, small V) the backward's fourth product costs more than
 and this shows where that turns.
 
 Goal case (the README's "Benchmarks" table, float32, 2-core CPU):
-  N=8192, D=512, V=32000: fwd+bwd <= 1.0x torch eager time, extra peak memory <= 0.1x torch's
+  N=8192, D=512, V=32000: fwd+bwd <= 1.0x torch eager time, extra peak memory <= 0.1x torch's;
+  and below torch's chunked linear_cross_entropy in both time and extra peak memory
 Every implementation is checked against fastnn.reference before it is timed.
 """
 from __future__ import annotations
@@ -20,6 +23,8 @@ import fastnn
 import fastnn.functional as F
 from harness import EAGER, Bench
 
+TORCH_CHUNKED = "torch-lce-chunked"  # the goal's second baseline
+
 
 def implementations(b: Bench) -> dict:
     def eager(x, w, t):
@@ -28,6 +33,10 @@ def implementations(b: Bench) -> dict:
     impls = {EAGER: eager}
     if b.compile_ok:
         impls["torch-compile"] = torch.compile(eager, dynamic=False)
+    if hasattr(TF, "linear_cross_entropy"):  # torch >= 2.13
+        impls["torch-lce-reference"] = lambda x, w, t: TF.linear_cross_entropy(x, w, t)
+        chunked = torch.nn.LinearCrossEntropyOptions()
+        impls[TORCH_CHUNKED] = lambda x, w, t: TF.linear_cross_entropy(x, w, t, options=chunked)
     impls["fastnn-native"] = lambda x, w, t: F.linear_cross_entropy(x, w, t, backend="native")
     if b.device == "cuda":
         impls["fastnn-triton"] = lambda x, w, t: F.linear_cross_entropy(x, w, t, backend="triton")
@@ -61,6 +70,19 @@ def run_case(b: Bench, impls: dict, N: int, D: int, V: int, tag: str) -> None:
         b.run(case=case, impl=name, fn=fwd_bwd, flops=3 * flops, series=f"linear+CE fwd+bwd {tag}", x=V)
 
 
+def versus_chunked(b: Bench) -> None:
+    """fastnn's ratios to torch's chunked linear_cross_entropy, time and extra memory, for each case and series."""
+    base = {(r["case"], r["series"]): r for r in b.rows if r["impl"] == TORCH_CHUNKED}
+    for r in b.rows:
+        c = base.get((r["case"], r["series"]))
+        if c is None or not r["impl"].startswith("fastnn") or not c["time_ms"] or not c["peak_extra_mb"] or \
+                r["peak_extra_mb"] is None:
+            continue
+        print(f"{r['series']} {r['case']} {r['impl']} vs {TORCH_CHUNKED}: {r['time_ms'] / c['time_ms']:.2f}x time, "
+              f"{r['peak_extra_mb'] / c['peak_extra_mb']:.3f}x extra peak memory "
+              f"({r['peak_extra_mb']:.1f} vs {c['peak_extra_mb']:.1f} MiB)")
+
+
 def main():
     b = Bench("linear_cross_entropy")
     impls = implementations(b)
@@ -74,6 +96,7 @@ def main():
     else:
         run_case(b, impls, 8192, 512, 32000, "goal")
     b.finish()
+    versus_chunked(b)
 
 
 if __name__ == "__main__":

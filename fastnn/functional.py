@@ -111,46 +111,80 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
                              label_smoothing=label_smoothing, inplace_backward=inplace_backward, backend=backend)
 
 
-def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-                         label_smoothing: float = 0.0, *, class_weight: torch.Tensor | None = None,
-                         chunk_size: int | None = None, backend: str | None = None) -> torch.Tensor:
-    """``cross_entropy(input @ weight.T + bias, target, ...)`` without materializing the (N, V) logits: rows run
-    in chunks through one reused (chunk_size, V) buffer, and the backward recomputes each chunk's logits (no
-    gradient is computed or stored in the forward). Peak extra memory is O(chunk_size x V). The float32 CPU
-    kernel (on CPUs with AVX2, when V gives each thread a block) goes further: threads take blocks of 64 classes
-    against tiles of at most min(chunk_size, 512) rows, so each block's logits and their gradient stay in cache,
-    and its extra memory is O(threads x tile x (64 + D)), with no (chunk_size, V) buffer. The recompute costs a
-    fourth matrix product (torch's unfused loss runs three): with a large D and a small V, where the logits are
-    cheap to hold, this is up to ~1.3x slower than ``cross_entropy(linear(input, weight), target)`` (README,
+def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
+                         linear_bias: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                         reduction: str = "mean", ignore_index: int | None = None, label_smoothing: float = 0.0,
+                         options=None, chunk_size: int | None = None, backend: str | None = None) -> torch.Tensor:
+    """``torch.nn.functional.linear_cross_entropy`` (torch 2.13's signature and semantics, on any torch):
+    ``cross_entropy(linear(input, linear_weight, linear_bias), target, weight, ...)`` without materializing the
+    (N, C) logits. Rows run in chunks through one reused (chunk, C) buffer, and the backward recomputes each chunk's
+    logits (no gradient is computed or stored in the forward). Peak extra memory is O(chunk x C). The float32 CPU
+    kernel (on CPUs with AVX2, when C gives each thread a block) goes further: threads take blocks of 64 classes
+    against tiles of at most min(chunk, 512) rows, so each block's logits and their gradient stay in cache, and
+    its extra memory is O(threads x tile x (64 + D)), with no (chunk, C) buffer. The recompute costs a fourth
+    matrix product (torch's reference path runs three): with a large D and a small C, where the logits are cheap
+    to hold, this is up to ~1.3x slower than ``cross_entropy(linear(input, linear_weight), target)`` (README,
     "Benchmarks").
 
+    Unlike torch, the fused path runs whatever ``options`` is: ``options=None`` (torch's reference path) and
+    ``options=torch.nn.LinearCrossEntropyOptions(...)`` (torch's chunked path) both chunk here. Which path runs:
+
+    - class-index targets: the fused op (``fastnn::linear_cross_entropy_fwd`` / ``_bwd``, native or Triton) for
+      every ``reduction``, ``weight``, ``ignore_index`` and ``label_smoothing`` (torch's chunked path falls back to
+      its reference path for label smoothing).
+    - class-probability targets: not the fused op (it takes indices only): chunks of rows through ``linear`` and
+      fastnn's fused ``cross_entropy``, each under activation checkpointing (one chunk's logits held at a time,
+      and the backward recomputes them), so memory stays O(chunk x C) there too.
+    - K-dimensional loss (``linear_weight`` (C, d1, ..., dK, D)): one of the above per position of d1..dK, each
+      with that position's (C, D) slice of ``linear_weight`` against all N rows.
+    - ``backend="reference"``: ``fastnn.reference.linear_cross_entropy``, torch's reference formula.
+
     Args:
-        input: (..., D) hidden states; float32/float64/float16/bfloat16.
-        weight: (V, D) output projection (``nn.Linear(D, V).weight``), input's dtype.
-        target: class indices of shape ``input.shape[:-1]``, each in [0, V) or ``ignore_index``.
-        bias: optional (V,).
-        ignore_index, reduction, label_smoothing: as ``cross_entropy``.
-        class_weight: optional (V,) per-class loss weight (``cross_entropy``'s ``weight``).
-        chunk_size: rows per chunk; default: as many as keep the logits buffer at 128 MiB.
+        input: (N, D), (D,) or, with class-index targets and a (C, D) ``linear_weight``, any (..., D) (torch takes
+            (N, D) and (D,) only); float32/float64/float16/bfloat16.
+        linear_weight: (C, D) output projection (``nn.Linear(D, C).weight``), or (C, d1, ..., dK, D) for a
+            K-dimensional loss (input then (N, D)); input's dtype. (Formerly fastnn's ``weight``.)
+        target: class indices (int64) of shape ``input.shape[:-1] + (d1, ..., dK)``, each in [0, C) or
+            ``ignore_index``; or class probabilities (floating) of the logits' shape
+            ``input.shape[:-1] + (C, d1, ..., dK)``, summing to 1 over C (not checked, as in torch).
+        linear_bias: optional (C, d1, ..., dK) (``(C,)`` without K dims). (Formerly ``bias``.)
+        weight: optional (C,) per-class loss weight, ``cross_entropy``'s. (Formerly ``class_weight``.)
+        reduction: "none" | "mean" | "sum"; "mean" divides by the summed weight of the non-ignored targets (their
+            count without ``weight``; the number of rows x positions for probability targets).
+        ignore_index: a target value that contributes neither loss nor gradient; None (default) means -100, as
+            in torch. Only for class-index targets (an error with probabilities, as in torch).
+        label_smoothing: float in [0, 1], as ``cross_entropy``.
+        options: ``torch.nn.LinearCrossEntropyOptions`` or None. Its ``batch_chunk_size`` sets the rows per
+            chunk; its other fields (``chunking_method``, ``acc_policy``, ``acc_dtype``, ``allow_retain_graph``)
+            tune torch's own chunked kernel and are ignored (the backward here always recomputes, so
+            ``retain_graph=True`` always works).
+        chunk_size: fastnn's extra, rows per chunk (must agree with ``options.batch_chunk_size`` if both are
+            given); default: as many as keep a (chunk, C) logits buffer at 128 MiB.
+        backend: fastnn's extra, "auto" | "native" | "triton" | "reference".
     Returns:
-        The loss: a scalar, or ``input.shape[:-1]`` for "none", in ``input``'s dtype. Gradients flow to input,
-        weight and bias; only those that require grad are computed (a frozen head or a detached input skips one
-        of the backward's three products).
+        The loss: a scalar, or ``input.shape[:-1] + (d1, ..., dK)`` for "none", in ``input``'s dtype (the
+        promoted dtype of input and target for probabilities). Gradients flow to input, linear_weight and
+        linear_bias (and to probability targets, as in torch); with class-index targets only those that require
+        grad are computed (a frozen head or a detached input skips one of the backward's three products).
     Raises:
-        TypeError: a non-floating ``input``/``weight``/``bias``/``class_weight``, ``weight`` of another dtype than
-            ``input``, or ``target`` not integer class indices (probabilities are not supported here).
-        ValueError: ``weight`` not 2-d, ``input``'s last dim not D, ``bias`` not (V,) of input's dtype,
-            ``target`` not of shape ``input.shape[:-1]``, ``class_weight`` not (V,), ``chunk_size`` not a positive
-            int, an unknown ``reduction``, ``label_smoothing`` outside [0, 1], or tensors on different devices.
-        IndexError: a class index outside [0, V) that is not ``ignore_index``.
-        RuntimeError: V = 0 (``weight`` has no rows).
+        TypeError: a non-floating ``input``/``linear_weight``/``linear_bias``/``weight``, ``linear_weight`` of
+            another dtype than ``input``, ``target`` neither int64 (or uint8) indices nor floating, or ``options``
+            not a LinearCrossEntropyOptions.
+        ValueError: ``linear_weight`` below 2-d, ``input``'s last dim not D, a K-dimensional ``linear_weight``
+            with input not (N, D), ``linear_bias`` not (C, d1..dK) of input's dtype, ``target`` of the wrong
+            shape, ``weight`` not (C,), ``ignore_index`` with probabilities, ``chunk_size`` /
+            ``options.batch_chunk_size`` not a positive int or the two disagreeing, an unknown ``reduction``,
+            ``label_smoothing`` outside [0, 1], or tensors on different devices.
+        IndexError: a class index outside [0, C) that is not ``ignore_index``.
+        NotImplementedError: ``weight`` requiring grad.
+        RuntimeError: C = 0 (``linear_weight`` has no rows).
         As ``cross_entropy`` for the rest: NaN/Inf, zero-size and any strides give torch's
-        ``cross_entropy(linear(input, weight, bias), target)``.
+        ``cross_entropy(linear(input, linear_weight, linear_bias), target)``.
     """
-    return _lce.linear_cross_entropy(input, weight, target, bias=bias, ignore_index=ignore_index,
-                                     reduction=reduction, label_smoothing=label_smoothing, class_weight=class_weight,
-                                     chunk_size=chunk_size, backend=backend)
+    return _lce.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+                                     reduction=reduction, ignore_index=ignore_index,
+                                     label_smoothing=label_smoothing, options=options, chunk_size=chunk_size,
+                                     backend=backend)
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

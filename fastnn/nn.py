@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import warnings
 
 import torch
@@ -299,13 +300,48 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
                    label_smoothing=module.label_smoothing)
 
 
-class LinearCrossEntropyLoss(nn.Module):
-    """An output projection fused with its cross-entropy loss: ``loss = cross_entropy(input @ weight.T + bias,
-    target)`` without the (N, V) logits (``fastnn.functional.linear_cross_entropy``). Parameters and
-    ``state_dict`` keys are ``nn.Linear(in_features, out_features, bias)``'s: ``weight`` (V, D), ``bias`` (V,).
+_TorchLinearCrossEntropyLoss = getattr(nn, "LinearCrossEntropyLoss", None)  # torch >= 2.13
 
-    As a model's output layer + loss, replacing its ``nn.Linear`` head (the same weight tensor, so tied
-    embeddings and optimizers keep working)::
+
+if _TorchLinearCrossEntropyLoss is not None:
+    _LinearCrossEntropyBase = _TorchLinearCrossEntropyLoss
+else:
+    class _LinearCrossEntropyBase(nn.modules.loss._WeightedLoss):
+        """torch 2.13's ``nn.LinearCrossEntropyLoss`` constructor, attributes and ``state_dict`` for older torch."""
+
+        __constants__ = ["num_classes", "out_features", "reduction", "ignore_index", "label_smoothing"]
+
+        def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (),
+                     bias: bool = False, device=None, dtype=None, reduction: str = "mean",
+                     weight: torch.Tensor | None = None, ignore_index: int | None = None,
+                     label_smoothing: float = 0.0, options=None) -> None:
+            if weight is not None and weight.shape != (num_classes,):
+                raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+            if label_smoothing < 0 or label_smoothing > 1.0:
+                raise RuntimeError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
+            super().__init__(weight=weight, size_average=None, reduce=None, reduction=reduction)
+            self.num_classes, self.out_features = num_classes, out_features
+            self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
+            self.linear = nn.Linear(in_features, math.prod(out_features, start=num_classes), bias=bias,
+                                    device=device, dtype=dtype)
+            self.options = options
+
+        def extra_repr(self) -> str:
+            return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                    f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+                    f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
+                    f"label_smoothing={self.label_smoothing}, options={self.options}")
+
+
+class LinearCrossEntropyLoss(_LinearCrossEntropyBase):
+    """``torch.nn.LinearCrossEntropyLoss`` (torch 2.13's constructor, attributes and ``state_dict``: ``linear.weight``
+    (C * prod(out_features), D), ``linear.bias``, the class ``weight`` buffer; a subclass of torch's class where
+    torch has it, a standalone twin elsewhere) on ``fastnn.functional.linear_cross_entropy``: the output projection
+    fused with its loss, never materializing the (N, C) logits, whatever ``options`` is. ``fastnn.patch`` swaps
+    torch's module for it (sharing its ``linear`` submodule and ``weight`` buffer).
+
+    As an existing model's output layer + loss (the same ``nn.Linear`` module, so tied embeddings and optimizers
+    keep working)::
 
         head = fastnn.nn.LinearCrossEntropyLoss.from_linear(model.generator, ignore_index=pad_id,
                                                             label_smoothing=0.1)
@@ -313,47 +349,80 @@ class LinearCrossEntropyLoss(nn.Module):
         logits = head.logits(hidden)       # decoding: the plain linear layer
 
     Args:
-        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
-        class_weight: optional (V,) per-class loss weight (a buffer, ``CrossEntropyLoss``'s ``weight``).
-        ignore_index, reduction, label_smoothing: as ``nn.CrossEntropyLoss``.
-        chunk_size: rows per chunk (default: a 128 MiB logits buffer).
+        in_features, num_classes, out_features, bias, device, dtype, reduction, weight, ignore_index,
+        label_smoothing, options: as ``torch.nn.LinearCrossEntropyLoss`` (``bias`` defaults to False, as there;
+            ``ignore_index=None`` means -100).
+        chunk_size: fastnn's extra, rows per chunk (``options.batch_chunk_size`` does the same).
+    Shapes: input (N, D) or (D,) (any (..., D) for class indices without ``out_features``); target class indices
+        ``input.shape[:-1] + out_features`` or probabilities ``input.shape[:-1] + (C,) + out_features``.
     Raises:
         As ``fastnn.functional.linear_cross_entropy`` (TypeError / ValueError / IndexError naming input, target,
-        weight, bias, class_weight, chunk_size, reduction or label_smoothing).
+        linear_weight, linear_bias, weight, chunk_size, options, reduction or label_smoothing).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 class_weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0, chunk_size: int | None = None, device=None, dtype=None) -> None:
-        super().__init__()
-        lin = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = lin.weight
-        self.bias = lin.bias
-        self.register_buffer("class_weight", class_weight)
-        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (),
+                 bias: bool = False, device=None, dtype=None, reduction: str = "mean",
+                 weight: torch.Tensor | None = None, ignore_index: int | None = None, label_smoothing: float = 0.0,
+                 options=None, chunk_size: int | None = None) -> None:
+        super().__init__(in_features, num_classes, out_features=out_features, bias=bias, device=device,
+                         dtype=dtype, reduction=reduction, weight=weight, ignore_index=ignore_index,
+                         label_smoothing=label_smoothing, options=options)
         self.chunk_size = chunk_size
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **loss_kwargs) -> "LinearCrossEntropyLoss":
-        """A loss head sharing ``linear``'s weight and bias Parameters (not copies)."""
-        head = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", **loss_kwargs)
-        head.weight = linear.weight
-        head.bias = linear.bias
+    def from_linear(cls, linear: nn.Linear, *, out_features: tuple[int, ...] = (),
+                    **loss_kwargs) -> "LinearCrossEntropyLoss":
+        """A loss head whose ``linear`` is ``linear`` itself (its weight and bias Parameters, not copies);
+        ``num_classes`` is ``linear.out_features / prod(out_features)``."""
+        P = math.prod(out_features)
+        if P < 1 or linear.out_features % P:
+            raise ValueError(f"from_linear: linear.out_features={linear.out_features} is not num_classes x "
+                             f"prod(out_features={tuple(out_features)})")
+        head = cls(linear.in_features, linear.out_features // P, out_features=out_features,
+                   bias=linear.bias is not None, device="meta", **loss_kwargs)
+        head.linear = linear
         return head
 
+    @classmethod
+    def from_torch(cls, module: nn.Module) -> "LinearCrossEntropyLoss":
+        """The twin of a ``torch.nn.LinearCrossEntropyLoss``, sharing its ``linear`` submodule and ``weight``."""
+        head = cls.from_linear(module.linear, out_features=module.out_features, reduction=module.reduction,
+                               weight=module.weight, ignore_index=module.ignore_index,
+                               label_smoothing=module.label_smoothing, options=module.options)
+        if head.num_classes != module.num_classes:
+            raise ValueError(f"from_torch: num_classes={module.num_classes} does not match linear.out_features="
+                             f"{module.linear.out_features} and out_features={module.out_features}")
+        return head
+
+    def _projection(self):
+        # torch's reshape of the flat linear.weight (C * prod(out_features), D) to (C, d1, ..., dK, D); one that
+        # does not fit goes on as it is, for linear_cross_entropy to name.
+        w, b = self.linear.weight, self.linear.bias
+        if not self.out_features:
+            return w, b
+        shape = (self.num_classes, *self.out_features)
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == math.prod(shape):
+            w = w.reshape(*shape, w.shape[1])
+        if isinstance(b, torch.Tensor) and b.numel() == math.prod(shape):
+            b = b.reshape(shape)
+        return w, b
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.linear_cross_entropy(input, self.weight, target, self.bias, self.ignore_index, self.reduction,
-                                      self.label_smoothing, class_weight=self.class_weight,
+        linear_weight, linear_bias = self._projection()
+        return F.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+                                      reduction=self.reduction, ignore_index=self.ignore_index,
+                                      label_smoothing=self.label_smoothing, options=self.options,
                                       chunk_size=self.chunk_size)
 
     def logits(self, input: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(input, self.weight, self.bias)
+        """The logits the loss never builds: ``linear(input)``, (..., C) or (N, C, d1, ..., dK)."""
+        out = self.linear(input)
+        return out.reshape(*input.shape[:-1], self.num_classes, *self.out_features) if self.out_features else out
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"ignore_index={self.ignore_index}, reduction={self.reduction}, "
-                f"label_smoothing={self.label_smoothing}")
+
+if _TorchLinearCrossEntropyLoss is not None:
+    PATCHABLE[_TorchLinearCrossEntropyLoss] = LinearCrossEntropyLoss
+
 
 # ---- attention -------------------------------------------------------------------------------------------------
 

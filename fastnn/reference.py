@@ -120,22 +120,34 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     return out.to(input.dtype)
 
 
-def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-                         label_smoothing: float = 0.0, class_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """cross_entropy(input @ weight.T + bias, target) with the logits materialized in input's dtype. input (..., D),
-    weight (V, D)."""
-    logits = _upcast(input) @ _upcast(weight).T
-    if bias is not None:
-        logits = logits + _upcast(bias)
+def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
+                         linear_bias: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                         reduction: str = "mean", ignore_index: int | None = None,
+                         label_smoothing: float = 0.0) -> torch.Tensor:
+    """torch.nn.functional.linear_cross_entropy's reference path: cross_entropy(linear(input), target) with the
+    logits materialized in input's dtype. input (..., D); linear_weight (C, D) or (C, d1, ..., dK, D) for a
+    K-dimensional loss (then input (N, D)), linear_bias its shape without D; weight: per-class loss weights (C,);
+    target class indices (..., d1, ..., dK) or probabilities of the logits' shape (..., C, d1, ..., dK);
+    ignore_index None means -100."""
+    C, out_features = linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
+    w2 = linear_weight.reshape(linear_weight.shape[:-1].numel(), linear_weight.shape[-1])  # (C * d1 * ... * dK, D)
+    logits = _upcast(input) @ _upcast(w2).T
+    if linear_bias is not None:
+        logits = logits + _upcast(linear_bias).reshape(-1)
     # The logits rounded to input's dtype, as torch's and the fused kernels' chunks hold them (float16 logits past
     # 65504 are inf there too).
     logits = logits.to(input.dtype)
-    out = cross_entropy(logits.reshape(-1, weight.shape[0]), target.reshape(-1), class_weight, ignore_index,
-                        reduction, label_smoothing)
-    if reduction == "none":
-        out = out.reshape(input.shape[:-1])
-    return out.to(input.dtype)
+    batch = input.shape[:-1]
+    rows = batch.numel()  # not -1: ambiguous for C = 0
+    if target.is_floating_point():  # probabilities: the loss in the promoted dtype, as torch
+        logits = logits.to(torch.promote_types(input.dtype, target.dtype))
+        target = target.reshape(rows, C, *out_features)
+    else:
+        target = target.reshape(rows, *out_features)
+    # (rows, C, d1, ..., dK): the class dimension second, as cross_entropy takes it.
+    out = cross_entropy(logits.reshape(rows, C, *out_features), target, weight,
+                        -100 if ignore_index is None else ignore_index, reduction, label_smoothing)
+    return out.reshape((*batch, *out_features)) if reduction == "none" else out
 
 # ---- cross_entropy / linear_cross_entropy (losses helper) END ------------------------------------------------------
 

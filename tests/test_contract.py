@@ -377,8 +377,8 @@ _LCE_ROWS = [
     ("ignore-index-in-range", lambda: _lce_args(target=_with(_idx(6), 1, 1), ignore_index=1,
                                                 class_weight=r(5).abs()), ("target",)),
     ("all-ignored", lambda: _lce_args(target=torch.full((6,), -100)), ("target",)),
-    ("class-weight-shape", lambda: _lce_args(class_weight=r(4)), ("class_weight",)),
-    ("class-weight-meta", lambda: _lce_args(class_weight=r(5, device="meta")), ("class_weight",)),
+    ("class-weight-shape", lambda: _lce_args(class_weight=r(4)), ("weight",)),
+    ("class-weight-meta", lambda: _lce_args(class_weight=r(5, device="meta")), ("weight",)),
     ("reduction", lambda: _lce_args(reduction="mean "), ("reduction",)),
     ("label-smoothing", lambda: _lce_args(label_smoothing=2.0), ("label_smoothing",)),
     ("chunk-size-0", lambda: _lce_args(chunk_size=0), ("chunk_size",)),
@@ -400,10 +400,15 @@ _LCE_ROWS = [
 ]
 
 
+def _fastnn_lce(input, weight, target, bias=None, class_weight=None, **kw):
+    # The table keeps fastnn's former names: weight is torch's linear_weight, class_weight its weight.
+    return F.linear_cross_entropy(input, weight, target, linear_bias=bias, weight=class_weight, **kw)
+
+
 def _lce_rows():
     rows = []
     for i, kw, names in _LCE_ROWS:
-        rows.append((f"linear_cross_entropy-{i}", lambda kw=kw: F.linear_cross_entropy(**kw()),
+        rows.append((f"linear_cross_entropy-{i}", lambda kw=kw: _fastnn_lce(**kw()),
                      lambda kw=kw: _torch_lce(**kw()), names))
 
         def mod(kw=kw):
@@ -414,7 +419,7 @@ def _lce_rows():
             lin.weight = nn.Parameter(w, requires_grad=w.is_floating_point())
             lin.bias = None if b is None else nn.Parameter(b, requires_grad=b.is_floating_point())
             x, t = a.pop("input"), a.pop("target")
-            return fnn.LinearCrossEntropyLoss.from_linear(lin, **a)(x, t)
+            return fnn.LinearCrossEntropyLoss.from_linear(lin, weight=a.pop("class_weight", None), **a)(x, t)
         rows.append((f"LinearCrossEntropyLoss-{i}", mod, lambda kw=kw: _torch_lce(**kw()), names))
     return rows
 

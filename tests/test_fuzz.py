@@ -364,11 +364,11 @@ def _linear_cross_entropy(draw, small):
 
     inputs = dict(x=x, w=w) if b is None else dict(x=x, w=w, b=b)
     return Case(
-        fastnn=lambda backend, x, w, b=None: F.linear_cross_entropy(x, w, target, b, class_weight=cw, chunk_size=chunk,
-                                                                     backend=backend, **opts),
+        fastnn=lambda backend, x, w, b=None: F.linear_cross_entropy(x, w, target, linear_bias=b, weight=cw,
+                                                                     chunk_size=chunk, backend=backend, **opts),
         torch=theirs,
-        reference=lambda x, w, b=None: fastnn.reference.linear_cross_entropy(x, w, target, b, class_weight=_like(cw, x),
-                                                                             **opts),
+        reference=lambda x, w, b=None: fastnn.reference.linear_cross_entropy(x, w, target, linear_bias=b,
+                                                                             weight=_like(cw, x), **opts),
         inputs=inputs, grad_inputs=("x", "w", "b"),
         info=dict(target=target, class_weight=cw, chunk_size=chunk, **opts),
         # dx = dlogits @ w sums V products of size |w| (identical rows of w cancel exactly in torch's order), dw
@@ -808,10 +808,10 @@ def test_linear_cross_entropy_single_class_gradient_is_zero(backend):
     # target's entry is now computed as w_t (p - 1).
     x = torch.tensor([[19.8406], [8.0077], [1.8503], [18.6395], [-13.5572], [-4.9839], [-45.6831]])
     w, t, cw = torch.tensor([[0.4623]]), torch.zeros(7, dtype=torch.long), torch.tensor([2.8995])
-    case = Case(fastnn=lambda backend, x, w: F.linear_cross_entropy(x, w, t, class_weight=cw, chunk_size=1,
+    case = Case(fastnn=lambda backend, x, w: F.linear_cross_entropy(x, w, t, weight=cw, chunk_size=1,
                                                                     reduction="none", backend=backend),
                 torch=lambda x, w: TF.cross_entropy(TF.linear(x, w), t, cw, reduction="none"),
-                reference=lambda x, w: fastnn.reference.linear_cross_entropy(x, w, t, class_weight=cw.double(),
+                reference=lambda x, w: fastnn.reference.linear_cross_entropy(x, w, t, weight=cw.double(),
                                                                              reduction="none"),
                 inputs=dict(x=x, w=w), grad_inputs=("x", "w"))
     run_case(case, backend)
@@ -842,10 +842,11 @@ def test_linear_cross_entropy_float16_logit_overflow(backend):
     h = torch.float16
     x, w = torch.tensor([[46.2188], [0.5]], dtype=h), torch.tensor([[1e4], [1e4]], dtype=h)
     b, t = torch.tensor([1.541, -0.2935], dtype=h), torch.tensor([0, 1])
-    case = Case(fastnn=lambda backend, x, w, b: F.linear_cross_entropy(x, w, t, b, reduction="none", chunk_size=1,
-                                                                       backend=backend),
+    case = Case(fastnn=lambda backend, x, w, b: F.linear_cross_entropy(x, w, t, linear_bias=b, reduction="none",
+                                                                       chunk_size=1, backend=backend),
                 torch=lambda x, w, b: TF.cross_entropy(TF.linear(x, w, b), t, reduction="none"),
-                reference=lambda x, w, b: fastnn.reference.linear_cross_entropy(x, w, t, b, reduction="none"),
+                reference=lambda x, w, b: fastnn.reference.linear_cross_entropy(x, w, t, linear_bias=b,
+                                                                                reduction="none"),
                 inputs=dict(x=x, w=w, b=b), grad_inputs=("x", "w", "b"))
     run_case(case, backend)
 

@@ -1,5 +1,9 @@
 """Chunked linear + cross-entropy against fastnn.reference (logits materialized) in float64, forward and the
 gradients of input, weight and bias, through every backend."""
+import subprocess
+import sys
+import types
+
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -69,11 +73,11 @@ def test_matches_reference(device, backend, N, D, V, chunk, bias, cw, ignored, s
     kw = dict(ignore_index=-100, reduction=reduction, label_smoothing=smoothing)
 
     def ref(x_, w_, b_=None):
-        return fastnn.reference.linear_cross_entropy(x_, w_, t, b_, class_weight=None if c is None else c.double(),
-                                                     **kw)
+        return fastnn.reference.linear_cross_entropy(x_, w_, t, linear_bias=b_,
+                                                     weight=None if c is None else c.double(), **kw)
 
     def ours(x_, w_, b_=None):
-        return F.linear_cross_entropy(x_, w_, t, b_, class_weight=c, chunk_size=chunk, backend=backend, **kw)
+        return F.linear_cross_entropy(x_, w_, t, linear_bias=b_, weight=c, chunk_size=chunk, backend=backend, **kw)
 
     r, rg, g = run(ref, x.double(), w.double(), None if b is None else b.double())
     o, og, _ = run(ours, x, w, b, g.to(dtype))
@@ -93,14 +97,14 @@ WANTED = [(False, True, True), (True, False, False), (True, False, True), (False
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_only_the_gradients_asked_for(device, backend, wanted, dtype):
     x, w, b, t, c = make_case(10 if backend == "triton" else 61, 20, 150, True, True, True, device, dtype)
-    kw = dict(label_smoothing=0.1, class_weight=c)
+    kw = dict(label_smoothing=0.1, weight=c)
     leaves = [v.detach().clone().requires_grad_(want) for v, want in zip((x, w, b), wanted)]
     asked = [v for v in leaves if v.requires_grad]
-    g = torch.autograd.grad(F.linear_cross_entropy(leaves[0], leaves[1], t, leaves[2], chunk_size=24,
+    g = torch.autograd.grad(F.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=leaves[2], chunk_size=24,
                                                    backend=backend, **kw), asked)
     ref = [v.double().requires_grad_(v.requires_grad) for v in leaves]
-    rg = torch.autograd.grad(fastnn.reference.linear_cross_entropy(ref[0], ref[1], t, ref[2], label_smoothing=0.1,
-                                                                   class_weight=c.double()),
+    rg = torch.autograd.grad(fastnn.reference.linear_cross_entropy(ref[0], ref[1], t, linear_bias=ref[2],
+                                                                   label_smoothing=0.1, weight=c.double()),
                              [v for v in ref if v.requires_grad])
     for a, e in zip(g, rg):
         assert_matches(a, e)
@@ -120,7 +124,7 @@ def test_low_precision(device, backend, dtype):
     x, w, b, t, _ = make_case(12, 32, 300, True, False, True, device, dtype)
 
     def fn(f):
-        return lambda x_, w_, b_: f(x_, w_, t, b_, label_smoothing=0.1)
+        return lambda x_, w_, b_: f(x_, w_, t, linear_bias=b_, label_smoothing=0.1)
 
     r, rg, g = run(fn(fastnn.reference.linear_cross_entropy), x.double(), w.double(), b.double())
     o, og, _ = run(fn(lambda *a, **k: F.linear_cross_entropy(*a, **k, chunk_size=5, backend=backend)), x, w, b,
@@ -137,7 +141,7 @@ def test_batched_input_and_reduction_none(device, backend):
     # (..., D) hidden states, as a decoder produces: the loss keeps the leading shape.
     x, w, b, t, _ = make_case(12, 6, 17, True, False, True, device, torch.float64)
     x3, t3 = x.reshape(3, 4, 6), t.reshape(3, 4)
-    out = F.linear_cross_entropy(x3, w, t3, b, reduction="none", chunk_size=5, backend=backend)
+    out = F.linear_cross_entropy(x3, w, t3, linear_bias=b, reduction="none", chunk_size=5, backend=backend)
     assert out.shape == (3, 4)
     torch.testing.assert_close(out, TF.cross_entropy(TF.linear(x3, w, b).transpose(1, 2), t3, reduction="none"))
 
@@ -151,13 +155,14 @@ def test_batched_input_and_reduction_none(device, backend):
 def test_native_float32_thread_counts(threads, V):
     x, w, b, t, c = make_case(37, 24, V, True, True, True, "cpu", torch.float32)
     kw = dict(reduction="sum", label_smoothing=0.1)
-    r, rg, g = run(lambda x_, w_, b_: fastnn.reference.linear_cross_entropy(x_, w_, t, b_, class_weight=c.double(),
-                                                                            **kw), x.double(), w.double(), b.double())
+    r, rg, g = run(lambda x_, w_, b_: fastnn.reference.linear_cross_entropy(x_, w_, t, linear_bias=b_,
+                                                                            weight=c.double(), **kw),
+                   x.double(), w.double(), b.double())
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        o, og, _ = run(lambda x_, w_, b_: F.linear_cross_entropy(x_, w_, t, b_, class_weight=c, backend="native",
-                                                                 **kw), x, w, b, g.float())
+        o, og, _ = run(lambda x_, w_, b_: F.linear_cross_entropy(x_, w_, t, linear_bias=b_, weight=c,
+                                                                 backend="native", **kw), x, w, b, g.float())
     finally:
         torch.set_num_threads(before)
     assert_matches(o, r)
@@ -175,12 +180,13 @@ def test_minus_inf_logits_in_a_whole_class_block(device, backend, smoothing):
     t = torch.randint(64, 97, (9,), device=device)
     kw = dict(reduction="none", label_smoothing=smoothing)
     expect = TF.cross_entropy(TF.linear(x, w, b), t, **kw)
-    got = F.linear_cross_entropy(x, w, t, b, backend=backend, **kw)
+    got = F.linear_cross_entropy(x, w, t, linear_bias=b, backend=backend, **kw)
     torch.testing.assert_close(got, expect)
     if smoothing == 0:  # (with smoothing torch's gradient is NaN: inf - inf)
         leaves = [v.clone().requires_grad_() for v in (x, w)]
         g_ref = torch.autograd.grad(TF.cross_entropy(TF.linear(*leaves, b), t, **kw).sum(), leaves)
-        g = torch.autograd.grad(F.linear_cross_entropy(*leaves, t, b, backend=backend, **kw).sum(), leaves)
+        g = torch.autograd.grad(F.linear_cross_entropy(*leaves, t, linear_bias=b, backend=backend, **kw).sum(),
+                                leaves)
         for a, e in zip(g, g_ref):
             torch.testing.assert_close(a, e)
 
@@ -191,8 +197,8 @@ def test_gradcheck(backend):
     x, w, b, t, c = make_case(7, 3, 6, True, True, True, "cpu", torch.float64)
     for red in ("mean",) if backend == "triton" else ("none", "mean"):  # the interpreter is slow
         assert torch.autograd.gradcheck(
-            lambda x_, w_, b_: F.linear_cross_entropy(x_, w_, t, b_, reduction=red, label_smoothing=0.2,
-                                                      class_weight=c, chunk_size=3, backend=backend),
+            lambda x_, w_, b_: F.linear_cross_entropy(x_, w_, t, linear_bias=b_, reduction=red, label_smoothing=0.2,
+                                                      weight=c, chunk_size=3, backend=backend),
             tuple(v.requires_grad_() for v in (x, w, b)), fast_mode=backend == "triton")
 
 
@@ -212,11 +218,15 @@ def test_opcheck(suffix, bias):
 
 
 @pytest.mark.parametrize("device,backend", device_backends("linear_cross_entropy"))
-def test_torch_compile_fullgraph(device, backend):
-    x, w, b, t, _ = make_case(10, 5, 13, True, False, True, device, torch.float32)
+@pytest.mark.parametrize("out_features,prob", [((), False), ((2,), False), ((2,), True)])
+def test_torch_compile_fullgraph(device, backend, out_features, prob):
+    # Class indices on the fused op; a K-dimensional loss (one op per position); probabilities (checkpointed
+    # chunks of linear + cross_entropy).
+    x, w, b, t, _ = torch_case(10, 5, 13, out_features, prob, True, False, None, device, torch.float32)
 
     def f(x_, w_, b_):
-        return F.linear_cross_entropy(torch.tanh(x_), w_, t, b_, label_smoothing=0.1, chunk_size=4, backend=backend)
+        return F.linear_cross_entropy(torch.tanh(x_), w_, t, linear_bias=b_, label_smoothing=0.1, chunk_size=4,
+                                      backend=backend)
 
     leaves = [v.requires_grad_() for v in (x, w, b)]
     out = torch.compile(f, fullgraph=True)(*leaves)
@@ -232,24 +242,45 @@ def test_out_of_range_target_raises(device, backend):
     x, w, b, t, _ = make_case(6, 4, 9, True, False, False, device, torch.float32)
     t[4] = 9
     with pytest.raises(IndexError, match="target 9 is out of bounds"):
-        F.linear_cross_entropy(x, w, t, b, chunk_size=2, backend=backend)
+        F.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=2, backend=backend)
 
 
 @pytest.mark.parametrize("call,exc,words", [
     (lambda: F.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 3), torch.zeros(3).long()), ValueError,
      ["input", "D"]),
     (lambda: F.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4).double(), torch.zeros(3).long()),
-     TypeError, ["weight", "dtype"]),
+     TypeError, ["linear_weight", "dtype"]),
+    (lambda: F.linear_cross_entropy(torch.randn(3, 4), torch.randn(4), torch.zeros(3).long()), ValueError,
+     ["linear_weight", "(C, D)"]),
     (lambda: F.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(4).long()), ValueError,
      ["target", "(3,)"]),
-    (lambda: F.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3)), TypeError,
-     ["target", "int64"]),
-    (lambda: F.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3).long(), torch.randn(4)),
-     ValueError, ["bias", "(5,)"]),
+    (lambda: F.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, 5).long()), ValueError,
+     ["target", "(3,)"]),
+    (lambda: F.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3)), ValueError,
+     ["target", "probabilities", "(3, 5)"]),
+    (lambda: F.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.int32)),
+     TypeError, ["target", "int64"]),
     (lambda: F.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3).long(),
-                                    class_weight=torch.ones(4)), ValueError, ["class_weight"]),
+                                    linear_bias=torch.randn(4)), ValueError, ["linear_bias", "(5,)"]),
+    (lambda: F.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 2, 4), torch.zeros(3, 2).long(),
+                                    linear_bias=torch.randn(5)), ValueError, ["linear_bias", "(5, 2)"]),
+    (lambda: F.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3).long(),
+                                    weight=torch.ones(4)), ValueError, ["weight", "(5,)"]),
     (lambda: F.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3).long(), chunk_size=0),
      ValueError, ["chunk_size"]),
+    # K-dimensional loss: input (N, D) only, target (N, d1..dK).
+    (lambda: F.linear_cross_entropy(torch.randn(2, 3, 4), torch.randn(5, 2, 4), torch.zeros(2, 3, 2).long()),
+     ValueError, ["K-dimensional", "(N, 4)"]),
+    (lambda: F.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 2, 4), torch.zeros(3).long()), ValueError,
+     ["target", "(3, 2)", "linear_weight"]),
+    # Probabilities: torch refuses an ignore_index with them.
+    (lambda: F.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.rand(3, 5), ignore_index=-100),
+     ValueError, ["ignore_index", "probabilities"]),
+    (lambda: F.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3).long(), options=4),
+     TypeError, ["options", "LinearCrossEntropyOptions"]),
+    (lambda: F.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3).long(), chunk_size=2,
+                                    options=types.SimpleNamespace(batch_chunk_size=3)),
+     ValueError, ["batch_chunk_size", "chunk_size"]),
 ])
 def test_bad_input_raises_clear_error(call, exc, words):
     assert_raises_naming(call, exc, words)
@@ -264,12 +295,14 @@ def test_default_chunk_bounds_the_buffer():
         assert rows == 1 or rows * V * 4 <= CHUNK_BYTES
 
 
-def test_module_shares_linear_weight_and_matches_torch():
+def test_module_from_linear_shares_the_layer():
+    # The translator's use: the loss head on an existing output layer (the same nn.Linear, so the same
+    # Parameters), the logits from it for decoding.
     torch.manual_seed(1)
     lin = nn.Linear(8, 11)
     head = fastnn.nn.LinearCrossEntropyLoss.from_linear(lin, ignore_index=0, label_smoothing=0.1)
-    assert head.weight is lin.weight and head.bias is lin.bias
-    assert list(head.state_dict()) == list(lin.state_dict())
+    assert head.linear is lin and head.num_classes == 11 and head.weight is None
+    assert list(head.state_dict()) == ["linear.weight", "linear.bias"]
     x, t = torch.randn(2, 5, 8), torch.randint(0, 11, (2, 5))
     loss = head(x, t)
     expected = nn.CrossEntropyLoss(ignore_index=0, label_smoothing=0.1)(lin(x).reshape(-1, 11), t.reshape(-1))
@@ -280,5 +313,198 @@ def test_module_shares_linear_weight_and_matches_torch():
     expected.backward()
     torch.testing.assert_close(g, lin.weight.grad)
     torch.testing.assert_close(head.logits(x), lin(x))
-    fresh = fastnn.nn.LinearCrossEntropyLoss(8, 11, bias=False)
-    assert list(fresh.state_dict()) == ["weight"] and fresh.weight.shape == (11, 8)
+    fresh = fastnn.nn.LinearCrossEntropyLoss(8, 11)  # torch's default: no bias
+    assert list(fresh.state_dict()) == ["linear.weight"] and fresh.linear.weight.shape == (11, 8)
+    k = fastnn.nn.LinearCrossEntropyLoss.from_linear(nn.Linear(8, 12), out_features=(3,))
+    assert k.num_classes == 4 and k.logits(torch.randn(2, 8)).shape == (2, 4, 3)
+    with pytest.raises(ValueError, match="out_features"):
+        fastnn.nn.LinearCrossEntropyLoss.from_linear(nn.Linear(8, 11), out_features=(3,))
+
+
+# ---- parity with torch 2.13's torch.nn.functional.linear_cross_entropy / nn.LinearCrossEntropyLoss -------------
+
+needs_torch_lce = pytest.mark.skipif(not hasattr(TF, "linear_cross_entropy"),
+                                     reason="torch < 2.13 has no linear_cross_entropy")
+
+# (linear_bias, weight (per class), ignore_index, label_smoothing, reduction); ignore_index None is -100.
+TORCH_OPTIONS = [
+    (False, False, None, 0.0, "mean"),  # torch's defaults
+    (True, True, None, 0.1, "sum"),
+    (True, True, 3, 0.0, "mean"),
+    (True, False, None, 0.2, "none"),
+    (False, True, 3, 0.1, "none"),
+]
+
+
+def torch_case(N, D, C, out_features, prob, bias, cw, ignore_index, device, dtype=torch.float64):
+    x = torch.randn(N, D, dtype=torch.float64, device=device).to(dtype)
+    w = (torch.randn(C, *out_features, D, dtype=torch.float64, device=device) / D ** 0.5).to(dtype)
+    b = torch.randn(C, *out_features, dtype=torch.float64, device=device).to(dtype) if bias else None
+    c = (torch.rand(C, dtype=torch.float64, device=device) + 0.5).to(dtype) if cw else None
+    if prob:
+        t = torch.randn(N, C, *out_features, dtype=torch.float64, device=device).softmax(1).to(dtype)
+    else:
+        t = torch.randint(0, C, (N, *out_features), device=device)
+        t = torch.where(torch.rand(t.shape, device=device) < 0.2,
+                        torch.full_like(t, -100 if ignore_index is None else ignore_index), t)
+    return x, w, b, t, c
+
+
+@needs_torch_lce
+@pytest.mark.parametrize("device,backend", device_backends("linear_cross_entropy", reference=True))
+@pytest.mark.parametrize("out_features", [(), (2, 3)])
+@pytest.mark.parametrize("prob", [False, True], ids=["indices", "probabilities"])
+@pytest.mark.parametrize("bias,cw,ignore_index,smoothing,reduction", TORCH_OPTIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_torch_linear_cross_entropy(device, backend, out_features, prob, bias, cw, ignore_index, smoothing,
+                                            reduction, dtype):
+    if prob and ignore_index is not None:
+        pytest.skip("torch refuses ignore_index with probabilities")
+    if backend == "triton" and (out_features or dtype == torch.float32):  # the interpreter is slow
+        pytest.skip("Triton's interpreter: the 2-d float64 cases only")
+    x, w, b, t, c = torch_case(9, 6, 13, out_features, prob, bias, cw, ignore_index, device)
+    kw = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=smoothing)
+
+    def theirs(x_, w_, b_=None):  # options=None: torch's reference path (its logits in float64 here)
+        return TF.linear_cross_entropy(x_, w_, t, linear_bias=b_, weight=c, **kw)
+
+    def ours(x_, w_, b_=None):
+        cast = (lambda v: None if v is None else v.to(dtype))
+        return F.linear_cross_entropy(x_, w_, cast(t) if prob else t, linear_bias=b_, weight=cast(c), chunk_size=4,
+                                      backend=backend, **kw)
+
+    r, rg, g = run(theirs, x, w, b)
+    o, og, _ = run(ours, x.to(dtype), w.to(dtype), None if b is None else b.to(dtype), g.to(dtype))
+    assert o.dtype == dtype and o.shape == r.shape
+    assert_matches(o, r)
+    for name, a, e in zip(("grad_input", "grad_linear_weight", "grad_linear_bias"), og, rg):
+        assert_matches(a, e, name=name)
+
+
+@needs_torch_lce
+@pytest.mark.parametrize("device,backend", device_backends("linear_cross_entropy"))
+@pytest.mark.parametrize("prob", [False, True], ids=["indices", "probabilities"])
+def test_unbatched_input_matches_torch(device, backend, prob):
+    x, w, b, t, c = torch_case(1, 6, 13, (), prob, True, True, None, device)
+    x, t = x[0], t[0]  # (D,) and a 0-d index or (C,) probabilities
+    r, rg, g = run(lambda x_, w_, b_: TF.linear_cross_entropy(x_, w_, t, linear_bias=b_, weight=c,
+                                                              label_smoothing=0.1, reduction="none"), x, w, b)
+    o, og, _ = run(lambda x_, w_, b_: F.linear_cross_entropy(x_, w_, t, linear_bias=b_, weight=c,
+                                                             label_smoothing=0.1, reduction="none",
+                                                             backend=backend), x, w, b, g)
+    assert o.shape == r.shape == ()
+    assert_matches(o, r)
+    for a, e in zip(og, rg):
+        assert_matches(a, e)
+
+
+@needs_torch_lce
+def test_options_batch_chunk_size_is_honoured(monkeypatch):
+    from fastnn.ops import linear_cross_entropy as lce
+
+    chunks = []
+    op = lce._FORWARD["native"]
+    monkeypatch.setitem(lce._FORWARD, "native", lambda *a: chunks.append(a[-1]) or op(*a))
+    x, w, b, t, c = torch_case(37, 8, 150, (), False, True, True, None, "cpu", torch.float32)
+    Options = torch.nn.LinearCrossEntropyOptions
+    for options in (Options(batch_chunk_size=5), Options(), None):
+        got = F.linear_cross_entropy(x, w, t, linear_bias=b, weight=c, options=options, backend="native")
+        # torch's chunked path where options are given, its reference path for None
+        torch.testing.assert_close(got, TF.linear_cross_entropy(x, w, t, linear_bias=b, weight=c, options=options))
+    assert chunks == [5, lce.default_chunk(150, torch.float32), lce.default_chunk(150, torch.float32)]
+    F.linear_cross_entropy(x, w, t, options=Options(batch_chunk_size=5), chunk_size=5, backend="native")
+    assert chunks[-1] == 5
+
+
+@pytest.mark.parametrize("device,backend", device_backends("linear_cross_entropy"))
+def test_probability_targets_hold_one_chunk_of_logits(device, backend):
+    # Probabilities take chunks of linear + fused cross_entropy under checkpointing: the same loss and
+    # gradients whatever the chunk, and a second backward (retain_graph) works.
+    x, w, b, t, c = torch_case(9, 6, 13, (), True, True, True, None, device)
+    outs = [run(lambda x_, w_, b_: F.linear_cross_entropy(x_, w_, t, linear_bias=b_, weight=c, chunk_size=k,
+                                                          backend=backend), x, w, b, torch.tensor(1.0))
+            for k in (2, 9)]
+    r, rg, _ = run(lambda x_, w_, b_: fastnn.reference.linear_cross_entropy(x_, w_, t, linear_bias=b_, weight=c),
+                   x, w, b, torch.tensor(1.0))
+    for o, og, _ in outs:
+        assert_matches(o, r)
+        for a, e in zip(og, rg):
+            assert_matches(a, e)
+    tt = t.clone().requires_grad_()  # probabilities take a gradient too, as in torch
+    got = torch.autograd.grad(F.linear_cross_entropy(x, w, tt, label_smoothing=0.1, chunk_size=4, backend=backend),
+                              tt)[0]
+    assert_matches(got, torch.autograd.grad(fastnn.reference.linear_cross_entropy(x, w, tt, label_smoothing=0.1),
+                                            tt)[0], name="grad_target")
+    leaf = x.clone().requires_grad_()
+    loss = F.linear_cross_entropy(leaf, w, t, chunk_size=4, backend=backend)
+    loss.backward(retain_graph=True)
+    first = leaf.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, 2 * first)
+
+
+@needs_torch_lce
+@pytest.mark.parametrize("out_features,bias", [((), False), ((), True), ((2, 3), True)])
+def test_module_is_torchs_module(out_features, bias):
+    torch.manual_seed(0)
+    kw = dict(out_features=out_features, bias=bias, weight=torch.rand(7) + 0.5, reduction="sum",
+              label_smoothing=0.1)
+    theirs = nn.LinearCrossEntropyLoss(5, 7, **kw)
+    ours = fastnn.nn.LinearCrossEntropyLoss(5, 7, **kw)
+    assert isinstance(ours, nn.LinearCrossEntropyLoss)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    assert repr(ours) == repr(theirs).replace("LinearCrossEntropyLoss", "LinearCrossEntropyLoss", 1)
+    for name in ("num_classes", "out_features", "reduction", "ignore_index", "label_smoothing", "options"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    x = torch.randn(4, 5)
+    for t in (torch.randint(0, 7, (4, *out_features)), torch.randn(4, 7, *out_features).softmax(1)):
+        expected = theirs(x, t)
+        torch.testing.assert_close(ours(x, t), expected)
+        got = torch.autograd.grad(ours(x, t), list(ours.parameters()))
+        torch.testing.assert_close(got, torch.autograd.grad(expected, list(theirs.parameters())))
+
+
+@needs_torch_lce
+def test_patch_swaps_torch_module_keeping_its_parameters():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.head = nn.LinearCrossEntropyLoss(5, 7, bias=True, weight=torch.rand(7) + 0.5, ignore_index=2,
+                                           options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=3))
+    torch_head, params = model.head, list(model.parameters())
+    fastnn.patch(model, verbose=False)
+    assert type(model.head) is fastnn.nn.LinearCrossEntropyLoss
+    assert list(model.parameters()) == params and model.head.linear is torch_head.linear
+    assert model.head.weight is torch_head.weight and model.head.options is torch_head.options
+    x, t = torch.randn(6, 5), torch.tensor([0, 2, 6, 2, 1, 3])
+    torch.testing.assert_close(model.head(x, t), torch_head(x, t))
+
+
+def test_works_without_torchs_names():
+    # torch < 2.13: no F.linear_cross_entropy, nn.LinearCrossEntropyLoss or LinearCrossEntropyOptions. fastnn's
+    # function and its standalone module (torch's constructor and state_dict) still work.
+    code = """
+import torch
+for mod, name in ((torch.nn, "LinearCrossEntropyLoss"), (torch.nn, "LinearCrossEntropyOptions"),
+                  (torch.nn.functional, "linear_cross_entropy")):
+    if hasattr(mod, name):
+        delattr(mod, name)
+import fastnn, fastnn.nn, fastnn.functional as F
+assert all(cls.__name__ != "LinearCrossEntropyLoss" for cls in fastnn.nn.PATCHABLE)
+torch.manual_seed(0)
+m = fastnn.nn.LinearCrossEntropyLoss(5, 7, out_features=(2,), bias=True, weight=torch.rand(7).double() + 0.5,
+                                     label_smoothing=0.1, dtype=torch.float64)
+assert list(m.state_dict()) == ["weight", "linear.weight", "linear.bias"], list(m.state_dict())
+assert m.linear.weight.shape == (14, 5) and m.ignore_index is None and "num_classes=7" in repr(m)
+x, t = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 7, (4, 2))
+expected = fastnn.reference.linear_cross_entropy(x, m.linear.weight.reshape(7, 2, 5), t,
+                                                 linear_bias=m.linear.bias.reshape(7, 2), weight=m.weight,
+                                                 label_smoothing=0.1)
+torch.testing.assert_close(m(x, t), expected)
+torch.testing.assert_close(F.linear_cross_entropy(x, m.linear.weight, t[:, 0], chunk_size=3),
+                           fastnn.reference.linear_cross_entropy(x, m.linear.weight, t[:, 0]))
+print("ok")
+"""
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

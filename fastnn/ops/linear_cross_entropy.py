@@ -1,6 +1,11 @@
 """linear_cross_entropy: custom ops ``fastnn::linear_cross_entropy_fwd`` / ``_bwd`` (C++ CPU, CUDA) and their
 ``_triton`` twins: cross_entropy(input @ weight.T + bias, target) without the (N, V) logits.
 
+``linear_cross_entropy`` maps torch 2.13's arguments onto the per-row ops (linear_weight -> weight, linear_bias ->
+bias, torch's weight -> class_weight, options.batch_chunk_size -> chunk); a K-dimensional loss runs them once per
+position, and class-probability targets (which the ops do not take) run checkpointed chunks of linear + the fused
+cross_entropy instead.
+
 The ops return the unreduced per-row loss and the per-row statistics as cross_entropy's do (ops/cross_entropy.py);
 the argument checks and the reduction are cross_entropy's. The backward saves input, weight, bias and the
 statistics, and recomputes the logits chunk by chunk.
@@ -10,11 +15,13 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .. import reference
 from .._validation import check_same_device, check_tensor
 from ..backend import resolve
-from .cross_entropy import acc_dtype, check_index_target, check_loss_options, reduce_loss
+from .cross_entropy import (INDEX_DTYPES, acc_dtype, check_index_target, check_loss_options, cross_entropy,
+                            reduce_loss)
 from .registry import Triton, register_op
 
 _FORWARD = {"native": torch.ops.fastnn.linear_cross_entropy_fwd,
@@ -31,44 +38,113 @@ def default_chunk(vocab: int, dtype: torch.dtype) -> int:
     return 1 << max(0, int(math.log2(max(rows, 1))))
 
 
-def linear_cross_entropy(input, weight, target, bias=None, ignore_index: int = -100, reduction: str = "mean",
-                         label_smoothing: float = 0.0, class_weight=None, chunk_size: int | None = None,
-                         backend: str | None = None):
-    """cross_entropy(input @ weight.T + bias, target) in row chunks (see fastnn.functional)."""
+def chunk_rows(fn: str, options, chunk_size) -> int | None:
+    """Rows per chunk asked for: ``chunk_size`` or torch's ``options.batch_chunk_size`` (None: the default)."""
+    if options is not None:
+        if not hasattr(options, "batch_chunk_size"):
+            raise TypeError(f"{fn}: options must be a torch.nn.LinearCrossEntropyOptions or None, got "
+                            f"{type(options).__name__}")
+        rows = options.batch_chunk_size
+        if rows is not None and chunk_size is not None and rows != chunk_size:
+            raise ValueError(f"{fn}: options.batch_chunk_size={rows!r} and chunk_size={chunk_size!r} disagree; "
+                             "pass one of them")
+        chunk_size = rows if rows is not None else chunk_size
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or
+                                   chunk_size < 1):
+        raise ValueError(f"{fn}: chunk_size (options.batch_chunk_size) must be a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction: str = "mean",
+                         ignore_index: int | None = None, label_smoothing: float = 0.0, options=None,
+                         chunk_size: int | None = None, backend: str | None = None):
+    """torch.nn.functional.linear_cross_entropy in row chunks (see fastnn.functional)."""
     fn = "linear_cross_entropy"
     check_tensor(input, "input", fn=fn)
-    check_tensor(weight, "weight", fn=fn, ndim=2)
-    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{fn}: input must be (..., D) with D = weight.shape[1] = {weight.shape[1]}, got "
+    check_tensor(linear_weight, "linear_weight", fn=fn)
+    if linear_weight.dim() < 2:
+        raise ValueError(f"{fn}: linear_weight must be (C, D) or (C, d1, ..., dK, D), got shape "
+                         f"{tuple(linear_weight.shape)}")
+    C, out_features, D = linear_weight.shape[0], tuple(linear_weight.shape[1:-1]), linear_weight.shape[-1]
+    if input.dim() < 1 or input.shape[-1] != D:
+        raise ValueError(f"{fn}: input must be (..., D) with D = linear_weight.shape[-1] = {D}, got "
                          f"{tuple(input.shape)}")
-    if weight.dtype != input.dtype:
-        raise TypeError(f"{fn}: weight must have input's dtype {input.dtype}, got {weight.dtype}")
-    V = weight.shape[0]
-    if bias is not None:
-        check_tensor(bias, "bias", fn=fn)
-        if bias.shape != (V,) or bias.dtype != input.dtype:
-            raise ValueError(f"{fn}: bias must be ({V},) of input's dtype, got {tuple(bias.shape)} {bias.dtype}")
+    if out_features and input.dim() != 2:
+        raise ValueError(f"{fn}: a K-dimensional loss (linear_weight of shape {tuple(linear_weight.shape)}) needs "
+                         f"input of shape (N, {D}), got {tuple(input.shape)}")
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"{fn}: linear_weight must have input's dtype {input.dtype}, got {linear_weight.dtype}")
+    if linear_bias is not None:
+        check_tensor(linear_bias, "linear_bias", fn=fn)
+        if linear_bias.shape != (C, *out_features) or linear_bias.dtype != input.dtype:
+            raise ValueError(f"{fn}: linear_bias must be {(C, *out_features)} (linear_weight.shape[:-1]) of "
+                             f"input's dtype, got {tuple(linear_bias.shape)} {linear_bias.dtype}")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
-    if target.is_floating_point():
-        raise TypeError(f"{fn}: target must be int64 class indices, got {target.dtype}")
-    check_same_device(fn, input=input, weight=weight, target=target, bias=bias, class_weight=class_weight)
-    class_weight = check_loss_options(fn, class_weight, ignore_index, reduction, label_smoothing, V, input.dtype,
-                                 "class_weight")
-    target = check_index_target(fn, target, input.shape[:-1], input.shape)
-    if chunk_size is None:
-        chunk_size = default_chunk(V, input.dtype)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
-    b = resolve(torch.ops.fastnn.linear_cross_entropy_fwd, backend, input, weight, target, bias, class_weight)
+    check_same_device(fn, input=input, linear_weight=linear_weight, target=target, linear_bias=linear_bias,
+                      weight=weight)
+    batch = tuple(input.shape[:-1])
+    prob = target.is_floating_point()
+    if prob:
+        if tuple(target.shape) != (*batch, C, *out_features):
+            raise ValueError(f"{fn}: target of class probabilities must have the logits' shape "
+                             f"{(*batch, C, *out_features)} (input.shape[:-1] + linear_weight.shape[:-1]), got "
+                             f"{tuple(target.shape)}")
+        if ignore_index is not None:  # torch refuses it too
+            raise ValueError(f"{fn}: ignore_index cannot be given when target holds class probabilities (a "
+                             f"floating target), got {ignore_index!r}")
+    ignore_index = -100 if ignore_index is None else ignore_index
+    weight = check_loss_options(fn, weight, ignore_index, reduction, label_smoothing, C, input.dtype)
+    if not prob:
+        if out_features and target.dtype in INDEX_DTYPES and tuple(target.shape) != (*batch, *out_features):
+            raise ValueError(f"{fn}: target of class indices must have shape {(*batch, *out_features)} (N and "
+                             f"linear_weight's d1..dK) for linear_weight of shape {tuple(linear_weight.shape)}, got "
+                             f"{tuple(target.shape)}")
+        target = check_index_target(fn, target, (*batch, *out_features), input.shape)
+    chunk = chunk_rows(fn, options, chunk_size)
+    b = resolve(torch.ops.fastnn.linear_cross_entropy_fwd, backend, input, linear_weight, target, linear_bias,
+                weight)
     if b == "reference":
-        return reference.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, label_smoothing,
-                                              class_weight)
-    x, t = input.reshape(target.numel(), input.shape[-1]), target.reshape(-1)  # (-1, D) is ambiguous for D = 0
-    loss, _ = _FORWARD[b](x, weight, bias, t, class_weight, ignore_index, float(label_smoothing),
-                                            chunk_size)
-    out = reduce_loss(loss, t, class_weight, ignore_index, reduction, False, input.dtype)
-    return out.reshape(input.shape[:-1]) if reduction == "none" else out
+        return reference.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+                                              reduction=reduction, ignore_index=ignore_index,
+                                              label_smoothing=label_smoothing)
+    dtype = torch.promote_types(input.dtype, target.dtype) if prob else input.dtype
+    chunk = chunk or default_chunk(C, dtype)
+    rows, P = math.prod(batch), math.prod(out_features)
+    x = input.reshape(rows, D)  # (-1, D) is ambiguous for D = 0
+    t = target.reshape((rows, C, P) if prob else (rows, P)).to(dtype if prob else target.dtype)
+    # A K-dimensional loss (C, d1..dK, D) is one (C, D) loss per position of d1..dK, all on the same input rows.
+    if out_features:
+        ws = linear_weight.reshape(C, P, D).unbind(1)
+        bs = [None] * P if linear_bias is None else linear_bias.reshape(C, P).unbind(1)
+    else:
+        ws, bs = (linear_weight,), (linear_bias,)
+    losses = [_probability_rows(x, ws[p], bs[p], t[:, :, p], weight, label_smoothing, chunk, b) if prob else
+              _FORWARD[b](x, ws[p], bs[p], t[:, p], weight, ignore_index, float(label_smoothing), chunk)[0]
+              for p in range(P)]
+    loss = losses[0] if P == 1 else torch.stack(losses, 1)  # (rows, P), t's order
+    out = reduce_loss(loss.reshape(-1), t.reshape(-1), weight, ignore_index, reduction, prob, dtype)
+    return out.reshape((*batch, *out_features)) if reduction == "none" else out
+
+
+def _probability_rows(x, w, bias, y, weight, label_smoothing, chunk, backend):
+    """Per-row losses (rows,) for class-probability targets y (rows, C): chunks of rows through ``linear`` and
+    fastnn's fused cross_entropy, each under activation checkpointing, so one chunk's logits at a time are held
+    (in the forward and in the backward's recompute)."""
+    dtype = y.dtype
+    weight = None if weight is None else weight.to(dtype)
+
+    def rows_loss(xc, w, bias, yc):
+        logits = torch.nn.functional.linear(xc, w, bias).to(dtype)
+        return cross_entropy(logits, yc, weight, reduction="none", label_smoothing=label_smoothing,
+                             backend=backend)
+
+    grad = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x, w, bias, y))
+    out = []
+    for s in range(0, max(x.shape[0], 1), chunk):  # one (empty) chunk for no rows keeps the graph
+        args = (x[s:s + chunk], w, bias, y[s:s + chunk])
+        out.append(checkpoint(rows_loss, *args, use_reentrant=False) if grad else rows_loss(*args))
+    return (out[0] if len(out) == 1 else torch.cat(out)).to(acc_dtype(dtype))
 
 
 def _fake_fwd(input, weight, bias, target, class_weight, ignore_index, label_smoothing, chunk):
