@@ -177,7 +177,7 @@ def cases(device: str = "cuda", dtypes=DTYPES, ops=None) -> list[Case]:
             cw = rand(V, dtype=dt, lo=0.5) if N == 7 else None
             add("linear_cross_entropy", f"{name} N={N} D={D} V={V} {kw}",
                 lambda b, x, w, bias, t=t, kw=kw, cw=cw: F.linear_cross_entropy(
-                    x, w, t, bias, class_weight=cw, backend=b, **kw), inputs, ("x", "w", "bias"))
+                    x, w, t, linear_bias=bias, weight=cw, backend=b, **kw), inputs, ("x", "w", "bias"))
         add("linear_cross_entropy", f"{name} 3-d input, no bias, frozen weight",
             lambda b, x, w, t: F.linear_cross_entropy(x, w, t, reduction="none", backend=b),
             dict(x=rand(2, 3, 16, dtype=dt), w=rand(33, 16, dtype=dt, scale=0.3), t=randint(33, 2, 3)), "x")
@@ -209,6 +209,16 @@ def cases(device: str = "cuda", dtypes=DTYPES, ops=None) -> list[Case]:
                                                       key_padding_mask=kpm, backend=b)
             add("attention", f"{name} B={B} H={H} Lq={Lq} Lk={Lk} D={D} {kw}", sdpa, dict(q=q, k=k, v=v),
                 ("q", "k", "v"), compare=not p)
+        # Grouped-query heads (4 on 2) with a value head dim other than the key's and a learned float mask that
+        # gets a gradient (broadcast over the batch: the kernels sum it), causal and key padding.
+        gqa_kpm = torch.zeros(2, 45, dtype=torch.bool, device=device)
+        gqa_kpm[1, 40:] = True
+        add("attention", f"{name} GQA 4 on 2, D=24, Dv=40, learned (1, 4, 37, 45) mask, causal, kpm",
+            lambda b, q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True,
+                                                                 enable_gqa=True, key_padding_mask=gqa_kpm,
+                                                                 backend=b),
+            dict(q=rand(2, 4, 37, 24, dtype=dt), k=rand(2, 2, 45, 24, dtype=dt), v=rand(2, 2, 45, 40, dtype=dt),
+                 m=rand(1, 4, 37, 45, dtype=dt)), ("q", "k", "v", "m"))
         add("attention", f"{name} unbatched (3, 7, 16), transposed from (7, 3, 16), scale=0.3",
             lambda b, q, k, v: F.scaled_dot_product_attention(
                 q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=0.3, backend=b),
