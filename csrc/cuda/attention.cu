@@ -77,6 +77,20 @@ template <typename A> __device__ __forceinline__ A dot_row(const A* a, const A* 
   return s;
 }
 
+// acc[t] (head-dim element lane + 32 t of this lane's row) += sum over the tile's rows r of w_r * tile[r][d], where
+// lane r holds w_r: the product of a warp's weights with a staged tile of width W (rows W + 1 apart).
+template <typename A>
+__device__ __forceinline__ void add_weighted_rows(A (&acc)[kMaxDPL], A w_lane, const A* tile, int64_t W, int lane) {
+  for (int r = 0; r < kTile; ++r) {
+    const A w = __shfl_sync(0xffffffffu, w_lane, r);
+    const A* row = tile + r * (W + 1);
+    for (int t = 0; t < kMaxDPL; ++t) {
+      const int64_t d = lane + 32 * t;
+      if (d < W) acc[t] += w * row[d];
+    }
+  }
+}
+
 // Tiles are staged with rows of the widest head dim + 1 floats; a tile of width W (D or Dv) has rows W + 1 apart.
 template <typename T, typename A>
 __global__ void attn_fwd_kernel(Params<A> p, const T* q, const T* k, const T* v, T* o, A* stats) {
@@ -110,14 +124,7 @@ __global__ void attn_fwd_kernel(Params<A> p, const T* q, const T* k, const T* v,
     load_tile(tile, V, j0, p.Lk, Dv);
     __syncthreads();
     for (int t = 0; t < kMaxDPL; ++t) acc[t] *= alpha;
-    for (int jj = 0; jj < kTile; ++jj) {
-      const A w = __shfl_sync(0xffffffffu, pj, jj);
-      const A* vr = tile + jj * (Dv + 1);
-      for (int t = 0; t < kMaxDPL; ++t) {
-        const int64_t d = lane + 32 * t;
-        if (d < Dv) acc[t] += w * vr[d];
-      }
-    }
+    add_weighted_rows(acc, pj, tile, Dv, lane);
   }
   if (i < p.Lq) {
     const bool empty = l == A(0);
@@ -190,14 +197,7 @@ __global__ void attn_bwd_dq_kernel(Params<A> p, const T* q, const T* k, const T*
     __syncthreads();
     load_tile(tile, K, j0, p.Lk, D);
     __syncthreads();
-    for (int jj = 0; jj < kTile; ++jj) {
-      const A w = __shfl_sync(0xffffffffu, ds, jj);
-      const A* kr = tile + jj * (D + 1);
-      for (int t = 0; t < kMaxDPL; ++t) {
-        const int64_t d = lane + 32 * t;
-        if (d < D) acc[t] += w * kr[d];
-      }
-    }
+    add_weighted_rows(acc, ds, tile, D, lane);
   }
   if (i < p.Lq) {
     for (int t = 0; t < kMaxDPL; ++t) {
@@ -248,25 +248,11 @@ __global__ void attn_bwd_dkdv_kernel(Params<A> p, const T* q, const T* k, const 
         pd = keep ? pi * p.drop_scale : A(0);
       }
       const A ds = mi == A(INFINITY) ? A(0) : pi * (dp - di);  // every key masked: 0 (0 * an overflowed dP is NaN)
-      for (int ii = 0; ii < kTile; ++ii) {  // dV += Pd^T dO while dO is staged
-        const A w = __shfl_sync(0xffffffffu, pd, ii);
-        const A* dr = tile + ii * (Dv + 1);
-        for (int t = 0; t < kMaxDPL; ++t) {
-          const int64_t d = lane + 32 * t;
-          if (d < Dv) gv[t] += w * dr[d];
-        }
-      }
+      add_weighted_rows(gv, pd, tile, Dv, lane);  // dV += Pd^T dO while dO is staged
       __syncthreads();
       load_tile(tile, Q, i0, p.Lq, D);
       __syncthreads();
-      for (int ii = 0; ii < kTile; ++ii) {
-        const A w = __shfl_sync(0xffffffffu, ds, ii);
-        const A* qr = tile + ii * (D + 1);
-        for (int t = 0; t < kMaxDPL; ++t) {
-          const int64_t d = lane + 32 * t;
-          if (d < D) gk[t] += w * qr[d];
-        }
-      }
+      add_weighted_rows(gk, ds, tile, D, lane);
     }
   }
   if (j < p.Lk) {

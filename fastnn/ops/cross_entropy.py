@@ -51,13 +51,14 @@ def check_loss_options(fn, weight, ignore_index, reduction, label_smoothing, cla
 INDEX_DTYPES = (torch.int64, torch.uint8)
 
 
-def check_index_target(fn, target, expect_shape, input_shape):
+def check_index_target(fn, target, expect_shape, shape_from: str):
+    """target as int64 class indices of ``expect_shape``; ``shape_from`` says where that shape comes from."""
     if target.dtype not in INDEX_DTYPES:
         raise TypeError(f"{fn}: target must be class indices of dtype int64 (or uint8) or floating probabilities, "
                         f"got {target.dtype}")
     if tuple(target.shape) != tuple(expect_shape):
-        raise ValueError(f"{fn}: target of class indices must have shape {tuple(expect_shape)} for input of shape "
-                         f"{tuple(input_shape)}, got {tuple(target.shape)}")
+        raise ValueError(f"{fn}: target of class indices must have shape {tuple(expect_shape)} {shape_from}, got "
+                         f"{tuple(target.shape)}")
     return target.long()
 
 
@@ -108,7 +109,8 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
         weight = None if weight is None else weight.to(dtype)
     else:
         row_shape = input.shape[1:] if unbatched else (input.shape[0],) + tuple(input.shape[2:])
-        target = check_index_target(fn, target, () if unbatched else row_shape, input.shape)
+        target = check_index_target(fn, target, () if unbatched else row_shape,
+                                    f"for input of shape {tuple(input.shape)}")
     b = resolve(torch.ops.fastnn.cross_entropy_fwd, backend, input, target, weight)
     if b == "reference":
         return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)

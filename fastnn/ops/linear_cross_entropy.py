@@ -20,8 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import reference
 from .._validation import check_same_device, check_tensor
 from ..backend import resolve
-from .cross_entropy import (INDEX_DTYPES, acc_dtype, check_index_target, check_loss_options, cross_entropy,
-                            reduce_loss)
+from .cross_entropy import acc_dtype, check_index_target, check_loss_options, cross_entropy, reduce_loss
 from .registry import Triton, register_op
 
 _FORWARD = {"native": torch.ops.fastnn.linear_cross_entropy_fwd,
@@ -96,11 +95,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     ignore_index = -100 if ignore_index is None else ignore_index
     weight = check_loss_options(fn, weight, ignore_index, reduction, label_smoothing, C, input.dtype)
     if not prob:
-        if out_features and target.dtype in INDEX_DTYPES and tuple(target.shape) != (*batch, *out_features):
-            raise ValueError(f"{fn}: target of class indices must have shape {(*batch, *out_features)} (N and "
-                             f"linear_weight's d1..dK) for linear_weight of shape {tuple(linear_weight.shape)}, got "
-                             f"{tuple(target.shape)}")
-        target = check_index_target(fn, target, (*batch, *out_features), input.shape)
+        shape_from = (f"(N and linear_weight's d1..dK) for linear_weight of shape {tuple(linear_weight.shape)}"
+                      if out_features else f"for input of shape {tuple(input.shape)}")
+        target = check_index_target(fn, target, (*batch, *out_features), shape_from)
     chunk = chunk_rows(fn, options, chunk_size)
     b = resolve(torch.ops.fastnn.linear_cross_entropy_fwd, backend, input, linear_weight, target, linear_bias,
                 weight)
