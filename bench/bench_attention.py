@@ -72,22 +72,29 @@ def validate(impls: dict, device: str, dtype: torch.dtype) -> None:
 
 def run_case(b: Bench, impls: dict, B, H, L, D, causal, dtype, series, only=None):
     q, k, v = (torch.randn(B, H, L, D, device=b.device, dtype=dtype) for _ in range(3))
-    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     g = torch.randn_like(q)
     flops = 4 * B * H * L * L * D / (2 if causal else 1)
     case = f"B={B},H={H},L={L},D={D}" + (",causal" if causal else "")
     dt = str(dtype).replace("torch.", "")
-    for name, f in impls.items():
-        if only is not None and name not in only:
-            continue
-        b.run(case=case, impl=name, fn=lambda: f(q, k, v, causal), flops=flops, dtype=dt, series=f"fwd {series}",
-              x=L)
+    chosen = {name: f for name, f in impls.items() if only is None or name in only}
+    b.compare(case=case, fns={name: forward(f, q, k, v, causal) for name, f in chosen.items()}, like=q,
+              flops=flops, dtype=dt, series=f"fwd {series}", x=L)
+    b.compare(case=case, fns={name: forward_backward(f, q, k, v, g, causal) for name, f in chosen.items()}, like=q,
+              flops=3.5 * flops, dtype=dt, series=f"fwd+bwd {series}", x=L)
 
-        def fwd_bwd():
-            f(qg, kg, vg, causal).backward(g)
-            qg.grad = kg.grad = vg.grad = None
 
-        b.run(case=case, impl=name, fn=fwd_bwd, flops=3.5 * flops, dtype=dt, series=f"fwd+bwd {series}", x=L)
+def forward(f, q, k, v, causal):
+    return lambda: f(q, k, v, causal)
+
+
+def forward_backward(f, q, k, v, g, causal):
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+
+    def run():
+        f(qg, kg, vg, causal).backward(g)
+        qg.grad = kg.grad = vg.grad = None
+
+    return run
 
 
 def main():

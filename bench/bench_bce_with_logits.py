@@ -36,6 +36,22 @@ def validate(impls: dict, device: str) -> None:
         assert err < 1e-5, f"{name} disagrees with the reference: relative error {err}"
 
 
+def forward(f, x, y, kw):
+    return lambda: f(x, y, **kw)
+
+
+def forward_backward(f, x, y, kw):
+    xg = x.clone().requires_grad_()
+    g = torch.randn_like(x)  # a dense upstream gradient for reduction="none"
+
+    def run():
+        out = f(xg, y, **kw)
+        out.backward() if out.dim() == 0 else out.backward(g)
+        xg.grad = None
+
+    return run
+
+
 def main():
     b = Bench("bce_with_logits")
     impls = implementations(b)
@@ -44,24 +60,15 @@ def main():
     x = torch.randn(rows, cols, device=b.device)
     y = torch.rand(rows, cols, device=b.device)
     pw = torch.rand(cols, device=b.device) + 0.5
-    xg = x.clone().requires_grad_()
     nbytes = x.numel() * x.element_size()
     case = f"{rows}x{cols}"
     variants = [("goal", dict()), ("pos_weight", dict(pos_weight=pw)), ("none", dict(reduction="none"))]
     for tag, kw in variants:
-        for name, f in impls.items():
-            # fwd reads x and y (and writes the loss for "none")
-            b.run(case=case, impl=name, fn=lambda: f(x, y, **kw), bytes=(3 if tag == "none" else 2) * nbytes,
-                  series=f"fwd {tag}")
-
-            def fwd_bwd():
-                out = f(xg, y, **kw)
-                (out if out.dim() == 0 else out.sum()).backward()
-                xg.grad = None
-
-            # + bwd reads x and y, writes grad_input
-            b.run(case=case, impl=name, fn=fwd_bwd, bytes=(6 if tag == "none" else 5) * nbytes,
-                  series=f"fwd+bwd {tag}")
+        # fwd reads x and y (and writes the loss for "none"); + bwd reads x and y, writes grad_input
+        b.compare(case=case, fns={name: forward(f, x, y, kw) for name, f in impls.items()}, like=x,
+                  bytes=(3 if tag == "none" else 2) * nbytes, series=f"fwd {tag}")
+        b.compare(case=case, fns={name: forward_backward(f, x, y, kw) for name, f in impls.items()}, like=x,
+                  bytes=(6 if tag == "none" else 5) * nbytes, series=f"fwd+bwd {tag}")
     b.finish()
 
 

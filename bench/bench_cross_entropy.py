@@ -43,21 +43,31 @@ def validate(impls: dict, device: str) -> None:
 def run_case(b: Bench, impls: dict, N: int, C: int, tag: str) -> None:
     x = torch.randn(N, C, device=b.device)
     t = torch.randint(0, C, (N,), device=b.device)
-    xg = x.clone().requires_grad_()
     case = f"N={N},C={C}"
     nbytes = x.numel() * x.element_size()
-    for name, f in impls.items():
-        if not name.endswith("-inplace"):  # the same forward as its out-of-place twin
-            b.run(case=case, impl=name, fn=lambda: f(x, t), bytes=nbytes, series=f"CE fwd {tag}", x=C)
+    # fwd reads the logits (the in-place variants have the same forward as their out-of-place twins)
+    b.compare(case=case, fns={name: forward(f, x, t) for name, f in impls.items() if not name.endswith("-inplace")},
+              like=x, bytes=nbytes, series=f"CE fwd {tag}", x=C)
+    # + bwd reads them again and writes their gradient
+    b.compare(case=case, fns={name: forward_backward(f, x, t) for name, f in impls.items()}, like=x,
+              bytes=3 * nbytes, series=f"CE fwd+bwd {tag}", x=C)
 
-        def fwd_bwd():
-            # Through a view, as a model's logits are a non-leaf: a leaf's AccumulateGrad would copy the in-place
-            # gradient out of the logits' storage (it aliases the leaf), timing a copy no model makes.
-            f(xg.view(N, C), t).backward()
-            xg.grad = None
 
-        # fwd reads the logits; bwd reads them again and writes their gradient
-        b.run(case=case, impl=name, fn=fwd_bwd, bytes=3 * nbytes, series=f"CE fwd+bwd {tag}", x=C)
+def forward(f, x, t):
+    return lambda: f(x, t)
+
+
+def forward_backward(f, x, t):
+    xg = x.clone().requires_grad_()
+    N, C = x.shape
+
+    def run():
+        # Through a view, as a model's logits are a non-leaf: a leaf's AccumulateGrad would copy the in-place
+        # gradient out of the logits' storage (it aliases the leaf), timing a copy no model makes.
+        f(xg.view(N, C), t).backward()
+        xg.grad = None
+
+    return run
 
 
 def main():

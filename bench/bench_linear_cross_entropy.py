@@ -58,16 +58,24 @@ def run_case(b: Bench, impls: dict, N: int, D: int, V: int, tag: str) -> None:
     t = torch.randint(0, V, (N,), device=b.device)
     case = f"N={N},D={D},V={V}"
     flops = 2 * N * D * V
-    for name, f in impls.items():
-        b.run(case=case, impl=name, fn=lambda: f(x.detach(), w.detach(), t), flops=flops,
-              series=f"linear+CE fwd {tag}", x=V)
+    logits = torch.empty(N, V, device="meta")  # the size of the autograd op run between timed calls
+    b.compare(case=case, fns={name: forward(f, x.detach(), w.detach(), t) for name, f in impls.items()},
+              like=logits, flops=flops, series=f"linear+CE fwd {tag}", x=V)
+    # torch: 3 matmuls; fastnn: 4 (the backward recomputes the logits chunk by chunk)
+    b.compare(case=case, fns={name: forward_backward(f, x, w, t) for name, f in impls.items()}, like=logits,
+              flops=3 * flops, series=f"linear+CE fwd+bwd {tag}", x=V)
 
-        def fwd_bwd():
-            f(x, w, t).backward()
-            x.grad = w.grad = None
 
-        # torch: 3 matmuls; fastnn: 4 (the backward recomputes the logits chunk by chunk)
-        b.run(case=case, impl=name, fn=fwd_bwd, flops=3 * flops, series=f"linear+CE fwd+bwd {tag}", x=V)
+def forward(f, x, w, t):
+    return lambda: f(x, w, t)
+
+
+def forward_backward(f, x, w, t):
+    def run():
+        f(x, w, t).backward()
+        x.grad = w.grad = None
+
+    return run
 
 
 def versus_chunked(b: Bench) -> None:

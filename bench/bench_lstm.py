@@ -55,24 +55,45 @@ def validate(impls: dict, theirs: nn.LSTM, device: str) -> None:
         assert err < 1e-4, f"{name} disagrees with the float64 reference: max error {err}"
 
 
+def no_grad(f, *args):
+    def run():
+        with torch.no_grad():
+            f(*args)
+
+    return run
+
+
+def layer_fwd_bwd(f, x, g):
+    xg = x.clone().requires_grad_()
+
+    def run():
+        f(xg).backward(g)
+        xg.grad = None
+
+    return run
+
+
+def cell_fwd_bwd(f, xc, hc, cc, gh, gc):
+    def run():
+        h, c = f(xc, (hc, cc))
+        torch.autograd.grad((h, c), (xc, hc, cc), (gh, gc))
+
+    return run
+
+
 def main():
     b = Bench("lstm")
     T, B, I, H = (16 if b.quick else 64), 32, 512, 512
     impls, theirs = layer_impls(b, I, H)
     validate(impls, theirs, b.device)
     x = torch.randn(T, B, I, device=b.device)
-    xg = x.clone().requires_grad_()
     case = f"T={T},B={B},I={I},H={H}"
     flops = 2 * T * B * 4 * H * (I + H)  # the two products; the backward does twice that
-    for name, f in impls.items():
-        with torch.no_grad():
-            b.run(case=case, impl=name, fn=lambda: f(x), flops=flops, series="layer fwd (no grad)", x=T)
-
-        def fwd_bwd():
-            f(xg).sum().backward()
-            xg.grad = None
-
-        b.run(case=case, impl=name, fn=fwd_bwd, flops=3 * flops, series="layer fwd+bwd", x=T)
+    g = torch.randn(T, B, H, device=b.device)  # a dense upstream gradient, as a model's
+    b.compare(case=case, fns={name: no_grad(f, x) for name, f in impls.items()}, like=g, flops=flops,
+              series="layer fwd (no grad)", x=T)
+    b.compare(case=case, fns={name: layer_fwd_bwd(f, x, g) for name, f in impls.items()}, like=g, flops=3 * flops,
+              series="layer fwd+bwd", x=T)
 
     # The cell alone: one step of B rows, what an attention decoder runs per target token.
     cell = nn.LSTMCell(I, H, device=b.device)
@@ -89,16 +110,11 @@ def main():
     ccase = f"B={B},I={I},H={H}"
     # The fused part moves gates (4H) in, c in, act (4H) + h + c out per row; forward only.
     cbytes = B * H * 11 * 4
-    for name, f in cells.items():
-        with torch.no_grad():
-            b.run(case=ccase, impl=name, fn=lambda: f(xc, (hc, cc)), bytes=cbytes,
-                  flops=2 * B * 4 * H * (I + H), series="cell fwd (no grad)", x=H)
-
-        def cell_fwd_bwd():
-            h, c = f(xc, (hc, cc))
-            torch.autograd.grad((h.sum() + c.sum(),), (xc, hc, cc))
-
-        b.run(case=ccase, impl=name, fn=cell_fwd_bwd, flops=6 * B * 4 * H * (I + H), series="cell fwd+bwd", x=H)
+    gh, gc = torch.randn(B, H, device=b.device), torch.randn(B, H, device=b.device)
+    b.compare(case=ccase, fns={name: no_grad(f, xc, (hc, cc)) for name, f in cells.items()}, like=gh, bytes=cbytes,
+              flops=2 * B * 4 * H * (I + H), series="cell fwd (no grad)", x=H)
+    b.compare(case=ccase, fns={name: cell_fwd_bwd(f, xc, hc, cc, gh, gc) for name, f in cells.items()}, like=gh,
+              flops=6 * B * 4 * H * (I + H), series="cell fwd+bwd", x=H)
     b.finish()
 
 

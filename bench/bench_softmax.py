@@ -3,8 +3,9 @@
     python bench/bench_softmax.py [--quick] [--device cpu|cuda]
 
 Row lengths 128 ... 262,144 at a fixed total size, plus the goal case 4096 x 32000 float32 (README's goal table:
-on a 2-core CPU, fwd+bwd <= 0.8x torch eager and <= 1.0x torch.compile). Validates every implementation against
-fastnn.reference before timing it.
+on a 2-core CPU under the harness's interleaved protocol, fwd+bwd <= 0.8x the fastest torch: eager or compiled,
+default allocator or THP_MEM_ALLOC_ENABLE=1). Validates every implementation against fastnn.reference before
+timing it.
 """
 from __future__ import annotations
 
@@ -33,6 +34,20 @@ def validate(impls: dict, device: str) -> None:
         assert err < 1e-5, f"{name} disagrees with the reference: max error {err}"
 
 
+def forward(f, x):
+    return lambda: f(x)
+
+
+def forward_backward(f, x, g):
+    xg = x.clone().requires_grad_()
+
+    def run():
+        f(xg).backward(g)
+        xg.grad = None
+
+    return run
+
+
 def main():
     b = Bench("softmax")
     impls = implementations(b)
@@ -43,20 +58,15 @@ def main():
     cases.append((1024, 32000, "goal") if b.quick and b.device == "cpu" else (4096, 32000, "goal"))
     for rows, n, tag in cases:
         x = torch.randn(rows, n, device=b.device)
-        xg = x.clone().requires_grad_()
-        g = torch.randn_like(x)
+        g = torch.randn_like(x)  # a dense upstream gradient, as a model's
         case = f"{rows}x{n}"
         nbytes = x.numel() * x.element_size()
-        for name, f in impls.items():
-            b.run(case=case, impl=name, fn=lambda: f(x), bytes=2 * nbytes, series=f"fwd {tag}", x=n)
-
-            def fwd_bwd():
-                f(xg).backward(g)
-                xg.grad = None
-
-            # fwd reads x, writes y; bwd reads dy and y, writes dx
-            b.run(case=case, impl=name, fn=fwd_bwd, bytes=5 * nbytes, series=f"fwd+bwd {tag}", x=n)
-        del x, xg, g
+        b.compare(case=case, fns={name: forward(f, x) for name, f in impls.items()}, like=x, bytes=2 * nbytes,
+                  series=f"fwd {tag}", x=n)
+        # fwd reads x, writes y; bwd reads dy and y, writes dx
+        b.compare(case=case, fns={name: forward_backward(f, x, g) for name, f in impls.items()}, like=x,
+                  bytes=5 * nbytes, series=f"fwd+bwd {tag}", x=n)
+        del x, g
     b.finish()
 
 

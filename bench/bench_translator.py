@@ -19,6 +19,8 @@ from fastnn.translator.model import build_model, kernel_modules
 from fastnn.translator.tokenizer import PAD
 from fastnn.translator.train import make_optimizer
 
+VOCAB = 8000
+
 
 def batch(n: int, length: int, vocab: int, device: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -31,38 +33,41 @@ def batch(n: int, length: int, vocab: int, device: str, seed: int = 0):
     return src.to(device), tgt[:, :-1].contiguous().to(device), tgt[:, 1:].contiguous().to(device)
 
 
+def train_step(arch: str, preset: str, kernels: str, data, device: str):
+    """One optimizer step of a fresh model of the translator's `arch`/`preset` on `data`, with `kernels`."""
+    ntok = int(data[2].ne(PAD).sum())  # target tokens: the loss is summed over them
+    cfg = C.load(sets=[f"model.arch={arch}", f"model.preset={preset}", f"kernels={kernels}", "model.dropout=0.0"])
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB, VOCAB).to(device).train()
+    opt = make_optimizer(model, cfg["train"])
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with amp:
+            loss = model(*data) / ntok
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def main():
     b = Bench("translator", description=__doc__)
     print("kernels=fastnn resolves to:", kernel_modules("fastnn").sources, "\n")
-    vocab = 8000
     cases = [("transformer", "small", 100, 30), ("transformer", "course", 100, 30), ("lstm", "small", 100, 30)]
     if b.quick:
         cases = [(a, p, n // 4 if p == "course" else n // 2, t) for a, p, n, t in cases]
     if b.device == "cuda":
         cases = [(a, p, n * 4, t) for a, p, n, t in cases]
     for arch, preset, n, length in cases:
-        data = batch(n, length, vocab, b.device)
-        ntok = int(data[2].ne(PAD).sum())
-        for kernels, impl in (("torch", EAGER), ("fastnn", "fastnn")):
-            cfg = C.load(sets=[f"model.arch={arch}", f"model.preset={preset}", f"kernels={kernels}",
-                               "model.dropout=0.0"])
-            torch.manual_seed(0)
-            model = build_model(cfg, vocab, vocab).to(b.device).train()
-            opt = make_optimizer(model, cfg["train"])
-            amp = torch.autocast("cuda", dtype=torch.bfloat16) if b.device == "cuda" else torch.autocast(
-                "cpu", enabled=False)
-
-            def step():
-                with amp:
-                    loss = model(*data) / ntok
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            b.run(case=f"{arch}-{preset} {n}x{length}", impl=impl, fn=step, series="train step",
+        data = batch(n, length, VOCAB, b.device)
+        steps = {impl: train_step(arch, preset, kernels, data, b.device) for kernels, impl in
+                 (("torch", EAGER), ("fastnn", "fastnn"))}
+        b.compare(case=f"{arch}-{preset} {n}x{length}", fns=steps, series="train step",
                   dtype="bf16-autocast" if b.device == "cuda" else "float32")
-            del model, opt
+        del steps
     b.finish()
 
 

@@ -1,15 +1,24 @@
 """Shared benchmark harness: times implementations side by side in one run and records the results.
 
     from harness import Bench
-    b = Bench("softmax")                       # parses --quick, --device, --repeats, --no-save
-    b.run(case="4096x32000", impl="torch-eager", fn=f, bytes=..., series="fwd+bwd", x=32000)
+    b = Bench("softmax")                       # parses --quick, --device, --repeats, --no-save, --no-thp
+    b.compare(case="4096x32000", series="fwd+bwd", x=32000, like=x, bytes=...,
+              fns={"torch-eager": f1, "fastnn-native": f2})
     b.finish()                                 # markdown table, CSV rows, PNG plot
 
-Time: median of repeats after warm-up on CPU; ``triton.testing.do_bench`` (median) on GPU. Peak memory: the
-extra memory a call needs beyond what existed before it (CPU: the process's resident high-water mark, reset
-through /proc/self/clear_refs; GPU: the caching allocator's peak). Bandwidth is reported as a fraction of the
-machine's copy bandwidth measured in the same run (CPU) or of the device's (GPU), so numbers from different
-machines compare. Rows go to bench/results/<op>.csv with machine, date and commit; plots to
+CPU protocol (the one every CPU goal is measured under): the implementations of a case run interleaved in one
+process, round by round in a rotating order, with a torch autograd op on a tensor of the case's size
+(tanh forward and backward, ``like``) before every timed call, as a model's other layers run between two calls
+of one op; medians and the spread ((max - min) / median) of the rounds. torch's own CPU allocator is measured
+twice: in this process (its default) and, unless --no-thp, in a second process with THP_MEM_ALLOC_ENABLE=1
+(torch's switch for huge-page-backed CPU allocations), whose torch rows come back as ``<impl>+thp``. "vs torch"
+is each row's time over the fastest torch row of its case and series, so a goal holds against torch at its best.
+GPU: ``triton.testing.do_bench`` (median) per implementation.
+
+Peak memory: the extra memory a call needs beyond what existed before it (CPU: the process's resident
+high-water mark, reset through /proc/self/clear_refs; GPU: the caching allocator's peak). Bandwidth is reported
+as a fraction of the machine's copy bandwidth measured in the same run, so numbers from different machines
+compare. Rows go to bench/results/<op>.csv with machine, date and commit; plots to
 bench/results/<op>_<device>.png.
 """
 from __future__ import annotations
@@ -19,10 +28,13 @@ import csv
 import ctypes
 import datetime as _dt
 import gc
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,6 +44,7 @@ import fastnn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EAGER = "torch-eager"  # the implementation every ratio is taken against
+THP = "+thp"  # suffix of the rows torch ran with THP_MEM_ALLOC_ENABLE=1
 
 
 def machine(device: str) -> str:
@@ -79,6 +92,47 @@ def time_ms(fn: Callable, device: str, repeats: int, warmup: int = 2) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def interleaved_ms(fns: dict[str, Callable], between: Callable | None, repeats: int, warmup: int = 2,
+                   ) -> dict[str, list[float]]:
+    """Wall times in ms of every fn, `repeats` rounds, each round running all of them in a rotating order with
+    between() (untimed) before each call. A failing fn is dropped from the later rounds; its entry is the
+    exception."""
+    names = list(fns)
+    out: dict[str, list[float] | Exception] = {n: [] for n in names}
+    for n in names:
+        try:
+            for _ in range(warmup):
+                fns[n]()
+        except Exception as e:  # one failing implementation must not lose the others' numbers
+            out[n] = e
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            if isinstance(out[n], Exception):
+                continue
+            if between is not None:
+                between()
+            try:
+                t0 = time.perf_counter()
+                fns[n]()
+                out[n].append((time.perf_counter() - t0) * 1e3)
+            except Exception as e:
+                out[n] = e
+    return out
+
+
+def autograd_op_like(t: torch.Tensor, device: str) -> Callable:
+    """A torch autograd op on a float tensor of t's size (tanh, forward and backward, a dense gradient): what a
+    model's other layers do between two calls of the op under test. t may be a meta tensor."""
+    a = torch.randn(t.numel(), device=device, requires_grad=True)
+    g = torch.randn(t.numel(), device=device)
+
+    def op():
+        torch.tanh(a).backward(g)
+        a.grad = None
+
+    return op
 
 
 def _proc_status_kb(key: str) -> int:
@@ -137,64 +191,124 @@ class Bench:
         p.add_argument("--repeats", type=int, default=None)
         p.add_argument("--no-save", action="store_true", help="print only: no CSV rows, no plot")
         p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+        p.add_argument("--no-thp", action="store_true",
+                       help="CPU: skip the second process timing torch with THP_MEM_ALLOC_ENABLE=1")
+        p.add_argument("--thp-rows", help=argparse.SUPPRESS)  # set in that second process: where its rows go
         self.args, self.extra = p.parse_known_args(argv)
+        self._argv = list(sys.argv[1:] if argv is None else argv)
         # The torch.compile baselines compile once per shape (dynamic=False), and a sweep passes dynamo's default
         # recompile limit of 8 graphs per function, past which it silently runs the rest eagerly: rows labelled
         # torch-compile would time eager.
         torch._dynamo.config.recompile_limit = 1024
         self.op, self.device, self.quick = op, self.args.device, self.args.quick
-        self.repeats = self.args.repeats or (3 if self.quick else 7)
+        self.thp_child = self.args.thp_rows is not None
+        self.repeats = self.args.repeats or (5 if self.quick else 9)
         self.rows: list[dict] = []
         self.meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), commit=commit(),
-                         machine=machine(self.device), device=self.device, torch=torch.__version__)
+                         machine=machine(self.device), device=self.device, torch=torch.__version__,
+                         protocol="interleaved" if self.device == "cpu" else "do_bench")
         self.copy_gbs = copy_bandwidth_gbs(self.device)
-        print(f"# {op} on {self.meta['machine']} ({self.device}), torch {torch.__version__}, commit "
-              f"{self.meta['commit']}, {self.meta['date']} UTC; copy bandwidth {self.copy_gbs:.1f} GB/s\n")
+        if not self.thp_child:
+            print(f"# {op} on {self.meta['machine']} ({self.device}), torch {torch.__version__}, commit "
+                  f"{self.meta['commit']}, {self.meta['date']} UTC; copy bandwidth {self.copy_gbs:.1f} GB/s\n")
 
     @property
     def compile_ok(self) -> bool:
         return not self.args.no_compile
 
-    def run(self, *, case: str, impl: str, fn: Callable, bytes: float | None = None, flops: float | None = None,
-            dtype: str = "float32", series: str = "", x: float | None = None, memory: bool = True) -> dict:
-        """Times fn (and its peak extra memory) and records a row. ``bytes``/``flops``: the minimum traffic /
-        arithmetic of the operation, for GB/s, fraction of copy bandwidth, TFLOP/s. ``series``/``x`` place the
-        row on the plot (one panel per series, x on the horizontal axis)."""
-        try:
-            t = time_ms(fn, self.device, self.repeats)
-            peak = peak_extra_mb(fn, self.device) if memory else None
-            err = ""
-        except Exception as e:  # one failing implementation must not lose the others' numbers
-            t, peak, err = float("nan"), None, f"{type(e).__name__}: {e}"[:200]
-            print(f"  ! {impl} on {case}: {err}")
-        row = dict(self.meta, op=self.op, case=case, series=series, x=x, impl=impl, dtype=dtype, time_ms=t,
-                   peak_extra_mb=peak, gbps=None, frac_copy_bw=None, tflops=None, error=err)
-        if bytes and t == t:
-            row["gbps"] = bytes / (t * 1e-3) / 1e9
-            row["frac_copy_bw"] = row["gbps"] / self.copy_gbs
-        if flops and t == t:
-            row["tflops"] = flops / (t * 1e-3) / 1e12
-        self.rows.append(row)
-        return row
+    def compare(self, *, case: str, fns: dict[str, Callable], like: torch.Tensor | None = None,
+                bytes: float | None = None, flops: float | None = None, dtype: str = "float32", series: str = "",
+                x: float | None = None, memory: bool = True) -> list[dict]:
+        """Times the implementations `fns` ({impl: fn}) of one case side by side and records a row each.
+        ``like``: a tensor of the case's size, for the autograd op run between timed calls (CPU protocol).
+        ``bytes``/``flops``: the minimum traffic / arithmetic of the operation, for GB/s, fraction of copy
+        bandwidth, TFLOP/s. ``series``/``x`` place the rows on the plot (one panel per series)."""
+        if self.thp_child:  # the second process times torch's rows only
+            fns = {n + THP: f for n, f in fns.items() if n.startswith("torch")}
+        times: dict[str, list[float] | Exception] = {}
+        if self.device == "cuda":
+            for n, f in fns.items():
+                try:
+                    times[n] = [time_ms(f, self.device, self.repeats)]
+                except Exception as e:
+                    times[n] = e
+        else:
+            between = autograd_op_like(like, self.device) if like is not None else None
+            times = interleaved_ms(fns, between, self.repeats)
+        rows = []
+        for n, f in fns.items():
+            ts, err, peak = times[n], "", None
+            if isinstance(ts, Exception):
+                t, spread, err = float("nan"), None, f"{type(ts).__name__}: {ts}"[:200]
+                print(f"  ! {n} on {case}: {err}")
+            else:
+                t = statistics.median(ts)
+                spread = (max(ts) - min(ts)) / t if len(ts) > 1 and t > 0 else None
+                if memory:
+                    try:
+                        peak = peak_extra_mb(f, self.device)
+                    except Exception as e:
+                        err = f"memory: {type(e).__name__}: {e}"[:200]
+            row = dict(self.meta, op=self.op, case=case, series=series, x=x, impl=n, dtype=dtype, time_ms=t,
+                       spread=spread, peak_extra_mb=peak, gbps=None, frac_copy_bw=None, tflops=None, error=err)
+            if bytes and t == t:
+                row["gbps"] = bytes / (t * 1e-3) / 1e9
+                row["frac_copy_bw"] = row["gbps"] / self.copy_gbs
+            if flops and t == t:
+                row["tflops"] = flops / (t * 1e-3) / 1e12
+            self.rows.append(row)
+            rows.append(row)
+        return rows
 
-    def _ratio(self, row: dict) -> float | None:
-        for r in self.rows:
-            if r["case"] == row["case"] and r["series"] == row["series"] and r["impl"] == EAGER:
-                return row["time_ms"] / r["time_ms"] if r["time_ms"] else None
-        return None
+    def _thp_rows(self) -> list[dict]:
+        """Runs this bench again in a process with THP_MEM_ALLOC_ENABLE=1 and returns its (torch) rows."""
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "rows.json")
+            env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1")
+            proc = subprocess.run([sys.executable, sys.argv[0], *self._argv, "--thp-rows", path], env=env,
+                                  capture_output=True, text=True)
+            if proc.returncode != 0 or not os.path.exists(path):
+                print(f"  ! the THP_MEM_ALLOC_ENABLE=1 run failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
+                return []
+            with open(path) as f:
+                return [dict(r, **self.meta) for r in json.load(f)]
+
+    def _ratio(self, row: dict, torch_only: bool) -> float | None:
+        """row's time over torch eager's (torch_only=False) or over the fastest torch row's of its case and
+        series (any allocator setting, eager or compiled)."""
+        same = [r for r in self.rows if r["case"] == row["case"] and r["series"] == row["series"]
+                and r["time_ms"] == r["time_ms"] and r["time_ms"] > 0]
+        base = [r["time_ms"] for r in same if (r["impl"].startswith("torch") if torch_only else r["impl"] == EAGER)]
+        return row["time_ms"] / min(base) if base and row["time_ms"] == row["time_ms"] else None
 
     def table(self) -> str:
         fmt = lambda v, f: "" if v is None or v != v else format(v, f)  # noqa: E731
-        lines = ["| series | case | impl | dtype | time ms | vs eager | peak extra MiB | GB/s | of copy BW | TFLOP/s |",
-                 "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines = ["| series | case | impl | dtype | time ms | spread | vs eager | vs best torch | peak extra MiB | "
+                 "GB/s | of copy BW | TFLOP/s |",
+                 "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in self.rows:
-            r["ratio_vs_eager"] = self._ratio(r)
+            r["ratio_vs_eager"] = self._ratio(r, torch_only=False)
+            r["ratio_vs_best_torch"] = self._ratio(r, torch_only=True)
             lines.append(f"| {r['series']} | {r['case']} | {r['impl']} | {r['dtype']} | {fmt(r['time_ms'], '.3f')} | "
-                         f"{fmt(r['ratio_vs_eager'], '.2f')}x | {fmt(r['peak_extra_mb'], '.1f')} | "
+                         f"{fmt(r['spread'], '.0%')} | {fmt(r['ratio_vs_eager'], '.2f')}x | "
+                         f"{fmt(r['ratio_vs_best_torch'], '.2f')}x | {fmt(r['peak_extra_mb'], '.1f')} | "
                          f"{fmt(r['gbps'], '.1f')} | {fmt(r['frac_copy_bw'], '.0%')} | {fmt(r['tflops'], '.1f')} |")
         return "\n".join(lines)
 
     def finish(self) -> list[dict]:
+        if self.thp_child:
+            with open(self.args.thp_rows, "w") as f:
+                json.dump(self.rows, f)
+            return self.rows
+        if self.device == "cpu" and not self.args.no_thp:
+            thp = self._thp_rows()
+            key = lambda r: (r["series"], r["case"])  # noqa: E731
+            merged = []
+            for i, r in enumerate(self.rows):  # each case's +thp rows right after its own
+                merged.append(r)
+                if i + 1 == len(self.rows) or key(self.rows[i + 1]) != key(r):
+                    merged += [t for t in thp if key(t) == key(r)]
+            self.rows = merged
         print(self.table())
         if self.args.no_save or not self.rows:
             return self.rows
@@ -202,6 +316,18 @@ class Bench:
         path = RESULTS / f"{self.op}.csv"
         fields = list(self.rows[0].keys())
         new = not path.exists()
+        if not new:  # rows measured before a column was added keep their own header: extend it
+            with open(path, newline="") as f:
+                old = list(csv.DictReader(f))
+            known = list(old[0].keys()) if old else []
+            if [c for c in fields if c not in known]:
+                fields = known + [c for c in fields if c not in known]
+                with open(path, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+                    w.writeheader()
+                    w.writerows(old)
+            else:
+                fields = known
         with open(path, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             if new:

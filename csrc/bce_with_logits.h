@@ -77,16 +77,27 @@ inline void check_bwd_args(const at::Tensor& grad_output, const at::Tensor& inpu
 
 // The forward's output: input's shape for reduction none, else a scalar, uninitialized unless x is empty (then a
 // reduction is already final: NaN for mean, 0 for sum, as torch).
-inline at::Tensor fwd_output(const at::Tensor& x, int64_t reduction) {
-  if (reduction == at::Reduction::None) return at::empty(x.sizes(), x.options());
+// `empty(sizes, options)` allocates the input-sized tensors (the CPU kernels pass their caching allocator's).
+template <typename Empty> at::Tensor fwd_output(const at::Tensor& x, int64_t reduction, Empty&& empty) {
+  if (reduction == at::Reduction::None) return empty(x.sizes(), x.options());
   if (x.numel() == 0) return at::full({}, reduction == at::Reduction::Mean ? NAN : 0.0, x.options());
   return at::empty({}, x.options());
 }
 
 // The backward's (grad_input, grad_target), uninitialized: input's shape where asked for, else empty.
+template <typename Empty>
+std::tuple<at::Tensor, at::Tensor> bwd_outputs(const at::Tensor& x, bool input_grad, bool target_grad, Empty&& empty) {
+  return {input_grad ? empty(x.sizes(), x.options()) : at::empty({0}, x.options()),
+          target_grad ? empty(x.sizes(), x.options()) : at::empty({0}, x.options())};
+}
+
+// The same with at::empty (the CUDA kernels: torch's caching allocator already reuses blocks).
+inline at::Tensor fwd_output(const at::Tensor& x, int64_t reduction) {
+  return fwd_output(x, reduction, [](at::IntArrayRef s, const at::TensorOptions& o) { return at::empty(s, o); });
+}
 inline std::tuple<at::Tensor, at::Tensor> bwd_outputs(const at::Tensor& x, bool input_grad, bool target_grad) {
-  return {input_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options()),
-          target_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options())};
+  return bwd_outputs(x, input_grad, target_grad,
+                     [](at::IntArrayRef s, const at::TensorOptions& o) { return at::empty(s, o); });
 }
 
 // d(loss)/d(element loss): 1 / n for the mean, else 1.

@@ -14,13 +14,20 @@ PyObject* empty_cpu_cache(PyObject*, PyObject*) {
   fastnn::cpu::empty_cache();
   Py_RETURN_NONE;
 }
+PyObject* cpu_cache_info(PyObject*, PyObject*) {
+  const fastnn::cpu::CacheStats s = fastnn::cpu::cache_stats();
+  return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K}", "held_bytes", (unsigned long long)s.held_bytes, "limit_bytes",
+                       (unsigned long long)s.limit_bytes, "hits", (unsigned long long)s.hits, "misses",
+                       (unsigned long long)s.misses, "evictions", (unsigned long long)s.evictions);
+}
 PyMethodDef methods[] = {
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Frees the CPU blocks fastnn's allocator keeps for reuse."},
+    {"cpu_cache_info", cpu_cache_info, METH_NOARGS, "The CPU block cache's counters."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 
-// Importing fastnn._C loads this library and so runs the registrations; the module itself holds only
-// empty_cpu_cache (fastnn.empty_cpu_cache).
+// Importing fastnn._C loads this library and so runs the registrations; the module itself holds only the CPU
+// block cache's two functions (fastnn.empty_cpu_cache, fastnn.cpu_cache_info).
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);

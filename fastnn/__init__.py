@@ -26,5 +26,11 @@ __version__ = "0.1.0"
 def empty_cpu_cache() -> None:
     """Frees the large CPU blocks (2 MiB and more) fastnn's kernels keep for reuse, as torch.cuda.empty_cache does
     for CUDA. Kept blocks spare a training loop's per-step buffers their page faults; the cache holds at most
-    FASTNN_CPU_CACHE_MB (default 256; 0 turns it off)."""
+    FASTNN_CPU_CACHE_MB (default: a quarter of physical memory; 0 turns it off)."""
     _C.empty_cpu_cache()
+
+
+def cpu_cache_info() -> dict:
+    """The CPU block cache's state: held_bytes, limit_bytes, and counts of hits, misses and evictions since the
+    process started."""
+    return _C.cpu_cache_info()

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "bce_with_logits.h"
+#include "cpu/alloc.h"
 #include "cpu/vec.h"
 
 namespace fastnn::cpu {
@@ -121,7 +122,7 @@ at::Tensor bce_with_logits_fwd_cpu(const at::Tensor& input, const at::Tensor& ta
   bce::check_args(input, target, weight, pos_weight, reduction);
   const at::Tensor x = input.contiguous(), y = target.contiguous();
   const int64_t n = x.numel();
-  at::Tensor out = bce::fwd_output(x, reduction);
+  at::Tensor out = bce::fwd_output(x, reduction, cached_empty);
   if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bce_with_logits_fwd_cpu", [&] {
     using T = scalar_t;
@@ -156,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_bwd_cpu(const at::Tensor& gra
   const at::Tensor x = input.contiguous(), y = target.contiguous();
   const int64_t n = x.numel();
   at::Tensor dx, dy;
-  std::tie(dx, dy) = bce::bwd_outputs(x, input_grad, target_grad);
+  std::tie(dx, dy) = bce::bwd_outputs(x, input_grad, target_grad, cached_empty);
   if (n == 0 || !(input_grad || target_grad)) return {dx, dy};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bce_with_logits_bwd_cpu", [&] {
     using T = scalar_t;

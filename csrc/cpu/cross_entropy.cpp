@@ -61,7 +61,8 @@ void cross_entropy_bwd_into(const at::Tensor& grad_loss, const CeCall& c, const 
     ce_bwd_rows<scalar_t>(c.g, gl.const_data_ptr<A>(), c.x.const_data_ptr<scalar_t>(),
                           c.prob ? nullptr : c.t.const_data_ptr<int64_t>(),
                           c.prob ? c.t.const_data_ptr<scalar_t>() : nullptr, w.p, ignore_index,
-                          stat_plane<const A>(st, 0), stat_plane<const A>(st, 1), out.mutable_data_ptr<scalar_t>());
+                          stat_plane<const A>(st, 0), stat_plane<const A>(st, 1), out.mutable_data_ptr<scalar_t>(),
+                          stream_output(int64_t(out.nbytes())));
   });
 }
 
@@ -69,7 +70,7 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& 
                                  const std::optional<at::Tensor>& weight, const at::Tensor& stats,
                                  int64_t ignore_index, double label_smoothing) {
   const CeCall c = prepare(input, target, weight, ignore_index, label_smoothing);
-  at::Tensor dx = hugepage_empty(c.x.sizes(), c.x.options());
+  at::Tensor dx = cached_empty(c.x.sizes(), c.x.options());
   cross_entropy_bwd_into(grad_loss, c, weight, stats, ignore_index, label_smoothing, dx);
   return dx;
 }

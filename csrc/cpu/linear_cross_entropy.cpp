@@ -154,7 +154,7 @@ template <typename F> at::Tensor carve(F&& lay) {
     total += n;
     return nullptr;
   });
-  at::Tensor buf = hugepage_empty({total}, at::TensorOptions(at::kFloat));
+  at::Tensor buf = cached_empty({total}, at::TensorOptions(at::kFloat));
   float* next = buf.mutable_data_ptr<float>();
   lay([&](int64_t n) {
     float* piece = next;
@@ -360,7 +360,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
       const CeGeometry g{logits.size(0), V, 1};
       ce_fwd_rows<scalar_t>(g, logits.const_data_ptr<scalar_t>(), ts.const_data_ptr<int64_t>(), nullptr, w.p,
                             ignore_index, loss.mutable_data_ptr<A>(), stat_plane<A>(stats, 0), stat_plane<A>(stats, 1));
-    }, hugepage_empty);
+    }, cached_empty);
   });
   return out;
 }
@@ -377,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
                      st = stats.contiguous();
     const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : bias;
     const int64_t N = x.size(0), D = x.size(1);
-    auto [dx, dw, db] = linear_ce_grads(x, w, mask, x.options(), hugepage_empty);
+    auto [dx, dw, db] = linear_ce_grads(x, w, mask, x.options(), cached_empty);
     const bool bias_grad = mask[2] && b.has_value();
     if (N == 0) dw.zero_();
     if (N == 0 || (!mask[0] && !mask[1] && !bias_grad)) return {dx, dw, db};
@@ -400,7 +400,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
       auto* p = logits.mutable_data_ptr<scalar_t>();
       ce_bwd_rows<scalar_t>(g, gs.const_data_ptr<A>(), p, ts.const_data_ptr<int64_t>(), nullptr, w.p, ignore_index,
                             stat_plane<const A>(st, 0), stat_plane<const A>(st, 1), p);
-    }, hugepage_empty);
+    }, cached_empty);
   });
   return out;
 }

@@ -236,9 +236,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward(
   const int64_t block =
       keep ? T : std::clamp<int64_t>((256 + B - 1) / std::max<int64_t>(B, 1), 1, std::max<int64_t>(T, 1));
   // Big, freshly faulted buffers: the huge-page allocator (csrc/cpu/alloc.h).
-  at::Tensor hs = cpu::hugepage_empty({T, B, H}, x_.options());
-  at::Tensor cs = cpu::hugepage_empty({keep ? T : 2, B, H}, x_.options());  // !keep: two buffers, steps alternating
-  at::Tensor act = cpu::hugepage_empty({block, B, 4 * H}, x_.options());
+  at::Tensor hs = cpu::cached_empty({T, B, H}, x_.options());
+  at::Tensor cs = cpu::cached_empty({keep ? T : 2, B, H}, x_.options());  // !keep: two buffers, steps alternating
+  at::Tensor act = cpu::cached_empty({block, B, 4 * H}, x_.options());
   if (T * B == 0) return keep ? std::make_tuple(hs, cs, act) : std::make_tuple(hs, c0.clone(), at::Tensor());
   const at::Tensor x2 = x_.reshape({T * B, I});
   const at::Tensor w_hh = w_hh_.contiguous();
@@ -253,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward(
   at::Tensor wp;
   std::vector<at::Tensor> w_blk(4 * sl.n);
   if (packed_wanted(w_hh, T)) {
-    wp = cpu::hugepage_empty({std::max(ih_size, hh_at + sl.n * 4 * blk)}, w_hh.options());
+    wp = cpu::cached_empty({std::max(ih_size, hh_at + sl.n * 4 * blk)}, w_hh.options());
     pack_input_weight(w_ih.contiguous(), wp.mutable_data_ptr<float>());
   } else {
     for (int64_t p = 0; p < sl.n; ++p)
@@ -339,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
   check_lstm_layer_grads(geo, grad_hs_, grad_cs_, cs_, act_);
   const at::Tensor dhs = grad_hs_.contiguous(), dcs = grad_cs_.contiguous(), w_hh = w_hh_.contiguous();
   const at::Tensor c0 = c0_.contiguous(), cs = cs_.contiguous(), act = act_.contiguous();
-  at::Tensor dgx = cpu::hugepage_empty({T, B, 4 * H}, act.options());
+  at::Tensor dgx = cpu::cached_empty({T, B, 4 * H}, act.options());
   // dh carries the recurrent gradient into the next (earlier) step, dc the cell-state gradient; both start at
   // zero for the last step. pass holds, for rows past their length, the h gradient they hand through.
   at::Tensor dh = at::zeros({B, H}, act.options()), dc = at::zeros({B, H}, act.options());
@@ -351,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
   at::Tensor wp;
   std::vector<at::Tensor> w_blk(sl.n), dh_blk(sl.n), pass_blk(sl.n);
   if (packed_wanted(w_hh, T)) {
-    wp = cpu::hugepage_empty({sl.n * blk}, w_hh.options());
+    wp = cpu::cached_empty({sl.n * blk}, w_hh.options());
     sl.run([&](int64_t p, int64_t j0, int64_t n) {
       packed::pack(w_hh.const_data_ptr<float>() + j0, H, 1, 4 * H, n, wp.mutable_data_ptr<float>() + p * blk);
     });

@@ -4,6 +4,8 @@
 // read of x from memory), exp + sum storing exp (x from cache), then a scale in cache - one exp per element.
 // A row too long for the cache (> kOnlineRow) takes the online form instead: one read computes max and sum
 // together block by block, a second writes the result - two reads of x rather than three plus a re-read of y.
+// Outputs far larger than the cache are written once with streaming stores (vec.h, write_row): the forward then
+// keeps exp(x - m) in a per-task scratch row rather than in y, so y is never read back.
 // Other dims (inner > 1) run the same reductions across `inner`-contiguous slabs so they vectorize without a
 // transposing copy.
 #include <ATen/Dispatch.h>
@@ -27,18 +29,19 @@ constexpr int64_t kOnlineBlock = 2048;   // an L1-sized block of the online pass
 constexpr int64_t kInnerBlock = 64;      // columns of a non-last-dim slab handled together
 constexpr int64_t kGrain = 32768;        // elements per parallel task, ATen's default grain
 
-// One row, in the accumulation type. y may alias x.
-template <typename A, bool LOG> void softmax_row(const A* x, A* y, int64_t n) {
+// One row, in the accumulation type. y may alias x. `buf` (n elements, or null) is scratch that stays in cache:
+// with it, exp(x - m) is kept there rather than in y, and y is written once, streamed when `stream`.
+template <typename A, bool LOG> void softmax_row(const A* x, A* y, int64_t n, A* buf, bool stream) {
   A m, s;
   if (n <= kOnlineRow) {
     m = max_of(x, n);
     if constexpr (LOG) {
       s = sum_exp<A, false>(x, m, nullptr, n);
     } else {
-      s = sum_exp<A, true>(x, m, y, n);
+      A* e = buf != nullptr ? buf : y;
+      s = sum_exp<A, true>(x, m, e, n);
       const A inv = A(1) / s;
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) y[i] *= inv;
+      write_row(y, n, stream && e != y, [&](int64_t i, int64_t len) { return load(e + i, len) * inv; });
       return;
     }
   } else {
@@ -56,25 +59,23 @@ template <typename A, bool LOG> void softmax_row(const A* x, A* y, int64_t n) {
     }
     if constexpr (!LOG) {
       const A inv = A(1) / s;
-      for_chunks<A>(n, [&](int64_t i, int64_t len) { store(y + i, exp(load(x + i, len) - m) * inv, len); });
+      write_row(y, n, stream && y != x, [&](int64_t i, int64_t len) { return exp(load(x + i, len) - m) * inv; });
       return;
     }
   }
   // (x - m) - log(s), not x - (m + log(s)): with |x| ~ 1e4 the sum m + log(s) would round away log(s).
   const A ls = std::log(s);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - m) - ls;
+  write_row(y, n, stream && y != x, [&](int64_t i, int64_t len) { return (load(x + i, len) - m) - ls; });
 }
 
 // grad_input of one row: softmax  dx = y * (dy - sum(dy * y));  log_softmax  dx = dy - exp(y) * sum(dy).
-template <typename A, bool LOG> void softmax_bwd_row(const A* dy, const A* y, A* dx, int64_t n) {
+template <typename A, bool LOG> void softmax_bwd_row(const A* dy, const A* y, A* dx, int64_t n, bool stream) {
   if constexpr (LOG) {
     const A s = sum(dy, n);
-    for_chunks<A>(n, [&](int64_t i, int64_t len) { store(dx + i, load(dy + i, len) - exp(load(y + i, len)) * s, len); });
+    write_row(dx, n, stream, [&](int64_t i, int64_t len) { return load(dy + i, len) - exp(load(y + i, len)) * s; });
   } else {
     const A d = dot(dy, y, n);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dx[i] = y[i] * (dy[i] - d);
+    write_row(dx, n, stream, [&](int64_t i, int64_t len) { return load(y + i, len) * (load(dy + i, len) - d); });
   }
 }
 
@@ -82,14 +83,18 @@ int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, kGrain / std::max<in
 
 template <typename T, bool LOG> void fwd_lastdim(const T* x, T* y, int64_t rows, int64_t n) {
   using A = acc_t<T>;
+  const bool stream = stream_output(rows * n * int64_t(sizeof(T)));
   at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<T, A>) {
-      for (int64_t r = begin; r < end; ++r) softmax_row<A, LOG>(x + r * n, y + r * n, n);
+      // Streaming needs exp(x - m) kept somewhere other than y; a cached row (n <= kOnlineRow) keeps it here.
+      std::unique_ptr<A[]> buf(stream && n <= kOnlineRow ? new A[n] : nullptr);
+      for (int64_t r = begin; r < end; ++r) softmax_row<A, LOG>(x + r * n, y + r * n, n, buf.get(), stream);
+      if (stream) stream_fence();
     } else {
       std::unique_ptr<A[]> buf(new A[n]);  // one buffer per task, not per row
       for (int64_t r = begin; r < end; ++r) {
         load_row(x + r * n, buf.get(), n);
-        softmax_row<A, LOG>(buf.get(), buf.get(), n);
+        softmax_row<A, LOG>(buf.get(), buf.get(), n, nullptr, false);
         store_row(buf.get(), y + r * n, n);
       }
     }
@@ -98,16 +103,18 @@ template <typename T, bool LOG> void fwd_lastdim(const T* x, T* y, int64_t rows,
 
 template <typename T, bool LOG> void bwd_lastdim(const T* dy, const T* y, T* dx, int64_t rows, int64_t n) {
   using A = acc_t<T>;
+  const bool stream = stream_output(rows * n * int64_t(sizeof(T)));
   at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<T, A>) {
-      for (int64_t r = begin; r < end; ++r) softmax_bwd_row<A, LOG>(dy + r * n, y + r * n, dx + r * n, n);
+      for (int64_t r = begin; r < end; ++r) softmax_bwd_row<A, LOG>(dy + r * n, y + r * n, dx + r * n, n, stream);
+      if (stream) stream_fence();
     } else {
       std::unique_ptr<A[]> buf(new A[2 * n]);
       A *bdy = buf.get(), *by = buf.get() + n;
       for (int64_t r = begin; r < end; ++r) {
         load_row(dy + r * n, bdy, n);
         load_row(y + r * n, by, n);
-        softmax_bwd_row<A, LOG>(bdy, by, bdy, n);
+        softmax_bwd_row<A, LOG>(bdy, by, bdy, n, false);
         store_row(bdy, dx + r * n, n);
       }
     }
@@ -186,7 +193,7 @@ at::Tensor softmax_fwd_cpu(const at::Tensor& input, int64_t dim, bool log) {
   check_floating(input, "input");
   dim = wrap_dim(dim, input.dim());
   const at::Tensor x = input.contiguous();
-  at::Tensor y = hugepage_empty(x.sizes(), x.options());
+  at::Tensor y = cached_empty(x.sizes(), x.options());
   if (x.numel() == 0) return y;
   const DimGeometry g(x, dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_fwd_cpu", [&] {
@@ -206,7 +213,7 @@ at::Tensor softmax_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& outp
   check_same(grad_output, "grad_output", output, "output");
   dim = wrap_dim(dim, output.dim());
   const at::Tensor dy = grad_output.contiguous(), y = output.contiguous();
-  at::Tensor dx = hugepage_empty(y.sizes(), y.options());
+  at::Tensor dx = cached_empty(y.sizes(), y.options());
   if (y.numel() == 0) return dx;
   const DimGeometry g(y, dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "softmax_bwd_cpu", [&] {
