@@ -31,6 +31,31 @@ def batch(n: int, length: int, vocab: int, device: str, seed: int = 0):
     return src.to(device), tgt[:, :-1].contiguous().to(device), tgt[:, 1:].contiguous().to(device)
 
 
+def train_step(arch: str, preset: str, kernels: str, vocab: int, data, device: str):
+    """(model, step): the model built from seed 0 (dropout off) and one training step on ``data`` (bf16 autocast on
+    CUDA, float32 elsewhere) that returns the loss; ``step(update=False)`` stops after the backward, leaving the
+    gradients in the parameters (to compare two models' gradients)."""
+    ntok = int(data[2].ne(PAD).sum())
+    cfg = C.load(sets=[f"model.arch={arch}", f"model.preset={preset}", f"kernels={kernels}", "model.dropout=0.0"])
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab, vocab).to(device).train()
+    opt = make_optimizer(model, cfg["train"])
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step(update: bool = True):
+        with amp:
+            loss = model(*data) / ntok
+        loss.backward()
+        if not update:
+            return loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return model, step
+
+
 def main():
     b = Bench("translator", description=__doc__)
     print("kernels=fastnn resolves to:", kernel_modules("fastnn").sources, "\n")
@@ -42,27 +67,11 @@ def main():
         cases = [(a, p, n * 4, t) for a, p, n, t in cases]
     for arch, preset, n, length in cases:
         data = batch(n, length, vocab, b.device)
-        ntok = int(data[2].ne(PAD).sum())
         for kernels, impl in (("torch", EAGER), ("fastnn", "fastnn")):
-            cfg = C.load(sets=[f"model.arch={arch}", f"model.preset={preset}", f"kernels={kernels}",
-                               "model.dropout=0.0"])
-            torch.manual_seed(0)
-            model = build_model(cfg, vocab, vocab).to(b.device).train()
-            opt = make_optimizer(model, cfg["train"])
-            amp = torch.autocast("cuda", dtype=torch.bfloat16) if b.device == "cuda" else torch.autocast(
-                "cpu", enabled=False)
-
-            def step():
-                with amp:
-                    loss = model(*data) / ntok
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
+            model, step = train_step(arch, preset, kernels, vocab, data, b.device)
             b.run(case=f"{arch}-{preset} {n}x{length}", impl=impl, fn=step, series="train step",
                   dtype="bf16-autocast" if b.device == "cuda" else "float32")
-            del model, opt
+            del model, step
     b.finish()
 
 
