@@ -34,16 +34,18 @@ def batch(n: int, length: int, vocab: int, device: str, seed: int = 0):
 def train_step(arch: str, preset: str, kernels: str, vocab: int, data, device: str):
     """(model, step): the model built from seed 0 (dropout off) and one training step on ``data`` (bf16 autocast on
     CUDA, float32 elsewhere) that returns the loss; ``step(update=False)`` stops after the backward, leaving the
-    gradients in the parameters (to compare two models' gradients)."""
+    gradients in the parameters (to compare two models' gradients), and ``step(update=False, amp=False)`` runs
+    without autocast (a float32 reference)."""
     ntok = int(data[2].ne(PAD).sum())
     cfg = C.load(sets=[f"model.arch={arch}", f"model.preset={preset}", f"kernels={kernels}", "model.dropout=0.0"])
     torch.manual_seed(0)
     model = build_model(cfg, vocab, vocab).to(device).train()
     opt = make_optimizer(model, cfg["train"])
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+    no_autocast = torch.autocast(device, enabled=False)
 
-    def step(update: bool = True):
-        with amp:
+    def step(update: bool = True, amp: bool = True):
+        with autocast if amp else no_autocast:
             loss = model(*data) / ntok
         loss.backward()
         if not update:

@@ -52,7 +52,7 @@ def test_side_by_side_tiny_cpu(tmp_path):
     their machine columns, and candidates that cannot run here reported rather than crashing the run."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(BENCH / "side_by_side.py"), "--device", "cpu", "--tiny",
-                           "--no-compile", "--repeats", "1", "--out", str(tmp_path)],
+                           "--no-compile", "--repeats", "1", "--budget", "600", "--out", str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
