@@ -2,7 +2,7 @@
 machine, with that machine's ceilings measured in the same run (so every ratio compares numbers of one run).
 
     python bench/side_by_side.py [--device cuda|cpu] [--quick | --tiny] [--budget S] [--sections a,b]
-                                 [--out DIR] [--no-save] [--no-compile] [--repeats N]
+                                 [--out DIR] [--no-save] [--no-compile] [--repeats N] [--list]
 
 Candidates, wherever they apply: fastnn's Triton and native (C++/CUDA) backends, torch eager, torch.compile,
 Liger-Kernel (``liger_kernel.transformers.functional``: softmax, cross-entropy, fused linear + cross-entropy),
@@ -699,6 +699,7 @@ def plan(args, env: Env) -> list[tuple[str, float, Callable[[Runner], None]]]:
         def run(r: Runner):
             for case in make():
                 r.run_case(case)
+        run.cases = make  # for --list
         return run
 
     # Weights: roughly each section's share of the work (compiles included) at full size.
@@ -871,6 +872,21 @@ def plots(rows: list[dict], out: Path, device: str, title: str) -> list[str]:
     return made
 
 
+def print_plan(sections, env: Env) -> None:
+    """What a run would do: each section's cases with their timed modes, and each candidate's status here."""
+    for name, weight, run in sections:
+        make = getattr(run, "cases", None)
+        if make is None:
+            print(f"{name} (weight {weight}): the translator step, kernels=torch and kernels=fastnn")
+            continue
+        cases = make()
+        print(f"{name} (weight {weight}): {len(cases)} cases")
+        for case in cases:
+            print(f"  {case.name} {dname(case.dtype)} {'/'.join(case.modes)}")
+        for impl, c in cases[0].cands.items():
+            print(f"    {impl}: {env.missing(c.needs) or 'runs'}")
+
+
 # ---- main --------------------------------------------------------------------------------------------------------
 
 def parse(argv=None):
@@ -888,6 +904,8 @@ def parse(argv=None):
     p.add_argument("--no-save", action="store_true", help="print only")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidates")
     p.add_argument("--repeats", type=int, default=None, help="CPU timing repeats (CUDA: do_bench decides)")
+    p.add_argument("--list", action="store_true",
+                   help="print the plan (sections, cases, candidates and whether each can run here) and exit")
     a = p.parse_args(argv)
     if a.out is None:
         a.out = str(harness.RESULTS / "gpu" if a.device == "cuda" else harness.RESULTS)
@@ -915,6 +933,9 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"side_by_side: unknown sections {sorted(unknown)}; known: {[s for s, _, _ in sections]}")
     sections = [s for s in sections if not wanted or s[0] in wanted]
+    if args.list:
+        print_plan(sections, env)
+        return 0
     interrupted = False
     try:
         r.ceilings()
