@@ -125,8 +125,8 @@ def main():
     n, length = (50, 30) if b.quick else (100, 30)
     data = batch(n, length, VOCAB, b.device)
     b.compare(case=f"small {n}x{length}", series="translator",
-              fns={EAGER: train_step("transformer", "small", "torch", data, b.device),
-                   FASTNN: train_step("transformer", "small", "fastnn", data, b.device)})
+              fns={EAGER: train_step("transformer", "small", "torch", VOCAB, data, b.device)[1],
+                   FASTNN: train_step("transformer", "small", "fastnn", VOCAB, data, b.device)[1]})
     b.finish()
 
 

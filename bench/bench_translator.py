@@ -33,24 +33,31 @@ def batch(n: int, length: int, vocab: int, device: str, seed: int = 0):
     return src.to(device), tgt[:, :-1].contiguous().to(device), tgt[:, 1:].contiguous().to(device)
 
 
-def train_step(arch: str, preset: str, kernels: str, data, device: str):
-    """One optimizer step of a fresh model of the translator's `arch`/`preset` on `data`, with `kernels`."""
-    ntok = int(data[2].ne(PAD).sum())  # target tokens: the loss is summed over them
+def train_step(arch: str, preset: str, kernels: str, vocab: int, data, device: str):
+    """(model, step): the model built from seed 0 (dropout off) and one training step on ``data`` (bf16 autocast on
+    CUDA, float32 elsewhere) that returns the loss; ``step(update=False)`` stops after the backward, leaving the
+    gradients in the parameters (to compare two models' gradients), and ``step(update=False, amp=False)`` runs
+    without autocast (a float32 reference)."""
+    ntok = int(data[2].ne(PAD).sum())
     cfg = C.load(sets=[f"model.arch={arch}", f"model.preset={preset}", f"kernels={kernels}", "model.dropout=0.0"])
     torch.manual_seed(0)
-    model = build_model(cfg, VOCAB, VOCAB).to(device).train()
+    model = build_model(cfg, vocab, vocab).to(device).train()
     opt = make_optimizer(model, cfg["train"])
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+    no_autocast = torch.autocast(device, enabled=False)
 
-    def step():
-        with amp:
+    def step(update: bool = True, amp: bool = True):
+        with autocast if amp else no_autocast:
             loss = model(*data) / ntok
         loss.backward()
+        if not update:
+            return loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
-    return step
+    return model, step
 
 
 def main():
@@ -63,7 +70,7 @@ def main():
         cases = [(a, p, n * 4, t) for a, p, n, t in cases]
     for arch, preset, n, length in cases:
         data = batch(n, length, VOCAB, b.device)
-        steps = {impl: train_step(arch, preset, kernels, data, b.device) for kernels, impl in
+        steps = {impl: train_step(arch, preset, kernels, VOCAB, data, b.device)[1] for kernels, impl in
                  (("torch", EAGER), ("fastnn", "fastnn"))}
         b.compare(case=f"{arch}-{preset} {n}x{length}", fns=steps, series="train step",
                   dtype="bf16-autocast" if b.device == "cuda" else "float32")

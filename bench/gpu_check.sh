@@ -17,14 +17,26 @@
 #   sanitize  tools/gpu_sanitize_driver.py (every CUDA and Triton kernel once on odd shapes) plain, with the
 #             comparison to the reference and the list of CUDA kernels launched; then under compute-sanitizer
 #             memcheck, racecheck, initcheck and synccheck, the time left shared among them.
-#   bench     every bench/bench_*.py once: --device cuda BENCH_ARGS (default --quick --no-compile), the time
-#             left shared among them; their CSV rows and plots go into the stage's tarball.
+#   bench     bench/side_by_side.py --device cuda BENCH_ARGS: every op beside torch eager, torch.compile,
+#             Liger-Kernel, Cut Cross-Entropy, SDPA's forced backends and cuDNN's LSTM, with the copy bandwidth and
+#             matrix-product ceilings measured in the same run; its --budget is the time left less BENCH_MARGIN
+#             (default 45 s: imports, the last candidate's overrun, the table, CSV and plots), so the full run
+#             fits DEADLINE=470 (under 8 minutes) on a machine with the extension built. Liger and Cut
+#             Cross-Entropy come as wheels: tools/fetch_gpu_wheels.sh downloads them into .whl/ where pip works;
+#             name .whl in the device call's carry, and this stage installs them first with
+#               python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+#             (WHEEL_SITE, default /tmp/site) and adds that folder to PYTHONPATH after the repository, so fastnn
+#             stays the checkout's. Without .whl/ they are reported "absent". The tarball gets the table
+#             (markdown), the CSV (the committed rows of bench/results/gpu/ plus this run's) and the plots; the
+#             summary gets the goal lines, met or missed. The per-op benches (bench/bench_<op>.py) stay for runs
+#             by hand.
 #   aot       python -m fastnn.kernels.aot for this GPU's arch: the register report (not part of "all").
 # OUT_DIR gets summary.txt (the table, appended step by step) and one <stage>.tar.gz of its logs per stage: at
 # most 7 files for every stage in one command. The table is printed last, with the failing tests' lines.
 # Environment: PYTHON (default python3), DEADLINE (seconds, default 420), JOBS (pytest -n, default min(12,
 #   cores)), TEST_TIMEOUT (seconds per test, default 180), SANITIZE_TOOLS (default "memcheck racecheck initcheck
-#   synccheck"), SANITIZE_ARGS (to the sanitized driver, e.g. "--backend native"), BENCH_ARGS, PYTEST_ARGS (added
+#   synccheck"), SANITIZE_ARGS (to the sanitized driver, e.g. "--backend native"), BENCH_ARGS (to side_by_side.py,
+#   e.g. "--quick" or "--sections attention,lstm"), BENCH_MARGIN, WHEEL_SITE, PYTEST_ARGS (added
 #   to every pytest, e.g. "--maxfail=20"), MAX_<STAGE> (seconds a stage may take, e.g. MAX_TEST=300, so that
 #   the next stage of the command keeps its time), FORCE_BUILD=1, DRY_RUN=1 (print the commands, run nothing).
 # Exit status: 0 when every step that ran passed; 2 without a CUDA GPU.
@@ -49,7 +61,9 @@ JOBS=${JOBS:-$(($(nproc) < 12 ? $(nproc) : 12))}
 TEST_TIMEOUT=${TEST_TIMEOUT:-180}
 SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}
 SANITIZE_ARGS=${SANITIZE_ARGS:-}  # to the driver under the sanitizers, e.g. "--backend native --dtype float32"
-BENCH_ARGS=${BENCH_ARGS:---quick --no-compile}
+BENCH_ARGS=${BENCH_ARGS:-}
+BENCH_MARGIN=${BENCH_MARGIN:-45}
+WHEEL_SITE=${WHEEL_SITE:-/tmp/site}
 PYTEST_ARGS=${PYTEST_ARGS:-}
 DRY_RUN=${DRY_RUN:-}
 LOGS=$(mktemp -d /tmp/gpu_check.XXXXXX)
@@ -204,15 +218,25 @@ stage_sanitize() {
 
 stage_bench() {
   build bench || return 1
-  local benches=(bench/bench_*.py) i=0 b share
-  for b in "${benches[@]}"; do
-    share=$(($(left) / (${#benches[@]} - i)))
-    i=$((i + 1))
-    b=${b#bench/bench_}
-    step bench "${b%.py}" "$share" "$PYTHON" "bench/bench_$b" --device cuda $BENCH_ARGS
-  done
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    step bench wheels 120 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$WHEEL_SITE" .whl/*.whl && export PYTHONPATH=$PYTHONPATH:$WHEEL_SITE
+  else
+    row bench wheels absent 0 "no .whl/ (tools/fetch_gpu_wheels.sh): Liger, Cut Cross-Entropy reported absent"
+  fi
+  local lim log=$LOGS/bench/side_by_side.log
+  lim=$(left)
+  [ "$lim" -gt 600 ] && lim=600
+  # The bench spends its budget and then writes; the step's timeout (SIGINT, then the writes of what was
+  # measured) only catches an overrun.
+  local budget=$((lim - BENCH_MARGIN))
+  [ "$budget" -lt 30 ] && budget=30  # little time left (a build ran first): the ceilings and what fits
+  step bench side_by_side 600 "$PYTHON" bench/side_by_side.py --device cuda --budget "$budget" $BENCH_ARGS
+  [ -e "$log" ] && grep -E "^- .* -> (met|MISSED|not measured)" "$log" | cut -c1-200 | sed 's/^/          goal: /' \
+    >>"$SUMMARY"
   mkdir -p "$LOGS/bench/results"
-  cp bench/results/*.csv bench/results/*_cuda.png "$LOGS/bench/results/" 2>/dev/null
+  cp bench/results/gpu/side_by_side* "$LOGS/bench/results/" 2>/dev/null
+  return 0
 }
 
 stage_aot() { build aot && step aot aot 300 "$PYTHON" -m fastnn.kernels.aot --arch "${ARCH/./}"; }

@@ -368,3 +368,30 @@ class Bench:
         fig.savefig(out, dpi=110)
         plt.close(fig)
         return str(out.relative_to(RESULTS.parent.parent))
+
+
+def gemm_tflops(device: str, n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Achieved TFLOP/s of an n x n x n matrix product on random data (zeros run faster than real data)."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    t = time_ms(lambda: torch.mm(a, b, out=out), device, repeats=10)
+    return 2 * n ** 3 / (t * 1e-3) / 1e12
+
+
+def driver_version() -> str:
+    """The NVIDIA driver's version (nvidia-smi), or "" without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout
+        return out.strip().splitlines()[0] if out.strip() else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN anywhere gives NaN, which no tolerance passes); 0 for an exact
+    match, also of zeros."""
+    d = out.detach().double() - ref.detach().double()
+    den = ref.detach().double().norm().item()
+    num = d.norm().item()
+    return num / den if den else (0.0 if num == 0 else float("inf"))
