@@ -1,7 +1,9 @@
 """Scaled dot-product attention, forward and forward+backward: fastnn backends vs torch SDPA (eager) vs the
 textbook attention layer that materializes the scores, matmul -> softmax -> matmul (eager and torch.compile).
 
-    python bench/bench_attention.py [--quick] [--device cpu|cuda] [--no-compile]
+    python bench/bench_attention.py [--quick] [--goal] [--device cpu|cuda] [--no-compile] [--no-thp]
+
+--goal: on CPU only the goal case, not the memory series.
 
 CPU goal (README, "Benchmarks"): B=8, H=8, L=512, D=64, causal, float32, fwd+bwd: <= 1.0x torch SDPA ("vs eager"
 column) and >= 3x faster than matmul -> softmax -> matmul; peak extra memory over L = 512 ... 8192 grows
@@ -106,7 +108,7 @@ def main():
         run_case(b, impls, 8, 8, 512, 64, True, torch.float32, "goal")
         # Memory vs L: fastnn's extra memory is O(L) (q, k, v grads, stats), matmul -> softmax -> matmul's O(L^2).
         Ls = [512, 1024, 2048, 4096] if b.quick else [512, 1024, 2048, 4096, 8192]
-        for L in Ls:
+        for L in [] if "--goal" in b.extra else Ls:
             only = {"fastnn-native", EAGER} | ({MATMUL_SOFTMAX} if L <= 4096 else set())
             run_case(b, impls, 1, 8, L, 64, True, torch.float32, "memory", only=only)
     else:

@@ -1,6 +1,8 @@
 """Binary cross-entropy with logits, forward and forward+backward: fastnn backends vs torch eager vs torch.compile.
 
-    python bench/bench_bce_with_logits.py [--quick] [--device cpu|cuda]
+    python bench/bench_bce_with_logits.py [--quick] [--goal] [--device cpu|cuda] [--no-compile] [--no-thp]
+
+--goal runs only the goal case (mean reduction, no pos_weight).
 
 Goal case (README's goal table): 8192 x 4096 float32, reduction "mean", on a 2-core CPU <= 0.5x torch eager time. torch eager
 composes log_sigmoid, mul, sub and mean forward (and sigmoid, sub, mul backward), each a pass over memory with
@@ -62,7 +64,9 @@ def main():
     pw = torch.rand(cols, device=b.device) + 0.5
     nbytes = x.numel() * x.element_size()
     case = f"{rows}x{cols}"
-    variants = [("goal", dict()), ("pos_weight", dict(pos_weight=pw)), ("none", dict(reduction="none"))]
+    variants = [("goal", dict())]
+    if "--goal" not in b.extra:
+        variants += [("pos_weight", dict(pos_weight=pw)), ("none", dict(reduction="none"))]
     for tag, kw in variants:
         # fwd reads x and y (and writes the loss for "none"); + bwd reads x and y, writes grad_input
         b.compare(case=case, fns={name: forward(f, x, y, kw) for name, f in impls.items()}, like=x,
