@@ -3,6 +3,8 @@
 # reports registers / stack / spills per kernel. No GPU needed. Exits non-zero on a compile error or a spill.
 #
 #   .ci/nvcc_check.sh [FILE.cu ...]        (default: every csrc/cuda/*.cu)
+#   .ci/nvcc_check.sh --sass OBJECT        only the tensor-core check (TENSOR_CORE below) on a built object or
+#                                          extension (.o, .so), every FILE's pattern against it
 # Environment: PYTHON  python of a CUDA build of torch (default /work/cuda-venv/bin/python)
 #              ARCHS   space-separated compute capabilities (default "80 90")
 #              ALLOW_SPILL  grep -E pattern of kernels whose spills are reported but not fatal (default "<double[,>]":
@@ -12,8 +14,8 @@
 #              NVCC    (default: $CUDA_HOME/bin/nvcc, else /usr/local/cuda/bin/nvcc, else nvcc on PATH)
 #              TENSOR_CORE  "FILE:PATTERN ..." - every kernel of FILE whose demangled name matches the grep -E
 #                      PATTERN must hold HMMA (tensor-core mma) instructions in its SASS for every arch, and at least
-#                      one must exist (default: the attention forward's tensor-core kernels). Read with cuobjdump
-#                      ($CUDA_HOME/bin, PATH, else the copy Triton bundles).
+#                      one must exist (default: the attention tensor-core kernels, forward and backward). Read with
+#                      cuobjdump ($CUDA_HOME/bin, PATH, else the copy Triton bundles).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-/work/cuda-venv/bin/python}
@@ -48,7 +50,7 @@ PY
 gencode=()
 for a in $ARCHS; do gencode+=("-gencode=arch=compute_$a,code=sm_$a"); done
 
-TENSOR_CORE=${TENSOR_CORE:-"csrc/cuda/attention.cu:attn_fwd_tc_kernel<"}
+TENSOR_CORE=${TENSOR_CORE:-"csrc/cuda/attention.cu:attn_(fwd|bwd)_tc_kernel<"}
 CUOBJDUMP=${CUOBJDUMP:-$CUDA_HOME/bin/cuobjdump}
 [ -x "$CUOBJDUMP" ] || CUOBJDUMP=$(command -v cuobjdump || "$PYTHON" -c \
   "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))" \
@@ -83,6 +85,11 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 [ -n "${KEEP_LOG:-}" ] && trap 'cp "$tmp"/*.log "$KEEP_LOG"/ 2>/dev/null; rm -rf "$tmp"' EXIT
 status=0
+if [ "${1:-}" = "--sass" ]; then
+  [ -f "${2:-}" ] || { echo "nvcc_check: --sass needs an object file, got '${2:-}'"; exit 2; }
+  for entry in $TENSOR_CORE; do hmma_check "${entry%%:*}" "$2" || status=1; done
+  exit $status
+fi
 for f in "${files[@]}"; do
   log="$tmp/$(basename "$f").log"
   start=$(date +%s)

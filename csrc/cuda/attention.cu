@@ -1,13 +1,14 @@
 // Scaled dot-product attention on CUDA, forward and backward.
 //
-// float16 / bfloat16 forward on sm_80+: a FlashAttention-2 kernel on tensor cores (attn_fwd_tc_kernel, its own
-// comment block below; the PTX primitives are in attention_mma.cuh). Everything else - the float32 / float64
-// forward, half types on older devices or where the device lacks the tile's shared memory, and the backward of
-// every dtype - runs on a deliberately simple flash-style kernel (correct by construction): tiles of 32 keys (or
-// queries) staged in shared memory in the accumulation type; each warp owns one row and each lane one element of
-// the tile, so a score is one lane's dot product and the softmax statistics are warp shuffles. Rows of the tile are
-// padded to D + 1 floats so the lanes' strided reads hit distinct banks. Accumulation is in float32 (float64 for
-// float64 inputs). Both forwards write the same row statistics, which the backward reads.
+// float16 / bfloat16 on sm_80+: FlashAttention-2 kernels on tensor cores (attn_fwd_tc_kernel, attn_bwd_tc_kernel,
+// each with its comment block below; the PTX primitives are in attention_mma.cuh); the backward for padded head
+// dims up to 128. Everything else - float32 and float64, half types on older devices, where the device lacks a
+// tile's shared memory, and the backward at head dims above 128 - runs on deliberately simple flash-style kernels
+// (correct by construction): tiles of 32 keys (or queries) staged in shared memory in the accumulation type; each
+// warp owns one row and each lane one element of the tile, so a score is one lane's dot product and the softmax
+// statistics are warp shuffles. Rows of the tile are padded to D + 1 floats so the lanes' strided reads hit
+// distinct banks. Accumulation is in float32 (float64 for float64 inputs). Both forwards write the same row
+// statistics, which either backward reads.
 //
 //   forward  (warp = query row): online softmax over key tiles, out = acc / l, stats = (m, log l) (+inf, 0 if empty)
 //   backward delta = rowsum(dO * O); dQ kernel (warp = query row) walks key tiles; dK/dV kernel (warp = key row)
@@ -18,13 +19,15 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
+#include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 #include "attention.h"
 #include "attention_mma.cuh"
@@ -531,11 +534,238 @@ __global__ void __launch_bounds__(TcTile<HD>::kThreads) attn_fwd_tc_kernel(Param
   }
 }
 
-// The padded head dim of the tensor-core forward for head dims D, Dv: the smallest of 32, 64, 96, 128, 256
+// ---- Backward on tensor cores: float16 / bfloat16 on sm_80+, head dims up to 128 --------------------------------
+// A block of 4 warps owns kN = 64 keys of one (batch, kv head), 16 per warp, keeps dK and dV for them in registers
+// and walks the query tiles (kMq queries) of every query head of its group, with the softmax recomputed from the
+// forward's row statistics. Q, dO and the tile's statistics stream through two shared-memory stages (cp.async);
+// K and V stay staged. Per query tile and warp, in the transposed orientation (rows = the warp's 16 keys, so that
+// dK and dV accumulate in C fragments):
+//   S^T = K Q^T, dP^T = V dO^T            A: ldmatrix of the warp's K / V rows; B: ldmatrix of Q / dO rows
+//   P^T = exp2(s log2(e) - (m + log l) log2(e)) per query column (the forward's stats, kept apart as it wrote
+//       them), masks through score() on edge tiles; dropout from the same hash: Pd = keep ? P / (1 - p) : 0 and
+//       dP likewise
+//   dV += Pd^T dO, dS^T = P^T (dP^T - delta), dK += dS^T Q
+//                                          A: the C fragments repacked (as the forward's P); B: ldmatrix.trans
+//   dQ += dS K: dS^T goes to shared memory; the tile's (query rows x head dim) products are split among the warps,
+//       A by ldmatrix.trans of dS^T, B by ldmatrix.trans of K, and added to a float32 dQ with atomics (other key
+//       blocks add to the same rows); the host scales and rounds it.
+//   d(mask) (a learned float mask) += dS by atomics at the mask's broadcast strides.
+// Rows past Lq carry stats (+inf, 0) and delta 0 in the staged tile, so their P and dS are 0.
+template <int HD> struct TcBwdTile {
+  static constexpr int kThreads = 128, kN = 64;
+  static constexpr int kMq = HD <= 64 ? 64 : 32;  // queries per tile: S^T, dP^T, dK and dV fit in registers
+  static constexpr int kLd = HD + 8, kLdS = kMq + 8;  // rows 16 bytes off a 128-byte period (see TcTile)
+  static constexpr size_t kSmem =
+      sizeof(uint16_t) * (2 * kN * kLd + 2 * 2 * kMq * kLd + kN * kLdS) + sizeof(float) * 2 * 3 * kMq;
+};
+
+template <typename T, int HD>
+__global__ void __launch_bounds__(128) attn_bwd_tc_kernel(Params<float> p, const uint16_t* q, const uint16_t* k,
+                                                          const uint16_t* v, const uint16_t* dO, const float* stats,
+                                                          const float* delta, float* dq_acc, T* dk, T* dv,
+                                                          int64_t tiles, bool vec) {
+  using C = TcBwdTile<HD>;
+  constexpr int kN = C::kN, kMq = C::kMq, kLd = C::kLd, kLdS = C::kLdS;
+  constexpr float kLog2e = 1.4426950408889634f;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* sk = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* sv = sk + kN * kLd;
+  uint16_t* sstage = sv + kN * kLd;  // stage s: Q at sstage + 2 s kMq kLd, dO kMq kLd after it
+  uint16_t* sds = sstage + 4 * kMq * kLd;
+  float* sstat = reinterpret_cast<float*>(sds + kN * kLdS);  // stage s: m log2(e), log l log2(e), delta
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c4 = lane % 4;
+  const Tile blk = block_tile(tiles);
+  const int64_t bhk = blk.bh, b = bhk / p.Hk, hk = bhk % p.Hk, G = p.group();
+  const int64_t j0 = blk.tile * kN;
+  const uint16_t *K = k + b * p.ksb + hk * p.ksh, *V = v + b * p.vsb + hk * p.vsh;
+  // Causal: queries before the block's first key see none of it.
+  const int64_t i_start = p.causal ? (j0 / kMq) * kMq : 0;
+  const int64_t per_head = i_start < p.Lq ? (p.Lq - i_start + kMq - 1) / kMq : 0, total = G * per_head;
+  auto load_stage = [&](int64_t t) {
+    const int64_t h = hk * G + t / per_head, i0 = i_start + (t % per_head) * kMq, bh = b * p.H + h;
+    uint16_t* st = sstage + (t & 1) * 2 * kMq * kLd;
+    tc_load_tile<kMq, HD>(st, q + b * p.qsb + h * p.qsh, i0, p.Lq, p.D, vec);
+    tc_load_tile<kMq, HD>(st + kMq * kLd, dO + bh * p.Lq * p.Dv, i0, p.Lq, p.Dv, vec);
+    float* ss = sstat + (t & 1) * 3 * kMq;
+    for (int x = threadIdx.x; x < kMq; x += C::kThreads) {
+      const int64_t i = i0 + x, r = bh * p.Lq + i;
+      ss[x] = i < p.Lq ? stats[r] * kLog2e : INFINITY;
+      ss[kMq + x] = i < p.Lq ? stats[p.query_rows() + r] * kLog2e : 0.f;
+      ss[2 * kMq + x] = i < p.Lq ? delta[r] : 0.f;
+    }
+  };
+  tc_load_tile<kN, HD>(sk, K, j0, p.Lk, p.D, vec);
+  tc_load_tile<kN, HD>(sv, V, j0, p.Lk, p.Dv, vec);
+  if (total > 0) load_stage(0);
+  mma::cp_async_commit();
+
+  // ldmatrix lane offsets as in the forward: A rows (this warp's keys), B rows (non-transposed), B rows (.trans)
+  const int a_off = (warp * 16 + lane % 16) * kLd + (lane / 16) * 8;
+  const int kb_off = ((lane / 16) * 8 + lane % 8) * kLd + ((lane / 8) % 2) * 8;
+  const int vb_off = (((lane / 8) % 2) * 8 + lane % 8) * kLd + (lane / 16) * 8;
+  float gk[HD / 8][4], gv[HD / 8][4];
+#pragma unroll
+  for (int d = 0; d < HD / 8; ++d)
+#pragma unroll
+    for (int u = 0; u < 4; ++u) gk[d][u] = gv[d][u] = 0.f;
+  const int64_t jrow = j0 + warp * 16 + g;  // this thread's keys: jrow, jrow + 8
+  for (int64_t t = 0; t < total; ++t) {
+    if (t + 1 < total) {
+      load_stage(t + 1);  // into the other stage, released by the __syncthreads ending the previous iteration
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int64_t h = hk * G + t / per_head, i0 = i_start + (t % per_head) * kMq, bh = b * p.H + h;
+    const uint16_t* sq = sstage + (t & 1) * 2 * kMq * kLd;
+    const uint16_t* sdo = sq + kMq * kLd;
+    const float* ss = sstat + (t & 1) * 3 * kMq;
+    float s[kMq / 8][4], dp[kMq / 8][4];
+#pragma unroll
+    for (int n = 0; n < kMq / 8; ++n)
+#pragma unroll
+      for (int u = 0; u < 4; ++u) s[n][u] = dp[n][u] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      uint32_t ak[4], av[4];
+      mma::ldmatrix_x4(ak, sk + a_off + kk * 16);
+      mma::ldmatrix_x4(av, sv + a_off + kk * 16);
+#pragma unroll
+      for (int n2 = 0; n2 < kMq / 16; ++n2) {
+        uint32_t bq[4], bo[4];
+        mma::ldmatrix_x4(bq, sq + n2 * 16 * kLd + kk * 16 + kb_off);
+        mma::mma_16816<T>(s[2 * n2], ak, bq[0], bq[1]);
+        mma::mma_16816<T>(s[2 * n2 + 1], ak, bq[2], bq[3]);
+        mma::ldmatrix_x4(bo, sdo + n2 * 16 * kLd + kk * 16 + kb_off);
+        mma::mma_16816<T>(dp[2 * n2], av, bo[0], bo[1]);
+        mma::mma_16816<T>(dp[2 * n2 + 1], av, bo[2], bo[3]);
+      }
+    }
+    const bool edge = i0 + kMq > p.Lq || j0 + kN > p.Lk || (p.causal && j0 + kN - 1 > i0) || p.kpm || p.mask;
+    // s becomes P^T, dp becomes dS^T; pd (in s's place after dS is formed) the dropped-out P^T for dV.
+    float pd[kMq / 8][4];
+#pragma unroll
+    for (int n = 0; n < kMq / 8; ++n)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int ci = n * 8 + 2 * c4 + (r % 2);
+        const int64_t i = i0 + ci, j = jrow + (r / 2) * 8;
+        const float x = edge ? score(p, b, h, i, j, s[n][r]) : s[n][r] * p.scale;
+        const float pr = exp2f(fmaf(x, kLog2e, -ss[ci]) - ss[kMq + ci]);
+        float dpr = dp[n][r], pdr = pr;
+        if (p.dropout) {
+          const bool keep = attention::dropout_keep(p.seed, bh * p.Lq + i, j, p.thresh);
+          dpr = keep ? dpr * p.drop_scale : 0.f;
+          pdr = keep ? pr * p.drop_scale : 0.f;
+        }
+        const float ds = pr * (dpr - ss[2 * kMq + ci]);
+        if (p.dmask && i < p.Lq && j < p.Lk)
+          atomicAdd(p.dmask + b * p.dmb + h * p.dmh + i * p.dmm + j * p.dmn, ds);
+        pd[n][r] = pdr;
+        dp[n][r] = ds;
+      }
+#pragma unroll
+    for (int kk = 0; kk < kMq / 16; ++kk) {
+      const uint32_t ap[4] = {mma::pack2<T>(pd[2 * kk][0], pd[2 * kk][1]), mma::pack2<T>(pd[2 * kk][2], pd[2 * kk][3]),
+                              mma::pack2<T>(pd[2 * kk + 1][0], pd[2 * kk + 1][1]),
+                              mma::pack2<T>(pd[2 * kk + 1][2], pd[2 * kk + 1][3])};
+      const uint32_t as[4] = {mma::pack2<T>(dp[2 * kk][0], dp[2 * kk][1]), mma::pack2<T>(dp[2 * kk][2], dp[2 * kk][3]),
+                              mma::pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
+                              mma::pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+#pragma unroll
+      for (int d2 = 0; d2 < HD / 16; ++d2) {
+        uint32_t bo[4], bq[4];
+        mma::ldmatrix_x4_trans(bo, sdo + kk * 16 * kLd + d2 * 16 + vb_off);
+        mma::mma_16816<T>(gv[2 * d2], ap, bo[0], bo[1]);
+        mma::mma_16816<T>(gv[2 * d2 + 1], ap, bo[2], bo[3]);
+        mma::ldmatrix_x4_trans(bq, sq + kk * 16 * kLd + d2 * 16 + vb_off);
+        mma::mma_16816<T>(gk[2 * d2], as, bq[0], bq[1]);
+        mma::mma_16816<T>(gk[2 * d2 + 1], as, bq[2], bq[3]);
+      }
+      // dS^T of these 16 queries into shared memory, rows = keys (pairs of adjacent queries per 32-bit store)
+      uint32_t* row = reinterpret_cast<uint32_t*>(sds + (warp * 16 + g) * kLdS + kk * 16 + 2 * c4);
+      row[0] = as[0], row[4 * kLdS] = as[1], row[4] = as[2], row[4 * kLdS + 4] = as[3];
+    }
+    __syncthreads();
+    // dQ (kMq x HD) += dS (kMq x 64 keys) K (64 x HD): 16 x 16 pieces shared among the warps.
+    for (int task = warp; task < (kMq / 16) * (HD / 16); task += 4) {
+      const int rg = task % (kMq / 16), d2 = task / (kMq / 16);
+      if (d2 * 16 >= p.D) continue;  // zero-padded head dims
+      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int kk = 0; kk < kN / 16; ++kk) {
+        uint32_t a[4], bk[4];
+        mma::ldmatrix_x4_trans(a, sds + (kk * 16 + (lane / 16) * 8 + lane % 8) * kLdS + rg * 16 + ((lane / 8) % 2) * 8);
+        mma::ldmatrix_x4_trans(bk, sk + kk * 16 * kLd + d2 * 16 + vb_off);
+        mma::mma_16816<T>(acc[0], a, bk[0], bk[1]);
+        mma::mma_16816<T>(acc[1], a, bk[2], bk[3]);
+      }
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int64_t i = i0 + rg * 16 + g + (r / 2) * 8, d = d2 * 16 + half * 8 + 2 * c4 + (r % 2);
+          if (i < p.Lq && d < p.D) atomicAdd(dq_acc + (bh * p.Lq + i) * p.D + d, acc[half][r]);
+        }
+    }
+    __syncthreads();  // this stage and dS^T are rewritten by the next iteration
+  }
+  mma::cp_async_wait<0>();  // no query tile: K and V were still loaded
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t j = jrow + r * 8;
+    if (j >= p.Lk) continue;
+#pragma unroll
+    for (int dt = 0; dt < HD / 8; ++dt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t d = dt * 8 + 2 * c4 + e;
+        if (d < p.D) dk[(bhk * p.Lk + j) * p.D + d] = static_cast<T>(gk[dt][2 * r + e] * p.scale);
+        if (d < p.Dv) dv[(bhk * p.Lk + j) * p.Dv + d] = static_cast<T>(gv[dt][2 * r + e]);
+      }
+  }
+}
+
+// The padded head dim of the tensor-core kernels for head dims D, Dv: the smallest of 32, 64, 96, 128, 256
 // holding both.
 inline int tc_head_dim(int64_t D, int64_t Dv) {
   const int64_t w = std::max(D, Dv);
   return w <= 32 ? 32 : w <= 64 ? 64 : w <= 96 ? 96 : w <= 128 ? 128 : 256;
+}
+
+// f(std::integral_constant<int, HD>) for the padded head dim hd.
+template <typename F> bool with_head_dim(int hd, F&& f) {
+  switch (hd) {
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 96: return f(std::integral_constant<int, 96>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: return f(std::integral_constant<int, 256>{});
+  }
+}
+
+template <typename T> constexpr bool kHalfType = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
+
+// Whether the tensor-core kernels may stage rows with 16-byte cp.async: head dims and the operands' batch / head
+// strides multiples of 8 elements, data 16-byte aligned.
+template <typename A>
+bool tc_vectorizable(const attention::Geometry& g, const Params<A>& p, std::initializer_list<const at::Tensor*> ts) {
+  bool ok = g.D % 8 == 0 && g.Dv % 8 == 0 && p.qsb % 8 == 0 && p.qsh % 8 == 0 && p.ksb % 8 == 0 && p.ksh % 8 == 0 &&
+            p.vsb % 8 == 0 && p.vsh % 8 == 0;
+  for (const at::Tensor* t : ts) ok = ok && reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 == 0;
+  return ok;
+}
+
+// Launches a tensor-core kernel with `smem` bytes of dynamic shared memory if the device grants them.
+template <typename K, typename... Args>
+bool launch_tc(K kernel, size_t smem, dim3 grid, int threads, cudaStream_t stream, Args... args) {
+  if (smem > at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) return false;
+  allow_smem(kernel, smem);
+  kernel<<<grid, threads, smem, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
 }
 
 // Runs the tensor-core forward when it applies - float16 / bfloat16 on sm_80+ with the tile's shared memory
@@ -543,37 +773,55 @@ inline int tc_head_dim(int64_t D, int64_t Dv) {
 template <typename T, typename A>
 bool attention_fwd_tc(const attention::Geometry& g, const Params<A>& p, const at::Tensor& q, const at::Tensor& k,
                       const at::Tensor& v, at::Tensor& out, at::Tensor& stats, cudaStream_t stream) {
-  if constexpr (!std::is_same_v<T, at::Half> && !std::is_same_v<T, at::BFloat16>) {
+  if constexpr (!kHalfType<T>) {
     return false;
   } else {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  if (prop->major < 8) return false;
-  const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
-  const bool vec = g.D % 8 == 0 && g.Dv % 8 == 0 && aligned(q) && aligned(k) && aligned(v) && p.qsb % 8 == 0 &&
-                   p.qsh % 8 == 0 && p.ksb % 8 == 0 && p.ksh % 8 == 0 && p.vsb % 8 == 0 && p.vsh % 8 == 0;
-  const auto launch = [&](auto kernel, size_t smem, int64_t kM, int threads) {
-    if (smem > prop->sharedMemPerBlockOptin) return false;
-    allow_smem(kernel, smem);
-    const int64_t tiles = (g.Lq + kM - 1) / kM;
-    kernel<<<tile_grid(tiles, g.B * g.H), threads, smem, stream>>>(
-        p, reinterpret_cast<const uint16_t*>(q.const_data_ptr()), reinterpret_cast<const uint16_t*>(k.const_data_ptr()),
-        reinterpret_cast<const uint16_t*>(v.const_data_ptr()), out.mutable_data_ptr<T>(),
-        stats.mutable_data_ptr<float>(), tiles, vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return true;
-  };
-  const auto run = [&](auto hd) {
-    constexpr int HD = decltype(hd)::value;
-    using C = TcTile<HD>;
-    return launch(attn_fwd_tc_kernel<T, HD>, C::kSmem, C::kM, C::kThreads);
-  };
-  switch (tc_head_dim(g.D, g.Dv)) {
-    case 32: return run(std::integral_constant<int, 32>{});
-    case 64: return run(std::integral_constant<int, 64>{});
-    case 96: return run(std::integral_constant<int, 96>{});
-    case 128: return run(std::integral_constant<int, 128>{});
-    default: return run(std::integral_constant<int, 256>{});
+    if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
+    const bool vec = tc_vectorizable(g, p, {&q, &k, &v});
+    return with_head_dim(tc_head_dim(g.D, g.Dv), [&](auto hd) {
+      using C = TcTile<decltype(hd)::value>;
+      const int64_t tiles = (g.Lq + C::kM - 1) / C::kM;
+      return launch_tc(attn_fwd_tc_kernel<T, decltype(hd)::value>, C::kSmem, tile_grid(tiles, g.B * g.H),
+                       C::kThreads, stream, p, static_cast<const uint16_t*>(q.const_data_ptr()),
+                       static_cast<const uint16_t*>(k.const_data_ptr()),
+                       static_cast<const uint16_t*>(v.const_data_ptr()), out.mutable_data_ptr<T>(),
+                       stats.mutable_data_ptr<float>(), tiles, vec);
+    });
   }
+}
+
+// The tensor-core backward when it applies - float16 / bfloat16 on sm_80+, padded head dim up to 128 (at 256, dK
+// and dV of a warp's 16 keys alone would fill the registers: the simple kernels take it) - writing dq, dk, dv
+// (and dmask through p); says whether it ran. delta: rowsum(dO * O), computed.
+template <typename T, typename A>
+bool attention_bwd_tc(const attention::Geometry& g, const Params<A>& p, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& v, const at::Tensor& dO, const at::Tensor& stats, const at::Tensor& delta,
+                      at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, cudaStream_t stream) {
+  if constexpr (!kHalfType<T>) {
+    return false;
+  } else {
+    const int hd = tc_head_dim(g.D, g.Dv);
+    if (at::cuda::getCurrentDeviceProperties()->major < 8 || hd > 128) return false;
+    const bool vec = tc_vectorizable(g, p, {&q, &k, &v, &dO});
+    at::Tensor dq_acc = at::zeros(dq.sizes(), dq.options().dtype(at::kFloat));  // dS K, summed by atomics
+    const bool ran = with_head_dim(hd, [&](auto hdc) {
+      constexpr int HD = decltype(hdc)::value;
+      if constexpr (HD > 128) {
+        return false;
+      } else {
+        using C = TcBwdTile<HD>;
+        const int64_t tiles = (g.Lk + C::kN - 1) / C::kN;
+        return launch_tc(attn_bwd_tc_kernel<T, HD>, C::kSmem, tile_grid(tiles, g.B * g.Hk), C::kThreads, stream, p,
+                         static_cast<const uint16_t*>(q.const_data_ptr()),
+                         static_cast<const uint16_t*>(k.const_data_ptr()),
+                         static_cast<const uint16_t*>(v.const_data_ptr()),
+                         static_cast<const uint16_t*>(dO.const_data_ptr()), stats.const_data_ptr<float>(),
+                         delta.const_data_ptr<float>(), dq_acc.mutable_data_ptr<float>(), dk.mutable_data_ptr<T>(),
+                         dv.mutable_data_ptr<T>(), tiles, vec);
+      }
+    });
+    if (ran) dq.copy_(dq_acc.mul_(p.scale));
+    return ran;
   }
 }
 
@@ -642,6 +890,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     attn_delta_kernel<scalar_t, A><<<(rows + kRows - 1) / kRows, kRows * 32, 0, stream>>>(
         rows, g.Dv, dO.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), delta.mutable_data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (attention_bwd_tc<scalar_t>(g, p, q, k, v, dO, row_stats, delta, dq, dk, dv, stream)) return;
     const size_t bytes = smem_bytes<A>(g.D, g.Dv, g.D + g.Dv);
     allow_smem(attn_bwd_dq_kernel<scalar_t, A>, bytes);
     allow_smem(attn_bwd_dkdv_kernel<scalar_t, A>, bytes);
