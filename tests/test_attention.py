@@ -831,3 +831,22 @@ def test_cuda_more_heads_than_a_grid_dimension(dtype):
             continue  # the flash backward's floors apply there (test_cuda_tensor_core_* check them); here: no wrap
         assert_matches(a, r, torch_out=t, name=name)
     assert ours[1].isfinite().all() and (ours[1].abs().amax((0, 2, 3)) > 0).all()  # every head got its gradient
+
+
+def test_tensor_core_kernels_in_the_cpu_emulator():
+    # The float16 / bfloat16 tensor-core kernels' own text (csrc/cuda/attention.cu) compiled for the host and run by
+    # tools/attention_tc_emu (a thread per CUDA thread, mma / ldmatrix per the PTX fragment layouts, ASan + UBSan)
+    # on two cases that touch every path - one tile; grouped-query heads, Dv != D, causal, key padding, a learned
+    # mask and dropout - against fastnn.reference: fragment indexing and masking checked without a GPU.
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ to build the emulator")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "attention_tc_emu", "run.py"), "--quick"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "2/2 cases ok" in r.stdout
