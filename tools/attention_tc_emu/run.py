@@ -154,7 +154,7 @@ def cases(exe, quick):
     yield lambda: case(exe, h, 1, 1, 1, 65, 70, 128, 128, causal=True, label="D128 causal")
     yield lambda: case(exe, h, 1, 1, 1, 70, 97, 256, 200, causal=True, label="D256 (forward), Dv 200")
     yield lambda: case(exe, h, 1, 1, 1, 17, 100, 80, 80, causal=True, label="D80 padded to 96")
-    yield lambda: case(exe, h, 1, 1, 1, 17, 33, 36, 36, label="D36: plain loads")
+    yield lambda: case(exe, h, 1, 1, 1, 17, 130, 36, 36, label="D36: plain loads, 3 key tiles")
     yield lambda: case(exe, h, 1, 1, 1, 17, 33, 64, 64, vec=False, label="D64, plain loads")
     yield lambda: case(exe, bf, 1, 3, 1, 9, 70, 16, 100, label="MQA, Dv > D")
     yield lambda: case(exe, h, 1, 1, 1, 1, 1, 64, 64, label="L = 1")
