@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CI, CUDA half (no GPU needed): in a venv holding the CUDA build of torch 2.14.1,
 #   1. builds the whole extension with CUDA for sm_80 and sm_90 (nvcc, MAX_JOBS=2),
-#   2. imports fastnn, lists the ops with CUDA kernels, and fails if fastnn._C registered none (softmax),
+#   2. imports fastnn, lists the ops with CUDA kernels, and fails if fastnn._C registered none (softmax), and fails
+#      if the built extension's tensor-core kernels hold no HMMA instructions (.ci/nvcc_check.sh --sass),
 #   3. runs the CPU test suite there (Triton interpreter),
 #   4. with --aot: compiles every Triton kernel ahead of time for sm_90, failing on register spills
 #      (.ci/run runs `python -m fastnn.kernels.aot --arch 90` as its own stage instead).
@@ -89,6 +90,7 @@ print("fastnn imported from", fastnn.__file__)
 print("ops with a CUDA kernel:", with_cuda, "| without (CPU/Triton only so far):", sorted(set(ops) - set(with_cuda)))
 assert "softmax" in with_cuda, "fastnn._C registered no CUDA kernels: was it built without CUDA?"
 PY
+step sass "$OUT/sass.log" env PYTHON="$PY" bash "$ROOT/.ci/nvcc_check.sh" --sass "$(ls "$SRC"/fastnn/_C*.so | head -1)"
 [ $TESTS = 1 ] && step tests "$OUT/tests.log" env TRITON_INTERPRET=1 PYTHONUNBUFFERED=1 "$PY" -m pytest tests -q \
   -n "$JOBS" -p no:cacheprovider --durations=10 ${KEXPR:+-k "$KEXPR"}
 [ $AOT = 1 ] && step aot "$OUT/aot.log" env -C /tmp "$PY" -m fastnn.kernels.aot --arch 90

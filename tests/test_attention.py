@@ -637,3 +637,216 @@ def test_multi_head_self_attention_matches_unfused_layer():
     torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(expected.sum(), x)[0])
     with pytest.raises(ValueError, match="hidden_size"):
         fastnn.nn.MultiHeadSelfAttention(3, 32)
+
+
+# ---- native CUDA backend: float16 / bfloat16 forward on tensor cores, large grids (cuda-marked) ----------------
+# The tensor-core kernel's output and row statistics, and the gradients the backward computes from them, against
+# the float64 reference: errors within 2x torch eager's own in that dtype (FlashAttention's rule), dQ / dK also
+# allowed the flash backward's documented floors (tests/helpers.py).
+
+TC_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _eager_masked(q, k, v, attn_mask=None, is_causal=False, key_padding_mask=None, dropout_p=0.0, seed=0,
+                  scale=None):
+    """torch eager in q's dtype (scores, softmax and both products), with every mask, dropout from fastnn's hash and
+    grouped-query heads: the yardstick of the low-precision rule. Rows with nothing to attend are zeros (torch's
+    softmax gives NaN there), with no gradient."""
+    B, H, Lq = q.shape[:3]
+    Lk = k.shape[2]
+    k, v = (t.repeat_interleave(H // t.shape[1], 1) for t in (k, v))
+    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    keep = _torch_mask(B, H, Lq, Lk, attn_mask, key_padding_mask, is_causal, q.device)
+    if attn_mask is not None and attn_mask.is_floating_point():
+        s = s + attn_mask.to(s.dtype)
+    live = keep.any(-1, keepdim=True)
+    s = torch.where(live, s.masked_fill(~keep, float("-inf")), torch.zeros((), dtype=s.dtype, device=s.device))
+    p = torch.where(live, torch.softmax(s, -1), torch.zeros((), dtype=s.dtype, device=s.device))
+    if dropout_p:
+        rows = torch.arange(B * H * Lq, device=q.device).view(B, H, Lq, 1)
+        kept = fastnn.reference.dropout_keep(seed, rows, torch.arange(Lk, device=q.device), dropout_p)
+        p = torch.where(kept, p / (1 - dropout_p), torch.zeros((), dtype=p.dtype, device=p.device))
+    return p @ v
+
+
+def _tc_case(dtype, B, H, Hk, Lq, Lk, D, Dv, attn_mask=None, key_padding_mask=None, is_causal=False, dropout_p=0.0,
+             gen_seed=0, device="cuda"):
+    """Native forward + backward in ``dtype`` on ``device`` vs the float64 reference (same dropout seed), bounded
+    by torch eager's error in ``dtype``; a float attn_mask gets its gradient checked too."""
+    gen = torch.Generator().manual_seed(gen_seed)
+    q = torch.randn(B, H, Lq, D, generator=gen, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, Hk, Lk, D, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, Hk, Lk, Dv, generator=gen, dtype=torch.float64).to(dtype)
+    g = torch.randn(B, H, Lq, Dv, generator=gen, dtype=torch.float64).to(dtype)
+    kw = dict(is_causal=is_causal, dropout_p=dropout_p)
+    if key_padding_mask is not None:
+        kw["key_padding_mask"] = key_padding_mask
+    gqa = dict(enable_gqa=True) if Hk != H else {}
+    torch.manual_seed(1234)
+    ours = _grads(F.scaled_dot_product_attention, q, k, v, attn_mask, g, device, backend="native", **kw, **gqa)
+    torch.manual_seed(1234)
+    ref = _grads(F.scaled_dot_product_attention, q.double(), k.double(), v.double(),
+                 None if attn_mask is None else (attn_mask if attn_mask.dtype == torch.bool else attn_mask.double()),
+                 g.double(), device, backend="reference", **kw, **gqa)
+    torch.manual_seed(1234)
+    seed = fastnn.ops.attention._draw_seed(dropout_p)  # the seed both calls above drew
+    theirs = _grads(_eager_masked, q, k, v, attn_mask, g, device, seed=seed, **kw)
+    scale, group = D ** -0.5, H // Hk
+    names = ("output", "q", "k", "v", "mask")
+    for name, a, r, t in zip(names, ours, ref, theirs):
+        assert a.shape == r.shape, name
+        assert a.isfinite().all(), f"{name}: non-finite values"
+        bound = 2 * max_err(t, r) + 1e-6
+        if name in ("q", "k"):  # per query head; a kv head's dK sums its group's
+            other = (k if name == "q" else q).double().abs().max().item()
+            floor = flash_cancel_floor(torch.float32, scale, D, other, v.double().abs().max().item(),
+                                       g.double().abs().max().item())
+            floor += flash_delta_bound(name, q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), g,
+                                       dtype, scale, attn_mask, is_causal, key_padding_mask)
+            bound += floor * (group if name == "k" else 1)
+        if name == "mask":
+            bound += _mask_grad_delta_floor(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), g, dtype,
+                                            scale, attn_mask, is_causal, key_padding_mask, dropout_p, seed)
+        err = max_err(a, r)
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (torch eager's {max_err(t, r):.3g})"
+    return ours
+
+
+def _mask_grad_delta_floor(q, k, v, g, dtype, scale, attn_mask, is_causal, kpm, dropout_p, seed):
+    """flash_delta_bound's error for d(mask): delta = rowsum(dO * O) from the output rounded to ``dtype`` errs by
+    e per row, which enters dS = P (dP - delta) as -P e; d(mask) sums dS over the dims the mask broadcasts over.
+    Twice that sum (float64 tensors from the inputs; dropout as the call had it)."""
+    q, k, v, g = (t.double() for t in (q, k, v, g))
+    o = fastnn.reference.attention_probs(q, k, attn_mask, dropout_p, is_causal, scale, kpm, seed) @ v
+    e = (g * (o.to(dtype).double() - o)).sum(-1, keepdim=True).abs()
+    p = fastnn.reference.attention_probs(q, k, attn_mask, 0.0, is_causal, scale, kpm)
+    return 2 * (p * e).sum_to_size(attn_mask.shape).max().item()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("D", [32, 64, 96, 128, 256, 80, 36, 8], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_cuda_tensor_core_head_dims(dtype, D, is_causal):
+    # Every specialized head dim, one that pads up (80 -> 96), one not a multiple of 8 (36: plain loads instead of
+    # cp.async) and one below the smallest tile; Lq != Lk with partial tiles on both sides.
+    _tc_case(dtype, 2, 3, 3, 129, 200, D, D, is_causal=is_causal)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (1, 1000), (17, 17), (17, 129), (129, 17), (129, 1000), (1000, 129),
+                                   (1000, 1000)], ids=lambda x: str(x))
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_cuda_tensor_core_lengths(dtype, Lq, Lk, is_causal):
+    _tc_case(dtype, 1, 2, 2, Lq, Lk, 64, 64, is_causal=is_causal)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("kpm", [False, True], ids=["", "kpm"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["", "causal"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["", "dropout"])
+def test_cuda_tensor_core_masks_and_dropout(dtype, mask, kpm, is_causal, dropout_p):
+    B, H, Lq, Lk, D = 2, 2, 70, 130, 64
+    gen = torch.Generator().manual_seed(5)
+    attn_mask = MASKS[mask](B, H, Lq, Lk)
+    key_padding_mask = None
+    if kpm:
+        key_padding_mask = torch.rand(B, Lk, generator=gen) < 0.3
+        key_padding_mask[1] = True  # batch 1 pads everything: every one of its rows is fully masked
+    ours = _tc_case(dtype, B, H, H, Lq, Lk, D, D, attn_mask, key_padding_mask, is_causal, dropout_p)
+    if kpm:
+        assert (ours[0][1] == 0).all() and (ours[1][1] == 0).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("case", [
+    (2, 8, 2, 65, 97, 64, 32, (1, 8, 65, 97), True, 0.0),     # grouped-query 8 on 2, Dv < D, learned full bias
+    (1, 6, 1, 33, 70, 40, 128, (1, 6, 1, 70), False, 0.2),     # multi-query, Dv > D, D not a multiple of 8
+    (2, 4, 2, 17, 129, 128, 64, (17, 129), True, 0.1),         # Dv pads down to D's tile
+], ids=["gqa8on2_dv32", "mqa_dv128_d40", "gqa_dk128_dv64"])
+def test_cuda_tensor_core_gqa_dv_mask_grad(dtype, case):
+    B, H, Hk, Lq, Lk, D, Dv, mshape, is_causal, p = case
+    mask = torch.randn(mshape, generator=torch.Generator().manual_seed(3))
+    _tc_case(dtype, B, H, Hk, Lq, Lk, D, Dv, mask, None, is_causal, p)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+def test_cuda_tensor_core_unaligned_views(dtype):
+    # Contiguous operands one element into their buffers: rows are not 16-byte aligned, so the kernel must take
+    # its plain-load path (kernel_operand keeps row-contiguous views as they are).
+    B, H, L, D = 2, 3, 77, 64
+    n = B * H * L * D
+    views = lambda t: [t[1 + i * n:1 + (i + 1) * n].view(B, H, L, D) for i in range(3)]  # noqa: E731
+    buf = torch.randn(3 * n + 1, dtype=torch.float64, device="cuda").to(dtype).requires_grad_()
+    g = torch.randn(B, H, L, D, dtype=torch.float64, device="cuda").to(dtype)
+    q, k, v = views(buf)
+    assert q.data_ptr() % 16 != 0
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, backend="native")
+    ours = [t.cpu() for t in [out.detach()] + views(torch.autograd.grad(out, buf, g)[0])]
+    q, k, v = views(buf.detach())
+    ref = _grads(F.scaled_dot_product_attention, q.double(), k.double(), v.double(), None, g.double(), "cuda",
+                 backend="reference", is_causal=True)
+    theirs = _grads(_eager_masked, q, k, v, None, g, "cuda", is_causal=True)
+    assert_matches(ours[0], ref[0], torch_out=theirs[0])
+    assert_matches(ours[3], ref[3], torch_out=theirs[3], name="dv")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+def test_cuda_tensor_core_row_statistics(dtype):
+    # stats = (row max m, log l) in float32, as the backward reads them; a fully masked row gives (+inf, 0).
+    B, H, Lq, Lk, D = 2, 2, 100, 150, 64
+    q, k, v = (t.cuda() for t in _qkv(B, H, Lq, Lk, D, dtype))
+    kpm = torch.zeros(B, Lk, dtype=torch.bool, device="cuda")
+    kpm[1] = True
+    out, stats = torch.ops.fastnn.attention_fwd(q, k, v, None, kpm, 0.0, True, D ** -0.5, 0)
+    s = (q.double() @ k.double().transpose(-1, -2)) * D ** -0.5
+    s = s.masked_fill(torch.ones(Lq, Lk, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+    m = s.amax(-1)
+    log_l = (s - m[..., None]).exp().sum(-1).log()
+    torch.testing.assert_close(stats[0, 0].double(), m[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats[1, 0].double(), log_l[0], rtol=1e-5, atol=1e-4)
+    assert (stats[0, 1] == float("inf")).all() and (stats[1, 1] == 0).all() and (out[1] == 0).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_cuda_more_heads_than_a_grid_dimension(dtype):
+    # B * H = 66,000 > 65,535 (gridDim.y's limit): every launch is a 1-d grid. float32 runs the simple kernels,
+    # float16 the tensor-core forward; both backward kernels (B * H and B * Hk pairs).
+    B, H, Lq, Lk, D = 2, 33_000, 3, 5, 8
+    q, k, v = _qkv(B, H, Lq, Lk, D, dtype, "cuda")
+    g = torch.randn(B, H, Lq, D, device="cuda").to(dtype)
+    ours = _grads(F.scaled_dot_product_attention, q, k, v, None, g, "cuda", backend="native", is_causal=True)
+    ref = _grads(F.scaled_dot_product_attention, q.double(), k.double(), v.double(), None, g.double(), "cuda",
+                 backend="reference", is_causal=True)
+    theirs = _grads(_eager_masked, q, k, v, None, g, "cuda", is_causal=True) if dtype != torch.float32 else (None,) * 4
+    for name, a, r, t in zip(("output", "dq", "dk", "dv"), ours, ref, theirs):
+        if dtype == torch.float16 and name in ("dq", "dk"):
+            continue  # the flash backward's floors apply there (test_cuda_tensor_core_* check them); here: no wrap
+        assert_matches(a, r, torch_out=t, name=name)
+    assert ours[1].isfinite().all() and (ours[1].abs().amax((0, 2, 3)) > 0).all()  # every head got its gradient
+
+
+def test_tensor_core_kernels_in_the_cpu_emulator():
+    # The float16 / bfloat16 tensor-core kernels' own text (csrc/cuda/attention.cu) compiled for the host and run by
+    # tools/attention_tc_emu (a thread per CUDA thread, mma / ldmatrix per the PTX fragment layouts, ASan + UBSan)
+    # on two cases that touch every path - one tile; grouped-query heads, Dv != D, causal, key padding, a learned
+    # mask and dropout - against fastnn.reference: fragment indexing and masking checked without a GPU.
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ to build the emulator")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "attention_tc_emu", "run.py"), "--quick"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "2/2 cases ok" in r.stdout
