@@ -2,6 +2,20 @@
 import triton
 import triton.language as tl
 
+# Programs a launch's grid holds along x: 2**31 - 1.
+MAX_PROGRAMS = 2**31 - 1
+
+
+def outer_chunks(outer: int, inner: int):
+    """Launches [o0, o1) over the outer index of a one-program-per-row kernel of outer * inner rows, each of at
+    most MAX_PROGRAMS rows (the kernels number rows from program_id 0, so more rows than a grid holds take several
+    launches on slices of the tensors along their outer dim)."""
+    step = MAX_PROGRAMS // max(inner, 1)
+    if step == 0:
+        raise ValueError(f"fastnn (Triton): {inner} rows per outer index exceed a grid's {MAX_PROGRAMS} programs")
+    for o0 in range(0, outer, step):
+        yield o0, min(outer, o0 + step)
+
 
 @triton.jit
 def cast_rtne(x, dtype: tl.constexpr):
@@ -22,14 +36,24 @@ def cast_rtne(x, dtype: tl.constexpr):
 
 @triton.jit
 def row_start(n_cols, inner, LASTDIM: tl.constexpr):
-    """(row, base, stride) of this program's row (program_id 0) of a reduction over a dim of n_cols elements,
-    `inner` apart: element c of the row is at base + c * stride. Non-last dims are addressed in place rather
-    than transposed; the last dim gets the literal stride 1, so its loads vectorize."""
-    row = tl.program_id(0).to(tl.int64)
+    """(row, base, stride) of this program's row (program_id 0): see row_geometry."""
+    return row_geometry(tl.program_id(0), n_cols, inner, LASTDIM)
+
+
+@triton.jit
+def row_geometry(row, n_cols, inner, LASTDIM: tl.constexpr):
+    """(row, base, stride) of row `row` of a reduction over a dim of n_cols elements, `inner` apart: element c of
+    the row is at base + c * stride. Non-last dims are addressed in place rather than transposed; the last dim gets
+    the literal stride 1, so its loads vectorize.
+
+    row, base and a non-literal stride are int64: Triton passes an integer argument below 2**31 as int32 and keeps
+    int32 products int32, so (row * n_cols) or (c * inner) would wrap for a tensor past 2**31 elements. With the
+    literal stride 1, c * stride is at most n_cols."""
+    row = row.to(tl.int64)
     if LASTDIM:
         base = row * n_cols
         stride = 1
     else:
-        base = (row // inner) * n_cols * inner + row % inner
-        stride = inner
+        stride = inner.to(tl.int64)
+        base = (row // stride) * n_cols * stride + row % stride
     return row, base, stride

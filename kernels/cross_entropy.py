@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast_rtne, row_start
+from .common import cast_rtne, outer_chunks, row_start
 
 MAX_BLOCK = 4096
 
@@ -196,10 +196,13 @@ def forward_into(x, target, weight, ignore_index: int, label_smoothing: float, l
     prob = target.is_floating_point()
     w, wsum, has_w = _weights(weight, x)
     flag = torch.zeros(2, dtype=torch.int64, device=x.device)
-    ce_fwd_kernel[(rows,)](x, target, w, wsum, loss, stats, stats.stride(0), flag, n_cols, inner, ignore_index,
-                           _eps(label_smoothing, x),
-                           PROB=prob, HAS_W=has_w, SMOOTH=label_smoothing > 0 and not prob, LASTDIM=inner == 1,
-                           **_config(n_cols, x.dtype))
+    eps, N = _eps(label_smoothing, x), x.shape[0]
+    cfg = dict(PROB=prob, HAS_W=has_w, SMOOTH=label_smoothing > 0 and not prob, LASTDIM=inner == 1,
+               **_config(n_cols, x.dtype))
+    xo, to, lo, so = x.view(N, -1), target.view(N, -1), loss.view(N, -1), stats.view(2, N, -1)
+    for o0, o1 in outer_chunks(N, inner):
+        ce_fwd_kernel[((o1 - o0) * inner,)](xo[o0:o1], to[o0:o1], w, wsum, lo[o0:o1], so[:, o0:o1],
+                                            so.stride(0), flag, n_cols, inner, ignore_index, eps, **cfg)
     if not prob and flag[0].item():
         raise IndexError(f"cross_entropy: target {int(flag[1])} is out of bounds: expected a class index in "
                          f"[0, {n_cols - 1}] or ignore_index ({ignore_index})")
@@ -214,9 +217,13 @@ def backward_into(grad_loss, x, target, weight, stats, ignore_index: int, label_
     stats = stats.reshape(2, rows)
     if stats.stride(1) != 1:  # the kernel reads each plane as contiguous
         stats = stats.contiguous()
-    ce_bwd_kernel[(rows,)](grad_loss.contiguous(), x, target, w, wsum, stats, stats.stride(0), dx, n_cols, inner,
-                           ignore_index, _eps(label_smoothing, x), PROB=target.is_floating_point(), HAS_W=has_w,
-                           LASTDIM=inner == 1, **_config(n_cols, x.dtype))
+    eps, N = _eps(label_smoothing, x), x.shape[0]
+    cfg = dict(PROB=target.is_floating_point(), HAS_W=has_w, LASTDIM=inner == 1, **_config(n_cols, x.dtype))
+    go, xo, to, so, do = (grad_loss.contiguous().view(N, -1), x.view(N, -1), target.view(N, -1),
+                          stats.view(2, N, -1), dx.view(N, -1))
+    for o0, o1 in outer_chunks(N, inner):
+        ce_bwd_kernel[((o1 - o0) * inner,)](go[o0:o1], xo[o0:o1], to[o0:o1], w, wsum, so[:, o0:o1], so.stride(0),
+                                            do[o0:o1], n_cols, inner, ignore_index, eps, **cfg)
 
 
 def cross_entropy_forward(x, target, weight, ignore_index, label_smoothing):

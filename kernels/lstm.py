@@ -31,17 +31,22 @@ def _tanh(x):
 
 @triton.jit
 def _load_gates(P, H, mask, ACC: tl.constexpr):
-    """The four gate blocks (i, f, g, o) of a (4 H) row: at P, P + H, P + 2 H and P + 3 H."""
-    return (tl.load(P, mask=mask, other=0.0).to(ACC), tl.load(P + H, mask=mask, other=0.0).to(ACC),
-            tl.load(P + 2 * H, mask=mask, other=0.0).to(ACC), tl.load(P + 3 * H, mask=mask, other=0.0).to(ACC))
+    """The four gate blocks (i, f, g, o) of a (4 H) row: at P, P + H, P + 2 H and P + 3 H, stepped one H at a time
+    (pointer arithmetic is 64-bit; 3 * H in H's int32 would wrap past 2**31)."""
+    P1 = P + H
+    P2 = P1 + H
+    return (tl.load(P, mask=mask, other=0.0).to(ACC), tl.load(P1, mask=mask, other=0.0).to(ACC),
+            tl.load(P2, mask=mask, other=0.0).to(ACC), tl.load(P2 + H, mask=mask, other=0.0).to(ACC))
 
 
 @triton.jit
 def _store_gates(P, H, i, f, g, o, mask, ty: tl.constexpr):
+    P1 = P + H
+    P2 = P1 + H
     tl.store(P, cast_rtne(i, ty), mask=mask)
-    tl.store(P + H, cast_rtne(f, ty), mask=mask)
-    tl.store(P + 2 * H, cast_rtne(g, ty), mask=mask)
-    tl.store(P + 3 * H, cast_rtne(o, ty), mask=mask)
+    tl.store(P1, cast_rtne(f, ty), mask=mask)
+    tl.store(P2, cast_rtne(g, ty), mask=mask)
+    tl.store(P2 + H, cast_rtne(o, ty), mask=mask)
 
 
 @triton.jit

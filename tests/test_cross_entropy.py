@@ -319,3 +319,50 @@ def test_patch_replaces_cross_entropy_loss():
     assert type(model["loss"]) is fastnn.nn.CrossEntropyLoss
     torch.testing.assert_close(model["loss"](model["proj"](x), t), expected)
     assert torch.equal(model["loss"].weight, w)
+
+
+CUDA_BACKENDS = [p for p in device_backends("cross_entropy") if p.values[0] == "cuda"]
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("shape", [
+    (2**31 // 32000 + 2, 32000),  # N * V past 2**31: the last rows start past 2**31 elements
+    (1, 3, 2**30),                # classes 2**30 apart: class 2 of every position is past 2**31 elements
+    (2**31 + 5, 2),               # more rows than a grid's x dimension holds (2**31 - 1)
+])
+def test_cuda_past_2_31_elements(device, backend, shape):
+    # float16 logits (4-9 GB); per-row loss and the gradient at both ends against the reference.
+    x = 3 * torch.randn(shape, dtype=torch.float16, device=device)
+    t = torch.randint(0, shape[1], (shape[0],) + shape[2:], device=device)
+    out, dx, g = run(F.cross_entropy, x, t, None, reduction="none", backend=backend)
+    pos = t.numel()
+    pick = torch.tensor([0, 1, pos - 2, pos - 1], device=device)
+    # positions as rows of a (rows, C) problem
+    x2 = x.movedim(1, -1).reshape(-1, shape[1]) if len(shape) > 2 else x
+    dx2 = dx.movedim(1, -1).reshape(-1, shape[1]) if len(shape) > 2 else dx
+    xs, ts, gs = x2[pick], t.reshape(-1)[pick], g.reshape(-1)[pick]
+    ref, ref_dx, _ = run(fastnn.reference.cross_entropy, xs.double(), ts, None, gs.double(), reduction="none")
+    t_out, t_dx, _ = run(TF.cross_entropy, xs, ts, None, gs, reduction="none")
+    assert_matches(out.reshape(-1)[pick].double(), ref, torch_out=t_out)
+    assert_matches(dx2[pick], ref_dx, torch_out=t_dx, name="grad_input")
+
+
+@pytest.mark.skipif(not any(p.values == ("cpu", "triton") for p in device_backends("cross_entropy")),
+                    reason="needs Triton's interpreter (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("shape", [(7, 33), (5, 4, 3)])
+@pytest.mark.parametrize("kind", ["ignored", "prob"])
+def test_triton_more_rows_than_a_grid(monkeypatch, shape, kind):
+    # More rows than a grid holds (2**31 - 1) take several launches on slices along N; a grid of 2 (or 7, for 3
+    # positions per row) programs stands in for the limit.
+    import fastnn.kernels.common as common
+
+    monkeypatch.setattr(common, "MAX_PROGRAMS", 2 if len(shape) == 2 else 7)
+    x, t, w = make_case(shape, kind, True, "cpu", torch.float32)
+    kw = dict(reduction="none", label_smoothing=0.1)
+    ref, ref_dx, g = run(fastnn.reference.cross_entropy, x.double(), t if kind != "prob" else t.double(),
+                         w.double(), **kw)
+    out, dx, _ = run(lambda *a, **k: F.cross_entropy(*a, **k, backend="triton"), x, t, w, g.float(), **kw)
+    assert_matches(out, ref)
+    assert_matches(dx, ref_dx, name="grad_input")

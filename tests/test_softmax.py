@@ -307,3 +307,78 @@ def test_cuda_side_stream_and_second_device(device, backend):
     if torch.cuda.device_count() > 1:
         x1 = x.to("cuda:1")
         torch.testing.assert_close(F.softmax(x1, -1, backend=backend).cpu(), torch.softmax(x, -1).cpu())
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    from fastnn.kernels.common import row_geometry
+
+    @triton.jit
+    def _row_offset_probe(OUT, row, n_cols, inner, c, LASTDIM: tl.constexpr):
+        _, base, stride = row_geometry(row, n_cols, inner, LASTDIM)
+        tl.store(OUT, base + c * stride)
+except ImportError:  # no Triton: the test below skips
+    _row_offset_probe = None
+
+
+def _row_offsets(cases):
+    """base + c * stride, as the softmax and cross-entropy Triton kernels address element c of a row, computed by
+    kernels/common.py's row_geometry for each (row, n_cols, inner, c, lastdim) under the interpreter."""
+    out = []
+    for row, n_cols, inner, c, lastdim in cases:
+        o = torch.zeros(1, dtype=torch.int64)
+        _row_offset_probe[(1,)](o, row, n_cols, inner, c, LASTDIM=lastdim)
+        out.append(int(o))
+    return out
+
+
+@pytest.mark.skipif(not any(p.values == ("cpu", "triton") for p in device_backends("softmax")),
+                    reason="needs Triton's interpreter (TRITON_INTERPRET=1)")
+def test_triton_row_offsets_past_2_31():
+    # Arguments below 2**31 reach the kernel as int32 and the interpreter keeps numpy's int32 wrap-around, so a
+    # 32-bit product of row and length, or of column and stride, shows up here as a wrong (negative) offset.
+    cases = [
+        (2**31 // 4096 + 5, 4096, 1, 4095, True),     # last dim: row * n_cols passes 2**31
+        (3, 5, 2**30 + 7, 4, False),                   # non-last dim: c * inner passes 2**31
+        (2**30 + 9, 5, 2**30 + 7, 4, False),           # and the base of the second outer index
+        (2**31 + 3, 2, 1, 1, True),                    # a row index that is itself int64
+    ]
+    expected = [row * n + c if last else (row // inner) * n * inner + row % inner + c * inner
+                for row, n, inner, c, last in cases]
+    assert _row_offsets(cases) == expected
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("shape,dim", [
+    ((2**31 // 4096 + 1, 4096), -1),  # 2**31 + 4096 elements: the last row starts past 2**31
+    ((3, 2**30), 0),                   # non-last dim: element (2, j) is 2**31 + j elements in
+])
+def test_cuda_past_2_31_elements(device, backend, shape, dim):
+    # float16 (4-6 GB a tensor). Rows at both ends are checked against the reference: a 32-bit offset would send
+    # the last ones to wrong addresses.
+    x = torch.randn(shape, dtype=torch.float16, device=device)
+    g = torch.randn(shape, dtype=torch.float16, device=device)
+    out, dx = _run(F.softmax, x, g, dim, backend=backend)
+    other = 1 - (dim % 2)
+    idx = torch.tensor([0, 1, shape[other] - 2, shape[other] - 1], device=device)
+    xs, gs = x.index_select(other, idx), g.index_select(other, idx)
+    ref, ref_dx = _run(REF[False], xs.double(), gs.double(), dim)
+    t_out, t_dx = _run(torch.softmax, xs, gs, dim)
+    assert_matches(out.index_select(other, idx), ref, torch_out=t_out)
+    assert_matches(dx.index_select(other, idx), ref_dx, torch_out=t_dx, name="grad_input")
+
+
+@pytest.mark.skipif(not any(p.values == ("cpu", "triton") for p in device_backends("softmax")),
+                    reason="needs Triton's interpreter (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("shape,dim", [((7, 33), -1), ((4, 5, 3), 1)])
+def test_triton_more_rows_than_a_grid(monkeypatch, shape, dim):
+    # More rows than a grid holds (2**31 - 1) take several launches on slices along the outer dim; a grid of 2
+    # programs stands in for the limit.
+    import fastnn.kernels.common as common
+
+    monkeypatch.setattr(common, "MAX_PROGRAMS", 2 if dim == -1 else 7)
+    _check_against_reference("cpu", "triton", shape, dim, torch.float32, False)

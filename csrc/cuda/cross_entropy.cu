@@ -1,13 +1,17 @@
 // Fused softmax cross-entropy on CUDA (formulas in csrc/cross_entropy.h); linear + cross-entropy runs the same rows
 // on its chunks' logits (csrc/cuda/cross_entropy_rows.cuh).
 //
-// One thread block per row (an (n, d1, ...) position; classes `inner` apart, coalesced when inner == 1). Forward:
-// a single read of the row, each thread keeping an online max / rescaled sum of exp plus the weighted offsets
-// that smoothing and probability targets need, combined by block reductions; it writes only the loss and the
-// row's statistics (max, log of the sum of exp). Backward: one more read of the row (two for probability targets:
-// their weighted sum first), writing the gradient, possibly over the logits (inplace). Out-of-range class indices
-// are never used as addresses: the read is clamped, the row's loss is NaN, and the index lands in a device flag
-// that the host checks after the launch (one sync) and reports as an IndexError.
+// One thread block per row (an (n, d1, ...) position; classes `inner` apart, coalesced when inner == 1), rows
+// visited by a grid-stride loop (a grid holds fewer than 2**31 blocks; the row count is 64-bit). Forward: a single
+// read of the row, each thread keeping an online max / rescaled sum of exp plus the weighted offsets that smoothing
+// and probability targets need, combined by block reductions; it writes only the loss and the row's statistics
+// (max, log of the sum of exp). Backward: one more read of the row (two for probability targets: their weighted
+// sum first), writing the gradient, possibly over the logits (inplace: a kernel without __restrict__ on the logits
+// and the gradient; otherwise both are restrict-qualified, so loads need not wait for earlier stores). Rows of the
+// last dim whose start is 16-byte aligned (aligned data, C a multiple of the vector width) are read and written in
+// 16-byte slots. Out-of-range class indices are never used as addresses: the read is clamped, the row's loss is
+// NaN, and the index lands in a device flag that the host checks after the launch (one sync) and reports as an
+// IndexError.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -17,6 +21,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <climits>
+#include <initializer_list>
 #include <optional>
 
 #include "common.h"
@@ -30,12 +37,57 @@ namespace {
 constexpr int kThreads = 512;
 
 struct RowArgs {
-  int64_t classes, inner, ignore_index;
+  int64_t rows, classes, inner, ignore_index;
   double eps;
+  bool vec;  // inner == 1 and every row 16-byte aligned in x (and in the probabilities / dx it is read or written with)
 };
 
-__device__ __forceinline__ int64_t row_base(int64_t row, const RowArgs& a) {
-  return (row / a.inner) * a.classes * a.inner + row % a.inner;
+// The rows of a grid-stride loop (blockIdx.x, then every gridDim.x-th) as (outer, inner) indices, advanced without
+// a division per row. The divisions of block indices (below 2**31) by inner are 32-bit (an inner past 2**32 exceeds
+// them: quotient 0): a 64-bit division is a subroutine call, around which ptxas spills the registers live there.
+struct RowWalk {
+  int64_t row, o, i, step_o, step_i, inner, outer_stride;
+  __device__ static void divmod(unsigned v, int64_t d, int64_t& q, int64_t& r) {
+    const bool small = d <= int64_t(UINT_MAX);
+    q = small ? v / unsigned(d) : 0;
+    r = small ? v % unsigned(d) : v;
+  }
+  __device__ explicit RowWalk(const RowArgs& a) : row(blockIdx.x), inner(a.inner), outer_stride(a.classes * a.inner) {
+    divmod(blockIdx.x, inner, o, i);
+    divmod(gridDim.x, inner, step_o, step_i);
+  }
+  __device__ int64_t base() const { return o * outer_stride + i; }  // the row's class 0
+  __device__ void next() {
+    row += gridDim.x;
+    o += step_o;
+    i += step_i;  // both below inner: one wrap at most
+    if (i >= inner) {
+      i -= inner;
+      ++o;
+    }
+  }
+};
+
+// K values of a row added to the forward's accumulators: the log-sum-exp, and (D) the sum d of wu (x - m) as offsets
+// from the running max m, rebased when it grows (as the sum of exp is): no term is positive, so rows of large logits
+// lose no precision and overflow only where the loss does; u is the sum of the weights wu.
+template <bool D, typename A, int K>
+__device__ __forceinline__ void fwd_add(LogSumExp<A>& stat, A& d, A& u, const A (&v)[K], const A (&wu)[K]) {
+  const A m_old = stat.m;
+  stat.add(v);
+  if constexpr (D) {
+    if (m_old > neg_inf<A>()) d += u * (m_old - stat.m);
+    const A mz = stat.m == neg_inf<A>() ? A(0) : stat.m;  // at -inf: w x = -inf, the loss is inf
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      d += wu[j] * (v[j] - mz);
+      u += wu[j];
+    }
+  }
+}
+
+template <typename A, typename T> __device__ __forceinline__ A class_weight(const T* w, int64_t c) {
+  return w ? static_cast<A>(w[c]) : A(1);
 }
 
 // PROB: target holds probabilities (T); else int64 indices. D: accumulate the weighted offsets (smoothing or PROB).
@@ -46,106 +98,167 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
                                                           acc_t<T>* __restrict__ stat_ls,
                                                           int64_t* __restrict__ flag, RowArgs a) {
   using A = acc_t<T>;
-  const int64_t row = blockIdx.x;
-  const int64_t base = row_base(row, a), C = a.classes, st = a.inner;
-  int64_t t = 0;
-  bool ignored = false, bad = false;
-  if constexpr (!PROB) {
-    t = static_cast<const int64_t*>(target)[row];
-    ignored = t == a.ignore_index;
-    bad = !ignored && (t < 0 || t >= C);
-    if (ignored) {  // the whole block takes this branch together
-      if (threadIdx.x == 0) loss[row] = stat_m[row] = stat_ls[row] = A(0);
-      return;
-    }
-    if (bad) {
-      if (threadIdx.x == 0) {
-        flag[1] = t;  // any one bad index will do for the message
-        flag[0] = 1;
-        loss[row] = stat_m[row] = stat_ls[row] = NAN;
-      }
-      return;
-    }
-  }
+  constexpr int N = kVec<T>;
+  const int64_t C = a.classes, st = a.inner;
   const A keep = A(1) - A(a.eps), add = A(a.eps) / A(C);
-  // Weighted sums of x as offsets from this thread's running max, rebased when it grows (as the sum of exp is):
-  // no term is positive, so rows of large logits lose no precision and overflow only where the loss does.
-  LogSumExp<A> stat = LogSumExp<A>::empty();
-  A d = 0, u = 0;
-  for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-    const A v = static_cast<A>(x[base + c * st]);
-    const A one[1] = {v};
-    const A m_old = stat.m;
-    stat.add(one);
-    if constexpr (D) {
-      A wu = w ? static_cast<A>(w[c]) : A(1);
-      // Smoothing's class share eps / C inside the sum: sum w (x - m) alone can overflow where the loss fits.
-      wu *= PROB ? static_cast<A>(static_cast<const T*>(target)[base + c * st]) * keep + add : add;
-      if (m_old > neg_inf<A>()) d += u * (m_old - stat.m);
-      d += wu * (v - (stat.m == neg_inf<A>() ? A(0) : stat.m));  // at -inf: w x = -inf, the loss is inf
-      u += wu;
+  const T* y = static_cast<const T*>(target);
+  for (RowWalk r(a); r.row < a.rows; r.next()) {  // uniform over the block: barriers are safe
+    const int64_t row = r.row, base = r.base();
+    int64_t t = 0;
+    if constexpr (!PROB) {
+      t = static_cast<const int64_t*>(target)[row];
+      if (t == a.ignore_index) {  // the whole block takes this branch together
+        if (threadIdx.x == 0) loss[row] = stat_m[row] = stat_ls[row] = A(0);
+        continue;
+      }
+      if (t < 0 || t >= C) {
+        if (threadIdx.x == 0) {
+          flag[1] = t;  // any one bad index will do for the message
+          flag[0] = 1;
+          loss[row] = stat_m[row] = stat_ls[row] = NAN;
+        }
+        continue;
+      }
+    }
+    LogSumExp<A> stat = LogSumExp<A>::empty();
+    A d = 0, u = 0;
+    if (a.vec) {
+      const int64_t slots = C / N;
+#pragma unroll 2
+      for (int64_t s = threadIdx.x; s < slots; s += kThreads) {
+        A v[N], wu[N];
+        widen(load_slot(x + base, s, C, true, T(0)), v);
+        if constexpr (D) {
+          if constexpr (PROB) widen(load_slot(y + base, s, C, true, T(0)), wu);
+#pragma unroll
+          for (int j = 0; j < N; ++j)
+            wu[j] = class_weight<A>(w, s * N + j) * (PROB ? wu[j] * keep + add : add);
+        }
+        fwd_add<D>(stat, d, u, v, wu);
+      }
+    } else {
+      for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+        const A v[1] = {static_cast<A>(x[base + c * st])};
+        A wu[1];
+        // Smoothing's class share eps / C inside the sum: sum w (x - m) alone can overflow where the loss fits.
+        if constexpr (D) wu[0] = class_weight<A>(w, c) * (PROB ? static_cast<A>(y[base + c * st]) * keep + add : add);
+        fwd_add<D>(stat, d, u, v, wu);
+      }
+    }
+    const A m_thread = stat.m;
+    stat = block_reduce(stat, MergeOp{});
+    const A M = stat.m, log_s = log_(stat.s);
+    if constexpr (D) d = m_thread > neg_inf<A>() ? d + u * (m_thread - M) : d;
+    A l;
+    if constexpr (PROB) {
+      const A U = block_reduce(u, SumOp{}), Dv = block_reduce(d, SumOp{});
+      l = U * log_s - Dv;
+    } else {
+      l = keep * class_weight<A>(w, t) * ((M - static_cast<A>(x[base + t * st])) + log_s);
+      if constexpr (D) {
+        const A Dv = block_reduce(d, SumOp{});
+        l += add * (w ? *wsum : A(C)) * log_s - Dv;
+      }
+    }
+    if (threadIdx.x == 0) {
+      loss[row] = l;
+      stat_m[row] = M;
+      stat_ls[row] = log_s;
     }
   }
-  const A m_thread = stat.m;
-  stat = block_reduce(stat, MergeOp{});
-  const A M = stat.m, log_s = log_(stat.s);
-  if constexpr (D) d = m_thread > neg_inf<A>() ? d + u * (m_thread - M) : d;
-  A l;
-  if constexpr (PROB) {
-    const A U = block_reduce(u, SumOp{}), Dv = block_reduce(d, SumOp{});
-    l = U * log_s - Dv;
-  } else {
-    const A wt = w ? static_cast<A>(w[t]) : A(1);
-    l = keep * wt * ((M - static_cast<A>(x[base + t * st])) + log_s);
-    if constexpr (D) {
-      const A Dv = block_reduce(d, SumOp{});
-      l += add * (w ? *wsum : A(C)) * log_s - Dv;
+}
+
+// The backward rows; x and dx may alias (ce_bwd_inplace_kernel): each element is read before it is written, by
+// the same thread. Inlined into the two kernels below, which differ only in the pointers' qualifiers.
+template <typename T, bool PROB>
+__device__ __forceinline__ void ce_bwd_rows_body(const acc_t<T>* grad, const T* x, const void* target, const T* w,
+                                                 const acc_t<T>* wsum, const acc_t<T>* stat_m,
+                                                 const acc_t<T>* stat_ls, T* dx, RowArgs a) {
+  using A = acc_t<T>;
+  constexpr int N = kVec<T>;
+  const int64_t C = a.classes, st = a.inner;
+  const A keep = A(1) - A(a.eps), add = A(a.eps) / A(C);
+  const T* y = static_cast<const T*>(target);
+  for (RowWalk r(a); r.row < a.rows; r.next()) {  // uniform over the block: barriers are safe
+    const int64_t row = r.row, base = r.base();
+    const A g = grad[row], m = stat_m[row], ls = stat_ls[row];
+    // The gradient of class c from its logit v (and, PROB, its target probability yc).
+    A ga, gb = g * add, gt = 0, W = w ? *wsum : A(C);
+    int64_t t = -1;
+    if constexpr (PROB) {
+      A u = 0;
+      if (a.vec) {
+        for (int64_t s = threadIdx.x; s < C / N; s += kThreads) {
+          A yv[N];
+          widen(load_slot(y + base, s, C, true, T(0)), yv);
+#pragma unroll
+          for (int j = 0; j < N; ++j) u += (yv[j] * keep + add) * class_weight<A>(w, s * N + j);
+        }
+      } else {
+        for (int64_t c = threadIdx.x; c < C; c += kThreads)
+          u += (static_cast<A>(y[base + c * st]) * keep + add) * class_weight<A>(w, c);
+      }
+      ga = g * block_reduce(u, SumOp{});
+    } else {
+      t = static_cast<const int64_t*>(target)[row];
+      if (t == a.ignore_index || t < 0 || t >= C) {
+        if (a.vec) {
+          Vec<T, N> z;
+#pragma unroll
+          for (int j = 0; j < N; ++j) z.v[j] = T(0);
+          for (int64_t s = threadIdx.x; s < C / N; s += kThreads) store_slot(dx + base, s, C, true, z);
+        } else {
+          for (int64_t c = threadIdx.x; c < C; c += kThreads) dx[base + c * st] = T(0);
+        }
+        continue;
+      }
+      const A wt = class_weight<A>(w, t);
+      ga = g * (keep * wt + add * W);
+      gt = g * keep * wt;
     }
-  }
-  if (threadIdx.x == 0) {
-    loss[row] = l;
-    stat_m[row] = M;
-    stat_ls[row] = log_s;
+    auto grad_of = [&](int64_t c, A v, A yc) -> A {
+      const A p = exp_((v - m) - ls), wc = class_weight<A>(w, c);
+      if constexpr (PROB) return ga * p - g * (yc * keep + add) * wc;
+      // The target's entry with p_t - 1 (exact near 1: a confident row gets 0, as in torch; see the CPU kernel).
+      return c == t ? gt * (p - A(1)) + gb * (W * p - wc) : ga * p - gb * wc;
+    };
+    if (a.vec) {
+#pragma unroll 2
+      for (int64_t s = threadIdx.x; s < C / N; s += kThreads) {
+        Vec<T, N> xv = load_slot(x + base, s, C, true, T(0)), yv;
+        if constexpr (PROB) yv = load_slot(y + base, s, C, true, T(0));
+#pragma unroll
+        for (int j = 0; j < N; ++j)
+          xv.v[j] = static_cast<T>(grad_of(s * N + j, static_cast<A>(xv.v[j]), PROB ? static_cast<A>(yv.v[j]) : A(0)));
+        store_slot(dx + base, s, C, true, xv);
+      }
+    } else {
+      for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+        const int64_t i = base + c * st;
+        dx[i] = static_cast<T>(grad_of(c, static_cast<A>(x[i]), PROB ? static_cast<A>(y[i]) : A(0)));
+      }
+    }
   }
 }
 
 template <typename T, bool PROB>
-__global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const acc_t<T>* __restrict__ grad, const T* x,
+__global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const acc_t<T>* __restrict__ grad, const T* __restrict__ x,
                                                           const void* __restrict__ target, const T* __restrict__ w,
                                                           const acc_t<T>* __restrict__ wsum,
                                                           const acc_t<T>* __restrict__ stat_m,
-                                                          const acc_t<T>* __restrict__ stat_ls, T* dx, RowArgs a) {
-  // x and dx may alias (inplace): each element is read before it is written, by the same thread.
-  using A = acc_t<T>;
-  const int64_t row = blockIdx.x;
-  const int64_t base = row_base(row, a), C = a.classes, st = a.inner;
-  const A g = grad[row], m = stat_m[row], ls = stat_ls[row];
-  const A keep = A(1) - A(a.eps), add = A(a.eps) / A(C);
-  const T* y = static_cast<const T*>(target);
-  if constexpr (PROB) {
-    A u = 0;
-    for (int64_t c = threadIdx.x; c < C; c += kThreads)
-      u += (static_cast<A>(y[base + c * st]) * keep + add) * (w ? static_cast<A>(w[c]) : A(1));
-    const A ga = g * block_reduce(u, SumOp{});
-    for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-      const A wu = (static_cast<A>(y[base + c * st]) * keep + add) * (w ? static_cast<A>(w[c]) : A(1));
-      dx[base + c * st] = static_cast<T>(ga * exp_((static_cast<A>(x[base + c * st]) - m) - ls) - g * wu);
-    }
-  } else {
-    const int64_t t = static_cast<const int64_t*>(target)[row];
-    if (t == a.ignore_index || t < 0 || t >= C) {
-      for (int64_t c = threadIdx.x; c < C; c += kThreads) dx[base + c * st] = T(0);
-      return;
-    }
-    const A wt = w ? static_cast<A>(w[t]) : A(1);
-    const A ga = g * (keep * wt + add * (w ? *wsum : A(C))), gb = g * add, gt = g * keep * wt;
-    for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-      const A p = exp_((static_cast<A>(x[base + c * st]) - m) - ls), wc = w ? static_cast<A>(w[c]) : A(1);
-      // The target's entry with p_t - 1 (exact near 1: a confident row gets 0, as in torch; see the CPU kernel).
-      const A v = c == t ? gt * (p - A(1)) + gb * ((w ? *wsum : A(C)) * p - wc) : ga * p - gb * wc;
-      dx[base + c * st] = static_cast<T>(v);
-    }
-  }
+                                                          const acc_t<T>* __restrict__ stat_ls, T* __restrict__ dx,
+                                                          RowArgs a) {
+  ce_bwd_rows_body<T, PROB>(grad, x, target, w, wsum, stat_m, stat_ls, dx, a);
+}
+
+template <typename T, bool PROB>
+__global__ void __launch_bounds__(kThreads) ce_bwd_inplace_kernel(const acc_t<T>* __restrict__ grad, T* x_dx,
+                                                                  const void* __restrict__ target,
+                                                                  const T* __restrict__ w,
+                                                                  const acc_t<T>* __restrict__ wsum,
+                                                                  const acc_t<T>* __restrict__ stat_m,
+                                                                  const acc_t<T>* __restrict__ stat_ls, RowArgs a) {
+  ce_bwd_rows_body<T, PROB>(grad, x_dx, target, w, wsum, stat_m, stat_ls, x_dx, a);
 }
 
 // The class weights as the kernels read them: contiguous, with their sum on the device (no sync); null pointers
@@ -161,9 +274,16 @@ struct DeviceWeights {
   template <typename A> const A* sum_data() const { return sum.defined() ? sum.const_data_ptr<A>() : nullptr; }
 };
 
-RowArgs row_args(const CeGeometry& g, int64_t ignore_index, double eps) {
-  return RowArgs{g.classes, g.inner, ignore_index, eps};
+// vec: the rows are read (and written) in 16-byte slots when they all start 16-byte aligned in every tensor that is.
+template <typename T>
+RowArgs row_args(const CeGeometry& g, int64_t ignore_index, double eps, std::initializer_list<const void*> data) {
+  bool vec = g.inner == 1 && g.classes % kVec<T> == 0;
+  for (const void* p : data) vec = vec && aligned16(p);
+  return RowArgs{g.rows(), g.classes, g.inner, ignore_index, eps, vec};
 }
+
+// Blocks of a grid-stride launch over `rows` rows: one a row, up to what a grid's x dimension holds.
+unsigned grid_for(int64_t rows) { return static_cast<unsigned>(std::min<int64_t>(rows, INT_MAX)); }
 
 }  // namespace
 
@@ -172,12 +292,13 @@ void ce_fwd_rows(const at::Tensor& x, const at::Tensor& t, const std::optional<a
   if (g.rows() == 0) return;
   const bool prob = t.is_floating_point();
   const DeviceWeights dw(w, x.scalar_type());
-  const RowArgs a = row_args(g, ignore_index, eps);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_fwd_cuda", [&] {
     using A = acc_t<scalar_t>;
+    const RowArgs a =
+        row_args<scalar_t>(g, ignore_index, eps, {x.const_data_ptr(), prob ? t.const_data_ptr() : nullptr});
     auto go = [&](auto kernel) {
-      kernel<<<g.rows(), kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), t.const_data_ptr(),
+      kernel<<<grid_for(g.rows()), kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), t.const_data_ptr(),
                                                 dw.data<scalar_t>(), dw.sum_data<A>(), loss.mutable_data_ptr<A>(),
                                                 stat_plane<A>(stats, 0), stat_plane<A>(stats, 1),
                                                 flag.mutable_data_ptr<int64_t>(), a);
@@ -194,19 +315,31 @@ void ce_bwd_rows(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& 
                  double eps, at::Tensor& dx) {
   if (g.rows() == 0 || g.classes == 0) return;
   const DeviceWeights dw(w, x.scalar_type());
-  const RowArgs a = row_args(g, ignore_index, eps);
   const at::Tensor gc = grad.contiguous(), st = stats.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool prob = t.is_floating_point();
+  // dx is either x itself (inplace) or a separate allocation; any other overlap is not a supported call.
+  const bool inplace = dx.const_data_ptr() == x.const_data_ptr();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_bwd_cuda", [&] {
-    using A = acc_t<scalar_t>;
-    auto go = [&](auto kernel) {
-      kernel<<<g.rows(), kThreads, 0, stream>>>(gc.const_data_ptr<A>(), x.const_data_ptr<scalar_t>(),
-                                                t.const_data_ptr(), dw.data<scalar_t>(), dw.sum_data<A>(),
-                                                stat_plane<const A>(st, 0), stat_plane<const A>(st, 1),
-                                                dx.mutable_data_ptr<scalar_t>(), a);
-    };
-    if (t.is_floating_point()) go(ce_bwd_kernel<scalar_t, true>);
-    else go(ce_bwd_kernel<scalar_t, false>);
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const RowArgs a = row_args<T>(g, ignore_index, eps, {x.const_data_ptr(), dx.const_data_ptr(),
+                                                         prob ? t.const_data_ptr() : nullptr});
+    const A *gp = gc.const_data_ptr<A>(), *sm = stat_plane<const A>(st, 0), *sl = stat_plane<const A>(st, 1);
+    const T* wp = dw.data<T>();
+    const A* wsp = dw.sum_data<A>();
+    const unsigned blocks = grid_for(g.rows());
+    const void* tp = t.const_data_ptr();
+    if (inplace) {
+      T* xp = dx.mutable_data_ptr<T>();
+      if (prob) ce_bwd_inplace_kernel<T, true><<<blocks, kThreads, 0, stream>>>(gp, xp, tp, wp, wsp, sm, sl, a);
+      else ce_bwd_inplace_kernel<T, false><<<blocks, kThreads, 0, stream>>>(gp, xp, tp, wp, wsp, sm, sl, a);
+    } else {
+      const T* xp = x.const_data_ptr<T>();
+      T* dp = dx.mutable_data_ptr<T>();
+      if (prob) ce_bwd_kernel<T, true><<<blocks, kThreads, 0, stream>>>(gp, xp, tp, wp, wsp, sm, sl, dp, a);
+      else ce_bwd_kernel<T, false><<<blocks, kThreads, 0, stream>>>(gp, xp, tp, wp, wsp, sm, sl, dp, a);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
