@@ -1,8 +1,8 @@
 """Triton softmax / log-softmax, forward and backward, over any dim.
 
-One program per row. A row of at most MAX_SINGLE elements is held in registers: one read, one write. A longer
-row takes two passes: an online max+sum (per-lane running max and rescaled sum, reduced once at the end), then
-the write. Non-last dims address the row with stride `inner` instead of transposing. Half types compute in
+One program per row. A row of at most MAX_SINGLE elements (forward; MAX_SINGLE_BWD for the backward, which holds
+two tensors) is held in registers: one read, one write. A longer row takes two passes: an online max+sum (per-lane
+running max and rescaled sum, reduced once at the end), then the write. Non-last dims address the row with stride `inner` instead of transposing. Half types compute in
 float32, float64 in float64.
 """
 from __future__ import annotations
@@ -11,9 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast_rtne, row_start
+from .common import cast_rtne, outer_chunks, row_start
 
-MAX_SINGLE = 8192  # fp32 row in registers: 8192 / (16 warps * 32 lanes) = 16 values a thread, no spills
+# Rows held in registers, at most 32 fp32 values a thread with 32 warps (1024 threads leave 64 registers each): a
+# 32000-class row is one read and one write. The backward holds dy and y, so half as many.
+MAX_SINGLE = 32768
+MAX_SINGLE_BWD = 16384
+VALUES_PER_THREAD = 32
 ONLINE_BLOCK = 4096
 
 
@@ -95,11 +99,14 @@ def softmax_bwd_kernel(DY, Yp, DX, n_cols, inner, ACC: tl.constexpr, BLOCK: tl.c
             tl.store(DX + base + c * stride, cast_rtne(dx, DX.dtype.element_ty), mask=mask)
 
 
-def _launch_config(n_cols: int, dtype: torch.dtype) -> dict:
-    single = n_cols <= MAX_SINGLE
+def _launch_config(n_cols: int, dtype: torch.dtype, bwd: bool = False) -> dict:
+    # A float64 value takes two registers: half the row.
+    single = n_cols <= (MAX_SINGLE_BWD if bwd else MAX_SINGLE) // (2 if dtype == torch.float64 else 1)
     block = triton.next_power_of_2(max(n_cols, 1)) if single else ONLINE_BLOCK
-    # Enough warps that each thread holds <= 16 values of a register-resident row.
-    num_warps = min(16, max(1, block // 512))
+    # Enough warps that each thread holds at most VALUES_PER_THREAD // 2 values of a tensor's row (16 of x, or of
+    # dy and of y) below the cap, at most VALUES_PER_THREAD at the forward's cap.
+    per_thread = VALUES_PER_THREAD if block > MAX_SINGLE_BWD else VALUES_PER_THREAD // 2
+    num_warps = min(32, max(1, block // (32 * per_thread)))
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     return dict(ACC=acc, BLOCK=block, SINGLE=single, num_warps=num_warps)
 
@@ -121,7 +128,11 @@ def softmax_forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
     if x.numel() == 0:
         return y
     n, inner, rows = _geometry(x, dim)
-    softmax_fwd_kernel[(rows,)](x, y, n, inner, LOG=log, LASTDIM=inner == 1, **_launch_config(n, x.dtype))
+    cfg = _launch_config(n, x.dtype)
+    outer = rows // inner
+    xo, yo = x.view(outer, -1), y.view(outer, -1)
+    for o0, o1 in outer_chunks(outer, inner):
+        softmax_fwd_kernel[((o1 - o0) * inner,)](xo[o0:o1], yo[o0:o1], n, inner, LOG=log, LASTDIM=inner == 1, **cfg)
     return y
 
 
@@ -132,21 +143,33 @@ def softmax_backward(grad_output: torch.Tensor, output: torch.Tensor, dim: int, 
     if y.numel() == 0:
         return dx
     n, inner, rows = _geometry(y, dim)
-    softmax_bwd_kernel[(rows,)](dy, y, dx, n, inner, LOG=log, LASTDIM=inner == 1, **_launch_config(n, y.dtype))
+    cfg = _launch_config(n, y.dtype, bwd=True)
+    outer = rows // inner
+    dyo, yo, dxo = dy.view(outer, -1), y.view(outer, -1), dx.view(outer, -1)
+    for o0, o1 in outer_chunks(outer, inner):
+        softmax_bwd_kernel[((o1 - o0) * inner,)](dyo[o0:o1], yo[o0:o1], dxo[o0:o1], n, inner, LOG=log,
+                                                 LASTDIM=inner == 1, **cfg)
     return dx
 
 
 def _aot_specs():
     """Representative compilations for the ahead-of-time check (kernels/aot.py): every code path, fp32/bf16."""
     for dt in ("fp32", "bf16"):
-        for single, block, warps in ((True, 1024, 2), (True, MAX_SINGLE, 16), (False, ONLINE_BLOCK, 8)):
+        for n in (1000, 8192, MAX_SINGLE_BWD, MAX_SINGLE, MAX_SINGLE + 1):
             for log in (False, True):
-                common = dict(ACC=tl.float32, BLOCK=block, LOG=log, LASTDIM=True, SINGLE=single)
-                yield (softmax_fwd_kernel, {"X": f"*{dt}", "Y": f"*{dt}", "n_cols": "i32", "inner": "i32"},
-                       common, warps)
-                yield (softmax_bwd_kernel,
-                       {"DY": f"*{dt}", "Yp": f"*{dt}", "DX": f"*{dt}", "n_cols": "i32", "inner": "i32"},
-                       common, warps)
+                for bwd in (False, True):
+                    if bwd and MAX_SINGLE_BWD < n <= MAX_SINGLE:  # the backward runs this length online
+                        continue
+                    cfg = _launch_config(n, torch.float32, bwd)
+                    warps = cfg.pop("num_warps")
+                    common = dict(cfg, LOG=log, LASTDIM=True)
+                    if bwd:
+                        yield (softmax_bwd_kernel,
+                               {"DY": f"*{dt}", "Yp": f"*{dt}", "DX": f"*{dt}", "n_cols": "i32", "inner": "i32"},
+                               common, warps)
+                    else:
+                        yield (softmax_fwd_kernel, {"X": f"*{dt}", "Y": f"*{dt}", "n_cols": "i32", "inner": "i32"},
+                               common, warps)
 
 
 AOT = _aot_specs

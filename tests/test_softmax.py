@@ -382,3 +382,20 @@ def test_triton_more_rows_than_a_grid(monkeypatch, shape, dim):
 
     monkeypatch.setattr(common, "MAX_PROGRAMS", 2 if dim == -1 else 7)
     _check_against_reference("cpu", "triton", shape, dim, torch.float32, False)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("softmax"))
+@pytest.mark.parametrize("n", [20000, 32768])  # Triton: the forward holds the row in registers, the backward not
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_rows_between_the_register_caps(device, backend, n, dtype, log):
+    _check_against_reference(device, backend, (3, n), -1, dtype, log)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("n", [50257, 128256])  # CUDA: registers plus a shared-memory tail (fp32 128256: online)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_cuda_rows_past_the_registers(device, backend, n, dtype, log):
+    _check_against_reference(device, backend, (5, n), -1, dtype, log)

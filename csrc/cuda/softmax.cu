@@ -6,6 +6,10 @@
 //    a group of <= 32 lanes each, several rows per block, reduced with warp shuffles; longer rows get a block of
 //    up to 1024 (forward) / 512 (backward, which caches dy and y) threads, reduced through shared memory. One
 //    read and one write of each tensor.
+//  - cached with a shared-memory tail: a row past the registers' capacity that fits with its remaining slots in
+//    the block's shared memory (the GPU's opt-in maximum, e.g. 227 KB on sm_90) gets one block; each thread keeps
+//    its slots past the registers' in shared memory (only it reads them back: no barrier). Still one read and
+//    one write of each tensor: 128256 bf16 logits, 50257 fp32, the backward of 32000 classes.
 //  - online: longer rows take one block per row and two passes: an online max+sum (LogSumExp), then the write
 //    (the backward: the dot product, then the write) - two reads instead of one, the second mostly from L2.
 // Other dims (inner > 1) use a strided kernel instead of a transposing copy: a block's x threads take adjacent
@@ -42,12 +46,21 @@ constexpr int kStridedThreads = 256;  // strided kernel: blockDim.x * blockDim.y
 // Kernels. Rows are visited by a grid-stride loop whose trip count is uniform over the block, so the
 // reductions' shuffles and barriers are reached by every thread; threads of a row past the end only idle.
 
-template <typename T, int ITERS>
+// The dynamic shared memory of the TAIL kernels: the slots of a row past the registers' (one row per block).
+template <typename T> __device__ __forceinline__ Vec<T, kVec<T>>* tail_slots() {
+  extern __shared__ __align__(16) unsigned char tail_raw[];
+  return reinterpret_cast<Vec<T, kVec<T>>*>(tail_raw);
+}
+
+// TAIL: one row per block (blockDim.y == 1); slots from ITERS * blockDim.x on live in shared memory, each read back
+// only by the thread that wrote it.
+template <typename T, int ITERS, bool TAIL = false>
 __global__ void __launch_bounds__(kFwdThreads)
     softmax_fwd_cached(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t n, bool vec, bool log) {
   using A = acc_t<T>;
   constexpr int N = kVec<T>;
-  const int64_t slots = ceil_div(n, N);
+  const int64_t slots = ceil_div(n, N), reg_slots = int64_t(ITERS) * blockDim.x;
+  Vec<T, N>* tail = tail_slots<T>();  // slot s at tail[s - reg_slots]
   for (int64_t r0 = int64_t(blockIdx.x) * blockDim.y; r0 < rows; r0 += int64_t(gridDim.x) * blockDim.y) {
     const int64_t row = r0 + threadIdx.y;
     const bool live = row < rows;
@@ -65,6 +78,14 @@ __global__ void __launch_bounds__(kFwdThreads)
         for (int j = 0; j < N; ++j) m = fmax(m, static_cast<A>(c[i].v[j]));
       }
     }
+    if constexpr (TAIL) {
+      for (int64_t slot = reg_slots + threadIdx.x; slot < slots; slot += blockDim.x) {
+        const Vec<T, N> v = load_slot(xr, slot, n, vec, static_cast<T>(neg_inf<float>()));
+        tail[slot - reg_slots] = v;
+#pragma unroll
+        for (int j = 0; j < N; ++j) m = fmax(m, static_cast<A>(v.v[j]));
+      }
+    }
     m = row_reduce(m, MaxOp{});
     A s = 0;
 #pragma unroll
@@ -75,19 +96,36 @@ __global__ void __launch_bounds__(kFwdThreads)
         for (int j = 0; j < N; ++j) s += exp_(static_cast<A>(c[i].v[j]) - m);  // NaN in x: s NaN, row NaN
       }
     }
+    if constexpr (TAIL) {
+      for (int64_t slot = reg_slots + threadIdx.x; slot < slots; slot += blockDim.x) {
+        const Vec<T, N> v = tail[slot - reg_slots];
+#pragma unroll
+        for (int j = 0; j < N; ++j) s += exp_(static_cast<A>(v.v[j]) - m);
+      }
+    }
     s = row_reduce(s, SumOp{});
     // log: (x - m) - log(s), not x - (m + log(s)): at |x| ~ 1e4 that sum would round log(s) away.
     const A log_s = log_(s), inv = A(1) / s;
+    auto out = [&](Vec<T, N>& v) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const A d = static_cast<A>(v.v[j]) - m;
+        v.v[j] = static_cast<T>(log ? d - log_s : exp_(d) * inv);
+      }
+    };
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
       const int64_t slot = int64_t(i) * blockDim.x + threadIdx.x;
       if (live && slot < slots) {
-#pragma unroll
-        for (int j = 0; j < N; ++j) {
-          const A v = static_cast<A>(c[i].v[j]) - m;
-          c[i].v[j] = static_cast<T>(log ? v - log_s : exp_(v) * inv);
-        }
+        out(c[i]);
         store_slot(y + row * n, slot, n, vec, c[i]);
+      }
+    }
+    if constexpr (TAIL) {
+      for (int64_t slot = reg_slots + threadIdx.x; slot < slots; slot += blockDim.x) {
+        Vec<T, N> v = tail[slot - reg_slots];
+        out(v);
+        store_slot(y + row * n, slot, n, vec, v);
       }
     }
   }
@@ -129,13 +167,16 @@ template <typename A> __device__ __forceinline__ A bwd_value(A dy, A y, A d, boo
   return log ? dy - exp_(y) * d : y * (dy - d);
 }
 
-template <typename T, int ITERS>
+// TAIL: as the forward's; the shared memory holds dy's tail slots, then y's.
+template <typename T, int ITERS, bool TAIL = false>
 __global__ void __launch_bounds__(kBwdThreads)
     softmax_bwd_cached(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx, int64_t rows,
                        int64_t n, bool vec, bool log) {
   using A = acc_t<T>;
   constexpr int N = kVec<T>;
-  const int64_t slots = ceil_div(n, N);
+  const int64_t slots = ceil_div(n, N), reg_slots = int64_t(ITERS) * blockDim.x;
+  Vec<T, N>* tail_g = tail_slots<T>();  // slot s at tail_g[s - reg_slots], and of y at tail_y[s - reg_slots]
+  Vec<T, N>* tail_y = tail_g + (slots - reg_slots);
   for (int64_t r0 = int64_t(blockIdx.x) * blockDim.y; r0 < rows; r0 += int64_t(gridDim.x) * blockDim.y) {
     const int64_t row = r0 + threadIdx.y;
     const bool live = row < rows;
@@ -152,16 +193,34 @@ __global__ void __launch_bounds__(kBwdThreads)
         for (int j = 0; j < N; ++j) d += bwd_term(static_cast<A>(cg[i].v[j]), static_cast<A>(cy[i].v[j]), log);
       }
     }
+    if constexpr (TAIL) {
+      for (int64_t slot = reg_slots + threadIdx.x; slot < slots; slot += blockDim.x) {
+        const Vec<T, N> g = load_slot(dy + base, slot, n, vec, T(0)), v = load_slot(y + base, slot, n, vec, T(0));
+        tail_g[slot - reg_slots] = g;
+        tail_y[slot - reg_slots] = v;
+#pragma unroll
+        for (int j = 0; j < N; ++j) d += bwd_term(static_cast<A>(g.v[j]), static_cast<A>(v.v[j]), log);
+      }
+    }
     d = row_reduce(d, SumOp{});
+    auto out = [&](Vec<T, N>& g, const Vec<T, N>& v) {  // dy -> dx in place
+#pragma unroll
+      for (int j = 0; j < N; ++j)
+        g.v[j] = static_cast<T>(bwd_value(static_cast<A>(g.v[j]), static_cast<A>(v.v[j]), d, log));
+    };
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
       const int64_t slot = int64_t(i) * blockDim.x + threadIdx.x;
       if (live && slot < slots) {
-#pragma unroll
-        for (int j = 0; j < N; ++j)
-          cg[i].v[j] =
-              static_cast<T>(bwd_value(static_cast<A>(cg[i].v[j]), static_cast<A>(cy[i].v[j]), d, log));
+        out(cg[i], cy[i]);
         store_slot(dx + base, slot, n, vec, cg[i]);
+      }
+    }
+    if constexpr (TAIL) {
+      for (int64_t slot = reg_slots + threadIdx.x; slot < slots; slot += blockDim.x) {
+        Vec<T, N> g = tail_g[slot - reg_slots];
+        out(g, tail_y[slot - reg_slots]);
+        store_slot(dx + base, slot, n, vec, g);
       }
     }
   }
@@ -282,6 +341,25 @@ Cached cached_config(int64_t slots, int max_threads, int max_iters) {
   return {t, 1, next_pow2(ceil_div(slots, t))};
 }
 
+// Launches the TAIL variant of a cached kernel (one row a block, `threads` threads caching `iters` slots each in
+// registers) if the row's remaining slots of `tensors` tensors fit in the device's shared memory; false otherwise.
+template <typename Kernel, typename... Args>
+bool launch_tail(Kernel kernel, int64_t rows, int64_t slots, int threads, int iters, int tensors, size_t slot_bytes,
+                 cudaStream_t stream, Args... args) {
+  const int64_t bytes = (slots - int64_t(threads) * iters) * tensors * int64_t(slot_bytes);
+  int device = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));  // the static shared memory of block_reduce
+  if (bytes <= 0 || bytes + int64_t(attr.sharedSizeBytes) > optin) return false;
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  kernel<<<static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridX)), threads, size_t(bytes), stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
 unsigned grid_for(int64_t blocks) { return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, kMaxGridX))); }
 
 // Calls f(std::integral_constant<int, I>) for I = iters, a power of two up to kMaxIters<T>.
@@ -315,6 +393,11 @@ template <typename T> void launch_fwd(const T* x, T* y, const DimGeometry& g, bo
   const int64_t n = g.size, rows = g.outer, slots = ceil_div(n, kVec<T>);
   const bool vec = n % kVec<T> == 0 && aligned16(x) && aligned16(y);
   const Cached c = cached_config(slots, kFwdThreads, kMaxIters<T>);
+  // Half the register cache of the plain kernel: the tail loops' registers must fit the 64 of a 1024-thread block.
+  constexpr int kTailIters = kMaxIters<T> / 2;
+  if (c.iters == 0 && launch_tail(softmax_fwd_cached<T, kTailIters, true>, rows, slots, kFwdThreads, kTailIters, 1,
+                                  sizeof(Vec<T>), stream, x, y, rows, n, vec, log))
+    return;
   if (c.iters == 0) {
     softmax_fwd_online<T><<<grid_for(rows), kOnlineThreads, 0, stream>>>(x, y, rows, n, vec, log);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -338,6 +421,9 @@ void launch_bwd(const T* dy, const T* y, T* dx, const DimGeometry& g, bool log, 
   const int64_t n = g.size, rows = g.outer, slots = ceil_div(n, kVec<T>);
   const bool vec = n % kVec<T> == 0 && aligned16(dy) && aligned16(y) && aligned16(dx);
   const Cached c = cached_config(slots, kBwdThreads, kMaxIters<T>);
+  if (c.iters == 0 && launch_tail(softmax_bwd_cached<T, kMaxIters<T>, true>, rows, slots, kBwdThreads,
+                                  kMaxIters<T>, 2, sizeof(Vec<T>), stream, dy, y, dx, rows, n, vec, log))
+    return;
   if (c.iters == 0) {
     softmax_bwd_online<T><<<grid_for(rows), kOnlineThreads, 0, stream>>>(dy, y, dx, rows, n, vec, log);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
