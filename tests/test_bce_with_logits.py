@@ -348,3 +348,25 @@ def test_cuda_native_and_triton_agree(dtype):
         _check(out, ref, t_out)
         _check(dx, ref_dx, t_dx, name="grad_input")
         _check(dy, ref_dy, t_dy, name="grad_target")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device,backend", [p for p in device_backends("bce_with_logits") if p.values[0] == "cuda"])
+@pytest.mark.parametrize("shape,wspec,pwspec", [
+    ((2053, 2053), (2053, 1), (2053,)),       # more slots than one grid-stride pass (the walk's step), odd runs
+    ((3, 1401, 1001), (3, 1, 1001), (1,)),    # broadcast over the middle dim, runs crossing 16-byte slots
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_cuda_grid_stride_broadcast(device, backend, shape, wspec, pwspec, dtype, reduction):
+    x = (3 * torch.randn(shape, dtype=torch.float64, device=device)).to(dtype)
+    y = torch.rand(shape, dtype=torch.float64, device=device).to(dtype)
+    w = _layout_tensor(wspec, shape, device).to(dtype)
+    pw = _layout_tensor(pwspec, shape, device).to(dtype)
+    ref, ref_dx, ref_dy, g = _run(fastnn.reference.binary_cross_entropy_with_logits, x.double(), y.double(),
+                                  w.double(), pw.double(), reduction)
+    out, dx, dy, _ = _run(F.binary_cross_entropy_with_logits, x, y, w, pw, reduction, g.to(dtype), backend=backend)
+    t_out, t_dx, t_dy, _ = _run(TF.binary_cross_entropy_with_logits, x, y, w, pw, reduction, g.to(dtype))
+    _check(out, ref, t_out)
+    _check(dx, ref_dx, t_dx, name="grad_input")
+    _check(dy, ref_dy, t_dy, name="grad_target")
