@@ -421,8 +421,11 @@ void launch_bwd(const T* dy, const T* y, T* dx, const DimGeometry& g, bool log, 
   const int64_t n = g.size, rows = g.outer, slots = ceil_div(n, kVec<T>);
   const bool vec = n % kVec<T> == 0 && aligned16(dy) && aligned16(y) && aligned16(dx);
   const Cached c = cached_config(slots, kBwdThreads, kMaxIters<T>);
-  if (c.iters == 0 && launch_tail(softmax_bwd_cached<T, kMaxIters<T>, true>, rows, slots, kBwdThreads,
-                                  kMaxIters<T>, 2, sizeof(Vec<T>), stream, dy, y, dx, rows, n, vec, log))
+  // A quarter of the plain kernel's register cache: with more, ptxas 13.0 spilled the tail loops (sm_80 at 8 slots,
+  // sm_90 at 4 for float).
+  constexpr int kTailIters = std::max(1, kMaxIters<T> / 4);
+  if (c.iters == 0 && launch_tail(softmax_bwd_cached<T, kTailIters, true>, rows, slots, kBwdThreads, kTailIters, 2,
+                                  sizeof(Vec<T>), stream, dy, y, dx, rows, n, vec, log))
     return;
   if (c.iters == 0) {
     softmax_bwd_online<T><<<grid_for(rows), kOnlineThreads, 0, stream>>>(dy, y, dx, rows, n, vec, log);
