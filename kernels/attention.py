@@ -219,7 +219,7 @@ def _attn_fwd(Q, K, V, O, ROW_MAX, LOGL, MASK, KPM, H, G, Lq, Lk, D, DV, q_sb, q
     q = _load(Q + b * q_sb + h * q_sh, offs_m, Lq, D, offs_d, dmask, True, not EVEN_D)
     c = sc * _const(_LOG2E, ACC)
     if NEG_SCALE:  # on q (exactly), so that c >= 0 and max(q k^T) c is the row max of the scaled scores
-        q = -q
+        q = (-q.to(ACC)).to(q.dtype)  # through ACC: the interpreter holds bfloat16 as raw integers
         c = -c
     k_base, v_base = K + b * k_sb + hk * k_sh, V + b * v_sb + hk * v_sh
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
@@ -378,6 +378,23 @@ def _attn_bwd(Q, K, V, DO, ROW_MAX, LOGL, DELTA, DQ, DK, DV_, DMASK, MASK, KPM, 
     _store(DV_ + bhk * Lk * DV, _to(dv, DV_.dtype.element_ty, UPCAST), offs_n, Lk, DV, offs_dv, dvmask, not EVEN_D)
 
 
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, R, DV, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """delta = rowsum(dO * O) over the R rows of the contiguous (R, DV) output and its gradient, in ACC."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_DV)
+    mask = (rows[:, None] < R) & (cols[None, :] < DV)
+    offs = rows[:, None] * DV + cols[None, :]
+    o = tl.load(O + offs, mask=mask, other=0.0).to(ACC)
+    do = tl.load(DO + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < R)
+
+
+def _delta_rows(block_dv: int) -> int:
+    """Rows per program of _attn_bwd_delta: ~4096 elements (big tiles under the interpreter)."""
+    return 128 if _INTERPRET else max(1, 4096 // block_dv)
+
+
 # ---- launchers ----------------------------------------------------------------------------------------------
 
 def _acc(dtype: torch.dtype):
@@ -404,25 +421,17 @@ def _blocks(d: int, dtype: torch.dtype, backward: bool, heavy: bool, hopper: boo
     block_d = _pad(d)
     if _INTERPRET:
         return dict(INTERPRET_TILES, BLOCK_D=block_d, num_warps=4)
-    num_warps = 8 if block_d >= 64 else 4
     if dtype in (torch.float32, torch.float64):
-        bm, bn = (32, 32) if block_d <= 32 else (16, 16)
-        if block_d >= 256:
-            return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4 if backward else num_warps,
-                        num_stages=1)
-        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=num_warps)
-    if hopper:
-        bm, bn, warps, stages, _ = _HOPPER[(backward, heavy, max(block_d, 64))]
-        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
-    if not backward:
-        bm, bn = (64, 64) if block_d <= 128 else ((32, 32) if heavy else (32, 64))
-    elif block_d <= 64:
-        bm, bn = (32, 64) if heavy else (64, 64)
-    elif block_d <= 128:
-        bm, bn = (32, 32) if heavy else (32, 64)
-    else:
-        bm, bn = (16, 16) if heavy else (32, 32)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=num_warps)
+        cfg = dict(BLOCK_M=32, BLOCK_N=32) if block_d <= 32 else dict(BLOCK_M=16, BLOCK_N=16)
+        cfg.update(BLOCK_D=block_d, num_warps=8 if block_d >= 64 else 4)
+        if backward and heavy:
+            # ptxas held the masked backward to 128 registers and spilled; with the cap lifted it takes ~150-220
+            cfg.update(num_stages=1, maxnreg=255)
+        elif block_d >= 256:
+            cfg.update(num_warps=4 if backward else cfg["num_warps"], num_stages=1)
+        return cfg
+    bm, bn, warps, stages, _ = (_HOPPER if hopper else _AMPERE)[(backward, heavy, max(block_d, 64))]
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
 
 
 # sm_90 half precision: (backward, heavy, padded head dim 64 / 128 / 256) -> (BLOCK_M, BLOCK_N, warps, stages,
@@ -434,8 +443,20 @@ _HOPPER = {
     (False, False, 128): (128, 64, 8, 3, True), (False, True, 128): (128, 64, 8, 3, True),
     (False, False, 256): (64, 64, 8, 2, True), (False, True, 256): (64, 32, 8, 2, True),
     (True, False, 64): (64, 64, 8, 2, True), (True, True, 64): (32, 64, 8, 1, True),
-    (True, False, 128): (64, 64, 8, 2, True), (True, True, 128): (32, 64, 8, 1, True),
+    (True, False, 128): (64, 64, 8, 2, True), (True, True, 128): (16, 64, 8, 1, True),
     (True, False, 256): (32, 64, 8, 1, True), (True, True, 256): (16, 32, 8, 1, False),
+}
+
+
+# Before sm_90 (mma.sync), the same keys. Masks with dropout in the backward: one pipelining stage (the
+# prefetched tiles spilled).
+_AMPERE = {
+    (False, False, 64): (64, 64, 8, 3, False), (False, True, 64): (64, 64, 8, 3, False),
+    (False, False, 128): (64, 64, 8, 3, False), (False, True, 128): (32, 64, 8, 3, False),
+    (False, False, 256): (32, 32, 8, 3, False), (False, True, 256): (32, 32, 8, 3, False),
+    (True, False, 64): (32, 64, 8, 3, False), (True, True, 64): (32, 32, 8, 1, False),
+    (True, False, 128): (32, 64, 8, 3, False), (True, True, 128): (16, 32, 8, 3, False),
+    (True, False, 256): (32, 32, 8, 3, False), (True, True, 256): (16, 16, 8, 1, False),
 }
 
 
@@ -542,7 +563,11 @@ def attention_backward(grad_out, q, k, v, out, stats, attn_mask, key_padding_mas
     dmask = torch.zeros(attn_mask.shape if mask_grad else (0,), dtype=acc, device=q.device)
     if Lq == 0 or Lk == 0 or B * H == 0:
         return dq_acc.to(q.dtype), dk.zero_(), dv.zero_(), dmask
-    delta = (do.to(acc) * out.to(acc)).sum(-1).contiguous()
+    delta = torch.empty((B, H, Lq), dtype=acc, device=q.device)
+    rows, block_dv = B * H * Lq, _pad(v.shape[3])
+    block_r = _delta_rows(block_dv)
+    _attn_bwd_delta[(triton.cdiv(rows, block_r),)](out, do, delta, rows, v.shape[3], ACC=_acc(q.dtype),
+                                                   BLOCK_R=block_r, BLOCK_DV=block_dv, num_warps=4)
     m, logl = stats[0].contiguous(), stats[1].contiguous()
     args = _launch_args(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, backward=True)
     dm_strides = _bstrides(dmask, range(4)) if mask_grad else (0, 0, 0, 0)
@@ -574,7 +599,7 @@ def _aot_specs(arch: int = 90):
                 for backward, kernel, ptrs in ((False, _attn_fwd, ("Q", "K", "V", "O")),
                                                (True, _attn_bwd, ("Q", "K", "V", "DO", "DK", "DV_"))):
                     cfg = _head_blocks(d, d, dtype, backward, heavy, hopper)
-                    options = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+                    options = {k: cfg.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in cfg}
                     options["wgmma"] = hopper and dtype != torch.float32 and _HOPPER[(backward, heavy, d)][4]
                     sig = {p: f"*{name}" for p in ptrs}
                     sig.update({"ROW_MAX": "*fp32", "LOGL": "*fp32", "MASK": "*fp32", "KPM": "*u8", "DQ": "*fp32",
@@ -590,6 +615,12 @@ def _aot_specs(arch: int = 90):
                     else:
                         extra = dict(NEG_SCALE=False)
                     yield kernel, {a: sig[a] for a in order}, {**flags, **extra, **cfg}, options
+
+
+    for name in tdt.values():
+        for dv in (64, 128, 256):
+            sig = {"O": f"*{name}", "DO": f"*{name}", "DELTA": "*fp32", "R": "i32", "DV": "i32"}
+            yield _attn_bwd_delta, sig, dict(ACC=tl.float32, BLOCK_R=_delta_rows(dv), BLOCK_DV=dv), {"num_warps": 4}
 
 
 AOT = _aot_specs

@@ -711,14 +711,23 @@ def test_triton_causal_split_and_ragged_key_blocks(monkeypatch, device, backend,
 
 
 @pytest.mark.parametrize("device,backend", TRITON_CPU)
-def test_triton_negative_scale(device, backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_negative_scale(device, backend, dtype):
     # The forward puts a negative scale's sign on q to keep its row maxima exact; the backward takes it as is.
-    q, k, v = _qkv(1, 2, 19, 23, 8, torch.float32)
-    g = torch.randn(1, 2, 19, 8)
+    q, k, v = _qkv(1, 2, 19, 23, 8, dtype)
+    g = torch.randn(1, 2, 19, 8).to(dtype)
     ours = _run(F.scaled_dot_product_attention, q, k, v, g, scale=-0.7, is_causal=True, backend=backend)
     ref = _run(fastnn.reference.scaled_dot_product_attention, q.double(), k.double(), v.double(), g.double(),
                scale=-0.7, is_causal=True)
-    _check(ours, ref)
+    theirs = None
+    if dtype == torch.bfloat16:
+        def eager(q, k, v):  # _eager's matmul -> softmax -> matmul in bfloat16, at this scale
+            s = (q @ k.transpose(-1, -2)) * -0.7
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+            return torch.softmax(s, -1) @ v
+
+        theirs = _run(eager, q, k, v, g)
+    _check(ours, ref, theirs)
 
 
 @pytest.mark.cuda
