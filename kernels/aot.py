@@ -6,11 +6,11 @@ Every module ``kernels/<op>.py`` that defines ``AOT`` (a callable yielding ``(ke
 options)``: the representative specializations its launcher uses; it is called with ``arch=`` when it takes that
 parameter, for launchers whose tiles depend on the GPU) is found automatically and each entry is compiled with
 ``triton.compile`` for each ``--arch`` (default 90, i.e. sm_90). ``options`` is the launch's num_warps or a dict
-of compile options (num_warps, num_stages), which may also hold ``"wgmma": True``: on sm_90 and later the kernel
-must run its products on Hopper's warpgroup MMA. Per kernel it prints registers, spill bytes (ptxas' own report,
-captured from a fresh cache), local memory and shared memory (``cuobjdump --dump-resource-usage`` of the cubin,
-Triton's bundled copy), and the kind of tensor-core MMA in its PTX (column ``mma``: ``wgmma``, ``mma`` for
-mma.sync, ``-`` for none). Exit status 1 if any kernel fails to compile, spills registers or lacks a required
+of compile options (num_warps, num_stages, maxnreg), which may also hold ``"wgmma": True``: on sm_90 and later
+the kernel must run its products on Hopper's warpgroup MMA. Per kernel it prints registers, spill bytes (ptxas'
+own report, captured from a fresh cache), local memory and shared memory (``cuobjdump --dump-resource-usage`` of
+the cubin, Triton's bundled copy), and the kind of tensor-core MMA in its PTX (column ``mma``: ``wgmma``, ``mma``
+for mma.sync, ``-`` for none). Exit status 1 if any kernel fails to compile, spills registers or lacks a required
 wgmma, 0 otherwise.
 
 Variants (column ``var``). At launch the JIT specializes each pointer whose address is a multiple of 16 and each

@@ -22,8 +22,8 @@ query blocks, recomputes P = exp((S - m) - log(l)) once per tile and makes the f
   S = Q K^T,  dP = dO V^T,  dV += Pd^T dO,  dK += dS^T Q,  dQ += dS K  (dQ: atomically, in float32 / float64)
 with delta = rowsum(dO * O) (dropout included, since O already is the dropped product), dS = P * (dP - delta),
 Pd = P * Z and dP scaled by Z, Z the dropout mask scaled by 1/(1-p), regenerated from (seed, row, col) by _keep.
-dQ and dK take the scale; the mask's gradient (when asked for) is dS, added atomically into the mask's shape.
-The atomics make dQ's last bits depend on the order the programs finish on a GPU.
+dS takes the scale before its products (dQ, dK); the mask's gradient (when asked for) is dS, added atomically
+into the mask's shape. The atomics make dQ's last bits depend on the order the programs finish on a GPU.
 Causal limits each walk to the blocks that can be unmasked, for any Lq, Lk (no multiple-of-block assumption).
 A row with every key masked has l = 0: its output is 0 and its m +inf, so P = 0 there and its gradients vanish.
 """
@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -302,9 +302,9 @@ def _bwd_step(dk, dv, k, v, start_m, offs_m0, offs_n, q_base, do_base, dq_base, 
     # Rows that attend nothing (m = +inf): dS = 0, where P (dP - delta) = 0 * inf if dO V overflows.
     ds = tl.where((m == float("inf"))[:, None], 0.0, p * (dp - delta[:, None]))
     dv += _mm(tl.trans(_to(pd, do.dtype, UPCAST)), do, ACC, PREC, UPCAST)
-    ds_in = _to(ds, q.dtype, UPCAST)
+    ds_in = _to(ds * sc, q.dtype, UPCAST)  # the scale of dK = dS^T Q scale and dQ = dS K scale, once
     dk += _mm(tl.trans(ds_in), q, ACC, PREC, UPCAST)
-    dq = _mm(ds_in, k, ACC, PREC, UPCAST) * sc
+    dq = _mm(ds_in, k, ACC, PREC, UPCAST)
     dq_ptrs = dq_base + offs_m[:, None] * D + offs_d[None, :]
     if EVEN_D:
         tl.atomic_add(dq_ptrs, dq, mask=rmask[:, None], sem="relaxed")
@@ -374,7 +374,7 @@ def _attn_bwd(Q, K, V, DO, ROW_MAX, LOGL, DELTA, DQ, DK, DV_, DMASK, MASK, KPM, 
                                smm, smn, KPM, DMASK, dmb, dmh, dmm, dmn, seed_lo, seed_hi, thresh, drop_scale,
                                HAS_MASK, HAS_KPM, False, not EVEN_N, DROPOUT, EVEN_D, MASK_GRAD, DM_SUM_M, DM_SUM_N,
                                ACC, PREC, UPCAST)
-    _store(DK + bhk * Lk * D, _to(dk * sc, DK.dtype.element_ty, UPCAST), offs_n, Lk, D, offs_d, dmask, not EVEN_D)
+    _store(DK + bhk * Lk * D, _to(dk, DK.dtype.element_ty, UPCAST), offs_n, Lk, D, offs_d, dmask, not EVEN_D)
     _store(DV_ + bhk * Lk * DV, _to(dv, DV_.dtype.element_ty, UPCAST), offs_n, Lk, DV, offs_dv, dvmask, not EVEN_D)
 
 
@@ -410,53 +410,68 @@ def _pad(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _blocks(d: int, dtype: torch.dtype, backward: bool, heavy: bool, hopper: bool) -> dict:
-    """Tile sizes and launch options. ``heavy``: masks or dropout, whose [BLOCK_M, BLOCK_N] offsets and hashes need
-    registers too; ``hopper``: sm_90 or later. Chosen so that no bf16/fp16/float32 variant spills (kernels/aot.py
-    checks, sm_90 and sm_80), and on sm_90 so that the half-precision products run on wgmma, which needs the
-    products' M (BLOCK_M, and BLOCK_N for dK / dV) at least 64 and warps in groups of 4. float32 (exact FMA dots,
-    not tensor cores) and float64 take small tiles, and at D=256 no software pipelining (num_stages=1): the
-    prefetched tiles of the default 3 stages spilled in the backward. ptxas' counts: docs/measurements.md,
-    "Attention"."""
+def _blocks(d: int, dtype: torch.dtype, backward: bool, variant: str, hopper: bool) -> dict:
+    """Tile sizes and launch options. ``variant``: "plain", "causal" or "masked" (masks or dropout, whose
+    [BLOCK_M, BLOCK_N] offsets and hashes need registers too); ``hopper``: sm_90 or later. Chosen so that no
+    bf16/fp16/float32 variant spills (kernels/aot.py checks, sm_90 and sm_80, Triton 3.6 and 3.8), and on sm_90
+    so that the half-precision products run on wgmma, which takes products whose M (BLOCK_M; BLOCK_N for dK, dV)
+    is 64 or more, from warps in groups of 4. float32 (exact FMA dots, not tensor cores) and float64 take small
+    tiles, and at D=256 no software pipelining (num_stages=1): the prefetched tiles of the default 3 stages
+    spilled in the backward. ptxas' counts: docs/measurements.md, "Attention"."""
     block_d = _pad(d)
     if _INTERPRET:
         return dict(INTERPRET_TILES, BLOCK_D=block_d, num_warps=4)
     if dtype in (torch.float32, torch.float64):
         cfg = dict(BLOCK_M=32, BLOCK_N=32) if block_d <= 32 else dict(BLOCK_M=16, BLOCK_N=16)
         cfg.update(BLOCK_D=block_d, num_warps=8 if block_d >= 64 else 4)
-        if backward and heavy:
-            # ptxas held the masked backward to 128 registers and spilled; with the cap lifted it takes ~150-220
-            cfg.update(num_stages=1, maxnreg=255)
+        if backward:
+            # ptxas held some backward variants to 128 or 168 registers and spilled; with its cap lifted they take
+            # ~150-220
+            cfg.update(maxnreg=255)
+        if backward and variant == "masked":
+            cfg.update(num_stages=1)
         elif block_d >= 256:
             cfg.update(num_warps=4 if backward else cfg["num_warps"], num_stages=1)
         return cfg
-    bm, bn, warps, stages, _ = (_HOPPER if hopper else _AMPERE)[(backward, heavy, max(block_d, 64))]
+    bm, bn, warps, stages, _ = (_HOPPER if hopper else _AMPERE)[(backward, variant, max(block_d, 64))]
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
 
 
-# sm_90 half precision: (backward, heavy, padded head dim 64 / 128 / 256) -> (BLOCK_M, BLOCK_N, warps, stages,
-# whether the products run on wgmma). The backward keeps dK, dV, dQ's tile and S, dP live: at head dim 128 its
-# 64 x 64 tiles take ~250 registers, 64 x 128 spilled ~1-3 KB; at 256 with masks and dropout only 16 x 32 tiles
-# (mma.sync) fit in registers.
+# Half precision tiles: (backward, variant, padded head dim 64 / 128 / 256) -> (BLOCK_M, BLOCK_N, warps, stages,
+# whether the products run on wgmma); variant "plain", "causal" or "masked" (attn_mask, key padding or dropout).
+# sm_90: the backward keeps dK, dV, dQ's tile and S, dP live: at head dim 128 its 64 x 64 tiles take ~250
+# registers (64 x 128 spilled 1-3 KB; causal 64 x 64 spilled 24 B with Triton 3.6, whence 32 x 128 there); at
+# 256 masked only 16 x 32 tiles (mma.sync) fit.
 _HOPPER = {
-    (False, False, 64): (128, 64, 8, 3, True), (False, True, 64): (128, 64, 8, 3, True),
-    (False, False, 128): (128, 64, 8, 3, True), (False, True, 128): (128, 64, 8, 3, True),
-    (False, False, 256): (64, 64, 8, 2, True), (False, True, 256): (64, 32, 8, 2, True),
-    (True, False, 64): (64, 64, 8, 2, True), (True, True, 64): (32, 64, 8, 1, True),
-    (True, False, 128): (64, 64, 8, 2, True), (True, True, 128): (16, 64, 8, 1, True),
-    (True, False, 256): (32, 64, 8, 1, True), (True, True, 256): (16, 32, 8, 1, False),
+    (False, "plain", 64): (128, 64, 8, 3, True), (False, "causal", 64): (128, 64, 8, 3, True),
+    (False, "masked", 64): (128, 64, 8, 3, True),
+    (False, "plain", 128): (128, 64, 8, 3, True), (False, "causal", 128): (128, 64, 8, 3, True),
+    (False, "masked", 128): (64, 64, 8, 2, True),
+    (False, "plain", 256): (64, 64, 8, 2, True), (False, "causal", 256): (64, 64, 8, 2, True),
+    (False, "masked", 256): (64, 32, 8, 2, True),
+    (True, "plain", 64): (64, 64, 8, 2, True), (True, "causal", 64): (64, 64, 8, 2, True),
+    (True, "masked", 64): (32, 64, 8, 1, True),
+    (True, "plain", 128): (64, 64, 8, 2, True), (True, "causal", 128): (32, 128, 8, 2, True),
+    (True, "masked", 128): (16, 64, 8, 1, True),
+    (True, "plain", 256): (32, 64, 8, 1, True), (True, "causal", 256): (32, 64, 8, 1, True),
+    (True, "masked", 256): (16, 32, 8, 1, False),
 }
 
 
-# Before sm_90 (mma.sync), the same keys. Masks with dropout in the backward: one pipelining stage (the
-# prefetched tiles spilled).
+# Before sm_90 (mma.sync). Masked backward: one pipelining stage (the prefetched tiles spilled).
 _AMPERE = {
-    (False, False, 64): (64, 64, 8, 3, False), (False, True, 64): (64, 64, 8, 3, False),
-    (False, False, 128): (64, 64, 8, 3, False), (False, True, 128): (32, 64, 8, 3, False),
-    (False, False, 256): (32, 32, 8, 3, False), (False, True, 256): (32, 32, 8, 3, False),
-    (True, False, 64): (32, 64, 8, 3, False), (True, True, 64): (32, 32, 8, 1, False),
-    (True, False, 128): (32, 64, 8, 3, False), (True, True, 128): (16, 32, 8, 3, False),
-    (True, False, 256): (32, 32, 8, 3, False), (True, True, 256): (16, 16, 8, 1, False),
+    (False, "plain", 64): (64, 64, 8, 3, False), (False, "causal", 64): (64, 64, 8, 3, False),
+    (False, "masked", 64): (64, 64, 8, 3, False),
+    (False, "plain", 128): (64, 64, 8, 3, False), (False, "causal", 128): (64, 64, 8, 3, False),
+    (False, "masked", 128): (32, 64, 8, 3, False),
+    (False, "plain", 256): (32, 32, 8, 3, False), (False, "causal", 256): (32, 32, 8, 3, False),
+    (False, "masked", 256): (32, 32, 8, 3, False),
+    (True, "plain", 64): (32, 64, 8, 3, False), (True, "causal", 64): (32, 64, 8, 3, False),
+    (True, "masked", 64): (32, 32, 8, 1, False),
+    (True, "plain", 128): (32, 64, 8, 3, False), (True, "causal", 128): (32, 64, 8, 3, False),
+    (True, "masked", 128): (16, 32, 8, 3, False),
+    (True, "plain", 256): (32, 32, 8, 3, False), (True, "causal", 256): (32, 32, 8, 3, False),
+    (True, "masked", 256): (16, 16, 8, 1, False),
 }
 
 
@@ -471,11 +486,19 @@ def _dropout_args(dropout_p: float, seed: int) -> dict:
                 drop_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
 
 
+def _f32(x: float) -> float:
+    """x rounded to float32 (to nearest even; past float32's range, an infinity)."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
 def _scale_halves(scale: float) -> dict:
     """scale as two float32 (a float argument's type on the GPU) whose sum holds it to ~48 bits: float64 inputs
     keep their precision (the kernels add the halves in the accumulation dtype)."""
-    hi = float(np.float32(scale))
-    return dict(scale_hi=hi, scale_lo=float(np.float32(scale - hi)))
+    hi = _f32(scale)
+    return dict(scale_hi=hi, scale_lo=_f32(scale - hi) if math.isfinite(hi) else 0.0)
 
 
 def _bstrides(t, dims=(0, 1)) -> tuple:
@@ -506,8 +529,12 @@ def _launch_args(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, sca
     else:
         mask, strides = q, (0, 0, 0, 0)  # never read
     kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else q
-    heavy = attn_mask is not None or key_padding_mask is not None or dropout_p > 0
-    cfg = _head_blocks(D, DV, dtype, backward, heavy, _is_hopper(q.device))
+    variant = "plain"
+    if attn_mask is not None or key_padding_mask is not None or dropout_p > 0:
+        variant = "masked"
+    elif is_causal:
+        variant = "causal"
+    cfg = _head_blocks(D, DV, dtype, backward, variant, _is_hopper(q.device))
     (q_sb, q_sh), (k_sb, k_sh), (v_sb, v_sh) = _bstrides(q), _bstrides(k), _bstrides(v)
     return dict(MASK=mask, KPM=kpm, H=H, G=H // Hk, Lq=Lq, Lk=Lk, D=D, DV=DV, q_sb=q_sb, q_sh=q_sh, k_sb=k_sb,
                 k_sh=k_sh, v_sb=v_sb, v_sh=v_sh, **_scale_halves(scale),
@@ -518,10 +545,10 @@ def _launch_args(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, sca
                 EVEN_N=Lk % cfg["BLOCK_N"] == 0, EVEN_D=D == cfg["BLOCK_D"] and DV == cfg["BLOCK_DV"], **cfg)
 
 
-def _head_blocks(d: int, dv: int, dtype: torch.dtype, backward: bool, heavy: bool, hopper: bool) -> dict:
+def _head_blocks(d: int, dv: int, dtype: torch.dtype, backward: bool, variant: str, hopper: bool) -> dict:
     """_blocks' tiles for the larger head dim, with BLOCK_D (query / key) and BLOCK_DV (value) each padded from
     their own dim."""
-    cfg = _blocks(max(d, dv), dtype, backward, heavy, hopper)
+    cfg = _blocks(max(d, dv), dtype, backward, variant, hopper)
     cfg["BLOCK_D"], cfg["BLOCK_DV"] = _pad(d), _pad(dv)
     return cfg
 
@@ -592,15 +619,16 @@ def _aot_specs(arch: int = 90):
     hopper = arch >= 90
     for dtype, name in tdt.items():
         for d in (64, 128, 256):
-            for causal, heavy in ((False, False), (True, False), (True, True)):
+            for variant in ("plain", "causal", "masked"):
+                causal, heavy = variant != "plain", variant == "masked"
                 flags = dict(HAS_MASK=heavy, HAS_KPM=heavy, CAUSAL=causal, DROPOUT=heavy, ACC=tl.float32,
                              PREC=_prec(dtype), UPCAST=False, GQA=heavy, EQUAL_D=True, EVEN_N=not heavy,
                              EVEN_D=not heavy)
                 for backward, kernel, ptrs in ((False, _attn_fwd, ("Q", "K", "V", "O")),
                                                (True, _attn_bwd, ("Q", "K", "V", "DO", "DK", "DV_"))):
-                    cfg = _head_blocks(d, d, dtype, backward, heavy, hopper)
+                    cfg = _head_blocks(d, d, dtype, backward, variant, hopper)
                     options = {k: cfg.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in cfg}
-                    options["wgmma"] = hopper and dtype != torch.float32 and _HOPPER[(backward, heavy, d)][4]
+                    options["wgmma"] = hopper and dtype != torch.float32 and _HOPPER[(backward, variant, d)][4]
                     sig = {p: f"*{name}" for p in ptrs}
                     sig.update({"ROW_MAX": "*fp32", "LOGL": "*fp32", "MASK": "*fp32", "KPM": "*u8", "DQ": "*fp32",
                                 "DMASK": "*fp32"})
