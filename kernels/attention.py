@@ -410,9 +410,10 @@ def _pad(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _blocks(d: int, dtype: torch.dtype, backward: bool, variant: str, hopper: bool) -> dict:
+def _blocks(d: int, dtype: torch.dtype, backward: bool, variant: str, hopper: bool, aligned: bool = True) -> dict:
     """Tile sizes and launch options. ``variant``: "plain", "causal" or "masked" (masks or dropout, whose
-    [BLOCK_M, BLOCK_N] offsets and hashes need registers too); ``hopper``: sm_90 or later. Chosen so that no
+    [BLOCK_M, BLOCK_N] offsets and hashes need registers too); ``hopper``: sm_90 or later; ``aligned``: what
+_aligned says (else element-wise loads and their addresses take registers: smaller tiles). Chosen so that no
     bf16/fp16/float32 variant spills (kernels/aot.py checks, sm_90 and sm_80, Triton 3.6 and 3.8), and on sm_90
     so that the half-precision products run on wgmma, which takes products whose M (BLOCK_M; BLOCK_N for dK, dV)
     is 64 or more, from warps in groups of 4. float32 (exact FMA dots, not tensor cores) and float64 take small
@@ -424,16 +425,15 @@ def _blocks(d: int, dtype: torch.dtype, backward: bool, variant: str, hopper: bo
     if dtype in (torch.float32, torch.float64):
         cfg = dict(BLOCK_M=32, BLOCK_N=32) if block_d <= 32 else dict(BLOCK_M=16, BLOCK_N=16)
         cfg.update(BLOCK_D=block_d, num_warps=8 if block_d >= 64 else 4)
-        if backward:
-            # ptxas held some backward variants to 128 or 168 registers and spilled; with its cap lifted they take
-            # ~150-220
-            cfg.update(maxnreg=255)
+        # ptxas held some variants to 128 or 168 registers and spilled; with its cap lifted they take ~150-220
+        cfg.update(maxnreg=255)
         if backward and variant == "masked":
             cfg.update(num_stages=1)
         elif block_d >= 256:
-            cfg.update(num_warps=4 if backward else cfg["num_warps"], num_stages=1)
+            cfg.update(num_warps=4 if backward and aligned else cfg["num_warps"], num_stages=1)
         return cfg
-    bm, bn, warps, stages, _ = (_HOPPER if hopper else _AMPERE)[(backward, variant, max(block_d, 64))]
+    table = (_HOPPER if hopper else _AMPERE) if aligned else _UNALIGNED
+    bm, bn, warps, stages, _ = table[(backward, variant, max(block_d, 64))]
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
 
 
@@ -473,6 +473,29 @@ _AMPERE = {
     (True, "plain", 256): (32, 32, 8, 3, False), (True, "causal", 256): (32, 32, 8, 3, False),
     (True, "masked", 256): (16, 16, 8, 1, False),
 }
+
+
+# Operands that are not 16-byte aligned (an odd head dim, a sliced tensor), any GPU.
+_UNALIGNED = {
+    (False, "plain", 64): (64, 64, 8, 2, False), (False, "causal", 64): (64, 64, 8, 2, False),
+    (False, "masked", 64): (64, 32, 8, 2, False),
+    (False, "plain", 128): (64, 32, 8, 2, False), (False, "causal", 128): (64, 32, 8, 2, False),
+    (False, "masked", 128): (32, 32, 8, 1, False),
+    (False, "plain", 256): (32, 32, 8, 1, False), (False, "causal", 256): (32, 32, 8, 1, False),
+    (False, "masked", 256): (16, 32, 8, 1, False),
+    (True, "plain", 64): (32, 64, 8, 2, False), (True, "causal", 64): (32, 64, 8, 2, False),
+    (True, "masked", 64): (32, 32, 8, 1, False),
+    (True, "plain", 128): (32, 32, 8, 1, False), (True, "causal", 128): (32, 32, 8, 1, False),
+    (True, "masked", 128): (16, 32, 8, 1, False),
+    (True, "plain", 256): (16, 32, 8, 1, False), (True, "causal", 256): (16, 32, 8, 1, False),
+    (True, "masked", 256): (16, 16, 8, 1, False),
+}
+
+
+def _aligned(tensors, ints) -> bool:
+    """Whether the JIT's aligned specialization runs (kernels/aot.py, variant A): 16-byte aligned tensors and
+    integer arguments (head dims, strides) that are multiples of 16."""
+    return all(t.data_ptr() % 16 == 0 for t in tensors) and all(i % 16 == 0 for i in ints)
 
 
 def _is_hopper(device: torch.device) -> bool:
@@ -534,8 +557,9 @@ def _launch_args(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, sca
         variant = "masked"
     elif is_causal:
         variant = "causal"
-    cfg = _head_blocks(D, DV, dtype, backward, variant, _is_hopper(q.device))
     (q_sb, q_sh), (k_sb, k_sh), (v_sb, v_sh) = _bstrides(q), _bstrides(k), _bstrides(v)
+    aligned = _aligned((q, k, v), (D, DV, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh))
+    cfg = _head_blocks(D, DV, dtype, backward, variant, _is_hopper(q.device), aligned)
     return dict(MASK=mask, KPM=kpm, H=H, G=H // Hk, Lq=Lq, Lk=Lk, D=D, DV=DV, q_sb=q_sb, q_sh=q_sh, k_sb=k_sb,
                 k_sh=k_sh, v_sb=v_sb, v_sh=v_sh, **_scale_halves(scale),
                 **dict(zip(("smb", "smh", "smm", "smn"), strides)), **_dropout_args(dropout_p, seed),
@@ -545,10 +569,11 @@ def _launch_args(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, sca
                 EVEN_N=Lk % cfg["BLOCK_N"] == 0, EVEN_D=D == cfg["BLOCK_D"] and DV == cfg["BLOCK_DV"], **cfg)
 
 
-def _head_blocks(d: int, dv: int, dtype: torch.dtype, backward: bool, variant: str, hopper: bool) -> dict:
+def _head_blocks(d: int, dv: int, dtype: torch.dtype, backward: bool, variant: str, hopper: bool,
+                 aligned: bool = True) -> dict:
     """_blocks' tiles for the larger head dim, with BLOCK_D (query / key) and BLOCK_DV (value) each padded from
     their own dim."""
-    cfg = _blocks(max(d, dv), dtype, backward, variant, hopper)
+    cfg = _blocks(max(d, dv), dtype, backward, variant, hopper, aligned)
     cfg["BLOCK_D"], cfg["BLOCK_DV"] = _pad(d), _pad(dv)
     return cfg
 
@@ -605,11 +630,12 @@ def attention_backward(grad_out, q, k, v, out, stats, attn_mask, key_padding_mas
     return dq_acc.to(q.dtype), dk, dv, dmask
 
 
-def _aot_specs(arch: int = 90):
-    """Representative compilations for ``arch``: bf16/fp32, head dims 64/128/256; the plain variant, the causal
-    one with full tiles (EVEN_N, EVEN_D: what aligned shapes run) and causal + masks + dropout + the mask's
-    gradient with ragged key blocks and head dims (the heaviest, most registers). On sm_90 the bf16 kernels must
-    use wgmma where _HOPPER says so (options' "wgmma", which kernels/aot.py checks)."""
+def _aot_specs(arch: int = 90, aligned: bool = True):
+    """Representative compilations for ``arch`` and operands ``aligned`` or not (kernels/aot.py's variants A, U):
+    bf16/fp32, head dims 64/128/256; the plain variant, the causal one with full tiles (EVEN_N, EVEN_D: what
+    aligned shapes run) and causal + masks + dropout + the mask's gradient with ragged key blocks and head dims
+    (the heaviest, most registers). On sm_90 the aligned bf16 kernels must use wgmma where _HOPPER says so
+    (options' "wgmma", which kernels/aot.py checks)."""
     scalars = {"H": "i32", "G": "i32", "Lq": "i32", "Lk": "i32", "D": "i32", "DV": "i32", "q_sb": "i64",
                "q_sh": "i64", "k_sb": "i64", "k_sh": "i64", "v_sb": "i64", "v_sh": "i64", "scale_hi": "fp32",
                "scale_lo": "fp32", "smb": "i64", "smh": "i64", "smm": "i64", "smn": "i64", "dmb": "i64",
@@ -626,9 +652,10 @@ def _aot_specs(arch: int = 90):
                              EVEN_D=not heavy)
                 for backward, kernel, ptrs in ((False, _attn_fwd, ("Q", "K", "V", "O")),
                                                (True, _attn_bwd, ("Q", "K", "V", "DO", "DK", "DV_"))):
-                    cfg = _head_blocks(d, d, dtype, backward, variant, hopper)
+                    cfg = _head_blocks(d, d, dtype, backward, variant, hopper, aligned)
                     options = {k: cfg.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in cfg}
-                    options["wgmma"] = hopper and dtype != torch.float32 and _HOPPER[(backward, variant, d)][4]
+                    options["wgmma"] = (hopper and aligned and dtype != torch.float32
+                                        and _HOPPER[(backward, variant, d)][4])
                     sig = {p: f"*{name}" for p in ptrs}
                     sig.update({"ROW_MAX": "*fp32", "LOGL": "*fp32", "MASK": "*fp32", "KPM": "*u8", "DQ": "*fp32",
                                 "DMASK": "*fp32"})
