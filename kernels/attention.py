@@ -427,7 +427,7 @@ _aligned says (else element-wise loads and their addresses take registers: small
         cfg.update(BLOCK_D=block_d, num_warps=8 if block_d >= 64 else 4)
         # ptxas held some variants to 128 or 168 registers and spilled; with its cap lifted they take ~150-220
         cfg.update(maxnreg=255)
-        if backward and variant == "masked":
+        if backward and (variant == "masked" or not aligned):
             cfg.update(num_stages=1)
         elif block_d >= 256:
             cfg.update(num_warps=4 if backward and aligned else cfg["num_warps"], num_stages=1)
@@ -478,13 +478,13 @@ _AMPERE = {
 # Operands that are not 16-byte aligned (an odd head dim, a sliced tensor), any GPU.
 _UNALIGNED = {
     (False, "plain", 64): (64, 64, 8, 2, False), (False, "causal", 64): (64, 64, 8, 2, False),
-    (False, "masked", 64): (64, 32, 8, 2, False),
+    (False, "masked", 64): (32, 32, 8, 1, False),
     (False, "plain", 128): (64, 32, 8, 2, False), (False, "causal", 128): (64, 32, 8, 2, False),
-    (False, "masked", 128): (32, 32, 8, 1, False),
+    (False, "masked", 128): (16, 32, 8, 1, False),
     (False, "plain", 256): (32, 32, 8, 1, False), (False, "causal", 256): (32, 32, 8, 1, False),
     (False, "masked", 256): (16, 32, 8, 1, False),
     (True, "plain", 64): (32, 64, 8, 2, False), (True, "causal", 64): (32, 64, 8, 2, False),
-    (True, "masked", 64): (32, 32, 8, 1, False),
+    (True, "masked", 64): (16, 32, 8, 1, False),
     (True, "plain", 128): (32, 32, 8, 1, False), (True, "causal", 128): (32, 32, 8, 1, False),
     (True, "masked", 128): (16, 32, 8, 1, False),
     (True, "plain", 256): (16, 32, 8, 1, False), (True, "causal", 256): (16, 32, 8, 1, False),
