@@ -3,11 +3,16 @@
     python -m fastnn.kernels.aot [--arch 90] [--arch 80] [--only softmax] [--variant both] [--keep DIR]
 
 Every module ``kernels/<op>.py`` that defines ``AOT`` (a callable yielding ``(kernel, signature, constexprs,
-num_warps)``: the representative specializations its launcher uses) is found automatically and each entry is
-compiled with ``triton.compile`` for each ``--arch`` (default 90, i.e. sm_90). Per kernel it prints registers,
-spill bytes (ptxas' own report, captured from a fresh cache), local memory and shared memory (``cuobjdump
---dump-resource-usage`` of the cubin, Triton's bundled copy). Exit status 1 if any kernel fails to compile or
-spills registers, 0 otherwise.
+options)``: the representative specializations its launcher uses; it is called with ``arch=`` and ``aligned=``
+(the variant, below) when it takes those parameters, for launchers whose tiles depend on the GPU or on the
+operands' alignment) is found automatically and each entry is compiled with
+``triton.compile`` for each ``--arch`` (default 90, i.e. sm_90). ``options`` is the launch's num_warps or a dict
+of compile options (num_warps, num_stages, maxnreg), which may also hold ``"wgmma": True``: on sm_90 and later
+the kernel must run its products on Hopper's warpgroup MMA. Per kernel it prints registers, spill bytes (ptxas'
+own report, captured from a fresh cache), local memory and shared memory (``cuobjdump --dump-resource-usage`` of
+the cubin, Triton's bundled copy), and the kind of tensor-core MMA in its PTX (column ``mma``: ``wgmma``, ``mma``
+for mma.sync, ``-`` for none). Exit status 1 if any kernel fails to compile, spills registers or lacks a required
+wgmma, 0 otherwise.
 
 Variants (column ``var``). At launch the JIT specializes each pointer whose address is a multiple of 16 and each
 integer that is a multiple of 16 with ``tt.divisibility = 16`` (and turns an integer equal to 1 into the constant
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import inspect
 import io
 import os
 import pkgutil
@@ -96,6 +102,14 @@ def ptxas_report(log: str) -> dict:
     return rep
 
 
+def mma_kind(ptx: str) -> str:
+    """The tensor-core MMA a kernel's PTX uses: "wgmma" (Hopper's warpgroup MMA, also when mixed with mma.sync),
+    "mma" (mma.sync only) or "-" (none: FMA dots)."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    return "mma" if "mma.sync" in ptx else "-"
+
+
 def _describe(constexprs: dict) -> str:
     def short(v):
         return getattr(v, "name", None) or (str(v) if not isinstance(v, bool) else "FT"[v])
@@ -167,6 +181,17 @@ def main(argv=None) -> int:
         shutil.rmtree(cache, ignore_errors=True)
 
 
+def _specs(aot, archs, variants):
+    """(arch, aligned, spec) triples: AOT called with arch= and aligned= where it takes them (a launcher whose tiles
+    depend on the GPU or on its operands' alignment), else its one list for every arch and variant."""
+    params = inspect.signature(aot).parameters
+    for arch in archs:
+        for aligned in variants:
+            kw = {k: v for k, v in (("arch", arch), ("aligned", aligned)) if k in params}
+            for spec in aot(**kw):
+                yield arch, aligned, spec
+
+
 def _run(archs, only, keep, variants=(True,)) -> int:
     import triton
 
@@ -178,46 +203,51 @@ def _run(archs, only, keep, variants=(True,)) -> int:
     print(f"triton {triton.__version__}; archs {archs}; variants {''.join('AU'[not a] for a in variants)} "
           f"(A: arguments divisible by 16, U: no hints); cuobjdump: {tool or 'not found'}")
     print(f"{'arch':<6} {'kernel':<38} {'var':>3} {'dtype':>5} {'warps':>5} {'regs':>5} {'spill':>6} {'local':>6} "
-          f"{'smem':>7} {'s':>5}  constexprs")
+          f"{'smem':>7} {'mma':>5} {'s':>5}  constexprs")
     failures, total = [], 0
     for name, aot in modules:
-        for kernel, signature, constexprs, options in aot():
+        for arch, aligned, (kernel, signature, constexprs, options) in _specs(aot, archs, variants):
             num_warps = options["num_warps"] if isinstance(options, dict) else options
-            for arch in archs:
-                for aligned in variants:
-                    total += 1
-                    var = "A" if aligned else "U"
-                    label = f"{name}.{kernel.__name__}"
-                    head = f"sm_{arch:<3} {label:<38} {var:>3} {_dtype(signature):>5} {num_warps:>5}"
-                    what = f"sm_{arch} {label} ({var}, {_dtype(signature)}) [{_describe(constexprs)}]"
-                    start = time.time()
-                    try:
-                        compiled, log = compile_one(kernel, signature, constexprs, options, arch, aligned)
-                    except Exception as e:  # a compile error is a failure of this check, not a crash of the report
-                        failures.append(f"{what}: {type(e).__name__}: {e}")
-                        print(f"{head}  COMPILE ERROR: {str(e).splitlines()[0][:80] if str(e) else type(e).__name__}")
-                        continue
-                    secs = time.time() - start
-                    rep = ptxas_report(log)
-                    use = resource_usage(compiled.asm["cubin"], tool)
-                    regs = rep.get("regs", use.get("REG", getattr(compiled, "n_regs", None)))
-                    spill = rep.get("spill_stores", 0) + rep.get("spill_loads", 0)
-                    local = use.get("LOCAL", 0)
-                    spilled = spill > 0 or local > 0
-                    if not rep and not use:
-                        failures.append(f"{what}: no register report (neither ptxas log nor cuobjdump)")
-                    if spilled:
-                        failures.append(f"{what}: spills {spill} B, local {local} B")
-                    smem = compiled.metadata.shared
-                    print(f"{head} {regs!s:>5} {spill:>6} {local:>6} {smem:>7} {secs:>5.1f}  "
-                          f"{_describe(constexprs)}{'  SPILL' if spilled else ''}")
-                    if keep:
-                        os.makedirs(keep, exist_ok=True)
-                        stem = os.path.join(keep, f"sm{arch}-{label}-{var}-{compiled.hash[:10]}")
-                        with open(stem + ".ptx", "w") as f:
-                            f.write(compiled.asm["ptx"])
-                        with open(stem + ".cubin", "wb") as f:
-                            f.write(compiled.asm["cubin"])
+            need_wgmma = isinstance(options, dict) and options.get("wgmma", False) and arch >= 90
+            if isinstance(options, dict):
+                options = {k: v for k, v in options.items() if k != "wgmma"}
+            total += 1
+            var = "A" if aligned else "U"
+            label = f"{name}.{kernel.__name__}"
+            head = f"sm_{arch:<3} {label:<38} {var:>3} {_dtype(signature):>5} {num_warps:>5}"
+            what = f"sm_{arch} {label} ({var}, {_dtype(signature)}) [{_describe(constexprs)}]"
+            start = time.time()
+            try:
+                compiled, log = compile_one(kernel, signature, constexprs, options, arch, aligned)
+            except Exception as e:  # a compile error is a failure of this check, not a crash of the report
+                failures.append(f"{what}: {type(e).__name__}: {e}")
+                print(f"{head}  COMPILE ERROR: {str(e).splitlines()[0][:80] if str(e) else type(e).__name__}")
+                continue
+            secs = time.time() - start
+            rep = ptxas_report(log)
+            use = resource_usage(compiled.asm["cubin"], tool)
+            regs = rep.get("regs", use.get("REG", getattr(compiled, "n_regs", None)))
+            spill = rep.get("spill_stores", 0) + rep.get("spill_loads", 0)
+            local = use.get("LOCAL", 0)
+            spilled = spill > 0 or local > 0
+            if not rep and not use:
+                failures.append(f"{what}: no register report (neither ptxas log nor cuobjdump)")
+            if spilled:
+                failures.append(f"{what}: spills {spill} B, local {local} B")
+            smem = compiled.metadata.shared
+            mma = mma_kind(compiled.asm["ptx"])
+            no_wgmma = need_wgmma and mma != "wgmma"
+            if no_wgmma:
+                failures.append(f"{what}: no wgmma in the PTX (tensor cores: {mma})")
+            print(f"{head} {regs!s:>5} {spill:>6} {local:>6} {smem:>7} {mma:>5} {secs:>5.1f}  "
+                  f"{_describe(constexprs)}{'  SPILL' if spilled else ''}{'  NO-WGMMA' if no_wgmma else ''}")
+            if keep:
+                os.makedirs(keep, exist_ok=True)
+                stem = os.path.join(keep, f"sm{arch}-{label}-{var}-{compiled.hash[:10]}")
+                with open(stem + ".ptx", "w") as f:
+                    f.write(compiled.asm["ptx"])
+                with open(stem + ".cubin", "wb") as f:
+                    f.write(compiled.asm["cubin"])
     print(f"aot: {total} compilations, {len(failures)} failure(s)")
     for f in failures:
         print("  FAIL " + f)

@@ -850,3 +850,108 @@ def test_tensor_core_kernels_in_the_cpu_emulator():
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "2/2 cases ok" in r.stdout
+
+
+# ---- Triton kernels: flat grid, causal split, full / ragged key blocks ------------------------------------------
+
+TRITON_CPU = [p for p in BACKENDS if p.values == ("cpu", "triton")]
+
+
+def _small_tiles(monkeypatch, block_m, block_n):
+    """Interpreter tiles of block_m x block_n, so that small shapes span several query and key blocks."""
+    import fastnn.kernels.attention as kernels
+
+    monkeypatch.setitem(kernels.INTERPRET_TILES, "BLOCK_M", block_m)
+    monkeypatch.setitem(kernels.INTERPRET_TILES, "BLOCK_N", block_n)
+    return kernels
+
+
+@pytest.mark.parametrize("device,backend", TRITON_CPU)
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+def test_triton_flat_grid_index_math(monkeypatch, device, backend, gqa):
+    """Every (batch, head, row block) program reads and writes its own rows: many heads, several query and key
+    blocks per head, Lq != Lk, each head's data distinct; with grouped-query heads and Dv != D the kv head of each
+    query head and the dK / dV sums over the group."""
+    _small_tiles(monkeypatch, 16, 16)
+    B, H, Lq, Lk, D = 3, 4, 40, 24, 16
+    Hk, Dv = (2, 8) if gqa else (H, D)
+    q = torch.randn(B, H, Lq, D, dtype=torch.float64)
+    k, v = torch.randn(B, Hk, Lk, D, dtype=torch.float64), torch.randn(B, Hk, Lk, Dv, dtype=torch.float64)
+    g = torch.randn(B, H, Lq, Dv, dtype=torch.float64)
+    ours = _grads(F.scaled_dot_product_attention, q.float(), k.float(), v.float(), None, g.float(), device,
+                  enable_gqa=gqa, backend=backend)
+    ref = _grads(F.scaled_dot_product_attention, q, k, v, None, g, enable_gqa=gqa, backend="reference")
+    for name, a, r in zip(("output", "dq", "dk", "dv"), ours, ref):
+        assert_matches(a, r, name=name)
+
+
+@pytest.mark.parametrize("device,backend", TRITON_CPU)
+@pytest.mark.parametrize("lq,lk,block_m,block_n", [
+    (50, 64, 16, 32),   # Lk a multiple of BLOCK_N (EVEN_N), Lq ragged, BLOCK_M < BLOCK_N
+    (64, 50, 32, 16),   # Lk ragged, Lq > Lk, BLOCK_M > BLOCK_N
+    (37, 37, 16, 16),   # square, both ragged
+    (48, 96, 16, 16),   # Lq < Lk, both even
+], ids=lambda x: str(x))
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("extra", ["", "masks_dropout"])
+def test_triton_causal_split_and_ragged_key_blocks(monkeypatch, device, backend, lq, lk, block_m, block_n,
+                                                   is_causal, extra):
+    """The forward's unmasked key blocks and masked diagonal / ragged last block, the backward's diagonal and
+    off-diagonal query blocks, for Lk a multiple of BLOCK_N (EVEN_N: no bound masks) or not, against the
+    reference; with a key padding mask, a float attn_mask that takes a gradient and dropout in the unmasked
+    blocks too."""
+    kernels = _small_tiles(monkeypatch, block_m, block_n)
+    B, H, D = 2, 2, 16
+    q, k, v = _qkv(B, H, lq, lk, D, torch.float32)
+    args = kernels._launch_args(q, k, v, None, None, 0.0, is_causal, 0.25, 0, backward=True)
+    assert args["EVEN_N"] == (lk % block_n == 0) and args["BLOCK_M"] == block_m
+    g = torch.randn(B, H, lq, D)
+    mask, kw = None, dict(is_causal=is_causal)
+    if extra:
+        mask = torch.randn(H, lq, lk)
+        kpm = torch.rand(B, lk) < 0.2
+        kpm[1, :block_n] = True  # batch 1: the first key block padded entirely
+        kw.update(key_padding_mask=kpm, dropout_p=0.2)
+    torch.manual_seed(5)
+    ours = _grads(F.scaled_dot_product_attention, q, k, v, mask, g, device, backend=backend, **kw)
+    torch.manual_seed(5)
+    ref = _grads(F.scaled_dot_product_attention, q.double(), k.double(), v.double(),
+                 None if mask is None else mask.double(), g.double(), backend="reference", **kw)
+    for name, a, r in zip(("output", "dq", "dk", "dv"), ours, ref):
+        assert_matches(a, r, name=name)
+    if extra:
+        torch.testing.assert_close(ours[4], ref[4].float(), rtol=1e-5, atol=5e-6 * B)
+
+
+@pytest.mark.parametrize("device,backend", TRITON_CPU)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_negative_scale(device, backend, dtype):
+    # The forward puts a negative scale's sign on q to keep its row maxima exact; the backward takes it as is.
+    q, k, v = _qkv(1, 2, 19, 23, 8, dtype)
+    g = torch.randn(1, 2, 19, 8).to(dtype)
+    ours = _run(F.scaled_dot_product_attention, q, k, v, g, scale=-0.7, is_causal=True, backend=backend)
+    ref = _run(fastnn.reference.scaled_dot_product_attention, q.double(), k.double(), v.double(), g.double(),
+               scale=-0.7, is_causal=True)
+    theirs = None
+    if dtype == torch.bfloat16:
+        def eager(q, k, v):  # _eager's matmul -> softmax -> matmul in bfloat16, at this scale
+            s = (q @ k.transpose(-1, -2)) * -0.7
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+            return torch.softmax(s, -1) @ v
+
+        theirs = _run(eager, q, k, v, g)
+    _check(ours, ref, theirs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values == ("cuda", "triton")])
+def test_triton_more_heads_than_a_grid_axis_holds(device, backend):
+    """B * H = 70,000 > 65,535 (the most a CUDA grid's y or z axis takes): the flat grids run every head, forward
+    and backward."""
+    B, H, L, D = 2, 35_000, 5, 8
+    q, k, v, g = (torch.randn(B, H, L, D, device=device) for _ in range(4))
+    ours = _grads(F.scaled_dot_product_attention, q, k, v, None, g, device, is_causal=True, backend=backend)
+    ref = _grads(F.scaled_dot_product_attention, q.double(), k.double(), v.double(), None, g.double(), device,
+                 is_causal=True, backend="reference")
+    for name, a, r in zip(("output", "dq", "dk", "dv"), ours, ref):
+        assert_matches(a, r, name=name)
