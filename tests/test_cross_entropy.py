@@ -161,25 +161,6 @@ def test_extreme_logits(device, backend, smoothing):
         torch.testing.assert_close(dx.double(), their_dx, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("weighted,smoothing,reduction", [OPTIONS[0], OPTIONS[3]])
-@pytest.mark.parametrize("inplace", [False, True], ids=["fresh", "inplace"])
-def test_cpu_streaming_stores(kind, weighted, smoothing, reduction, inplace):
-    # A gradient this large (past 16 MiB) is written with streaming stores by the native CPU kernel
-    # (csrc/cpu/vec.h, write_row), each row from its unaligned head to its tail, the target's entry in the
-    # same vector as its neighbours, ignored rows as zeros.
-    x, t, w = make_case((1031, 4099), kind, weighted, "cpu", torch.float32)
-    kw = dict(reduction=reduction, label_smoothing=smoothing)
-    ref, ref_dx, g = run(fastnn.reference.cross_entropy, x.double(), t if kind != "prob" else t.double(),
-                         None if w is None else w.double(), **kw)
-    logits = x.clone().requires_grad_()
-    view = logits.view_as(logits)  # inplace_backward writes into a non-leaf's storage
-    loss = F.cross_entropy(view, t, w, inplace_backward=inplace, backend="native", **kw)
-    (dx,) = torch.autograd.grad(loss, logits, g.float())
-    assert_matches(loss.detach(), ref)
-    assert_matches(dx, ref_dx, name="grad_input")
-
-
 @pytest.mark.parametrize("device,backend", device_backends("cross_entropy"))
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", [(6, 33), (3, 5, 4)], ids=str)

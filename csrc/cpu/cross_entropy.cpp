@@ -61,8 +61,7 @@ void cross_entropy_bwd_into(const at::Tensor& grad_loss, const CeCall& c, const 
     ce_bwd_rows<scalar_t>(c.g, gl.const_data_ptr<A>(), c.x.const_data_ptr<scalar_t>(),
                           c.prob ? nullptr : c.t.const_data_ptr<int64_t>(),
                           c.prob ? c.t.const_data_ptr<scalar_t>() : nullptr, w.p, ignore_index,
-                          stat_plane<const A>(st, 0), stat_plane<const A>(st, 1), out.mutable_data_ptr<scalar_t>(),
-                          stream_output(int64_t(out.nbytes())));
+                          stat_plane<const A>(st, 0), stat_plane<const A>(st, 1), out.mutable_data_ptr<scalar_t>());
   });
 }
 

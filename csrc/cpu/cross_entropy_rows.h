@@ -99,22 +99,19 @@ template <typename A> A target_grad(A pt, A gk, A b, int64_t t, const Smooth<A>&
   return gk * (pt - A(1)) + b * (p.wsum * pt - (p.w ? p.w[t] : A(1)));
 }
 
-// Gradient of one row (dx may alias x); `stream`: dx is written with streaming stores (vec.h, write_row).
-template <typename A>
-void bwd_index_row(const A* x, int64_t t, A m, A ls, A g, const Smooth<A>& p, A* dx, bool stream = false) {
+// Gradient of one row (dx may alias x).
+template <typename A> void bwd_index_row(const A* x, int64_t t, A m, A ls, A g, const Smooth<A>& p, A* dx) {
   const A keep = (A(1) - p.eps) * (p.w ? p.w[t] : A(1)), add = p.eps / A(p.C);
   const A a = g * (keep + add * p.wsum), b = g * add;
-  const A dt = target_grad(exp((x[t] - m) - ls), g * keep, b, t, p);
-  write_row(dx, p.C, stream, [&](int64_t i, int64_t len) {
+  const A xt = x[t];
+  for_chunks<A>(p.C, [&](int64_t i, int64_t len) {
     const vec<A> e = exp((load(x + i, len) - m) - ls) * a;
-    vec<A> d = p.w ? e - load(p.w + i, len) * b : e - b;
-    if (t >= i && t < i + len) d[t - i] = dt;  // the target's entry, in the same store as its neighbours
-    return d;
+    store(dx + i, p.w ? e - load(p.w + i, len) * b : e - b, len);
   });
+  dx[t] = target_grad(exp((xt - m) - ls), g * keep, b, t, p);
 }
 
-template <typename A>
-void bwd_prob_row(const A* x, const A* y, A m, A ls, A g, const Smooth<A>& p, A* dx, bool stream = false) {
+template <typename A> void bwd_prob_row(const A* x, const A* y, A m, A ls, A g, const Smooth<A>& p, A* dx) {
   const A keep = A(1) - p.eps, add = p.eps / A(p.C);
   auto wy = [&](int64_t i, int64_t len) {
     vec<A> v = load(y + i, len) * keep + add;
@@ -127,8 +124,8 @@ void bwd_prob_row(const A* x, const A* y, A m, A ls, A g, const Smooth<A>& p, A*
     s += v;
   });
   const A gs = g * hsum(s);
-  write_row(dx, p.C, stream, [&](int64_t i, int64_t len) {
-    return exp((load(x + i, len) - m) - ls) * gs - wy(i, len) * g;
+  for_chunks<A>(p.C, [&](int64_t i, int64_t len) {
+    store(dx + i, exp((load(x + i, len) - m) - ls) * gs - wy(i, len) * g, len);
   });
 }
 
@@ -155,11 +152,9 @@ inline void check_targets(const int64_t* t, int64_t n, int64_t C, int64_t ignore
 
 // Runs f(row, x_row, y_row, dx_row) over rows in parallel. Rows are read in place when the classes are
 // contiguous and T is the accumulation type; otherwise gathered into a per-task buffer (and dx_row scattered back
-// when WRITE). y (probability targets) may be null. f(r, x_row, y_row, dx_row, direct): `direct` when dx_row
-// is dx's own storage rather than the buffer. `stream`: f streams its stores into dx (direct rows only); each
-// task ends with the fence that needs.
+// when WRITE). y (probability targets) may be null.
 template <typename T, bool WRITE, typename F>
-void for_rows(const CeGeometry& g, const T* x, const T* y, T* dx, F&& f, bool stream = false) {
+void for_rows(const CeGeometry& g, const T* x, const T* y, T* dx, F&& f) {
   using A = acc_t<T>;
   const int64_t C = g.classes, inner = g.inner;
   const bool direct = std::is_same_v<T, A> && inner == 1;
@@ -169,16 +164,15 @@ void for_rows(const CeGeometry& g, const T* x, const T* y, T* dx, F&& f, bool st
       const int64_t base = (r / inner) * C * inner + r % inner;
       if (direct) {
         f(r, reinterpret_cast<const A*>(x + base), y ? reinterpret_cast<const A*>(y + base) : nullptr,
-          WRITE ? reinterpret_cast<A*>(dx + base) : nullptr, true);
+          WRITE ? reinterpret_cast<A*>(dx + base) : nullptr);
         continue;
       }
       A *bx = buf.get(), *by = buf.get() + C;
       for (int64_t c = 0; c < C; ++c) bx[c] = static_cast<A>(x[base + c * inner]);
       if (y) for (int64_t c = 0; c < C; ++c) by[c] = static_cast<A>(y[base + c * inner]);
-      f(r, bx, y ? by : nullptr, bx, false);
+      f(r, bx, y ? by : nullptr, bx);
       if constexpr (WRITE) for (int64_t c = 0; c < C; ++c) dx[base + c * inner] = static_cast<T>(bx[c]);
     }
-    if (stream && direct) stream_fence();
   });
 }
 
@@ -187,7 +181,7 @@ template <typename T>
 void ce_fwd_rows(const CeGeometry& g, const T* x, const int64_t* ti, const T* ty, const Smooth<acc_t<T>>& p,
                  int64_t ignore_index, acc_t<T>* loss, acc_t<T>* m, acc_t<T>* ls) {
   using A = acc_t<T>;
-  for_rows<T, false>(g, x, ty, nullptr, [&](int64_t r, const A* xr, const A* yr, A*, bool) {
+  for_rows<T, false>(g, x, ty, nullptr, [&](int64_t r, const A* xr, const A* yr, A*) {
     if (ti) {
       if (ti[r] == ignore_index) {  // torch: zero loss; the backward never reads these statistics
         loss[r] = m[r] = ls[r] = 0;
@@ -200,19 +194,16 @@ void ce_fwd_rows(const CeGeometry& g, const T* x, const int64_t* ti, const T* ty
   });
 }
 
-// dx may be x itself (inplace_backward). `stream`: dx is a tensor far larger than the cache, written with
-// streaming stores (vec.h); false for a buffer that is read again soon (linear + CE's chunks).
+// dx may be x itself (inplace_backward).
 template <typename T>
 void ce_bwd_rows(const CeGeometry& g, const acc_t<T>* grad, const T* x, const int64_t* ti, const T* ty,
-                 const Smooth<acc_t<T>>& p, int64_t ignore_index, const acc_t<T>* m, const acc_t<T>* ls, T* dx,
-                 bool stream = false) {
+                 const Smooth<acc_t<T>>& p, int64_t ignore_index, const acc_t<T>* m, const acc_t<T>* ls, T* dx) {
   using A = acc_t<T>;
-  for_rows<T, true>(g, x, ty, dx, [&](int64_t r, const A* xr, const A* yr, A* dr, bool direct) {
-    const bool s = stream && direct;
-    if (!ti) bwd_prob_row(xr, yr, m[r], ls[r], grad[r], p, dr, s);
-    else if (ti[r] == ignore_index) write_row(dr, p.C, s, [](int64_t, int64_t) { return vec<A>{}; });
-    else bwd_index_row(xr, ti[r], m[r], ls[r], grad[r], p, dr, s);
-  }, stream);
+  for_rows<T, true>(g, x, ty, dx, [&](int64_t r, const A* xr, const A* yr, A* dr) {
+    if (!ti) bwd_prob_row(xr, yr, m[r], ls[r], grad[r], p, dr);
+    else if (ti[r] == ignore_index) std::fill(dr, dr + p.C, A(0));
+    else bwd_index_row(xr, ti[r], m[r], ls[r], grad[r], p, dr);
+  });
 }
 
 }  // namespace fastnn::cpu

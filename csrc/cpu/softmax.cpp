@@ -4,8 +4,6 @@
 // read of x from memory), exp + sum storing exp (x from cache), then a scale in cache - one exp per element.
 // A row too long for the cache (> kOnlineRow) takes the online form instead: one read computes max and sum
 // together block by block, a second writes the result - two reads of x rather than three plus a re-read of y.
-// Outputs far larger than the cache are written once with streaming stores (vec.h, write_row): the forward then
-// keeps exp(x - m) in a per-task scratch row rather than in y, so y is never read back.
 // Other dims (inner > 1) run the same reductions across `inner`-contiguous slabs so they vectorize without a
 // transposing copy.
 #include <ATen/Dispatch.h>
@@ -29,19 +27,18 @@ constexpr int64_t kOnlineBlock = 2048;   // an L1-sized block of the online pass
 constexpr int64_t kInnerBlock = 64;      // columns of a non-last-dim slab handled together
 constexpr int64_t kGrain = 32768;        // elements per parallel task, ATen's default grain
 
-// One row, in the accumulation type. y may alias x. `buf` (n elements, or null) is scratch that stays in cache:
-// with it, exp(x - m) is kept there rather than in y, and y is written once, streamed when `stream`.
-template <typename A, bool LOG> void softmax_row(const A* x, A* y, int64_t n, A* buf, bool stream) {
+// One row, in the accumulation type. y may alias x.
+template <typename A, bool LOG> void softmax_row(const A* x, A* y, int64_t n) {
   A m, s;
   if (n <= kOnlineRow) {
     m = max_of(x, n);
     if constexpr (LOG) {
       s = sum_exp<A, false>(x, m, nullptr, n);
     } else {
-      A* e = buf != nullptr ? buf : y;
-      s = sum_exp<A, true>(x, m, e, n);
+      s = sum_exp<A, true>(x, m, y, n);
       const A inv = A(1) / s;
-      write_row(y, n, stream && e != y, [&](int64_t i, int64_t len) { return load(e + i, len) * inv; });
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] *= inv;
       return;
     }
   } else {
@@ -59,23 +56,25 @@ template <typename A, bool LOG> void softmax_row(const A* x, A* y, int64_t n, A*
     }
     if constexpr (!LOG) {
       const A inv = A(1) / s;
-      write_row(y, n, stream && y != x, [&](int64_t i, int64_t len) { return exp(load(x + i, len) - m) * inv; });
+      for_chunks<A>(n, [&](int64_t i, int64_t len) { store(y + i, exp(load(x + i, len) - m) * inv, len); });
       return;
     }
   }
   // (x - m) - log(s), not x - (m + log(s)): with |x| ~ 1e4 the sum m + log(s) would round away log(s).
   const A ls = std::log(s);
-  write_row(y, n, stream && y != x, [&](int64_t i, int64_t len) { return (load(x + i, len) - m) - ls; });
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - m) - ls;
 }
 
 // grad_input of one row: softmax  dx = y * (dy - sum(dy * y));  log_softmax  dx = dy - exp(y) * sum(dy).
-template <typename A, bool LOG> void softmax_bwd_row(const A* dy, const A* y, A* dx, int64_t n, bool stream) {
+template <typename A, bool LOG> void softmax_bwd_row(const A* dy, const A* y, A* dx, int64_t n) {
   if constexpr (LOG) {
     const A s = sum(dy, n);
-    write_row(dx, n, stream, [&](int64_t i, int64_t len) { return load(dy + i, len) - exp(load(y + i, len)) * s; });
+    for_chunks<A>(n, [&](int64_t i, int64_t len) { store(dx + i, load(dy + i, len) - exp(load(y + i, len)) * s, len); });
   } else {
     const A d = dot(dy, y, n);
-    write_row(dx, n, stream, [&](int64_t i, int64_t len) { return load(y + i, len) * (load(dy + i, len) - d); });
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dx[i] = y[i] * (dy[i] - d);
   }
 }
 
@@ -83,18 +82,14 @@ int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, kGrain / std::max<in
 
 template <typename T, bool LOG> void fwd_lastdim(const T* x, T* y, int64_t rows, int64_t n) {
   using A = acc_t<T>;
-  const bool stream = stream_output(rows * n * int64_t(sizeof(T)));
   at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<T, A>) {
-      // Streaming needs exp(x - m) kept somewhere other than y; a cached row (n <= kOnlineRow) keeps it here.
-      std::unique_ptr<A[]> buf(stream && n <= kOnlineRow ? new A[n] : nullptr);
-      for (int64_t r = begin; r < end; ++r) softmax_row<A, LOG>(x + r * n, y + r * n, n, buf.get(), stream);
-      if (stream) stream_fence();
+      for (int64_t r = begin; r < end; ++r) softmax_row<A, LOG>(x + r * n, y + r * n, n);
     } else {
       std::unique_ptr<A[]> buf(new A[n]);  // one buffer per task, not per row
       for (int64_t r = begin; r < end; ++r) {
         load_row(x + r * n, buf.get(), n);
-        softmax_row<A, LOG>(buf.get(), buf.get(), n, nullptr, false);
+        softmax_row<A, LOG>(buf.get(), buf.get(), n);
         store_row(buf.get(), y + r * n, n);
       }
     }
@@ -103,18 +98,16 @@ template <typename T, bool LOG> void fwd_lastdim(const T* x, T* y, int64_t rows,
 
 template <typename T, bool LOG> void bwd_lastdim(const T* dy, const T* y, T* dx, int64_t rows, int64_t n) {
   using A = acc_t<T>;
-  const bool stream = stream_output(rows * n * int64_t(sizeof(T)));
   at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<T, A>) {
-      for (int64_t r = begin; r < end; ++r) softmax_bwd_row<A, LOG>(dy + r * n, y + r * n, dx + r * n, n, stream);
-      if (stream) stream_fence();
+      for (int64_t r = begin; r < end; ++r) softmax_bwd_row<A, LOG>(dy + r * n, y + r * n, dx + r * n, n);
     } else {
       std::unique_ptr<A[]> buf(new A[2 * n]);
       A *bdy = buf.get(), *by = buf.get() + n;
       for (int64_t r = begin; r < end; ++r) {
         load_row(dy + r * n, bdy, n);
         load_row(y + r * n, by, n);
-        softmax_bwd_row<A, LOG>(bdy, by, bdy, n, false);
+        softmax_bwd_row<A, LOG>(bdy, by, bdy, n);
         store_row(bdy, dx + r * n, n);
       }
     }

@@ -9,15 +9,11 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
 
 namespace fastnn::cpu {
 
@@ -57,52 +53,6 @@ template <typename A, typename F> static inline void for_chunks(int64_t n, F&& f
   int64_t i = 0;
   for (; i + kW<A> <= n; i += kW<A>) f(i, int64_t(kW<A>));
   if (i < n) f(i, n - i);
-}
-
-// ---- streaming (non-temporal) stores, for outputs far larger than the cache ----
-// An ordinary store first reads the cache line it writes from memory (the core must own the line), so a pass that
-// only writes y moves y twice. A streaming store writes whole lines without that read: for a memory-bound kernel
-// whose output is far larger than the caches, that is a third less traffic in a softmax forward (x read, y
-// written) and a quarter less in its backward. Small outputs keep ordinary stores: their reader would find them
-// in the cache a streaming store bypasses. The threshold is about half the last-level cache of the machines these
-// kernels are tuned on (docs/measurements.md, "CPU allocator").
-constexpr int64_t kStreamBytes = int64_t(16) << 20;
-static inline bool stream_output(int64_t bytes) { return bytes >= kStreamBytes; }
-
-static inline void stream_store(float* p, vec<float> v) {  // p 32-byte aligned
-#if defined(__AVX__)
-  _mm256_stream_ps(p, reinterpret_cast<__m256&>(v));
-#else
-  std::memcpy(p, &v, sizeof v);
-#endif
-}
-static inline void stream_store(double* p, vec<double> v) {
-#if defined(__AVX__)
-  _mm256_stream_pd(p, reinterpret_cast<__m256d&>(v));
-#else
-  std::memcpy(p, &v, sizeof v);
-#endif
-}
-// Streaming stores are weakly ordered: a task ends with a fence so the threads that read its output after the
-// parallel region's barrier see every store.
-static inline void stream_fence() {
-#if defined(__AVX__)
-  _mm_sfence();
-#endif
-}
-
-// y[0, n) = f(i, len) chunk by chunk, as for_chunks; with `stream`, the 32-byte-aligned full vectors are streamed
-// (the caller ends its task with stream_fence()).
-template <typename A, typename F> static inline void write_row(A* y, int64_t n, bool stream, F&& f) {
-  if (!stream) {
-    for_chunks<A>(n, [&](int64_t i, int64_t len) { store(y + i, f(i, len), len); });
-    return;
-  }
-  const int64_t head = std::min<int64_t>(n, (32 - reinterpret_cast<uintptr_t>(y) % 32) % 32 / sizeof(A));
-  if (head > 0) store(y, f(int64_t(0), head), head);
-  int64_t i = head;
-  for (; i + kW<A> <= n; i += kW<A>) stream_store(y + i, f(i, int64_t(kW<A>)));
-  if (i < n) store(y + i, f(i, n - i), n - i);
 }
 
 // Horizontal and lane-wise helpers, generic over the vector type V.
