@@ -19,7 +19,7 @@ import torch
 
 import fastnn
 import fastnn.functional as F
-from harness import EAGER, Bench
+from harness import EAGER, Bench, forward_backward
 
 MATMUL_SOFTMAX = "matmul-softmax-matmul"
 
@@ -81,22 +81,12 @@ def run_case(b: Bench, impls: dict, B, H, L, D, causal, dtype, series, only=None
     chosen = {name: f for name, f in impls.items() if only is None or name in only}
     b.compare(case=case, fns={name: forward(f, q, k, v, causal) for name, f in chosen.items()}, like=q,
               flops=flops, dtype=dt, series=f"fwd {series}", x=L)
-    b.compare(case=case, fns={name: forward_backward(f, q, k, v, g, causal) for name, f in chosen.items()}, like=q,
+    b.compare(case=case, fns={name: forward_backward(f, (q, k, v), g, causal) for name, f in chosen.items()}, like=q,
               flops=3.5 * flops, dtype=dt, series=f"fwd+bwd {series}", x=L)
 
 
 def forward(f, q, k, v, causal):
     return lambda: f(q, k, v, causal)
-
-
-def forward_backward(f, q, k, v, g, causal):
-    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-
-    def run():
-        f(qg, kg, vg, causal).backward(g)
-        qg.grad = kg.grad = vg.grad = None
-
-    return run
 
 
 def main():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fastnn
-from harness import EAGER, Bench
+from harness import EAGER, Bench, forward_backward
 
 
 def cell_loop(cell):
@@ -63,16 +63,6 @@ def no_grad(f, *args):
     return run
 
 
-def layer_fwd_bwd(f, x, g):
-    xg = x.clone().requires_grad_()
-
-    def run():
-        f(xg).backward(g)
-        xg.grad = None
-
-    return run
-
-
 def cell_fwd_bwd(f, xc, hc, cc, gh, gc):
     def run():
         h, c = f(xc, (hc, cc))
@@ -92,7 +82,7 @@ def main():
     g = torch.randn(T, B, H, device=b.device)  # a dense upstream gradient, as a model's
     b.compare(case=case, fns={name: no_grad(f, x) for name, f in impls.items()}, like=g, flops=flops,
               series="layer fwd (no grad)", x=T)
-    b.compare(case=case, fns={name: layer_fwd_bwd(f, x, g) for name, f in impls.items()}, like=g, flops=3 * flops,
+    b.compare(case=case, fns={name: forward_backward(f, (x,), g) for name, f in impls.items()}, like=g, flops=3 * flops,
               series="layer fwd+bwd", x=T)
 
     # The cell alone: one step of B rows, what an attention decoder runs per target token.

@@ -16,7 +16,7 @@ import torch
 
 import fastnn
 import fastnn.functional as F
-from harness import EAGER, Bench
+from harness import EAGER, Bench, forward_backward
 
 
 def implementations(b: Bench, log: bool) -> dict:
@@ -42,16 +42,6 @@ def forward(f, x):
     return lambda: f(x)
 
 
-def forward_backward(f, x, g):
-    xg = x.clone().requires_grad_()
-
-    def run():
-        f(xg).backward(g)
-        xg.grad = None
-
-    return run
-
-
 def main():
     b = Bench("softmax")
     impls = {log: implementations(b, log) for log in (False, True)}
@@ -71,7 +61,7 @@ def main():
         b.compare(case=case, fns={name: forward(f, x) for name, f in impls[log].items()}, like=x, bytes=2 * nbytes,
                   series=f"fwd {tag}", x=n)
         # fwd reads x, writes y; bwd reads dy and y, writes dx
-        b.compare(case=case, fns={name: forward_backward(f, x, g) for name, f in impls[log].items()}, like=x,
+        b.compare(case=case, fns={name: forward_backward(f, (x,), g) for name, f in impls[log].items()}, like=x,
                   bytes=5 * nbytes, series=f"fwd+bwd {tag}", x=n)
         del x, g
     b.finish()

@@ -92,12 +92,12 @@ std::tuple<at::Tensor, at::Tensor> bwd_outputs(const at::Tensor& x, bool input_g
 }
 
 // The same with at::empty (the CUDA kernels: torch's caching allocator already reuses blocks).
-inline at::Tensor fwd_output(const at::Tensor& x, int64_t reduction) {
-  return fwd_output(x, reduction, [](at::IntArrayRef s, const at::TensorOptions& o) { return at::empty(s, o); });
+inline at::Tensor torch_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options);
 }
+inline at::Tensor fwd_output(const at::Tensor& x, int64_t reduction) { return fwd_output(x, reduction, torch_empty); }
 inline std::tuple<at::Tensor, at::Tensor> bwd_outputs(const at::Tensor& x, bool input_grad, bool target_grad) {
-  return bwd_outputs(x, input_grad, target_grad,
-                     [](at::IntArrayRef s, const at::TensorOptions& o) { return at::empty(s, o); });
+  return bwd_outputs(x, input_grad, target_grad, torch_empty);
 }
 
 // d(loss)/d(element loss): 1 / n for the mean, else 1.
