@@ -4,6 +4,9 @@ Environment:
   FASTNN_CUDA=0          force a CPU-only build
   FASTNN_CUDA=1          a missing CUDA toolchain is an error instead of a silent CPU-only build
   TORCH_CUDA_ARCH_LIST   GPU architectures (default "8.0;9.0": A100 and H100/H200)
+  FASTNN_CPU_ISA         x86 vector ISA of the CPU kernels: auto (default: avx512 when the build machine has
+                         AVX-512 F/DQ/BW/VL, else avx2), avx512 or avx2. The result is recorded in
+                         fastnn/_build_config.py, and importing fastnn on a CPU without that ISA is an error.
   FASTNN_CXXFLAGS        extra host compiler flags (the sanitizer build uses it)
 
 Install with `pip install -e . --no-build-isolation`: an isolated build would compile against another torch
@@ -67,15 +70,60 @@ def _nvidia_include_dirs():
     return sorted(dirs)
 
 
+AVX512_FLAGS = ("avx512f", "avx512dq", "avx512bw", "avx512vl")  # /proc/cpuinfo names, also the -m flags
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_isa() -> str:
+    """The vector ISA the CPU kernels are compiled for. fastnn is built from source on the machine that runs it, so
+    by default the build machine's widest supported ISA (AVX-512 widens every vector loop of csrc/cpu, vec.h)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "generic"
+    isa = os.environ.get("FASTNN_CPU_ISA", "auto").strip().lower()
+    if isa not in ("auto", "avx2", "avx512"):
+        raise RuntimeError(f"FASTNN_CPU_ISA={isa!r}: expected auto, avx2 or avx512")
+    if isa == "auto":
+        isa = "avx512" if set(AVX512_FLAGS) <= _cpu_flags() else "avx2"
+    return isa
+
+
+def _write_build_config(isa: str) -> None:
+    # Read by fastnn/__init__.py before it loads the extension: an AVX-512 build on a CPU without AVX-512 would
+    # die of SIGILL inside the extension instead of saying why.
+    text = (
+        "# Written by setup.py at build time; not tracked.\n"
+        f"CPU_ISA = {isa!r}\n"
+        f"CPU_FLAGS_REQUIRED = {tuple(AVX512_FLAGS) if isa == 'avx512' else ()!r}\n"
+    )
+    path = os.path.join(ROOT, "fastnn", "_build_config.py")
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
+
+
 def build_extension():
     with_cuda = _cuda_wanted()
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # OpenMP: ATen's parallel_for is an inline `#pragma omp parallel`, so without -fopenmp it runs serially.
-    # The loops are written for the compiler's auto-vectorizer; AVX2+FMA is the x86-64 baseline we target.
+    # AVX2+FMA is the x86-64 baseline; AVX-512 where the build machine has it (_cpu_isa).
     # No -std flag: cpp_extension adds the standard the installed torch's headers need (C++20 from torch 2.14).
     cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
-    if platform.machine() in ("x86_64", "AMD64"):
+    isa = _cpu_isa()
+    if isa != "generic":
         cxx += ["-mavx2", "-mfma", "-mf16c"]
+    if isa == "avx512":
+        cxx += ["-m" + f for f in AVX512_FLAGS]
+    _write_build_config(isa)
     cxx += shlex.split(os.environ.get("FASTNN_CXXFLAGS", ""))
     extra = {"cxx": cxx}
     ldflags = ["-fopenmp"] + shlex.split(os.environ.get("FASTNN_LDFLAGS", ""))
@@ -93,7 +141,7 @@ def build_extension():
             extra["cxx"] += ["-isystem", d]
             extra["nvcc"] += ["-isystem", d]
         ext_cls = cpp_extension.CUDAExtension
-    print(f"fastnn: building fastnn._C with {'CPU + CUDA' if with_cuda else 'CPU only'} kernels")
+    print(f"fastnn: building fastnn._C with {'CPU + CUDA' if with_cuda else 'CPU only'} kernels, CPU ISA {isa}")
     return ext_cls(
         "fastnn._C",
         sources,

@@ -7,6 +7,35 @@
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 
+
+def _cpu_flags():
+    """This CPU's feature flags (/proc/cpuinfo), or None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+
+
+def _check_cpu_isa(have=None) -> str:
+    """The vector ISA the CPU kernels were built for (setup.py); raises ImportError if this CPU (its flags `have`,
+    read from /proc/cpuinfo by default) lacks it, before the extension could die of an illegal instruction."""
+    try:
+        from ._build_config import CPU_FLAGS_REQUIRED, CPU_ISA
+    except ImportError:  # built by an older setup.py
+        return "unknown"
+    have = _cpu_flags() if have is None else have
+    missing = sorted(set(CPU_FLAGS_REQUIRED) - have) if have is not None else []
+    if missing:
+        raise ImportError(
+            f"fastnn's CPU kernels were built for {CPU_ISA} but this CPU lacks {', '.join(missing)} (the build "
+            "machine had them). Rebuild here: `FASTNN_CPU_ISA=avx2 pip install -e . --no-build-isolation`."
+        )
+    return CPU_ISA
+
+
+CPU_ISA = _check_cpu_isa()  # "avx512", "avx2" or "generic": what csrc/cpu was compiled for
+
 try:
     from . import _C  # noqa: F401  (registers the fastnn:: schemas and the C++/CUDA kernels)
 except ImportError as e:  # pragma: no cover - a broken install

@@ -88,6 +88,21 @@ def test_infinities_nan_and_extremes(device, backend, n, log):
     torch.testing.assert_close(out[finite].double(), expected[finite], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("width", [2, 40])  # rows inside one vector's tail, and over full vectors plus a tail
+def test_exp_over_its_whole_range_native(width):
+    """Row [x, 0, ..., 0]: softmax's first element is exp(x) / (exp(x) + width - 1), so it follows the CPU kernels'
+    vector exp from where it rounds to 0 through the denormals to where it overflows (there the row's max, x,
+    is subtracted first). Within a few ulp of float64, or below FLT_MIN where the AVX2 exp flushes to 0."""
+    x = torch.cat([torch.linspace(-120, 100, 8001), torch.tensor([float("-inf"), 88.7, 88.73, 89.0, 1e30])])
+    rows = torch.zeros(len(x), width)
+    rows[:, 0] = x
+    for log in (False, True):
+        out = FN[log](rows, -1, backend="native")[:, 0].double()
+        expected = TORCH_FN[log](rows.double(), -1)[:, 0]
+        # log: x - log(s) cancels near 0, so its error is absolute there
+        torch.testing.assert_close(out, expected, rtol=4e-7, atol=4e-7 if log else 1.2e-38)
+
+
 @pytest.mark.parametrize("backend", [p.values[1] for p in device_backends("softmax") if p.values[0] == "cpu"])
 @pytest.mark.parametrize("shape,dim", [((4, 7), -1), ((3, 5, 4), 1), ((2, 9000), -1)])
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])

@@ -83,7 +83,7 @@ double fwd_range(const T* x, const T* y, const Operand<T>& w, const Operand<T>& 
       const vec<A> wv = read<A>(p[0], c[0], j, l), pwv = read<A>(p[1], c[1], j, l);
       vec<A> loss = ((A(1) - yv) * xv + log_weight<A>(has_pw, pwv, yv) * softplus_neg<A>(xv, exp(-vabs(xv)))) * wv;
       if constexpr (REDUCE) {
-        for (int64_t k = l; k < kW<A>; ++k) loss[k] = 0;
+        if (l < kW<A>) loss = zero_tail<A>(loss, l);
         acc += loss;
       } else {
         store_as<A>(out + i + j, loss, l);

@@ -47,9 +47,9 @@ template <typename A, bool D> void exp_and_dev_sums(const A* x, A m, const Smoot
       wu = y ? load(y + i, len) * keep + add : splat<A>(add);
       if (p.w) wu *= load(p.w + i, len);
     }
-    for (int k = static_cast<int>(len); k < kW<A>; ++k) v[k] = wu[k] = 0;  // int k: GCC then sees k < kW
+    if (len < kW<A>) v = zero_tail<A>(v, len), wu = zero_tail<A>(wu, len);
     vec<A> e = exp(v);
-    for (int k = static_cast<int>(len); k < kW<A>; ++k) e[k] = 0;
+    if (len < kW<A>) e = zero_tail<A>(e, len);
     s += e;
     if constexpr (D) {
       u += wu;
@@ -120,7 +120,7 @@ template <typename A> void bwd_prob_row(const A* x, const A* y, A m, A ls, A g, 
   vec<A> s{};
   for_chunks<A>(p.C, [&](int64_t i, int64_t len) {
     vec<A> v = wy(i, len);
-    if (len < kW<A>) for (int64_t k = len; k < kW<A>; ++k) v[k] = 0;
+    if (len < kW<A>) v = zero_tail<A>(v, len);
     s += v;
   });
   const A gs = g * hsum(s);

@@ -1,5 +1,6 @@
-// SIMD building blocks of the CPU kernels, on GCC/Clang vector extensions: explicit 256-bit vectors (AVX2 with
-// -mavx2 -mfma, two SSE halves elsewhere) without intrinsics or ATen's Vectorized<T>, which an extension sees
+// SIMD building blocks of the CPU kernels, on GCC/Clang vector extensions: explicit 512-bit vectors with AVX-512,
+// 256-bit ones otherwise (AVX2 with -mavx2 -mfma, two SSE halves elsewhere; setup.py picks the ISA), without
+// intrinsics (but for exp's AVX-512 scaling) or ATen's Vectorized<T>, which an extension sees
 // only as its scalar fallback and whose exp calls SLEEF, hidden inside libtorch. The auto-vectorizer is no
 // substitute: GCC 12 leaves an exp-and-sum loop scalar ("control flow in loop").
 //
@@ -11,22 +12,33 @@
 
 #include <cmath>
 #include <cstdint>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cstring>
 #include <limits>
 #include <type_traits>
 
 namespace fastnn::cpu {
 
+// The vector width follows the ISA the file is compiled for: 512 bits with AVX-512 (setup.py enables it when the
+// build machine has it), 256 otherwise.
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
+
 template <typename A> struct VecTraits;
 template <> struct VecTraits<float> {
-  typedef float type __attribute__((vector_size(32)));
-  typedef int32_t mask __attribute__((vector_size(32)));
-  static constexpr int W = 8;
+  typedef float type __attribute__((vector_size(kVecBytes)));
+  typedef int32_t mask __attribute__((vector_size(kVecBytes)));
+  static constexpr int W = kVecBytes / 4;
 };
 template <> struct VecTraits<double> {
-  typedef double type __attribute__((vector_size(32)));
-  typedef int64_t mask __attribute__((vector_size(32)));
-  static constexpr int W = 4;
+  typedef double type __attribute__((vector_size(kVecBytes)));
+  typedef int64_t mask __attribute__((vector_size(kVecBytes)));
+  static constexpr int W = kVecBytes / 8;
 };
 template <typename A> using vec = typename VecTraits<A>::type;
 template <typename A> constexpr int kW = VecTraits<A>::W;
@@ -49,6 +61,14 @@ template <typename A> static inline void store(A* p, vec<A> v, int64_t len = kW<
   else for (int64_t i = 0; i < len; ++i) p[i] = v[i];
 }
 
+// v with the lanes from len on zeroed: a loop tail's unused lanes, before they are summed.
+template <typename A> static inline vec<A> zero_tail(vec<A> v, int64_t len) {
+  using M = typename VecTraits<A>::mask;
+  M lane{};
+  for (int k = 0; k < kW<A>; ++k) lane[k] = k;  // folded to a constant
+  return lane < static_cast<std::conditional_t<sizeof(A) == 4, int32_t, int64_t>>(len) ? v : splat<A>(0);
+}
+
 template <typename A, typename F> static inline void for_chunks(int64_t n, F&& f) {
   int64_t i = 0;
   for (; i + kW<A> <= n; i += kW<A>) f(i, int64_t(kW<A>));
@@ -56,10 +76,10 @@ template <typename A, typename F> static inline void for_chunks(int64_t n, F&& f
 }
 
 // Horizontal and lane-wise helpers, generic over the vector type V.
-template <typename V> static inline auto hsum(V v) {
-  auto s = v[0];
-  for (size_t i = 1; i < sizeof(V) / sizeof(v[0]); ++i) s += v[i];
-  return s;
+template <typename V> static inline auto hsum(V v) {  // pairwise: error grows with log2 of the width, not the width
+  for (size_t w = sizeof(V) / sizeof(v[0]) / 2; w >= 1; w /= 2)
+    for (size_t i = 0; i < w; ++i) v[i] += v[i + w];
+  return v[0];
 }
 template <typename V> static inline auto hmax(V v) {  // NaN wins
   auto m = v[0];
@@ -70,18 +90,9 @@ template <typename V> static inline V vmax(V a, V b) {  // a NaN in b sticks, as
   return (b > a) | (b != b) ? b : a;
 }
 
-// exp(x): x = n*ln2 + r with |r| <= ln2/2, exp(r) by Cephes' degree-6 minimax polynomial (about 1 ulp), 2^n
-// built in the exponent bits. NaN propagates; x < -87.3 flushes to 0 (the result would be denormal); x > 88.7
-// gives inf.
-static inline vec<float> exp(vec<float> x) {
+static inline vec<float> exp_mantissa(vec<float> n, vec<float> x) {  // exp(x - n*ln2), n = round(x / ln2)
   using V = vec<float>;
-  using M = VecTraits<float>::mask;
-  const float hi = 88.3762626647950f, lo = -87.3365447505531f;
-  V xc = x > hi ? splat(hi) : x;
-  xc = xc < lo ? splat(lo) : xc;
-  const V magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to nearest
-  V n = (xc * 1.44269504088896341f + magic) - magic;
-  V r = n * -0.693359375f + xc;
+  V r = n * -0.693359375f + x;  // ln2 in two parts: n * 0.693359375 is exact
   r = n * 2.12194440e-4f + r;
   V p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -89,15 +100,45 @@ static inline vec<float> exp(vec<float> x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  return p * (r * r) + r + 1.0f;
+}
+// exp(x): x = n*ln2 + r with |r| <= ln2/2, exp(r) by Cephes' degree-6 minimax polynomial (about 1 ulp), then
+// scaled by 2^n. NaN propagates.
+// With AVX-512, vscalefps applies 2^n with IEEE overflow to inf and gradual underflow to 0, so after a clamp that
+// keeps the reduction finite (+-inf included) nothing needs a select: about two thirds of the instructions of the
+// form below, which matters because exp dominates softmax, cross-entropy and the LSTM cell on the CPU.
+// Without it, 2^n is built in the exponent bits: x < -87.3 flushes to 0 (the result would be denormal) and
+// x > 88.38 gives inf.
+static inline vec<float> exp(vec<float> x) {
+  using V = vec<float>;
+#if defined(__AVX512F__)
+  static_assert(kW<float> == 16, "the AVX-512 path works on __m512");
+  // Clamped to [-104, 89]: exp(-104) rounds to 0 and exp(89) overflows, so the results at the ends are exact.
+  // A NaN fails both comparisons and stays.
+  V xc = x < -104.0f ? splat(-104.0f) : x;
+  xc = xc > 89.0f ? splat(89.0f) : xc;
+  // The masked intrinsics with every lane selected: GCC 12's unmasked ones warn about their undefined source.
+  const __m512 t = __builtin_bit_cast(__m512, xc * 1.44269504088896341f);
+  const __m512 n = _mm512_mask_roundscale_ps(t, 0xffff, t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 p = __builtin_bit_cast(__m512, exp_mantissa(__builtin_bit_cast(V, n), xc));
+  return __builtin_bit_cast(V, _mm512_mask_scalef_ps(p, 0xffff, p, n));
+#else
+  using M = VecTraits<float>::mask;
+  const float hi = 88.3762626647950f, lo = -87.3365447505531f;
+  V xc = x > hi ? splat(hi) : x;
+  xc = xc < lo ? splat(lo) : xc;
+  const V magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to nearest
+  V n = (xc * 1.44269504088896341f + magic) - magic;
+  const V p = exp_mantissa(n, xc);
   const M bits = (__builtin_convertvector(n, M) + 127) << 23;
   V y = p * __builtin_bit_cast(V, bits);  // 2^n; a reinterpret_cast of the lvalue would break strict aliasing
   y = x < lo ? splat(0.0f) : y;
   y = x > hi ? splat(std::numeric_limits<float>::infinity()) : y;
   return y;
+#endif
 }
 static inline vec<double> exp(vec<double> x) {  // float64 is for checking, not speed
-  for (int i = 0; i < 4; ++i) x[i] = std::exp(x[i]);
+  for (int i = 0; i < kW<double>; ++i) x[i] = std::exp(x[i]);
   return x;
 }
 static inline float exp(float x) { return exp(splat(x))[0]; }
@@ -137,7 +178,7 @@ static inline vec<float> log(vec<float> x) {
   return y;
 }
 static inline vec<double> log(vec<double> x) {
-  for (int i = 0; i < 4; ++i) x[i] = std::log(x[i]);
+  for (int i = 0; i < kW<double>; ++i) x[i] = std::log(x[i]);
   return x;
 }
 
@@ -151,7 +192,7 @@ static inline vec<float> log1p(vec<float> x) {
   return (u == 0.0f) | (u == std::numeric_limits<float>::infinity()) ? l : l + (x - (u - 1.0f)) / u;
 }
 static inline vec<double> log1p(vec<double> x) {
-  for (int i = 0; i < 4; ++i) x[i] = std::log1p(x[i]);
+  for (int i = 0; i < kW<double>; ++i) x[i] = std::log1p(x[i]);
   return x;
 }
 
@@ -161,7 +202,7 @@ template <typename V> static inline V vabs(V v) { return v < 0 ? -v : v; }
 // within a few ulp of the exact value everywhere else (one exp, one division).
 static inline vec<float> sigmoid(vec<float> x) { return 1.0f / (1.0f + exp(-x)); }
 static inline vec<double> sigmoid(vec<double> x) {
-  for (int i = 0; i < 4; ++i) x[i] = 1.0 / (1.0 + std::exp(-x[i]));
+  for (int i = 0; i < kW<double>; ++i) x[i] = 1.0 / (1.0 + std::exp(-x[i]));
   return x;
 }
 
@@ -183,7 +224,7 @@ static inline vec<float> tanh(vec<float> x) {
   return ax < 0.625f ? small : big;
 }
 static inline vec<double> tanh(vec<double> x) {
-  for (int i = 0; i < 4; ++i) x[i] = std::tanh(x[i]);
+  for (int i = 0; i < kW<double>; ++i) x[i] = std::tanh(x[i]);
   return x;
 }
 
@@ -206,7 +247,7 @@ template <typename A, bool STORE> static inline A sum_exp(const A* x, A m, A* y,
   vec<A> s{};
   for_chunks<A>(n, [&](int64_t i, int64_t len) {
     vec<A> e = exp(load(x + i, len) - m);
-    if (len < kW<A>) for (int64_t k = len; k < kW<A>; ++k) e[k] = 0;
+    if (len < kW<A>) e = zero_tail<A>(e, len);
     if constexpr (STORE) store(y + i, e, len);
     s += e;
   });
