@@ -5,8 +5,8 @@
 // Why not the BLAS: MKL repacks B on every call, and at M = 32 that copy is a large share of the work, where this
 // kernel packs W_hh once per layer call and reuses it for every step (against MKL: docs/measurements.md, "LSTM").
 // The packing is the usual one: panels of 16 columns stored k-major ([K][16]), so the micro-kernel streams one
-// panel with two aligned-width loads per k and broadcasts A; up to 6 rows at a time keep 12 accumulators in the
-// 16 ymm registers. A is read in place, row-major or (TA) transposed.
+// panel (one 512-bit or two 256-bit loads per k) and broadcasts A, for up to 8 (AVX-512) or 6 (AVX2) rows at a
+// time. A is read in place, row-major or (TA) transposed.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -51,6 +51,32 @@ template <bool TA> inline const float* a_at(const float* a, int64_t lda, int64_t
 }
 
 // C[MR x 16] = (C if accumulate) + A[MR x K] . panel[K x 16]; C rows ldc apart.
+#if defined(__AVX512F__)
+// One 16-float vector per row: any MR >= 4 covers the FMA latency, so an LSTM step's 32 rows run as 4 x 8 with
+// no slow tail, and a k costs one panel load instead of two (on Zen 4, which executes a 512-bit FMA as two 256-bit
+// halves, still up to 10% more than the AVX2 form: docs/measurements.md, "LSTM"). Not more than 8 rows: A's rows
+// lie lda apart, and at lda = 2048 floats 12 of them fall into one 8-way L1 set (a third slower).
+constexpr int kMaxMR = 8;
+template <int MR, bool TA>
+__attribute__((always_inline)) inline void micro(const float* __restrict a, int64_t lda, const float* __restrict bp,
+                                                 int64_t K, float* c, int64_t ldc, bool accumulate) {
+  __m512 acc[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b = _mm512_loadu_ps(bp + kNR * k);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*a_at<TA>(a, lda, r, k)), b, acc[r]);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    if (accumulate) acc[r] = _mm512_add_ps(acc[r], _mm512_loadu_ps(c + r * ldc));
+    _mm512_storeu_ps(c + r * ldc, acc[r]);
+  }
+}
+#else
+// Two 8-float vectors per row; 6 rows keep 12 accumulators in the 16 ymm registers.
+constexpr int kMaxMR = 6;
 template <int MR, bool TA>
 __attribute__((always_inline)) inline void micro(const float* __restrict a, int64_t lda, const float* __restrict bp,
                                                  int64_t K, float* c, int64_t ldc, bool accumulate) {
@@ -76,6 +102,7 @@ __attribute__((always_inline)) inline void micro(const float* __restrict a, int6
     _mm256_storeu_ps(c + r * ldc + 8, hi[r]);
   }
 }
+#endif
 
 // One panel's 16 (or, for the last, nr) columns of C for rows [0, M).
 template <int MR, bool TA>
@@ -123,7 +150,7 @@ inline void gemm(const float* a, int64_t lda, int64_t M, int64_t K, const float*
       const float* ak = a_at<TA>(a, lda, 0, k0);
       float* cp = c + p * kNR;
       int64_t r = 0;
-      rows_of_panel<6, TA>(ak, lda, r, M, panel, kc, cp, ldc, nr, acc);
+      rows_of_panel<kMaxMR, TA>(ak, lda, r, M, panel, kc, cp, ldc, nr, acc);
       rows_of_panel<4, TA>(ak, lda, r, M, panel, kc, cp, ldc, nr, acc);
       rows_of_panel<2, TA>(ak, lda, r, M, panel, kc, cp, ldc, nr, acc);
       rows_of_panel<1, TA>(ak, lda, r, M, panel, kc, cp, ldc, nr, acc);

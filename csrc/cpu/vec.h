@@ -102,6 +102,9 @@ static inline vec<float> exp_mantissa(vec<float> n, vec<float> x) {  // exp(x - 
   p = p * r + 5.0000001201e-1f;
   return p * (r * r) + r + 1.0f;
 }
+// The float functions below are always inlined: GCC otherwise calls them out of line from the kernels' loops
+// (they are long), a call per vector and no overlap between the calls' independent work.
+//
 // exp(x): x = n*ln2 + r with |r| <= ln2/2, exp(r) by Cephes' degree-6 minimax polynomial (about 1 ulp), then
 // scaled by 2^n. NaN propagates.
 // With AVX-512, vscalefps applies 2^n with IEEE overflow to inf and gradual underflow to 0, so after a clamp that
@@ -109,7 +112,7 @@ static inline vec<float> exp_mantissa(vec<float> n, vec<float> x) {  // exp(x - 
 // form below, which matters because exp dominates softmax, cross-entropy and the LSTM cell on the CPU.
 // Without it, 2^n is built in the exponent bits: x < -87.3 flushes to 0 (the result would be denormal) and
 // x > 88.38 gives inf.
-static inline vec<float> exp(vec<float> x) {
+__attribute__((always_inline)) static inline vec<float> exp(vec<float> x) {
   using V = vec<float>;
 #if defined(__AVX512F__)
   static_assert(kW<float> == 16, "the AVX-512 path works on __m512");
@@ -147,7 +150,7 @@ static inline double exp(double x) { return std::exp(x); }
 // log(x): x = m * 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by Cephes' degree-9 polynomial in t = m - 1 (about
 // 1 ulp), e*ln2 added in two parts. Denormals are scaled into the normal range first. log(0) = -inf,
 // log(inf) = inf, x < 0 or NaN gives NaN.
-static inline vec<float> log(vec<float> x) {
+__attribute__((always_inline)) static inline vec<float> log(vec<float> x) {
   using V = vec<float>;
   using M = VecTraits<float>::mask;
   const M tiny = x < 1.17549435e-38f;  // below FLT_MIN (0 included): scale by 2^23
@@ -185,7 +188,7 @@ static inline vec<double> log(vec<double> x) {
 // log1p(x) = log(u) + (x - (u - 1)) / u with u = 1 + x rounded: the second term restores what the rounding of
 // u lost, so small x keeps full relative accuracy (Goldberg's compensation; for u == 1 it gives exactly x).
 // The losses use it for log1p(exp(-|x|)), the stable softplus.
-static inline vec<float> log1p(vec<float> x) {
+__attribute__((always_inline)) static inline vec<float> log1p(vec<float> x) {
   const vec<float> u = x + 1.0f;
   const vec<float> l = log(u);
   // u = 0 (x = -1) and u = inf would make the correction 0/0 or inf - inf; log(u) alone is then exact.
@@ -200,7 +203,7 @@ template <typename V> static inline V vabs(V v) { return v < 0 ? -v : v; }
 
 // sigmoid(x) = 1 / (1 + exp(-x)): exp(-x) overflows to inf for x < -88.7, giving exactly 0, and the result is
 // within a few ulp of the exact value everywhere else (one exp, one division).
-static inline vec<float> sigmoid(vec<float> x) { return 1.0f / (1.0f + exp(-x)); }
+__attribute__((always_inline)) static inline vec<float> sigmoid(vec<float> x) { return 1.0f / (1.0f + exp(-x)); }
 static inline vec<double> sigmoid(vec<double> x) {
   for (int i = 0; i < kW<double>; ++i) x[i] = 1.0 / (1.0 + std::exp(-x[i]));
   return x;
@@ -209,7 +212,7 @@ static inline vec<double> sigmoid(vec<double> x) {
 // tanh(x): |x| < 0.625 by Cephes' odd polynomial x + x^3 P(x^2) (1-2 ulp; the exp form would lose the
 // relative precision of small x to cancellation), else sign(x) (1 - 2 / (exp(2|x|) + 1)), which saturates to
 // +-1 once exp overflows. NaN propagates through both.
-static inline vec<float> tanh(vec<float> x) {
+__attribute__((always_inline)) static inline vec<float> tanh(vec<float> x) {
   using V = vec<float>;
   const V z = x * x;
   V p = splat(-5.70498872745e-3f);
