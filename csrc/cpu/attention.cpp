@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "cpu/alloc.h"
 #include "common.h"
 #include "cpu/vec.h"
 
@@ -348,8 +349,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
   const at::Tensor q = attention::kernel_operand(query, cdt), k = attention::kernel_operand(key, cdt),
                    v = attention::kernel_operand(value, cdt);
   const auto kpm = attention::contiguous_kpm(key_padding_mask);
-  at::Tensor out = at::empty({g.B, g.H, g.Lq, g.Dv}, q.options());
-  at::Tensor stats = at::empty({2, g.B, g.H, g.Lq}, q.options());
+  // Outputs from the caching allocator (cpu/alloc.h): a training loop's per-step buffers are faulted in once.
+  at::Tensor out = cached_empty({g.B, g.H, g.Lq, g.Dv}, q.options());
+  at::Tensor stats = cached_empty({2, g.B, g.H, g.Lq}, q.options());
   if (g.Lk == 0) {  // nothing to attend to anywhere
     out.zero_();
     attention::fill_no_keys_stats(stats);
@@ -377,8 +379,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                    v = attention::kernel_operand(value, cdt), o = out.to(cdt).contiguous(),
                    dO = grad_out.to(cdt).contiguous(), row_stats = stats.contiguous();
   const auto kpm = attention::contiguous_kpm(key_padding_mask);
-  at::Tensor dq = at::empty({g.B, g.H, g.Lq, g.D}, q.options()), dk = at::zeros({g.B, g.Hk, g.Lk, g.D}, q.options()),
-             dv = at::zeros({g.B, g.Hk, g.Lk, g.Dv}, q.options());
+  at::Tensor dq = cached_empty({g.B, g.H, g.Lq, g.D}, q.options());
+  at::Tensor dk = cached_empty({g.B, g.Hk, g.Lk, g.D}, q.options()).zero_();
+  at::Tensor dv = cached_empty({g.B, g.Hk, g.Lk, g.Dv}, q.options()).zero_();
   at::Tensor dmask = attention::mask_grad_buffer(attn_mask, mask_grad, q.options());
   if (dq.numel() == 0 || g.Lk == 0) {
     dq.zero_();
