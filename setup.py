@@ -13,6 +13,7 @@ Install with `pip install -e . --no-build-isolation`: an isolated build would co
 than the one installed, and the extension then fails to import.
 """
 import glob
+import importlib.util
 import os
 import platform
 import shlex
@@ -70,18 +71,16 @@ def _nvidia_include_dirs():
     return sorted(dirs)
 
 
-AVX512_FLAGS = ("avx512f", "avx512dq", "avx512bw", "avx512vl")  # /proc/cpuinfo names, also the -m flags
+def _load_cpuinfo():
+    # fastnn/_cpuinfo.py by path: importing the fastnn package would load the extension this script builds.
+    spec = importlib.util.spec_from_file_location("fastnn_cpuinfo", os.path.join(ROOT, "fastnn", "_cpuinfo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+_cpuinfo = _load_cpuinfo()
+AVX512_FLAGS = _cpuinfo.AVX512_FLAGS
 
 
 def _cpu_isa() -> str:
@@ -93,7 +92,7 @@ def _cpu_isa() -> str:
     if isa not in ("auto", "avx2", "avx512"):
         raise RuntimeError(f"FASTNN_CPU_ISA={isa!r}: expected auto, avx2 or avx512")
     if isa == "auto":
-        isa = "avx512" if set(AVX512_FLAGS) <= _cpu_flags() else "avx2"
+        isa = "avx512" if set(AVX512_FLAGS) <= (_cpuinfo.cpu_flags() or set()) else "avx2"
     return isa
 
 
@@ -103,12 +102,15 @@ def _write_build_config(isa: str) -> None:
     text = (
         "# Written by setup.py at build time; not tracked.\n"
         f"CPU_ISA = {isa!r}\n"
-        f"CPU_FLAGS_REQUIRED = {tuple(AVX512_FLAGS) if isa == 'avx512' else ()!r}\n"
+        f"CPU_FLAGS_REQUIRED = {AVX512_FLAGS if isa == 'avx512' else ()!r}\n"
     )
     path = os.path.join(ROOT, "fastnn", "_build_config.py")
-    if not os.path.exists(path) or open(path).read() != text:
-        with open(path, "w") as f:
-            f.write(text)
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return  # unchanged: no rebuild of what imports it
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def build_extension():

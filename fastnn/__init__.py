@@ -7,14 +7,7 @@
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-
-def _cpu_flags():
-    """This CPU's feature flags (/proc/cpuinfo), or None where they cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
-    except OSError:
-        return None
+from ._cpuinfo import cpu_flags as _cpu_flags
 
 
 def _check_cpu_isa(have=None) -> str:
