@@ -442,6 +442,34 @@ def test_layer_packed_recurrent_gemm_tails(B, H):
         torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("T", [0, 1, 5])
+@pytest.mark.parametrize("uses_cs", [False, True])
+def test_layer_gradients_of_any_subset_of_inputs(reverse, T, uses_cs):
+    # The backward multiplies both weight gradients in one GEMM and drops a frozen weight's half; a model that
+    # reads only hs leaves the cs gradient to be made. Each subset of inputs must get the full run's gradients.
+    torch.manual_seed(3)
+    B, I, H = 3, 5, 6
+    args = [torch.randn(T, B, I, dtype=torch.float64), torch.randn(4 * H, I, dtype=torch.float64) / 3,
+            torch.randn(4 * H, dtype=torch.float64), torch.randn(4 * H, H, dtype=torch.float64) / 3,
+            torch.randn(B, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)]
+    g_hs, g_cs = torch.randn(T, B, H, dtype=torch.float64), torch.randn(T, B, H, dtype=torch.float64)
+
+    def grads(wanted):
+        leaves = [_leaf(a) if i in wanted else a for i, a in enumerate(args)]
+        hs, cs, _ = torch.ops.fastnn.lstm_layer_fwd(*leaves, None, reverse)
+        loss = (hs * g_hs).sum() + ((cs * g_cs).sum() if uses_cs else 0)
+        return torch.autograd.grad(loss, [leaves[i] for i in wanted], allow_unused=True)
+
+    full = dict(zip(range(6), grads(range(6))))
+    for wanted in [(1,), (3,), (0, 3), (1, 2), (0, 4, 5)]:
+        for i, g in zip(wanted, grads(wanted)):
+            torch.testing.assert_close(g, full[i], rtol=1e-12, atol=1e-12, msg=f"input {i} of {wanted}")
+    gradcheck_args = [_leaf(a) for a in args]
+    torch.autograd.gradcheck(
+        lambda *a: torch.ops.fastnn.lstm_layer_fwd(*a, None, reverse)[:2 if uses_cs else 1], gradcheck_args)
+
+
 def test_layer_op_with_no_input_features():
     # nn.LSTM refuses input_size 0, the op does not: its input product is then an empty sum, which the packed GEMM
     # must store as zeros (its K loop never runs). Same as one input feature with a zero weight column.

@@ -344,6 +344,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
   // zero for the last step. pass holds, for rows past their length, the h gradient they hand through.
   at::Tensor dh = at::zeros({B, H}, act.options()), dc = at::zeros({B, H}, act.options());
   at::Tensor pass = geo.len ? at::zeros({B, H}, act.options()) : at::Tensor();
+  if (T * B * H == 0) return {dgx.zero_(), dh, dc};  // no step ran: h0 and c0 reach no output
   const UnitSlices sl(B, H, 4 * H);
   // Each slice's block of W_hh (K = 4H by len(p), at (i, j) W_hh[i, begin(p) + j]): float32 packs it for
   // packed::gemm, by the thread that uses it; elsewhere ATen multiplies views (of dh and pass too).

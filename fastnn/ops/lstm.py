@@ -225,27 +225,39 @@ def _layer_setup_context(ctx, inputs, output):
     x, w_ih, bias, w_hh, h0, c0, lengths, reverse = inputs
     hs, cs, act = output
     ctx.mark_non_differentiable(act)
+    # act is an output autograd never gives a gradient to; materializing one would zero-fill a [T, B, 4H] buffer
+    # on every backward. The hs / cs gradients a model leaves out are made below, at their own sizes.
+    ctx.set_materialize_grads(False)
     ctx.reverse, ctx.has_bias = reverse, bias is not None
     ctx.save_for_backward(x, w_ih, w_hh, h0, c0, hs, cs, act, lengths)
 
 
 def _layer_backward(ctx, grads, bwd_op):
     x, w_ih, w_hh, h0, c0, hs, cs, act, lengths = ctx.saved_tensors
-    grad_gates, grad_h0, grad_c0 = bwd_op(grads[0], grads[1], w_hh, c0, cs, act, lengths, ctx.reverse)
+    grad_hs, grad_cs = (torch.zeros_like(o) if g is None else g for g, o in zip(grads[:2], (hs, cs)))
+    grad_gates, grad_h0, grad_c0 = bwd_op(grad_hs, grad_cs, w_hh, c0, cs, act, lengths, ctx.reverse)
     T, B, H4 = grad_gates.shape
     g2 = grad_gates.view(T * B, H4)
     need = ctx.needs_input_grad
-    # Every weight gradient is one GEMM over all steps; the input gradient too.
     grad_x = torch.mm(g2, w_ih).view(x.shape) if need[0] else None
-    grad_w_ih = torch.mm(g2.t(), x.reshape(T * B, -1)) if need[1] else None
     grad_bias = g2.sum(0) if ctx.has_bias and need[2] else None
-    grad_w_hh = None
-    if need[3] and T:
-        # Step t ran on h_{t-1} (forward) or h_{t+1} (reverse), h0 at the first step: two GEMMs, no concat.
-        first, rest, prev = (T - 1, grad_gates[:-1], hs[1:]) if ctx.reverse else (0, grad_gates[1:], hs[:-1])
-        grad_w_hh = torch.addmm(grad_gates[first].t() @ h0, rest.reshape(-1, H4).t(), prev.reshape(-1, H4 // 4))
-    elif need[3]:
-        grad_w_hh = torch.zeros_like(w_hh)
+    # The weight gradients in one GEMM over all steps, dG^T [x_t | h_prev(t)], where step t ran on h_{t-1}
+    # (forward) or h_{t+1} (reverse), and on h0 at the first step: one product of K = D + H runs closer to the
+    # BLAS's peak than two thinner ones, for the price of one copy of the inputs. A frozen weight's half is left out.
+    D = x.shape[2] if need[1] else 0
+    H = H4 // 4 if need[3] else 0
+    grad_w_ih = grad_w_hh = None
+    if D or H:
+        xh = x.new_empty(T, B, D + H)
+        if D:
+            xh[..., :D] = x
+        if H and T:
+            first, rest, prev = (T - 1, slice(0, T - 1), hs[1:]) if ctx.reverse else (0, slice(1, T), hs[:-1])
+            xh[first, :, D:] = h0
+            xh[rest, :, D:] = prev
+        g_w = torch.mm(g2.t(), xh.view(T * B, D + H))
+        grad_w_ih = g_w[:, :D].contiguous() if D else None
+        grad_w_hh = g_w[:, D:].contiguous() if H else None
     return grad_x, grad_w_ih, grad_bias, grad_w_hh, grad_h0, grad_c0, None, None
 
 
