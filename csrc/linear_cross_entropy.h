@@ -103,11 +103,23 @@ std::array<at::Tensor, 3> linear_ce_grads(const at::Tensor& x, const at::Tensor&
           at::zeros(sized(mask[2], {w.size(0)}), acc)};
 }
 
-template <typename Bwd, typename Alloc>
+// grad_weight (+)= dlogits^T x_chunk for one chunk (first: store, else accumulate), in grad_weight's type: the
+// inputs' for float32 / float64, float32 for the half types, whose products here run on float32 copies (no
+// mixed-precision GEMM on the CPU). CUDA passes its own, on the tensor cores (csrc/cuda/linear_cross_entropy.cu).
+inline void grad_weight_product(at::Tensor& grad_weight, const at::Tensor& dlogits, const at::Tensor& xs, bool first) {
+  const bool half = grad_weight.scalar_type() != xs.scalar_type();
+  const at::Tensor dt = half ? dlogits.t().to(at::kFloat) : dlogits.t();
+  const at::Tensor xf = half ? xs.to(at::kFloat) : xs;
+  if (first) at::mm_out(grad_weight, dt, xf);
+  else grad_weight.addmm_(dt, xf);
+}
+
+// gw_product(grad_weight, dlogits, x_chunk, first): grad_weight_product's contract.
+template <typename Bwd, typename Alloc, typename GwProduct = decltype(grad_weight_product)&>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& stats, int64_t chunk,
-    std::array<bool, 3> mask, Bwd&& ce_bwd, Alloc&& alloc) {
+    std::array<bool, 3> mask, Bwd&& ce_bwd, Alloc&& alloc, GwProduct&& gw_product = grad_weight_product) {
   const at::Tensor x = input.contiguous(), w = weight.contiguous(), t = target.contiguous();
   const at::Tensor g = grad_loss.contiguous(), st = stats.contiguous();
   const int64_t N = x.size(0), V = w.size(0);
@@ -127,12 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
         at::Tensor gi = grad_input.narrow(0, s, n);
         at::mm_out(gi, dlogits, w);
       }
-      if (mask[1]) {
-        const at::Tensor dt = half ? dlogits.t().to(at::kFloat) : dlogits.t();
-        const at::Tensor xs = half ? x.narrow(0, s, n).to(at::kFloat) : x.narrow(0, s, n);
-        if (s == 0) at::mm_out(grad_weight, dt, xs);
-        else grad_weight.addmm_(dt, xs);
-      }
+      if (mask[1]) gw_product(grad_weight, dlogits, x.narrow(0, s, n), s == 0);
       if (mask[2] && bias.has_value()) grad_bias.add_(dlogits.sum(0, false, acc.dtype().toScalarType()));
     }
   }
