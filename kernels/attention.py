@@ -30,17 +30,16 @@ A row with every key masked has l = 0: its output is 0 and its m +inf, so P = 0 
 from __future__ import annotations
 
 import math
-import os
 import struct
 
 import torch
 import triton
 import triton.language as tl
 
+from .common import INTERPRET
 from .dropout import COL_MUL, FMIX_MUL1, FMIX_MUL2, KEEP_BITS, ROW_MUL, SEED_MASK, dropout_threshold, seed_halves
 
 MAX_HEAD_DIM = 256
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Tiles under the interpreter, whose cost is per operation, not per element: big tiles, few iterations. Tests
 # shrink them to reach the multi-block paths (causal diagonal, ragged last block) at small shapes.
 INTERPRET_TILES = dict(BLOCK_M=128, BLOCK_N=128)
@@ -392,7 +391,7 @@ def _attn_bwd_delta(O, DO, DELTA, R, DV, ACC: tl.constexpr, BLOCK_R: tl.constexp
 
 def _delta_rows(block_dv: int) -> int:
     """Rows per program of _attn_bwd_delta: ~4096 elements (big tiles under the interpreter)."""
-    return 128 if _INTERPRET else max(1, 4096 // block_dv)
+    return 128 if INTERPRET else max(1, 4096 // block_dv)
 
 
 # ---- launchers ----------------------------------------------------------------------------------------------
@@ -420,7 +419,7 @@ _aligned says (else element-wise loads and their addresses take registers: small
     tiles, and at D=256 no software pipelining (num_stages=1): the prefetched tiles of the default 3 stages
     spilled in the backward. ptxas' counts: docs/measurements.md, "Attention"."""
     block_d = _pad(d)
-    if _INTERPRET:
+    if INTERPRET:
         return dict(INTERPRET_TILES, BLOCK_D=block_d, num_warps=4)
     if dtype in (torch.float32, torch.float64):
         cfg = dict(BLOCK_M=32, BLOCK_N=32) if block_d <= 32 else dict(BLOCK_M=16, BLOCK_N=16)
@@ -565,7 +564,7 @@ def _launch_args(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, sca
                 **dict(zip(("smb", "smh", "smm", "smn"), strides)), **_dropout_args(dropout_p, seed),
                 HAS_MASK=attn_mask is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=bool(is_causal),
                 DROPOUT=dropout_p > 0, ACC=_acc(dtype), PREC=_prec(dtype),
-                UPCAST=_INTERPRET and dtype == torch.bfloat16, GQA=Hk != H, EQUAL_D=D == DV,
+                UPCAST=INTERPRET and dtype == torch.bfloat16, GQA=Hk != H, EQUAL_D=D == DV,
                 EVEN_N=Lk % cfg["BLOCK_N"] == 0, EVEN_D=D == cfg["BLOCK_D"] and DV == cfg["BLOCK_DV"], **cfg)
 
 

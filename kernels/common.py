@@ -1,9 +1,14 @@
 """Triton helpers shared by every kernel module."""
+import os
+
 import triton
 import triton.language as tl
 
 # Programs a launch's grid holds along x: 2**31 - 1.
 MAX_PROGRAMS = 2**31 - 1
+# Under Triton's CPU interpreter (TRITON_INTERPRET=1), which multiplies bfloat16 as raw integers: kernels with
+# bfloat16 products upcast their operands there, and only there.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def outer_chunks(outer: int, inner: int):

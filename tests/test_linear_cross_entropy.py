@@ -120,14 +120,20 @@ def test_only_the_gradients_asked_for(device, backend, wanted, dtype):
 
 @pytest.mark.parametrize("device,backend", device_backends("linear_cross_entropy"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision(device, backend, dtype):
-    x, w, b, t, _ = make_case(12, 32, 300, True, False, True, device, dtype)
+@pytest.mark.parametrize("N,D,V,chunk", [
+    (12, 32, 300, 5),     # three chunks of logits, the last short
+    (70, 136, 260, 32),   # the half-precision weight-gradient product with unaligned tiles: ragged V and D
+                          # tiles, chunks of the 32-row step, summed over three chunks in float32
+    (40, 48, 320, 16),    # and with the aligned ones (V, D multiples of 16): ragged, chunks under its 64-row step
+])
+def test_low_precision(device, backend, dtype, N, D, V, chunk):
+    x, w, b, t, _ = make_case(N, D, V, True, False, True, device, dtype)
 
     def fn(f):
         return lambda x_, w_, b_: f(x_, w_, t, linear_bias=b_, label_smoothing=0.1)
 
     r, rg, g = run(fn(fastnn.reference.linear_cross_entropy), x.double(), w.double(), b.double())
-    o, og, _ = run(fn(lambda *a, **k: F.linear_cross_entropy(*a, **k, chunk_size=5, backend=backend)), x, w, b,
+    o, og, _ = run(fn(lambda *a, **k: F.linear_cross_entropy(*a, **k, chunk_size=chunk, backend=backend)), x, w, b,
                    g.to(dtype))
     th, tg, _ = run(lambda x_, w_, b_: TF.cross_entropy(TF.linear(x_, w_, b_), t, label_smoothing=0.1), x, w, b,
                     g.to(dtype))
