@@ -24,6 +24,7 @@ import fastnn.functional as F
 from harness import EAGER, Bench
 
 TORCH_CHUNKED = "torch-lce-chunked"  # the goal's second baseline
+GRAD_IN_FORWARD = "-grad-in-fwd"  # suffix of the grad_in_forward=True rows (fwd+bwd only: a forward alone is the same)
 
 
 def implementations(b: Bench) -> dict:
@@ -37,9 +38,12 @@ def implementations(b: Bench) -> dict:
         impls["torch-lce-reference"] = lambda x, w, t: TF.linear_cross_entropy(x, w, t)
         chunked = torch.nn.LinearCrossEntropyOptions()
         impls[TORCH_CHUNKED] = lambda x, w, t: TF.linear_cross_entropy(x, w, t, options=chunked)
-    impls["fastnn-native"] = lambda x, w, t: F.linear_cross_entropy(x, w, t, backend="native")
-    if b.device == "cuda":
-        impls["fastnn-triton"] = lambda x, w, t: F.linear_cross_entropy(x, w, t, backend="triton")
+    backends = ("native", "triton") if b.device == "cuda" else ("native",)
+    for backend in backends:
+        impls[f"fastnn-{backend}"] = lambda x, w, t, k=backend: F.linear_cross_entropy(x, w, t, backend=k)
+    for backend in backends:  # the gradients made in the forward: three products, not four
+        impls[f"fastnn-{backend}{GRAD_IN_FORWARD}"] = lambda x, w, t, k=backend: F.linear_cross_entropy(
+            x, w, t, backend=k, grad_in_forward=True)
     return impls
 
 
@@ -59,9 +63,10 @@ def run_case(b: Bench, impls: dict, N: int, D: int, V: int, tag: str) -> None:
     case = f"N={N},D={D},V={V}"
     flops = 2 * N * D * V
     logits = torch.empty(N, V, device="meta")  # the size of the autograd op run between timed calls
-    b.compare(case=case, fns={name: forward(f, x.detach(), w.detach(), t) for name, f in impls.items()},
+    b.compare(case=case, fns={name: forward(f, x.detach(), w.detach(), t) for name, f in impls.items()
+                              if not name.endswith(GRAD_IN_FORWARD)},
               like=logits, flops=flops, series=f"linear+CE fwd {tag}", x=V)
-    # torch: 3 matmuls; fastnn: 4 (the backward recomputes the logits chunk by chunk)
+    # torch: 3 matmuls; fastnn: 4 (the backward recomputes the logits chunk by chunk), 3 with grad_in_forward
     b.compare(case=case, fns={name: forward_backward(f, x, w, t) for name, f in impls.items()}, like=logits,
               flops=3 * flops, series=f"linear+CE fwd+bwd {tag}", x=V)
 

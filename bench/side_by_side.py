@@ -498,6 +498,11 @@ def linear_cross_entropy_cases(env: Env, shapes) -> list[Case]:
     cands = {EAGER: Cand(eager), COMPILE: compiled(eager),
              **fastnn_cands("linear_cross_entropy",
                             lambda b: lambda x, w, t: F.linear_cross_entropy(x, w, t, backend=b)),
+             # The gradients made in the forward, three products as Liger's (fwd+bwd only: a forward alone is the
+             # same as the plain rows').
+             **{f"fastnn-{b}-grad-in-fwd": Cand(lambda x, w, t, b=b: F.linear_cross_entropy(
+                 x, w, t, backend=b, grad_in_forward=True), ("triton",) if b == "triton" else (f"native:{op}",),
+                 modes=(FWD_BWD,)) for b, op in (("triton", None), ("native", "linear_cross_entropy"))},
              "liger": liger(env, "liger_fused_linear_cross_entropy"),
              # Cut Cross-Entropy with its defaults (gradient filtering on): what its users run.
              "cut-cross-entropy": Cand(lambda x, w, t: env.module("cce").linear_cross_entropy(x, w, t),
@@ -756,7 +761,7 @@ def goals(rows: list[dict], tiny: bool) -> list[str]:
                 line(f"{ours} faster than {rival} at every shape", "no pairs", None)
 
     big = lambda c: c.endswith("D=4096,V=128256")  # noqa: E731
-    for ours in ("fastnn-triton", "fastnn-native"):
+    for ours in ("fastnn-triton", "fastnn-native", "fastnn-triton-grad-in-fwd", "fastnn-native-grad-in-fwd"):
         rs = find("linear_cross_entropy", ours, mode=FWD_BWD, dtype="bf16", case=big)
         if not rs:
             line(f"{ours} linear+CE bf16 (4096, 128256) fwd+bwd", "no rows", None)

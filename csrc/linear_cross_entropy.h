@@ -13,6 +13,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -50,6 +51,20 @@ inline int64_t check_linear_ce_fwd_args(const at::Tensor& input, const at::Tenso
   check_linear_ce_args(input, weight, bias, target, class_weight, chunk);
   TORCH_CHECK(weight.size(0) > 0, "linear_cross_entropy: weight has no rows (V = 0)");
   return weight.size(0);
+}
+
+// Checks linear_cross_entropy_fwd_grad's arguments; returns V.
+inline int64_t check_linear_ce_fwd_grad_args(const at::Tensor& input, const at::Tensor& weight,
+                                             const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                                             const std::optional<at::Tensor>& class_weight,
+                                             const at::Tensor& grad_loss, int64_t chunk) {
+  const int64_t V = check_linear_ce_fwd_args(input, weight, bias, target, class_weight, chunk);
+  const auto acc = ce_acc_type(input.scalar_type());
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == input.size(0) && grad_loss.scalar_type() == acc &&
+                  grad_loss.device() == input.device(),
+              "linear_cross_entropy: grad_loss must be (N,) = (", input.size(0), ",) of ", acc, " on input's device, got ",
+              grad_loss.sizes(), " ", grad_loss.scalar_type());
+  return V;
 }
 
 // Checks linear_cross_entropy_bwd's arguments; returns V.
@@ -114,12 +129,19 @@ inline void grad_weight_product(at::Tensor& grad_weight, const at::Tensor& dlogi
   else grad_weight.addmm_(dt, xf);
 }
 
-// gw_product(grad_weight, dlogits, x_chunk, first): grad_weight_product's contract.
-template <typename Bwd, typename Alloc, typename GwProduct = decltype(grad_weight_product)&>
+// A chunk loop with no forward in it (linear_ce_backward's default `fwd`).
+struct NoForward {
+  void operator()(const at::Tensor&, int64_t, int64_t) const {}
+};
+
+// gw_product(grad_weight, dlogits, x_chunk, first): grad_weight_product's contract. fwd(logits, s, n), when given,
+// runs on each chunk's logits before ce_bwd overwrites them (linear_ce_forward_grad's forward).
+template <typename Bwd, typename Alloc, typename GwProduct = decltype(grad_weight_product)&, typename Fwd = NoForward>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& stats, int64_t chunk,
-    std::array<bool, 3> mask, Bwd&& ce_bwd, Alloc&& alloc, GwProduct&& gw_product = grad_weight_product) {
+    std::array<bool, 3> mask, Bwd&& ce_bwd, Alloc&& alloc, GwProduct&& gw_product = grad_weight_product,
+    Fwd&& fwd = NoForward{}) {
   const at::Tensor x = input.contiguous(), w = weight.contiguous(), t = target.contiguous();
   const at::Tensor g = grad_loss.contiguous(), st = stats.contiguous();
   const int64_t N = x.size(0), V = w.size(0);
@@ -129,11 +151,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
   // grad_weight is written by the first chunk's GEMM (no zero fill); grad_bias is only summed when there is a bias.
   auto [grad_input, grad_weight, grad_bias] = linear_ce_grads(x, w, mask, acc, alloc);
   if (N == 0) grad_weight.zero_();
-  else if (mask[0] || mask[1] || (mask[2] && bias.has_value())) {
+  else if (mask[0] || mask[1] || (mask[2] && bias.has_value()) || !std::is_same_v<std::decay_t<Fwd>, NoForward>) {
     at::Tensor buf = alloc({std::min(chunk, N), V}, x.options());
     for (int64_t s = 0; s < N; s += chunk) {
       const int64_t n = std::min(chunk, N - s);
       at::Tensor dlogits = chunk_logits(buf, x, w, bias, s, n);
+      fwd(dlogits, s, n);
       ce_bwd(g.narrow(0, s, n), dlogits, t.narrow(0, s, n), st.narrow(1, s, n));
       if (mask[0]) {
         at::Tensor gi = grad_input.narrow(0, s, n);
@@ -145,6 +168,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
   }
   if (half) return {grad_input, grad_weight.to(x.scalar_type()), grad_bias.to(x.scalar_type())};
   return {grad_input, grad_weight, grad_bias};
+}
+
+// linear_cross_entropy_fwd_grad: the backward's chunk loop with the forward rows (ce_fwd, as linear_ce_forward's)
+// run on each chunk's logits first, so the logits are made once. Returns (loss, grad_input, grad_weight, grad_bias).
+template <typename Fwd, typename Bwd, typename Alloc, typename GwProduct = decltype(grad_weight_product)&>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce_forward_grad(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& target, int64_t chunk, std::array<bool, 3> mask,
+    Fwd&& ce_fwd, Bwd&& ce_bwd, Alloc&& alloc, GwProduct&& gw_product = grad_weight_product) {
+  const int64_t N = input.size(0);
+  const auto acc = input.options().dtype(ce_acc_type(input.scalar_type()));
+  at::Tensor loss = at::empty({N}, acc), stats = at::empty({2, N}, acc);
+  const at::Tensor t = target.contiguous();
+  auto [gi, gw, gb] = linear_ce_backward(
+      grad_loss, input, weight, bias, t, stats, chunk, mask, ce_bwd, alloc, gw_product,
+      [&](const at::Tensor& logits, int64_t s, int64_t n) {
+        ce_fwd(logits, t.narrow(0, s, n), loss.narrow(0, s, n), stats.narrow(1, s, n));
+      });
+  return {loss, gi, gw, gb};
 }
 
 }  // namespace fastnn

@@ -75,6 +75,15 @@ TORCH_LIBRARY(fastnn, m) {
   m.def("linear_cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor weight, Tensor? bias, Tensor target,"
         " Tensor? class_weight, Tensor stats, int ignore_index, float label_smoothing, int chunk,"
         " bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // linear_cross_entropy_fwd_grad: the forward and, in the same pass over the chunks, the gradients for a given
+  // grad_loss (N,) (a scalar reduction's, known before the backward): three products a chunk instead of the four
+  // of _fwd + _bwd. Returns (loss, grad_input, grad_weight, grad_bias), the gradients as _bwd's.
+  m.def("linear_cross_entropy_fwd_grad(Tensor input, Tensor weight, Tensor? bias, Tensor target,"
+        " Tensor? class_weight, Tensor grad_loss, int ignore_index, float label_smoothing, int chunk,"
+        " bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_cross_entropy_fwd_grad_triton(Tensor input, Tensor weight, Tensor? bias, Tensor target,"
+        " Tensor? class_weight, Tensor grad_loss, int ignore_index, float label_smoothing, int chunk,"
+        " bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("linear_cross_entropy_fwd_triton(Tensor input, Tensor weight, Tensor? bias, Tensor target,"
         " Tensor? class_weight, int ignore_index, float label_smoothing, int chunk) -> (Tensor, Tensor)");
   m.def("linear_cross_entropy_bwd_triton(Tensor grad_loss, Tensor input, Tensor weight, Tensor? bias,"

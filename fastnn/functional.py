@@ -114,7 +114,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
 def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
                          linear_bias: torch.Tensor | None = None, weight: torch.Tensor | None = None,
                          reduction: str = "mean", ignore_index: int | None = None, label_smoothing: float = 0.0,
-                         options=None, chunk_size: int | None = None, backend: str | None = None) -> torch.Tensor:
+                         options=None, chunk_size: int | None = None, backend: str | None = None,
+                         grad_in_forward: bool = False) -> torch.Tensor:
     """``torch.nn.functional.linear_cross_entropy`` (torch 2.13's signature and semantics, on any torch):
     ``cross_entropy(linear(input, linear_weight, linear_bias), target, weight, ...)`` without materializing the
     (N, C) logits. Rows run in chunks through one reused (chunk, C) buffer, and the backward recomputes each chunk's
@@ -161,6 +162,12 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
         chunk_size: fastnn's extra, rows per chunk (must agree with ``options.batch_chunk_size`` if both are
             given); default: as many as keep a (chunk, C) logits buffer at 128 MiB.
         backend: fastnn's extra, "auto" | "native" | "triton" | "reference".
+        grad_in_forward: fastnn's extra (default False). With class-index targets, a "mean" or "sum" reduction, no
+            K dims and a gradient to compute, the forward also computes the gradients (each chunk's logits made
+            once: three matrix products a chunk instead of four, as Liger-Kernel's fused linear cross-entropy),
+            and the backward scales them by the upstream gradient. They are held from the forward to the backward
+            (input's and linear_weight's sizes; float32 accumulation for the half types while the forward runs).
+            Elsewhere it changes nothing.
     Returns:
         The loss: a scalar, or ``input.shape[:-1] + (d1, ..., dK)`` for "none", in ``input``'s dtype (the
         promoted dtype of input and target for probabilities). Gradients flow to input, linear_weight and
@@ -184,7 +191,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     return _lce.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
                                      reduction=reduction, ignore_index=ignore_index,
                                      label_smoothing=label_smoothing, options=options, chunk_size=chunk_size,
-                                     backend=backend)
+                                     backend=backend, grad_in_forward=grad_in_forward)
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -102,9 +102,10 @@ def linear_cross_entropy_forward(x, w, bias, target, class_weight, ignore_index,
 
 
 def linear_cross_entropy_backward(grad_loss, x, w, bias, target, class_weight, stats, ignore_index,
-                                  label_smoothing, chunk, output_mask=(True, True, True)):
+                                  label_smoothing, chunk, output_mask=(True, True, True), forward=None):
     """(grad_input, grad_weight, grad_bias); one that output_mask leaves out is an empty (0,) tensor and its
-    product is skipped, as in the native op."""
+    product is skipped, as in the native op. forward(logits, s, n), when given, runs on each chunk's logits before
+    their gradient overwrites them (linear_cross_entropy_forward_grad)."""
     x, w, target = x.contiguous(), w.contiguous(), target.contiguous()
     grad_loss = grad_loss.contiguous()
     N, V = x.shape[0], w.shape[0]
@@ -114,11 +115,13 @@ def linear_cross_entropy_backward(grad_loss, x, w, bias, target, class_weight, s
     grad_weight = torch.zeros(w.shape if want_w else (0,), dtype=acc, device=x.device)  # zeros: N may be 0
     grad_bias = torch.zeros(V if want_b else 0, dtype=acc, device=x.device)
     want_b = want_b and bias is not None  # without a bias the (V,) gradient is zeros
-    if N and (want_x or want_w or want_b):
+    if N and (want_x or want_w or want_b or forward is not None):
         buf = torch.empty(min(chunk, N), V, dtype=x.dtype, device=x.device)
         for s in range(0, N, chunk):
             n = min(chunk, N - s)
             d = _chunk_logits(buf, x, w, bias, s, n)
+            if forward is not None:
+                forward(d, s, n)
             backward_into(grad_loss[s:s + n], d, target[s:s + n], class_weight, stats[:, s:s + n], ignore_index,
                           label_smoothing, d)
             if want_x:
@@ -129,6 +132,23 @@ def linear_cross_entropy_backward(grad_loss, x, w, bias, target, class_weight, s
                 grad_bias += d.sum(0, dtype=acc)
     return grad_input, grad_weight.to(x.dtype), grad_bias.to(x.dtype)
 
+
+def linear_cross_entropy_forward_grad(x, w, bias, target, class_weight, grad_loss, ignore_index, label_smoothing,
+                                      chunk, output_mask=(True, True, True)):
+    """(loss, grad_input, grad_weight, grad_bias): the forward and the gradients for grad_loss (N,) in one loop
+    over the chunks, each chunk's logits made once (three products a chunk, not four)."""
+    target = target.contiguous()
+    N = x.shape[0]
+    loss = torch.empty(N, dtype=acc_dtype(x.dtype), device=x.device)
+    stats = torch.empty(2, N, dtype=loss.dtype, device=x.device)
+
+    def forward(d, s, n):
+        forward_into(d, target[s:s + n], class_weight, ignore_index, label_smoothing, loss[s:s + n],
+                     stats[:, s:s + n])
+
+    grads = linear_cross_entropy_backward(grad_loss, x, w, bias, target, class_weight, stats, ignore_index,
+                                          label_smoothing, chunk, output_mask, forward=forward)
+    return (loss, *grads)
 
 def _aot_specs(arch: int = 90, aligned: bool = True):
     """grad_weight_kernel in both half types, accumulating (the later chunks); on sm_90 its products must be wgmma

@@ -197,6 +197,137 @@ def test_minus_inf_logits_in_a_whole_class_block(device, backend, smoothing):
             torch.testing.assert_close(a, e)
 
 
+# ---- grad_in_forward: the gradients made in the forward (fastnn::linear_cross_entropy_fwd_grad)
+
+@pytest.mark.parametrize("device,backend", device_backends("linear_cross_entropy"))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias,cw,ignored,smoothing,reduction", [o for o in OPTIONS if o[4] != "none"])
+def test_grad_in_forward_matches_the_recomputing_backward(device, backend, dtype, bias, cw, ignored, smoothing,
+                                                          reduction):
+    # The same loss and gradients as the recomputing path and the reference, scaled by a non-unit upstream
+    # gradient, over ragged chunks; the loss is computed before the backward is asked for.
+    x, w, b, t, c = make_case(23, 12, 70, bias, cw, ignored, device, dtype)
+
+    def fn(gif):
+        return lambda *v: 2.5 * F.linear_cross_entropy(v[0], v[1], t, linear_bias=v[2] if bias else None, weight=c,
+                                                       reduction=reduction, label_smoothing=smoothing, chunk_size=8,
+                                                       backend=backend, grad_in_forward=gif)
+
+    out, grads, _ = run(fn(True), x, w, b, torch.ones((), dtype=dtype, device=device))
+    o2, g2, _ = run(fn(False), x, w, b, torch.ones((), dtype=dtype, device=device))
+    torch.testing.assert_close(out, o2)
+    for a, e in zip(grads, g2):
+        torch.testing.assert_close(a, e)
+    ref, rg, _ = run(lambda *v: 2.5 * fastnn.reference.linear_cross_entropy(
+        v[0], v[1], t, linear_bias=v[2] if bias else None, weight=None if c is None else c.double(),
+        reduction=reduction, label_smoothing=smoothing), x.double(), w.double(), None if b is None else b.double(),
+        torch.ones((), dtype=torch.float64, device=device))
+    assert_matches(out, ref)
+    for a, e in zip(grads, rg):
+        assert_matches(a, e)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("linear_cross_entropy"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grad_in_forward_low_precision(device, backend, dtype):
+    # Half precision within twice torch's error, the weight gradient summed over the chunks in float32.
+    x, w, b, t, _ = make_case(40, 48, 320, True, False, True, device, dtype)
+
+    def fn(f, **kw):
+        return lambda x_, w_, b_: f(x_, w_, t, linear_bias=b_, label_smoothing=0.1, **kw)
+
+    r, rg, g = run(fn(fastnn.reference.linear_cross_entropy), x.double(), w.double(), b.double())
+    o, og, _ = run(fn(F.linear_cross_entropy, chunk_size=16, backend=backend, grad_in_forward=True), x, w, b,
+                   g.to(dtype))
+    th, tg, _ = run(lambda x_, w_, b_: TF.cross_entropy(TF.linear(x_, w_, b_), t, label_smoothing=0.1), x, w, b,
+                    g.to(dtype))
+    assert_matches(o, r, torch_out=th)
+    for name, a, e, tt in zip(("grad_input", "grad_weight", "grad_bias"), og, rg, tg):
+        assert_matches(a, e, torch_out=tt, name=name, atol_floor=1e-3)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("linear_cross_entropy"))
+@pytest.mark.parametrize("wanted", [(True, False, False), (False, True, True), (False, False, True)])
+def test_grad_in_forward_only_the_gradients_asked_for(device, backend, wanted):
+    x, w, b, t, c = make_case(9, 6, 11, True, True, True, device, torch.float64)
+    leaves = [v.detach().clone().requires_grad_(want) for v, want in zip((x, w, b), wanted)]
+    asked = [v for v in leaves if v.requires_grad]
+    kw = dict(linear_bias=leaves[2], weight=c, label_smoothing=0.1, chunk_size=4, backend=backend)
+    g = torch.autograd.grad(F.linear_cross_entropy(leaves[0], leaves[1], t, grad_in_forward=True, **kw), asked)
+    e = torch.autograd.grad(F.linear_cross_entropy(leaves[0], leaves[1], t, **kw), asked)
+    for a, b_ in zip(g, e):
+        torch.testing.assert_close(a, b_)
+    op = (torch.ops.fastnn.linear_cross_entropy_fwd_grad_triton if backend == "triton" else
+          torch.ops.fastnn.linear_cross_entropy_fwd_grad)
+    out = op(x, w, b, t, c, torch.ones(9, dtype=torch.float64, device=device), -100, 0.1, 4, list(wanted))
+    for o, v, want in zip(out[1:], (x, w, b), wanted):
+        assert o.shape == (v.shape if want else (0,))
+
+
+def test_grad_in_forward_elsewhere_changes_nothing():
+    # No grad asked (no_grad, or nothing requires it), reduction="none", probabilities: the usual path, the same
+    # results; a non-bool is refused.
+    x, w, b, t, _ = make_case(9, 6, 11, True, False, True, "cpu", torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(F.linear_cross_entropy(x.requires_grad_(), w, t, grad_in_forward=True),
+                                   F.linear_cross_entropy(x, w, t))
+    x.requires_grad_(False)
+    torch.testing.assert_close(F.linear_cross_entropy(x, w, t, grad_in_forward=True), F.linear_cross_entropy(x, w, t))
+    xl = x.clone().requires_grad_()
+    out = F.linear_cross_entropy(xl, w, t, reduction="none", grad_in_forward=True)
+    assert out.shape == (9,) and out.grad_fn is not None
+    torch.testing.assert_close(out, F.linear_cross_entropy(x, w, t, reduction="none"))
+    y = torch.softmax(torch.randn(9, 11, dtype=torch.float64), 1)
+    torch.testing.assert_close(F.linear_cross_entropy(xl, w, y, grad_in_forward=True), F.linear_cross_entropy(x, w, y))
+    assert_raises_naming(lambda: F.linear_cross_entropy(xl, w, t, grad_in_forward=1), TypeError, ["grad_in_forward"])
+
+
+def test_grad_in_forward_bad_target_raises():
+    x, w, _, t, _ = make_case(9, 6, 11, False, False, False, "cpu", torch.float32)
+    t[4] = 11
+    with pytest.raises(IndexError):
+        F.linear_cross_entropy(x.requires_grad_(), w, t, grad_in_forward=True)
+
+
+@pytest.mark.parametrize("suffix", ["", "_triton"])
+def test_grad_in_forward_opcheck(suffix):
+    if suffix and not [p for p in device_backends("linear_cross_entropy") if p.values == ("cpu", "triton")]:
+        pytest.skip("no Triton on CPU here")
+    x, w, b, t, c = make_case(7, 4, 9, True, True, True, "cpu", torch.float32)
+    for mask in ([True, True, True], [False, True, False]):
+        torch.library.opcheck(getattr(torch.ops.fastnn, "linear_cross_entropy_fwd_grad" + suffix),
+                              (x, w, b, t, c, torch.full((7,), 0.25), -100, 0.1, 3, mask))
+
+
+@pytest.mark.parametrize("device,backend", device_backends("linear_cross_entropy"))
+def test_grad_in_forward_torch_compile_fullgraph(device, backend):
+    x, w, b, t, _ = make_case(10, 5, 13, True, False, True, device, torch.float32)
+
+    def f(x_, w_, b_):
+        return F.linear_cross_entropy(torch.tanh(x_), w_, t, linear_bias=b_, label_smoothing=0.1, chunk_size=4,
+                                      backend=backend, grad_in_forward=True)
+
+    leaves = [v.requires_grad_() for v in (x, w, b)]
+    out = torch.compile(f, fullgraph=True)(*leaves)
+    grads = torch.autograd.grad(out * 3, leaves)
+    eager = f(*leaves)
+    torch.testing.assert_close(out, eager)
+    for a, e in zip(grads, torch.autograd.grad(eager * 3, leaves)):
+        torch.testing.assert_close(a, e)
+
+
+def test_grad_in_forward_module_option():
+    head = fastnn.nn.LinearCrossEntropyLoss(6, 11, bias=True, grad_in_forward=True, label_smoothing=0.1)
+    x, t = torch.randn(9, 6, requires_grad=True), torch.randint(0, 11, (9,))
+    head(x, t).backward()
+    ref = fastnn.nn.LinearCrossEntropyLoss(6, 11, bias=True, label_smoothing=0.1)
+    ref.load_state_dict(head.state_dict())
+    x2 = x.detach().clone().requires_grad_()
+    ref(x2, t).backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(head.linear.weight.grad, ref.linear.weight.grad)
+
+
 @pytest.mark.parametrize("backend", [p.values[1] for p in device_backends("linear_cross_entropy")
                                      if p.values[0] == "cpu"])
 def test_gradcheck(backend):

@@ -168,8 +168,12 @@ def cases(device: str = "cuda", dtypes=DTYPES, ops=None) -> list[Case]:
             dict(x=rand(7, 1025, dtype=dt), t=randint(1025, 7)), "x", once=True)
 
         # linear_cross_entropy: rows straddling chunks, bias, class weights, smoothing, ignore_index.
+        # grad_in_forward: the gradients in the forward's chunk loop (the half types' weight-gradient kernel, with
+        # aligned tiles at D = 64, V = 1024, unaligned ones elsewhere).
         for N, D, V, kw in [(7, 33, 97, dict(chunk_size=3)), (5, 64, 1025, dict(label_smoothing=0.1)),
-                            (9, 7, 203, dict(chunk_size=4, ignore_index=1, reduction="sum"))]:
+                            (9, 7, 203, dict(chunk_size=4, ignore_index=1, reduction="sum")),
+                            (70, 64, 1024, dict(chunk_size=32, grad_in_forward=True)),
+                            (9, 7, 203, dict(chunk_size=4, grad_in_forward=True, reduction="sum"))]:
             t = randint(V, N)
             if "ignore_index" in kw:
                 t[::2] = kw["ignore_index"]

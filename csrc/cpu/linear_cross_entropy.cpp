@@ -330,6 +330,26 @@ void backward(const float* g, const float* x, const float* w, const float* bias,
 
 }  // namespace fused
 
+// The cross-entropy rows on one chunk's logits, as csrc/linear_cross_entropy.h's chunk loops call them: fwd writes
+// the chunk's loss and statistics, bwd overwrites the logits with their gradient.
+template <typename scalar_t> struct ChunkRows {
+  using A = acc_t<scalar_t>;
+  Weights<scalar_t, A> w;
+  int64_t V, ignore_index;
+  ChunkRows(const std::optional<at::Tensor>& class_weight, double label_smoothing, int64_t V, int64_t ignore_index)
+      : w(class_weight, label_smoothing, V), V(V), ignore_index(ignore_index) {}
+  void fwd(const at::Tensor& logits, const at::Tensor& ts, at::Tensor loss, at::Tensor stats) const {
+    ce_fwd_rows<scalar_t>(CeGeometry{logits.size(0), V, 1}, logits.const_data_ptr<scalar_t>(),
+                          ts.const_data_ptr<int64_t>(), nullptr, w.p, ignore_index, loss.mutable_data_ptr<A>(),
+                          stat_plane<A>(stats, 0), stat_plane<A>(stats, 1));
+  }
+  void bwd(const at::Tensor& gs, at::Tensor& logits, const at::Tensor& ts, const at::Tensor& st) const {
+    auto* p = logits.mutable_data_ptr<scalar_t>();
+    ce_bwd_rows<scalar_t>(CeGeometry{logits.size(0), V, 1}, gs.const_data_ptr<A>(), p, ts.const_data_ptr<int64_t>(),
+                          nullptr, w.p, ignore_index, stat_plane<const A>(st, 0), stat_plane<const A>(st, 1), p);
+  }
+};
+
 // The ops: the fused kernel where fused::wanted, else csrc/linear_cross_entropy.h's chunk loop around the
 // cross-entropy rows.
 
@@ -353,14 +373,8 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
   }
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_cross_entropy_fwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    const Weights<scalar_t, A> w(class_weight, label_smoothing, V);
-    out = linear_ce_forward(input, weight, bias, t, chunk,
-                            [&](const at::Tensor& logits, const at::Tensor& ts, at::Tensor loss, at::Tensor stats) {
-      const CeGeometry g{logits.size(0), V, 1};
-      ce_fwd_rows<scalar_t>(g, logits.const_data_ptr<scalar_t>(), ts.const_data_ptr<int64_t>(), nullptr, w.p,
-                            ignore_index, loss.mutable_data_ptr<A>(), stat_plane<A>(stats, 0), stat_plane<A>(stats, 1));
-    }, cached_empty);
+    const ChunkRows<scalar_t> rows(class_weight, label_smoothing, V, ignore_index);
+    out = linear_ce_forward(input, weight, bias, t, chunk, [&](auto&&... a) { rows.fwd(a...); }, cached_empty);
   });
   return out;
 }
@@ -392,15 +406,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
   }
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_cross_entropy_bwd_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    const Weights<scalar_t, A> w(class_weight, label_smoothing, V);
+    const ChunkRows<scalar_t> rows(class_weight, label_smoothing, V, ignore_index);
     out = linear_ce_backward(grad_loss, input, weight, bias, t, stats, chunk, mask,
-                             [&](const at::Tensor& gs, at::Tensor& logits, const at::Tensor& ts, const at::Tensor& st) {
-      const CeGeometry g{logits.size(0), V, 1};
-      auto* p = logits.mutable_data_ptr<scalar_t>();
-      ce_bwd_rows<scalar_t>(g, gs.const_data_ptr<A>(), p, ts.const_data_ptr<int64_t>(), nullptr, w.p, ignore_index,
-                            stat_plane<const A>(st, 0), stat_plane<const A>(st, 1), p);
-    }, cached_empty);
+                             [&](auto&&... a) { rows.bwd(a...); }, cached_empty);
+  });
+  return out;
+}
+
+// Always the chunk loop: the fused kernel splits a row's classes over the threads, so no thread has a row's
+// statistics before the row's last product, which the gradient needs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_grad_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const std::optional<at::Tensor>& class_weight, const at::Tensor& grad_loss,
+    int64_t ignore_index, double label_smoothing, int64_t chunk, std::array<bool, 3> mask) {
+  const int64_t V = check_linear_ce_fwd_grad_args(input, weight, bias, target, class_weight, grad_loss, chunk);
+  const at::Tensor t = target.contiguous();
+  check_targets(t.const_data_ptr<int64_t>(), t.numel(), V, ignore_index);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_cross_entropy_fwd_grad_cpu",
+                                  [&] {
+    const ChunkRows<scalar_t> rows(class_weight, label_smoothing, V, ignore_index);
+    out = linear_ce_forward_grad(grad_loss, input, weight, bias, t, chunk, mask, [&](auto&&... a) { rows.fwd(a...); },
+                                 [&](auto&&... a) { rows.bwd(a...); }, cached_empty);
   });
   return out;
 }
@@ -410,6 +437,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cpu(
 TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
   m.impl("linear_cross_entropy_fwd", &linear_cross_entropy_fwd_cpu);
   m.impl("linear_cross_entropy_bwd", &linear_cross_entropy_bwd_cpu);
+  m.impl("linear_cross_entropy_fwd_grad", &linear_cross_entropy_fwd_grad_cpu);
 }
 
 }  // namespace fastnn::cpu

@@ -82,11 +82,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cuda(
   }, device_empty, grad_weight_product_cuda);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_grad_cuda(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const std::optional<at::Tensor>& class_weight, const at::Tensor& grad_loss,
+    int64_t ignore_index, double label_smoothing, int64_t chunk, std::array<bool, 3> mask) {
+  const int64_t V = check_linear_ce_fwd_grad_args(input, weight, bias, target, class_weight, grad_loss, chunk);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor flag = new_flag(input);
+  auto out = linear_ce_forward_grad(
+      grad_loss, input, weight, bias, target, chunk, mask,
+      [&](const at::Tensor& logits, const at::Tensor& ts, at::Tensor loss, at::Tensor stats) {
+        ce_fwd_rows(logits, ts, class_weight, CeGeometry{logits.size(0), V, 1}, ignore_index, label_smoothing, loss,
+                    stats, flag);
+      },
+      [&](const at::Tensor& gs, at::Tensor& logits, const at::Tensor& ts, const at::Tensor& st) {
+        ce_bwd_rows(gs, logits, ts, class_weight, st, CeGeometry{logits.size(0), V, 1}, ignore_index,
+                    label_smoothing, logits);
+      },
+      device_empty, grad_weight_product_cuda);
+  report_bad_target(flag, V, ignore_index);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastnn, CUDA, m) {
   m.impl("linear_cross_entropy_fwd", &linear_cross_entropy_fwd_cuda);
   m.impl("linear_cross_entropy_bwd", &linear_cross_entropy_bwd_cuda);
+  m.impl("linear_cross_entropy_fwd_grad", &linear_cross_entropy_fwd_grad_cuda);
 }
 
 }  // namespace fastnn::cuda

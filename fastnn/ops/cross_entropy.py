@@ -72,13 +72,17 @@ def reduce_loss(loss, target, weight, ignore_index, reduction, prob, dtype):
         return total.to(dtype)
     if prob:
         return (total / loss.numel()).to(dtype)
+    return (total / mean_denominator(target, weight, ignore_index, loss.dtype)).to(dtype)
+
+
+def mean_denominator(target, weight, ignore_index, acc):
+    """What a "mean" over class-index targets divides by, in dtype acc: the summed weight of the non-ignored
+    targets, or their count without weights."""
     valid = target != ignore_index
     if weight is None:
-        denom = valid.sum()
-    else:
-        w = weight.to(loss.dtype)
-        denom = torch.where(valid, w[target.clamp(0, w.shape[0] - 1)], 0).sum()
-    return (total / denom).to(dtype)
+        return valid.sum().to(acc)
+    w = weight.to(acc)
+    return torch.where(valid, w[target.clamp(0, w.shape[0] - 1)], 0).sum()
 
 
 def cross_entropy(input, target, weight=None, ignore_index: int = -100, reduction: str = "mean",

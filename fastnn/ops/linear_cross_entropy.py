@@ -9,6 +9,11 @@ cross_entropy instead.
 The ops return the unreduced per-row loss and the per-row statistics as cross_entropy's do (ops/cross_entropy.py);
 the argument checks and the reduction are cross_entropy's. The backward saves input, weight, bias and the
 statistics, and recomputes the logits chunk by chunk.
+
+With ``grad_in_forward`` and a scalar reduction, ``fastnn::linear_cross_entropy_fwd_grad`` (and its ``_triton``
+twin) runs instead: the reduction's gradient of each row's loss is known before the backward (1, or 1 / the mean's
+denominator), so the forward computes the gradients in the same chunk loop, three products a chunk instead of
+four, and the backward only scales them by the upstream gradient (``_GradInForward``).
 """
 from __future__ import annotations
 
@@ -20,11 +25,14 @@ from torch.utils.checkpoint import checkpoint
 from .. import reference
 from .._validation import check_same_device, check_tensor
 from ..backend import resolve
-from .cross_entropy import acc_dtype, check_index_target, check_loss_options, cross_entropy, reduce_loss
+from .cross_entropy import (acc_dtype, check_index_target, check_loss_options, cross_entropy, mean_denominator,
+                            reduce_loss)
 from .registry import Triton, register_op
 
 _FORWARD = {"native": torch.ops.fastnn.linear_cross_entropy_fwd,
             "triton": torch.ops.fastnn.linear_cross_entropy_fwd_triton}
+_FORWARD_GRAD = {"native": torch.ops.fastnn.linear_cross_entropy_fwd_grad,
+                 "triton": torch.ops.fastnn.linear_cross_entropy_fwd_grad_triton}
 
 # One (chunk, V) logits buffer of at most 128 MiB: on fewer rows (below ~1024 at V=32000) the CPU GEMMs lose
 # FLOP rate (docs/measurements.md), and 128 MiB is still ~0.04x the (N, V) tensors torch keeps at N=8192.
@@ -56,7 +64,7 @@ def chunk_rows(fn: str, options, chunk_size) -> int | None:
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction: str = "mean",
                          ignore_index: int | None = None, label_smoothing: float = 0.0, options=None,
-                         chunk_size: int | None = None, backend: str | None = None):
+                         chunk_size: int | None = None, backend: str | None = None, grad_in_forward: bool = False):
     """torch.nn.functional.linear_cross_entropy in row chunks (see fastnn.functional)."""
     fn = "linear_cross_entropy"
     check_tensor(input, "input", fn=fn)
@@ -99,6 +107,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                       if out_features else f"for input of shape {tuple(input.shape)}")
         target = check_index_target(fn, target, (*batch, *out_features), shape_from)
     chunk = chunk_rows(fn, options, chunk_size)
+    if not isinstance(grad_in_forward, bool):
+        raise TypeError(f"{fn}: grad_in_forward must be a bool, got {type(grad_in_forward).__name__}")
     b = resolve(torch.ops.fastnn.linear_cross_entropy_fwd, backend, input, linear_weight, target, linear_bias,
                 weight)
     if b == "reference":
@@ -110,6 +120,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     rows, P = math.prod(batch), math.prod(out_features)
     x = input.reshape(rows, D)  # (-1, D) is ambiguous for D = 0
     t = target.reshape((rows, C, P) if prob else (rows, P)).to(dtype if prob else target.dtype)
+    wanted = [v is not None and v.requires_grad for v in (x, linear_weight, linear_bias)]
+    if (grad_in_forward and reduction != "none" and not prob and not out_features and torch.is_grad_enabled()
+            and any(wanted)):
+        return _GradInForward.apply(x, linear_weight, linear_bias, t[:, 0], weight, ignore_index,
+                                    float(label_smoothing), chunk, reduction, b, tuple(wanted))
     # A K-dimensional loss (C, d1..dK, D) is one (C, D) loss per position of d1..dK, all on the same input rows.
     if out_features:
         ws = linear_weight.reshape(C, P, D).unbind(1)
@@ -122,6 +137,33 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     loss = losses[0] if P == 1 else torch.stack(losses, 1)  # (rows, P), t's order
     out = reduce_loss(loss.reshape(-1), t.reshape(-1), weight, ignore_index, reduction, prob, dtype)
     return out.reshape((*batch, *out_features)) if reduction == "none" else out
+
+
+class _GradInForward(torch.autograd.Function):
+    """The scalar loss ("mean" or "sum") of class-index targets, whose gradients the forward computes
+    (``fastnn::linear_cross_entropy_fwd_grad``) for the reduction's own per-row gradient and the backward scales by
+    the upstream one. The gradients live from the forward to the backward: input's and the weight's sizes (and
+    the bias's), where the recomputing path keeps only the statistics."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, target, class_weight, ignore_index, label_smoothing, chunk, reduction, backend,
+                wanted):
+        acc = acc_dtype(x.dtype)
+        rows = torch.ones(x.shape[0], dtype=acc, device=x.device)
+        if reduction == "mean":
+            rows = rows / mean_denominator(target, class_weight, ignore_index, acc)
+        loss, gi, gw, gb = _FORWARD_GRAD[backend](x, w, bias, target, class_weight, rows, ignore_index,
+                                                  label_smoothing, chunk, list(wanted))
+        ctx.save_for_backward(gi, gw, gb)
+        ctx.wanted = wanted
+        return reduce_loss(loss, target, class_weight, ignore_index, reduction, False, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gi, gw, gb = ctx.saved_tensors
+        # grad is 0-d: each product keeps the gradient's dtype.
+        out = [g * grad if want else None for g, want in zip((gi, gw, gb), ctx.wanted)]
+        return (*out, None, None, None, None, None, None, None, None)
 
 
 def _probability_rows(x, w, bias, y, weight, label_smoothing, chunk, backend):
@@ -153,6 +195,13 @@ def _fake_bwd(grad_loss, input, weight, bias, target, class_weight, stats, ignor
                output_mask):
     shapes = (input.shape, weight.shape, (weight.shape[0],))
     return tuple(t.new_empty(s if want else (0,)) for t, s, want in zip((input, weight, weight), shapes, output_mask))
+
+
+def _fake_fwd_grad(input, weight, bias, target, class_weight, grad_loss, ignore_index, label_smoothing, chunk,
+                   output_mask):
+    loss, _ = _fake_fwd(input, weight, bias, target, class_weight, ignore_index, label_smoothing, chunk)
+    return (loss, *_fake_bwd(grad_loss, input, weight, bias, target, class_weight, None, ignore_index,
+                             label_smoothing, chunk, output_mask))
 
 
 def _setup_context(ctx, inputs, output):
@@ -190,3 +239,17 @@ register_op(torch.ops.fastnn.linear_cross_entropy_fwd, torch.ops.fastnn.linear_c
             fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, setup_context=_setup_context, backward=_backward,
             triton=Triton(torch.ops.fastnn.linear_cross_entropy_fwd_triton,
                           torch.ops.fastnn.linear_cross_entropy_bwd_triton, _triton_fwd, _triton_bwd))
+
+
+def _triton_fwd_grad(input, weight, bias, target, class_weight, grad_loss, ignore_index, label_smoothing, chunk,
+                     output_mask):
+    from ..kernels.linear_cross_entropy import linear_cross_entropy_forward_grad
+
+    return linear_cross_entropy_forward_grad(input, weight, bias, target, class_weight, grad_loss, ignore_index,
+                                             label_smoothing, chunk, output_mask)
+
+
+for _op in _FORWARD_GRAD.values():
+    torch.library.register_fake(_op.default)(_fake_fwd_grad)
+torch.library.register_kernel(torch.ops.fastnn.linear_cross_entropy_fwd_grad_triton.default, ("cpu", "cuda"),
+                              _triton_fwd_grad)
