@@ -62,8 +62,8 @@ inline int64_t check_linear_ce_fwd_grad_args(const at::Tensor& input, const at::
   const auto acc = ce_acc_type(input.scalar_type());
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == input.size(0) && grad_loss.scalar_type() == acc &&
                   grad_loss.device() == input.device(),
-              "linear_cross_entropy: grad_loss must be (N,) = (", input.size(0), ",) of ", acc, " on input's device, got ",
-              grad_loss.sizes(), " ", grad_loss.scalar_type());
+              "linear_cross_entropy: grad_loss must be (N,) = (", input.size(0), ",) of ", acc,
+              " on input's device, got ", grad_loss.sizes(), " ", grad_loss.scalar_type());
   return V;
 }
 

@@ -282,11 +282,19 @@ def test_grad_in_forward_elsewhere_changes_nothing():
     assert_raises_naming(lambda: F.linear_cross_entropy(xl, w, t, grad_in_forward=1), TypeError, ["grad_in_forward"])
 
 
-def test_grad_in_forward_bad_target_raises():
+def test_grad_in_forward_bad_input_raises():
     x, w, _, t, _ = make_case(9, 6, 11, False, False, False, "cpu", torch.float32)
     t[4] = 11
     with pytest.raises(IndexError):
         F.linear_cross_entropy(x.requires_grad_(), w, t, grad_in_forward=True)
+    t[4] = 0
+    for op in (torch.ops.fastnn.linear_cross_entropy_fwd_grad, torch.ops.fastnn.linear_cross_entropy_fwd_grad_triton):
+        if op is torch.ops.fastnn.linear_cross_entropy_fwd_grad_triton and not [
+                p for p in device_backends("linear_cross_entropy") if p.values == ("cpu", "triton")]:
+            continue
+        for g in (torch.ones(8), torch.ones(9, dtype=torch.float64)):  # one value per row, in float32
+            assert_raises_naming(lambda: op(x.detach(), w, None, t, None, g, -100, 0.0, 4, [True, True, False]),
+                                 (RuntimeError, ValueError), ["grad_loss"])
 
 
 @pytest.mark.parametrize("suffix", ["", "_triton"])

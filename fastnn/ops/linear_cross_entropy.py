@@ -245,6 +245,10 @@ def _triton_fwd_grad(input, weight, bias, target, class_weight, grad_loss, ignor
                      output_mask):
     from ..kernels.linear_cross_entropy import linear_cross_entropy_forward_grad
 
+    acc = acc_dtype(input.dtype)
+    if tuple(grad_loss.shape) != (input.shape[0],) or grad_loss.dtype != acc:  # the native op's check
+        raise ValueError(f"linear_cross_entropy: grad_loss must be (N,) = ({input.shape[0]},) of {acc}, got "
+                         f"{tuple(grad_loss.shape)} {grad_loss.dtype}")
     return linear_cross_entropy_forward_grad(input, weight, bias, target, class_weight, grad_loss, ignore_index,
                                              label_smoothing, chunk, output_mask)
 

@@ -145,8 +145,10 @@ class Seq2Seq(nn.Module):
         count, across processes under DDP)."""
         h, t = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
         if self._fused is not None:  # output layer + loss without materializing the logits
+            # A training step always runs the backward: the gradients are made in the forward (three products,
+            # not four). Without grad (evaluation) this is the plain forward.
             return self._fused(h, self.out.weight, t, linear_bias=self.out.bias, ignore_index=PAD,
-                               reduction="sum", label_smoothing=self.label_smoothing)
+                               reduction="sum", label_smoothing=self.label_smoothing, grad_in_forward=True)
         return self.criterion(self.out(h).float(), t)
 
     @staticmethod
