@@ -112,7 +112,8 @@ def linear_cross_entropy_backward(grad_loss, x, w, bias, target, class_weight, s
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     want_x, want_w, want_b = output_mask
     grad_input = torch.empty(x.shape if want_x else (0,), dtype=x.dtype, device=x.device)
-    grad_weight = torch.zeros(w.shape if want_w else (0,), dtype=acc, device=x.device)  # zeros: N may be 0
+    # grad_weight is stored by the first chunk's product (no zero fill of a (V, D) float32 tensor); zeros for N = 0.
+    grad_weight = (torch.empty if N else torch.zeros)(w.shape if want_w else (0,), dtype=acc, device=x.device)
     grad_bias = torch.zeros(V if want_b else 0, dtype=acc, device=x.device)
     want_b = want_b and bias is not None  # without a bias the (V,) gradient is zeros
     if N and (want_x or want_w or want_b or forward is not None):

@@ -24,6 +24,24 @@ namespace {
 
 at::Tensor device_empty(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); }
 
+// The cross-entropy rows on one chunk's logits, as csrc/linear_cross_entropy.h's chunk loops call them: fwd writes
+// the chunk's loss and statistics (an out-of-range class index into flag, reported after the last chunk), bwd
+// overwrites the logits with their gradient.
+struct ChunkRows {
+  const std::optional<at::Tensor>& class_weight;
+  int64_t V, ignore_index;
+  double label_smoothing;
+  at::Tensor flag;  // the forwards' only
+  void fwd(const at::Tensor& logits, const at::Tensor& ts, at::Tensor loss, at::Tensor stats) {
+    ce_fwd_rows(logits, ts, class_weight, CeGeometry{logits.size(0), V, 1}, ignore_index, label_smoothing, loss,
+                stats, flag);
+  }
+  void bwd(const at::Tensor& gs, at::Tensor& logits, const at::Tensor& ts, const at::Tensor& st) const {
+    ce_bwd_rows(gs, logits, ts, class_weight, st, CeGeometry{logits.size(0), V, 1}, ignore_index, label_smoothing,
+                logits);
+  }
+};
+
 // grad_weight (+)= dlogits^T x_chunk (csrc/linear_cross_entropy.h's grad_weight_product contract). For the half
 // types grad_weight is float32 and the product runs on the tensor cores with a float32 C: cuBLAS reads the
 // half-precision operands as they are, accumulates in float32 and adds into the float32 sum of the earlier chunks
@@ -59,13 +77,10 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_fwd_cuda(
     double label_smoothing, int64_t chunk) {
   const int64_t V = check_linear_ce_fwd_args(input, weight, bias, target, class_weight, chunk);
   const c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor flag = new_flag(input);
-  auto out = linear_ce_forward(input, weight, bias, target, chunk,
-                               [&](const at::Tensor& logits, const at::Tensor& ts, at::Tensor loss, at::Tensor stats) {
-    ce_fwd_rows(logits, ts, class_weight, CeGeometry{logits.size(0), V, 1}, ignore_index, label_smoothing, loss,
-                stats, flag);
-  }, device_empty);
-  report_bad_target(flag, V, ignore_index);
+  ChunkRows rows{class_weight, V, ignore_index, label_smoothing, new_flag(input)};
+  auto out = linear_ce_forward(input, weight, bias, target, chunk, [&](auto&&... a) { rows.fwd(a...); },
+                               device_empty);
+  report_bad_target(rows.flag, V, ignore_index);
   return out;
 }
 
@@ -75,11 +90,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_bwd_cuda(
     const at::Tensor& stats, int64_t ignore_index, double label_smoothing, int64_t chunk, std::array<bool, 3> mask) {
   const int64_t V = check_linear_ce_bwd_args(grad_loss, input, weight, bias, target, class_weight, stats, chunk);
   const c10::cuda::CUDAGuard guard(input.device());
+  const ChunkRows rows{class_weight, V, ignore_index, label_smoothing, at::Tensor()};
   return linear_ce_backward(grad_loss, input, weight, bias, target, stats, chunk, mask,
-                            [&](const at::Tensor& gs, at::Tensor& logits, const at::Tensor& ts, const at::Tensor& st) {
-    ce_bwd_rows(gs, logits, ts, class_weight, st, CeGeometry{logits.size(0), V, 1}, ignore_index, label_smoothing,
-                logits);
-  }, device_empty, grad_weight_product_cuda);
+                            [&](auto&&... a) { rows.bwd(a...); }, device_empty, grad_weight_product_cuda);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_grad_cuda(
@@ -88,19 +101,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
     int64_t ignore_index, double label_smoothing, int64_t chunk, std::array<bool, 3> mask) {
   const int64_t V = check_linear_ce_fwd_grad_args(input, weight, bias, target, class_weight, grad_loss, chunk);
   const c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor flag = new_flag(input);
-  auto out = linear_ce_forward_grad(
-      grad_loss, input, weight, bias, target, chunk, mask,
-      [&](const at::Tensor& logits, const at::Tensor& ts, at::Tensor loss, at::Tensor stats) {
-        ce_fwd_rows(logits, ts, class_weight, CeGeometry{logits.size(0), V, 1}, ignore_index, label_smoothing, loss,
-                    stats, flag);
-      },
-      [&](const at::Tensor& gs, at::Tensor& logits, const at::Tensor& ts, const at::Tensor& st) {
-        ce_bwd_rows(gs, logits, ts, class_weight, st, CeGeometry{logits.size(0), V, 1}, ignore_index,
-                    label_smoothing, logits);
-      },
-      device_empty, grad_weight_product_cuda);
-  report_bad_target(flag, V, ignore_index);
+  ChunkRows rows{class_weight, V, ignore_index, label_smoothing, new_flag(input)};
+  auto out = linear_ce_forward_grad(grad_loss, input, weight, bias, target, chunk, mask,
+                                    [&](auto&&... a) { rows.fwd(a...); }, [&](auto&&... a) { rows.bwd(a...); },
+                                    device_empty, grad_weight_product_cuda);
+  report_bad_target(rows.flag, V, ignore_index);
   return out;
 }
 

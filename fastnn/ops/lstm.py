@@ -241,23 +241,24 @@ def _layer_backward(ctx, grads, bwd_op):
     need = ctx.needs_input_grad
     grad_x = torch.mm(g2, w_ih).view(x.shape) if need[0] else None
     grad_bias = g2.sum(0) if ctx.has_bias and need[2] else None
-    # The weight gradients in one GEMM over all steps, dG^T [x_t | h_prev(t)], where step t ran on h_{t-1}
-    # (forward) or h_{t+1} (reverse), and on h0 at the first step: one product of K = D + H runs closer to the
-    # BLAS's peak than two thinner ones, for the price of one copy of the inputs. A frozen weight's half is left out.
-    D = x.shape[2] if need[1] else 0
-    H = H4 // 4 if need[3] else 0
+    # The weight gradients: dG^T x_t and dG^T h_prev(t) over all steps, where step t ran on h_{t-1} (forward) or
+    # h_{t+1} (reverse), and on h0 at the first step. Both wanted: one GEMM over [x_t | h_prev(t)], whose K = D + H
+    # runs closer to the BLAS's peak than two thinner products, for the price of one copy of the inputs.
     grad_w_ih = grad_w_hh = None
-    if D or H:
+    if need[3]:
+        D, H = (x.shape[2] if need[1] else 0), H4 // 4
         xh = x.new_empty(T, B, D + H)
-        if D:
+        if need[1]:
             xh[..., :D] = x
-        if H and T:
+        if T:
             first, rest, prev = (T - 1, slice(0, T - 1), hs[1:]) if ctx.reverse else (0, slice(1, T), hs[:-1])
             xh[first, :, D:] = h0
             xh[rest, :, D:] = prev
         g_w = torch.mm(g2.t(), xh.view(T * B, D + H))
-        grad_w_ih = g_w[:, :D].contiguous() if D else None
-        grad_w_hh = g_w[:, D:].contiguous() if H else None
+        grad_w_ih = g_w[:, :D].contiguous() if need[1] else None
+        grad_w_hh = g_w[:, D:].contiguous()
+    elif need[1]:
+        grad_w_ih = torch.mm(g2.t(), x.reshape(T * B, x.shape[2]))
     return grad_x, grad_w_ih, grad_bias, grad_w_hh, grad_h0, grad_c0, None, None
 
 
