@@ -14,7 +14,8 @@
 #              NVCC    (default: $CUDA_HOME/bin/nvcc, else /usr/local/cuda/bin/nvcc, else nvcc on PATH)
 #              TENSOR_CORE  "FILE:PATTERN ..." - every kernel of FILE whose demangled name matches the grep -E
 #                      PATTERN must hold HMMA (tensor-core mma) instructions in its SASS for every arch, and at least
-#                      one must exist (default: the attention tensor-core kernels, forward and backward). Read with
+#                      one must exist (default: the attention tensor-core kernels and the persistent LSTM kernels,
+#                      forward and backward). Read with
 #                      cuobjdump ($CUDA_HOME/bin, PATH, else the copy Triton bundles).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +51,7 @@ PY
 gencode=()
 for a in $ARCHS; do gencode+=("-gencode=arch=compute_$a,code=sm_$a"); done
 
-TENSOR_CORE=${TENSOR_CORE:-"csrc/cuda/attention.cu:attn_(fwd|bwd)_tc_kernel<"}
+TENSOR_CORE=${TENSOR_CORE:-"csrc/cuda/attention.cu:attn_(fwd|bwd)_tc_kernel< csrc/cuda/lstm.cu:layer_(fwd|bwd)_persistent_kernel<"}
 CUOBJDUMP=${CUOBJDUMP:-$CUDA_HOME/bin/cuobjdump}
 [ -x "$CUOBJDUMP" ] || CUOBJDUMP=$(command -v cuobjdump || "$PYTHON" -c \
   "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))" \

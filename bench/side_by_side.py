@@ -45,11 +45,13 @@ run was interrupted (a competitor's failure is reported, not an error of fastnn'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import gc
 import importlib
 import importlib.util
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,11 +121,28 @@ class Env:
 class Cand:
     """A candidate: ``fn(*inputs)`` returns the op's output; ``needs`` says what it needs to run (see
     Env.missing); ``mutates``: it overwrites its first input (timed on a private copy); ``modes``: which of fwd,
-    fwd+bwd it is timed in (None: the case's)."""
+    fwd+bwd it is timed in (None: the case's); ``env``: environment variables set while it is checked and timed
+    (the backward included), e.g. a kernel variant the native op chooses at run time."""
     fn: Callable
     needs: tuple[str, ...] = ()
     mutates: bool = False
     modes: tuple[str, ...] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    """os.environ with `values` set, restored after."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @dataclass
@@ -262,71 +281,78 @@ class Runner:
         g = torch.randn(case.out_shape, device=dev, dtype=case.dtype) if case.out_shape else None
         ref = None
         for impl, c in case.cands.items():
-            modes = [m for m in (c.modes or case.modes) if m in case.modes]
-            why = self.env.missing(c.needs)
-            if why is None and self.out_of_time():
-                why = "skipped (budget)"
-            if why is not None:
-                for mode in modes:
-                    self.record(case, impl, mode, why)
-                continue
-            own = list(inputs)
-            if c.mutates:  # a private copy of the input it overwrites
-                own[0] = inputs[0].detach().clone()
-            leaves = [own[i] if isinstance(own[i], torch.nn.Parameter) else own[i].detach().requires_grad_()
-                      for i in case.grad]
-            graded = list(own)
-            for i, leaf in zip(case.grad, leaves):
-                graded[i] = leaf
-
-            def call_fwd(fn=c.fn, xs=own):
-                with torch.no_grad():
-                    return fn(*xs)
-
-            def call_fwd_bwd(fn=c.fn, xs=graded, leaves=leaves):
-                # Views of the leaves, as a model's activations are non-leaves: a leaf's AccumulateGrad would copy an
-                # in-place gradient out of its storage, timing a copy no model makes.
-                ys = list(xs)
-                for i in case.grad:
-                    if not isinstance(ys[i], torch.nn.Parameter):
-                        ys[i] = ys[i].view(ys[i].shape)
-                out = fn(*ys)
-                out.backward(g)
-                for t in leaves:
-                    t.grad = None
-                return out
-
-            # Validation against the reference, on this case's inputs.
-            try:
-                if ref is None:
-                    ref = case.reference(inputs, case.grad if FWD_BWD in case.modes else (), g)
-                err = self.validate(case, c, own, graded, leaves, g, ref, FWD_BWD in modes)
-            except Exception as e:
-                for mode in modes:
-                    self.record(case, impl, mode, f"error: {type(e).__name__}: {e}"[:200].replace("\n", " "))
-                print(f"  ! {case.section} {case.name} {impl}: {type(e).__name__}: {str(e)[:300]}")
-                self._free()
-                continue
-            if not err <= case.tol:
-                for mode in modes:
-                    self.record(case, impl, mode, f"invalid: error {err:.2e} > {case.tol:.0e}", err=err)
-                print(f"  ! {case.section} {case.name} {impl}: disagrees with the reference ({err:.2e} > "
-                      f"{case.tol:.0e})")
-                continue
-            for mode in modes:
-                call = call_fwd if mode == FWD else call_fwd_bwd
-                try:
-                    t = harness.time_ms(call, dev, self.repeats)
-                    peak = harness.peak_extra_mb(call, dev)
-                    self.record(case, impl, mode, "ok", t=t, peak=peak, err=err, nbytes=case.bytes.get(mode),
-                                flops=case.flops.get(mode))
-                except Exception as e:
-                    self.record(case, impl, mode, f"error: {type(e).__name__}: {e}"[:200].replace("\n", " "))
-                    print(f"  ! {case.section} {case.name} {impl} {mode}: {type(e).__name__}: {str(e)[:300]}")
-                    self._free()
-            del own, graded, leaves
+            with environ(c.env):
+                ref = self.run_cand(case, impl, c, inputs, g, ref)
         del inputs, ref, g
         self._free()
+
+    def run_cand(self, case: Case, impl: str, c: Cand, inputs: list, g, ref):
+        """Checks and times one candidate; returns the case's reference (computed by the first that needs it)."""
+        dev = self.device
+        modes = [m for m in (c.modes or case.modes) if m in case.modes]
+        why = self.env.missing(c.needs)
+        if why is None and self.out_of_time():
+            why = "skipped (budget)"
+        if why is not None:
+            for mode in modes:
+                self.record(case, impl, mode, why)
+            return ref
+        own = list(inputs)
+        if c.mutates:  # a private copy of the input it overwrites
+            own[0] = inputs[0].detach().clone()
+        leaves = [own[i] if isinstance(own[i], torch.nn.Parameter) else own[i].detach().requires_grad_()
+                  for i in case.grad]
+        graded = list(own)
+        for i, leaf in zip(case.grad, leaves):
+            graded[i] = leaf
+
+        def call_fwd(fn=c.fn, xs=own):
+            with torch.no_grad():
+                return fn(*xs)
+
+        def call_fwd_bwd(fn=c.fn, xs=graded, leaves=leaves):
+            # Views of the leaves, as a model's activations are non-leaves: a leaf's AccumulateGrad would copy an
+            # in-place gradient out of its storage, timing a copy no model makes.
+            ys = list(xs)
+            for i in case.grad:
+                if not isinstance(ys[i], torch.nn.Parameter):
+                    ys[i] = ys[i].view(ys[i].shape)
+            out = fn(*ys)
+            out.backward(g)
+            for t in leaves:
+                t.grad = None
+            return out
+
+        # Validation against the reference, on this case's inputs.
+        try:
+            if ref is None:
+                ref = case.reference(inputs, case.grad if FWD_BWD in case.modes else (), g)
+            err = self.validate(case, c, own, graded, leaves, g, ref, FWD_BWD in modes)
+        except Exception as e:
+            for mode in modes:
+                self.record(case, impl, mode, f"error: {type(e).__name__}: {e}"[:200].replace("\n", " "))
+            print(f"  ! {case.section} {case.name} {impl}: {type(e).__name__}: {str(e)[:300]}")
+            self._free()
+            return ref
+        if not err <= case.tol:
+            for mode in modes:
+                self.record(case, impl, mode, f"invalid: error {err:.2e} > {case.tol:.0e}", err=err)
+            print(f"  ! {case.section} {case.name} {impl}: disagrees with the reference ({err:.2e} > "
+                  f"{case.tol:.0e})")
+            return ref
+        for mode in modes:
+            call = call_fwd if mode == FWD else call_fwd_bwd
+            try:
+                t = harness.time_ms(call, dev, self.repeats)
+                peak = harness.peak_extra_mb(call, dev)
+                self.record(case, impl, mode, "ok", t=t, peak=peak, err=err, nbytes=case.bytes.get(mode),
+                            flops=case.flops.get(mode))
+            except Exception as e:
+                self.record(case, impl, mode, f"error: {type(e).__name__}: {e}"[:200].replace("\n", " "))
+                print(f"  ! {case.section} {case.name} {impl} {mode}: {type(e).__name__}: {str(e)[:300]}")
+                self._free()
+        del own, graded, leaves
+        return ref
 
     def validate(self, case, c, own, graded, leaves, g, ref, with_grads) -> float:
         """The worst relative error of the output and (with_grads) the gradients against the reference."""
@@ -608,6 +634,12 @@ def lstm_cases(env: Env, shapes) -> list[Case]:
         cands = {EAGER: Cand(lambda x, *w, holder=holder: holder["torch"](x)[0]),
                  "fastnn-triton": Cand(ours("triton"), ("triton",)),
                  "fastnn-native": Cand(ours("native"), ("native:lstm_layer",))}
+        if env.cuda and dtype in (torch.float16, torch.bfloat16):
+            # The native op's two recurrences forced, beside its own choice: the persistent kernels wherever they
+            # can run, and the step loop (a cuBLAS product and a cell launch per step).
+            for tag, setting in (("persistent", "1"), ("step-loop", "0")):
+                cands[f"fastnn-native-{tag}"] = Cand(ours("native"), ("native:lstm_layer",),
+                                                     env={"FASTNN_LSTM_PERSISTENT": setting})
         flops = 2 * T * B * 4 * H * (H + H)  # the input and recurrent products of every step
         cases.append(Case("lstm", f"T={T},B={B},H={H}", dtype, inputs, (0, 1, 2, 3, 4),
                           autograd_reference(lstm_reference), cands, tolerance(dtype, products=True),

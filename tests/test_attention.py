@@ -835,7 +835,7 @@ def test_cuda_more_heads_than_a_grid_dimension(dtype):
 
 def test_tensor_core_kernels_in_the_cpu_emulator():
     # The float16 / bfloat16 tensor-core kernels' own text (csrc/cuda/attention.cu) compiled for the host and run by
-    # tools/attention_tc_emu (a thread per CUDA thread, mma / ldmatrix per the PTX fragment layouts, ASan + UBSan)
+    # tools/cuda_emu/attention.py (a thread per CUDA thread, mma / ldmatrix per the PTX fragment layouts, ASan + UBSan)
     # on two cases that touch every path - one tile; grouped-query heads, Dv != D, causal, key padding, a learned
     # mask and dropout - against fastnn.reference: fragment indexing and masking checked without a GPU.
     import os
@@ -846,7 +846,7 @@ def test_tensor_core_kernels_in_the_cpu_emulator():
     if shutil.which("g++") is None:
         pytest.skip("no g++ to build the emulator")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.join(root, "tools", "attention_tc_emu", "run.py"), "--quick"],
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "cuda_emu", "attention.py"), "--quick"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "2/2 cases ok" in r.stdout

@@ -120,3 +120,47 @@ def test_side_by_side_rejects_wrong_candidates():
     ok = got[("torch-eager", "fwd")]
     assert ok["bytes"] == 2 * 8 * 300 * 4
     assert abs(ok["frac_copy_bw"] - ok["bytes"] / (ok["time_ms"] * 1e-3) / 1e9 / 10.0) < 1e-12
+
+
+def test_side_by_side_candidate_environment(monkeypatch):
+    """A candidate's ``env`` holds while it runs, its backward included (the native LSTM reads its kernel choice
+    from the environment at each call), and the environment is restored after it, also when it raises."""
+    sbs = _side_by_side()
+    name = "FASTNN_SIDE_BY_SIDE_PROBE"
+    monkeypatch.setenv(name, "before")
+    args = sbs.parse(["--device", "cpu", "--tiny", "--no-save", "--no-compile", "--repeats", "1"])
+    runner = sbs.Runner(args, sbs.Env(args))
+    runner.copy_gbs = 10.0
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            seen.append(("fwd", os.environ.get(name)))
+            return torch.softmax(x, -1)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(output)
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(("bwd", os.environ.get(name)))
+            y, = ctx.saved_tensors
+            return y * (g - (g * y).sum(-1, keepdim=True))
+
+    def raises(x):
+        seen.append(("raises", os.environ.get(name)))
+        raise RuntimeError("boom")
+
+    case = sbs.softmax_cases(sbs.Env(args), [(torch.float32, 8, 300)], log=False)[0]
+    case.cands = {"probe": sbs.Cand(Probe.apply, env={name: "inside"}),
+                  "raises": sbs.Cand(raises, env={name: "inside-too"}),
+                  "plain": sbs.Cand(lambda x: (seen.append(("plain", os.environ.get(name))), torch.softmax(x, -1))[1])}
+    runner.run_case(case)
+    got = {(r["impl"], r["mode"]): r["status"] for r in runner.rows}
+    assert got[("probe", "fwd+bwd")] == "ok" and got[("plain", "fwd")] == "ok"
+    assert {v for k, v in seen if k in ("fwd", "bwd")} == {"inside"} and ("bwd", "inside") in seen
+    assert ("raises", "inside-too") in seen
+    assert {v for k, v in seen if k == "plain"} == {"before"}
+    assert os.environ[name] == "before"

@@ -442,6 +442,91 @@ def test_layer_packed_recurrent_gemm_tails(B, H):
         torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=2e-5)
 
 
+PERSISTENT_CASES = [
+    # (T, B, H, lengths, persistent): the persistent kernels' edges - B = 1 (one 16-row tile, the k tiles split
+    # over all 8 warps), 7 and 97 (a partial last row tile), 128 (8 full tiles, the largest batch they take);
+    # H = 8 (one block of two units in the forward, a partial 8-unit block in the backward), 520 (the last
+    # 64-column chunk partial, a partial last block); B = 129 and H = 36 (not a multiple of 8) take the step loop.
+    (5, 1, 8, False, True),
+    (9, 7, 24, True, True),
+    (17, 97, 520, True, True),
+    (4, 128, 256, False, True),
+    (3, 129, 64, True, False),
+    (4, 5, 36, False, False),
+]
+
+
+def _cuda_kernel_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(e.name for e in prof.events())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T,B,H,with_lengths,persistent", PERSISTENT_CASES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layer_persistent_kernels(T, B, H, with_lengths, persistent, reverse, dtype, monkeypatch):
+    # Half-precision layers on sm_80+ run the whole recurrence in one cooperative launch per direction
+    # (csrc/cuda/lstm.cu) where they can and their L2 traffic is small; FASTNN_LSTM_PERSISTENT=1 takes them wherever
+    # they can run, =0 forces the per-step loop. Each setting, outputs and every
+    # gradient, against float64, within 2x the error of the same layer in plain torch ops in that dtype; and the
+    # profiler shows which kernels ran.
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the persistent kernels need sm_80 (mma.sync on bfloat16)")
+    torch.manual_seed(0)
+    I = 12
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, dtype=torch.float64, device="cuda") * scale
+    inputs = [r(T, B, I), r(B, H), r(B, H), r(4 * H, I, scale=I ** -0.5), r(4 * H, H, scale=H ** -0.5), r(4 * H),
+              r(4 * H)]
+    seeds = [r(T, B, H), r(B, H), r(B, H)]
+    lengths = None
+    if with_lengths:
+        lengths = torch.randint(1, T + 1, (B,))
+        lengths[0] = T
+
+    def run(dt, backend):
+        leaves = [t.to(dt).requires_grad_() for t in inputs]
+        outs = lstm_layer(*leaves, lengths=lengths, reverse=reverse, backend=backend)
+        grads = torch.autograd.grad(outs, leaves, [s.to(dt) for s in seeds])
+        return [o.detach() for o in outs] + list(grads)
+
+    ref, theirs = run(torch.float64, "reference"), run(dtype, "reference")
+    names = ["hs", "h_n", "c_n", "grad_x", "grad_h0", "grad_c0", "grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh"]
+    for setting in ("1", "0", "auto"):  # wherever they can run, never, by the L2 traffic limit
+        monkeypatch.setenv("FASTNN_LSTM_PERSISTENT", setting)
+        got = []
+        kernels = _cuda_kernel_names(lambda: got.extend(run(dtype, "native")))
+        if setting != "auto":
+            expect = persistent and setting == "1"
+            assert ("layer_fwd_persistent_kernel" in kernels) == expect, kernels[:2000]
+            assert ("layer_bwd_persistent_kernel" in kernels) == expect, kernels[:2000]
+        for name, o, want, t in zip(names, got, ref, theirs):
+            assert_matches(o, want, torch_out=t, name=f"{name} (FASTNN_LSTM_PERSISTENT={setting})", atol_floor=1e-2)
+        if setting == "1":  # the warps' partial sums meet in a fixed order: the same bits on a second run
+            again = run(dtype, "native")
+            assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+def test_persistent_kernels_in_the_cpu_emulator():
+    # The persistent float16 / bfloat16 layer kernels' own text (csrc/cuda/lstm.cu) compiled for the host and run by
+    # tools/cuda_emu/lstm.py (a thread per CUDA thread, every block at once for grid.sync(), mma / ldmatrix per the
+    # PTX fragment layouts, ASan + UBSan) against a float64 recurrence, forward and backward: batch 1 (the k tiles
+    # spread over all warps), and batch 17 in bfloat16, reversed, with lengths, a partial backward block.
+    import shutil
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ to build the emulator")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "cuda_emu", "lstm.py"), "--quick"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "2/2 cases ok" in r.stdout
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("T", [0, 1, 5])
 @pytest.mark.parametrize("uses_cs", [False, True])

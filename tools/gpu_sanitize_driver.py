@@ -242,9 +242,11 @@ def cases(device: str = "cuda", dtypes=DTYPES, ops=None) -> list[Case]:
             dict(x=rand(5, dtype=dt), w_ih=rand(5, 28, dtype=dt, scale=0.3), w_hh=rand(28, 7, dtype=dt, scale=0.3)),
             ("x", "w_ih", "w_hh"))
 
-        # fastnn.nn.LSTM: two layers, both directions, batch_first, lengths, and the no-grad (inference) path.
+        # fastnn.nn.LSTM: two layers, both directions, batch_first, lengths, and the no-grad (inference) path;
+        # H = 24 (a multiple of 8) runs float16 / bfloat16 layers on the persistent kernels (the others: the step loop).
         for T, B, I, H, kw, lengths in [(5, 3, 7, 9, dict(num_layers=2, bidirectional=True), [5, 2, 1]),
-                                        (4, 2, 3, 33, dict(batch_first=True), None)]:
+                                        (4, 2, 3, 33, dict(batch_first=True), None),
+                                        (6, 17, 5, 24, dict(bidirectional=True), [6, 1, 3] + [6] * 14)]:
             torch.manual_seed(0)
             mod = fastnn.nn.LSTM(I, H, dtype=dt, **kw).to(device)
             params = {n: p.detach() for n, p in mod.named_parameters()}

@@ -1,7 +1,7 @@
 // Scaled dot-product attention on CUDA, forward and backward.
 //
 // float16 / bfloat16 on sm_80+: FlashAttention-2 kernels on tensor cores (attn_fwd_tc_kernel, attn_bwd_tc_kernel,
-// each with its comment block below; the PTX primitives are in attention_mma.cuh); the backward for padded head
+// each with its comment block below; the PTX primitives are in mma.cuh); the backward for padded head
 // dims up to 128. Everything else - float32 and float64, half types on older devices, where the device lacks a
 // tile's shared memory, and the backward at head dims above 128 - runs on deliberately simple flash-style kernels
 // (correct by construction): tiles of 32 keys (or queries) staged in shared memory in the accumulation type; each
@@ -30,7 +30,7 @@
 #include <type_traits>
 
 #include "attention.h"
-#include "attention_mma.cuh"
+#include "mma.cuh"
 
 namespace fastnn::cuda {
 namespace {
@@ -745,8 +745,6 @@ template <typename F> bool with_head_dim(int hd, F&& f) {
     default: return f(std::integral_constant<int, 256>{});
   }
 }
-
-template <typename T> constexpr bool kHalfType = std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
 
 // Whether the tensor-core kernels may stage rows with 16-byte cp.async: head dims and the operands' batch / head
 // strides multiples of 8 elements, data 16-byte aligned.

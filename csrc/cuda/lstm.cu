@@ -1,8 +1,20 @@
 // LSTM on CUDA: the fused cell (forward and backward) and the whole recurrence of one layer, as on the CPU
 // (csrc/cpu/lstm.cpp, which explains the design). One thread per (batch row, hidden unit) reads that unit's
-// four gates; a step is one read of gates and c and one write of h', c' and the activated gates, so the kernel
-// is bound by memory bandwidth. The layer op issues, per step, one cuBLAS addmm into the step's slice of the
-// gate buffer and one cell launch that activates it in place - no host synchronization, no allocation.
+// four gates; a step is one read of gates and c and one write of h', c' and the activated gates, so the cell
+// kernel is bound by memory bandwidth.
+//
+// The layer op runs the recurrence one of two ways:
+// - persistent (float16 / bfloat16 on sm_80+, batch <= 128, H % 8 == 0, when the weight slices fit in shared
+//   memory and the steps' L2 traffic stays small, below): one cooperative launch for all T steps. Each block owns a few hidden units, keeps their rows of
+//   W_hh in shared memory for the whole sequence, multiplies the previous h by them on the tensor cores and
+//   applies the cell to its units; a grid-wide barrier separates the steps. A small batch thus costs T barriers
+//   instead of 2T launches, and W_hh is read from global memory once instead of T times.
+// - step loop (every other case): per step one cuBLAS addmm into the step's slice of the gate buffer and one
+//   cell launch that activates it in place - no host synchronization, no allocation.
+// The persistent kernels pay for their small tiles in L2 traffic: every block reads the whole [B, K] operand of
+// each step, so large layers (B H large) keep the step loop, whose cuBLAS tiles are larger. The environment
+// variable FASTNN_LSTM_PERSISTENT=0 forces the step loop, =1 the persistent kernels wherever they can run (tests
+// and benches compare the three settings).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -11,15 +23,20 @@
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cooperative_groups.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
 #include "common.h"
 #include "cuda/common.cuh"
+#include "cuda/mma.cuh"
 #include "lstm.h"
 
 namespace fastnn::cuda {
@@ -27,10 +44,36 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename A> __device__ __forceinline__ A sigmoid_(A x) { return A(1) / (A(1) + exp_(-x)); }
+// float: the approximate divide (2 ulp) has no slow-path call, whose saved registers would spill in the
+// persistent kernels; 1 / inf = 0 keeps large negative inputs exact.
+__device__ __forceinline__ float sigmoid_(float x) { return __fdividef(1.f, 1.f + exp_(-x)); }
+__device__ __forceinline__ double sigmoid_(double x) { return 1.0 / (1.0 + exp_(-x)); }
 
 // `len` null: every row is active; otherwise row r runs while t < len[r] and keeps its state after.
 __device__ __forceinline__ bool active(const int64_t* len, int64_t t, int64_t r) { return len == nullptr || t < len[r]; }
+
+// One (row, unit)'s cell step from its four pre-activations z = (i, f, g, o) and the previous c: the activated
+// gates into a, the new c and h into cn, hn.
+template <typename A>
+__device__ __forceinline__ void cell_forward(const A (&z)[4], A cp, A (&a)[4], A& cn, A& hn) {
+  a[0] = sigmoid_(z[0]), a[1] = sigmoid_(z[1]), a[2] = tanh(z[2]), a[3] = sigmoid_(z[3]);
+  cn = a[1] * cp + a[0] * a[2];
+  hn = a[3] * tanh(cn);
+}
+
+// Its gradients: gh, gc the incoming gradients of h and c, a the activated gates, cp the previous c; the four
+// pre-activation gradients into dg; returns the previous c's gradient.
+template <typename A>
+__device__ __forceinline__ A cell_backward(A gh, A gc, const A (&a)[4], A cp, A (&dg)[4]) {
+  const A i = a[0], f = a[1], g = a[2], o = a[3];
+  const A tc = tanh(f * cp + i * g);
+  gc += gh * o * (A(1) - tc * tc);
+  dg[0] = gc * g * i * (A(1) - i);
+  dg[1] = gc * cp * f * (A(1) - f);
+  dg[2] = gc * i * (A(1) - g * g);
+  dg[3] = gh * tc * o * (A(1) - o);
+  return gc * f;
+}
 
 // pre may alias act (the layer activates its gate buffer in place): every thread reads its four gates before
 // writing them. hp (the previous h) is read only for inactive rows.
@@ -48,17 +91,14 @@ __global__ void cell_fwd_kernel(const T* pre, const T* __restrict__ bias, const 
       continue;
     }
     const int64_t g0 = r * 4 * H + j;
-    A z[4];
+    A z[4], a[4], cn, hn;
 #pragma unroll
     for (int k = 0; k < 4; ++k) z[k] = A(pre[g0 + k * H]) + (bias ? A(bias[j + k * H]) : A(0));
-    const A i = sigmoid_(z[0]), f = sigmoid_(z[1]), g = tanh(z[2]), o = sigmoid_(z[3]);
-    const A cn = f * A(cp[idx]) + i * g;
-    act[g0] = T(i);
-    act[g0 + H] = T(f);
-    act[g0 + 2 * H] = T(g);
-    act[g0 + 3 * H] = T(o);
+    cell_forward(z, A(cp[idx]), a, cn, hn);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) act[g0 + k * H] = T(a[k]);
     c[idx] = T(cn);
-    h[idx] = T(o * tanh(cn));
+    h[idx] = T(hn);
   }
 }
 
@@ -73,8 +113,8 @@ __global__ void cell_bwd_kernel(const T* __restrict__ dh, const T* __restrict__ 
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < B * H;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = idx / H, j = idx - r * H, g0 = r * 4 * H + j;
-    A gh = A(dh[idx]) + (dh2 ? A(dh2[idx]) : A(0));
-    A gc = A(dc[idx]) + (dc2 ? A(dc2[idx]) : A(0));
+    const A gh = A(dh[idx]) + (dh2 ? A(dh2[idx]) : A(0));
+    const A gc = A(dc[idx]) + (dc2 ? A(dc2[idx]) : A(0));
     if (!active(len, t, r)) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) dgates[g0 + k * H] = T(0);
@@ -82,16 +122,243 @@ __global__ void cell_bwd_kernel(const T* __restrict__ dh, const T* __restrict__ 
       pass[idx] = T(gh);
       continue;
     }
-    const A i = A(act[g0]), f = A(act[g0 + H]), g = A(act[g0 + 2 * H]), o = A(act[g0 + 3 * H]);
-    const A c0 = A(cp[idx]);
-    const A tc = tanh(f * c0 + i * g);
-    gc += gh * o * (A(1) - tc * tc);
-    dgates[g0] = T(gc * g * i * (A(1) - i));
-    dgates[g0 + H] = T(gc * c0 * f * (A(1) - f));
-    dgates[g0 + 2 * H] = T(gc * i * (A(1) - g * g));
-    dgates[g0 + 3 * H] = T(gh * tc * o * (A(1) - o));
-    dcp[idx] = T(gc * f);
+    A a[4], dg[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) a[k] = A(act[g0 + k * H]);
+    const A dc_prev = cell_backward(gh, gc, a, A(cp[idx]), dg);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) dgates[g0 + k * H] = T(dg[k]);
+    dcp[idx] = T(dc_prev);
     if (pass) pass[idx] = T(0);
+  }
+}
+
+// ---- The persistent layer kernels (float16 / bfloat16, sm_80+) -------------------------------------------------
+// Both multiply a [B, K] matrix of the previous step - h [B, H] in the forward, the gate gradients [B, 4H] in the
+// backward, written by every block and read back through L2 - by a block's [N, K] tile of W_hh held in shared
+// memory, N = 8 NT columns, on mma.sync m16n8k16 with float32 accumulation. The [B, K] matrix streams in chunks
+// of kKc columns through two cp.async stages (zeros past B rows and past K). 8 warps split the work: warp w takes
+// the 16-row tile w % MT (MT = ceil(B / 16) <= 8) and every KS-th 16-deep k tile, KS = 8 / MT, so a small batch
+// still spreads over the warps; their partial sums meet in a float32 [Bp, N] tile z in shared memory, which the
+// caller filled with the rest of the sum first.
+// Shared-memory rows are padded by 8 elements: rows 16 bytes apart modulo 128 put the 8 row addresses of each
+// ldmatrix phase in distinct banks.
+constexpr int kPWarps = 8, kPThreads = 32 * kPWarps, kPMaxRows = 16 * kPWarps, kKc = 64, kKcLd = kKc + 8;
+
+struct PersistentSmem {
+  int64_t kp;       // K rounded up to whole chunks
+  int ldw;          // the weight tile's row length, kp + 8
+  size_t w, stage, z, bytes;  // byte offsets of the weight tile, the two chunk stages, z; the total
+};
+// z_tiles: how many float32 [Bp, N] tiles the kernel keeps (z and per-row state).
+__host__ __device__ inline PersistentSmem persistent_smem(int64_t K, int N, int64_t Bp, int z_tiles) {
+  PersistentSmem s;
+  s.kp = ceil_div(K, kKc) * kKc;
+  s.ldw = int(s.kp + 8);
+  s.w = 0;
+  s.stage = s.w + sizeof(uint16_t) * size_t(N) * s.ldw;
+  s.z = s.stage + sizeof(uint16_t) * 2 * size_t(Bp) * kKcLd;
+  s.bytes = s.z + sizeof(float) * size_t(z_tiles) * Bp * N;
+  return s;
+}
+
+// z[Bp, N] += a[B, K] (rows lda apart, 16-byte aligned, K % 8 == 0) w^T, w the [N, ldw] weight tile (columns
+// past K zero). Every thread of the block calls it; it starts and ends with a __syncthreads.
+template <typename T, int NT>
+__device__ void rows_times_tile(const uint16_t* a, int64_t B, int64_t K, int64_t lda, const uint16_t* w, int ldw,
+                                uint16_t* stage, float* z) {
+  constexpr int N = 8 * NT;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int MT = int(ceil_div(B, 16)), Bp = 16 * MT, KS = kPWarps / MT;  // KS: 8, 4, 2 or 1, a power of two
+  const int mt = warp % MT, ks = warp / MT;
+  const bool busy = warp < MT * KS;
+  const int chunks = int(ceil_div(K, kKc));  // 32-bit indices here: a 64-bit divide is a call (and spills)
+  auto load = [&](int c) {
+    uint16_t* st = stage + (c & 1) * Bp * kKcLd;
+    for (int x = threadIdx.x; x < Bp * (kKc / 8); x += kPThreads) {
+      const int r = x / (kKc / 8), col = (x % (kKc / 8)) * 8;
+      const int k = c * kKc + col;
+      const bool in = r < B && k < K;
+      mma::cp_async16(st + r * kKcLd + col, in ? a + r * lda + k : a, in ? 16 : 0);
+    }
+    mma::cp_async_commit();
+  };
+  float acc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  __syncthreads();  // the stages are free (the previous call's readers are done), z is filled
+  load(0);
+  for (int c = 0; c < chunks; ++c) {
+    if (c + 1 < chunks) {
+      load(c + 1);  // into the other stage, released by the __syncthreads ending the previous iteration
+      mma::cp_async_wait<1>();
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const uint16_t* st = stage + (c & 1) * Bp * kKcLd;
+    if (busy) {
+#pragma unroll
+      for (int kt = 0; kt < kKc / 16; ++kt) {
+        if (((c * (kKc / 16) + kt) & (KS - 1)) != ks) continue;
+        uint32_t af[4];
+        // A: lane l points at row l % 16, k block l / 16 of the 16 x 16 tile (a0..a3)
+        mma::ldmatrix_x4(af, st + (mt * 16 + lane % 16) * kKcLd + kt * 16 + (lane / 16) * 8);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          // B: lane l (< 16) points at weight row n * 8 + l % 8, k block l / 8 (b0, b1 of the 8 columns)
+          uint32_t bf[2];
+          mma::ldmatrix_x2(bf, w + (n * 8 + lane % 8) * ldw + c * kKc + kt * 16 + ((lane / 8) % 2) * 8);
+          mma::mma_16816<T>(acc[n], af, bf[0], bf[1]);
+        }
+      }
+    }
+    __syncthreads();  // everyone is done with this stage before it is loaded again
+  }
+  // The k splits add their partial sums one after the other, in a fixed order: each element of z has one writer
+  // per round, and the result does not depend on warp scheduling (the same bits on every run).
+  // C fragment: (row g, columns 2 c4, 2 c4 + 1) and (row g + 8, the same columns) of each 8-column tile.
+  const int g = lane / 4, c4 = lane % 4;
+  float* z0 = z + (mt * 16 + g) * N + 2 * c4;
+  for (int round = 0; round < KS; ++round) {
+    if (busy && ks == round) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        z0[n * 8] += acc[n][0];
+        z0[n * 8 + 1] += acc[n][1];
+        z0[8 * N + n * 8] += acc[n][2];
+        z0[8 * N + n * 8 + 1] += acc[n][3];
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Forward. Block b owns the NU = 2 NT hidden units j0 = b NU ..; its weight tile row n = gate NU + u holds W_hh's
+// row gate H + j0 + u. act [T, B, 4H] arrives holding x W_ih^T + bias and leaves holding the activated gates
+// (rows past their length keep the pre-activations: the backward never reads them), as the step loop leaves it.
+template <typename T, int NT>
+__global__ void __launch_bounds__(kPThreads, 1) layer_fwd_persistent_kernel(const T* __restrict__ w_hh,
+                                                                         const T* __restrict__ h0,
+                                                                         const T* __restrict__ c0, T* act, T* hs,
+                                                                         T* cs, int64_t steps, int64_t B, int64_t H,
+                                                                         const int64_t* __restrict__ len,
+                                                                         bool reverse) {
+  constexpr int N = 8 * NT, NU = N / 4;
+  const int64_t Bp = 16 * ceil_div(B, 16), j0 = int64_t(blockIdx.x) * NU;
+  const PersistentSmem L = persistent_smem(H, N, Bp, 1);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* w = reinterpret_cast<uint16_t*>(smem_raw + L.w);
+  uint16_t* stage = reinterpret_cast<uint16_t*>(smem_raw + L.stage);
+  float* z = reinterpret_cast<float*>(smem_raw + L.z);
+  const uint16_t* wg = reinterpret_cast<const uint16_t*>(w_hh);
+  for (int x = threadIdx.x; x < N * L.ldw; x += kPThreads) {
+    const int n = x / L.ldw, k = x % L.ldw;
+    const int64_t j = j0 + n % NU;
+    w[x] = j < H && k < H ? wg[((n / NU) * H + j) * H + k] : uint16_t(0);
+  }
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t t = reverse ? steps - 1 - s : s, tp = reverse ? t + 1 : t - 1;
+    const T* hp = s == 0 ? h0 : hs + tp * B * H;
+    const T* cp = s == 0 ? c0 : cs + tp * B * H;
+    T* act_t = act + t * B * 4 * H;
+    for (int x = threadIdx.x; x < Bp * N; x += kPThreads) {
+      const int r = x / N, n = x % N;
+      const int64_t j = j0 + n % NU;
+      z[x] = r < B && j < H ? float(act_t[r * 4 * H + (n / NU) * H + j]) : 0.f;
+    }
+    rows_times_tile<T, NT>(reinterpret_cast<const uint16_t*>(hp), B, H, H, w, L.ldw, stage, z);
+    for (int x = threadIdx.x; x < B * NU; x += kPThreads) {
+      const int r = x / NU, u = x % NU;
+      const int64_t j = j0 + u, o = r * H + j;
+      if (j >= H) continue;
+      if (!active(len, t, r)) {
+        cs[t * B * H + o] = cp[o];
+        hs[t * B * H + o] = hp[o];
+        continue;
+      }
+      float zz[4], a[4], cn, hn;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) zz[k] = z[r * N + k * NU + u];
+      cell_forward(zz, float(cp[o]), a, cn, hn);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) act_t[r * 4 * H + k * H + j] = T(a[k]);
+      cs[t * B * H + o] = T(cn);
+      hs[t * B * H + o] = T(hn);
+    }
+    grid.sync();  // step t's h is complete (and visible) before any block reads it
+  }
+}
+
+// Backward. Block b owns the NU = 8 NT hidden units j0 = b NU ..; its weight tile row u holds W_hh's column
+// j0 + u (dh_prev[:, j] = dgates_t W_hh[:, j]). Per step, in the step loop's order: z = the rows' handed-through
+// gradient + dgates of the step before (every block's) times the tile; the cell backward of the block's units
+// writes dgates_t; the barrier. The running dc and the handed-through dh (rows past their length) stay in float32
+// in shared memory. dgx [T, B, 4H] out; dh, dc [B, H]: the gradients of h0 and c0.
+template <typename T, int NT>
+__global__ void __launch_bounds__(kPThreads, 1) layer_bwd_persistent_kernel(
+    const T* __restrict__ w_hh, const T* __restrict__ dhs, const T* __restrict__ dcs, const T* __restrict__ c0,
+    const T* __restrict__ cs, const T* __restrict__ act, T* dgx, T* __restrict__ dh, T* __restrict__ dc,
+    int64_t steps, int64_t B, int64_t H, const int64_t* __restrict__ len, bool reverse) {
+  constexpr int N = 8 * NT, NU = N;
+  const int64_t Bp = 16 * ceil_div(B, 16), j0 = int64_t(blockIdx.x) * NU;
+  const PersistentSmem L = persistent_smem(4 * H, N, Bp, 3);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* w = reinterpret_cast<uint16_t*>(smem_raw + L.w);
+  uint16_t* stage = reinterpret_cast<uint16_t*>(smem_raw + L.stage);
+  float* z = reinterpret_cast<float*>(smem_raw + L.z);
+  float* dcs_run = z + Bp * N;    // the running gradient of c, per (row, unit)
+  float* pass = dcs_run + Bp * N;  // dh handed through rows past their length
+  const uint16_t* wg = reinterpret_cast<const uint16_t*>(w_hh);
+  for (int x = threadIdx.x; x < N * L.ldw; x += kPThreads) {
+    const int k = x / N, u = x % N;  // consecutive threads read consecutive columns of a row
+    const int64_t j = j0 + u;
+    w[u * L.ldw + k] = j < H && k < 4 * H ? wg[k * H + j] : uint16_t(0);
+  }
+  for (int x = threadIdx.x; x < Bp * N; x += kPThreads) dcs_run[x] = pass[x] = 0.f;
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  const uint16_t* dg_prev = nullptr;  // the gate gradients of the step before (null at the first)
+  auto recurrent_dh = [&] {           // z = pass + dg_prev W_hh[:, j0 ..]
+    for (int x = threadIdx.x; x < Bp * N; x += kPThreads) z[x] = pass[x];
+    if (dg_prev) rows_times_tile<T, NT>(dg_prev, B, 4 * H, 4 * H, w, L.ldw, stage, z);
+    else __syncthreads();
+  };
+  for (int64_t s = steps - 1; s >= 0; --s) {
+    const int64_t t = reverse ? steps - 1 - s : s, tp = reverse ? t + 1 : t - 1;
+    const T* cp = s == 0 ? c0 : cs + tp * B * H;
+    recurrent_dh();
+    for (int x = threadIdx.x; x < B * NU; x += kPThreads) {
+      const int r = x / NU, u = x % NU, zi = r * N + u;
+      const int64_t j = j0 + u, o = r * H + j, g0 = t * B * 4 * H + r * 4 * H + j;
+      if (j >= H) continue;
+      const float gh = float(dhs[t * B * H + o]) + z[zi], gc = float(dcs[t * B * H + o]) + dcs_run[zi];
+      if (!active(len, t, r)) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) dgx[g0 + k * H] = T(0);
+        dcs_run[zi] = gc;
+        pass[zi] = gh;
+        continue;
+      }
+      float a[4], dg[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) a[k] = float(act[g0 + k * H]);
+      dcs_run[zi] = cell_backward(gh, gc, a, float(cp[o]), dg);
+      pass[zi] = 0.f;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) dgx[g0 + k * H] = T(dg[k]);
+    }
+    dg_prev = reinterpret_cast<const uint16_t*>(dgx + t * B * 4 * H);
+    grid.sync();  // step t's gate gradients are complete before any block multiplies them
+  }
+  recurrent_dh();
+  for (int x = threadIdx.x; x < B * NU; x += kPThreads) {
+    const int r = x / NU, u = x % NU;
+    const int64_t j = j0 + u;
+    if (j < H) {
+      dh[r * H + j] = T(z[r * N + u]);
+      dc[r * H + j] = T(dcs_run[r * N + u]);
+    }
   }
 }
 
@@ -147,16 +414,146 @@ at::Tensor device_lengths(const LstmLayerGeometry& geo, const at::Tensor& host, 
   return geo.len ? host.to(dev, /*non_blocking=*/false) : at::Tensor();
 }
 
+template <typename F> auto with_nt(int nt, F&& f) {
+  switch (nt) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
+struct PersistentPlan {
+  int nt = 0;  // 0: the persistent kernel does not apply
+  int blocks = 0;
+  size_t smem = 0;
+};
+
+enum class PersistentMode { kAuto, kNever, kWherePossible };
+// FASTNN_LSTM_PERSISTENT: "0" never, "1" wherever the kernels can run, otherwise (or unset) by the traffic limit.
+PersistentMode persistent_mode() {
+  const char* env = std::getenv("FASTNN_LSTM_PERSISTENT");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return PersistentMode::kNever;
+  if (env != nullptr && std::strcmp(env, "1") == 0) return PersistentMode::kWherePossible;
+  return PersistentMode::kAuto;
+}
+
+// Per step, the whole grid reads blocks * B * K 16-bit elements of the previous step's operand from L2; above
+// this many bytes, a few microseconds of L2 bandwidth on current GPUs, the step loop's larger cuBLAS tiles move
+// less data per step.
+constexpr int64_t kPMaxStepBytes = int64_t(16) << 20;
+
+// Where the persistent kernels apply at all: sm_80+ with cooperative launch, a 16-bit dtype, B <= 128 (one
+// 16-row tile per warp), H % 8 == 0 (16-byte rows for cp.async), not turned off.
+template <typename T> bool persistent_applies(int64_t B, int64_t H) {
+  if constexpr (!kHalfType<T>) {
+    return false;
+  } else {
+    if (persistent_mode() == PersistentMode::kNever) return false;
+    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+    return prop->major >= 8 && prop->cooperativeLaunch && B >= 1 && B <= kPMaxRows && H % 8 == 0;
+  }
+}
+
+// The tile for a grid-synchronized kernel: kernel_of(nt) its instance with NT = nt, a block of it owning
+// units_per_nt * nt hidden units and multiplying rows of K elements, keeping z_tiles float32 tiles. Every block
+// must be resident at once (cooperative launch), and in the automatic mode the step's L2 reads within
+// kPMaxStepBytes. Prefers the smallest tile whose grid fits one block per SM (the most warps without two blocks
+// competing for one SM), else the smallest whose grid co-resides at all.
+template <typename KernelOf>
+PersistentPlan plan_persistent(int64_t B, int64_t H, int64_t K, int units_per_nt, int z_tiles, KernelOf kernel_of) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t Bp = 16 * ceil_div(B, 16);
+  const bool limit_traffic = persistent_mode() == PersistentMode::kAuto;
+  PersistentPlan fallback;
+  for (int nt : {1, 2, 4, 8}) {
+    const int64_t blocks = ceil_div(H, int64_t(units_per_nt) * nt);
+    const size_t smem = persistent_smem(K, 8 * nt, Bp, z_tiles).bytes;
+    if (smem > prop->sharedMemPerBlockOptin) continue;
+    if (limit_traffic && blocks * Bp * K * int64_t(sizeof(uint16_t)) > kPMaxStepBytes) continue;
+    const void* kernel = kernel_of(nt);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPThreads, smem));
+    if (blocks > int64_t(per_sm) * prop->multiProcessorCount) continue;
+    const PersistentPlan plan{nt, int(blocks), smem};
+    if (blocks <= prop->multiProcessorCount) return plan;
+    if (fallback.nt == 0) fallback = plan;
+  }
+  return fallback;
+}
+
+// One cooperative launch of kernel(args...) (the exact parameter types: cudaLaunchCooperativeKernel passes them
+// by address).
+template <typename... Params, typename... Args>
+void launch_cooperative(void (*kernel)(Params...), const PersistentPlan& plan, cudaStream_t stream, Args... args) {
+  std::tuple<Params...> values(args...);
+  void* ptrs[sizeof...(Params)];
+  std::apply([&](auto&... v) {
+    int i = 0;
+    ((ptrs[i++] = static_cast<void*>(&v)), ...);
+  }, values);
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(plan.blocks),
+                                             dim3(kPThreads), ptrs, plan.smem, stream));
+}
+
+// The persistent forward over act (holding x W_ih^T + bias) when it applies; says whether it ran.
+template <typename T>
+bool layer_fwd_persistent(const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0, at::Tensor& act,
+                          at::Tensor& hs, at::Tensor& cs, const at::Tensor& len, int64_t steps, int64_t B, int64_t H,
+                          bool reverse) {
+  if constexpr (!kHalfType<T>) {
+    return false;
+  } else {
+    if (!persistent_applies<T>(B, H) || !aligned16(h0.const_data_ptr())) return false;
+    const PersistentPlan plan = plan_persistent(B, H, H, 2, 1, [](int nt) {
+      return with_nt(nt, [](auto c) { return reinterpret_cast<const void*>(layer_fwd_persistent_kernel<T, c.value>); });
+    });
+    if (plan.nt == 0) return false;
+    with_nt(plan.nt, [&](auto c) {
+      launch_cooperative(layer_fwd_persistent_kernel<T, c.value>, plan, c10::cuda::getCurrentCUDAStream(),
+                         w_hh.const_data_ptr<T>(), h0.const_data_ptr<T>(), c0.const_data_ptr<T>(),
+                         act.mutable_data_ptr<T>(), hs.mutable_data_ptr<T>(), cs.mutable_data_ptr<T>(), steps, B, H,
+                         ptr_or_null<int64_t>(len), reverse);
+    });
+    return true;
+  }
+}
+
+// The persistent backward when it applies, writing dgx, dh and dc; says whether it ran.
+template <typename T>
+bool layer_bwd_persistent(const at::Tensor& w_hh, const at::Tensor& dhs, const at::Tensor& dcs, const at::Tensor& c0,
+                          const at::Tensor& cs, const at::Tensor& act, at::Tensor& dgx, at::Tensor& dh, at::Tensor& dc,
+                          const at::Tensor& len, int64_t steps, int64_t B, int64_t H, bool reverse) {
+  if constexpr (!kHalfType<T>) {
+    return false;
+  } else {
+    if (!persistent_applies<T>(B, H) || !aligned16(dgx.const_data_ptr())) return false;
+    const PersistentPlan plan = plan_persistent(B, H, 4 * H, 8, 3, [](int nt) {
+      return with_nt(nt, [](auto c) { return reinterpret_cast<const void*>(layer_bwd_persistent_kernel<T, c.value>); });
+    });
+    if (plan.nt == 0) return false;
+    with_nt(plan.nt, [&](auto c) {
+      launch_cooperative(layer_bwd_persistent_kernel<T, c.value>, plan, c10::cuda::getCurrentCUDAStream(),
+                         w_hh.const_data_ptr<T>(), dhs.const_data_ptr<T>(), dcs.const_data_ptr<T>(),
+                         c0.const_data_ptr<T>(), cs.const_data_ptr<T>(), act.const_data_ptr<T>(),
+                         dgx.mutable_data_ptr<T>(), dh.mutable_data_ptr<T>(), dc.mutable_data_ptr<T>(), steps, B, H,
+                         ptr_or_null<int64_t>(len), reverse);
+    });
+    return true;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cuda(
-    const at::Tensor& x_, const at::Tensor& w_ih, const std::optional<at::Tensor>& bias_, const at::Tensor& w_hh,
+    const at::Tensor& x_, const at::Tensor& w_ih, const std::optional<at::Tensor>& bias_, const at::Tensor& w_hh_,
     const at::Tensor& h0_, const at::Tensor& c0_, const std::optional<at::Tensor>& lengths, bool reverse) {
   at::Tensor len_host;
-  const LstmLayerGeometry geo = check_lstm_layer(x_, "x", w_hh, c0_, lengths, len_host, x_.size(-1));
-  const at::Tensor bias = check_lstm_layer_input(x_, w_ih, bias_, w_hh);
+  const LstmLayerGeometry geo = check_lstm_layer(x_, "x", w_hh_, c0_, lengths, len_host, x_.size(-1));
+  const at::Tensor bias = check_lstm_layer_input(x_, w_ih, bias_, w_hh_);
   check_same(h0_, "h0", c0_, "c0");
   const c10::cuda::CUDAGuard guard(x_.device());
   const int64_t T = geo.T, B = geo.B, H = geo.H;
-  const at::Tensor w_hh_t = w_hh.t(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
+  const at::Tensor w_hh = w_hh_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
   const at::Tensor len = device_lengths(geo, len_host, x_.device());
   at::Tensor hs = at::empty({T, B, H}, x_.options()), cs = at::empty({T, B, H}, x_.options());
   at::Tensor act = at::empty({T, B, 4 * H}, x_.options());
@@ -167,6 +564,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cuda(
   if (bias.defined()) at::addmm_out(act2, bias, x2, w_ih.t());
   else at::mm_out(act2, x2, w_ih.t());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "lstm_layer_fwd_cuda", [&] {
+    if (layer_fwd_persistent<scalar_t>(w_hh, h0, c0, act, hs, cs, len, T, B, H, reverse)) return;
+    const at::Tensor w_hh_t = w_hh.t();
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? T - 1 - s : s, tp = reverse ? t + 1 : t - 1;
       const at::Tensor h_prev = s == 0 ? h0 : hs.select(0, tp), c_prev = s == 0 ? c0 : cs.select(0, tp);
@@ -196,9 +595,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cuda(
   const at::Tensor len = device_lengths(geo, len_host, act.device());
   at::Tensor dgx = at::empty({T, B, 4 * H}, act.options());
   at::Tensor dh = at::zeros({B, H}, act.options()), dc = at::zeros({B, H}, act.options());
-  at::Tensor pass = geo.len ? at::zeros({B, H}, act.options()) : at::Tensor();
   if (T * B * H == 0) return {dgx.zero_(), dh, dc};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "lstm_layer_bwd_cuda", [&] {
+    if (layer_bwd_persistent<scalar_t>(w_hh, dhs, dcs, c0, cs, act, dgx, dh, dc, len, T, B, H, reverse)) return;
+    at::Tensor pass = geo.len ? at::zeros({B, H}, act.options()) : at::Tensor();
     for (int64_t s = T - 1; s >= 0; --s) {
       const int64_t t = reverse ? T - 1 - s : s, tp = reverse ? t + 1 : t - 1;
       const scalar_t* cp = s == 0 ? c0.const_data_ptr<scalar_t>() : cs.const_data_ptr<scalar_t>() + tp * B * H;

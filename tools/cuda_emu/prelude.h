@@ -1,7 +1,7 @@
-// Host emulation of the CUDA primitives the tensor-core attention kernels use (tools/attention_tc_emu/run.py):
-// one std::thread per CUDA thread, std::barrier for __syncthreads and for the warp-collective operations (shfl,
-// ldmatrix, mma.m16n8k16 with the fragment layouts of the PTX ISA), cp.async landing at issue or at
-// cp.async.wait_group. It checks index arithmetic, fragment layouts, masking and pipelining (with ThreadSanitizer:
+// Host emulation of the CUDA primitives fastnn's tensor-core kernels use (tools/cuda_emu: attention.py, lstm.py):
+// one std::thread per CUDA thread, std::barrier for __syncthreads, for the warp-collective operations (shfl,
+// ldmatrix, mma.m16n8k16 with the fragment layouts of the PTX ISA) and for a cooperative grid's grid.sync(),
+// cp.async landing at issue or at cp.async.wait_group. It checks index arithmetic, fragment layouts, masking and pipelining (with ThreadSanitizer:
 // shared-memory races) on a machine without a GPU; not timing, not the hardware's rounding order.
 #pragma once
 #include <atomic>
@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <cstring>
 #include <cstdlib>
+#include <cstdio>
+#include <string>
 #include <deque>
 #include <functional>
 #include <thread>
@@ -24,6 +26,10 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __restrict__
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
 using std::max;
 using std::min;
 
@@ -44,6 +50,18 @@ struct BlockX {
   explicit BlockX(int n) : bar(n) {}
 };
 inline thread_local BlockX* tl_block;
+// The grid of a cooperative launch: every block runs at once, grid.sync() waits for all of their threads.
+struct GridX {
+  std::barrier<> bar;
+  explicit GridX(std::ptrdiff_t n) : bar(n) {}
+};
+inline thread_local GridX* tl_grid;
+namespace cooperative_groups {
+struct grid_group {
+  void sync() { tl_grid->bar.arrive_and_wait(); }
+};
+inline grid_group this_grid() { return {}; }
+}  // namespace cooperative_groups
 inline thread_local WarpX* tl_warp;
 inline void __syncthreads() { tl_block->bar.arrive_and_wait(); }
 inline int lane_id() { return threadIdx.x % 32; }
@@ -103,6 +121,19 @@ inline void ldm(uint32_t (&r)[4], const void* p, bool trans) {
   w->bar.arrive_and_wait();
 }
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) { ldm(r, p, false); }
+// x2: matrices 0 and 1 only, addressed by lanes 0-15 (the other lanes' addresses are ignored: a garbage one stays
+// unread)
+inline void ldmatrix_x2(uint32_t (&r)[2], const void* p) {
+  WarpX* w = tl_warp;
+  const int t = lane_id();
+  w->addr[t] = p;
+  w->bar.arrive_and_wait();
+  for (int i = 0; i < 2; ++i) {
+    const uint16_t* row = static_cast<const uint16_t*>(w->addr[8 * i + t / 4]);
+    r[i] = row[2 * (t % 4)] | uint32_t(row[2 * (t % 4) + 1]) << 16;
+  }
+  w->bar.arrive_and_wait();
+}
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { ldm(r, p, true); }
 template <typename T> inline float tof(uint16_t b) { return float(T(b, T::from_bits())); }
 template <typename T> inline float half_of(uint32_t reg, int k) { return tof<T>(uint16_t(k % 2 ? reg >> 16 : reg & 0xffff)); }
@@ -129,23 +160,51 @@ template <typename T> inline uint32_t pack2(float lo, float hi) { return T(lo).x
 inline unsigned char* emu_smem() { return tl_block->smem; }
 namespace mma = fastnn::cuda::mma;
 
-// Runs kernel(args...) over a 1-d grid of `grid` blocks of `threads` threads with `smem` bytes.
-template <typename F> void emu_launch(unsigned grid, int threads, size_t smem, F&& body) {
-  for (unsigned bx = 0; bx < grid; ++bx) {
-    BlockX blk(threads);
-    std::vector<unsigned char> mem(smem + 16);
-    // garbage, so reading unwritten shared memory shows
-    for (size_t i = 0; i < mem.size(); ++i) mem[i] = (unsigned char)(i * 131 + 7);
-    blk.smem = mem.data();
-    std::vector<WarpX> warps(threads / 32);
+// Runs body() over a 1-d grid of `grid` blocks of `threads` threads with `smem` bytes, `together` blocks at a time
+// (every block at once for a cooperative launch, whose grid.sync() needs them all resident).
+template <typename F> void emu_launch(unsigned grid, int threads, size_t smem, F&& body, unsigned together = 1) {
+  for (unsigned b0 = 0; b0 < grid; b0 += together) {
+    const unsigned nb = std::min(together, grid - b0);
+    GridX gridx(std::ptrdiff_t(nb) * threads);
+    std::deque<BlockX> blks;
+    std::vector<std::vector<unsigned char>> mems(nb);
+    std::vector<std::vector<WarpX>> warps(nb);
+    for (unsigned i = 0; i < nb; ++i) {
+      blks.emplace_back(threads);
+      mems[i].resize(smem + 16);
+      // garbage, so reading unwritten shared memory shows
+      for (size_t j = 0; j < mems[i].size(); ++j) mems[i][j] = (unsigned char)(j * 131 + 7);
+      blks[i].smem = mems[i].data();
+      warps[i] = std::vector<WarpX>(threads / 32);
+    }
     std::vector<std::thread> ts;
-    for (int t = 0; t < threads; ++t)
-      ts.emplace_back([&, t] {
-        threadIdx.x = t, blockIdx.x = bx;
-        tl_block = &blk, tl_warp = &warps[t / 32];
-        body();
-        mma::cp_async_wait<0>();
-      });
+    for (unsigned i = 0; i < nb; ++i)
+      for (int t = 0; t < threads; ++t)
+        ts.emplace_back([&, i, t] {
+          threadIdx.x = t, blockIdx.x = b0 + i;
+          tl_block = &blks[i], tl_warp = &warps[i][t / 32], tl_grid = &gridx;
+          body();
+          mma::cp_async_wait<0>();
+        });
     for (auto& th : ts) th.join();
   }
+}
+template <typename F> void emu_launch_cooperative(unsigned grid, int threads, size_t smem, F&& body) {
+  emu_launch(grid, threads, smem, body, grid);
+}
+
+// The drivers' file exchange with the Python side: exact-size heap vectors, so ASan flags any access past them.
+template <typename V> std::vector<V> readf(const std::string& path, size_t n) {
+  std::vector<V> v(n);
+  if (n == 0) return v;
+  FILE* f = fopen(path.c_str(), "rb");
+  if (!f) { fprintf(stderr, "no %s\n", path.c_str()); exit(2); }
+  if (fread(v.data(), sizeof(V), n, f) != n) { fprintf(stderr, "short %s\n", path.c_str()); exit(2); }
+  fclose(f);
+  return v;
+}
+template <typename V> void writef(const std::string& path, const std::vector<V>& v) {
+  FILE* f = fopen(path.c_str(), "wb");
+  if (!v.empty()) fwrite(v.data(), sizeof(V), v.size(), f);
+  fclose(f);
 }

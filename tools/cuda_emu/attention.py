@@ -1,9 +1,9 @@
 """Runs the float16 / bfloat16 tensor-core attention kernels of csrc/cuda/attention.cu on the CPU, in an emulator
-(emu_prelude.h: a std::thread per CUDA thread, warp collectives and mma.m16n8k16 per the PTX fragment layouts),
+(prelude.h: a std::thread per CUDA thread, warp collectives and mma.m16n8k16 per the PTX fragment layouts),
 and compares forward output, row statistics and gradients with fastnn.reference. The kernel text is taken from
 attention.cu as it is (score(), Tile, the tensor-core section), so what runs here is the code the GPU compiles.
 
-    python tools/attention_tc_emu/run.py [--tsan] [--eager] [--quick]
+    python tools/cuda_emu/attention.py [--tsan] [--eager] [--quick]
       --tsan   build with ThreadSanitizer instead of ASan + UBSan: shared-memory races between threads (combine
                with --eager, where cp.async lands when issued and a buffer refilled too early shows)
       --eager  cp.async copies land when issued (default: at cp.async.wait_group, where a missing wait shows)
@@ -36,10 +36,10 @@ def build(tsan: bool) -> str:
 
     tc = between("// ---- Forward on tensor cores", "// The padded head dim of the tensor-core kernels")
     tc = tc.replace("extern __shared__ __align__(16) unsigned char smem_raw[];", "unsigned char* smem_raw = emu_smem();")
-    code = ('#include "emu_prelude.h"\n#include "attention.h"\nnamespace fastnn::cuda {\nusing attention::Params;\n'
+    code = ('#include "prelude.h"\n#include "attention.h"\nnamespace fastnn::cuda {\nusing attention::Params;\n'
             + between("// Score of query i and key j", "// rows [r0, r0 + kTile)")
-            + between("struct Tile {", "inline dim3 tile_grid") + tc + '}\n#include "driver.inc"\n')
-    out = tempfile.mkdtemp(prefix="attention_tc_emu_")
+            + between("struct Tile {", "inline dim3 tile_grid") + tc + '}\n#include "attention_driver.inc"\n')
+    out = tempfile.mkdtemp(prefix="attention_emu_")
     with open(os.path.join(out, "emu.cpp"), "w") as f:
         f.write(code)
     from torch.utils import cpp_extension
@@ -179,7 +179,7 @@ def main():
     exe = build(a.tsan)
     results = [c() for c in cases(exe, a.quick)]
     subprocess.run(["rm", "-rf", os.path.dirname(exe)])
-    print(f"attention_tc_emu: {sum(results)}/{len(results)} cases ok")
+    print(f"cuda_emu attention: {sum(results)}/{len(results)} cases ok")
     return 0 if all(results) else 1
 
 

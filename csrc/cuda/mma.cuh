@@ -1,4 +1,4 @@
-// Warp-level tensor-core primitives for sm_80+ as inline PTX: cp.async (global -> shared without registers),
+// Warp-level tensor-core primitives for sm_80+ (the attention and LSTM kernels) as inline PTX: cp.async (global -> shared without registers),
 // ldmatrix (shared -> mma fragments) and mma.sync m16n8k16 with float32 accumulation, for float16 and bfloat16.
 //
 // Fragment layout of mma.m16n8k16 (g = lane / 4, c = lane % 4; each register holds two 16-bit elements, the lower
@@ -18,6 +18,11 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+namespace fastnn::cuda {
+// The 16-bit types the tensor-core kernels take (mma_16816 below).
+template <typename T> constexpr bool kHalfType = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+}  // namespace fastnn::cuda
 
 namespace fastnn::cuda::mma {
 
@@ -40,6 +45,10 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(p)));
+}
+// Two matrices: lanes 0-15 give the row addresses (the other lanes' are ignored); one 8-column B fragment pair.
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_u32(p)));
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"

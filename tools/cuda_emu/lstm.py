@@ -1,0 +1,158 @@
+"""Runs the persistent float16 / bfloat16 LSTM layer kernels of csrc/cuda/lstm.cu (one cooperative launch for the
+whole recurrence, W_hh's slices in shared memory, mma.m16n8k16, grid.sync() between steps) on the CPU, in the
+emulator of prelude.h (a std::thread per CUDA thread, every block at once for the grid barrier), and compares the
+forward's h, c and activated gates and the backward's gate, h0 and c0 gradients with a float64 recurrence. The
+kernel text is taken from lstm.cu as it is, so what runs here is the code the GPU compiles.
+
+    python tools/cuda_emu/lstm.py [--tsan] [--eager] [--quick]
+      --tsan   ThreadSanitizer instead of ASan + UBSan (shared-memory races; with --eager, a stage refilled early)
+      --eager  cp.async copies land when issued (default: at cp.async.wait_group, where a missing wait shows)
+Each case names its tile sizes (NT) itself; on a GPU the host code picks them from the device.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def build(tsan: bool) -> str:
+    src = open(os.path.join(ROOT, "csrc", "cuda", "lstm.cu")).read()
+
+    def between(a, b):
+        i = src.index(a)
+        return src[i:src.index(b, i)]
+
+    kernels = between("// ---- The persistent layer kernels", "// Enough blocks to fill any current GPU")
+    kernels = kernels.replace("extern __shared__ __align__(16) unsigned char smem_raw[];",
+                              "unsigned char* smem_raw = emu_smem();")
+    code = ('#include "prelude.h"\nnamespace fastnn::cuda {\n'
+            'inline float exp_(float x) { return std::exp(x); }\ninline double exp_(double x) { return std::exp(x); }\n'
+            'constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }\n'
+            + between("// float: the approximate divide", "// pre may alias act") + kernels
+            + '}\n#include "lstm_driver.inc"\n')
+    out = tempfile.mkdtemp(prefix="lstm_emu_")
+    with open(os.path.join(out, "emu.cpp"), "w") as f:
+        f.write(code)
+    from torch.utils import cpp_extension
+
+    inc = [f"-I{d}" for d in cpp_extension.include_paths()]
+    san = ["-fsanitize=thread"] if tsan else ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+    exe = os.path.join(out, "emu")
+    subprocess.run(["g++", "-std=c++20", "-O1", "-g", "-pthread", *san, f"-I{HERE}", *inc,
+                    os.path.join(out, "emu.cpp"), "-o", exe], check=True)
+    return exe
+
+
+def reference(gx, w, h0, c0, lengths, reverse):
+    """float64 recurrence from the gates' input part gx [T, B, 4H]: hs, cs [T, B, H], the activated gates."""
+    T = gx.shape[0]
+    h, c = h0, c0
+    hs, cs, acts = [None] * T, [None] * T, [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        i, f, g, o = (gx[t] + h @ w.t()).chunk(4, 1)
+        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+        cn = f * c + i * g
+        hn = o * cn.tanh()
+        if lengths is not None:
+            m = (t < lengths)[:, None]
+            cn, hn = torch.where(m, cn, c), torch.where(m, hn, h)
+        h, c = hn, cn
+        hs[t], cs[t], acts[t] = h, c, torch.cat([i, f, g, o], 1)
+    return torch.stack(hs), torch.stack(cs), torch.stack(acts)
+
+
+def case(exe, dtype, nt_fwd, nt_bwd, T, B, H, reverse=False, with_lengths=False, label=""):
+    gen = torch.Generator().manual_seed(0)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    gx, w, h0, c0 = r(T, B, 4 * H), r(4 * H, H, scale=H ** -0.5), r(B, H), r(B, H)
+    dhs, dcs = r(T, B, H), r(T, B, H)
+    lengths = None
+    if with_lengths:
+        lengths = torch.randint(0, T + 1, (B,), generator=gen)
+        lengths[0] = T
+    d = tempfile.mkdtemp(prefix="case_", dir=os.path.dirname(exe))
+
+    def put(name, t):
+        (t.contiguous().view(torch.int16) if t.dtype == dtype else t.contiguous()).numpy().tofile(f"{d}/{name}.bin")
+
+    def get(name, shape):
+        return torch.from_numpy(np.fromfile(f"{d}/{name}.out", dtype=np.int16)).view(dtype).view(shape)
+
+    def run(mode, nt):
+        args = [exe, d, mode, "b" if dtype == torch.bfloat16 else "h", str(nt), str(T), str(B), str(H),
+                str(int(reverse)), str(int(lengths is not None))]
+        p = subprocess.run(args, capture_output=True, text=True,
+                           env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0", TSAN_OPTIONS="halt_on_error=1"))
+        if p.returncode:
+            print(p.stdout[-2000:], p.stderr[-6000:])
+            raise SystemExit(f"{label}: the emulated {mode} kernel failed")
+
+    for name, t in (("w", w), ("h0", h0), ("c0", c0), ("act", gx)):
+        put(name, t)
+    if lengths is not None:
+        put("len", lengths)
+    run("fwd", nt_fwd)
+    hs, cs, act = get("hs", (T, B, H)), get("cs", (T, B, H)), get("act", (T, B, 4 * H))
+
+    leaves = [t.double().requires_grad_() for t in (gx, h0, c0)]
+    want_hs, want_cs, want_act = reference(leaves[0], w.double(), leaves[1], leaves[2], lengths, reverse)
+    tol = 3e-2 if dtype == torch.bfloat16 else 4e-3  # a few ulps of O(1) values: index bugs give O(1) errors
+    live = torch.ones(T, B, dtype=torch.bool) if lengths is None else torch.arange(T)[:, None] < lengths
+    errs = {"hs": (hs.double() - want_hs).abs().max().item(), "cs": (cs.double() - want_cs).abs().max().item(),
+            "act": (act.double() - want_act)[live].abs().max().item() if live.any() else 0.0}
+    bounds = {k: tol * max(1.0, v.abs().max().item()) for k, v in (("hs", want_hs), ("cs", want_cs), ("act", want_act))}
+
+    for name, t in (("dhs", dhs), ("dcs", dcs), ("cs", cs), ("act", act)):
+        put(name, t)
+    run("bwd", nt_bwd)
+    got = [get("dgx", (T, B, 4 * H)), get("dh", (B, H)), get("dc", (B, H))]
+    grads = torch.autograd.grad((want_hs, want_cs), leaves, (dhs.double(), dcs.double()))
+    for name, a, g in zip(("dgx", "dh0", "dc0"), got, grads):
+        errs[name] = (a.double() - g).abs().max().item()
+        bounds[name] = 3 * tol * max(1.0, g.abs().max().item())
+    subprocess.run(["rm", "-rf", d])
+    ok = all(errs[k] <= bounds[k] for k in errs)
+    print(f"{'ok ' if ok else 'BAD'} {label:44s} " + " ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
+    return ok
+
+
+def cases(exe, quick):
+    h, bf = torch.float16, torch.bfloat16
+    yield lambda: case(exe, h, 1, 1, 5, 1, 8, label="B1 H8: k tiles over 8 warps, one chunk")
+    yield lambda: case(exe, bf, 2, 2, 4, 17, 24, reverse=True, with_lengths=True,
+                       label="bf16 B17 H24 reverse lengths, partial bwd block")
+    if quick:
+        return
+    yield lambda: case(exe, h, 8, 1, 3, 40, 72, with_lengths=True,
+                       label="B40 H72: partial fwd block, 2 + 5 chunks")
+    yield lambda: case(exe, bf, 4, 4, 2, 128, 16, reverse=True, label="B128: 8 row tiles, KS 1")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tsan", action="store_true")
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="two cases only")
+    a = ap.parse_args()
+    if a.eager:
+        os.environ["EMU_CP_EAGER"] = "1"
+    exe = build(a.tsan)
+    results = [c() for c in cases(exe, a.quick)]
+    subprocess.run(["rm", "-rf", os.path.dirname(exe)])
+    print(f"cuda_emu lstm: {sum(results)}/{len(results)} cases ok")
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
