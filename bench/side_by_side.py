@@ -7,7 +7,8 @@ machine, with that machine's ceilings measured in the same run (so every ratio c
 Candidates, wherever they apply: fastnn's Triton and native (C++/CUDA) backends, torch eager, torch.compile,
 Liger-Kernel (``liger_kernel.transformers.functional``: softmax, cross-entropy, fused linear + cross-entropy),
 Cut Cross-Entropy (``cut_cross_entropy.linear_cross_entropy``), torch SDPA with each backend forced (flash,
-cuDNN, efficient, math), and cuDNN's nn.LSTM (the "torch-eager" LSTM on CUDA). A candidate whose package is not
+cuDNN, efficient, math), and cuDNN's nn.LSTM (the "torch-eager" LSTM on CUDA; fastnn's native LSTM also appears
+with each of its two CUDA recurrences forced, "-persistent" and "-step-loop"). A candidate whose package is not
 installed is reported "absent", one that cannot run on the device "n/a"; neither stops the run. Liger and Cut
 Cross-Entropy are not dependencies: on an offline GPU machine, tools/fetch_gpu_wheels.sh brings their wheels.
 

@@ -137,49 +137,65 @@ __global__ void cell_bwd_kernel(const T* __restrict__ dh, const T* __restrict__ 
 // Both multiply a [B, K] matrix of the previous step - h [B, H] in the forward, the gate gradients [B, 4H] in the
 // backward, written by every block and read back through L2 - by a block's [N, K] tile of W_hh held in shared
 // memory, N = 8 NT columns, on mma.sync m16n8k16 with float32 accumulation. The [B, K] matrix streams in chunks
-// of kKc columns through two cp.async stages (zeros past B rows and past K). 8 warps split the work: warp w takes
+// of kc columns through two cp.async stages (zeros past B rows and past K); kc is as wide as kPStageBytes of
+// stages allow, so that a small batch's step is one or a few chunks rather than many L2 round trips of a few
+// kilobytes each. 8 warps split the work: warp w takes
 // the 16-row tile w % MT (MT = ceil(B / 16) <= 8) and every KS-th 16-deep k tile, KS = 8 / MT, so a small batch
 // still spreads over the warps; their partial sums meet in a float32 [Bp, N] tile z in shared memory, which the
 // caller filled with the rest of the sum first.
 // Shared-memory rows are padded by 8 elements: rows 16 bytes apart modulo 128 put the 8 row addresses of each
 // ldmatrix phase in distinct banks.
-constexpr int kPWarps = 8, kPThreads = 32 * kPWarps, kPMaxRows = 16 * kPWarps, kKc = 64, kKcLd = kKc + 8;
+constexpr int kPWarps = 8, kPThreads = 32 * kPWarps, kPMaxRows = 16 * kPWarps;
+constexpr int64_t kPStageBytes = 96 << 10;  // both chunk stages together
 
+// The shared-memory layout of a persistent kernel, made on the host and passed to the kernel.
 struct PersistentSmem {
-  int64_t kp;       // K rounded up to whole chunks
-  int ldw;          // the weight tile's row length, kp + 8
+  int kc, kcld;  // the chunk width (a multiple of 64) and its stage rows' length, kc + 8
+  int kp, ldw;   // K rounded up to whole chunks, and the weight tile's row length, kp + 8
   size_t w, stage, z, bytes;  // byte offsets of the weight tile, the two chunk stages, z; the total
 };
-// z_tiles: how many float32 [Bp, N] tiles the kernel keeps (z and per-row state).
-__host__ __device__ inline PersistentSmem persistent_smem(int64_t K, int N, int64_t Bp, int z_tiles) {
+// K: the row length of the multiplied matrix, N: the tile's columns, Bp: the batch rounded up to 16, z_tiles: how
+// many float32 [Bp, N] tiles the kernel keeps (z and per-row state), kc: the chunk width.
+__host__ __device__ inline PersistentSmem persistent_smem(int64_t K, int N, int64_t Bp, int z_tiles, int kc) {
   PersistentSmem s;
-  s.kp = ceil_div(K, kKc) * kKc;
-  s.ldw = int(s.kp + 8);
+  s.kc = kc, s.kcld = kc + 8;
+  s.kp = int(ceil_div(K, kc) * kc), s.ldw = s.kp + 8;
   s.w = 0;
   s.stage = s.w + sizeof(uint16_t) * size_t(N) * s.ldw;
-  s.z = s.stage + sizeof(uint16_t) * 2 * size_t(Bp) * kKcLd;
+  s.z = s.stage + sizeof(uint16_t) * 2 * size_t(Bp) * s.kcld;
   s.bytes = s.z + sizeof(float) * size_t(z_tiles) * Bp * N;
   return s;
 }
+// The widest chunk - a power of two from 1024 down to 64, or K rounded up to 64 if that is less - whose two
+// stages of Bp rows fit in kPStageBytes.
+inline int chunk_width(int64_t K, int64_t Bp) {
+  const int64_t k64 = ceil_div(K, 64) * 64;
+  for (int64_t kc = 1024; kc > 64; kc /= 2) {
+    const int64_t w = std::min(kc, k64);
+    if (2 * Bp * (w + 8) * int64_t(sizeof(uint16_t)) <= kPStageBytes) return int(w);
+  }
+  return 64;
+}
 
-// z[Bp, N] += a[B, K] (rows lda apart, 16-byte aligned, K % 8 == 0) w^T, w the [N, ldw] weight tile (columns
+// z[Bp, N] += a[B, K] (rows lda apart, 16-byte aligned, K % 8 == 0) w^T, w the [N, L.ldw] weight tile (columns
 // past K zero). Every thread of the block calls it; it starts and ends with a __syncthreads.
 template <typename T, int NT>
-__device__ void rows_times_tile(const uint16_t* a, int64_t B, int64_t K, int64_t lda, const uint16_t* w, int ldw,
-                                uint16_t* stage, float* z) {
+__device__ void rows_times_tile(const uint16_t* a, int64_t B, int64_t K, int64_t lda, const uint16_t* w,
+                                const PersistentSmem& L, uint16_t* stage, float* z) {
   constexpr int N = 8 * NT;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int MT = int(ceil_div(B, 16)), Bp = 16 * MT, KS = kPWarps / MT;  // KS: 8, 4, 2 or 1, a power of two
   const int mt = warp % MT, ks = warp / MT;
   const bool busy = warp < MT * KS;
-  const int chunks = int(ceil_div(K, kKc));  // 32-bit indices here: a 64-bit divide is a call (and spills)
+  // 32-bit indices here: a 64-bit divide is a call (and spills)
+  const int kc = L.kc, ld = L.kcld, chunks = L.kp / kc, pieces = kc / 8, ktiles = kc / 16;
   auto load = [&](int c) {
-    uint16_t* st = stage + (c & 1) * Bp * kKcLd;
-    for (int x = threadIdx.x; x < Bp * (kKc / 8); x += kPThreads) {
-      const int r = x / (kKc / 8), col = (x % (kKc / 8)) * 8;
-      const int k = c * kKc + col;
+    uint16_t* st = stage + (c & 1) * Bp * ld;
+    for (int x = threadIdx.x; x < Bp * pieces; x += kPThreads) {
+      const int r = x / pieces, col = (x % pieces) * 8;
+      const int k = c * kc + col;
       const bool in = r < B && k < K;
-      mma::cp_async16(st + r * kKcLd + col, in ? a + r * lda + k : a, in ? 16 : 0);
+      mma::cp_async16(st + r * ld + col, in ? a + r * lda + k : a, in ? 16 : 0);
     }
     mma::cp_async_commit();
   };
@@ -196,19 +212,18 @@ __device__ void rows_times_tile(const uint16_t* a, int64_t B, int64_t K, int64_t
       mma::cp_async_wait<0>();
     }
     __syncthreads();
-    const uint16_t* st = stage + (c & 1) * Bp * kKcLd;
+    const uint16_t* st = stage + (c & 1) * Bp * ld;
     if (busy) {
-#pragma unroll
-      for (int kt = 0; kt < kKc / 16; ++kt) {
-        if (((c * (kKc / 16) + kt) & (KS - 1)) != ks) continue;
+      // this warp's k tiles: global index c * ktiles + kt = ks modulo KS
+      for (int kt = (ks - c * ktiles) & (KS - 1); kt < ktiles; kt += KS) {
         uint32_t af[4];
         // A: lane l points at row l % 16, k block l / 16 of the 16 x 16 tile (a0..a3)
-        mma::ldmatrix_x4(af, st + (mt * 16 + lane % 16) * kKcLd + kt * 16 + (lane / 16) * 8);
+        mma::ldmatrix_x4(af, st + (mt * 16 + lane % 16) * ld + kt * 16 + (lane / 16) * 8);
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
           // B: lane l (< 16) points at weight row n * 8 + l % 8, k block l / 8 (b0, b1 of the 8 columns)
           uint32_t bf[2];
-          mma::ldmatrix_x2(bf, w + (n * 8 + lane % 8) * ldw + c * kKc + kt * 16 + ((lane / 8) % 2) * 8);
+          mma::ldmatrix_x2(bf, w + (n * 8 + lane % 8) * L.ldw + c * kc + kt * 16 + ((lane / 8) % 2) * 8);
           mma::mma_16816<T>(acc[n], af, bf[0], bf[1]);
         }
       }
@@ -243,10 +258,9 @@ __global__ void __launch_bounds__(kPThreads, 1) layer_fwd_persistent_kernel(cons
                                                                          const T* __restrict__ c0, T* act, T* hs,
                                                                          T* cs, int64_t steps, int64_t B, int64_t H,
                                                                          const int64_t* __restrict__ len,
-                                                                         bool reverse) {
+                                                                         bool reverse, PersistentSmem L) {
   constexpr int N = 8 * NT, NU = N / 4;
   const int64_t Bp = 16 * ceil_div(B, 16), j0 = int64_t(blockIdx.x) * NU;
-  const PersistentSmem L = persistent_smem(H, N, Bp, 1);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint16_t* w = reinterpret_cast<uint16_t*>(smem_raw + L.w);
   uint16_t* stage = reinterpret_cast<uint16_t*>(smem_raw + L.stage);
@@ -268,7 +282,7 @@ __global__ void __launch_bounds__(kPThreads, 1) layer_fwd_persistent_kernel(cons
       const int64_t j = j0 + n % NU;
       z[x] = r < B && j < H ? float(act_t[r * 4 * H + (n / NU) * H + j]) : 0.f;
     }
-    rows_times_tile<T, NT>(reinterpret_cast<const uint16_t*>(hp), B, H, H, w, L.ldw, stage, z);
+    rows_times_tile<T, NT>(reinterpret_cast<const uint16_t*>(hp), B, H, H, w, L, stage, z);
     for (int x = threadIdx.x; x < B * NU; x += kPThreads) {
       const int r = x / NU, u = x % NU;
       const int64_t j = j0 + u, o = r * H + j;
@@ -300,10 +314,9 @@ template <typename T, int NT>
 __global__ void __launch_bounds__(kPThreads, 1) layer_bwd_persistent_kernel(
     const T* __restrict__ w_hh, const T* __restrict__ dhs, const T* __restrict__ dcs, const T* __restrict__ c0,
     const T* __restrict__ cs, const T* __restrict__ act, T* dgx, T* __restrict__ dh, T* __restrict__ dc,
-    int64_t steps, int64_t B, int64_t H, const int64_t* __restrict__ len, bool reverse) {
+    int64_t steps, int64_t B, int64_t H, const int64_t* __restrict__ len, bool reverse, PersistentSmem L) {
   constexpr int N = 8 * NT, NU = N;
   const int64_t Bp = 16 * ceil_div(B, 16), j0 = int64_t(blockIdx.x) * NU;
-  const PersistentSmem L = persistent_smem(4 * H, N, Bp, 3);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint16_t* w = reinterpret_cast<uint16_t*>(smem_raw + L.w);
   uint16_t* stage = reinterpret_cast<uint16_t*>(smem_raw + L.stage);
@@ -321,7 +334,7 @@ __global__ void __launch_bounds__(kPThreads, 1) layer_bwd_persistent_kernel(
   const uint16_t* dg_prev = nullptr;  // the gate gradients of the step before (null at the first)
   auto recurrent_dh = [&] {           // z = pass + dg_prev W_hh[:, j0 ..]
     for (int x = threadIdx.x; x < Bp * N; x += kPThreads) z[x] = pass[x];
-    if (dg_prev) rows_times_tile<T, NT>(dg_prev, B, 4 * H, 4 * H, w, L.ldw, stage, z);
+    if (dg_prev) rows_times_tile<T, NT>(dg_prev, B, 4 * H, 4 * H, w, L, stage, z);
     else __syncthreads();
   };
   for (int64_t s = steps - 1; s >= 0; --s) {
@@ -426,7 +439,7 @@ template <typename F> auto with_nt(int nt, F&& f) {
 struct PersistentPlan {
   int nt = 0;  // 0: the persistent kernel does not apply
   int blocks = 0;
-  size_t smem = 0;
+  PersistentSmem layout{};
 };
 
 enum class PersistentMode { kAuto, kNever, kWherePossible };
@@ -468,7 +481,8 @@ PersistentPlan plan_persistent(int64_t B, int64_t H, int64_t K, int units_per_nt
   PersistentPlan fallback;
   for (int nt : {1, 2, 4, 8}) {
     const int64_t blocks = ceil_div(H, int64_t(units_per_nt) * nt);
-    const size_t smem = persistent_smem(K, 8 * nt, Bp, z_tiles).bytes;
+    const PersistentSmem layout = persistent_smem(K, 8 * nt, Bp, z_tiles, chunk_width(K, Bp));
+    const size_t smem = layout.bytes;
     if (smem > prop->sharedMemPerBlockOptin) continue;
     if (limit_traffic && blocks * Bp * K * int64_t(sizeof(uint16_t)) > kPMaxStepBytes) continue;
     const void* kernel = kernel_of(nt);
@@ -476,7 +490,7 @@ PersistentPlan plan_persistent(int64_t B, int64_t H, int64_t K, int units_per_nt
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPThreads, smem));
     if (blocks > int64_t(per_sm) * prop->multiProcessorCount) continue;
-    const PersistentPlan plan{nt, int(blocks), smem};
+    const PersistentPlan plan{nt, int(blocks), layout};
     if (blocks <= prop->multiProcessorCount) return plan;
     if (fallback.nt == 0) fallback = plan;
   }
@@ -494,7 +508,7 @@ void launch_cooperative(void (*kernel)(Params...), const PersistentPlan& plan, c
     ((ptrs[i++] = static_cast<void*>(&v)), ...);
   }, values);
   C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(plan.blocks),
-                                             dim3(kPThreads), ptrs, plan.smem, stream));
+                                             dim3(kPThreads), ptrs, plan.layout.bytes, stream));
 }
 
 // The persistent forward over act (holding x W_ih^T + bias) when it applies; says whether it ran.
@@ -514,7 +528,7 @@ bool layer_fwd_persistent(const at::Tensor& w_hh, const at::Tensor& h0, const at
       launch_cooperative(layer_fwd_persistent_kernel<T, c.value>, plan, c10::cuda::getCurrentCUDAStream(),
                          w_hh.const_data_ptr<T>(), h0.const_data_ptr<T>(), c0.const_data_ptr<T>(),
                          act.mutable_data_ptr<T>(), hs.mutable_data_ptr<T>(), cs.mutable_data_ptr<T>(), steps, B, H,
-                         ptr_or_null<int64_t>(len), reverse);
+                         ptr_or_null<int64_t>(len), reverse, plan.layout);
     });
     return true;
   }
@@ -538,7 +552,7 @@ bool layer_bwd_persistent(const at::Tensor& w_hh, const at::Tensor& dhs, const a
                          w_hh.const_data_ptr<T>(), dhs.const_data_ptr<T>(), dcs.const_data_ptr<T>(),
                          c0.const_data_ptr<T>(), cs.const_data_ptr<T>(), act.const_data_ptr<T>(),
                          dgx.mutable_data_ptr<T>(), dh.mutable_data_ptr<T>(), dc.mutable_data_ptr<T>(), steps, B, H,
-                         ptr_or_null<int64_t>(len), reverse);
+                         ptr_or_null<int64_t>(len), reverse, plan.layout);
     });
     return true;
   }

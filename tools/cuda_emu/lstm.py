@@ -70,7 +70,8 @@ def reference(gx, w, h0, c0, lengths, reverse):
     return torch.stack(hs), torch.stack(cs), torch.stack(acts)
 
 
-def case(exe, dtype, nt_fwd, nt_bwd, T, B, H, reverse=False, with_lengths=False, label=""):
+def case(exe, dtype, nt_fwd, nt_bwd, T, B, H, reverse=False, with_lengths=False, kc=0, label=""):
+    """One forward and backward; nt_*: the kernels' NT, kc: the chunk width (0: the host code's choice)."""
     gen = torch.Generator().manual_seed(0)
 
     def r(*shape, scale=1.0):
@@ -91,7 +92,7 @@ def case(exe, dtype, nt_fwd, nt_bwd, T, B, H, reverse=False, with_lengths=False,
 
     def run(mode, nt):
         args = [exe, d, mode, "b" if dtype == torch.bfloat16 else "h", str(nt), str(T), str(B), str(H),
-                str(int(reverse)), str(int(lengths is not None))]
+                str(int(reverse)), str(int(lengths is not None)), str(kc)]
         p = subprocess.run(args, capture_output=True, text=True,
                            env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0", TSAN_OPTIONS="halt_on_error=1"))
         if p.returncode:
@@ -129,13 +130,17 @@ def case(exe, dtype, nt_fwd, nt_bwd, T, B, H, reverse=False, with_lengths=False,
 
 def cases(exe, quick):
     h, bf = torch.float16, torch.bfloat16
-    yield lambda: case(exe, h, 1, 1, 5, 1, 8, label="B1 H8: k tiles over 8 warps, one chunk")
-    yield lambda: case(exe, bf, 2, 2, 4, 17, 24, reverse=True, with_lengths=True,
-                       label="bf16 B17 H24 reverse lengths, partial bwd block")
+    yield lambda: case(exe, h, 8, 1, 5, 1, 40, kc=64,
+                       label="B1 H40: k tiles over 8 warps, 4 a chunk, 3 bwd chunks")
+    yield lambda: case(exe, bf, 2, 2, 4, 17, 24, reverse=True, with_lengths=True, kc=64,
+                       label="bf16 B17 H24 reverse lengths, partial bwd block, 2 chunks")
     if quick:
         return
-    yield lambda: case(exe, h, 8, 1, 3, 40, 72, with_lengths=True,
+    yield lambda: case(exe, h, 8, 1, 3, 40, 72, with_lengths=True, kc=64,
                        label="B40 H72: partial fwd block, 2 + 5 chunks")
+    yield lambda: case(exe, bf, 8, 2, 3, 7, 136, with_lengths=True, kc=128,
+                       label="B7 H136: 2 + 5 chunks of 128, partial last")
+    yield lambda: case(exe, h, 1, 1, 2, 1, 8, label="B1 H8: one chunk each")
     yield lambda: case(exe, bf, 4, 4, 2, 128, 16, reverse=True, label="B128: 8 row tiles, KS 1")
 
 
