@@ -481,7 +481,13 @@ PersistentPlan plan_persistent(int64_t B, int64_t H, int64_t K, int units_per_nt
   PersistentPlan fallback;
   for (int nt : {1, 2, 4, 8}) {
     const int64_t blocks = ceil_div(H, int64_t(units_per_nt) * nt);
-    const PersistentSmem layout = persistent_smem(K, 8 * nt, Bp, z_tiles, chunk_width(K, Bp));
+    // narrower chunks where the widest would not fit beside the weight tile
+    int kc = chunk_width(K, Bp);
+    PersistentSmem layout = persistent_smem(K, 8 * nt, Bp, z_tiles, kc);
+    while (layout.bytes > prop->sharedMemPerBlockOptin && kc > 64) {
+      kc = std::max(64, kc / 2 / 64 * 64);
+      layout = persistent_smem(K, 8 * nt, Bp, z_tiles, kc);
+    }
     const size_t smem = layout.bytes;
     if (smem > prop->sharedMemPerBlockOptin) continue;
     if (limit_traffic && blocks * Bp * K * int64_t(sizeof(uint16_t)) > kPMaxStepBytes) continue;
