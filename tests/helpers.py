@@ -92,3 +92,20 @@ def flash_delta_bound(name: str, q, k, v, grad_out, dtype, scale: float, attn_ma
     e = (do4 * (o.to(dtype).double() - o)).sum(-1, keepdim=True).nan_to_num(0.0, 0.0, 0.0).abs()
     grow = e * (p @ k4.abs()) if name == "q" else p.transpose(-1, -2) @ (e * q4.abs())
     return 2 * abs(scale) * (grow.nan_to_num(0.0, 0.0, 0.0).max().item() if grow.numel() else 0.0)
+
+
+def run_cuda_emulator(runner: str) -> str:
+    """Runs ``tools/cuda_emu/<runner>.py --quick`` (CUDA kernels' own source on the CPU; skips without g++) and
+    returns its output, after checking that it succeeded."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ to build the emulator")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "cuda_emu", f"{runner}.py"), "--quick"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return r.stdout

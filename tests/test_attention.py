@@ -8,7 +8,7 @@ import fastnn
 import fastnn.functional as F
 from fastnn.ops.attention import _additive_mask
 from helpers import assert_matches, assert_raises_naming, device_backends, flash_cancel_floor, flash_delta_bound, \
-    max_err
+    max_err, run_cuda_emulator
 
 BACKENDS = device_backends("attention")
 CPU_BACKENDS = [p.values[1] for p in BACKENDS if p.values[0] == "cpu"]
@@ -838,18 +838,7 @@ def test_tensor_core_kernels_in_the_cpu_emulator():
     # tools/cuda_emu/attention.py (a thread per CUDA thread, mma / ldmatrix per the PTX fragment layouts, ASan + UBSan)
     # on two cases that touch every path - one tile; grouped-query heads, Dv != D, causal, key padding, a learned
     # mask and dropout - against fastnn.reference: fragment indexing and masking checked without a GPU.
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    if shutil.which("g++") is None:
-        pytest.skip("no g++ to build the emulator")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.join(root, "tools", "cuda_emu", "attention.py"), "--quick"],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert "2/2 cases ok" in r.stdout
+    assert "2/2 cases ok" in run_cuda_emulator("attention")
 
 
 # ---- Triton kernels: flat grid, causal split, full / ragged key blocks ------------------------------------------

@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_s
 import fastnn
 import fastnn.functional as F
 from fastnn.ops.lstm import lstm_layer
-from helpers import assert_matches, assert_raises_naming, device_backends
+from helpers import assert_matches, assert_raises_naming, device_backends, run_cuda_emulator
 
 FULL = [torch.float32, torch.float64]
 
@@ -515,16 +515,8 @@ def test_persistent_kernels_in_the_cpu_emulator():
     # The persistent float16 / bfloat16 layer kernels' own text (csrc/cuda/lstm.cu) compiled for the host and run by
     # tools/cuda_emu/lstm.py (a thread per CUDA thread, every block at once for grid.sync(), mma / ldmatrix per the
     # PTX fragment layouts, ASan + UBSan) against a float64 recurrence, forward and backward: batch 1 (the k tiles
-    # spread over all warps), and batch 17 in bfloat16, reversed, with lengths, a partial backward block.
-    import shutil
-
-    if shutil.which("g++") is None:
-        pytest.skip("no g++ to build the emulator")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.join(root, "tools", "cuda_emu", "lstm.py"), "--quick"],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert "2/2 cases ok" in r.stdout
+    # spread over all warps, several chunks), and batch 17 in bfloat16, reversed, with lengths, a partial block.
+    assert "2/2 cases ok" in run_cuda_emulator("lstm")
 
 
 @pytest.mark.parametrize("reverse", [False, True])

@@ -11,9 +11,7 @@ Needs g++ with C++20 and the torch headers (the CPU venv's). Emulation is slow: 
 """
 from __future__ import annotations
 
-import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -21,35 +19,19 @@ import tempfile
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, ROOT)
+import emu
+
+sys.path.insert(0, emu.ROOT)
 import fastnn.reference as R  # noqa: E402
 
 
-def build(tsan: bool) -> str:
-    src = open(os.path.join(ROOT, "csrc", "cuda", "attention.cu")).read()
-
-    def between(a, b):
-        i = src.index(a)
-        return src[i:src.index(b, i)]
-
-    tc = between("// ---- Forward on tensor cores", "// The padded head dim of the tensor-core kernels")
-    tc = tc.replace("extern __shared__ __align__(16) unsigned char smem_raw[];", "unsigned char* smem_raw = emu_smem();")
-    code = ('#include "prelude.h"\n#include "attention.h"\nnamespace fastnn::cuda {\nusing attention::Params;\n'
+def kernel_code() -> str:
+    between = emu.section("attention.cu")
+    return ('#include "prelude.h"\n#include "attention.h"\nnamespace fastnn::cuda {\nusing attention::Params;\n'
             + between("// Score of query i and key j", "// rows [r0, r0 + kTile)")
-            + between("struct Tile {", "inline dim3 tile_grid") + tc + '}\n#include "attention_driver.inc"\n')
-    out = tempfile.mkdtemp(prefix="attention_emu_")
-    with open(os.path.join(out, "emu.cpp"), "w") as f:
-        f.write(code)
-    from torch.utils import cpp_extension
-
-    inc = [f"-I{d}" for d in cpp_extension.include_paths()]
-    san = ["-fsanitize=thread"] if tsan else ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
-    exe = os.path.join(out, "emu")
-    subprocess.run(["g++", "-std=c++20", "-O1", "-g", "-pthread", *san, f"-I{HERE}", f"-I{ROOT}/csrc", *inc,
-                    os.path.join(out, "emu.cpp"), "-o", exe], check=True)
-    return exe
+            + between("struct Tile {", "inline dim3 tile_grid")
+            + between("// ---- Forward on tensor cores", "// The padded head dim of the tensor-core kernels")
+            + '}\n#include "attention_driver.inc"\n')
 
 
 def head_dim(D, Dv):
@@ -80,15 +62,9 @@ def case(exe, dtype, B, H, Hk, Lq, Lk, D, Dv, causal=False, mask=None, kpm=None,
     hd = head_dim(D, Dv)
 
     def run(mode):
-        args = [exe, d, mode, "b" if dtype == torch.bfloat16 else "h", str(hd),
-                *map(str, (B, H, Hk, Lq, Lk, D, Dv, int(causal))), repr(scale), str(mask_n), *map(str, mst),
-                str(int(kpm is not None)), repr(dropout), str(seed), str(int(vec)), str(mask_n if learned else 0),
-                *map(str, mst)]
-        r = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0",
-                                                                          TSAN_OPTIONS="halt_on_error=1"))
-        if r.returncode:
-            print(r.stdout[-2000:], r.stderr[-6000:])
-            raise SystemExit(f"{label}: the emulated {mode} kernel failed")
+        emu.run([exe, d, mode, "b" if dtype == torch.bfloat16 else "h", hd, B, H, Hk, Lq, Lk, D, Dv, int(causal),
+                 repr(scale), mask_n, *mst, int(kpm is not None), repr(dropout), seed, int(vec),
+                 mask_n if learned else 0, *mst], label, mode)
 
     def load(name, shape, dt):
         raw = np.fromfile(f"{d}/{name}.out", dtype=np.int16 if dt in (torch.float16, torch.bfloat16) else np.float32)
@@ -168,20 +144,5 @@ def cases(exe, quick):
     yield lambda: case(exe, h, 1, 1, 1, 5, 7, 32, 32, dropout=1.0, label="dropout 1")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tsan", action="store_true")
-    ap.add_argument("--eager", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="two cases only")
-    a = ap.parse_args()
-    if a.eager:
-        os.environ["EMU_CP_EAGER"] = "1"
-    exe = build(a.tsan)
-    results = [c() for c in cases(exe, a.quick)]
-    subprocess.run(["rm", "-rf", os.path.dirname(exe)])
-    print(f"cuda_emu attention: {sum(results)}/{len(results)} cases ok")
-    return 0 if all(results) else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(emu.main("attention", __doc__, kernel_code, cases))

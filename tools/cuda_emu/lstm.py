@@ -11,7 +11,6 @@ Each case names its tile sizes (NT) itself; on a GPU the host code picks them fr
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -20,36 +19,17 @@ import tempfile
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+import emu
 
 
-def build(tsan: bool) -> str:
-    src = open(os.path.join(ROOT, "csrc", "cuda", "lstm.cu")).read()
-
-    def between(a, b):
-        i = src.index(a)
-        return src[i:src.index(b, i)]
-
-    kernels = between("// ---- The persistent layer kernels", "// Enough blocks to fill any current GPU")
-    kernels = kernels.replace("extern __shared__ __align__(16) unsigned char smem_raw[];",
-                              "unsigned char* smem_raw = emu_smem();")
-    code = ('#include "prelude.h"\nnamespace fastnn::cuda {\n'
+def kernel_code() -> str:
+    between = emu.section("lstm.cu")
+    return ('#include "prelude.h"\nnamespace fastnn::cuda {\n'
             'inline float exp_(float x) { return std::exp(x); }\ninline double exp_(double x) { return std::exp(x); }\n'
             'constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }\n'
-            + between("// float: the approximate divide", "// pre may alias act") + kernels
+            + between("// float: the approximate divide", "// pre may alias act")
+            + between("// ---- The persistent layer kernels", "// Enough blocks to fill any current GPU")
             + '}\n#include "lstm_driver.inc"\n')
-    out = tempfile.mkdtemp(prefix="lstm_emu_")
-    with open(os.path.join(out, "emu.cpp"), "w") as f:
-        f.write(code)
-    from torch.utils import cpp_extension
-
-    inc = [f"-I{d}" for d in cpp_extension.include_paths()]
-    san = ["-fsanitize=thread"] if tsan else ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
-    exe = os.path.join(out, "emu")
-    subprocess.run(["g++", "-std=c++20", "-O1", "-g", "-pthread", *san, f"-I{HERE}", *inc,
-                    os.path.join(out, "emu.cpp"), "-o", exe], check=True)
-    return exe
 
 
 def reference(gx, w, h0, c0, lengths, reverse):
@@ -91,13 +71,8 @@ def case(exe, dtype, nt_fwd, nt_bwd, T, B, H, reverse=False, with_lengths=False,
         return torch.from_numpy(np.fromfile(f"{d}/{name}.out", dtype=np.int16)).view(dtype).view(shape)
 
     def run(mode, nt):
-        args = [exe, d, mode, "b" if dtype == torch.bfloat16 else "h", str(nt), str(T), str(B), str(H),
-                str(int(reverse)), str(int(lengths is not None)), str(kc)]
-        p = subprocess.run(args, capture_output=True, text=True,
-                           env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0", TSAN_OPTIONS="halt_on_error=1"))
-        if p.returncode:
-            print(p.stdout[-2000:], p.stderr[-6000:])
-            raise SystemExit(f"{label}: the emulated {mode} kernel failed")
+        emu.run([exe, d, mode, "b" if dtype == torch.bfloat16 else "h", nt, T, B, H, int(reverse),
+                 int(lengths is not None), kc], label, mode)
 
     for name, t in (("w", w), ("h0", h0), ("c0", c0), ("act", gx)):
         put(name, t)
@@ -144,20 +119,5 @@ def cases(exe, quick):
     yield lambda: case(exe, bf, 4, 4, 2, 128, 16, reverse=True, label="B128: 8 row tiles, KS 1")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tsan", action="store_true")
-    ap.add_argument("--eager", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="two cases only")
-    a = ap.parse_args()
-    if a.eager:
-        os.environ["EMU_CP_EAGER"] = "1"
-    exe = build(a.tsan)
-    results = [c() for c in cases(exe, a.quick)]
-    subprocess.run(["rm", "-rf", os.path.dirname(exe)])
-    print(f"cuda_emu lstm: {sum(results)}/{len(results)} cases ok")
-    return 0 if all(results) else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(emu.main("lstm", __doc__, kernel_code, cases))
