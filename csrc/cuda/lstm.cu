@@ -251,7 +251,7 @@ __device__ void rows_times_tile(const uint16_t* a, int64_t B, int64_t K, int64_t
 
 // Forward. Block b owns the NU = 2 NT hidden units j0 = b NU ..; its weight tile row n = gate NU + u holds W_hh's
 // row gate H + j0 + u. act [T, B, 4H] arrives holding x W_ih^T + bias and leaves holding the activated gates
-// (rows past their length keep the pre-activations: the backward never reads them), as the step loop leaves it.
+// (rows past their length keep x W_ih^T + bias: the backward never reads them).
 template <typename T, int NT>
 __global__ void __launch_bounds__(kPThreads, 1) layer_fwd_persistent_kernel(const T* __restrict__ w_hh,
                                                                          const T* __restrict__ h0,
