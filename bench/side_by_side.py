@@ -449,6 +449,13 @@ def fastnn_cands(op: str, call: Callable[[str], Callable], inplace: Callable[[st
     return c
 
 
+def grad_in_forward_cands(op: str, call: Callable[[str], Callable]) -> dict[str, Cand]:
+    """fastnn's two backends with the gradients made in the forward (fwd+bwd only: a forward alone is the plain
+    path's)."""
+    return {f"fastnn-{b}-grad-in-fwd": Cand(call(b), ("triton",) if b == "triton" else (f"native:{op}",),
+                                            modes=(FWD_BWD,)) for b in ("triton", "native")}
+
+
 def compiled(fn: Callable) -> Cand:
     """torch.compile of fn, compiled on first use (so an unavailable candidate costs nothing); one graph per shape,
     dtype and grad mode (dynamic=False), as a model of fixed shapes gets."""
@@ -488,6 +495,9 @@ def cross_entropy_cases(env: Env, shapes) -> list[Case]:
     cands = {EAGER: Cand(TF.cross_entropy), COMPILE: compiled(TF.cross_entropy),
              **fastnn_cands("cross_entropy", lambda b: lambda x, t: F.cross_entropy(x, t, backend=b),
                             lambda b: lambda x, t: F.cross_entropy(x, t, inplace_backward=True, backend=b)),
+             # The gradient written right after each row's loss, the row still in cache: one read from memory.
+             **grad_in_forward_cands("cross_entropy",
+                                     lambda b: lambda x, t: F.cross_entropy(x, t, backend=b, grad_in_forward=True)),
              # Liger writes the gradient into the logits during the forward.
              "liger": liger(env, "liger_cross_entropy", mutates=True)}
     ref = autograd_reference(R.cross_entropy)
@@ -525,11 +535,9 @@ def linear_cross_entropy_cases(env: Env, shapes) -> list[Case]:
     cands = {EAGER: Cand(eager), COMPILE: compiled(eager),
              **fastnn_cands("linear_cross_entropy",
                             lambda b: lambda x, w, t: F.linear_cross_entropy(x, w, t, backend=b)),
-             # The gradients made in the forward, three products as Liger's (fwd+bwd only: a forward alone is the
-             # same as the plain rows').
-             **{f"fastnn-{b}-grad-in-fwd": Cand(lambda x, w, t, b=b: F.linear_cross_entropy(
-                 x, w, t, backend=b, grad_in_forward=True), ("triton",) if b == "triton" else (f"native:{op}",),
-                 modes=(FWD_BWD,)) for b, op in (("triton", None), ("native", "linear_cross_entropy"))},
+             # The gradients made in the forward, three products as Liger's.
+             **grad_in_forward_cands("linear_cross_entropy", lambda b: lambda x, w, t: F.linear_cross_entropy(
+                 x, w, t, backend=b, grad_in_forward=True)),
              "liger": liger(env, "liger_fused_linear_cross_entropy"),
              # Cut Cross-Entropy with its defaults (gradient filtering on): what its users run.
              "cut-cross-entropy": Cand(lambda x, w, t: env.module("cce").linear_cross_entropy(x, w, t),
@@ -773,7 +781,8 @@ def goals(rows: list[dict], tiny: bool) -> list[str]:
                    f"{'not measured' if met is None else 'met' if met else 'MISSED'}{note}")
 
     mem_sections = ("softmax", "log_softmax", "cross_entropy", "bce_with_logits")
-    for ours in ("fastnn-triton", "fastnn-native"):
+    # (the -grad-in-fwd variants: cross-entropy's fwd+bwd only)
+    for ours in ("fastnn-triton", "fastnn-native", "fastnn-triton-grad-in-fwd", "fastnn-native-grad-in-fwd"):
         rs = [r for s in mem_sections for r in find(s, ours)]
         if rs:
             w = min(rs, key=lambda r: r["frac_copy_bw"])

@@ -70,14 +70,23 @@ inline CeGeometry check_ce_args(const at::Tensor& input, const at::Tensor& targe
   return g;
 }
 
+// grad_loss: one value per row, in the accumulation dtype (cross_entropy_bwd and _fwd_grad).
+inline void check_ce_grad_loss(const at::Tensor& grad_loss, const CeGeometry& g, const at::Tensor& input) {
+  const auto acc = ce_acc_type(input.scalar_type());
+  TORCH_CHECK(grad_loss.numel() == g.rows() && grad_loss.scalar_type() == acc, "cross_entropy: grad_loss must have ",
+              "one value per row (", g.rows(), ") in ", acc, ", got ", grad_loss.numel(), " of ",
+              grad_loss.scalar_type());
+  TORCH_CHECK(grad_loss.device() == input.device(), "cross_entropy: grad_loss must be on input's device ",
+              input.device(), ", got ", grad_loss.device());
+}
+
 inline void check_ce_bwd_args(const at::Tensor& grad_loss, const at::Tensor& stats, const CeGeometry& g,
                               const at::Tensor& input) {
+  check_ce_grad_loss(grad_loss, g, input);
   const auto acc = ce_acc_type(input.scalar_type());
-  TORCH_CHECK(grad_loss.numel() == g.rows() && stats.dim() >= 1 && stats.size(0) == 2 && stats.numel() == 2 * g.rows(),
-              "cross_entropy_bwd: grad_loss must have one value per row (", g.rows(), ") and stats two (2, rows...), ",
-              "got ", grad_loss.numel(), " and ", stats.sizes());
-  TORCH_CHECK(grad_loss.scalar_type() == acc && stats.scalar_type() == acc, "cross_entropy_bwd: grad_loss and stats ",
-              "must be ", acc, ", got ", grad_loss.scalar_type(), " and ", stats.scalar_type());
+  TORCH_CHECK(stats.dim() >= 1 && stats.size(0) == 2 && stats.numel() == 2 * g.rows() && stats.scalar_type() == acc,
+              "cross_entropy_bwd: stats must be (2, rows...) of ", acc, " with two values per row (", g.rows(),
+              "), got ", stats.sizes(), " of ", stats.scalar_type());
 }
 
 // The outputs (loss, stats) of cross_entropy_fwd, uninitialized, in the accumulation dtype: loss of input's shape

@@ -63,6 +63,13 @@ TORCH_LIBRARY(fastnn, m) {
         " int ignore_index, float label_smoothing) -> Tensor");
   m.def("cross_entropy_bwd_inplace_triton(Tensor grad_loss, Tensor(a!) input, Tensor target, Tensor? weight,"
         " Tensor stats, int ignore_index, float label_smoothing) -> ()");
+  // cross_entropy_fwd_grad: the forward and, in the same visit of each row, grad_input for a given per-row
+  // grad_loss (N, d1, ...) (a scalar reduction's, known before the backward), so each row is read from memory once
+  // (its second read hits the cache) and nothing is saved for a backward. Returns (loss, grad_input).
+  m.def("cross_entropy_fwd_grad(Tensor input, Tensor target, Tensor? weight, Tensor grad_loss, int ignore_index,"
+        " float label_smoothing) -> (Tensor, Tensor)");
+  m.def("cross_entropy_fwd_grad_triton(Tensor input, Tensor target, Tensor? weight, Tensor grad_loss,"
+        " int ignore_index, float label_smoothing) -> (Tensor, Tensor)");
 
   // ---- linear_cross_entropy: cross_entropy(input @ weight.T + bias, target) without the (N, V) logits.
   // input (N, D), weight (V, D), bias (V,), target (N,) int64, class_weight (V,). Rows run `chunk` at a time; the

@@ -70,7 +70,7 @@ def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor, 
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
                   size_average=None, ignore_index: int = -100, reduce=None, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, inplace_backward: bool = False,
-                  backend: str | None = None) -> torch.Tensor:
+                  backend: str | None = None, grad_in_forward: bool = False) -> torch.Tensor:
     """``torch.nn.functional.cross_entropy`` as one fused pass: the softmax is never stored, the backward
     recomputes it from the logits and the saved per-row max and log-sum of exp.
 
@@ -91,12 +91,21 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
             storage holds the gradient, which is also what is returned as / accumulated into their grad); only
             use it when nothing else reads the logits afterwards - autograd raises if another op saved them for
             its backward. It saves memory only when ``input`` is contiguous (else a contiguous copy is reused).
+        backend: fastnn's extra, "auto" | "native" | "triton" | "reference".
+        grad_in_forward: fastnn's extra (default False). With class-index targets, a "mean" or "sum" reduction and
+            ``input`` requiring grad, the forward also writes the gradient of ``input``, each row right after its
+            loss while the row is still in cache (as Liger-Kernel's cross-entropy), and the backward scales it by
+            the upstream gradient: the logits are read from memory once instead of twice. The gradient (input's
+            size) is held from the forward to the backward instead of the logits; ``inplace_backward`` has no
+            effect then. In float16 / bfloat16 an upstream gradient other than 1 rounds the stored gradient once
+            more (the default path rounds once). Elsewhere it changes nothing.
     Returns:
         The loss: a scalar, or (N, d1, ...) for "none", in ``input``'s dtype.
     Raises:
         TypeError: ``input`` or ``weight`` not a floating tensor, ``weight`` of another dtype than ``input``,
             ``target`` not a tensor or class indices of another dtype than int64/uint8 (int32, bool, ...), or
             ``ignore_index`` not an int.
+        TypeError: also ``inplace_backward`` or ``grad_in_forward`` not a bool.
         ValueError: a 0-d ``input``; ``target`` of the wrong shape (class indices: input's shape without C,
             mismatched N included; probabilities: input's shape); ``weight`` not (C,); an unknown ``reduction``;
             ``label_smoothing`` outside [0, 1]; tensors on different devices.
@@ -108,7 +117,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     return _ce.cross_entropy(input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-                             label_smoothing=label_smoothing, inplace_backward=inplace_backward, backend=backend)
+                             label_smoothing=label_smoothing, inplace_backward=inplace_backward, backend=backend,
+                             grad_in_forward=grad_in_forward)
 
 
 def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,

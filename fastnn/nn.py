@@ -279,20 +279,23 @@ class LSTM(nn.LSTM):
 class CrossEntropyLoss(nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss`` (same constructor, ``weight`` buffer and ``state_dict``) on fastnn's fused
     cross-entropy. ``inplace_backward=True`` writes the logits' gradient over the logits (see
-    ``fastnn.functional.cross_entropy`` for the contract). Shapes: input (N, C), (N, C, d...) or (C,).
+    ``fastnn.functional.cross_entropy`` for the contract); ``grad_in_forward=True`` computes it in the forward
+    (same page). Shapes: input (N, C), (N, C, d...) or (C,).
 
     Raises: as ``fastnn.functional.cross_entropy`` (TypeError / ValueError / IndexError naming input, target,
     weight, ignore_index, reduction or label_smoothing)."""
 
     def __init__(self, weight: torch.Tensor | None = None, size_average=None, ignore_index: int = -100,
                  reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
-                 inplace_backward: bool = False) -> None:
+                 inplace_backward: bool = False, grad_in_forward: bool = False) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.inplace_backward = inplace_backward
+        self.grad_in_forward = grad_in_forward
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-                               label_smoothing=self.label_smoothing, inplace_backward=self.inplace_backward)
+                               label_smoothing=self.label_smoothing, inplace_backward=self.inplace_backward,
+                               grad_in_forward=self.grad_in_forward)
 
     @classmethod
     def from_torch(cls, module: nn.CrossEntropyLoss) -> "CrossEntropyLoss":

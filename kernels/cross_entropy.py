@@ -4,7 +4,8 @@ One program per row (one (n, d1, ...) position; classes `inner` apart). The forw
 per-lane running max and rescaled sum of exp (plus the weighted sums that label smoothing and probability targets
 need), and writes the loss and the row's statistics (max m and log(s); stat_plane in csrc/cross_entropy.h says why
 not their sum). The backward reads the row once more and writes the gradient, optionally over the logits themselves
-(DX == X). Formulas: csrc/cross_entropy.h.
+(DX == X). ce_fwd_grad_kernel does both in one program (cross_entropy_fwd_grad: the gradient for a per-row grad known
+in the forward). Formulas: csrc/cross_entropy.h.
 
 Out-of-range class indices are never used as addresses: the kernel clamps the read, gives the row a NaN loss and
 records the index in a flag tensor, which the launcher checks and turns into an IndexError (one device sync).
@@ -50,10 +51,10 @@ def _smoothing(EPS, n_cols):
 
 
 @triton.jit
-def ce_fwd_kernel(X, T, W, WSUM, LOSS, STATS, stats_plane, FLAG, n_cols, inner, ignore_index, EPS,
-                  ACC: tl.constexpr, BLOCK: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr,
-                  SMOOTH: tl.constexpr, LASTDIM: tl.constexpr):
-    row, base, stride = row_start(n_cols, inner, LASTDIM)
+def _row_forward(X, T, W, WSUM, FLAG, row, base, stride, n_cols, ignore_index, EPS, ACC: tl.constexpr,
+                 BLOCK: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr):
+    """One row's loss and statistics (m, log(s)); 0, 0, 0 for an ignored row, a NaN loss for an out-of-range
+    index (recorded in FLAG)."""
     cols = tl.arange(0, BLOCK)
     n_eff = n_cols
     if not PROB:
@@ -108,20 +109,15 @@ def ce_fwd_kernel(X, T, W, WSUM, LOSS, STATS, stats_plane, FLAG, n_cols, inner, 
         loss = tl.where(ignored, 0.0, tl.where(bad, float("nan"), loss))
         m = tl.where(ignored, 0.0, m)
         log_s = tl.where(ignored, 0.0, log_s)
-    tl.store(LOSS + row, loss)
-    tl.store(STATS + row, m)
-    tl.store(STATS + stats_plane + row, log_s)
+    return loss, m, log_s
 
 
 @triton.jit
-def ce_bwd_kernel(G, X, T, W, WSUM, STATS, stats_plane, DX, n_cols, inner, ignore_index, EPS,
-                  ACC: tl.constexpr, BLOCK: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr,
-                  LASTDIM: tl.constexpr):
-    row, base, stride = row_start(n_cols, inner, LASTDIM)
+def _row_backward(g, m, log_s, X, T, W, WSUM, DX, row, base, stride, n_cols, ignore_index, EPS, ACC: tl.constexpr,
+                  BLOCK: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr):
+    """One row's gradient from its per-row grad g and statistics m, log(s), into DX (which may be X); a zero row
+    for an ignored or out-of-range class index."""
     cols = tl.arange(0, BLOCK)
-    g = tl.load(G + row).to(ACC)
-    m = tl.load(STATS + row).to(ACC)
-    log_s = tl.load(STATS + stats_plane + row).to(ACC)
     keep, add = _smoothing(EPS, n_cols)
     if PROB:
         sy_vec = tl.zeros([BLOCK], ACC)
@@ -155,6 +151,45 @@ def ce_bwd_kernel(G, X, T, W, WSUM, STATS, stats_plane, DX, n_cols, inner, ignor
             dx = tl.where(c == t, gt * (p - 1.0) + g * add * (wsum * p - w), a * p - g * add * w)
         dx = tl.where(live, dx, 0.0)
         tl.store(DX + base + c * stride, cast_rtne(dx, DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def ce_fwd_kernel(X, T, W, WSUM, LOSS, STATS, stats_plane, FLAG, n_cols, inner, ignore_index, EPS,
+                  ACC: tl.constexpr, BLOCK: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr,
+                  SMOOTH: tl.constexpr, LASTDIM: tl.constexpr):
+    row, base, stride = row_start(n_cols, inner, LASTDIM)
+    loss, m, log_s = _row_forward(X, T, W, WSUM, FLAG, row, base, stride, n_cols, ignore_index, EPS, ACC, BLOCK,
+                                  PROB, HAS_W, SMOOTH)
+    tl.store(LOSS + row, loss)
+    tl.store(STATS + row, m)
+    tl.store(STATS + stats_plane + row, log_s)
+
+
+@triton.jit
+def ce_bwd_kernel(G, X, T, W, WSUM, STATS, stats_plane, DX, n_cols, inner, ignore_index, EPS,
+                  ACC: tl.constexpr, BLOCK: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr,
+                  LASTDIM: tl.constexpr):
+    row, base, stride = row_start(n_cols, inner, LASTDIM)
+    g = tl.load(G + row).to(ACC)
+    m = tl.load(STATS + row).to(ACC)
+    log_s = tl.load(STATS + stats_plane + row).to(ACC)
+    _row_backward(g, m, log_s, X, T, W, WSUM, DX, row, base, stride, n_cols, ignore_index, EPS, ACC, BLOCK, PROB,
+                  HAS_W)
+
+
+@triton.jit
+def ce_fwd_grad_kernel(G, X, T, W, WSUM, LOSS, DX, FLAG, n_cols, inner, ignore_index, EPS, ACC: tl.constexpr,
+                       BLOCK: tl.constexpr, PROB: tl.constexpr, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
+                       LASTDIM: tl.constexpr):
+    """The forward and the gradient for the per-row grad G in one program (cross_entropy_fwd_grad): the row's
+    second read comes from L2 rather than memory."""
+    row, base, stride = row_start(n_cols, inner, LASTDIM)
+    loss, m, log_s = _row_forward(X, T, W, WSUM, FLAG, row, base, stride, n_cols, ignore_index, EPS, ACC, BLOCK,
+                                  PROB, HAS_W, SMOOTH)
+    tl.store(LOSS + row, loss)
+    g = tl.load(G + row).to(ACC)
+    _row_backward(g, m, log_s, X, T, W, WSUM, DX, row, base, stride, n_cols, ignore_index, EPS, ACC, BLOCK, PROB,
+                  HAS_W)
 
 
 def _config(n_cols: int, dtype: torch.dtype) -> dict:
@@ -203,7 +238,13 @@ def forward_into(x, target, weight, ignore_index: int, label_smoothing: float, l
     for o0, o1 in outer_chunks(N, inner):
         ce_fwd_kernel[((o1 - o0) * inner,)](xo[o0:o1], to[o0:o1], w, wsum, lo[o0:o1], so[:, o0:o1],
                                             so.stride(0), flag, n_cols, inner, ignore_index, eps, **cfg)
-    if not prob and flag[0].item():
+    if not prob:
+        report_bad_target(flag, n_cols, ignore_index)
+
+
+def report_bad_target(flag, n_cols: int, ignore_index: int) -> None:
+    """The IndexError for an out-of-range class index that a kernel recorded in flag (one device sync)."""
+    if flag[0].item():
         raise IndexError(f"cross_entropy: target {int(flag[1])} is out of bounds: expected a class index in "
                          f"[0, {n_cols - 1}] or ignore_index ({ignore_index})")
 
@@ -224,6 +265,33 @@ def backward_into(grad_loss, x, target, weight, stats, ignore_index: int, label_
     for o0, o1 in outer_chunks(N, inner):
         ce_bwd_kernel[((o1 - o0) * inner,)](go[o0:o1], xo[o0:o1], to[o0:o1], w, wsum, so[:, o0:o1], so.stride(0),
                                             do[o0:o1], n_cols, inner, ignore_index, eps, **cfg)
+
+
+def cross_entropy_forward_grad(x, target, weight, grad_loss, ignore_index, label_smoothing):
+    """Launcher of cross_entropy_fwd_grad: (loss, grad_input) for the per-row grad_loss (the loss's shape, in the
+    accumulation dtype). Raises IndexError on an out-of-range class index."""
+    x, target = x.contiguous(), target.contiguous()
+    n_cols, inner, rows = _geometry(x)
+    loss = torch.empty((x.shape[0],) + tuple(x.shape[2:]), dtype=acc_dtype(x.dtype), device=x.device)
+    dx = torch.empty_like(x)
+    if rows == 0:
+        return loss, dx
+    prob = target.is_floating_point()
+    w, wsum, has_w = _weights(weight, x)
+    flag = torch.zeros(2, dtype=torch.int64, device=x.device)
+    eps, N = _eps(label_smoothing, x), x.shape[0]
+    cfg = dict(PROB=prob, HAS_W=has_w, SMOOTH=label_smoothing > 0 and not prob, LASTDIM=inner == 1,
+               **_config(n_cols, x.dtype))
+    # Half the forward's warps: the two passes together need more registers than 16 warps leave a thread.
+    cfg["num_warps"] = max(1, cfg["num_warps"] // 2)
+    go, xo, to, lo, do = (grad_loss.contiguous().view(N, -1), x.view(N, -1), target.view(N, -1), loss.view(N, -1),
+                          dx.view(N, -1))
+    for o0, o1 in outer_chunks(N, inner):
+        ce_fwd_grad_kernel[((o1 - o0) * inner,)](go[o0:o1], xo[o0:o1], to[o0:o1], w, wsum, lo[o0:o1], do[o0:o1],
+                                                 flag, n_cols, inner, ignore_index, eps, **cfg)
+    if not prob:
+        report_bad_target(flag, n_cols, ignore_index)
+    return loss, dx
 
 
 def cross_entropy_forward(x, target, weight, ignore_index, label_smoothing):
@@ -253,6 +321,8 @@ def _aot_specs():
             yield (ce_fwd_kernel, dict(sig, LOSS="*fp32", STATS="*fp32", stats_plane="i32", FLAG="*i64"),
                    dict(common, SMOOTH=smooth), 16)
             yield (ce_bwd_kernel, dict(sig, G="*fp32", STATS="*fp32", stats_plane="i32", DX=f"*{dt}"), common, 16)
+            yield (ce_fwd_grad_kernel, dict(sig, G="*fp32", LOSS="*fp32", DX=f"*{dt}", FLAG="*i64"),
+                   dict(common, SMOOTH=smooth), 8)
 
 
 AOT = _aot_specs

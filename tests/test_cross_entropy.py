@@ -178,6 +178,90 @@ def test_inplace_backward(device, backend, kind, shape):
     torch.testing.assert_close(leaf.grad, 2 * expected)
 
 
+GIF_SHAPES = [(113, 123), (4, 5000), (3, 5, 7), (11,), (0, 5)]
+GIF_INTERP_SHAPES = [(3, 123), (2, 5000), (2, 5, 3), (11,), (0, 5)]
+
+
+@pytest.mark.parametrize("device,backend,shape", backend_shapes("cross_entropy", GIF_SHAPES, GIF_INTERP_SHAPES))
+@pytest.mark.parametrize("kind", ["index", "ignored"])
+@pytest.mark.parametrize("weighted,smoothing,reduction", OPTIONS[:4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_grad_in_forward(device, backend, shape, kind, weighted, smoothing, reduction, dtype):
+    # The loss and its gradient from one visit of each row (cross_entropy_fwd_grad), the backward scaling it by
+    # the upstream gradient: against the float64 reference, and in bfloat16 within 2x torch's own error. bfloat16
+    # takes the upstream gradient 1 (loss.backward()): another one rounds the stored gradient a second time.
+    x, t, w = make_case(shape, kind, weighted, device, dtype)
+    kw = dict(reduction=reduction, label_smoothing=smoothing)
+    g = torch.tensor(1.0 if dtype == torch.bfloat16 else -1.7, dtype=torch.float64, device=device)
+    ref, ref_dx, _ = run(fastnn.reference.cross_entropy, x.double(), t, None if w is None else w.double(), g, **kw)
+    ops = []
+
+    def ours(*a, **k):
+        out = F.cross_entropy(*a, **k, backend=backend, grad_in_forward=True)
+        ops.append(out.grad_fn.name())
+        return out
+    out, dx, _ = run(ours, x, t, w, g.to(dtype), **kw)
+    assert "GradInForward" in ops[0]  # the path under test, not the default one
+    if dtype == torch.bfloat16:
+        theirs, their_dx, _ = run(TF.cross_entropy, x, t, w, g.to(dtype), **kw)
+        interp = (device, backend) == ("cpu", "triton") and ref_dx.numel()
+        floor = torch.finfo(dtype).eps * ref_dx.abs().max().item() if interp else 1e-6
+        assert_matches(out, ref, torch_out=theirs)
+        assert_matches(dx, ref_dx, torch_out=their_dx, name="grad_input", atol_floor=floor)
+    else:
+        assert_matches(out, ref)
+        assert_matches(dx, ref_dx, name="grad_input")
+
+
+@pytest.mark.parametrize("device,backend", device_backends("cross_entropy"))
+def test_grad_in_forward_elsewhere_changes_nothing(device, backend):
+    # "none", probability targets, no grad wanted, grad disabled: the default path, same results.
+    x, t, w = make_case((6, 17), "index", True, device, torch.float32)
+    p = torch.softmax(torch.randn(6, 17, device=device), 1)
+    for target, reduction in ((t, "none"), (p, "mean")):
+        a, da, g = run(lambda *a, **k: F.cross_entropy(*a, **k, backend=backend), x, target, w, reduction=reduction)
+        b, db, _ = run(lambda *a, **k: F.cross_entropy(*a, **k, backend=backend, grad_in_forward=True), x, target, w,
+                       g, reduction=reduction)
+        torch.testing.assert_close((a, da), (b, db), rtol=0, atol=0)
+    with torch.no_grad():
+        out = F.cross_entropy(x.requires_grad_(), t, w, backend=backend, grad_in_forward=True)
+    assert out.grad_fn is None
+    out = F.cross_entropy(x.detach(), t, w, backend=backend, grad_in_forward=True)
+    torch.testing.assert_close(out, F.cross_entropy(x.detach(), t, w, backend=backend))
+
+
+@pytest.mark.parametrize("device,backend", device_backends("cross_entropy"))
+def test_grad_in_forward_out_of_range_target_raises(device, backend):
+    x = torch.randn(4, 7, device=device, requires_grad=True)
+    with pytest.raises(IndexError, match="out of bounds"):
+        F.cross_entropy(x, torch.tensor([0, 9, 1, 2], device=device), backend=backend, grad_in_forward=True)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("cross_entropy"))
+def test_grad_in_forward_torch_compile_fullgraph(device, backend):
+    x, t, w = make_case((6, 17), "ignored", True, device, torch.float32)
+
+    def f(x):
+        return 2 * F.cross_entropy(x * 2, t, w, label_smoothing=0.1, backend=backend, grad_in_forward=True)
+
+    x.requires_grad_()
+    out = torch.compile(f, fullgraph=True)(x)
+    (dx,) = torch.autograd.grad(out, x)
+    (dx_eager,) = torch.autograd.grad(f(x), x)
+    torch.testing.assert_close(out, f(x))
+    torch.testing.assert_close(dx, dx_eager)
+
+
+def test_grad_in_forward_module_flag():
+    m = fastnn.nn.CrossEntropyLoss(label_smoothing=0.1, grad_in_forward=True)
+    assert m.grad_in_forward and not fastnn.nn.CrossEntropyLoss().grad_in_forward
+    x = torch.randn(5, 9, requires_grad=True)
+    t = torch.randint(0, 9, (5,))
+    assert "GradInForward" in m(x, t).grad_fn.name()
+    with pytest.raises(TypeError, match="grad_in_forward"):
+        F.cross_entropy(x, t, grad_in_forward=1)
+
+
 def test_inplace_backward_refuses_when_logits_are_needed():
     # Autograd's version counter catches a caller whose logits another op saved for its own backward.
     x = torch.randn(4, 6, requires_grad=True)
@@ -223,6 +307,7 @@ def test_opcheck(suffix, kind, weighted):
     torch.library.opcheck(getattr(ops, "cross_entropy_bwd" + suffix), (g, x.detach(), t, w, stats, -100, 0.1))
     torch.library.opcheck(getattr(ops, "cross_entropy_bwd_inplace" + suffix),
                           (g, x.detach().clone(), t, w, stats, -100, 0.1))
+    torch.library.opcheck(getattr(ops, "cross_entropy_fwd_grad" + suffix), (x.detach(), t, w, g, -100, 0.1))
 
 
 @pytest.mark.parametrize("device,backend", device_backends("cross_entropy"))

@@ -166,6 +166,13 @@ def cases(device: str = "cuda", dtypes=DTYPES, ops=None) -> list[Case]:
         add("cross_entropy", f"{name} inplace_backward (7, 1025)",
             lambda b, x, t: F.cross_entropy(x * 1, t, inplace_backward=True, backend=b),
             dict(x=rand(7, 1025, dtype=dt), t=randint(1025, 7)), "x", once=True)
+        t = randint(4100, 5)
+        t[1] = -100
+        add("cross_entropy", f"{name} grad_in_forward (5, 4100) weight smoothing ignore_index, spatial (3, 7, 2)",
+            lambda b, x, t, w, xs, ts: F.cross_entropy(x, t, w, label_smoothing=0.1, backend=b, grad_in_forward=True)
+            + F.cross_entropy(xs, ts, reduction="sum", backend=b, grad_in_forward=True),
+            dict(x=rand(5, 4100, dtype=dt), t=t, w=rand(4100, dtype=dt, lo=0.5), xs=rand(3, 7, 2, dtype=dt),
+                 ts=randint(7, 3, 2)), ("x", "xs"))
 
         # linear_cross_entropy: rows straddling chunks, bias, class weights, smoothing, ignore_index.
         # grad_in_forward: the gradients in the forward's chunk loop (the half types' weight-gradient kernel, with

@@ -83,9 +83,31 @@ void cross_entropy_bwd_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor
   cross_entropy_bwd_into(grad_loss, c, weight, stats, ignore_index, label_smoothing, out);
 }
 
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_grad_cpu(const at::Tensor& input, const at::Tensor& target,
+                                                              const std::optional<at::Tensor>& weight,
+                                                              const at::Tensor& grad_loss, int64_t ignore_index,
+                                                              double label_smoothing) {
+  const CeCall c = prepare(input, target, weight, ignore_index, label_smoothing);
+  check_ce_grad_loss(grad_loss, c.g, c.x);
+  at::Tensor loss = std::get<0>(ce_fwd_outputs(c.x, c.g));
+  at::Tensor dx = cached_empty(c.x.sizes(), c.x.options());
+  if (c.g.rows() == 0) return {loss, dx};
+  const at::Tensor gl = grad_loss.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.x.scalar_type(), "cross_entropy_fwd_grad_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const Weights<scalar_t, A> w(weight, label_smoothing, c.g.classes);
+    ce_fwd_grad_rows<scalar_t>(c.g, gl.const_data_ptr<A>(), c.x.const_data_ptr<scalar_t>(),
+                               c.prob ? nullptr : c.t.const_data_ptr<int64_t>(),
+                               c.prob ? c.t.const_data_ptr<scalar_t>() : nullptr, w.p, ignore_index,
+                               loss.mutable_data_ptr<A>(), dx.mutable_data_ptr<scalar_t>());
+  });
+  return {loss, dx};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
+  m.impl("cross_entropy_fwd_grad", &cross_entropy_fwd_grad_cpu);
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
   m.impl("cross_entropy_bwd_inplace", &cross_entropy_bwd_inplace_cpu);

@@ -206,4 +206,25 @@ void ce_bwd_rows(const CeGeometry& g, const acc_t<T>* grad, const T* x, const in
   });
 }
 
+// The forward and the backward of each row in one visit (the row is still in cache, or in the task's buffer, for
+// its second pass): the loss, and the gradient of grad[r] * loss[r] into dx (cross_entropy_fwd_grad).
+template <typename T>
+void ce_fwd_grad_rows(const CeGeometry& g, const acc_t<T>* grad, const T* x, const int64_t* ti, const T* ty,
+                      const Smooth<acc_t<T>>& p, int64_t ignore_index, acc_t<T>* loss, T* dx) {
+  using A = acc_t<T>;
+  for_rows<T, true>(g, x, ty, dx, [&](int64_t r, const A* xr, const A* yr, A* dr) {
+    A m, ls;
+    if (!ti) {
+      loss[r] = fwd_prob_row(xr, yr, p, m, ls);
+      bwd_prob_row(xr, yr, m, ls, grad[r], p, dr);
+    } else if (ti[r] == ignore_index) {
+      loss[r] = 0;
+      std::fill(dr, dr + p.C, A(0));
+    } else {
+      loss[r] = fwd_index_row(xr, ti[r], p, m, ls);
+      bwd_index_row(xr, ti[r], m, ls, grad[r], p, dr);
+    }
+  });
+}
+
 }  // namespace fastnn::cpu

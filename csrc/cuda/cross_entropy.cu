@@ -7,7 +7,8 @@
 // and probability targets need, combined by block reductions; it writes only the loss and the row's statistics
 // (max, log of the sum of exp). Backward: one more read of the row (two for probability targets: their weighted
 // sum first), writing the gradient, possibly over the logits (inplace: a kernel without __restrict__ on the logits
-// and the gradient; otherwise both are restrict-qualified, so loads need not wait for earlier stores). Rows of the
+// and the gradient; otherwise both are restrict-qualified, so loads need not wait for earlier stores). Forward with
+// the gradient (cross_entropy_fwd_grad): both, row by row in one kernel, the second read from L2. Rows of the
 // last dim whose start is 16-byte aligned (aligned data, C a multiple of the vector width) are read and written in
 // 16-byte slots. Out-of-range class indices are never used as addresses: the read is clamped, the row's loss is
 // NaN, and the index lands in a device flag that the host checks after the launch (one sync) and reports as an
@@ -68,6 +69,13 @@ struct RowWalk {
   }
 };
 
+// Label smoothing's shares, 1 - eps and eps / C, computed once a kernel: the division is a subroutine call, around
+// which ptxas would spill the registers live in a row loop.
+template <typename A> struct Smoothing {
+  A keep, add;
+  __device__ explicit Smoothing(const RowArgs& a) : keep(A(1) - A(a.eps)), add(A(a.eps) / A(a.classes)) {}
+};
+
 // K values of a row added to the forward's accumulators: the log-sum-exp, and (D) the sum d of wu (x - m) as offsets
 // from the running max m, rebased when it grows (as the sum of exp is): no term is positive, so rows of large logits
 // lose no precision and overflow only where the loss does; u is the sum of the weights wu.
@@ -90,76 +98,104 @@ template <typename A, typename T> __device__ __forceinline__ A class_weight(cons
   return w ? static_cast<A>(w[c]) : A(1);
 }
 
-// PROB: target holds probabilities (T); else int64 indices. D: accumulate the weighted offsets (smoothing or PROB).
+// One row's forward, called by every thread of the block (its reductions are block-wide): returns the loss and
+// sets the statistics M and log(s) in every thread. t: the row's class index (checked: not ignored, in range), or
+// unused for PROB. PROB: target holds probabilities (T); else int64 indices. D: accumulate the weighted offsets
+// (smoothing or PROB).
 template <typename T, bool PROB, bool D>
-__global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ x, const void* __restrict__ target,
+__device__ __forceinline__ acc_t<T> ce_fwd_row(const T* __restrict__ x, const T* __restrict__ y,
+                                               const T* __restrict__ w, const acc_t<T>* __restrict__ wsum,
+                                               int64_t base, int64_t t, const RowArgs& a,
+                                               const Smoothing<acc_t<T>>& sm, acc_t<T>& M, acc_t<T>& log_s) {
+  using A = acc_t<T>;
+  constexpr int N = kVec<T>;
+  const int64_t C = a.classes, st = a.inner;
+  const A keep = sm.keep, add = sm.add;
+  LogSumExp<A> stat = LogSumExp<A>::empty();
+  A d = 0, u = 0;
+  if (a.vec) {
+    const int64_t slots = C / N;
+#pragma unroll 2
+    for (int64_t s = threadIdx.x; s < slots; s += kThreads) {
+      A v[N], wu[N];
+      widen(load_slot(x + base, s, C, true, T(0)), v);
+      if constexpr (D) {
+        if constexpr (PROB) widen(load_slot(y + base, s, C, true, T(0)), wu);
+#pragma unroll
+        for (int j = 0; j < N; ++j)
+          wu[j] = class_weight<A>(w, s * N + j) * (PROB ? wu[j] * keep + add : add);
+      }
+      fwd_add<D>(stat, d, u, v, wu);
+    }
+  } else {
+    for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+      const A v[1] = {static_cast<A>(x[base + c * st])};
+      A wu[1];
+      // Smoothing's class share eps / C inside the sum: sum w (x - m) alone can overflow where the loss fits.
+      if constexpr (D) wu[0] = class_weight<A>(w, c) * (PROB ? static_cast<A>(y[base + c * st]) * keep + add : add);
+      fwd_add<D>(stat, d, u, v, wu);
+    }
+  }
+  const A m_thread = stat.m;
+  stat = block_reduce(stat, MergeOp{});
+  M = stat.m, log_s = log_(stat.s);
+  if constexpr (D) d = m_thread > neg_inf<A>() ? d + u * (m_thread - M) : d;
+  A l;
+  if constexpr (PROB) {
+    const A U = block_reduce(u, SumOp{}), Dv = block_reduce(d, SumOp{});
+    l = U * log_s - Dv;
+  } else {
+    l = keep * class_weight<A>(w, t) * ((M - static_cast<A>(x[base + t * st])) + log_s);
+    if constexpr (D) {
+      const A Dv = block_reduce(d, SumOp{});
+      l += add * (w ? *wsum : A(C)) * log_s - Dv;
+    }
+  }
+  return l;
+}
+
+// The class index of a row, or -1 for an ignored row and -2 for an out-of-range one, which thread 0 records in
+// flag (any one bad index will do for the message).
+__device__ __forceinline__ int64_t checked_target(const int64_t* target, int64_t row, const RowArgs& a,
+                                                  int64_t* flag) {
+  const int64_t t = target[row];
+  if (t == a.ignore_index) return -1;
+  if (t < 0 || t >= a.classes) {
+    if (threadIdx.x == 0) {
+      flag[1] = t;
+      flag[0] = 1;
+    }
+    return -2;
+  }
+  return t;
+}
+
+// Two blocks an SM (1024 threads, each with two 16-byte loads in flight) cover the memory latency; left to itself
+// ptxas aims at three and spills.
+template <typename T, bool PROB, bool D>
+__global__ void __launch_bounds__(kThreads, 2) ce_fwd_kernel(const T* __restrict__ x, const void* __restrict__ target,
                                                           const T* __restrict__ w, const acc_t<T>* __restrict__ wsum,
                                                           acc_t<T>* __restrict__ loss, acc_t<T>* __restrict__ stat_m,
                                                           acc_t<T>* __restrict__ stat_ls,
                                                           int64_t* __restrict__ flag, RowArgs a) {
   using A = acc_t<T>;
-  constexpr int N = kVec<T>;
-  const int64_t C = a.classes, st = a.inner;
-  const A keep = A(1) - A(a.eps), add = A(a.eps) / A(C);
-  const T* y = static_cast<const T*>(target);
+  const Smoothing<A> sm(a);
   for (RowWalk r(a); r.row < a.rows; r.next()) {  // uniform over the block: barriers are safe
-    const int64_t row = r.row, base = r.base();
+    const int64_t row = r.row;
     int64_t t = 0;
     if constexpr (!PROB) {
-      t = static_cast<const int64_t*>(target)[row];
-      if (t == a.ignore_index) {  // the whole block takes this branch together
+      t = checked_target(static_cast<const int64_t*>(target), row, a, flag);
+      if (t == -1) {  // the whole block takes these branches together
         if (threadIdx.x == 0) loss[row] = stat_m[row] = stat_ls[row] = A(0);
         continue;
       }
-      if (t < 0 || t >= C) {
-        if (threadIdx.x == 0) {
-          flag[1] = t;  // any one bad index will do for the message
-          flag[0] = 1;
-          loss[row] = stat_m[row] = stat_ls[row] = NAN;
-        }
+      if (t == -2) {
+        if (threadIdx.x == 0) loss[row] = stat_m[row] = stat_ls[row] = NAN;
         continue;
       }
     }
-    LogSumExp<A> stat = LogSumExp<A>::empty();
-    A d = 0, u = 0;
-    if (a.vec) {
-      const int64_t slots = C / N;
-#pragma unroll 2
-      for (int64_t s = threadIdx.x; s < slots; s += kThreads) {
-        A v[N], wu[N];
-        widen(load_slot(x + base, s, C, true, T(0)), v);
-        if constexpr (D) {
-          if constexpr (PROB) widen(load_slot(y + base, s, C, true, T(0)), wu);
-#pragma unroll
-          for (int j = 0; j < N; ++j)
-            wu[j] = class_weight<A>(w, s * N + j) * (PROB ? wu[j] * keep + add : add);
-        }
-        fwd_add<D>(stat, d, u, v, wu);
-      }
-    } else {
-      for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-        const A v[1] = {static_cast<A>(x[base + c * st])};
-        A wu[1];
-        // Smoothing's class share eps / C inside the sum: sum w (x - m) alone can overflow where the loss fits.
-        if constexpr (D) wu[0] = class_weight<A>(w, c) * (PROB ? static_cast<A>(y[base + c * st]) * keep + add : add);
-        fwd_add<D>(stat, d, u, v, wu);
-      }
-    }
-    const A m_thread = stat.m;
-    stat = block_reduce(stat, MergeOp{});
-    const A M = stat.m, log_s = log_(stat.s);
-    if constexpr (D) d = m_thread > neg_inf<A>() ? d + u * (m_thread - M) : d;
-    A l;
-    if constexpr (PROB) {
-      const A U = block_reduce(u, SumOp{}), Dv = block_reduce(d, SumOp{});
-      l = U * log_s - Dv;
-    } else {
-      l = keep * class_weight<A>(w, t) * ((M - static_cast<A>(x[base + t * st])) + log_s);
-      if constexpr (D) {
-        const A Dv = block_reduce(d, SumOp{});
-        l += add * (w ? *wsum : A(C)) * log_s - Dv;
-      }
-    }
+    A M, log_s;
+    const A l = ce_fwd_row<T, PROB, D>(x, static_cast<const T*>(target), w, wsum, r.base(), t, a, sm, M, log_s);
     if (threadIdx.x == 0) {
       loss[row] = l;
       stat_m[row] = M;
@@ -168,77 +204,83 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
   }
 }
 
-// The backward rows; x and dx may alias (ce_bwd_inplace_kernel): each element is read before it is written, by
-// the same thread. Inlined into the two kernels below, which differ only in the pointers' qualifiers.
+// One row's gradient from its per-row grad g and statistics m, ls (every thread of the block calls it); x and dx may
+// alias (ce_bwd_inplace_kernel): each element is read before it is written, by the same thread. Ignored and
+// out-of-range class indices get a zero row.
+template <typename T, bool PROB>
+__device__ __forceinline__ void ce_bwd_row(acc_t<T> g, acc_t<T> m, acc_t<T> ls, const T* x, const void* target,
+                                           const T* w, const acc_t<T>* wsum, T* dx, int64_t row, int64_t base,
+                                           const RowArgs& a, const Smoothing<acc_t<T>>& sm) {
+  using A = acc_t<T>;
+  constexpr int N = kVec<T>;
+  const int64_t C = a.classes, st = a.inner;
+  const A keep = sm.keep, add = sm.add;
+  const T* y = static_cast<const T*>(target);
+  // The gradient of class c from its logit v (and, PROB, its target probability yc).
+  A ga, gb = g * add, gt = 0, W = w ? *wsum : A(C);
+  int64_t t = -1;
+  if constexpr (PROB) {
+    A u = 0;
+    if (a.vec) {
+      for (int64_t s = threadIdx.x; s < C / N; s += kThreads) {
+        A yv[N];
+        widen(load_slot(y + base, s, C, true, T(0)), yv);
+#pragma unroll
+        for (int j = 0; j < N; ++j) u += (yv[j] * keep + add) * class_weight<A>(w, s * N + j);
+      }
+    } else {
+      for (int64_t c = threadIdx.x; c < C; c += kThreads)
+        u += (static_cast<A>(y[base + c * st]) * keep + add) * class_weight<A>(w, c);
+    }
+    ga = g * block_reduce(u, SumOp{});
+  } else {
+    t = static_cast<const int64_t*>(target)[row];
+    if (t == a.ignore_index || t < 0 || t >= C) {
+      if (a.vec) {
+        Vec<T, N> z;
+#pragma unroll
+        for (int j = 0; j < N; ++j) z.v[j] = T(0);
+        for (int64_t s = threadIdx.x; s < C / N; s += kThreads) store_slot(dx + base, s, C, true, z);
+      } else {
+        for (int64_t c = threadIdx.x; c < C; c += kThreads) dx[base + c * st] = T(0);
+      }
+      return;
+    }
+    const A wt = class_weight<A>(w, t);
+    ga = g * (keep * wt + add * W);
+    gt = g * keep * wt;
+  }
+  auto grad_of = [&](int64_t c, A v, A yc) -> A {
+    const A p = exp_((v - m) - ls), wc = class_weight<A>(w, c);
+    if constexpr (PROB) return ga * p - g * (yc * keep + add) * wc;
+    // The target's entry with p_t - 1 (exact near 1: a confident row gets 0, as in torch; see the CPU kernel).
+    return c == t ? gt * (p - A(1)) + gb * (W * p - wc) : ga * p - gb * wc;
+  };
+  if (a.vec) {
+#pragma unroll 2
+    for (int64_t s = threadIdx.x; s < C / N; s += kThreads) {
+      Vec<T, N> xv = load_slot(x + base, s, C, true, T(0)), yv;
+      if constexpr (PROB) yv = load_slot(y + base, s, C, true, T(0));
+#pragma unroll
+      for (int j = 0; j < N; ++j)
+        xv.v[j] = static_cast<T>(grad_of(s * N + j, static_cast<A>(xv.v[j]), PROB ? static_cast<A>(yv.v[j]) : A(0)));
+      store_slot(dx + base, s, C, true, xv);
+    }
+  } else {
+    for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+      const int64_t i = base + c * st;
+      dx[i] = static_cast<T>(grad_of(c, static_cast<A>(x[i]), PROB ? static_cast<A>(y[i]) : A(0)));
+    }
+  }
+}
+
 template <typename T, bool PROB>
 __device__ __forceinline__ void ce_bwd_rows_body(const acc_t<T>* grad, const T* x, const void* target, const T* w,
                                                  const acc_t<T>* wsum, const acc_t<T>* stat_m,
                                                  const acc_t<T>* stat_ls, T* dx, RowArgs a) {
-  using A = acc_t<T>;
-  constexpr int N = kVec<T>;
-  const int64_t C = a.classes, st = a.inner;
-  const A keep = A(1) - A(a.eps), add = A(a.eps) / A(C);
-  const T* y = static_cast<const T*>(target);
-  for (RowWalk r(a); r.row < a.rows; r.next()) {  // uniform over the block: barriers are safe
-    const int64_t row = r.row, base = r.base();
-    const A g = grad[row], m = stat_m[row], ls = stat_ls[row];
-    // The gradient of class c from its logit v (and, PROB, its target probability yc).
-    A ga, gb = g * add, gt = 0, W = w ? *wsum : A(C);
-    int64_t t = -1;
-    if constexpr (PROB) {
-      A u = 0;
-      if (a.vec) {
-        for (int64_t s = threadIdx.x; s < C / N; s += kThreads) {
-          A yv[N];
-          widen(load_slot(y + base, s, C, true, T(0)), yv);
-#pragma unroll
-          for (int j = 0; j < N; ++j) u += (yv[j] * keep + add) * class_weight<A>(w, s * N + j);
-        }
-      } else {
-        for (int64_t c = threadIdx.x; c < C; c += kThreads)
-          u += (static_cast<A>(y[base + c * st]) * keep + add) * class_weight<A>(w, c);
-      }
-      ga = g * block_reduce(u, SumOp{});
-    } else {
-      t = static_cast<const int64_t*>(target)[row];
-      if (t == a.ignore_index || t < 0 || t >= C) {
-        if (a.vec) {
-          Vec<T, N> z;
-#pragma unroll
-          for (int j = 0; j < N; ++j) z.v[j] = T(0);
-          for (int64_t s = threadIdx.x; s < C / N; s += kThreads) store_slot(dx + base, s, C, true, z);
-        } else {
-          for (int64_t c = threadIdx.x; c < C; c += kThreads) dx[base + c * st] = T(0);
-        }
-        continue;
-      }
-      const A wt = class_weight<A>(w, t);
-      ga = g * (keep * wt + add * W);
-      gt = g * keep * wt;
-    }
-    auto grad_of = [&](int64_t c, A v, A yc) -> A {
-      const A p = exp_((v - m) - ls), wc = class_weight<A>(w, c);
-      if constexpr (PROB) return ga * p - g * (yc * keep + add) * wc;
-      // The target's entry with p_t - 1 (exact near 1: a confident row gets 0, as in torch; see the CPU kernel).
-      return c == t ? gt * (p - A(1)) + gb * (W * p - wc) : ga * p - gb * wc;
-    };
-    if (a.vec) {
-#pragma unroll 2
-      for (int64_t s = threadIdx.x; s < C / N; s += kThreads) {
-        Vec<T, N> xv = load_slot(x + base, s, C, true, T(0)), yv;
-        if constexpr (PROB) yv = load_slot(y + base, s, C, true, T(0));
-#pragma unroll
-        for (int j = 0; j < N; ++j)
-          xv.v[j] = static_cast<T>(grad_of(s * N + j, static_cast<A>(xv.v[j]), PROB ? static_cast<A>(yv.v[j]) : A(0)));
-        store_slot(dx + base, s, C, true, xv);
-      }
-    } else {
-      for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-        const int64_t i = base + c * st;
-        dx[i] = static_cast<T>(grad_of(c, static_cast<A>(x[i]), PROB ? static_cast<A>(y[i]) : A(0)));
-      }
-    }
-  }
+  const Smoothing<acc_t<T>> sm(a);
+  for (RowWalk r(a); r.row < a.rows; r.next())  // uniform over the block: barriers are safe
+    ce_bwd_row<T, PROB>(grad[r.row], stat_m[r.row], stat_ls[r.row], x, target, w, wsum, dx, r.row, r.base(), a, sm);
 }
 
 template <typename T, bool PROB>
@@ -259,6 +301,34 @@ __global__ void __launch_bounds__(kThreads) ce_bwd_inplace_kernel(const acc_t<T>
                                                                   const acc_t<T>* __restrict__ stat_m,
                                                                   const acc_t<T>* __restrict__ stat_ls, RowArgs a) {
   ce_bwd_rows_body<T, PROB>(grad, x_dx, target, w, wsum, stat_m, stat_ls, x_dx, a);
+}
+
+// Forward and backward of each row in one block visit (cross_entropy_fwd_grad): the row's second read, for its
+// gradient, comes from L2 rather than memory. grad: the per-row grad of the loss (a scalar reduction's). One block
+// an SM at least: the two passes' code together needs up to 128 registers.
+template <typename T, bool PROB, bool D>
+__global__ void __launch_bounds__(kThreads, 1) ce_fwd_grad_kernel(const acc_t<T>* __restrict__ grad,
+                                                               const T* __restrict__ x,
+                                                               const void* __restrict__ target,
+                                                               const T* __restrict__ w,
+                                                               const acc_t<T>* __restrict__ wsum,
+                                                               acc_t<T>* __restrict__ loss, T* __restrict__ dx,
+                                                               int64_t* __restrict__ flag, RowArgs a) {
+  using A = acc_t<T>;
+  const Smoothing<A> sm(a);
+  for (RowWalk r(a); r.row < a.rows; r.next()) {  // uniform over the block: barriers are safe
+    const int64_t row = r.row, base = r.base();
+    int64_t t = 0;
+    A M = 0, log_s = 0, l;
+    if constexpr (!PROB) t = checked_target(static_cast<const int64_t*>(target), row, a, flag);
+    if (t < 0) {  // ce_bwd_row writes its zero gradient
+      l = t == -1 ? A(0) : A(NAN);
+    } else {
+      l = ce_fwd_row<T, PROB, D>(x, static_cast<const T*>(target), w, wsum, base, t, a, sm, M, log_s);
+    }
+    if (threadIdx.x == 0) loss[row] = l;
+    ce_bwd_row<T, PROB>(grad[row], M, log_s, x, target, w, wsum, dx, row, base, a, sm);
+  }
 }
 
 // The class weights as the kernels read them: contiguous, with their sum on the device (no sync); null pointers
@@ -396,9 +466,44 @@ void cross_entropy_bwd_inplace_cuda(const at::Tensor& grad_loss, const at::Tenso
   ce_bwd_rows(grad_loss, input, target.contiguous(), weight, stats, g, ignore_index, label_smoothing, dx);
 }
 
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_grad_cuda(const at::Tensor& input, const at::Tensor& target,
+                                                               const std::optional<at::Tensor>& weight,
+                                                               const at::Tensor& grad_loss, int64_t ignore_index,
+                                                               double label_smoothing) {
+  bool prob = false;
+  const CeGeometry g = check_ce_args(input, target, weight, label_smoothing, prob);
+  check_ce_grad_loss(grad_loss, g, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = input.contiguous(), t = target.contiguous(), gl = grad_loss.contiguous();
+  at::Tensor loss = std::get<0>(ce_fwd_outputs(x, g));
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  if (g.rows() == 0) return {loss, dx};
+  at::Tensor flag = new_flag(x);
+  const DeviceWeights dw(weight, x.scalar_type());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_fwd_grad_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    const RowArgs a = row_args<scalar_t>(g, ignore_index, label_smoothing,
+                                         {x.const_data_ptr(), dx.const_data_ptr(), prob ? t.const_data_ptr() : nullptr});
+    auto go = [&](auto kernel) {
+      kernel<<<grid_for(g.rows()), kThreads, 0, stream>>>(gl.const_data_ptr<A>(), x.const_data_ptr<scalar_t>(),
+                                                          t.const_data_ptr(), dw.data<scalar_t>(), dw.sum_data<A>(),
+                                                          loss.mutable_data_ptr<A>(), dx.mutable_data_ptr<scalar_t>(),
+                                                          flag.mutable_data_ptr<int64_t>(), a);
+    };
+    if (prob) go(ce_fwd_grad_kernel<scalar_t, true, true>);
+    else if (label_smoothing > 0) go(ce_fwd_grad_kernel<scalar_t, false, true>);
+    else go(ce_fwd_grad_kernel<scalar_t, false, false>);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (!prob) report_bad_target(flag, g.classes, ignore_index);
+  return {loss, dx};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastnn, CUDA, m) {
+  m.impl("cross_entropy_fwd_grad", &cross_entropy_fwd_grad_cuda);
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
   m.impl("cross_entropy_bwd_inplace", &cross_entropy_bwd_inplace_cuda);

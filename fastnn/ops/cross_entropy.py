@@ -5,8 +5,15 @@ The ops return the unreduced per-row loss and, as "stats", the per-row statistic
 log of its sum of exp(x - max) (stat_plane in csrc/cross_entropy.h says why not their sum), both float32 (float64
 for float64 input); the reduction is done here, in a few O(rows) torch ops that autograd differentiates. The
 backward saves only the logits plus those statistics, and recomputes the softmax.
+
+With ``grad_in_forward`` and a scalar reduction of class-index targets, ``fastnn::cross_entropy_fwd_grad`` (and its
+``_triton`` twin) runs instead: the reduction's gradient of each row's loss is known in the forward (1, or 1 / the
+mean's denominator), so each row's gradient is written right after its loss, while the row is still in cache, and
+the backward only scales it by the upstream gradient (``_GradInForward``).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -16,6 +23,8 @@ from ..backend import resolve
 from .registry import Triton, register_op
 
 _FORWARD = {"native": torch.ops.fastnn.cross_entropy_fwd, "triton": torch.ops.fastnn.cross_entropy_fwd_triton}
+_FORWARD_GRAD = {"native": torch.ops.fastnn.cross_entropy_fwd_grad,
+                 "triton": torch.ops.fastnn.cross_entropy_fwd_grad_triton}
 # The in-place backward of each backward op (inplace_backward=True).
 _INPLACE = {torch.ops.fastnn.cross_entropy_bwd: torch.ops.fastnn.cross_entropy_bwd_inplace,
             torch.ops.fastnn.cross_entropy_bwd_triton: torch.ops.fastnn.cross_entropy_bwd_inplace_triton}
@@ -86,10 +95,14 @@ def mean_denominator(target, weight, ignore_index, acc):
 
 
 def cross_entropy(input, target, weight=None, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0, inplace_backward: bool = False, backend: str | None = None):
+                  label_smoothing: float = 0.0, inplace_backward: bool = False, backend: str | None = None,
+                  grad_in_forward: bool = False):
     """Fused softmax cross-entropy with ``torch.nn.functional.cross_entropy`` semantics (see fastnn.functional)."""
     fn = "cross_entropy"
     check_tensor(input, "input", fn=fn)
+    for name, flag in (("inplace_backward", inplace_backward), ("grad_in_forward", grad_in_forward)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{fn}: {name} must be a bool, got {type(flag).__name__}")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
     if input.dim() == 0:
@@ -120,10 +133,34 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
         return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
     x = input.unsqueeze(0) if unbatched else input
     t = target.unsqueeze(0) if unbatched else target
+    if grad_in_forward and reduction != "none" and not prob and torch.is_grad_enabled() and input.requires_grad:
+        return _GradInForward.apply(x.contiguous(), t.contiguous(), weight, ignore_index, float(label_smoothing),
+                                    reduction, b)
     loss, _ = _FORWARD[b](x.contiguous(), t.contiguous(), weight, ignore_index, float(label_smoothing),
-                                     bool(inplace_backward))
+                          bool(inplace_backward))
     out = reduce_loss(loss, t, weight, ignore_index, reduction, prob, input.dtype)
     return out.squeeze(0) if unbatched and reduction == "none" else out
+
+
+class _GradInForward(torch.autograd.Function):
+    """The scalar loss ("mean" or "sum") of class-index targets, whose gradient the forward computes
+    (``fastnn::cross_entropy_fwd_grad``) for the reduction's own per-row gradient and the backward scales by the
+    upstream one. The gradient (input's size) lives from the forward to the backward in place of the logits."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, ignore_index, label_smoothing, reduction, backend):
+        acc = acc_dtype(x.dtype)
+        rows = torch.ones(target.shape, dtype=acc, device=x.device)
+        if reduction == "mean":
+            rows = rows / mean_denominator(target, weight, ignore_index, acc)
+        loss, grad = _FORWARD_GRAD[backend](x, target, weight, rows, ignore_index, label_smoothing)
+        ctx.save_for_backward(grad)
+        return reduce_loss(loss, target, weight, ignore_index, reduction, False, x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        grad, = ctx.saved_tensors
+        return grad * g, None, None, None, None, None, None  # g is 0-d: the product keeps grad's dtype
 
 
 def _fake_fwd(input, target, weight, ignore_index, label_smoothing, inplace_backward):
@@ -199,3 +236,24 @@ for _inplace in _INPLACE.values():
     torch.library.register_fake(_inplace.default)(lambda *args: None)
 torch.library.register_kernel(torch.ops.fastnn.cross_entropy_bwd_inplace_triton.default, ("cpu", "cuda"),
                               _triton_bwd_inplace)
+
+
+def _fake_fwd_grad(input, target, weight, grad_loss, ignore_index, label_smoothing):
+    return _fake_fwd(input, target, weight, ignore_index, label_smoothing, False)[0], input.new_empty(input.shape)
+
+
+def _triton_fwd_grad(input, target, weight, grad_loss, ignore_index, label_smoothing):
+    from ..kernels.cross_entropy import cross_entropy_forward_grad
+
+    acc = acc_dtype(input.dtype)
+    rows = math.prod(input.shape[:1] + input.shape[2:])
+    if grad_loss.numel() != rows or grad_loss.dtype != acc:  # the native op's check
+        raise ValueError(f"cross_entropy: grad_loss must have one value per row ({rows}) in {acc}, got "
+                         f"{grad_loss.numel()} of {grad_loss.dtype}")
+    return cross_entropy_forward_grad(input, target, weight, grad_loss, ignore_index, label_smoothing)
+
+
+for _op in _FORWARD_GRAD.values():
+    torch.library.register_fake(_op.default)(_fake_fwd_grad)
+torch.library.register_kernel(torch.ops.fastnn.cross_entropy_fwd_grad_triton.default, ("cpu", "cuda"),
+                              _triton_fwd_grad)
