@@ -97,8 +97,11 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
             loss while the row is still in cache (as Liger-Kernel's cross-entropy), and the backward scales it by
             the upstream gradient: the logits are read from memory once instead of twice. The gradient (input's
             size) is held from the forward to the backward instead of the logits; ``inplace_backward`` has no
-            effect then. In float16 / bfloat16 an upstream gradient other than 1 rounds the stored gradient once
-            more (the default path rounds once). Elsewhere it changes nothing.
+            effect then. The backward hands that gradient out as it is for an upstream gradient of 1 (reading
+            it: a device sync on CUDA), else scales it in place; so it serves one backward, and a second one
+            through the same loss (``retain_graph=True``) raises a RuntimeError. In float16 / bfloat16 an upstream
+            gradient other than 1 rounds the stored gradient once more (the default path rounds once). Elsewhere
+            it changes nothing.
     Returns:
         The loss: a scalar, or (N, d1, ...) for "none", in ``input``'s dtype.
     Raises:

@@ -252,6 +252,19 @@ def test_grad_in_forward_torch_compile_fullgraph(device, backend):
     torch.testing.assert_close(dx, dx_eager)
 
 
+def test_grad_in_forward_serves_one_backward():
+    # The stored gradient is handed out (upstream 1) or scaled in place: a second backward raises, not returns it
+    # scaled twice; an upstream gradient of 1 returns the stored tensor itself (no copy).
+    x = torch.randn(5, 9, requires_grad=True)
+    t = torch.randint(0, 9, (5,))
+    loss = F.cross_entropy(x, t, grad_in_forward=True)
+    (g1,) = torch.autograd.grad(loss * 3.0, x, retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        torch.autograd.grad(loss, x)
+    (want,) = torch.autograd.grad(3.0 * F.cross_entropy(x, t), x)
+    torch.testing.assert_close(g1, want)
+
+
 def test_grad_in_forward_module_flag():
     m = fastnn.nn.CrossEntropyLoss(label_smoothing=0.1, grad_in_forward=True)
     assert m.grad_in_forward and not fastnn.nn.CrossEntropyLoss().grad_in_forward

@@ -145,7 +145,12 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
 class _GradInForward(torch.autograd.Function):
     """The scalar loss ("mean" or "sum") of class-index targets, whose gradient the forward computes
     (``fastnn::cross_entropy_fwd_grad``) for the reduction's own per-row gradient and the backward scales by the
-    upstream one. The gradient (input's size) lives from the forward to the backward in place of the logits."""
+    upstream one. The gradient (input's size) lives from the forward to the backward in place of the logits.
+
+    The backward hands the stored gradient out as it is when the upstream gradient is 1 (``loss.backward()``: one
+    read of g, a device sync on CUDA, as Liger-Kernel's), else scales it in place: either way no second (N, C)
+    tensor and no extra pass over one in the common case. So the stored gradient serves one backward; a second
+    one (``retain_graph=True``) raises instead of returning a gradient scaled twice."""
 
     @staticmethod
     def forward(ctx, x, target, weight, ignore_index, label_smoothing, reduction, backend):
@@ -155,12 +160,22 @@ class _GradInForward(torch.autograd.Function):
             rows = rows / mean_denominator(target, weight, ignore_index, acc)
         loss, grad = _FORWARD_GRAD[backend](x, target, weight, rows, ignore_index, label_smoothing)
         ctx.save_for_backward(grad)
+        ctx.used = False
         return reduce_loss(loss, target, weight, ignore_index, reduction, False, x.dtype)
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.used:
+            raise RuntimeError("cross_entropy(grad_in_forward=True): the gradient made in the forward was handed "
+                               "out by the first backward; for a second backward through the same loss "
+                               "(retain_graph=True) use grad_in_forward=False")
+        ctx.used = True
         grad, = ctx.saved_tensors
-        return grad * g, None, None, None, None, None, None  # g is 0-d: the product keeps grad's dtype
+        if torch.compiler.is_compiling():  # traced: no data-dependent branch, and the compiler plans the buffers
+            return grad * g, None, None, None, None, None, None
+        if g.item() != 1.0:
+            grad.mul_(g)  # g is 0-d: the product keeps grad's dtype
+        return grad, None, None, None, None, None, None
 
 
 def _fake_fwd(input, target, weight, ignore_index, label_smoothing, inplace_backward):
