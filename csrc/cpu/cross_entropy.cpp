@@ -19,6 +19,9 @@ struct CeCall {
   CeGeometry g;
   bool prob;
   at::Tensor x, t;
+  // The target as the rows take it: class indices, or probabilities of x's dtype T (the other one null).
+  const int64_t* indices() const { return prob ? nullptr : t.const_data_ptr<int64_t>(); }
+  template <typename T> const T* probabilities() const { return prob ? t.const_data_ptr<T>() : nullptr; }
 };
 
 CeCall prepare(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
@@ -42,9 +45,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& input
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.x.scalar_type(), "cross_entropy_fwd_cpu", [&] {
     using A = acc_t<scalar_t>;
     const Weights<scalar_t, A> w(weight, label_smoothing, c.g.classes);
-    ce_fwd_rows<scalar_t>(c.g, c.x.const_data_ptr<scalar_t>(), c.prob ? nullptr : c.t.const_data_ptr<int64_t>(),
-                          c.prob ? c.t.const_data_ptr<scalar_t>() : nullptr, w.p, ignore_index,
-                          loss.mutable_data_ptr<A>(), stat_plane<A>(stats, 0), stat_plane<A>(stats, 1));
+    ce_fwd_rows<scalar_t>(c.g, c.x.const_data_ptr<scalar_t>(), c.indices(), c.probabilities<scalar_t>(), w.p,
+                          ignore_index, loss.mutable_data_ptr<A>(), stat_plane<A>(stats, 0), stat_plane<A>(stats, 1));
   });
   return {loss, stats};
 }
@@ -58,10 +60,9 @@ void cross_entropy_bwd_into(const at::Tensor& grad_loss, const CeCall& c, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.x.scalar_type(), "cross_entropy_bwd_cpu", [&] {
     using A = acc_t<scalar_t>;
     const Weights<scalar_t, A> w(weight, label_smoothing, c.g.classes);
-    ce_bwd_rows<scalar_t>(c.g, gl.const_data_ptr<A>(), c.x.const_data_ptr<scalar_t>(),
-                          c.prob ? nullptr : c.t.const_data_ptr<int64_t>(),
-                          c.prob ? c.t.const_data_ptr<scalar_t>() : nullptr, w.p, ignore_index,
-                          stat_plane<const A>(st, 0), stat_plane<const A>(st, 1), out.mutable_data_ptr<scalar_t>());
+    ce_bwd_rows<scalar_t>(c.g, gl.const_data_ptr<A>(), c.x.const_data_ptr<scalar_t>(), c.indices(),
+                          c.probabilities<scalar_t>(), w.p, ignore_index, stat_plane<const A>(st, 0),
+                          stat_plane<const A>(st, 1), out.mutable_data_ptr<scalar_t>());
   });
 }
 
@@ -96,10 +97,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_grad_cpu(const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.x.scalar_type(), "cross_entropy_fwd_grad_cpu", [&] {
     using A = acc_t<scalar_t>;
     const Weights<scalar_t, A> w(weight, label_smoothing, c.g.classes);
-    ce_fwd_grad_rows<scalar_t>(c.g, gl.const_data_ptr<A>(), c.x.const_data_ptr<scalar_t>(),
-                               c.prob ? nullptr : c.t.const_data_ptr<int64_t>(),
-                               c.prob ? c.t.const_data_ptr<scalar_t>() : nullptr, w.p, ignore_index,
-                               loss.mutable_data_ptr<A>(), dx.mutable_data_ptr<scalar_t>());
+    ce_fwd_grad_rows<scalar_t>(c.g, gl.const_data_ptr<A>(), c.x.const_data_ptr<scalar_t>(), c.indices(),
+                               c.probabilities<scalar_t>(), w.p, ignore_index, loss.mutable_data_ptr<A>(),
+                               dx.mutable_data_ptr<scalar_t>());
   });
   return {loss, dx};
 }
