@@ -25,18 +25,30 @@ def implementations(b: Bench) -> dict:
         impls["torch-compile"] = torch.compile(TF.cross_entropy, dynamic=False)
     impls["fastnn-native"] = lambda x, t: F.cross_entropy(x, t, backend="native")
     impls["fastnn-native-inplace"] = lambda x, t: F.cross_entropy(x, t, inplace_backward=True, backend="native")
+    impls["fastnn-native-grad-in-fwd"] = lambda x, t: F.cross_entropy(x, t, grad_in_forward=True, backend="native")
     if b.device == "cuda":
         impls["fastnn-triton"] = lambda x, t: F.cross_entropy(x, t, backend="triton")
         impls["fastnn-triton-inplace"] = lambda x, t: F.cross_entropy(x, t, inplace_backward=True, backend="triton")
+        impls["fastnn-triton-grad-in-fwd"] = lambda x, t: F.cross_entropy(x, t, grad_in_forward=True,
+                                                                          backend="triton")
     return impls
+
+
+# Variants whose forward alone is their plain twin's (timed in fwd+bwd only).
+FWD_BWD_ONLY = ("-inplace", "-grad-in-fwd")
 
 
 def validate(impls: dict, device: str) -> None:
     x = 3 * torch.randn(37, 1025, device=device)
     t = torch.randint(0, 1025, (37,), device=device)
-    ref = fastnn.reference.cross_entropy(x.double(), t)
+    xr = x.double().requires_grad_()
+    ref = fastnn.reference.cross_entropy(xr, t)
+    (ref_dx,) = torch.autograd.grad(ref, xr)
     for name, f in impls.items():
-        err = abs(f(x.clone(), t).item() - ref.item())
+        xg = x.clone().requires_grad_()
+        out = f(xg * 1, t)  # a non-leaf, as the in-place variants need
+        (dx,) = torch.autograd.grad(out, xg)
+        err = max(abs(out.item() - ref.item()), (dx.double() - ref_dx).abs().max().item())
         assert err < 1e-4, f"{name} disagrees with the reference: error {err}"
 
 
@@ -45,8 +57,8 @@ def run_case(b: Bench, impls: dict, N: int, C: int, tag: str) -> None:
     t = torch.randint(0, C, (N,), device=b.device)
     case = f"N={N},C={C}"
     nbytes = x.numel() * x.element_size()
-    # fwd reads the logits (the in-place variants have the same forward as their out-of-place twins)
-    b.compare(case=case, fns={name: forward(f, x, t) for name, f in impls.items() if not name.endswith("-inplace")},
+    # fwd reads the logits (the in-place and grad-in-forward variants' forward alone is their plain twins')
+    b.compare(case=case, fns={name: forward(f, x, t) for name, f in impls.items() if not name.endswith(FWD_BWD_ONLY)},
               like=x, bytes=nbytes, series=f"CE fwd {tag}", x=C)
     # + bwd reads them again and writes their gradient
     b.compare(case=case, fns={name: forward_backward(f, x, t) for name, f in impls.items()}, like=x,
