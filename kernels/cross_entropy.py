@@ -221,6 +221,17 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _launch(x, target, weight, label_smoothing: float, inner: int, n_cols: int, forward: bool):
+    """What a row kernel's launch takes besides the tensors: the weights, their sum, eps and the constants
+    (SMOOTH for the kernels that take the forward's path)."""
+    prob = target.is_floating_point()
+    w, wsum, has_w = _weights(weight, x)
+    cfg = dict(PROB=prob, HAS_W=has_w, LASTDIM=inner == 1, **_config(n_cols, x.dtype))
+    if forward:
+        cfg["SMOOTH"] = label_smoothing > 0 and not prob
+    return w, wsum, _eps(label_smoothing, x), cfg
+
+
 def forward_into(x, target, weight, ignore_index: int, label_smoothing: float, loss, stats) -> None:
     """Launcher. x (N, C, d...) contiguous; target int64 (N, d...) or probabilities like x; writes the
     contiguous per-row loss and the (2, rows) statistics stats (each plane contiguous), in the accumulation dtype.
@@ -228,23 +239,19 @@ def forward_into(x, target, weight, ignore_index: int, label_smoothing: float, l
     n_cols, inner, rows = _geometry(x)
     if rows == 0:
         return
-    prob = target.is_floating_point()
-    w, wsum, has_w = _weights(weight, x)
-    flag = torch.zeros(2, dtype=torch.int64, device=x.device)
-    eps, N = _eps(label_smoothing, x), x.shape[0]
-    cfg = dict(PROB=prob, HAS_W=has_w, SMOOTH=label_smoothing > 0 and not prob, LASTDIM=inner == 1,
-               **_config(n_cols, x.dtype))
+    w, wsum, eps, cfg = _launch(x, target, weight, label_smoothing, inner, n_cols, forward=True)
+    flag, N = torch.zeros(2, dtype=torch.int64, device=x.device), x.shape[0]
     xo, to, lo, so = x.view(N, -1), target.view(N, -1), loss.view(N, -1), stats.view(2, N, -1)
     for o0, o1 in outer_chunks(N, inner):
         ce_fwd_kernel[((o1 - o0) * inner,)](xo[o0:o1], to[o0:o1], w, wsum, lo[o0:o1], so[:, o0:o1],
                                             so.stride(0), flag, n_cols, inner, ignore_index, eps, **cfg)
-    if not prob:
-        report_bad_target(flag, n_cols, ignore_index)
+    report_bad_target(flag, target, n_cols, ignore_index)
 
 
-def report_bad_target(flag, n_cols: int, ignore_index: int) -> None:
-    """The IndexError for an out-of-range class index that a kernel recorded in flag (one device sync)."""
-    if flag[0].item():
+def report_bad_target(flag, target, n_cols: int, ignore_index: int) -> None:
+    """The IndexError for an out-of-range class index that a kernel recorded in flag (one device sync; none for
+    probability targets)."""
+    if not target.is_floating_point() and flag[0].item():
         raise IndexError(f"cross_entropy: target {int(flag[1])} is out of bounds: expected a class index in "
                          f"[0, {n_cols - 1}] or ignore_index ({ignore_index})")
 
@@ -254,12 +261,11 @@ def backward_into(grad_loss, x, target, weight, stats, ignore_index: int, label_
     n_cols, inner, rows = _geometry(x)
     if rows == 0 or n_cols == 0:
         return
-    w, wsum, has_w = _weights(weight, x)
+    w, wsum, eps, cfg = _launch(x, target, weight, label_smoothing, inner, n_cols, forward=False)
     stats = stats.reshape(2, rows)
     if stats.stride(1) != 1:  # the kernel reads each plane as contiguous
         stats = stats.contiguous()
-    eps, N = _eps(label_smoothing, x), x.shape[0]
-    cfg = dict(PROB=target.is_floating_point(), HAS_W=has_w, LASTDIM=inner == 1, **_config(n_cols, x.dtype))
+    N = x.shape[0]
     go, xo, to, so, do = (grad_loss.contiguous().view(N, -1), x.view(N, -1), target.view(N, -1),
                           stats.view(2, N, -1), dx.view(N, -1))
     for o0, o1 in outer_chunks(N, inner):
@@ -276,12 +282,8 @@ def cross_entropy_forward_grad(x, target, weight, grad_loss, ignore_index, label
     dx = torch.empty_like(x)
     if rows == 0:
         return loss, dx
-    prob = target.is_floating_point()
-    w, wsum, has_w = _weights(weight, x)
-    flag = torch.zeros(2, dtype=torch.int64, device=x.device)
-    eps, N = _eps(label_smoothing, x), x.shape[0]
-    cfg = dict(PROB=prob, HAS_W=has_w, SMOOTH=label_smoothing > 0 and not prob, LASTDIM=inner == 1,
-               **_config(n_cols, x.dtype))
+    w, wsum, eps, cfg = _launch(x, target, weight, label_smoothing, inner, n_cols, forward=True)
+    flag, N = torch.zeros(2, dtype=torch.int64, device=x.device), x.shape[0]
     # Half the forward's warps: the two passes together need more registers than 16 warps leave a thread.
     cfg["num_warps"] = max(1, cfg["num_warps"] // 2)
     go, xo, to, lo, do = (grad_loss.contiguous().view(N, -1), x.view(N, -1), target.view(N, -1), loss.view(N, -1),
@@ -289,8 +291,7 @@ def cross_entropy_forward_grad(x, target, weight, grad_loss, ignore_index, label
     for o0, o1 in outer_chunks(N, inner):
         ce_fwd_grad_kernel[((o1 - o0) * inner,)](go[o0:o1], xo[o0:o1], to[o0:o1], w, wsum, lo[o0:o1], do[o0:o1],
                                                  flag, n_cols, inner, ignore_index, eps, **cfg)
-    if not prob:
-        report_bad_target(flag, n_cols, ignore_index)
+    report_bad_target(flag, target, n_cols, ignore_index)
     return loss, dx
 
 

@@ -614,10 +614,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cuda(
   const at::Tensor c0 = c0_.contiguous(), cs = cs_.contiguous(), act = act_.contiguous();
   const at::Tensor len = device_lengths(geo, len_host, act.device());
   at::Tensor dgx = at::empty({T, B, 4 * H}, act.options());
-  at::Tensor dh = at::zeros({B, H}, act.options()), dc = at::zeros({B, H}, act.options());
-  if (T * B * H == 0) return {dgx.zero_(), dh, dc};
+  at::Tensor dh = at::empty({B, H}, act.options()), dc = at::empty({B, H}, act.options());
+  if (T * B * H == 0) return {dgx.zero_(), dh.zero_(), dc.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "lstm_layer_bwd_cuda", [&] {
     if (layer_bwd_persistent<scalar_t>(w_hh, dhs, dcs, c0, cs, act, dgx, dh, dc, len, T, B, H, reverse)) return;
+    dh.zero_();  // the running gradients start at 0 (the persistent kernel writes both whole)
+    dc.zero_();
     at::Tensor pass = geo.len ? at::zeros({B, H}, act.options()) : at::Tensor();
     for (int64_t s = T - 1; s >= 0; --s) {
       const int64_t t = reverse ? T - 1 - s : s, tp = reverse ? t + 1 : t - 1;

@@ -94,6 +94,13 @@ def mean_denominator(target, weight, ignore_index, acc):
     return torch.where(valid, w[target.clamp(0, w.shape[0] - 1)], 0).sum()
 
 
+def reduction_row_grads(target, weight, ignore_index, reduction, acc, device):
+    """The gradient of a "sum" or "mean" reduction with respect to each row's loss, target's shape, in dtype acc:
+    1, or 1 / the mean's denominator (what the grad_in_forward ops take as grad_loss)."""
+    rows = torch.ones(target.shape, dtype=acc, device=device)
+    return rows / mean_denominator(target, weight, ignore_index, acc) if reduction == "mean" else rows
+
+
 def cross_entropy(input, target, weight=None, ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, inplace_backward: bool = False, backend: str | None = None,
                   grad_in_forward: bool = False):
@@ -154,10 +161,7 @@ class _GradInForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, target, weight, ignore_index, label_smoothing, reduction, backend):
-        acc = acc_dtype(x.dtype)
-        rows = torch.ones(target.shape, dtype=acc, device=x.device)
-        if reduction == "mean":
-            rows = rows / mean_denominator(target, weight, ignore_index, acc)
+        rows = reduction_row_grads(target, weight, ignore_index, reduction, acc_dtype(x.dtype), x.device)
         loss, grad = _FORWARD_GRAD[backend](x, target, weight, rows, ignore_index, label_smoothing)
         ctx.save_for_backward(grad)
         ctx.used = False

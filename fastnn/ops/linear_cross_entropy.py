@@ -25,8 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from .. import reference
 from .._validation import check_same_device, check_tensor
 from ..backend import resolve
-from .cross_entropy import (acc_dtype, check_index_target, check_loss_options, cross_entropy, mean_denominator,
-                            reduce_loss)
+from .cross_entropy import (acc_dtype, check_index_target, check_loss_options, cross_entropy, reduce_loss,
+                            reduction_row_grads)
 from .registry import Triton, register_op
 
 _FORWARD = {"native": torch.ops.fastnn.linear_cross_entropy_fwd,
@@ -148,10 +148,7 @@ class _GradInForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bias, target, class_weight, ignore_index, label_smoothing, chunk, reduction, backend,
                 wanted):
-        acc = acc_dtype(x.dtype)
-        rows = torch.ones(x.shape[0], dtype=acc, device=x.device)
-        if reduction == "mean":
-            rows = rows / mean_denominator(target, class_weight, ignore_index, acc)
+        rows = reduction_row_grads(target, class_weight, ignore_index, reduction, acc_dtype(x.dtype), x.device)
         loss, gi, gw, gb = _FORWARD_GRAD[backend](x, w, bias, target, class_weight, rows, ignore_index,
                                                   label_smoothing, chunk, list(wanted))
         ctx.save_for_backward(gi, gw, gb)
