@@ -94,18 +94,18 @@ def flash_delta_bound(name: str, q, k, v, grad_out, dtype, scale: float, attn_ma
     return 2 * abs(scale) * (grow.nan_to_num(0.0, 0.0, 0.0).max().item() if grow.numel() else 0.0)
 
 
-def run_cuda_emulator(runner: str) -> str:
-    """Runs ``tools/cuda_emu/<runner>.py --quick`` (CUDA kernels' own source on the CPU; skips without g++) and
-    returns its output, after checking that it succeeded."""
+def run_cuda_emulator(runner: str, *args: str, timeout: int = 900) -> str:
+    """Runs ``tools/cuda_emu/<runner>.py`` with ``args`` (default ``--quick``; CUDA kernels' own source on the CPU;
+    skips without g++) and returns its output, after checking that it succeeded."""
     import os
     import shutil
     import subprocess
     import sys
 
-    if shutil.which("g++") is None:
-        pytest.skip("no g++ to build the emulator")
+    if shutil.which("g++") is None or shutil.which("nm") is None:
+        pytest.skip("no g++ / nm to build the emulator")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.join(root, "tools", "cuda_emu", f"{runner}.py"), "--quick"],
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "cuda_emu", f"{runner}.py"), *(args or ("--quick",))],
+                       capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     return r.stdout

@@ -1,8 +1,10 @@
-// Host emulation of the CUDA primitives fastnn's tensor-core kernels use (tools/cuda_emu: attention.py, lstm.py):
-// one std::thread per CUDA thread, std::barrier for __syncthreads, for the warp-collective operations (shfl,
-// ldmatrix, mma.m16n8k16 with the fragment layouts of the PTX ISA) and for a cooperative grid's grid.sync(),
-// cp.async landing at issue or at cp.async.wait_group. It checks index arithmetic, fragment layouts, masking and pipelining (with ThreadSanitizer:
-// shared-memory races) on a machine without a GPU; not timing, not the hardware's rounding order.
+// Host emulation of the CUDA primitives fastnn's kernels use (tools/cuda_emu: attention.py and lstm.py run single
+// kernels; library.py compiles whole .cu files against it through shim/): one std::thread per CUDA thread,
+// std::barrier for __syncthreads, for the warp-collective operations (shuffles, ldmatrix, mma.m16n8k16 with the
+// fragment layouts of the PTX ISA) and for a cooperative grid's grid.sync(), cp.async landing at issue or at
+// cp.async.wait_group. Launches check the device's limits and abort on a hang. It checks index arithmetic,
+// fragment layouts, masking and pipelining (with ThreadSanitizer: shared-memory races) on a machine without a
+// GPU; not timing, not the hardware's rounding order.
 #pragma once
 #include <atomic>
 #include <barrier>
@@ -18,6 +20,7 @@
 #include <type_traits>
 #include <vector>
 #include <algorithm>
+#include <chrono>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -34,20 +37,36 @@ using std::max;
 using std::min;
 
 struct uint4 { uint32_t x, y, z, w; };
-struct Dim3e { unsigned x = 0, y = 0, z = 0; };
-inline thread_local Dim3e threadIdx, blockIdx;
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using Dim3e = dim3;
+inline thread_local dim3 threadIdx{0, 0, 0}, blockIdx{0, 0, 0}, blockDim, gridDim;
 
+[[noreturn]] inline void emu_fail(const char* what) {
+  fprintf(stderr, "cuda_emu: %s\n", what);
+  fflush(stderr);
+  std::abort();
+}
+
+// A warp: `size` lanes (32, or fewer in a block's last warp when blockDim is not a multiple of 32).
 struct WarpX {
-  std::barrier<> bar{32};
+  int size;
+  std::barrier<> bar;
   const void* addr[32];
   uint32_t a[32][4], b0[32], b1[32];
   float f[32];
+  uint64_t u[32];
+  explicit WarpX(int n = 32) : size(n), bar(n) {}
 };
 struct BlockX {
   std::barrier<> bar;
-  std::vector<WarpX*> warps;
+  std::deque<WarpX> warps;
   unsigned char* smem;
-  explicit BlockX(int n) : bar(n) {}
+  explicit BlockX(int n) : bar(n) {
+    for (int w = 0; w < n; w += 32) warps.emplace_back(std::min(32, n - w));
+  }
 };
 inline thread_local BlockX* tl_block;
 // The grid of a cooperative launch: every block runs at once, grid.sync() waits for all of their threads.
@@ -63,19 +82,36 @@ struct grid_group {
 inline grid_group this_grid() { return {}; }
 }  // namespace cooperative_groups
 inline thread_local WarpX* tl_warp;
+inline thread_local int tl_lane;
 inline void __syncthreads() { tl_block->bar.arrive_and_wait(); }
-inline int lane_id() { return threadIdx.x % 32; }
+inline int lane_id() { return tl_lane; }
 
-inline float __shfl_xor_sync(unsigned, float v, int o) {
+// Every lane of the warp puts v, then reads lane src(l) (its own value where src returns -1).
+template <typename V, typename Src> inline V warp_exchange(V v, Src src) {
+  static_assert(sizeof(V) <= 8 && std::is_trivially_copyable_v<V>);
   WarpX* w = tl_warp;
   const int l = lane_id();
-  w->f[l] = v;
+  std::memcpy(&w->u[l], &v, sizeof(V));
   w->bar.arrive_and_wait();
-  const float r = w->f[l ^ o];
+  const int s = src(l);
+  if (s >= w->size) emu_fail("a shuffle reads a lane that does not exist (a warp of fewer than 32 threads)");
+  V r = v;
+  if (s >= 0) std::memcpy(&r, &w->u[s], sizeof(V));
   w->bar.arrive_and_wait();
   return r;
 }
-inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+// The shuffles' width semantics (CUDA programming guide): lanes form groups of `width`; xor may read earlier
+// groups but a later group's lane gives the caller its own value; down does not wrap past its group's end.
+template <typename V> inline V __shfl_xor_sync(unsigned, V v, int o, int width = 32) {
+  return warp_exchange(v, [&](int l) { const int s = l ^ o; return s / width > l / width ? -1 : s; });
+}
+template <typename V> inline V __shfl_down_sync(unsigned, V v, unsigned d, int width = 32) {
+  return warp_exchange(v, [&](int l) { return int(l % width + d) >= width ? -1 : l + int(d); });
+}
+template <typename V> inline V __shfl_sync(unsigned, V v, int src, int width = 32) {
+  return warp_exchange(v, [&](int l) { return l / width * width + src % width; });
+}
+template <typename V> inline V atomicAdd(V* p, V v) { return std::atomic_ref<V>(*p).fetch_add(v); }
 
 namespace fastnn::cuda::mma {
 struct Copy { void* dst; const void* src; int bytes; };
@@ -160,34 +196,91 @@ template <typename T> inline uint32_t pack2(float lo, float hi) { return T(lo).x
 inline unsigned char* emu_smem() { return tl_block->smem; }
 namespace mma = fastnn::cuda::mma;
 
-// Runs body() over a 1-d grid of `grid` blocks of `threads` threads with `smem` bytes, `together` blocks at a time
-// (every block at once for a cooperative launch, whose grid.sync() needs them all resident).
-template <typename F> void emu_launch(unsigned grid, int threads, size_t smem, F&& body, unsigned together = 1) {
-  for (unsigned b0 = 0; b0 < grid; b0 += together) {
-    const unsigned nb = std::min(together, grid - b0);
+// The emulated device's limits, checked at every launch as the hardware would refuse the launch.
+constexpr unsigned kEmuMaxGridX = 2147483647u, kEmuMaxGridYZ = 65535u;
+constexpr int kEmuMaxThreads = 1024;
+constexpr size_t kEmuMaxSmem = 227 * 1024;  // sm_90's opt-in shared memory per block
+
+// Seconds a launch may take before it is taken for a hang (a barrier or shuffle not every thread reaches):
+// EMU_TIMEOUT, default 300.
+inline double emu_timeout() {
+  const char* e = getenv("EMU_TIMEOUT");
+  return e ? atof(e) : 300.0;
+}
+
+// EMU_SAMPLE_BLOCKS=K: a launch of more than 2K blocks (not cooperative) runs only its first K and last K blocks,
+// in linear block order - a check of the launch geometry of grids too large to emulate whole; the skipped blocks'
+// outputs stay unwritten.
+inline uint64_t emu_sample_blocks() {
+  const char* e = getenv("EMU_SAMPLE_BLOCKS");
+  return e ? strtoull(e, nullptr, 10) : 0;
+}
+
+// Runs body() as the kernel's threads over `grid` blocks of `block` threads with `smem` bytes of dynamic shared
+// memory. `together` blocks run at once (every block for a cooperative launch, whose grid.sync() needs them all
+// resident); otherwise one block after another on the same threads, so a kernel's static __shared__ arrays
+// (plain statics here) belong to the one block that runs. Shared memory starts as garbage in every block.
+template <typename F>
+void emu_launch(dim3 grid, dim3 block, size_t smem, F&& body, unsigned together = 1) {
+  const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
+  const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
+  if (nthreads == 0 || nthreads > kEmuMaxThreads || block.z > 64) emu_fail("launch: bad block size");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) emu_fail("launch: an empty grid (CUDA refuses it)");
+  if (grid.x > kEmuMaxGridX || grid.y > kEmuMaxGridYZ || grid.z > kEmuMaxGridYZ)
+    emu_fail("launch: grid past the device's limits (y and z at most 65535)");
+  if (smem > kEmuMaxSmem) emu_fail("launch: dynamic shared memory past the device's opt-in maximum");
+  const int threads = int(nthreads);
+  auto fill = [](std::vector<unsigned char>& m) {
+    for (size_t j = 0; j < m.size(); ++j) m[j] = (unsigned char)(j * 131 + 7);  // unwritten reads show
+  };
+  std::atomic<bool> done{false};
+  std::thread watchdog([&] {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(emu_timeout());
+    while (!done.load()) {
+      if (std::chrono::steady_clock::now() > until)
+        emu_fail("a launch did not finish: a barrier or shuffle that not every thread of a block reaches?");
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  });
+  for (uint64_t b0 = 0; b0 < nblocks; b0 += together) {
+    const unsigned nb = unsigned(std::min<uint64_t>(together, nblocks - b0));
     GridX gridx(std::ptrdiff_t(nb) * threads);
     std::deque<BlockX> blks;
     std::vector<std::vector<unsigned char>> mems(nb);
-    std::vector<std::vector<WarpX>> warps(nb);
     for (unsigned i = 0; i < nb; ++i) {
       blks.emplace_back(threads);
       mems[i].resize(smem + 16);
-      // garbage, so reading unwritten shared memory shows
-      for (size_t j = 0; j < mems[i].size(); ++j) mems[i][j] = (unsigned char)(j * 131 + 7);
+      fill(mems[i]);
       blks[i].smem = mems[i].data();
-      warps[i] = std::vector<WarpX>(threads / 32);
     }
+    // Sequential blocks (together == 1) reuse the block's threads: block b0, then every later one (or a sample).
+    const uint64_t sample = together == 1 ? emu_sample_blocks() : 0;
+    const bool sampled = sample > 0 && nblocks > 2 * sample;
+    auto next = [&](uint64_t b) { return sampled && b + 1 == sample ? nblocks - sample : b + 1; };
     std::vector<std::thread> ts;
     for (unsigned i = 0; i < nb; ++i)
       for (int t = 0; t < threads; ++t)
         ts.emplace_back([&, i, t] {
-          threadIdx.x = t, blockIdx.x = b0 + i;
-          tl_block = &blks[i], tl_warp = &warps[i][t / 32], tl_grid = &gridx;
-          body();
-          mma::cp_async_wait<0>();
+          threadIdx = dim3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
+          blockDim = block, gridDim = grid;
+          tl_block = &blks[i], tl_warp = &blks[i].warps[t / 32], tl_lane = t % 32, tl_grid = &gridx;
+          for (uint64_t b = b0 + i; b < (together == 1 ? nblocks : b0 + i + 1); b = next(b)) {
+            blockIdx = dim3(unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / (uint64_t(grid.x) * grid.y)));
+            body();
+            mma::cp_async_wait<0>();
+            tl_block->bar.arrive_and_wait();
+            if (t == 0) fill(mems[i]);
+            tl_block->bar.arrive_and_wait();
+          }
         });
     for (auto& th : ts) th.join();
+    if (together == 1) break;
   }
+  done = true;
+  watchdog.join();
+}
+template <typename F> void emu_launch(unsigned grid, int threads, size_t smem, F&& body, unsigned together = 1) {
+  emu_launch(dim3(grid), dim3(unsigned(threads)), smem, body, together);
 }
 template <typename F> void emu_launch_cooperative(unsigned grid, int threads, size_t smem, F&& body) {
   emu_launch(grid, threads, smem, body, grid);
