@@ -9,7 +9,7 @@ from helpers import run_cuda_emulator
 
 
 def test_every_cuda_op_against_the_cpu_kernels_in_the_emulator():
-    out = run_cuda_emulator("checks", "--asan", timeout=2400)
+    out = run_cuda_emulator("checks", "--sanitizer", "asan", timeout=2400)
     m = re.search(r"cuda_emu checks: (\d+) ok, (\d+) bad", out)
     assert m and int(m.group(2)) == 0 and int(m.group(1)) >= 200, out[-4000:]
     # the paths the cases are there to reach, by kernel name

@@ -3,9 +3,11 @@ the emulator) and compares each result with fastnn's C++ CPU kernels - the same 
 walk the launchers' paths: short rows several to a block, a block per row, the shared-memory tail, the two-pass
 online rows, non-last dims, unaligned rows, every dtype, masks, dropout, Lq != Lk, grouped heads, padded head dims,
 the tensor-core kernels, the persistent LSTM and the step loop. Bad targets must be reported as on the CPU. With
-the ASan build (the default), a kernel reading or writing outside a tensor stops the run with ASan's report.
+the ASan build (the default), a kernel reading or writing outside a tensor stops the run with ASan's report; with
+--sanitizer tsan, two threads of a block touching the same shared memory without a barrier between them do.
 
-    python tools/cuda_emu/checks.py [--quick] [--no-asan] [-k SUBSTRING]
+    python tools/cuda_emu/checks.py [--quick] [--sanitizer asan|tsan|none] [-k SUBSTRING]
+    EMU_CP_EAGER=1 ...   cp.async copies land when issued (default: at the wait), see prelude.h
 
 Needs fastnn's CPU build importable (the repository's .venv). Emulation runs a thread per CUDA thread: shapes are
 small, and the whole run takes minutes.
@@ -23,15 +25,19 @@ sys.path.insert(0, HERE)
 import library  # noqa: E402
 
 
-def _reexec_with_asan(args) -> None:
-    """An ASan-instrumented library loads only into a process whose first library is the ASan runtime."""
-    if os.environ.get("FASTNN_CUDA_EMU_ASAN") == "1":
+def _reexec_with_sanitizer(sanitizer: str, args) -> None:
+    """A sanitized library loads only into a process whose first library is the sanitizer's runtime."""
+    if sanitizer == "none" or os.environ.get("FASTNN_CUDA_EMU_PRELOADED") == sanitizer:
         return
-    asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    ubsan = subprocess.run(["gcc", "-print-file-name=libubsan.so"], capture_output=True, text=True).stdout.strip()
-    env = dict(os.environ, FASTNN_CUDA_EMU_ASAN="1", LD_PRELOAD=f"{asan} {ubsan}",
+    libs = {"asan": ["libasan.so", "libubsan.so"], "tsan": ["libtsan.so"]}[sanitizer]
+    paths = [subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+             for lib in libs]
+    env = dict(os.environ, FASTNN_CUDA_EMU_PRELOADED=sanitizer, LD_PRELOAD=" ".join(paths),
                ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:detect_odr_violation=0",
-               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:abort_on_error=1")
+               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:abort_on_error=1",
+               TSAN_OPTIONS="halt_on_error=1:abort_on_error=1:report_signal_unsafe=0")
+    if sanitizer == "tsan":  # torch's own OpenMP threads synchronize in ways TSan does not see: one thread
+        env["OMP_NUM_THREADS"] = "1"
     os.execve(sys.executable, [sys.executable, *args], env)
 
 
@@ -360,17 +366,17 @@ OPS = {"softmax": softmax_cases, "cross_entropy": cross_entropy_cases, "bce_with
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer cases per op")
-    ap.add_argument("--no-asan", action="store_true", help="a plain build (faster; no memory checks)")
-    ap.add_argument("--asan", action="store_true", help="the default, said explicitly")
+    ap.add_argument("--sanitizer", choices=sorted(library.SANITIZERS), default="asan",
+                    help="asan (ASan + UBSan, the default), tsan (ThreadSanitizer: races between a block's threads, "
+                         "e.g. shared memory reused before a barrier) or none")
     ap.add_argument("-k", default=None, help="only cases whose op and label contain this")
     a = ap.parse_args()
-    if not a.no_asan:
-        so = library.build(True)  # before the re-exec: building needs no preloaded runtime
-        _reexec_with_asan([os.path.abspath(__file__), *sys.argv[1:]])
+    library.build(a.sanitizer)  # before the re-exec: the compiler must not run with a preloaded runtime
+    _reexec_with_sanitizer(a.sanitizer, [os.path.abspath(__file__), *sys.argv[1:]])
     import torch
     import fastnn  # noqa: F401  (the CPU kernels, the comparison's other side)
 
-    so = library.build(not a.no_asan)
+    so = library.build(a.sanitizer)
     torch.ops.load_library(so)
     c = Checker(a.k, so)
     t0 = time.time()

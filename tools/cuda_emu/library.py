@@ -11,7 +11,7 @@ Launches the hardware would refuse (a grid's y past 65,535, shared memory past t
 does a launch that hangs (a barrier not every thread reaches). With ASan (the default build), a kernel reading
 outside a tensor is reported.
 
-    python tools/cuda_emu/library.py [--no-asan]     builds (or finds in its cache) the library, prints its path
+    python tools/cuda_emu/library.py [--sanitizer asan|tsan|none]   builds (or finds in its cache) the library
     import library; library.load()                   the same from Python; checks.py uses it
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
-SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+SANITIZERS = {"asan": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"],
+              "tsan": ["-fsanitize=thread"], "none": []}
 
 
 def _balanced(s: str, i: int, open_: str, close: str) -> int:
@@ -150,13 +151,14 @@ def _inputs_digest(units: dict, flags: list) -> str:
     return h.hexdigest()[:16]
 
 
-def build(asan: bool = True, jobs: int | None = None, verbose: bool = False) -> str:
-    """Builds the library (or reuses the cached build of the same sources and flags); returns the .so's path."""
+def build(sanitizer: str = "asan", jobs: int | None = None, verbose: bool = False) -> str:
+    """Builds the library with `sanitizer` (asan: ASan + UBSan, tsan: ThreadSanitizer, none), or reuses the cached
+    build of the same sources and flags; returns the .so's path."""
     import torch
     from torch.utils import cpp_extension
 
     flags = ["-std=c++20", "-O1", "-g", "-fPIC", "-pthread", "-Wno-unused-variable", "-Wno-unused-function",
-             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"] + (SANITIZE if asan else [])
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"] + SANITIZERS[sanitizer]
     units = sources()
     cache = os.environ.get("FASTNN_CUDA_EMU_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fastnn_cuda_emu"))
     out = os.path.join(cache, _inputs_digest(units, flags + [torch.__version__]))
@@ -188,20 +190,20 @@ def build(asan: bool = True, jobs: int | None = None, verbose: bool = False) -> 
     return so
 
 
-def load(asan: bool = True) -> str:
-    """Builds if needed and loads the library into this process (under ASan the runtime must be preloaded: see
+def load(sanitizer: str = "none") -> str:
+    """Builds if needed and loads the library into this process (a sanitizer's runtime must be preloaded: see
     checks.py); returns its path."""
     import torch
 
-    so = build(asan)
+    so = build(sanitizer)
     torch.ops.load_library(so)
     return so
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--no-asan", action="store_true")
+    ap.add_argument("--sanitizer", choices=sorted(SANITIZERS), default="asan")
     ap.add_argument("-j", type=int, default=None)
     a = ap.parse_args()
-    print(build(not a.no_asan, a.j, verbose=True))
+    print(build(a.sanitizer, a.j, verbose=True))
     sys.exit(0)
