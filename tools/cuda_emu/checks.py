@@ -6,7 +6,7 @@ the tensor-core kernels, the persistent LSTM and the step loop. Bad targets must
 the ASan build (the default), a kernel reading or writing outside a tensor stops the run with ASan's report; with
 --sanitizer tsan, two threads of a block touching the same shared memory without a barrier between them do.
 
-    python tools/cuda_emu/checks.py [--quick] [--sanitizer asan|tsan|none] [-k SUBSTRING]
+    python tools/cuda_emu/checks.py [--quick] [--sanitizer asan|tsan|none] [-k SUBSTRING] [--fuzz N --seed S]
     EMU_CP_EAGER=1 ...   cp.async copies land when issued (default: at the wait), see prelude.h
 
 Needs fastnn's CPU build importable (the repository's .venv). Emulation runs a thread per CUDA thread: shapes are
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import subprocess
 import sys
 import time
@@ -179,164 +180,246 @@ class Checker:
         print(f"{'ok ' if good else 'BAD'} {op:30s} {label:46s} {detail} ({secs:.1f} s)", flush=True)
 
 
-def softmax_cases(c: Checker, quick: bool):
+# Each op: check_<op>(c, **config) runs one configuration through every kernel of the op; <op>_configs(quick) are
+# the fixed configurations, chosen to reach each launcher path; draw_<op>(rng) draws a random one (--fuzz).
+def check_softmax(c: Checker, shape, dt, dim, what="", unaligned=False):
     torch = c.torch
+    x = c.randn(*shape, dtype=dt, scale=3)
+    if unaligned:
+        x = c.unaligned(x)
+    for log in (False, True):
+        lab = f"{'log ' if log else ''}{dt} {tuple(shape)} dim {dim}{' unaligned' if unaligned else ''} {what}"
+        c.compare(lab, "softmax_fwd", [x, dim, log])
+        y = torch.ops.fastnn.softmax_fwd(x, dim, log)
+        dy = c.randn(*shape, dtype=dt)
+        c.compare(lab, "softmax_bwd", [c.unaligned(dy) if unaligned else dy, y, dim, log])
+
+
+def softmax_configs(torch, quick):
     f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
-    shapes = [((7, 97), f32, -1, "short rows, a group each, unaligned n"), ((3, 1025), f16, -1, "block per row"),
-              ((2, 40000), f32, -1, "fwd shared-memory tail, bwd tail"), ((1, 150001), f32, -1, "online rows"),
-              ((4, 33, 5), f64, 1, "non-last dim"), ((3, 200, 40), bf16, 1, "non-last dim, y split")]
+    cfgs = [((7, 97), f32, -1, "short rows, a group each, unaligned n"), ((3, 1025), f16, -1, "block per row"),
+            ((2, 40000), f32, -1, "fwd shared-memory tail, bwd tail"), ((1, 150001), f32, -1, "online rows"),
+            ((4, 33, 5), f64, 1, "non-last dim"), ((3, 200, 40), bf16, 1, "non-last dim, y split")]
     if not quick:
-        shapes += [((2, 128256), bf16, -1, "bf16 128256: fwd tail"), ((1, 20000), f32, -1, "bwd tail"),
-                   ((5, 4096), bf16, -1, "cached, vectorized"), ((1, 1), f32, -1, "one element"),
-                   ((6, 129), f64, -1, "float64 short rows"), ((2, 70000), f16, -1, "fp16 long row")]
-    for shape, dt, dim, what in shapes:
-        x = c.randn(*shape, dtype=dt, scale=3)
-        for log in (False, True):
-            lab = f"{'log ' if log else ''}{dt} {shape} {what}"
-            c.compare(lab, "softmax_fwd", [x, dim, log])
-            y = torch.ops.fastnn.softmax_fwd(x, dim, log)
-            c.compare(lab, "softmax_bwd", [c.randn(*shape, dtype=dt), y, dim, log])
-    x = c.unaligned(c.randn(3, 4096, scale=3))
-    c.compare("float32 (3, 4096) unaligned storage", "softmax_fwd", [x, -1, False])
+        cfgs += [((2, 128256), bf16, -1, "bf16 128256: fwd tail"), ((1, 20000), f32, -1, "bwd tail"),
+                 ((5, 4096), bf16, -1, "cached, vectorized"), ((1, 1), f32, -1, "one element"),
+                 ((6, 129), f64, -1, "float64 short rows"), ((2, 70000), f16, -1, "fp16 long row")]
+    out = [dict(shape=sh, dt=dt, dim=dim, what=w) for sh, dt, dim, w in cfgs]
+    return out + [dict(shape=(3, 4096), dt=f32, dim=-1, what="16-byte rows, storage not", unaligned=True)]
 
 
-def cross_entropy_cases(c: Checker, quick: bool):
+def draw_softmax(torch, rng):
+    nd = rng.randint(1, 3)
+    shape = [rng.choice([1, 2, 3, 5, 7]) for _ in range(nd - 1)]
+    n = rng.choice([rng.randint(1, 300), rng.randint(300, 5000), rng.randint(5000, 80000)])
+    dim = rng.randrange(nd)
+    shape.insert(dim, n)
+    if shape[dim] > 5000 and nd > 1 and dim != nd - 1:
+        shape[dim] = rng.randint(1, 500)  # long non-last dims: slow to emulate, no other path
+    return dict(shape=tuple(shape), dt=_dtype(torch, rng), dim=dim - nd if rng.random() < 0.5 else dim,
+                unaligned=rng.random() < 0.2)
+
+
+def check_cross_entropy(c: Checker, shape, dt, what="", probs=False):
     torch = c.torch
+    C = shape[1]
+    x = c.randn(*shape, dtype=dt, scale=2)
+    if probs:
+        p = torch.softmax(c.randn(*shape), 1).to(dt)
+        lab = f"{dt} {tuple(shape)} probability targets {what}"
+        c.compare(lab, "cross_entropy_fwd", [x, p, None, -100, 0.0, False])
+        loss, stats = torch.ops.fastnn.cross_entropy_fwd(x, p, None, -100, 0.0, False)
+        c.compare(lab, "cross_entropy_bwd", [c.randn(*loss.shape), x, p, None, stats, -100, 0.0])
+        return
+    t = torch.randint(0, C, (shape[0],) + tuple(shape[2:]), generator=c.gen)
+    t.view(-1)[0] = -100  # an ignored row
+    w = (c.randn(C).abs() + 0.1).to(dt)
+    for weight, ls in ((None, 0.0), (w, 0.1)):
+        lab = f"{dt} {tuple(shape)} {what}{' weight ls 0.1' if weight is not None else ''}"
+        c.compare(lab, "cross_entropy_fwd", [x, t, weight, -100, ls, False])
+        loss, stats = torch.ops.fastnn.cross_entropy_fwd(x, t, weight, -100, ls, False)
+        g = c.randn(*loss.shape)
+        c.compare(lab, "cross_entropy_bwd", [g, x, t, weight, stats, -100, ls])
+        c.compare(lab, "cross_entropy_bwd_inplace", [g, x, t, weight, stats, -100, ls], mutated=1)
+        c.compare(lab, "cross_entropy_fwd_grad", [x, t, weight, g, -100, ls])
+
+
+def cross_entropy_configs(torch, quick):
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
-    shapes = [((7, 97), f32, "short rows"), ((3, 5000), bf16, "bf16 5000"), ((2, 11, 3), f32, "class dim not last")]
+    cfgs = [((7, 97), f32, "short rows"), ((3, 5000), bf16, "bf16 5000"), ((2, 11, 3), f32, "class dim not last")]
     if not quick:
-        shapes += [((3, 40000), f32, "long rows"), ((4, 1025), f16, "fp16 1025"), ((1, 1), f32, "one class")]
-    for shape, dt, what in shapes:
-        N, C = shape[0], shape[1]
-        x = c.randn(*shape, dtype=dt, scale=2)
-        tshape = (shape[0],) + shape[2:]
-        t = torch.randint(0, C, tshape, generator=c.gen)
-        t.view(-1)[0] = -100  # an ignored row
-        w = (c.randn(C).abs() + 0.1).to(dt)
-        for weight, ls in ((None, 0.0), (w, 0.1)):
-            lab = f"{dt} {shape} {what}{' weight ls 0.1' if weight is not None else ''}"
-            c.compare(lab, "cross_entropy_fwd", [x, t, weight, -100, ls, False])
-            loss, stats = torch.ops.fastnn.cross_entropy_fwd(x, t, weight, -100, ls, False)
-            g = c.randn(*loss.shape)
-            c.compare(lab, "cross_entropy_bwd", [g, x, t, weight, stats, -100, ls])
-            c.compare(lab, "cross_entropy_bwd_inplace", [g, x, t, weight, stats, -100, ls], mutated=1)
-            c.compare(lab, "cross_entropy_fwd_grad", [x, t, weight, g, -100, ls])
-        probs = torch.softmax(c.randn(*shape), 1).to(dt)
-        c.compare(f"{dt} {shape} probability targets", "cross_entropy_fwd", [x, probs, None, -100, 0.0, False])
-        loss, stats = torch.ops.fastnn.cross_entropy_fwd(x, probs, None, -100, 0.0, False)
-        c.compare(f"{dt} {shape} probability targets", "cross_entropy_bwd",
-                  [c.randn(*loss.shape), x, probs, None, stats, -100, 0.0])
-    x = c.randn(5, 9)
-    bad = torch.tensor([0, 3, 9, 1, 2])
+        cfgs += [((3, 40000), f32, "long rows"), ((4, 1025), f16, "fp16 1025"), ((1, 1), f32, "one class")]
+    out = [dict(shape=sh, dt=dt, what=w) for sh, dt, w in cfgs]
+    return out + [dict(shape=sh, dt=dt, what=w, probs=True) for sh, dt, w in cfgs]
+
+
+def draw_cross_entropy(torch, rng):
+    C = rng.choice([rng.randint(1, 300), rng.randint(300, 40000)])
+    shape = (rng.randint(1, 9), C) + ((rng.randint(1, 4),) if rng.random() < 0.25 else ())
+    return dict(shape=shape, dt=_dtype(torch, rng, f64=False), probs=rng.random() < 0.25)
+
+
+def check_cross_entropy_bad_target(c: Checker):
+    torch = c.torch
+    x, bad = c.randn(5, 9), torch.tensor([0, 3, 9, 1, 2])
     c.raises("target 9 of 9 classes", "cross_entropy_fwd", [x, bad, None, -100, 0.0, False], "arget")
     c.raises("target 9 of 9 classes", "cross_entropy_fwd_grad", [x, bad, None, torch.ones(5), -100, 0.0], "arget")
 
 
-def bce_cases(c: Checker, quick: bool):
+def check_bce(c: Checker, shape, dt, weights="none", unaligned=False):
+    """weights: none, row (weight and pos_weight over the last dim) or full (a weight of the input's shape)."""
     torch = c.torch
+    x, y = c.randn(*shape, dtype=dt, scale=3), torch.rand(*shape, generator=c.gen).to(dt)
+    if unaligned:
+        x, y = c.unaligned(x), c.unaligned(y)
+    n = shape[-1]
+    weight = pos = None
+    if weights == "row":
+        weight, pos = c.randn(n, dtype=dt).abs(), c.randn(n, dtype=dt).abs() + 0.5
+    elif weights == "full":
+        weight = c.randn(*shape, dtype=dt)
+    for red in (0, 1, 2):
+        lab = f"{dt} {tuple(shape)} red {red} weights {weights}{' unaligned' if unaligned else ''}"
+        c.compare(lab, "bce_with_logits_fwd", [x, y, weight, pos, red])
+        g = c.randn(*shape, dtype=dt) if red == 0 else c.randn((), dtype=dt)
+        c.compare(lab, "bce_with_logits_bwd", [g, x, y, weight, pos, red, True, True])
+
+
+def bce_with_logits_configs(torch, quick):
     f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
-    shapes = [((7, 97), f32), ((1025,), f64), ((3, 4099), bf16)]
-    if not quick:
-        shapes += [((1,), f32), ((64, 1000), f32)]
-    for shape, dt in shapes:
-        x, y = c.randn(*shape, dtype=dt, scale=3), torch.rand(*shape, generator=c.gen).to(dt)
-        n = shape[-1]
-        w, pw = c.randn(n, dtype=dt).abs(), c.randn(n, dtype=dt).abs() + 0.5
-        for weight, pos in ((None, None), (w, pw), (c.randn(*shape, dtype=dt), None)):
-            for red in (0, 1, 2):
-                lab = f"{dt} {shape} red {red}{' weight' if weight is not None else ''}{' pos' if pos is not None else ''}"
-                c.compare(lab, "bce_with_logits_fwd", [x, y, weight, pos, red])
-                g = c.randn(*shape, dtype=dt) if red == 0 else c.randn((), dtype=dt)
-                c.compare(lab, "bce_with_logits_bwd", [g, x, y, weight, pos, red, True, True])
-    x = c.unaligned(c.randn(5, 64))
-    y = c.unaligned(torch.rand(5, 64, generator=c.gen))
-    c.compare("float32 (5, 64) unaligned storage", "bce_with_logits_fwd", [x, y, None, None, 1])
+    shapes = [((7, 97), f32), ((1025,), f64), ((3, 4099), bf16)] + ([((1,), f32), ((64, 1000), f32)] if not quick else [])
+    out = [dict(shape=sh, dt=dt, weights=w) for sh, dt in shapes for w in ("none", "row", "full")]
+    return out + [dict(shape=(5, 64), dt=f32, unaligned=True)]
 
 
-def linear_cross_entropy_cases(c: Checker, quick: bool):
+def draw_bce_with_logits(torch, rng):
+    shape = tuple(rng.choice([1, 3, 7, 64, 1000]) for _ in range(rng.randint(0, 2))) + (rng.randint(1, 5000),)
+    return dict(shape=shape, dt=_dtype(torch, rng), weights=rng.choice(["none", "row", "full"]),
+                unaligned=rng.random() < 0.2)
+
+
+def check_linear_cross_entropy(c: Checker, dt, N, D, V, chunk):
     torch = c.torch
-    cases = [(torch.float32, 37, 24, 97, 16), (torch.bfloat16, 29, 32, 130, 8)]
-    if not quick:
-        cases += [(torch.float16, 9, 16, 40, 64)]
-    for dt, N, D, V, chunk in cases:
-        x, w, b = c.randn(N, D, dtype=dt), c.randn(V, D, dtype=dt, scale=D ** -0.5), c.randn(V, dtype=dt)
-        t = torch.randint(0, V, (N,), generator=c.gen)
-        t[1] = -100
-        cw = (c.randn(V).abs() + 0.1).to(dt)
-        lab = f"{dt} N{N} D{D} V{V} chunk {chunk}"
-        c.compare(lab, "linear_cross_entropy_fwd", [x, w, b, t, cw, -100, 0.1, chunk])
-        loss, stats = torch.ops.fastnn.linear_cross_entropy_fwd(x, w, b, t, cw, -100, 0.1, chunk)
-        g = c.randn(*loss.shape)
-        # the weight gradient sums N products: tolerance relative to its largest value, as for one product
-        c.compare(lab, "linear_cross_entropy_bwd", [g, x, w, b, t, cw, stats, -100, 0.1, chunk, [True, True, True]])
-        c.compare(lab, "linear_cross_entropy_fwd_grad", [x, w, b, t, cw, g, -100, 0.1, chunk, [True, True, True]])
+    x, w, b = c.randn(N, D, dtype=dt), c.randn(V, D, dtype=dt, scale=D ** -0.5), c.randn(V, dtype=dt)
+    t = torch.randint(0, V, (N,), generator=c.gen)
+    t[N // 2] = -100
+    cw = (c.randn(V).abs() + 0.1).to(dt)
+    lab = f"{dt} N{N} D{D} V{V} chunk {chunk}"
+    c.compare(lab, "linear_cross_entropy_fwd", [x, w, b, t, cw, -100, 0.1, chunk])
+    loss, stats = torch.ops.fastnn.linear_cross_entropy_fwd(x, w, b, t, cw, -100, 0.1, chunk)
+    g = c.randn(*loss.shape)
+    c.compare(lab, "linear_cross_entropy_bwd", [g, x, w, b, t, cw, stats, -100, 0.1, chunk, [True, True, True]])
+    c.compare(lab, "linear_cross_entropy_fwd_grad", [x, w, b, t, cw, g, -100, 0.1, chunk, [True, True, True]])
 
 
-def attention_cases(c: Checker, quick: bool):
+def linear_cross_entropy_configs(torch, quick):
+    cfgs = [(torch.float32, 37, 24, 97, 16), (torch.bfloat16, 29, 32, 130, 8)]
+    cfgs += [(torch.float16, 9, 16, 40, 64)] if not quick else []
+    return [dict(dt=dt, N=N, D=D, V=V, chunk=ch) for dt, N, D, V, ch in cfgs]
+
+
+def draw_linear_cross_entropy(torch, rng):
+    return dict(dt=_dtype(torch, rng, f64=False), N=rng.randint(1, 40), D=rng.randint(1, 64),
+                V=rng.randint(1, 400), chunk=rng.randint(1, 64))
+
+
+def check_attention(c: Checker, dt, B, H, Hk, Lq, Lk, D, Dv, causal=False, mask=None, kpm=False, p=0.0, what=""):
+    """mask: None, "bool" (its additive form, broadcast over batch and heads) or "float" (per head, learned)."""
     torch = c.torch
+    q, k, v = c.randn(B, H, Lq, D, dtype=dt), c.randn(B, Hk, Lk, D, dtype=dt), c.randn(B, Hk, Lk, Dv, dtype=dt)
+    am, mdt = None, torch.float64 if dt == torch.float64 else torch.float32  # a mask is in the accumulation type
+    if mask == "bool":
+        keep = torch.rand(1, 1, Lq, Lk, generator=c.gen) > 0.3
+        am = torch.zeros(keep.shape, dtype=mdt).masked_fill(~keep, float("-inf"))
+    elif mask == "float":
+        am = c.randn(1, H, Lq, Lk, dtype=mdt)
+    pad = torch.rand(B, Lk, generator=c.gen) > 0.8 if kpm else None
+    scale = D ** -0.5
+    lab = (f"{dt} B{B} H{H}/{Hk} L{Lq}x{Lk} D{D}/{Dv}{' causal' if causal else ''} mask {mask}"
+           f"{' kpm' if kpm else ''} p {p} {what}")
+    c.compare(lab, "attention_fwd", [q, k, v, am, pad, p, causal, scale, 1234])
+    out, stats = torch.ops.fastnn.attention_fwd(q, k, v, am, pad, p, causal, scale, 1234)
+    do = c.randn(*out.shape, dtype=dt)
+    c.compare(lab, "attention_bwd", [do, q, k, v, out, stats, am, pad, p, causal, scale, 1234, mask == "float"])
+
+
+def attention_configs(torch, quick):
     f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
     # (dtype, B, H, Hk, Lq, Lk, D, Dv, causal, mask kind, key padding, dropout, label)
-    cases = [(f32, 2, 2, 2, 17, 17, 32, 32, False, None, False, 0.0, "float32 simple kernel"),
-             (bf16, 1, 2, 2, 33, 33, 64, 64, True, None, False, 0.0, "bf16 tensor cores, causal"),
-             (f16, 2, 4, 2, 17, 40, 40, 24, False, "bool", True, 0.0, "fp16 GQA, Lq<Lk, D40 Dv24, masks"),
-             (bf16, 1, 2, 1, 20, 20, 64, 64, True, "float", False, 0.2, "bf16 dropout, additive mask")]
+    cfgs = [(f32, 2, 2, 2, 17, 17, 32, 32, False, None, False, 0.0, "float32 simple kernel"),
+            (bf16, 1, 2, 2, 33, 33, 64, 64, True, None, False, 0.0, "bf16 tensor cores"),
+            (f16, 2, 4, 2, 17, 40, 40, 24, False, "bool", True, 0.0, "fp16 GQA, Lq<Lk, padded head dims"),
+            (bf16, 1, 2, 1, 20, 20, 64, 64, True, "float", False, 0.2, "bf16 dropout, learned mask")]
     if not quick:
-        cases += [(f64, 1, 1, 1, 7, 5, 24, 16, True, "float", True, 0.1, "float64 Lq>Lk causal"),
-                  (f16, 1, 1, 1, 1, 1, 128, 128, False, None, False, 0.0, "length 1, D128"),
-                  (bf16, 1, 1, 1, 65, 65, 256, 256, False, None, False, 0.0, "D256: forward on tensor cores"),
-                  (f32, 1, 2, 2, 70, 70, 96, 96, True, "bool", True, 0.3, "float32 everything")]
-    for dt, B, H, Hk, Lq, Lk, D, Dv, causal, mask, kpm, p, what in cases:
-        q, k, v = c.randn(B, H, Lq, D, dtype=dt), c.randn(B, Hk, Lk, D, dtype=dt), c.randn(B, Hk, Lk, Dv, dtype=dt)
-        am, mdt = None, f64 if dt == f64 else f32  # the mask's dtype: the accumulation type
-        if mask == "bool":  # the op's additive float32 form of a boolean mask, broadcast over batch and heads
-            keep = torch.rand(1, 1, Lq, Lk, generator=c.gen) > 0.3
-            am = torch.zeros(keep.shape, dtype=mdt).masked_fill(~keep, float("-inf"))
-        elif mask == "float":
-            am = c.randn(1, H, Lq, Lk, dtype=mdt)
-        pad = torch.rand(B, Lk, generator=c.gen) > 0.8 if kpm else None
-        scale = D ** -0.5
-        lab = f"{what} B{B} H{H}/{Hk} L{Lq}x{Lk} D{D}/{Dv}"
-        c.compare(lab, "attention_fwd", [q, k, v, am, pad, p, causal, scale, 1234])
-        out, stats = torch.ops.fastnn.attention_fwd(q, k, v, am, pad, p, causal, scale, 1234)
-        do = c.randn(*out.shape, dtype=dt)
-        grad_mask = mask == "float"
-        c.compare(lab, "attention_bwd", [do, q, k, v, out, stats, am, pad, p, causal, scale, 1234, grad_mask])
+        cfgs += [(f64, 1, 1, 1, 7, 5, 24, 16, True, "float", True, 0.1, "float64 Lq>Lk"),
+                 (f16, 1, 1, 1, 1, 1, 128, 128, False, None, False, 0.0, "length 1"),
+                 (bf16, 1, 1, 1, 65, 65, 256, 256, False, None, False, 0.0, "D256: forward on tensor cores"),
+                 (f32, 1, 2, 2, 70, 70, 96, 96, True, "bool", True, 0.3, "float32 everything")]
+    keys = ("dt", "B", "H", "Hk", "Lq", "Lk", "D", "Dv", "causal", "mask", "kpm", "p", "what")
+    return [dict(zip(keys, cfg)) for cfg in cfgs]
 
 
-def lstm_cases(c: Checker, quick: bool):
+def draw_attention(torch, rng):
+    Hk = rng.randint(1, 2)
+    return dict(dt=_dtype(torch, rng), B=rng.randint(1, 2), H=Hk * rng.randint(1, 2), Hk=Hk, Lq=rng.randint(1, 80),
+                Lk=rng.randint(1, 80), D=rng.randint(1, 130), Dv=rng.randint(1, 130), causal=rng.random() < 0.4,
+                mask=rng.choice([None, None, "bool", "float"]), kpm=rng.random() < 0.3,
+                p=rng.choice([0.0, 0.0, 0.25]))
+
+
+def check_lstm_cell(c: Checker, dt, B, H):
     torch = c.torch
-    f32, bf16, f16, f64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
-    for dt, B, H in ((f32, 7, 13), (bf16, 3, 40), (f64, 1, 5)):
-        gates, bias, cx = c.randn(B, 4 * H, dtype=dt), c.randn(4 * H, dtype=dt), c.randn(B, H, dtype=dt)
-        lab = f"{dt} B{B} H{H}"
-        c.compare(lab, "lstm_cell_fwd", [gates, bias, cx])
-        hy, cy, act = torch.ops.fastnn.lstm_cell_fwd(gates, bias, cx)
-        c.compare(lab, "lstm_cell_bwd", [c.randn(B, H, dtype=dt), c.randn(B, H, dtype=dt), act, cx])
-    # (dtype, T, B, I, H, lengths, reverse, FASTNN_LSTM_PERSISTENT, label)
-    cases = [(f32, 5, 3, 7, 12, True, False, "auto", "float32 step loop"),
-             (bf16, 4, 17, 8, 24, True, True, "1", "bf16 persistent, reverse, lengths"),
-             (f16, 3, 5, 16, 40, False, False, "0", "fp16 step loop forced")]
+    gates, bias, cx = c.randn(B, 4 * H, dtype=dt), c.randn(4 * H, dtype=dt), c.randn(B, H, dtype=dt)
+    lab = f"{dt} B{B} H{H}"
+    c.compare(lab, "lstm_cell_fwd", [gates, bias, cx])
+    hy, cy, act = torch.ops.fastnn.lstm_cell_fwd(gates, bias, cx)
+    c.compare(lab, "lstm_cell_bwd", [c.randn(B, H, dtype=dt), c.randn(B, H, dtype=dt), act, cx])
+
+
+def check_lstm(c: Checker, dt, T, B, I, H, lengths=False, reverse=False, mode="auto", what=""):
+    """mode: FASTNN_LSTM_PERSISTENT (1: the persistent kernels where they apply, 0: the step loop, auto)."""
+    torch = c.torch
+    x, w_ih, w_hh = c.randn(T, B, I, dtype=dt), c.randn(4 * H, I, dtype=dt, scale=0.3), \
+        c.randn(4 * H, H, dtype=dt, scale=H ** -0.5)
+    bias, h0, c0 = c.randn(4 * H, dtype=dt), c.randn(B, H, dtype=dt), c.randn(B, H, dtype=dt)
+    lens = None
+    if lengths:
+        lens = torch.randint(0, T + 1, (B,), generator=c.gen)
+        lens[0] = T
+    env = {"FASTNN_LSTM_PERSISTENT": mode}
+    lab = f"{dt} T{T} B{B} I{I} H{H}{' lengths' if lengths else ''}{' reverse' if reverse else ''} mode {mode} {what}"
+    # act (output 2) is unspecified past a row's length: the backward never reads it there
+    live = None if lens is None else {2: (torch.arange(T)[:, None] < lens)[:, :, None]}
+    c.compare(lab, "lstm_layer_fwd", [x, w_ih, bias, w_hh, h0, c0, lens, reverse], env=env, defined=live)
+    hs, cs, act = torch.ops.fastnn.lstm_layer_fwd(x, w_ih, bias, w_hh, h0, c0, lens, reverse)
+    c.compare(lab, "lstm_layer_bwd", [c.randn(T, B, H, dtype=dt), c.randn(T, B, H, dtype=dt), w_hh, c0, cs, act,
+                                      lens, reverse], env=env)
+
+
+def lstm_configs(torch, quick):
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    cfgs = [(f32, 5, 3, 7, 12, True, False, "auto", "float32 step loop"),
+            (bf16, 4, 17, 8, 24, True, True, "1", "bf16 persistent"),
+            (f16, 3, 5, 16, 40, False, False, "0", "fp16 step loop forced")]
     if not quick:
-        cases += [(f16, 3, 33, 8, 64, False, False, "1", "fp16 persistent B33 H64"),
-                  (bf16, 2, 129, 8, 16, False, False, "auto", "bf16 B129: step loop")]
-    for dt, T, B, I, H, with_len, rev, mode, what in cases:
-        x, w_ih, w_hh = c.randn(T, B, I, dtype=dt), c.randn(4 * H, I, dtype=dt, scale=0.3), \
-            c.randn(4 * H, H, dtype=dt, scale=H ** -0.5)
-        bias, h0, c0 = c.randn(4 * H, dtype=dt), c.randn(B, H, dtype=dt), c.randn(B, H, dtype=dt)
-        lengths = torch.randint(0, T + 1, (B,), generator=c.gen) if with_len else None
-        if lengths is not None:
-            lengths[0] = T
-        env = {"FASTNN_LSTM_PERSISTENT": mode}
-        lab = f"{what} T{T} B{B} I{I} H{H}"
-        # act (output 2) is unspecified past a row's length: the backward never reads it there
-        live = None if lengths is None else {2: (torch.arange(T)[:, None] < lengths)[:, :, None]}
-        c.compare(lab, "lstm_layer_fwd", [x, w_ih, bias, w_hh, h0, c0, lengths, rev], env=env, defined=live)
-        hs, cs, act = torch.ops.fastnn.lstm_layer_fwd(x, w_ih, bias, w_hh, h0, c0, lengths, rev)
-        c.compare(lab, "lstm_layer_bwd", [c.randn(T, B, H, dtype=dt), c.randn(T, B, H, dtype=dt), w_hh, c0, cs, act,
-                                          lengths, rev], env=env)
+        cfgs += [(f16, 3, 33, 8, 64, False, False, "1", "fp16 persistent B33 H64"),
+                 (bf16, 2, 129, 8, 16, False, False, "auto", "bf16 B129: step loop")]
+    keys = ("dt", "T", "B", "I", "H", "lengths", "reverse", "mode", "what")
+    return [dict(zip(keys, cfg)) for cfg in cfgs]
 
 
-def large_grid_cases(c: Checker, quick: bool):
+def draw_lstm(torch, rng):
+    H = rng.choice([8 * rng.randint(1, 8), rng.randint(1, 40)])
+    return dict(dt=_dtype(torch, rng), T=rng.randint(1, 5), B=rng.choice([rng.randint(1, 40), rng.randint(100, 140)]),
+                I=rng.randint(1, 20), H=H, lengths=rng.random() < 0.4, reverse=rng.random() < 0.4,
+                mode=rng.choice(["auto", "1", "0"]))
+
+
+def _dtype(torch, rng, f64=True):
+    return rng.choice([torch.float32, torch.float16, torch.bfloat16] + ([torch.float64] if f64 else []))
+
+
+def large_grid_cases(c: Checker):
     """Grids past what a dimension of a launch holds (y at most 65,535): only the first and last 4 blocks run
     (EMU_SAMPLE_BLOCKS), and the elements those blocks own are compared - a grid put on the wrong axis is refused
     at launch, a wrong block-to-data mapping leaves the compared elements unwritten."""
@@ -358,9 +441,13 @@ def large_grid_cases(c: Checker, quick: bool):
               defined={0: owned[:, None, None]})
 
 
-OPS = {"softmax": softmax_cases, "cross_entropy": cross_entropy_cases, "bce_with_logits": bce_cases,
-       "linear_cross_entropy": linear_cross_entropy_cases, "attention": attention_cases, "lstm": lstm_cases,
-       "large_grid": large_grid_cases}
+# (check, fixed configurations, random draw) of each op
+OPS = {"softmax": (check_softmax, softmax_configs, draw_softmax),
+       "cross_entropy": (check_cross_entropy, cross_entropy_configs, draw_cross_entropy),
+       "bce_with_logits": (check_bce, bce_with_logits_configs, draw_bce_with_logits),
+       "linear_cross_entropy": (check_linear_cross_entropy, linear_cross_entropy_configs, draw_linear_cross_entropy),
+       "attention": (check_attention, attention_configs, draw_attention),
+       "lstm": (check_lstm, lstm_configs, draw_lstm)}
 
 
 def main() -> int:
@@ -369,6 +456,8 @@ def main() -> int:
     ap.add_argument("--sanitizer", choices=sorted(library.SANITIZERS), default="asan",
                     help="asan (ASan + UBSan, the default), tsan (ThreadSanitizer: races between a block's threads, "
                          "e.g. shared memory reused before a barrier) or none")
+    ap.add_argument("--fuzz", type=int, default=0, metavar="N", help="N random configurations instead of the fixed ones")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-k", default=None, help="only cases whose op and label contain this")
     a = ap.parse_args()
     library.build(a.sanitizer)  # before the re-exec: the compiler must not run with a preloaded runtime
@@ -380,8 +469,21 @@ def main() -> int:
     torch.ops.load_library(so)
     c = Checker(a.k, so)
     t0 = time.time()
-    for name, cases in OPS.items():
-        cases(c, a.quick)
+    if a.fuzz:
+        rng = random.Random(a.seed)
+        for i in range(a.fuzz):
+            check, _, draw = OPS[rng.choice(sorted(OPS))]
+            cfg = draw(torch, rng)
+            c.gen.manual_seed(a.seed * 100003 + i)
+            check(c, **cfg)
+    else:
+        for check, configs, _ in OPS.values():
+            for cfg in configs(torch, a.quick):
+                check(c, **cfg)
+        for dt, B, H in ((torch.float32, 7, 13), (torch.bfloat16, 3, 40), (torch.float64, 1, 5)):
+            check_lstm_cell(c, dt, B, H)
+        check_cross_entropy_bad_target(c)
+        large_grid_cases(c)
     print(f"kernels launched: {' '.join(sorted(c.launched))}")
     print(f"cuda_emu checks: {c.ok} ok, {c.bad} bad in {time.time() - t0:.0f} s", flush=True)
     return 1 if c.bad or not c.ok else 0
