@@ -1,6 +1,6 @@
 // The CUDA runtime, c10/ATen CUDA and cuBLAS calls of csrc/cuda/*.cu, for compiling those files whole as host C++
 // (tools/cuda_emu/library.py): kernels run in prelude.h's emulator on CPU memory, the launch geometry, device
-// queries and host logic are the files' own. The emulated device is an sm_90 with EMU_SMS multiprocessors
+// queries and host logic are the files' own. The emulated device is an sm_90 (EMU_SM) with EMU_SMS multiprocessors
 // (default 8, so that grid-stride loops and co-residency limits are reached by small shapes).
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -34,12 +34,13 @@ struct cudaDeviceProp {
   int cooperativeLaunch = 1;
   char name[32] = "cuda_emu sm_90";
 };
+// EMU_SMS: the multiprocessor count; EMU_SM: the compute capability (default 90; e.g. 75 turns the sm_80+ paths
+// off). Read at every query, so a check can change them between calls.
 inline cudaDeviceProp* emu_device_prop() {
-  static cudaDeviceProp p = [] {
-    cudaDeviceProp q;
-    if (const char* e = getenv("EMU_SMS")) q.multiProcessorCount = atoi(e);
-    return q;
-  }();
+  static thread_local cudaDeviceProp p;
+  p = cudaDeviceProp{};
+  if (const char* e = getenv("EMU_SMS")) p.multiProcessorCount = atoi(e);
+  if (const char* e = getenv("EMU_SM")) p.major = atoi(e) / 10, p.minor = atoi(e) % 10;
   return &p;
 }
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
