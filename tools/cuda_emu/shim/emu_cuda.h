@@ -9,6 +9,7 @@
 #include <dlfcn.h>
 
 #include <cstdlib>
+#include <map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -58,9 +59,25 @@ template <typename K> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, K
   *a = cudaFuncAttributes{};
   return cudaSuccess;
 }
-template <typename K> cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int value) {
+// The dynamic shared memory granted to each kernel by cudaFuncSetAttribute: a launch asking for more than the
+// default 48 KB without a grant fails on a GPU, and aborts here.
+struct EmuSmemGrants {
+  std::mutex mu;
+  std::map<const void*, int> bytes;
+};
+inline EmuSmemGrants emu_smem_grants;
+template <typename K> cudaError_t cudaFuncSetAttribute(K kernel, cudaFuncAttribute, int value) {
   if (value < 0 || size_t(value) > kEmuMaxSmem) emu_fail("cudaFuncSetAttribute: shared memory past the opt-in maximum");
+  std::lock_guard<std::mutex> lock(emu_smem_grants.mu);
+  emu_smem_grants.bytes[reinterpret_cast<const void*>(kernel)] = value;
   return cudaSuccess;
+}
+inline void emu_check_smem_grant(const void* kernel, size_t smem) {
+  if (smem <= 48 * 1024) return;
+  std::lock_guard<std::mutex> lock(emu_smem_grants.mu);
+  const auto it = emu_smem_grants.bytes.find(kernel);
+  if (it == emu_smem_grants.bytes.end() || size_t(it->second) < smem)
+    emu_fail("a launch asks for more than 48 KB of dynamic shared memory that cudaFuncSetAttribute did not grant");
 }
 // Blocks an SM holds at once by threads and shared memory (registers are not modelled).
 template <typename K> cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int threads, size_t smem) {
@@ -90,6 +107,7 @@ template <typename K, typename F>
 void emu_launch_kernel(const char* site, K kernel, F&& call, dim3 grid, dim3 block, size_t smem = 0,
                        cudaStream_t = nullptr) {
   emu_launch_log.add(site, reinterpret_cast<const void*>(kernel));
+  emu_check_smem_grant(reinterpret_cast<const void*>(kernel), smem);
   emu_launch(grid, block, smem, call);
 }
 // cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), ...) is rewritten as emu_cooperative(kernel, ...):
@@ -100,6 +118,7 @@ cudaError_t emu_cooperative(void (*kernel)(P...), dim3 grid, dim3 block, void** 
     kernel(*static_cast<std::remove_cv_t<std::remove_reference_t<P>>*>(args[I])...);
   };
   emu_launch_log.add("cooperative", reinterpret_cast<const void*>(kernel));
+  emu_check_smem_grant(reinterpret_cast<const void*>(kernel), smem);
   emu_launch(grid, block, smem, [&] { call(std::index_sequence_for<P...>{}); }, grid.x * grid.y * grid.z);
   return cudaSuccess;
 }
