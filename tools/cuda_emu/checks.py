@@ -455,7 +455,7 @@ def large_grid_cases(c: Checker):
 
 
 def past_int32_cases(c: Checker):
-    """Tensors of more than 2**31 elements (4 GiB each in bfloat16; the run needs ~14 GiB): only the first and last
+    """Tensors of more than 2**31 elements (4 GiB each in bfloat16; the run needs ~20 GiB): only the first and last
     two blocks of each launch run (EMU_SAMPLE_BLOCKS), and the rows those blocks own - the first and the last, whose
     offsets pass 2**31 - are compared with the CPU kernels run on those rows alone. An offset computed in 32 bits
     reads and writes the wrong addresses there (or outside the tensor: ASan's report)."""
@@ -508,6 +508,28 @@ def past_int32_cases(c: Checker):
             check(f"bf16 query [1, 1, {L}, {D}] sm_{sm}: {L * D} elements", "attention_fwd",
                   [out[:, :, last], st[..., last]], [co, cst])
             del out, st
+        del q, k, v
+        # BCE: a grid-stride loop over 16-byte slots, block b owning slots s with (s // 256) % blocks == b (at most
+        # 2048 blocks of 256 threads): the sampled blocks' slots of the last stride pass 2**31 elements.
+        C = 4096
+        R = big // C + 1
+        x, y = fill(R, C), torch.rand(R, C, generator=c.gen).to(bf16)
+        w, pw = fill(C).abs_(), fill(C).abs_() + 0.5
+        slots, per = (R * C) // 8, 2048 * 256
+        last = (slots - 1) // per * per
+        owned = torch.cat([torch.arange(last + b * 256, min(last + (b + 1) * 256, slots)) for b in (0, 1)])
+        idx = (owned[:, None] * 8 + torch.arange(8)).reshape(-1)
+        assert idx.min() >= 2 ** 31
+        xs, ys, cols = x.view(-1)[idx], y.view(-1)[idx], idx % C
+        out = torch.ops.fastnn_emu.bce_with_logits_fwd(x, y, w, pw, 0)
+        check(f"bf16 [{R}, {C}] weight, pos_weight: elements past 2**31", "bce_with_logits_fwd", [out.view(-1)[idx]],
+              [torch.ops.fastnn.bce_with_logits_fwd(xs, ys, w[cols], pw[cols], 0)])
+        del out
+        g = torch.tensor(1.0, dtype=bf16)
+        dx, _ = torch.ops.fastnn_emu.bce_with_logits_bwd(g, x, y, w, pw, 2, True, False)
+        want, _ = torch.ops.fastnn.bce_with_logits_bwd(g, xs, ys, w[cols], pw[cols], 2, True, False)
+        check(f"bf16 [{R}, {C}] weight, pos_weight: elements past 2**31", "bce_with_logits_bwd", [dx.view(-1)[idx]],
+              [want])
     finally:
         for k_ in (*env, "EMU_SM"):
             os.environ.pop(k_, None)
@@ -531,7 +553,7 @@ def main() -> int:
     ap.add_argument("--fuzz", type=int, default=0, metavar="N", help="N random configurations instead of the fixed ones")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--past-int32", action="store_true",
-                    help="instead: tensors past 2**31 elements, sampled blocks (needs ~14 GiB of memory)")
+                    help="instead: tensors past 2**31 elements, sampled blocks (needs ~20 GiB of memory)")
     ap.add_argument("-k", default=None, help="only cases whose op and label contain this")
     a = ap.parse_args()
     library.build(a.sanitizer)  # before the re-exec: the compiler must not run with a preloaded runtime
