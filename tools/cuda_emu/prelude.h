@@ -41,7 +41,6 @@ struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-using Dim3e = dim3;
 inline thread_local dim3 threadIdx{0, 0, 0}, blockIdx{0, 0, 0}, blockDim, gridDim;
 
 [[noreturn]] inline void emu_fail(const char* what) {
@@ -56,7 +55,6 @@ struct WarpX {
   std::barrier<> bar;
   const void* addr[32];
   uint32_t a[32][4], b0[32], b1[32];
-  float f[32];
   uint64_t u[32];
   explicit WarpX(int n = 32) : size(n), bar(n) {}
 };
