@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CI, CUDA half (no GPU needed): in a venv holding the CUDA build of torch 2.14.1,
+# CI, CUDA half (no GPU needed): in a venv holding a CUDA build of torch (2.14.1 unless CUDA_TORCH says otherwise),
 #   1. builds the whole extension with CUDA for sm_80 and sm_90 (nvcc, MAX_JOBS=2),
 #   2. imports fastnn, lists the ops with CUDA kernels, and fails if fastnn._C registered none (softmax), and fails
 #      if the built extension's tensor-core kernels hold no HMMA instructions (.ci/nvcc_check.sh --sass),
@@ -8,9 +8,10 @@
 #      (.ci/run runs `python -m fastnn.kernels.aot --arch 90` as its own stage instead).
 #
 #   .ci/cuda_build_check.sh [VENV_DIR] [--out DIR] [--no-tests] [--aot] [--jobs N]
-#     VENV_DIR    venv with torch 2.14.1 (CUDA build); created if it has no torch: torch==2.14.1 from PyPI plus
-#                 tools/requirements-cpu.txt without its torch/triton pins (default: $CUDA_VENV, else
-#                 .venv-cuda in the repository; /work/cuda-venv on the dev machine)
+#     VENV_DIR    venv with a CUDA build of torch; created if it has no torch: torch==$CUDA_TORCH (default 2.14.1)
+#                 from PyPI, with the Triton it pins, plus tools/requirements-cpu.txt without its torch/triton pins,
+#                 under $CUDA_PYTHON (default python3) (default VENV_DIR: $CUDA_VENV, else .venv-cuda in the
+#                 repository; /work/cuda-venv on the dev machine)
 #     --out DIR   logs: build.log, import.log, tests.log, aot.log, times.txt (default: .ci/out/cuda)
 #     -k EXPR     only the tests pytest's -k selects (CI: "not triton", the interpreter ran in the CPU stage)
 #     --jobs N    pytest -n N (default 2); MAX_JOBS (parallel nvcc) is taken from the environment, default 2
@@ -55,8 +56,8 @@ step() {  # step NAME LOG CMD...: runs CMD with its output in LOG, records wall 
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   grep -vE '^(torch|triton)([=<> ]|$)' "$ROOT/tools/requirements-cpu.txt" >"$OUT/requirements.txt"
-  step venv "$OUT/venv.log" bash -c "python3 -m venv '$VENV' && '$VENV/bin/pip' install -q torch==2.14.1 \
-    -r '$OUT/requirements.txt'" || exit 1
+  step venv "$OUT/venv.log" bash -c "'${CUDA_PYTHON:-python3}' -m venv '$VENV' && '$VENV/bin/pip' install -q \
+    torch==${CUDA_TORCH:-2.14.1} -r '$OUT/requirements.txt'" || exit 1
 fi
 "$PY" - <<'PY' || { echo "cuda_build_check: $PY has no CUDA build of torch"; exit 1; }
 import torch

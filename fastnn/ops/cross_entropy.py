@@ -75,13 +75,16 @@ def reduce_loss(loss, target, weight, ignore_index, reduction, prob, dtype):
     """loss: per-row losses (accumulation dtype). A "mean" divides by the summed weight of the non-ignored targets
     (their count without weights; the number of rows for probability targets), as torch; all ignored gives NaN."""
     if reduction == "none":
-        return loss.to(dtype)
-    total = loss.sum()
-    if reduction == "sum":
-        return total.to(dtype)
-    if prob:
-        return (total / loss.numel()).to(dtype)
-    return (total / mean_denominator(target, weight, ignore_index, loss.dtype)).to(dtype)
+        out = loss
+    elif reduction == "sum":
+        out = loss.sum()
+    elif prob:
+        out = loss.sum() / loss.numel()
+    else:
+        out = loss.sum() / mean_denominator(target, weight, ignore_index, loss.dtype)
+    # No .to() when the dtype already matches: torch.compile in torch 2.11 turns a same-dtype .to() at the end of
+    # an autograd.Function's forward (the grad_in_forward losses) into a zero gradient.
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def mean_denominator(target, weight, ignore_index, acc):

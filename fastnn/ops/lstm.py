@@ -297,9 +297,11 @@ def lstm(input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None, para
         outs = []
         for d in range(D):
             k = layer * D + d
-            w_ih, w_hh, *rest = params[k * per:(k + 1) * per]
-            w_hr = rest.pop() if proj else None
-            b_ih, b_hh = rest or (None, None)
+            # Indexing rather than star-unpacking and pop(): torch 2.11's Dynamo traces the starred rest as a tuple.
+            group = params[k * per:(k + 1) * per]
+            w_ih, w_hh = group[0], group[1]
+            w_hr = group[-1] if proj else None
+            b_ih, b_hh = (group[2], group[3]) if per >= 4 else (None, None)
             hs, h, c = lstm_layer(layer_in, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, lengths, bool(d), backend, w_hr)
             outs.append(hs)
             h_n.append(h)
