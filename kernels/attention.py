@@ -412,13 +412,13 @@ def _pad(d: int) -> int:
 def _blocks(d: int, dtype: torch.dtype, backward: bool, variant: str, hopper: bool, aligned: bool = True) -> dict:
     """Tile sizes and launch options. ``variant``: "plain", "causal" or "masked" (masks or dropout, whose
     [BLOCK_M, BLOCK_N] offsets and hashes need registers too); ``hopper``: sm_90 or later; ``aligned``: what
-_aligned says (else element-wise loads and their addresses take registers: smaller tiles). Chosen so that no
-    bf16/fp16/float32 variant spills (kernels/aot.py checks, sm_90 and sm_80, Triton 3.8; Triton 3.6 spills in the
-    unaligned masked float32 D=256 backward only: docs/measurements.md, "Attention"), and on sm_90
-    so that the half-precision products run on wgmma, which takes products whose M (BLOCK_M; BLOCK_N for dK, dV)
-    is 64 or more, from warps in groups of 4. float32 (exact FMA dots, not tensor cores) and float64 take small
-    tiles, and at D=256 no software pipelining (num_stages=1): the prefetched tiles of the default 3 stages
-    spilled in the backward. ptxas' counts: docs/measurements.md, "Attention"."""
+    _aligned says (else element-wise loads and their addresses take registers: smaller tiles). Chosen so that no
+    bf16/fp16/float32 variant spills (kernels/aot.py checks, sm_90 and sm_80, Triton 3.8), but for the unaligned
+    masked D=256 backward: float32 on sm_90 with Triton 3.6, bf16 on sm_80 (docs/measurements.md, "Attention");
+    and on sm_90 so that the half-precision products run on wgmma, which takes products whose M (BLOCK_M; BLOCK_N
+    for dK, dV) is 64 or more, from warps in groups of 4. float32 (exact FMA dots, not tensor cores) and float64
+    take small tiles, and at D=256 no software pipelining (num_stages=1): the prefetched tiles of the default 3
+    stages spilled in the backward. ptxas' counts: docs/measurements.md, "Attention"."""
     block_d = _pad(d)
     if INTERPRET:
         return dict(INTERPRET_TILES, BLOCK_D=block_d, num_warps=4)
