@@ -16,6 +16,7 @@ small, and the whole run takes minutes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import subprocess
@@ -65,6 +66,21 @@ def kernel_names(so: str) -> dict:
     return names
 
 
+@contextlib.contextmanager
+def environ(values: dict | None):
+    """os.environ with `values` set (the emulator reads EMU_* at each launch), restored after."""
+    saved = {k: os.environ.get(k) for k in (values or {})}
+    os.environ.update(values or {})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class Checker:
     def __init__(self, filt: str | None, so: str):
         import torch
@@ -96,9 +112,7 @@ class Checker:
             return
         torch = self.torch
         t0 = time.time()
-        saved = {k: os.environ.get(k) for k in (env or {})}
-        os.environ.update(env or {})
-        try:
+        with environ(env):
             copies = [[a.clone() if isinstance(a, torch.Tensor) else a for a in args] for _ in range(2)]
             outs = []
             for lib, cargs in (("fastnn_emu", copies[0]), ("fastnn", copies[1])):
@@ -106,12 +120,6 @@ class Checker:
                 if mutated is not None:
                     r = cargs[mutated]
                 outs.append(list(r) if isinstance(r, (tuple, list)) else [r])
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         errs = []
         good = len(outs[0]) == len(outs[1])
         kernels = self.kernels()
@@ -461,7 +469,6 @@ def past_int32_cases(c: Checker):
     reads and writes the wrong addresses there (or outside the tensor: ASan's report)."""
     torch = c.torch
     bf16 = torch.bfloat16
-    env = {"EMU_SAMPLE_BLOCKS": "2"}
     big = 2 ** 31 + 2 ** 20
 
     def fill(*shape):
@@ -475,35 +482,35 @@ def past_int32_cases(c: Checker):
         good = all(e <= TOL["bfloat16"] * b.double().abs().max().item() for e, b in zip(errs, cpu_out))
         c._report(good, label, op, " ".join(f"{e:.1e}" for e in errs) + f" [{c.kernels()}]", time.time() - t0)
 
-    os.environ.update(env)
-    try:
+    with environ({"EMU_SAMPLE_BLOCKS": "2"}):
         n = 32000
         rows = big // n + 1  # one row a block at this width
+        lab = f"bf16 [{rows}, {n}]: {rows * n} elements"
         x = fill(rows, n)
         ends = torch.tensor([0, 1, rows - 2, rows - 1])
         y = torch.ops.fastnn_emu.softmax_fwd(x, -1, False)
-        check(f"bf16 [{rows}, {n}]: {rows * n} elements", "softmax_fwd", [y[ends]],
+        check(lab, "softmax_fwd", [y[ends]],
               [torch.ops.fastnn.softmax_fwd(x[ends], -1, False)])
         dy = fill(rows, n)
         dx = torch.ops.fastnn_emu.softmax_bwd(dy, y, -1, False)
-        check(f"bf16 [{rows}, {n}]: {rows * n} elements", "softmax_bwd", [dx[ends]],
+        check(lab, "softmax_bwd", [dx[ends]],
               [torch.ops.fastnn.softmax_bwd(dy[ends], y[ends], -1, False)])
         del y, dy, dx
         t = torch.randint(0, n, (rows,), generator=c.gen)
         loss, stats = torch.ops.fastnn_emu.cross_entropy_fwd(x, t, None, -100, 0.1, False)
         cl, cs = torch.ops.fastnn.cross_entropy_fwd(x[ends], t[ends], None, -100, 0.1, False)
-        check(f"bf16 [{rows}, {n}]: {rows * n} elements", "cross_entropy_fwd", [loss[ends]], [cl])
+        check(lab, "cross_entropy_fwd", [loss[ends]], [cl])
         g = torch.ones(rows)
         dx = torch.ops.fastnn_emu.cross_entropy_bwd(g, x, t, None, stats, -100, 0.1)
-        check(f"bf16 [{rows}, {n}]: {rows * n} elements", "cross_entropy_bwd", [dx[ends]],
+        check(lab, "cross_entropy_bwd", [dx[ends]],
               [torch.ops.fastnn.cross_entropy_bwd(g[ends], x[ends], t[ends], None, cs, -100, 0.1)])
         del x, dx
         D, L = 64, big // 64 + 100  # one query sequence past 2**31 elements, 16 keys
         q, k, v = fill(1, 1, L, D), fill(1, 1, 16, D), fill(1, 1, 16, D)
         last = slice(L - 4, L)  # the simple kernel: a block has 4 or more query rows
         for sm in ("90", "75"):  # the tensor-core kernel, and the simple one a pre-sm_80 GPU runs
-            os.environ["EMU_SM"] = sm
-            out, st = torch.ops.fastnn_emu.attention_fwd(q, k, v, None, None, 0.0, False, 0.125, 1)
+            with environ({"EMU_SM": sm}):
+                out, st = torch.ops.fastnn_emu.attention_fwd(q, k, v, None, None, 0.0, False, 0.125, 1)
             co, cst = torch.ops.fastnn.attention_fwd(q[:, :, last].contiguous(), k, v, None, None, 0.0, False, 0.125, 1)
             check(f"bf16 query [1, 1, {L}, {D}] sm_{sm}: {L * D} elements", "attention_fwd",
                   [out[:, :, last], st[..., last]], [co, cst])
@@ -521,18 +528,15 @@ def past_int32_cases(c: Checker):
         idx = (owned[:, None] * 8 + torch.arange(8)).reshape(-1)
         assert idx.min() >= 2 ** 31
         xs, ys, cols = x.view(-1)[idx], y.view(-1)[idx], idx % C
+        lab = f"bf16 [{R}, {C}] weight, pos_weight: elements past 2**31"
         out = torch.ops.fastnn_emu.bce_with_logits_fwd(x, y, w, pw, 0)
-        check(f"bf16 [{R}, {C}] weight, pos_weight: elements past 2**31", "bce_with_logits_fwd", [out.view(-1)[idx]],
+        check(lab, "bce_with_logits_fwd", [out.view(-1)[idx]],
               [torch.ops.fastnn.bce_with_logits_fwd(xs, ys, w[cols], pw[cols], 0)])
         del out
         g = torch.tensor(1.0, dtype=bf16)
         dx, _ = torch.ops.fastnn_emu.bce_with_logits_bwd(g, x, y, w, pw, 2, True, False)
         want, _ = torch.ops.fastnn.bce_with_logits_bwd(g, xs, ys, w[cols], pw[cols], 2, True, False)
-        check(f"bf16 [{R}, {C}] weight, pos_weight: elements past 2**31", "bce_with_logits_bwd", [dx.view(-1)[idx]],
-              [want])
-    finally:
-        for k_ in (*env, "EMU_SM"):
-            os.environ.pop(k_, None)
+        check(lab, "bce_with_logits_bwd", [dx.view(-1)[idx]], [want])
 
 
 # (check, fixed configurations, random draw) of each op
