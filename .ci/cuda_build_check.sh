@@ -4,15 +4,17 @@
 #   2. imports fastnn, lists the ops with CUDA kernels, and fails if fastnn._C registered none (softmax), and fails
 #      if the built extension's tensor-core kernels hold no HMMA instructions (.ci/nvcc_check.sh --sass),
 #   3. runs the CPU test suite there (Triton interpreter),
-#   4. with --aot: compiles every Triton kernel ahead of time for sm_90, failing on register spills
-#      (.ci/run runs `python -m fastnn.kernels.aot --arch 90` as its own stage instead).
+#   4. with --aot: compiles every Triton kernel ahead of time for sm_90, failing on register spills;
+#   5. with --aot-recorded FILE: compiles for sm_90 every Triton launch a test run recorded in FILE
+#      (FASTNN_TRITON_RECORD, kernels/aot.py), failing on a compile error or shared memory above sm_90's.
 #
-#   .ci/cuda_build_check.sh [VENV_DIR] [--out DIR] [--no-tests] [--aot] [--jobs N]
+#   .ci/cuda_build_check.sh [VENV_DIR] [--out DIR] [--no-tests] [--aot] [--aot-recorded FILE] [--jobs N]
 #     VENV_DIR    venv with a CUDA build of torch; created if it has no torch: torch==$CUDA_TORCH (default 2.14.1)
 #                 from PyPI, with the Triton it pins, plus tools/requirements-cpu.txt without its torch/triton pins,
 #                 under $CUDA_PYTHON (default python3) (default VENV_DIR: $CUDA_VENV, else .venv-cuda in the
 #                 repository; /work/cuda-venv on the dev machine)
-#     --out DIR   logs: build.log, import.log, tests.log, aot.log, times.txt (default: .ci/out/cuda)
+#     --out DIR   logs: build.log, import.log, tests.log, aot.log, aot-recorded.log, times.txt (default:
+#                 .ci/out/cuda)
 #     -k EXPR     only the tests pytest's -k selects (CI: "not triton", the interpreter ran in the CPU stage)
 #     --jobs N    pytest -n N (default 2); MAX_JOBS (parallel nvcc) is taken from the environment, default 2
 # Needs nvcc (CUDA 13.0) at $CUDA_HOME, /usr/local/cuda or on PATH. Exit status: 0 if every step passed.
@@ -20,13 +22,14 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${CUDA_VENV:-$ROOT/.venv-cuda}
 OUT=$ROOT/.ci/out/cuda
-TESTS=1 AOT=0 JOBS=2 KEXPR=
+TESTS=1 AOT=0 JOBS=2 KEXPR= RECORDED=
 while [ $# -gt 0 ]; do
   case $1 in
     --venv) VENV=$2; shift ;;
     --out) OUT=$2; shift ;;
     --no-tests) TESTS=0 ;;
     --aot) AOT=1 ;;
+    --aot-recorded) RECORDED=$(cd "$(dirname "$2")" && pwd)/$(basename "$2"); shift ;;
     -k) KEXPR=$2; shift ;;
     --jobs) JOBS=$2; shift ;;
     -*) echo "unknown argument $1"; exit 2 ;;
@@ -96,5 +99,10 @@ step sass "$OUT/sass.log" env PYTHON="$PY" bash "$ROOT/.ci/nvcc_check.sh" --sass
   -n "$JOBS" -p no:cacheprovider --durations=10 ${KEXPR:+-k "$KEXPR"}
 [ $AOT = 1 ] && step aot "$OUT/aot.log" env -C /tmp "$PY" -m fastnn.kernels.aot --arch 90
 [ $AOT = 1 ] && grep -E "^sm_|aot:" "$OUT/aot.log" | tail -60
+if [ -n "$RECORDED" ]; then
+  step aot-recorded "$OUT/aot-recorded.log" env -C /tmp "$PY" -m fastnn.kernels.aot --recorded "$RECORDED" \
+    --arch 90 --jobs "$JOBS"
+  grep -E "^aot:|^  (FAIL|SPILL)" "$OUT/aot-recorded.log" | cut -c1-240 | head -40
+fi
 echo "cuda_build_check: $([ $status = 0 ] && echo PASSED || echo FAILED) (logs in $OUT)"
 exit $status

@@ -43,9 +43,15 @@ MAX_HEAD_DIM = 256
 # Tiles under the interpreter, whose cost is per operation, not per element: big tiles, few iterations. Tests
 # shrink them to reach the multi-block paths (causal diagonal, ragged last block) at small shapes.
 INTERPRET_TILES = dict(BLOCK_M=128, BLOCK_N=128)
+# Whether the launchers pick the GPU's tiles (below): False under the interpreter, unless set to record what a GPU
+# would run (kernels/aot.py, record_launches).
+GPU_TILES = not INTERPRET
 # The dropout hash's constants (kernels/dropout.py) as a jitted function may read a global: constexpr.
 _ROW_MUL, _COL_MUL, _FMIX_MUL1, _FMIX_MUL2 = (tl.constexpr(c) for c in (ROW_MUL, COL_MUL, FMIX_MUL1, FMIX_MUL2))
 _DROP_SHIFT = tl.constexpr(32 - KEEP_BITS)
+# The dropout seed's halves are new every call: specialized, a half equal to 1 would reach the kernel as a Python
+# int (which has no .to) and one divisible by 16 would compile another variant.
+_SEEDS = ["seed_lo", "seed_hi"]
 _LOG2E = tl.constexpr(math.log2(math.e))
 _LN2 = tl.constexpr(math.log(2.0))
 
@@ -190,7 +196,7 @@ def _fwd_step(acc, m_i, l_i, q, k_base, v_base, start_n, offs_m, offs_n0, c, b, 
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SEEDS)
 def _attn_fwd(Q, K, V, O, ROW_MAX, LOGL, MASK, KPM, H, G, Lq, Lk, D, DV, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh,
               scale_hi, scale_lo, smb, smh, smm, smn, seed_lo, seed_hi, thresh, drop_scale,
               HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
@@ -314,7 +320,7 @@ def _bwd_step(dk, dv, k, v, start_m, offs_m0, offs_n, q_base, do_base, dq_base, 
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SEEDS)
 def _attn_bwd(Q, K, V, DO, ROW_MAX, LOGL, DELTA, DQ, DK, DV_, DMASK, MASK, KPM, H, G, Lq, Lk, D, DV, q_sb, q_sh,
               k_sb, k_sh, v_sb, v_sh, scale_hi, scale_lo, smb, smh, smm, smn, dmb, dmh, dmm, dmn, seed_lo, seed_hi,
               thresh, drop_scale,
@@ -391,7 +397,7 @@ def _attn_bwd_delta(O, DO, DELTA, R, DV, ACC: tl.constexpr, BLOCK_R: tl.constexp
 
 def _delta_rows(block_dv: int) -> int:
     """Rows per program of _attn_bwd_delta: ~4096 elements (big tiles under the interpreter)."""
-    return 128 if INTERPRET else max(1, 4096 // block_dv)
+    return max(1, 4096 // block_dv) if GPU_TILES else 128
 
 
 # ---- launchers ----------------------------------------------------------------------------------------------
@@ -420,17 +426,18 @@ def _blocks(d: int, dtype: torch.dtype, backward: bool, variant: str, hopper: bo
     take small tiles, and at D=256 no software pipelining (num_stages=1): the prefetched tiles of the default 3
     stages spilled in the backward. ptxas' counts: docs/measurements.md, "Attention"."""
     block_d = _pad(d)
-    if INTERPRET:
+    if not GPU_TILES:
         return dict(INTERPRET_TILES, BLOCK_D=block_d, num_warps=4)
     if dtype in (torch.float32, torch.float64):
-        cfg = dict(BLOCK_M=32, BLOCK_N=32) if block_d <= 32 else dict(BLOCK_M=16, BLOCK_N=16)
-        cfg.update(BLOCK_D=block_d, num_warps=8 if block_d >= 64 else 4)
+        # 32 x 32 tiles only for the forward at small head dims, on 8 warps: with 4, or in the backward (five
+        # products' tiles live), masked and ragged variants spilled (kernels/aot.py --recorded, Triton 3.6)
+        small = block_d <= 32 and not backward
+        cfg = dict(BLOCK_M=32, BLOCK_N=32) if small else dict(BLOCK_M=16, BLOCK_N=16)
+        cfg.update(BLOCK_D=block_d, num_warps=8 if block_d >= 64 or small else 4)
         # ptxas held some variants to 128 or 168 registers and spilled; with its cap lifted they take ~150-220
         cfg.update(maxnreg=255)
-        if backward and (variant == "masked" or not aligned):
+        if (backward and (variant == "masked" or not aligned)) or block_d >= 256:
             cfg.update(num_stages=1)
-        elif block_d >= 256:
-            cfg.update(num_warps=4 if backward and aligned else cfg["num_warps"], num_stages=1)
         return cfg
     table = (_HOPPER if hopper else _AMPERE) if aligned else _UNALIGNED
     bm, bn, warps, stages, _ = table[(backward, variant, max(block_d, 64))]
@@ -551,7 +558,12 @@ def _launch_args(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, sca
         mask, strides = attn_mask, _bstrides(attn_mask, range(4))
     else:
         mask, strides = q, (0, 0, 0, 0)  # never read
-    kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else q
+    kpm = q  # never read
+    if key_padding_mask is not None:
+        # Bytes, but int32 for float64: Triton sizes the products' operand fragments by the narrowest element
+        # loaded on the way to them, and the float64 MMA takes no fragment sized for bytes (the compile aborts).
+        kpm = key_padding_mask.contiguous().view(torch.uint8)
+        kpm = kpm.to(torch.int32) if dtype == torch.float64 else kpm
     variant = "plain"
     if attn_mask is not None or key_padding_mask is not None or dropout_p > 0:
         variant = "masked"

@@ -97,7 +97,7 @@ def bce_with_logits_bwd_kernel(X, Y, W, PW, G, DX, DY, n,
     y = tl.load(Y + i, mask=mask, other=0.0).to(ACC)
     wg = _load_operand(G, i, mask, gs1, gs2, gs3, gt0, gt1, gt2, gt3, G_NDIM, ACC)
     if MEAN:  # divided in ACC: a float scale argument would be rounded to float32
-        wg = wg / n.to(ACC)
+        wg = wg / tl.cast(n, ACC)  # tl.cast: the JIT passes an n of 1 as a Python int, which has no .to
     if W_NDIM != 0:
         wg = wg * _load_operand(W, i, mask, ws1, ws2, ws3, wt0, wt1, wt2, wt3, W_NDIM, ACC)
     pw = _load_operand(PW, i, mask, ps1, ps2, ps3, pt0, pt1, pt2, pt3, PW_NDIM, ACC)

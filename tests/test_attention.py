@@ -847,9 +847,11 @@ TRITON_CPU = [p for p in BACKENDS if p.values == ("cpu", "triton")]
 
 
 def _small_tiles(monkeypatch, block_m, block_n):
-    """Interpreter tiles of block_m x block_n, so that small shapes span several query and key blocks."""
+    """Interpreter tiles of block_m x block_n, so that small shapes span several query and key blocks (also while
+    the GPU's tiles are being recorded: kernels/aot.py, record_launches)."""
     import fastnn.kernels.attention as kernels
 
+    monkeypatch.setattr(kernels, "GPU_TILES", False)
     monkeypatch.setitem(kernels.INTERPRET_TILES, "BLOCK_M", block_m)
     monkeypatch.setitem(kernels.INTERPRET_TILES, "BLOCK_N", block_n)
     return kernels
