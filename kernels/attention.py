@@ -423,8 +423,9 @@ def _blocks(d: int, dtype: torch.dtype, backward: bool, variant: str, hopper: bo
     masked D=256 backward: float32 on sm_90 with Triton 3.6, bf16 on sm_80 (docs/measurements.md, "Attention");
     and on sm_90 so that the half-precision products run on wgmma, which takes products whose M (BLOCK_M; BLOCK_N
     for dK, dV) is 64 or more, from warps in groups of 4. float32 (exact FMA dots, not tensor cores) and float64
-    take small tiles, and at D=256 no software pipelining (num_stages=1): the prefetched tiles of the default 3
-    stages spilled in the backward. ptxas' counts: docs/measurements.md, "Attention"."""
+    take small tiles (16 x 16; 32 x 32 for the forward at head dims up to 32), and at D=256 no software pipelining
+    (num_stages=1): the prefetched tiles of the default 3 stages spilled in the backward. ptxas' counts:
+    docs/measurements.md, "Attention"; every variant the tests reach, not only these: kernels/aot.py --recorded."""
     block_d = _pad(d)
     if not GPU_TILES:
         return dict(INTERPRET_TILES, BLOCK_D=block_d, num_warps=4)
