@@ -257,6 +257,17 @@ def record_launches(path: str, arch: int = 80) -> None:
     InterpretedFunction.run = recording_run
 
 
+def record_launches_from_env() -> bool:
+    """record_launches into $FASTNN_TRITON_RECORD (for $FASTNN_TRITON_RECORD_ARCH, default 80) when that is set and
+    Triton runs interpreted; whether it records. The test suite (tests/conftest.py) and
+    tools/gpu_sanitize_driver.py --device cpu call it."""
+    path = os.environ.get("FASTNN_TRITON_RECORD")
+    if not path or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False
+    record_launches(path, int(os.environ.get("FASTNN_TRITON_RECORD_ARCH", "80")))
+    return True
+
+
 def recorded_specs(paths: list[str], archs: list[int]):
     """(module, arch, aligned, spec) for each distinct launch that ``record_launches`` wrote to ``paths``, for each
     of ``archs``: a launch recorded for one arch (its tiles were chosen for it) only for that one."""

@@ -14,10 +14,10 @@ import fastnn  # noqa: E402,F401
 # FASTNN_TRITON_RECORD=FILE: write every Triton launch's compile key to FILE (JSON lines) for
 # `python -m fastnn.kernels.aot --recorded FILE`, which compiles each for the GPU (kernels/aot.py, record_launches);
 # FASTNN_TRITON_RECORD_ARCH=90 records the tiles an sm_90 GPU would run (default 80).
-if os.environ.get("FASTNN_TRITON_RECORD") and os.environ.get("TRITON_INTERPRET") == "1":
-    from fastnn.kernels.aot import record_launches  # noqa: E402
+if os.environ.get("FASTNN_TRITON_RECORD"):
+    from fastnn.kernels.aot import record_launches_from_env  # noqa: E402
 
-    record_launches(os.environ["FASTNN_TRITON_RECORD"], int(os.environ.get("FASTNN_TRITON_RECORD_ARCH", "80")))
+    record_launches_from_env()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -468,6 +468,10 @@ def main(argv=None) -> int:
     if "triton" in backends and not triton_status()[0]:
         print(f"gpu_sanitize_driver: no Triton ({triton_status()[1]}); native only")
         backends.remove("triton")
+    if "triton" in backends and os.environ.get("FASTNN_TRITON_RECORD"):  # on the CPU: kernels/aot.py --recorded
+        from fastnn.kernels.aot import record_launches_from_env
+
+        record_launches_from_env()
     all_cases = cases(args.device, args.dtype or DTYPES, args.only)
     if args.list:
         for c in all_cases:
