@@ -46,7 +46,6 @@ run was interrupted (a competitor's failure is reported, not an error of fastnn'
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import datetime as _dt
 import gc
@@ -57,6 +56,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import torch
 import torch.nn.functional as TF
@@ -129,21 +129,6 @@ class Cand:
     mutates: bool = False
     modes: tuple[str, ...] | None = None
     env: dict[str, str] = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def environ(values: dict[str, str]):
-    """os.environ with `values` set, restored after."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @dataclass
@@ -282,7 +267,7 @@ class Runner:
         g = torch.randn(case.out_shape, device=dev, dtype=case.dtype) if case.out_shape else None
         ref = None
         for impl, c in case.cands.items():
-            with environ(c.env):
+            with mock.patch.dict(os.environ, c.env):
                 ref = self.run_cand(case, impl, c, inputs, g, ref)
         del inputs, ref, g
         self._free()

@@ -16,12 +16,12 @@ small, and the whole run takes minutes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
 import subprocess
 import sys
 import time
+from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -66,21 +66,6 @@ def kernel_names(so: str) -> dict:
     return names
 
 
-@contextlib.contextmanager
-def environ(values: dict | None):
-    """os.environ with `values` set (the emulator reads EMU_* at each launch), restored after."""
-    saved = {k: os.environ.get(k) for k in (values or {})}
-    os.environ.update(values or {})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 class Checker:
     def __init__(self, filt: str | None, so: str):
         import torch
@@ -112,7 +97,7 @@ class Checker:
             return
         torch = self.torch
         t0 = time.time()
-        with environ(env):
+        with mock.patch.dict(os.environ, env or {}):
             copies = [[a.clone() if isinstance(a, torch.Tensor) else a for a in args] for _ in range(2)]
             outs = []
             for lib, cargs in (("fastnn_emu", copies[0]), ("fastnn", copies[1])):
@@ -482,7 +467,7 @@ def past_int32_cases(c: Checker):
         good = all(e <= TOL["bfloat16"] * b.double().abs().max().item() for e, b in zip(errs, cpu_out))
         c._report(good, label, op, " ".join(f"{e:.1e}" for e in errs) + f" [{c.kernels()}]", time.time() - t0)
 
-    with environ({"EMU_SAMPLE_BLOCKS": "2"}):
+    with mock.patch.dict(os.environ, {"EMU_SAMPLE_BLOCKS": "2"}):
         n = 32000
         rows = big // n + 1  # one row a block at this width
         lab = f"bf16 [{rows}, {n}]: {rows * n} elements"
@@ -509,7 +494,7 @@ def past_int32_cases(c: Checker):
         q, k, v = fill(1, 1, L, D), fill(1, 1, 16, D), fill(1, 1, 16, D)
         last = slice(L - 4, L)  # the simple kernel: a block has 4 or more query rows
         for sm in ("90", "75"):  # the tensor-core kernel, and the simple one a pre-sm_80 GPU runs
-            with environ({"EMU_SM": sm}):
+            with mock.patch.dict(os.environ, {"EMU_SM": sm}):
                 out, st = torch.ops.fastnn_emu.attention_fwd(q, k, v, None, None, 0.0, False, 0.125, 1)
             co, cst = torch.ops.fastnn.attention_fwd(q[:, :, last].contiguous(), k, v, None, None, 0.0, False, 0.125, 1)
             check(f"bf16 query [1, 1, {L}, {D}] sm_{sm}: {L * D} elements", "attention_fwd",
