@@ -190,8 +190,9 @@ def record_launches(path: str, arch: int = 80) -> None:
     GPU. For the interpreter (TRITON_INTERPRET=1): the test suite's launches on CPU tensors then become the list
     that ``--recorded`` compiles for real, so every specialization the tests run is known to compile, not only the
     representative ones of ``AOT``. What the launchers choose for the interpreter alone is set as a GPU has it: the
-    attention tiles (kernels/attention.py's GPU_TILES; ``arch`` >= 90 picks Hopper's, the launchers' only choice
-    that depends on the device), and the constexpr UPCAST, the interpreter's bfloat16 workaround
+    attention tiles (kernels/attention.py's GPU_TILES; ``arch`` >= 90 picks Hopper's) and whether the float32 /
+    float64 attention backward holds its key block in the loop (by ``arch``'s shared memory, _MAX_SHARED) - the
+    launchers' only choices that depend on the device - and the constexpr UPCAST, the interpreter's bfloat16 workaround
     (kernels/common.py), is recorded as False. Each process writes each key once; lines are short single appends,
     so pytest-xdist workers may share the file."""
     import json
@@ -204,9 +205,12 @@ def record_launches(path: str, arch: int = 80) -> None:
 
     from fastnn.kernels import attention
 
+    if arch not in _MAX_SHARED:
+        raise ValueError(f"record_launches: arch {arch} is not one of {sorted(_MAX_SHARED)}")
     attention.GPU_TILES = True
     if arch >= 90:
         attention._is_hopper = lambda device: True
+    attention._shared_memory = lambda device: _MAX_SHARED[arch]
     seen, run = set(), InterpretedFunction.run
 
     def value(v):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 
 import torch
 import triton
@@ -118,16 +119,22 @@ def _program(n_blocks, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _load(base, offs, L, D, offs_d, dmask, ROWS: tl.constexpr, COLS: tl.constexpr):
+def _load(base, offs, L, D, offs_d, dmask, ROWS: tl.constexpr, COLS: tl.constexpr, TRANS: tl.constexpr = False):
     """Rows offs of one head's contiguous (L, D) matrix at base, zeros where they do not exist; the row bound
-    checked only when ROWS, the head-dim bound only when COLS (a full tile takes unmasked loads)."""
-    ptrs = base + offs[:, None] * D + offs_d[None, :]
+    checked only when ROWS, the head-dim bound only when COLS (a full tile takes unmasked loads). TRANS: the tile
+    transposed, [BLOCK_D, rows], read from memory in that order."""
+    if TRANS:
+        ptrs = base + offs[None, :] * D + offs_d[:, None]
+        rmask, cmask = offs[None, :] < L, dmask[:, None]
+    else:
+        ptrs = base + offs[:, None] * D + offs_d[None, :]
+        rmask, cmask = offs[:, None] < L, dmask[None, :]
     if ROWS and COLS:
-        x = tl.load(ptrs, mask=(offs[:, None] < L) & dmask[None, :], other=0.0)
+        x = tl.load(ptrs, mask=rmask & cmask, other=0.0)
     elif ROWS:
-        x = tl.load(ptrs, mask=offs[:, None] < L, other=0.0)
+        x = tl.load(ptrs, mask=rmask, other=0.0)
     elif COLS:
-        x = tl.load(ptrs, mask=dmask[None, :], other=0.0)
+        x = tl.load(ptrs, mask=cmask, other=0.0)
     else:
         x = tl.load(ptrs)
     return x
@@ -279,26 +286,38 @@ def _add_dmask(DMASK, ds, b, h, offs_m, offs_n, Lq, Lk, dmb, dmh, dmm, dmn,
 
 
 @triton.jit
-def _bwd_step(dk, dv, k, v, start_m, offs_m0, offs_n, q_base, do_base, dq_base, c, sc, b, h, bh, Lq, Lk, D, DV,
-              offs_d, dmask, offs_dv, dvmask, ROW_MAX, LOGL, DELTA, MASK, smb, smh, smm, smn, KPM, DMASK, dmb, dmh,
-              dmm, dmn, seed_lo, seed_hi, thresh, drop_scale,
+def _bwd_step(dk, dv, k, v, k_base, v_base, start_m, offs_m0, offs_n, q_base, do_base, dq_base, c, sc, b, h, bh,
+              Lq, Lk, D, DV, offs_d, dmask, offs_dv, dvmask, ROW_MAX, LOGL, DELTA, MASK, smb, smh, smm, smn, KPM,
+              DMASK, dmb, dmh, dmm, dmn, seed_lo, seed_hi, thresh, drop_scale,
               HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, BOUND_N: tl.constexpr,
               DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, MASK_GRAD: tl.constexpr, DM_SUM_M: tl.constexpr,
-              DM_SUM_N: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+              DM_SUM_N: tl.constexpr, KV_IN_LOOP: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+              UPCAST: tl.constexpr):
     """One query block of the backward against the program's key block: the five products, dQ added atomically.
-    CAUSAL: the block meets the causal diagonal; BOUND_N: the key block is ragged."""
+    CAUSAL: the block meets the causal diagonal; BOUND_N: the key block is ragged. KV_IN_LOOP: k and v are not
+    used; the key block is read (from cache) where each product needs it, in the layout it needs (_attn_bwd)."""
     offs_m = start_m + offs_m0
     q = _load(q_base, offs_m, Lq, D, offs_d, dmask, True, not EVEN_D)
-    do = _load(do_base, offs_m, Lq, DV, offs_dv, dvmask, True, not EVEN_D)
+    if not KV_IN_LOOP:
+        do = _load(do_base, offs_m, Lq, DV, offs_dv, dvmask, True, not EVEN_D)
     rmask = offs_m < Lq
     m = tl.load(ROW_MAX + bh * Lq + offs_m, mask=rmask, other=float("inf"))  # +inf past Lq: P = 0 there
     logl = tl.load(LOGL + bh * Lq + offs_m, mask=rmask, other=0.0)
     delta = tl.load(DELTA + bh * Lq + offs_m, mask=rmask, other=0.0)
     log2e = _const(_LOG2E, ACC)
-    s = _scores(_mm(q, tl.trans(k), ACC, PREC, UPCAST), c, offs_m, offs_n, b, h, Lq, Lk, MASK, smb, smh, smm,
-                smn, KPM, HAS_MASK, HAS_KPM, CAUSAL, BOUND_N, ACC)
+    if KV_IN_LOOP:
+        kt = _load(k_base, offs_n, Lk, D, offs_d, dmask, BOUND_N, not EVEN_D, True)
+    else:
+        kt = tl.trans(k)
+    s = _scores(_mm(q, kt, ACC, PREC, UPCAST), c, offs_m, offs_n, b, h, Lq, Lk, MASK, smb, smh, smm, smn, KPM,
+                HAS_MASK, HAS_KPM, CAUSAL, BOUND_N, ACC)
     p = tl.math.exp2((s - (m * log2e)[:, None]) - (logl * log2e)[:, None])  # m = +inf on empty rows: p = 0
-    dp = _mm(do, tl.trans(v), ACC, PREC, UPCAST)
+    if KV_IN_LOOP:  # dO read here, so that its two staged copies are not held through Q K^T
+        do = _load(do_base, offs_m, Lq, DV, offs_dv, dvmask, True, not EVEN_D)
+        vt = _load(v_base, offs_n, Lk, DV, offs_dv, dvmask, BOUND_N, not EVEN_D, True)
+    else:
+        vt = tl.trans(v)
+    dp = _mm(do, vt, ACC, PREC, UPCAST)
     pd = p
     if DROPOUT:
         keep = _keep(bh * Lq + offs_m, offs_n, seed_lo, seed_hi, thresh)
@@ -309,6 +328,8 @@ def _bwd_step(dk, dv, k, v, start_m, offs_m0, offs_n, q_base, do_base, dq_base, 
     dv += _mm(tl.trans(_to(pd, do.dtype, UPCAST)), do, ACC, PREC, UPCAST)
     ds_in = _to(ds * sc, q.dtype, UPCAST)  # the scale of dK = dS^T Q scale and dQ = dS K scale, once
     dk += _mm(tl.trans(ds_in), q, ACC, PREC, UPCAST)
+    if KV_IN_LOOP:
+        k = _load(k_base, offs_n, Lk, D, offs_d, dmask, BOUND_N, not EVEN_D)
     dq = _mm(ds_in, k, ACC, PREC, UPCAST)
     dq_ptrs = dq_base + offs_m[:, None] * D + offs_d[None, :]
     if EVEN_D:
@@ -327,11 +348,12 @@ def _attn_bwd(Q, K, V, DO, ROW_MAX, LOGL, DELTA, DQ, DK, DV_, DMASK, MASK, KPM, 
               HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
               ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, GQA: tl.constexpr, EQUAL_D: tl.constexpr,
               EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, MASK_GRAD: tl.constexpr, DM_SUM_M: tl.constexpr,
-              DM_SUM_N: tl.constexpr,
+              DM_SUM_N: tl.constexpr, KV_IN_LOOP: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     # One program per (key block, batch * kv head): it walks the G query heads that share the kv head (grouped-
     # query attention), so dK / dV sum over the group without atomics. DQ (float32 / float64, zeroed) takes dQ
-    # atomically, scaled; DMASK the mask's gradient (MASK_GRAD).
+    # atomically, scaled; DMASK the mask's gradient (MASK_GRAD). The key block is held through the loop, or with
+    # KV_IN_LOOP (_kv_in_loop: shared memory too small to hold it) read again by each product that takes it.
     if EQUAL_D:
         DV = D
     if EVEN_D:
@@ -350,8 +372,12 @@ def _attn_bwd(Q, K, V, DO, ROW_MAX, LOGL, DELTA, DQ, DK, DV_, DMASK, MASK, KPM, 
     dmask = offs_d < D
     offs_dv = tl.arange(0, BLOCK_DV)
     dvmask = offs_dv < DV
-    k = _load(K + b * k_sb + hk * k_sh, offs_n, Lk, D, offs_d, dmask, not EVEN_N, not EVEN_D)
-    v = _load(V + b * v_sb + hk * v_sh, offs_n, Lk, DV, offs_dv, dvmask, not EVEN_N, not EVEN_D)
+    k_base, v_base = K + b * k_sb + hk * k_sh, V + b * v_sb + hk * v_sh
+    k = tl.zeros([BLOCK_N, BLOCK_D], K.dtype.element_ty)
+    v = tl.zeros([BLOCK_N, BLOCK_DV], V.dtype.element_ty)
+    if not KV_IN_LOOP:
+        k = _load(k_base, offs_n, Lk, D, offs_d, dmask, not EVEN_N, not EVEN_D)
+        v = _load(v_base, offs_n, Lk, DV, offs_dv, dvmask, not EVEN_N, not EVEN_D)
     sc = _scale(scale_hi, scale_lo, ACC)
     c = sc * _const(_LOG2E, ACC)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
@@ -368,17 +394,17 @@ def _attn_bwd(Q, K, V, DO, ROW_MAX, LOGL, DELTA, DQ, DK, DV_, DMASK, MASK, KPM, 
         q_base, do_base, dq_base = Q + b * q_sb + h * q_sh, DO + bh * Lq * DV, DQ + bh * Lq * D
         if CAUSAL:
             for start_m in range(lo, diag_end, BLOCK_M):
-                dk, dv = _bwd_step(dk, dv, k, v, start_m, offs_m0, offs_n, q_base, do_base, dq_base, c, sc, b, h,
-                                   bh, Lq, Lk, D, DV, offs_d, dmask, offs_dv, dvmask, ROW_MAX, LOGL, DELTA, MASK,
-                                   smb, smh, smm, smn, KPM, DMASK, dmb, dmh, dmm, dmn, seed_lo, seed_hi, thresh,
-                                   drop_scale, HAS_MASK, HAS_KPM, True, not EVEN_N, DROPOUT, EVEN_D, MASK_GRAD,
-                                   DM_SUM_M, DM_SUM_N, ACC, PREC, UPCAST)
+                dk, dv = _bwd_step(dk, dv, k, v, k_base, v_base, start_m, offs_m0, offs_n, q_base, do_base,
+                                   dq_base, c, sc, b, h, bh, Lq, Lk, D, DV, offs_d, dmask, offs_dv, dvmask, ROW_MAX,
+                                   LOGL, DELTA, MASK, smb, smh, smm, smn, KPM, DMASK, dmb, dmh, dmm, dmn, seed_lo,
+                                   seed_hi, thresh, drop_scale, HAS_MASK, HAS_KPM, True, not EVEN_N, DROPOUT, EVEN_D,
+                                   MASK_GRAD, DM_SUM_M, DM_SUM_N, KV_IN_LOOP, ACC, PREC, UPCAST)
         for start_m in range(diag_end, Lq, BLOCK_M):
-            dk, dv = _bwd_step(dk, dv, k, v, start_m, offs_m0, offs_n, q_base, do_base, dq_base, c, sc, b, h, bh,
-                               Lq, Lk, D, DV, offs_d, dmask, offs_dv, dvmask, ROW_MAX, LOGL, DELTA, MASK, smb, smh,
-                               smm, smn, KPM, DMASK, dmb, dmh, dmm, dmn, seed_lo, seed_hi, thresh, drop_scale,
-                               HAS_MASK, HAS_KPM, False, not EVEN_N, DROPOUT, EVEN_D, MASK_GRAD, DM_SUM_M, DM_SUM_N,
-                               ACC, PREC, UPCAST)
+            dk, dv = _bwd_step(dk, dv, k, v, k_base, v_base, start_m, offs_m0, offs_n, q_base, do_base, dq_base, c,
+                               sc, b, h, bh, Lq, Lk, D, DV, offs_d, dmask, offs_dv, dvmask, ROW_MAX, LOGL, DELTA, MASK,
+                               smb, smh, smm, smn, KPM, DMASK, dmb, dmh, dmm, dmn, seed_lo, seed_hi, thresh,
+                               drop_scale, HAS_MASK, HAS_KPM, False, not EVEN_N, DROPOUT, EVEN_D, MASK_GRAD, DM_SUM_M,
+                               DM_SUM_N, KV_IN_LOOP, ACC, PREC, UPCAST)
     _store(DK + bhk * Lk * D, _to(dk, DK.dtype.element_ty, UPCAST), offs_n, Lk, D, offs_d, dmask, not EVEN_D)
     _store(DV_ + bhk * Lk * DV, _to(dv, DV_.dtype.element_ty, UPCAST), offs_n, Lk, DV, offs_dv, dvmask, not EVEN_D)
 
@@ -510,6 +536,14 @@ def _is_hopper(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def _shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one block may use on device (the opt-in maximum); no limit for the interpreter."""
+    if device.type != "cuda":
+        return sys.maxsize
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+
+
 def _dropout_args(dropout_p: float, seed: int) -> dict:
     # Halves kept below 2**31 (SEED_MASK; fastnn.ops.attention draws seeds that way) so both are typed int32.
     seed_lo, seed_hi = seed_halves(seed & SEED_MASK)
@@ -573,6 +607,8 @@ def _launch_args(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, sca
     (q_sb, q_sh), (k_sb, k_sh), (v_sb, v_sh) = _bstrides(q), _bstrides(k), _bstrides(v)
     aligned = _aligned((q, k, v), (D, DV, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh))
     cfg = _head_blocks(D, DV, dtype, backward, variant, _is_hopper(q.device), aligned)
+    if backward:
+        cfg["KV_IN_LOOP"] = _kv_in_loop(cfg, dtype, _shared_memory(q.device))
     return dict(MASK=mask, KPM=kpm, H=H, G=H // Hk, Lq=Lq, Lk=Lk, D=D, DV=DV, q_sb=q_sb, q_sh=q_sh, k_sb=k_sb,
                 k_sh=k_sh, v_sb=v_sb, v_sh=v_sh, **_scale_halves(scale),
                 **dict(zip(("smb", "smh", "smm", "smn"), strides)), **_dropout_args(dropout_p, seed),
@@ -580,6 +616,18 @@ def _launch_args(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, sca
                 DROPOUT=dropout_p > 0, ACC=_acc(dtype), PREC=_prec(dtype),
                 UPCAST=INTERPRET and dtype == torch.bfloat16, GQA=Hk != H, EQUAL_D=D == DV,
                 EVEN_N=Lk % cfg["BLOCK_N"] == 0, EVEN_D=D == cfg["BLOCK_D"] and DV == cfg["BLOCK_DV"], **cfg)
+
+
+def _kv_in_loop(cfg: dict, dtype: torch.dtype, shared: int) -> bool:
+    """Whether the backward reads its key block inside the query loop (_attn_bwd's KV_IN_LOOP), for float32 /
+    float64, whose products stage every operand in shared memory: with K and V held for the whole loop it holds
+    K twice and V once (BLOCK_N rows each), Q and dO twice each (BLOCK_M rows), all at once - for float64 at head
+    dim 256, 224 KB, above the A100's 163 KB (``shared``: what the device lets one block use). Read where each
+    product needs it, at most four of those tiles are held at once."""
+    if dtype not in (torch.float32, torch.float64):
+        return False
+    tiles = 3 * cfg["BLOCK_N"] + 4 * cfg["BLOCK_M"]
+    return tiles * max(cfg["BLOCK_D"], cfg["BLOCK_DV"]) * torch.empty((), dtype=dtype).element_size() > shared
 
 
 def _head_blocks(d: int, dv: int, dtype: torch.dtype, backward: bool, variant: str, hopper: bool,
@@ -679,7 +727,7 @@ def _aot_specs(arch: int = 90, aligned: bool = True):
                     order = [a for a in kernel.arg_names if a in sig]
                     extra = {}
                     if backward:
-                        extra = dict(MASK_GRAD=heavy, DM_SUM_M=False, DM_SUM_N=False)
+                        extra = dict(MASK_GRAD=heavy, DM_SUM_M=False, DM_SUM_N=False, KV_IN_LOOP=False)
                     else:
                         extra = dict(NEG_SCALE=False)
                     yield kernel, {a: sig[a] for a in order}, {**flags, **extra, **cfg}, options

@@ -915,6 +915,51 @@ def test_triton_causal_split_and_ragged_key_blocks(monkeypatch, device, backend,
 
 
 @pytest.mark.parametrize("device,backend", TRITON_CPU)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("extra", ["", "masks_dropout"])
+def test_triton_backward_reading_keys_in_the_loop(monkeypatch, device, backend, is_causal, extra):
+    """The float32 / float64 backward for a GPU whose shared memory cannot hold the key block's tiles through the
+    query loop (float64 at head dim 256 on an A100): it reads K and V where each product needs them (KV_IN_LOOP).
+    Forced here on small shapes - grouped-query heads, Dv != D, both padded, ragged query and key blocks, causal,
+    masks, dropout and the mask's gradient - against the reference."""
+    kernels = _small_tiles(monkeypatch, 16, 16)
+    monkeypatch.setattr(kernels, "_shared_memory", lambda device: 0)
+    B, H, Hk, Lq, Lk, D, Dv = 2, 4, 2, 37, 29, 24, 40
+    q = torch.randn(B, H, Lq, D, dtype=torch.float64)
+    k, v = torch.randn(B, Hk, Lk, D, dtype=torch.float64), torch.randn(B, Hk, Lk, Dv, dtype=torch.float64)
+    assert kernels._launch_args(q, k, v, None, None, 0.0, is_causal, 0.25, 0, backward=True)["KV_IN_LOOP"]
+    g = torch.randn(B, H, Lq, Dv, dtype=torch.float64)
+    mask, kw = None, dict(is_causal=is_causal, enable_gqa=True)
+    if extra:
+        mask = torch.randn(H, Lq, Lk, dtype=torch.float64)
+        kpm = torch.rand(B, Lk) < 0.2
+        kpm[1, :16] = True  # batch 1: the first key block padded entirely
+        kw.update(key_padding_mask=kpm, dropout_p=0.2)
+    torch.manual_seed(5)
+    ours = _grads(F.scaled_dot_product_attention, q, k, v, mask, g, device, backend=backend, **kw)
+    torch.manual_seed(5)
+    ref = _grads(F.scaled_dot_product_attention, q, k, v, mask, g, backend="reference", **kw)
+    for name, a, r in zip(("output", "dq", "dk", "dv", "dmask"), ours, ref):
+        assert_matches(a, r, name=name)
+
+
+def test_triton_backward_keys_in_the_loop_only_where_shared_memory_is_short(monkeypatch):
+    """On the GPU's tiles (16 x 16 for float32 / float64): float64 at head dim 256 reads its key block in the loop
+    on an A100 (163 KB a block) and holds it on an H100 / H200 (227 KB); float32 and narrower heads hold it on
+    both; bfloat16 never takes the path."""
+    import fastnn.kernels.attention as kernels
+
+    monkeypatch.setattr(kernels, "GPU_TILES", True)
+    a100, h100 = 166_912, 232_448
+    for d, dtype, shared, expect in [(256, torch.float64, a100, True), (256, torch.float64, h100, False),
+                                     (200, torch.float64, a100, True), (128, torch.float64, a100, False),
+                                     (256, torch.float32, a100, False), (256, torch.bfloat16, 0, False)]:
+        for variant in ("plain", "causal", "masked"):
+            cfg = kernels._head_blocks(d, d, dtype, True, variant, shared == h100)
+            assert kernels._kv_in_loop(cfg, dtype, shared) == expect, (d, dtype, shared, variant)
+
+
+@pytest.mark.parametrize("device,backend", TRITON_CPU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_negative_scale(device, backend, dtype):
     # The forward puts a negative scale's sign on q to keep its row maxima exact; the backward takes it as is.
