@@ -627,7 +627,7 @@ def _kv_in_loop(cfg: dict, dtype: torch.dtype, shared: int) -> bool:
     if dtype not in (torch.float32, torch.float64):
         return False
     tiles = 3 * cfg["BLOCK_N"] + 4 * cfg["BLOCK_M"]
-    return tiles * max(cfg["BLOCK_D"], cfg["BLOCK_DV"]) * torch.empty((), dtype=dtype).element_size() > shared
+    return tiles * max(cfg["BLOCK_D"], cfg["BLOCK_DV"]) * dtype.itemsize > shared
 
 
 def _head_blocks(d: int, dv: int, dtype: torch.dtype, backward: bool, variant: str, hopper: bool,
