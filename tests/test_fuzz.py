@@ -202,7 +202,8 @@ def _lstm_layer(draw, small):
     # recurrence, its split of the hidden units over the threads (H = 150 at B = 8 splits in two), lengths (rows
     # stopping mid-sequence, in both directions) and initial states. Finite inputs: the cell's fuzz above covers
     # the extreme values; here the point is the recurrence's bookkeeping. B = 5, 8, 13 with T > 1 reach each row
-    # tile of float32's packed GEMM (csrc/cpu/gemm.h: 4 + 1, 6 + 2, 6 + 6 + 1), H = 7, 33, 150 its partial panels.
+    # tile of float32's packed GEMM (csrc/cpu/gemm.h, AVX2: 4 + 1, 6 + 2, 6 + 6 + 1; AVX-512: 4 + 1, 8, 8 + 4 + 1),
+    # H = 7, 33, 150 its partial panels (33 and 150 after pairs of full ones).
     T = draw(st.sampled_from([1, 3] if small else [1, 2, 5, 9]))
     B = draw(st.sampled_from([1, 2] if small else [1, 3, 5, 8, 13]))
     I = draw(st.sampled_from([1, 3, 8]))

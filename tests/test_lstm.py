@@ -417,12 +417,14 @@ def test_layer_split_over_threads_with_lengths(dtype):
 
 
 @pytest.mark.parametrize("B,H", [
-    (13, 16),  # row tiles 6 + 6 + 1 of the packed recurrent GEMM; H one full 16-column panel
-    (35, 45),  # row tiles 6 x 5 + 4 + 1; 45 = two panels and a partial one of 13 columns
+    (13, 16),  # row tiles 6 + 6 + 1 (AVX2) or 8 + 4 + 1 (AVX-512) of the packed recurrent GEMM; one full panel
+    (35, 45),  # row tiles 6 x 5 + 4 + 1 or 8 x 4 + 1 + 1 + 1; 45 = a pair of 16-column panels (AVX-512 takes
+               # two at a time) and a partial one of 13 columns
+    (13, 61),  # a pair, a single full panel and a partial one
 ])
 def test_layer_packed_recurrent_gemm_tails(B, H):
     # float32 layers of more than one step run their recurrent products on csrc/cpu/gemm.h; these shapes reach
-    # every row-tile size and a partial last panel, forward and backward, with rows that stop early (the
+    # every row-tile size, panels in pairs and alone, and a partial last panel, forward and backward, with rows that stop early (the
     # backward's pass-through is added onto the product) in both directions.
     torch.manual_seed(1)
     ours, theirs = _twins(torch.float32, input_size=11, hidden_size=H, num_layers=1, bidirectional=True)

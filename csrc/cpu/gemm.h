@@ -4,9 +4,9 @@
 //
 // Why not the BLAS: MKL repacks B on every call, and at M = 32 that copy is a large share of the work, where this
 // kernel packs W_hh once per layer call and reuses it for every step (against MKL: docs/measurements.md, "LSTM").
-// The packing is the usual one: panels of 16 columns stored k-major ([K][16]), so the micro-kernel streams one
-// panel (one 512-bit or two 256-bit loads per k) and broadcasts A, for up to 8 (AVX-512) or 6 (AVX2) rows at a
-// time. A is read in place, row-major or (TA) transposed.
+// The packing is the usual one: panels of 16 columns stored k-major ([K][16]), so the micro-kernel streams panels
+// (AVX-512: two at a time, one 512-bit load each per k; AVX2: one, two 256-bit loads) and broadcasts A, for up to
+// 8 (AVX-512) or 6 (AVX2) rows at a time. A is read in place, row-major or (TA) transposed.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -50,36 +50,50 @@ template <bool TA> inline const float* a_at(const float* a, int64_t lda, int64_t
   return TA ? a + k * lda + r : a + r * lda + k;
 }
 
-// C[MR x 16] = (C if accumulate) + A[MR x K] . panel[K x 16]; C rows ldc apart.
+// C[MR x 16 NP] = (C if accumulate) + A[MR x K] . [NP panels, K x 16 each, ps floats apart]; C rows ldc apart.
 #if defined(__AVX512F__)
-// One 16-float vector per row: any MR >= 4 covers the FMA latency, so an LSTM step's 32 rows run as 4 x 8 with
-// no slow tail, and a k costs one panel load instead of two (on Zen 4, which executes a 512-bit FMA as two 256-bit
-// halves, still up to 10% more than the AVX2 form: docs/measurements.md, "LSTM"). Not more than 8 rows: A's rows
-// lie lda apart, and at lda = 2048 floats 12 of them fall into one 8-way L1 set (a third slower).
-constexpr int kMaxMR = 8;
-template <int MR, bool TA>
+// One 16-float vector per row and panel, two panels at a time where there are two: 16 accumulators, so a k costs
+// two panel loads and MR broadcasts for 2 MR FMAs. With one panel (MR accumulators, a broadcast per FMA) a core
+// with two 512-bit FMA pipes ran at half its peak; two panels gained 15-25% there. Where a 512-bit FMA takes both
+// 256-bit pipes (Zen 4), 8 accumulators already covered the latency and two panels only halve the panel loads
+// (docs/measurements.md, "AVX-512 GEMM micro-kernel"). Not more than 8 rows:
+// A's rows lie lda apart, and at lda = 2048 floats 12 of them fall into one 8-way L1 set (a third slower on Zen 4).
+constexpr int kMaxMR = 8, kMaxNP = 2;
+template <int MR, int NP, bool TA>
 __attribute__((always_inline)) inline void micro(const float* __restrict a, int64_t lda, const float* __restrict bp,
-                                                 int64_t K, float* c, int64_t ldc, bool accumulate) {
-  __m512 acc[MR];
+                                                 int64_t ps, int64_t K, float* c, int64_t ldc, bool accumulate) {
+  __m512 acc[MR][NP];
 #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int q = 0; q < NP; ++q) acc[r][q] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const __m512 b = _mm512_loadu_ps(bp + kNR * k);
+    __m512 b[NP];
+#pragma GCC unroll 2
+    for (int q = 0; q < NP; ++q) b[q] = _mm512_loadu_ps(bp + q * ps + kNR * k);
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*a_at<TA>(a, lda, r, k)), b, acc[r]);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 x = _mm512_set1_ps(*a_at<TA>(a, lda, r, k));
+#pragma GCC unroll 2
+      for (int q = 0; q < NP; ++q) acc[r][q] = _mm512_fmadd_ps(x, b[q], acc[r][q]);
+    }
   }
 #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    if (accumulate) acc[r] = _mm512_add_ps(acc[r], _mm512_loadu_ps(c + r * ldc));
-    _mm512_storeu_ps(c + r * ldc, acc[r]);
-  }
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int q = 0; q < NP; ++q) {
+      float* cr = c + r * ldc + q * kNR;
+      if (accumulate) acc[r][q] = _mm512_add_ps(acc[r][q], _mm512_loadu_ps(cr));
+      _mm512_storeu_ps(cr, acc[r][q]);
+    }
 }
 #else
-// Two 8-float vectors per row; 6 rows keep 12 accumulators in the 16 ymm registers.
-constexpr int kMaxMR = 6;
-template <int MR, bool TA>
+// Two 8-float vectors per row (one panel); 6 rows keep 12 accumulators in the 16 ymm registers.
+constexpr int kMaxMR = 6, kMaxNP = 1;
+template <int MR, int NP, bool TA>
 __attribute__((always_inline)) inline void micro(const float* __restrict a, int64_t lda, const float* __restrict bp,
-                                                 int64_t K, float* c, int64_t ldc, bool accumulate) {
+                                                 int64_t /*ps*/, int64_t K, float* c, int64_t ldc, bool accumulate) {
+  static_assert(NP == 1, "the AVX2 kernel takes one panel at a time");
   __m256 lo[MR], hi[MR];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
@@ -104,20 +118,27 @@ __attribute__((always_inline)) inline void micro(const float* __restrict a, int6
 }
 #endif
 
+// NP full panels' 16 NP columns of C, the panels ps floats apart, for rows [r, M) in blocks of MR.
+template <int MR, int NP, bool TA>
+inline void rows_of_panels(const float* a, int64_t lda, int64_t& r, int64_t M, const float* bp, int64_t ps,
+                           int64_t K, float* c, int64_t ldc, bool accumulate) {
+  for (; r + MR <= M; r += MR) micro<MR, NP, TA>(a_at<TA>(a, lda, r, 0), lda, bp, ps, K, c + r * ldc, ldc, accumulate);
+}
+
 // One panel's 16 (or, for the last, nr) columns of C for rows [0, M).
 template <int MR, bool TA>
 inline void rows_of_panel(const float* a, int64_t lda, int64_t& r, int64_t M, const float* bp, int64_t K, float* c,
                           int64_t ldc, int64_t nr, bool accumulate) {
   for (; r + MR <= M; r += MR) {
     if (nr == kNR) {
-      micro<MR, TA>(a_at<TA>(a, lda, r, 0), lda, bp, K, c + r * ldc, ldc, accumulate);
+      micro<MR, 1, TA>(a_at<TA>(a, lda, r, 0), lda, bp, 0, K, c + r * ldc, ldc, accumulate);
     } else {  // a partial panel goes through a full-width tile, so no store crosses C's row end
       float tile[MR * kNR];
       for (int i = 0; i < MR; ++i) {
         std::fill_n(tile + i * kNR, kNR, 0.0f);
         if (accumulate) std::copy_n(c + (r + i) * ldc, nr, tile + i * kNR);
       }
-      micro<MR, TA>(a_at<TA>(a, lda, r, 0), lda, bp, K, tile, kNR, accumulate);
+      micro<MR, 1, TA>(a_at<TA>(a, lda, r, 0), lda, bp, 0, K, tile, kNR, accumulate);
       for (int i = 0; i < MR; ++i) std::copy_n(tile + i * kNR, nr, c + (r + i) * ldc);
     }
   }
@@ -144,10 +165,21 @@ inline void gemm(const float* a, int64_t lda, int64_t M, int64_t K, const float*
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = std::min(KC, K - k0);
     const bool acc = accumulate || k0 > 0;
-    for (int64_t p = 0; p < panels(ncols); ++p) {
+    const float* ak = a_at<TA>(a, lda, 0, k0);
+    int64_t p = 0;
+    if constexpr (kMaxNP == 2) {  // pairs of full panels
+      for (; (p + 2) * kNR <= ncols; p += 2) {
+        const float* panel = bp + p * panel_stride + k0 * kNR;
+        float* cp = c + p * kNR;
+        int64_t r = 0;
+        rows_of_panels<kMaxMR, 2, TA>(ak, lda, r, M, panel, panel_stride, kc, cp, ldc, acc);
+        rows_of_panels<4, 2, TA>(ak, lda, r, M, panel, panel_stride, kc, cp, ldc, acc);
+        rows_of_panels<1, 2, TA>(ak, lda, r, M, panel, panel_stride, kc, cp, ldc, acc);
+      }
+    }
+    for (; p < panels(ncols); ++p) {  // the rest one panel at a time, the last perhaps partial
       const int64_t nr = std::min(kNR, ncols - p * kNR);
       const float* panel = bp + p * panel_stride + k0 * kNR;
-      const float* ak = a_at<TA>(a, lda, 0, k0);
       float* cp = c + p * kNR;
       int64_t r = 0;
       rows_of_panel<kMaxMR, TA>(ak, lda, r, M, panel, kc, cp, ldc, nr, acc);
