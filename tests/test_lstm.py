@@ -424,8 +424,8 @@ def test_layer_split_over_threads_with_lengths(dtype):
 ])
 def test_layer_packed_recurrent_gemm_tails(B, H):
     # float32 layers of more than one step run their recurrent products on csrc/cpu/gemm.h; these shapes reach
-    # every row-tile size, panels in pairs and alone, and a partial last panel, forward and backward, with rows that stop early (the
-    # backward's pass-through is added onto the product) in both directions.
+    # every row-tile size, panels in pairs and alone, and a partial last panel, forward and backward, with rows
+    # that stop early (the backward's pass-through is added onto the product) in both directions.
     torch.manual_seed(1)
     ours, theirs = _twins(torch.float32, input_size=11, hidden_size=H, num_layers=1, bidirectional=True)
     ref = nn.LSTM(11, H, bidirectional=True, dtype=torch.float64)

@@ -56,8 +56,8 @@ template <bool TA> inline const float* a_at(const float* a, int64_t lda, int64_t
 // two panel loads and MR broadcasts for 2 MR FMAs. With one panel (MR accumulators, a broadcast per FMA) a core
 // with two 512-bit FMA pipes ran at half its peak; two panels gained 15-25% there. Where a 512-bit FMA takes both
 // 256-bit pipes (Zen 4), 8 accumulators already covered the latency and two panels only halve the panel loads
-// (docs/measurements.md, "AVX-512 GEMM micro-kernel"). Not more than 8 rows:
-// A's rows lie lda apart, and at lda = 2048 floats 12 of them fall into one 8-way L1 set (a third slower on Zen 4).
+// (docs/measurements.md, "AVX-512 GEMM micro-kernel"). Not more than 8 rows: A's rows lie lda apart, and at
+// lda = 2048 floats 12 of them fall into one 8-way L1 set (a third slower on Zen 4).
 constexpr int kMaxMR = 8, kMaxNP = 2;
 template <int MR, int NP, bool TA>
 __attribute__((always_inline)) inline void micro(const float* __restrict a, int64_t lda, const float* __restrict bp,
