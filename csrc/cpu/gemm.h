@@ -129,18 +129,15 @@ inline void rows_of_panels(const float* a, int64_t lda, int64_t& r, int64_t M, c
 template <int MR, bool TA>
 inline void rows_of_panel(const float* a, int64_t lda, int64_t& r, int64_t M, const float* bp, int64_t K, float* c,
                           int64_t ldc, int64_t nr, bool accumulate) {
-  for (; r + MR <= M; r += MR) {
-    if (nr == kNR) {
-      micro<MR, 1, TA>(a_at<TA>(a, lda, r, 0), lda, bp, 0, K, c + r * ldc, ldc, accumulate);
-    } else {  // a partial panel goes through a full-width tile, so no store crosses C's row end
-      float tile[MR * kNR];
-      for (int i = 0; i < MR; ++i) {
-        std::fill_n(tile + i * kNR, kNR, 0.0f);
-        if (accumulate) std::copy_n(c + (r + i) * ldc, nr, tile + i * kNR);
-      }
-      micro<MR, 1, TA>(a_at<TA>(a, lda, r, 0), lda, bp, 0, K, tile, kNR, accumulate);
-      for (int i = 0; i < MR; ++i) std::copy_n(tile + i * kNR, nr, c + (r + i) * ldc);
+  if (nr == kNR) return rows_of_panels<MR, 1, TA>(a, lda, r, M, bp, 0, K, c, ldc, accumulate);
+  for (; r + MR <= M; r += MR) {  // a partial panel goes through a full-width tile, so no store crosses C's row end
+    float tile[MR * kNR];
+    for (int i = 0; i < MR; ++i) {
+      std::fill_n(tile + i * kNR, kNR, 0.0f);
+      if (accumulate) std::copy_n(c + (r + i) * ldc, nr, tile + i * kNR);
     }
+    micro<MR, 1, TA>(a_at<TA>(a, lda, r, 0), lda, bp, 0, K, tile, kNR, accumulate);
+    for (int i = 0; i < MR; ++i) std::copy_n(tile + i * kNR, nr, c + (r + i) * ldc);
   }
 }
 #endif
