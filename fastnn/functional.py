@@ -128,11 +128,13 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
                          linear_bias: torch.Tensor | None = None, weight: torch.Tensor | None = None,
                          reduction: str = "mean", ignore_index: int | None = None, label_smoothing: float = 0.0,
                          options=None, chunk_size: int | None = None, backend: str | None = None,
-                         grad_in_forward: bool = False) -> torch.Tensor:
+                         grad_in_forward: bool | None = None) -> torch.Tensor:
     """``torch.nn.functional.linear_cross_entropy`` (torch 2.13's signature and semantics, on any torch):
     ``cross_entropy(linear(input, linear_weight, linear_bias), target, weight, ...)`` without materializing the
-    (N, C) logits. Rows run in chunks through one reused (chunk, C) buffer, and the backward recomputes each chunk's
-    logits (no gradient is computed or stored in the forward). Peak extra memory is O(chunk x C). The float32 CPU
+    (N, C) logits. Rows run in chunks through one reused (chunk, C) buffer. On a GPU (and with
+    ``grad_in_forward=False``) the backward recomputes each chunk's logits (no gradient is computed or stored in the
+    forward), and peak extra memory is O(chunk x C); on the CPU the forward of a loss that will be differentiated
+    computes the gradients too (``grad_in_forward`` below). The float32 CPU
     kernel (on CPUs with AVX2, when C gives each thread a block) goes further: threads take blocks of 64 classes
     against tiles of at most min(chunk, 512) rows, so each block's logits and their gradient stay in cache, and
     its extra memory is O(threads x tile x (64 + D)), with no (chunk, C) buffer. The recompute costs a fourth
@@ -170,17 +172,21 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
         label_smoothing: float in [0, 1], as ``cross_entropy``.
         options: ``torch.nn.LinearCrossEntropyOptions`` or None. Its ``batch_chunk_size`` sets the rows per
             chunk; its other fields (``chunking_method``, ``acc_policy``, ``acc_dtype``, ``allow_retain_graph``)
-            tune torch's own chunked kernel and are ignored (the backward here always recomputes, so
-            ``retain_graph=True`` always works).
+            tune torch's own chunked kernel and are ignored (``retain_graph=True`` always works here).
         chunk_size: fastnn's extra, rows per chunk (must agree with ``options.batch_chunk_size`` if both are
             given); default: as many as keep a (chunk, C) logits buffer at 128 MiB.
         backend: fastnn's extra, "auto" | "native" | "triton" | "reference".
-        grad_in_forward: fastnn's extra (default False). With class-index targets, a "mean" or "sum" reduction, no
-            K dims and a gradient to compute, the forward also computes the gradients (each chunk's logits made
-            once: three matrix products a chunk instead of four, as Liger-Kernel's fused linear cross-entropy),
-            and the backward scales them by the upstream gradient. They are held from the forward to the backward
-            (input's and linear_weight's sizes; float32 accumulation for the half types while the forward runs).
-            Elsewhere it changes nothing.
+        grad_in_forward: fastnn's extra: True, False, or None (default: True on the CPU, False on a GPU, where
+            the recomputing path holds no gradient through the forward). With
+            class-index targets, a "mean" or "sum" reduction, no K dims and a gradient to compute (grad mode on,
+            an input requiring grad), the forward also computes the gradients (each chunk's logits made once:
+            three matrix products a chunk instead of four, as Liger-Kernel's fused linear cross-entropy and torch's
+            own chunked path), and the backward scales them by the upstream gradient. They are held from the
+            forward to the backward (input's and linear_weight's sizes; float32 accumulation for the half types
+            while the forward runs); the backward copies them, so ``retain_graph=True`` works, and it is not
+            differentiable again (``create_graph=True`` raises). Elsewhere it changes nothing. A loss computed
+            with grad mode on and never differentiated (an evaluation outside ``torch.no_grad()``) pays the
+            gradients' products too: pass False there, or use the module in ``eval()`` mode.
     Returns:
         The loss: a scalar, or ``input.shape[:-1] + (d1, ..., dK)`` for "none", in ``input``'s dtype (the
         promoted dtype of input and target for probabilities). Gradients flow to input, linear_weight and

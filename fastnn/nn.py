@@ -357,7 +357,8 @@ class LinearCrossEntropyLoss(_LinearCrossEntropyBase):
             ``ignore_index=None`` means -100).
         chunk_size: fastnn's extra, rows per chunk (``options.batch_chunk_size`` does the same).
         grad_in_forward: fastnn's extra, ``fastnn.functional.linear_cross_entropy``'s (gradients computed in the
-            forward: three products a chunk instead of four).
+            forward: three products a chunk instead of four). None (default): that function's default in
+            training mode, False in ``eval()`` mode, where a loss is seldom differentiated.
     Shapes: input (N, D) or (D,) (any (..., D) for class indices without ``out_features``); target class indices
         ``input.shape[:-1] + out_features`` or probabilities ``input.shape[:-1] + (C,) + out_features``.
     Raises:
@@ -368,7 +369,7 @@ class LinearCrossEntropyLoss(_LinearCrossEntropyBase):
     def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (),
                  bias: bool = False, device=None, dtype=None, reduction: str = "mean",
                  weight: torch.Tensor | None = None, ignore_index: int | None = None, label_smoothing: float = 0.0,
-                 options=None, chunk_size: int | None = None, grad_in_forward: bool = False) -> None:
+                 options=None, chunk_size: int | None = None, grad_in_forward: bool | None = None) -> None:
         super().__init__(in_features, num_classes, out_features=out_features, bias=bias, device=device,
                          dtype=dtype, reduction=reduction, weight=weight, ignore_index=ignore_index,
                          label_smoothing=label_smoothing, options=options)
@@ -418,7 +419,9 @@ class LinearCrossEntropyLoss(_LinearCrossEntropyBase):
         return F.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
                                       reduction=self.reduction, ignore_index=self.ignore_index,
                                       label_smoothing=self.label_smoothing, options=self.options,
-                                      chunk_size=self.chunk_size, grad_in_forward=self.grad_in_forward)
+                                      chunk_size=self.chunk_size,
+                                      grad_in_forward=(self.grad_in_forward if self.grad_in_forward is not None
+                                                       else None if self.training else False))
 
     def logits(self, input: torch.Tensor) -> torch.Tensor:
         """The logits the loss never builds: ``linear(input)``, (..., C) or (N, C, d1, ..., dK)."""

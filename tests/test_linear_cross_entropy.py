@@ -69,6 +69,8 @@ def backend_sizes():
 @pytest.mark.parametrize("bias,cw,ignored,smoothing,reduction", OPTIONS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_matches_reference(device, backend, N, D, V, chunk, bias, cw, ignored, smoothing, reduction, dtype):
+    # The recomputing backward at every size; test_grad_in_forward_matches_the_recomputing_backward takes the
+    # other path (the CPU's default for a scalar loss) over the same sizes.
     x, w, b, t, c = make_case(N, D, V, bias, cw, ignored, device, dtype)
     kw = dict(ignore_index=-100, reduction=reduction, label_smoothing=smoothing)
 
@@ -77,7 +79,8 @@ def test_matches_reference(device, backend, N, D, V, chunk, bias, cw, ignored, s
                                                      weight=None if c is None else c.double(), **kw)
 
     def ours(x_, w_, b_=None):
-        return F.linear_cross_entropy(x_, w_, t, linear_bias=b_, weight=c, chunk_size=chunk, backend=backend, **kw)
+        return F.linear_cross_entropy(x_, w_, t, linear_bias=b_, weight=c, chunk_size=chunk, backend=backend,
+                                      grad_in_forward=False, **kw)
 
     r, rg, g = run(ref, x.double(), w.double(), None if b is None else b.double())
     o, og, _ = run(ours, x, w, b, g.to(dtype))
@@ -101,7 +104,7 @@ def test_only_the_gradients_asked_for(device, backend, wanted, dtype):
     leaves = [v.detach().clone().requires_grad_(want) for v, want in zip((x, w, b), wanted)]
     asked = [v for v in leaves if v.requires_grad]
     g = torch.autograd.grad(F.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=leaves[2], chunk_size=24,
-                                                   backend=backend, **kw), asked)
+                                                   backend=backend, grad_in_forward=False, **kw), asked)
     ref = [v.double().requires_grad_(v.requires_grad) for v in leaves]
     rg = torch.autograd.grad(fastnn.reference.linear_cross_entropy(ref[0], ref[1], t, linear_bias=ref[2],
                                                                    label_smoothing=0.1, weight=c.double()),
@@ -171,7 +174,8 @@ def test_native_float32_thread_counts(threads, V):
     torch.set_num_threads(threads)
     try:
         o, og, _ = run(lambda x_, w_, b_: F.linear_cross_entropy(x_, w_, t, linear_bias=b_, weight=c,
-                                                                 backend="native", **kw), x, w, b, g.float())
+                                                                 backend="native", grad_in_forward=False, **kw),
+                       x, w, b, g.float())
     finally:
         torch.set_num_threads(before)
     assert_matches(o, r)
@@ -202,19 +206,19 @@ def test_minus_inf_logits_in_a_whole_class_block(device, backend, smoothing):
 
 # ---- grad_in_forward: the gradients made in the forward (fastnn::linear_cross_entropy_fwd_grad)
 
-@pytest.mark.parametrize("device,backend", device_backends("linear_cross_entropy"))
+@pytest.mark.parametrize("device,backend,N,D,V,chunk", backend_sizes())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bias,cw,ignored,smoothing,reduction", [o for o in OPTIONS if o[4] != "none"])
-def test_grad_in_forward_matches_the_recomputing_backward(device, backend, dtype, bias, cw, ignored, smoothing,
-                                                          reduction):
+def test_grad_in_forward_matches_the_recomputing_backward(device, backend, N, D, V, chunk, dtype, bias, cw, ignored,
+                                                          smoothing, reduction):
     # The same loss and gradients as the recomputing path and the reference, scaled by a non-unit upstream
     # gradient, over ragged chunks; the loss is computed before the backward is asked for.
-    x, w, b, t, c = make_case(23, 12, 70, bias, cw, ignored, device, dtype)
+    x, w, b, t, c = make_case(N, D, V, bias, cw, ignored, device, dtype)
 
     def fn(gif):
         return lambda *v: 2.5 * F.linear_cross_entropy(v[0], v[1], t, linear_bias=v[2] if bias else None, weight=c,
-                                                       reduction=reduction, label_smoothing=smoothing, chunk_size=8,
-                                                       backend=backend, grad_in_forward=gif)
+                                                       reduction=reduction, label_smoothing=smoothing,
+                                                       chunk_size=chunk, backend=backend, grad_in_forward=gif)
 
     out, grads, _ = run(fn(True), x, w, b, torch.ones((), dtype=dtype, device=device))
     o2, g2, _ = run(fn(False), x, w, b, torch.ones((), dtype=dtype, device=device))
@@ -320,14 +324,54 @@ def test_grad_in_forward_module_option():
     torch.testing.assert_close(head.linear.weight.grad, ref.linear.weight.grad)
 
 
+def gradients_made_in_the_forward(loss: torch.Tensor) -> bool:
+    return type(loss.grad_fn).__name__ == "_GradInForwardBackward"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_grad_in_forward_default(device):
+    # None: on the CPU when the loss will be differentiated, not on a GPU; the module's None follows it in
+    # training mode and recomputes in eval mode.
+    x, w, b, t, _ = make_case(9, 6, 11, True, False, False, device, torch.float32)
+    on = device == "cpu"
+    assert gradients_made_in_the_forward(F.linear_cross_entropy(x.requires_grad_(), w, t)) == on
+    assert gradients_made_in_the_forward(F.linear_cross_entropy(x, w, t, grad_in_forward=True))
+    assert not gradients_made_in_the_forward(F.linear_cross_entropy(x, w, t, grad_in_forward=False))
+    head = fastnn.nn.LinearCrossEntropyLoss(6, 11, device=device)
+    assert head.grad_in_forward is None
+    assert gradients_made_in_the_forward(head(x, t)) == on
+    assert not gradients_made_in_the_forward(head.eval()(x, t))
+    head.grad_in_forward = True
+    assert gradients_made_in_the_forward(head(x, t))
+
+
+def test_grad_in_forward_retain_graph_and_create_graph():
+    # The stored gradients serve any number of backwards (each copies them), and a second-order gradient is
+    # refused rather than computed as if they were constants.
+    x, w, b, t, _ = make_case(9, 6, 11, True, False, True, "cpu", torch.float64)
+    x.requires_grad_(), w.requires_grad_()
+    loss = F.linear_cross_entropy(x, w, t, linear_bias=b, grad_in_forward=True)
+    first = torch.autograd.grad(loss, (x, w), retain_graph=True)
+    second = torch.autograd.grad(2 * loss, (x, w), retain_graph=True)
+    for a, e in zip(second, first):
+        torch.testing.assert_close(a, 2 * e)
+    for gif in (True, False):  # neither path gives second-order terms (the recomputing op has no double backward)
+        loss = F.linear_cross_entropy(x, w, t, linear_bias=b, grad_in_forward=gif)
+        with pytest.raises(RuntimeError):
+            gx, = torch.autograd.grad(loss, x, create_graph=True)
+            gx.sum().backward()
+
+
 @pytest.mark.parametrize("backend", [p.values[1] for p in device_backends("linear_cross_entropy")
                                      if p.values[0] == "cpu"])
 def test_gradcheck(backend):
     x, w, b, t, c = make_case(7, 3, 6, True, True, True, "cpu", torch.float64)
-    for red in ("mean",) if backend == "triton" else ("none", "mean"):  # the interpreter is slow
+    # (reduction, grad_in_forward): the recomputing backward, and the gradients made in the forward
+    cases = [("mean", False), ("mean", True)] + ([] if backend == "triton" else [("none", None), ("sum", True)])
+    for red, gif in cases:
         assert torch.autograd.gradcheck(
             lambda x_, w_, b_: F.linear_cross_entropy(x_, w_, t, linear_bias=b_, reduction=red, label_smoothing=0.2,
-                                                      weight=c, chunk_size=3, backend=backend),
+                                                      weight=c, chunk_size=3, backend=backend, grad_in_forward=gif),
             tuple(v.requires_grad_() for v in (x, w, b)), fast_mode=backend == "triton")
 
 
@@ -355,7 +399,7 @@ def test_torch_compile_fullgraph(device, backend, out_features, prob):
 
     def f(x_, w_, b_):
         return F.linear_cross_entropy(torch.tanh(x_), w_, t, linear_bias=b_, label_smoothing=0.1, chunk_size=4,
-                                      backend=backend)
+                                      backend=backend, grad_in_forward=False)
 
     leaves = [v.requires_grad_() for v in (x, w, b)]
     out = torch.compile(f, fullgraph=True)(*leaves)

@@ -10,7 +10,7 @@ The ops return the unreduced per-row loss and the per-row statistics as cross_en
 the argument checks and the reduction are cross_entropy's. The backward saves input, weight, bias and the
 statistics, and recomputes the logits chunk by chunk.
 
-With ``grad_in_forward`` and a scalar reduction, ``fastnn::linear_cross_entropy_fwd_grad`` (and its ``_triton``
+With ``grad_in_forward`` (by default on the CPU: ``grad_in_forward_by_default``) and a scalar reduction, ``fastnn::linear_cross_entropy_fwd_grad`` (and its ``_triton``
 twin) runs instead: the reduction's gradient of each row's loss is known before the backward (1, or 1 / the mean's
 denominator), so the forward computes the gradients in the same chunk loop, three products a chunk instead of
 four, and the backward only scales them by the upstream gradient (``_GradInForward``).
@@ -64,7 +64,8 @@ def chunk_rows(fn: str, options, chunk_size) -> int | None:
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction: str = "mean",
                          ignore_index: int | None = None, label_smoothing: float = 0.0, options=None,
-                         chunk_size: int | None = None, backend: str | None = None, grad_in_forward: bool = False):
+                         chunk_size: int | None = None, backend: str | None = None,
+                         grad_in_forward: bool | None = None):
     """torch.nn.functional.linear_cross_entropy in row chunks (see fastnn.functional)."""
     fn = "linear_cross_entropy"
     check_tensor(input, "input", fn=fn)
@@ -107,8 +108,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                       if out_features else f"for input of shape {tuple(input.shape)}")
         target = check_index_target(fn, target, (*batch, *out_features), shape_from)
     chunk = chunk_rows(fn, options, chunk_size)
-    if not isinstance(grad_in_forward, bool):
-        raise TypeError(f"{fn}: grad_in_forward must be a bool, got {type(grad_in_forward).__name__}")
+    if grad_in_forward is not None and not isinstance(grad_in_forward, bool):
+        raise TypeError(f"{fn}: grad_in_forward must be a bool or None, got {type(grad_in_forward).__name__}")
     b = resolve(torch.ops.fastnn.linear_cross_entropy_fwd, backend, input, linear_weight, target, linear_bias,
                 weight)
     if b == "reference":
@@ -121,6 +122,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     x = input.reshape(rows, D)  # (-1, D) is ambiguous for D = 0
     t = target.reshape((rows, C, P) if prob else (rows, P)).to(dtype if prob else target.dtype)
     wanted = [v is not None and v.requires_grad for v in (x, linear_weight, linear_bias)]
+    if grad_in_forward is None:
+        grad_in_forward = grad_in_forward_by_default(x)
     if (grad_in_forward and reduction != "none" and not prob and not out_features and torch.is_grad_enabled()
             and any(wanted)):
         return _GradInForward.apply(x, linear_weight, linear_bias, t[:, 0], weight, ignore_index,
@@ -137,6 +140,14 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     loss = losses[0] if P == 1 else torch.stack(losses, 1)  # (rows, P), t's order
     out = reduce_loss(loss.reshape(-1), t.reshape(-1), weight, ignore_index, reduction, prob, dtype)
     return out.reshape((*batch, *out_features)) if reduction == "none" else out
+
+
+def grad_in_forward_by_default(x: torch.Tensor) -> bool:
+    """``grad_in_forward=None``: on the CPU, where the three products a chunk beat the recomputing path's four
+    (as torch's own chunked path does, it then computes the gradients in the forward); not on a GPU, where the half
+    types' gradients would be accumulated in float32 through the forward, against none held by the recomputing
+    path."""
+    return x.device.type == "cpu"
 
 
 class _GradInForward(torch.autograd.Function):
@@ -156,6 +167,7 @@ class _GradInForward(torch.autograd.Function):
         return reduce_loss(loss, target, class_weight, ignore_index, reduction, False, x.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the stored gradients are constants: no second-order terms
     def backward(ctx, grad):
         gi, gw, gb = ctx.saved_tensors
         # grad is 0-d: each product keeps the gradient's dtype.
