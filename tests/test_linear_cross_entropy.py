@@ -460,12 +460,43 @@ def test_bad_input_raises_clear_error(call, exc, words):
 
 
 def test_default_chunk_bounds_the_buffer():
-    from fastnn.ops.linear_cross_entropy import CHUNK_BYTES, default_chunk
+    from fastnn.ops.linear_cross_entropy import CHUNK_BYTES, GRAD_IN_FORWARD_CHUNK_BYTES, default_chunk
 
-    for V in (7, 1000, 32000, 256000, 10 ** 8):
-        rows = default_chunk(V, torch.float32)
-        assert rows >= 1 and rows & (rows - 1) == 0
-        assert rows == 1 or rows * V * 4 <= CHUNK_BYTES
+    for budget in (CHUNK_BYTES, GRAD_IN_FORWARD_CHUNK_BYTES):
+        for V in (7, 1000, 32000, 256000, 10 ** 8):
+            rows = default_chunk(V, torch.float32, budget)
+            assert rows >= 1 and rows & (rows - 1) == 0
+            assert rows == 1 or (rows * V * 4 <= budget < 2 * rows * V * 4)
+
+
+def test_grad_in_forward_hands_its_gradients_to_autograd(monkeypatch):
+    # The chunk that the path without a chunk_size takes (half the recomputing path's buffer), and the weight's
+    # .grad is the tensor the forward made for an upstream gradient of 1, while a retained graph gets copies and
+    # a second backward the same gradients, also scaled.
+    from fastnn.ops import linear_cross_entropy as lce
+
+    made = []  # (chunk, grad_input's address, grad_weight's): no reference kept, which would force a copy
+    op = lce._FORWARD_GRAD["native"]
+
+    def spy(*args):
+        out = op(*args)
+        made.append((args[-2], out[1].data_ptr(), out[2].data_ptr()))
+        return out
+
+    monkeypatch.setitem(lce._FORWARD_GRAD, "native", spy)
+    x, w, b, t, _ = make_case(37, 8, 150, True, False, True, "cpu", torch.float32)
+    x.requires_grad_(), w.requires_grad_()
+    F.linear_cross_entropy(x, w, t, linear_bias=b, grad_in_forward=True, backend="native").backward()
+    assert made[-1] == (lce.default_chunk(150, torch.float32, lce.GRAD_IN_FORWARD_CHUNK_BYTES),
+                        x.grad.data_ptr(), w.grad.data_ptr())
+    x.grad = w.grad = None
+    loss = F.linear_cross_entropy(x, w, t, linear_bias=b, grad_in_forward=True, backend="native")
+    loss.backward(retain_graph=True)
+    first = w.grad
+    assert first.data_ptr() != made[-1][2]
+    w.grad = None
+    (3 * loss).backward()
+    torch.testing.assert_close(w.grad, 3 * first)
 
 
 def test_module_from_linear_shares_the_layer():

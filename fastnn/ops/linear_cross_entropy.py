@@ -35,13 +35,17 @@ _FORWARD_GRAD = {"native": torch.ops.fastnn.linear_cross_entropy_fwd_grad,
                  "triton": torch.ops.fastnn.linear_cross_entropy_fwd_grad_triton}
 
 # One (chunk, V) logits buffer of at most 128 MiB: on fewer rows (below ~1024 at V=32000) the CPU GEMMs lose
-# FLOP rate (docs/measurements.md), and 128 MiB is still ~0.04x the (N, V) tensors torch keeps at N=8192.
+# FLOP rate (docs/measurements.md), and 128 MiB is still ~0.04x the (N, V) tensors torch keeps at N=8192. The
+# gradients made in the forward take half that: they hold input's and the weight's gradients beside the buffer,
+# and at 64 MiB the path's peak stays below torch's chunked linear_cross_entropy's, for ~3% of its time
+# (docs/measurements.md, "The CPU's linear + CE default").
 CHUNK_BYTES = 1 << 27
+GRAD_IN_FORWARD_CHUNK_BYTES = CHUNK_BYTES // 2
 
 
-def default_chunk(vocab: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: the largest power of two whose (rows, vocab) logits fit in CHUNK_BYTES (at least 1)."""
-    rows = CHUNK_BYTES // max(1, vocab * torch.empty((), dtype=dtype).element_size())
+def default_chunk(vocab: int, dtype: torch.dtype, budget: int = CHUNK_BYTES) -> int:
+    """Rows per chunk: the largest power of two whose (rows, vocab) logits fit in budget bytes (at least 1)."""
+    rows = budget // max(1, vocab * torch.empty((), dtype=dtype).element_size())
     return 1 << max(0, int(math.log2(max(rows, 1))))
 
 
@@ -117,7 +121,6 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                                               reduction=reduction, ignore_index=ignore_index,
                                               label_smoothing=label_smoothing)
     dtype = torch.promote_types(input.dtype, target.dtype) if prob else input.dtype
-    chunk = chunk or default_chunk(C, dtype)
     rows, P = math.prod(batch), math.prod(out_features)
     x = input.reshape(rows, D)  # (-1, D) is ambiguous for D = 0
     t = target.reshape((rows, C, P) if prob else (rows, P)).to(dtype if prob else target.dtype)
@@ -126,8 +129,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         grad_in_forward = grad_in_forward_by_default(x)
     if (grad_in_forward and reduction != "none" and not prob and not out_features and torch.is_grad_enabled()
             and any(wanted)):
+        chunk = chunk or default_chunk(C, dtype, GRAD_IN_FORWARD_CHUNK_BYTES)
         return _GradInForward.apply(x, linear_weight, linear_bias, t[:, 0], weight, ignore_index,
                                     float(label_smoothing), chunk, reduction, b, tuple(wanted))
+    chunk = chunk or default_chunk(C, dtype)
     # A K-dimensional loss (C, d1..dK, D) is one (C, D) loss per position of d1..dK, all on the same input rows.
     if out_features:
         ws = linear_weight.reshape(C, P, D).unbind(1)
@@ -169,9 +174,14 @@ class _GradInForward(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # the stored gradients are constants: no second-order terms
     def backward(ctx, grad):
-        gi, gw, gb = ctx.saved_tensors
-        # grad is 0-d: each product keeps the gradient's dtype.
-        out = [g * grad if want else None for g, want in zip((gi, gw, gb), ctx.wanted)]
+        stored = ctx.saved_tensors
+        # An upstream gradient of 1 (``loss.backward()``) hands the stored gradients out as they are: unless the
+        # graph is retained, autograd has released them from this node by the time the weight's AccumulateGrad
+        # runs, so it takes the tensor as the weight's .grad instead of copying it; a retained graph gets a copy
+        # there, so the stored ones stay as they are for the next backward. Otherwise (and when traced, where a
+        # data-dependent branch cannot be) a scaled copy: grad is 0-d, so each product keeps the gradient's dtype.
+        scale = torch.compiler.is_compiling() or grad.item() != 1.0
+        out = [(g * grad if scale else g) if want else None for g, want in zip(stored, ctx.wanted)]
         return (*out, None, None, None, None, None, None, None, None)
 
 
