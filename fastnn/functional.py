@@ -174,7 +174,8 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
             chunk; its other fields (``chunking_method``, ``acc_policy``, ``acc_dtype``, ``allow_retain_graph``)
             tune torch's own chunked kernel and are ignored (``retain_graph=True`` always works here).
         chunk_size: fastnn's extra, rows per chunk (must agree with ``options.batch_chunk_size`` if both are
-            given); default: as many as keep a (chunk, C) logits buffer at 128 MiB.
+            given); default: as many as keep a (chunk, C) logits buffer at 128 MiB (64 MiB where the gradients
+            are made in the forward).
         backend: fastnn's extra, "auto" | "native" | "triton" | "reference".
         grad_in_forward: fastnn's extra: True, False, or None (default: True on the CPU, False on a GPU, where
             the recomputing path holds no gradient through the forward). With
@@ -183,7 +184,8 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
             three matrix products a chunk instead of four, as Liger-Kernel's fused linear cross-entropy and torch's
             own chunked path), and the backward scales them by the upstream gradient. They are held from the
             forward to the backward (input's and linear_weight's sizes; float32 accumulation for the half types
-            while the forward runs); the backward copies them, so ``retain_graph=True`` works, and it is not
+            while the forward runs); the backward hands them to autograd (scaled copies for an upstream
+            gradient other than 1; a retained graph keeps its own, so ``retain_graph=True`` works), and it is not
             differentiable again (``create_graph=True`` raises). Elsewhere it changes nothing. A loss computed
             with grad mode on and never differentiated (an evaluation outside ``torch.no_grad()``) pays the
             gradients' products too: pass False there, or use the module in ``eval()`` mode.

@@ -10,10 +10,11 @@ The ops return the unreduced per-row loss and the per-row statistics as cross_en
 the argument checks and the reduction are cross_entropy's. The backward saves input, weight, bias and the
 statistics, and recomputes the logits chunk by chunk.
 
-With ``grad_in_forward`` (by default on the CPU: ``grad_in_forward_by_default``) and a scalar reduction, ``fastnn::linear_cross_entropy_fwd_grad`` (and its ``_triton``
-twin) runs instead: the reduction's gradient of each row's loss is known before the backward (1, or 1 / the mean's
-denominator), so the forward computes the gradients in the same chunk loop, three products a chunk instead of
-four, and the backward only scales them by the upstream gradient (``_GradInForward``).
+With ``grad_in_forward`` (by default on the CPU: ``grad_in_forward_by_default``) and a scalar reduction,
+``fastnn::linear_cross_entropy_fwd_grad`` (and its ``_triton`` twin) runs instead: the reduction's gradient of each
+row's loss is known before the backward (1, or 1 / the mean's denominator), so the forward computes the gradients
+in the same chunk loop, three products a chunk instead of four, and the backward only scales them by the upstream
+gradient (``_GradInForward``).
 """
 from __future__ import annotations
 
