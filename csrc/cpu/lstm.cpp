@@ -18,7 +18,11 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <c10/util/ParallelGuard.h>
+
 #include <algorithm>
+#include <atomic>
+#include <exception>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -211,6 +215,43 @@ class UnitSlices {
       for (int64_t p = p0; p < p1; ++p) f(p, begin(p), len(p));
     });
   }
+  // f(step, slice, first unit, units) for steps [s0, s1) in order, every slice of a step done before the next step
+  // starts. With OpenMP one parallel region holds all the steps, a barrier between two, where a region per step
+  // (run) forks and joins the team each time and runs the caller's step setup on one thread while the others wait.
+  template <typename F> void run_steps(int64_t s0, int64_t s1, F&& f) const {
+#ifdef _OPENMP
+    const int threads = static_cast<int>(std::min<int64_t>(n, at::get_num_threads()));
+    if (threads > 1 && !at::in_parallel_region() && s1 - s0 > 1) {
+      std::exception_ptr error;
+      std::atomic<bool> failed{false};
+#pragma omp parallel num_threads(threads)
+      {
+        const at::ThreadLocalStateGuard guard(tls_);
+        const c10::ParallelGuard in_region(true);  // at:: ops inside run on this thread, as in at::parallel_for
+        omp_set_num_threads(1);                    // and so does the BLAS (see run)
+        const int64_t team = omp_get_num_threads(), per = ceil_div(n, team);
+        const int64_t p0 = omp_get_thread_num() * per, p1 = std::min(n, p0 + per);
+        for (int64_t s = s0; s < s1; ++s) {
+          // A thread that threw keeps meeting the barriers (the others would wait for it forever) but does no
+          // more work; the first exception is rethrown after the region.
+          if (!failed.load(std::memory_order_relaxed)) {
+            try {
+              for (int64_t p = p0; p < p1; ++p) f(s, p, begin(p), len(p));
+            } catch (...) {
+#pragma omp critical(fastnn_lstm_run_steps)
+              if (!error) error = std::current_exception();
+              failed.store(true, std::memory_order_relaxed);
+            }
+          }
+#pragma omp barrier
+        }
+      }
+      if (error) std::rethrow_exception(error);
+      return;
+    }
+#endif
+    for (int64_t s = s0; s < s1; ++s) run([&](int64_t p, int64_t j0, int64_t len) { f(s, p, j0, len); });
+  }
   int64_t n;
 
  private:
@@ -278,38 +319,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "lstm_layer_fwd_cpu", [&] {
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t *h0p = h0.const_data_ptr<scalar_t>(), *c0p = c0.const_data_ptr<scalar_t>();
+    scalar_t *hsp = hs.mutable_data_ptr<scalar_t>(), *csp = cs.mutable_data_ptr<scalar_t>();
+    scalar_t* actp = act.mutable_data_ptr<scalar_t>();
     int64_t t0 = 0;  // the first step in the gate buffer
-    for (int64_t s = 0; s < T; ++s) {
+    // Step s's share of slice p (units [j0, j0 + n)): the gate products into the step's gate rows, then the cell.
+    const auto step = [&](int64_t s, int64_t p, int64_t j0, int64_t n) {
       const int64_t t = reverse ? T - 1 - s : s, tp = reverse ? t + 1 : t - 1;
-      if (!keep && s % block == 0) {  // the next block of steps, in the order they run
-        const int64_t n = std::min(block, T - s);
-        t0 = reverse ? t - n + 1 : t;
-        input_product(t0, n);
-      }
       // !keep: the slots alternate so that the last step writes slot 0, the tensor returned as c_n.
       const int64_t cur = keep ? t : (T - 1 - s) % 2, prev = keep ? tp : (T - s) % 2;
-      const at::Tensor h_prev = s == 0 ? h0 : hs.select(0, tp), c_prev = s == 0 ? c0 : cs.select(0, prev);
-      const at::Tensor act_t = act.select(0, t - t0);
-      scalar_t* a = act_t.mutable_data_ptr<scalar_t>();
-      const scalar_t *hp = h_prev.const_data_ptr<scalar_t>(), *cp = c_prev.const_data_ptr<scalar_t>();
-      scalar_t *hn = hs.mutable_data_ptr<scalar_t>() + t * B * H, *cn = cs.mutable_data_ptr<scalar_t>() + cur * B * H;
-      sl.run([&](int64_t p, int64_t j0, int64_t n) {
-        for (int64_t k = 0; k < 4; ++k) {
-          if (!packed_product(hp, H, B, H, wp, hh_at + (4 * p + k) * blk, n, a + k * H + j0, 4 * H,
-                              /*accumulate=*/true))
-            act_t.narrow(1, k * H + j0, n).addmm_(h_prev, w_blk[4 * p + k]);
+      scalar_t* a = actp + (t - t0) * B * 4 * H;
+      const scalar_t *hp = s == 0 ? h0p : hsp + tp * B * H, *cp = s == 0 ? c0p : csp + prev * B * H;
+      scalar_t *hn = hsp + t * B * H, *cn = csp + cur * B * H;
+      for (int64_t k = 0; k < 4; ++k) {
+        if (!packed_product(hp, H, B, H, wp, hh_at + (4 * p + k) * blk, n, a + k * H + j0, 4 * H,
+                            /*accumulate=*/true))
+          act.select(0, t - t0).narrow(1, k * H + j0, n).addmm_(s == 0 ? h0 : hs.select(0, tp), w_blk[4 * p + k]);
+      }
+      for (int64_t r = 0; r < B; ++r) {
+        const int64_t o = r * H + j0;
+        if (geo.active(t, r)) {
+          cell_fwd_row<scalar_t>(a + 4 * r * H + j0, b ? b + j0 : nullptr, cp + o, a + 4 * r * H + j0, cn + o,
+                                 hn + o, H, n);
+        } else {
+          std::copy(cp + o, cp + o + n, cn + o);
+          std::copy(hp + o, hp + o + n, hn + o);
         }
-        for (int64_t r = 0; r < B; ++r) {
-          const int64_t o = r * H + j0;
-          if (geo.active(t, r)) {
-            cell_fwd_row<scalar_t>(a + 4 * r * H + j0, b ? b + j0 : nullptr, cp + o, a + 4 * r * H + j0, cn + o,
-                                   hn + o, H, n);
-          } else {
-            std::copy(cp + o, cp + o + n, cn + o);
-            std::copy(hp + o, hp + o + n, hn + o);
-          }
-        }
-      });
+      }
+    };
+    for (int64_t s0 = 0; s0 < T; s0 += block) {  // keep: one block of all steps, whose input product is done
+      const int64_t n = std::min(block, T - s0);
+      if (!keep) {
+        t0 = reverse ? T - s0 - n : s0;
+        input_product(t0, n);
+      }
+      sl.run_steps(s0, s0 + n, step);
     }
   });
   if (keep) return {hs, cs, act};
@@ -372,40 +416,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "lstm_layer_bwd_cpu", [&] {
     scalar_t *dhp = dh.mutable_data_ptr<scalar_t>(), *dcp = dc.mutable_data_ptr<scalar_t>();
     scalar_t* pp = pass.defined() ? pass.mutable_data_ptr<scalar_t>() : nullptr;
-    for (int64_t s = T - 1; s >= 0; --s) {
+    // Step s's share of slice p (units [j0, j0 + n)), the steps running from the last to the first.
+    const auto step = [&](int64_t i, int64_t p, int64_t j0, int64_t n) {
+      const int64_t s = T - 1 - i;
       const int64_t t = reverse ? T - 1 - s : s, tp = reverse ? t + 1 : t - 1, tn = reverse ? t - 1 : t + 1;
       const scalar_t* cp = s == 0 ? c0.const_data_ptr<scalar_t>() : cs.const_data_ptr<scalar_t>() + tp * B * H;
       const scalar_t *gh = dhs.const_data_ptr<scalar_t>() + t * B * H, *gc = dcs.const_data_ptr<scalar_t>() + t * B * H;
       const scalar_t* a = act.const_data_ptr<scalar_t>() + t * B * 4 * H;
       scalar_t* dg = dgx.mutable_data_ptr<scalar_t>() + t * B * 4 * H;
-      // A slice's share of the previous iteration's GEMM gives exactly the dh units its cell needs next, so one
-      // parallel region per step holds both.
-      const at::Tensor dg_next = s == T - 1 ? at::Tensor() : dgx.select(0, tn);
-      sl.run([&](int64_t p, int64_t j0, int64_t n) {
-        if (dg_next.defined()) {
-          if (wp.defined() && pp) {  // the rows past their length hand their gradient through: dh = pass + dG W_hh
-            for (int64_t r = 0; r < B; ++r) std::copy_n(pp + r * H + j0, n, dhp + r * H + j0);
-          }
-          if (!packed_product(dg_next.const_data_ptr<scalar_t>(), 4 * H, B, 4 * H, wp, p * blk, n, dhp + j0, H,
-                              /*accumulate=*/pp != nullptr))
-            hand_back(dh_blk[p], pass_blk[p], dg_next, w_blk[p]);
+      // A slice's share of the previous step's GEMM gives exactly the dh units its cell needs next, so one
+      // step holds both.
+      if (s != T - 1) {
+        const scalar_t* dg_next = dgx.const_data_ptr<scalar_t>() + tn * B * 4 * H;
+        if (wp.defined() && pp) {  // the rows past their length hand their gradient through: dh = pass + dG W_hh
+          for (int64_t r = 0; r < B; ++r) std::copy_n(pp + r * H + j0, n, dhp + r * H + j0);
         }
-        for (int64_t r = 0; r < B; ++r) {
-          const int64_t o = r * H + j0;
-          if (geo.active(t, r)) {
-            cell_bwd_row<scalar_t>(gh + o, dhp + o, gc + o, dcp + o, a + 4 * r * H + j0, cp + o,
-                                   dg + 4 * r * H + j0, dcp + o, H, n);
-            if (pp) std::fill(pp + o, pp + o + n, scalar_t(0));
-          } else {
-            for (int64_t k = 0; k < 4; ++k) std::fill_n(dg + (4 * r + k) * H + j0, n, scalar_t(0));
-            for (int64_t j = o; j < o + n; ++j) {
-              pp[j] = static_cast<scalar_t>(acc_t<scalar_t>(gh[j]) + acc_t<scalar_t>(dhp[j]));
-              dcp[j] = static_cast<scalar_t>(acc_t<scalar_t>(gc[j]) + acc_t<scalar_t>(dcp[j]));
-            }
+        if (!packed_product(dg_next, 4 * H, B, 4 * H, wp, p * blk, n, dhp + j0, H, /*accumulate=*/pp != nullptr))
+          hand_back(dh_blk[p], pass_blk[p], dgx.select(0, tn), w_blk[p]);
+      }
+      for (int64_t r = 0; r < B; ++r) {
+        const int64_t o = r * H + j0;
+        if (geo.active(t, r)) {
+          cell_bwd_row<scalar_t>(gh + o, dhp + o, gc + o, dcp + o, a + 4 * r * H + j0, cp + o,
+                                 dg + 4 * r * H + j0, dcp + o, H, n);
+          if (pp) std::fill(pp + o, pp + o + n, scalar_t(0));
+        } else {
+          for (int64_t k = 0; k < 4; ++k) std::fill_n(dg + (4 * r + k) * H + j0, n, scalar_t(0));
+          for (int64_t j = o; j < o + n; ++j) {
+            pp[j] = static_cast<scalar_t>(acc_t<scalar_t>(gh[j]) + acc_t<scalar_t>(dhp[j]));
+            dcp[j] = static_cast<scalar_t>(acc_t<scalar_t>(gc[j]) + acc_t<scalar_t>(dcp[j]));
           }
         }
-      });
-    }
+      }
+    };
+    sl.run_steps(0, T, step);
     // The first step's gradient into h0: the whole GEMM, threaded by the BLAS.
     hand_back(dh, pass, dgx.select(0, reverse ? T - 1 : 0), w_hh);
   });
