@@ -84,16 +84,21 @@ inline at::Tensor check_lstm_layer_input(const at::Tensor& x, const at::Tensor& 
   return checked_lstm_bias(bias, x, w_hh.size(1));
 }
 
-inline void check_lstm_layer_grads(const LstmLayerGeometry& g, const at::Tensor& grad_hs, const at::Tensor& grad_cs,
-                                   const at::Tensor& cs, const at::Tensor& act) {
-  TORCH_CHECK(grad_hs.sizes() == cs.sizes() && grad_cs.sizes() == cs.sizes() &&
+// grad_cs may be undefined: no output used the cell states but through the final one's h (a zero gradient).
+// Returns it contiguous, or undefined.
+inline at::Tensor check_lstm_layer_grads(const LstmLayerGeometry& g, const at::Tensor& grad_hs,
+                                         const std::optional<at::Tensor>& grad_cs_, const at::Tensor& cs,
+                                         const at::Tensor& act) {
+  const at::Tensor grad_cs = grad_cs_.has_value() ? *grad_cs_ : at::Tensor();
+  TORCH_CHECK(grad_hs.sizes() == cs.sizes() && (!grad_cs.defined() || grad_cs.sizes() == cs.sizes()) &&
                   cs.sizes() == at::IntArrayRef({g.T, g.B, g.H}),
               "grad_hs, grad_cs and cs must be [T, B, H] = [", g.T, ", ", g.B, ", ", g.H, "], got ", grad_hs.sizes(),
-              ", ", grad_cs.sizes(), ", ", cs.sizes());
+              ", ", grad_cs.defined() ? grad_cs.sizes() : at::IntArrayRef(), ", ", cs.sizes());
   check_same(grad_hs, "grad_hs", cs, "cs");
-  check_same(grad_cs, "grad_cs", cs, "cs");
+  if (grad_cs.defined()) check_same(grad_cs, "grad_cs", cs, "cs");
   TORCH_CHECK(cs.scalar_type() == act.scalar_type() && cs.device() == act.device(),
               "cs and act must share a dtype and device");
+  return grad_cs.defined() ? grad_cs.contiguous() : grad_cs;
 }
 
 }  // namespace fastnn

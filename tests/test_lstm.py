@@ -138,11 +138,33 @@ def test_layer_opcheck(reverse, with_lengths):
     torch.library.opcheck(torch.ops.fastnn.lstm_layer_fwd, (x, w_ih, None, w_hh, h0, c0, lengths, reverse))
     hs, cs, act = torch.ops.fastnn.lstm_layer_fwd(*(t.detach() for t in (x, w_ih, bias, w_hh, h0, c0)), lengths,
                                                   reverse)
-    torch.library.opcheck(torch.ops.fastnn.lstm_layer_bwd,
-                          (torch.randn(T, B, H), torch.randn(T, B, H), w_hh.detach(), c0.detach(), cs, act, lengths,
-                           reverse))
+    for grad_cs in (torch.randn(T, B, H), None):
+        torch.library.opcheck(torch.ops.fastnn.lstm_layer_bwd,
+                              (torch.randn(T, B, H), grad_cs, w_hh.detach(), c0.detach(), cs, act, lengths, reverse))
     torch.library.opcheck(torch.ops.fastnn.lstm_layer_infer_fwd,
                           tuple(t.detach() for t in (x, w_ih, bias, w_hh, h0, c0)) + (lengths, reverse))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_layer_bwd_without_a_cell_state_gradient(device, dtype, reverse, with_lengths):
+    # grad_cs None (what autograd hands over when only hs and h_n are used) must act as a zero gradient: the same
+    # results as an explicit zero tensor, bit for bit, rows past their length included.
+    torch.manual_seed(5)
+    T, B, I, H = 7, 5, 3, 20
+    args = [torch.randn(T, B, I, dtype=dtype), torch.randn(4 * H, I, dtype=dtype) / 2, torch.randn(4 * H, dtype=dtype),
+            torch.randn(4 * H, H, dtype=dtype) / 4, torch.randn(B, H, dtype=dtype), torch.randn(B, H, dtype=dtype)]
+    args = [a.to(device) for a in args]
+    lengths = torch.tensor([7, 1, 4, 0, 6]) if with_lengths else None
+    hs, cs, act = torch.ops.fastnn.lstm_layer_fwd(*args, lengths, reverse)
+    grad_hs = torch.randn_like(hs)
+    w_hh, c0 = args[3], args[5]
+    got = torch.ops.fastnn.lstm_layer_bwd(grad_hs, None, w_hh, c0, cs, act, lengths, reverse)
+    want = torch.ops.fastnn.lstm_layer_bwd(grad_hs, torch.zeros_like(cs), w_hh, c0, cs, act, lengths, reverse)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -375,13 +375,14 @@ std::tuple<at::Tensor, at::Tensor> lstm_layer_infer_fwd_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
-    const at::Tensor& grad_hs_, const at::Tensor& grad_cs_, const at::Tensor& w_hh_, const at::Tensor& c0_,
-    const at::Tensor& cs_, const at::Tensor& act_, const std::optional<at::Tensor>& lengths, bool reverse) {
+    const at::Tensor& grad_hs_, const std::optional<at::Tensor>& grad_cs, const at::Tensor& w_hh_,
+    const at::Tensor& c0_, const at::Tensor& cs_, const at::Tensor& act_, const std::optional<at::Tensor>& lengths,
+    bool reverse) {
   at::Tensor len_holder;
   const LstmLayerGeometry geo = check_lstm_layer(act_, "act", w_hh_, c0_, lengths, len_holder);
   const int64_t T = geo.T, B = geo.B, H = geo.H;
-  check_lstm_layer_grads(geo, grad_hs_, grad_cs_, cs_, act_);
-  const at::Tensor dhs = grad_hs_.contiguous(), dcs = grad_cs_.contiguous(), w_hh = w_hh_.contiguous();
+  const at::Tensor dcs = check_lstm_layer_grads(geo, grad_hs_, grad_cs, cs_, act_);  // undefined: zero
+  const at::Tensor dhs = grad_hs_.contiguous(), w_hh = w_hh_.contiguous();
   const at::Tensor c0 = c0_.contiguous(), cs = cs_.contiguous(), act = act_.contiguous();
   at::Tensor dgx = cpu::cached_empty({T, B, 4 * H}, act.options());
   // dh carries the recurrent gradient into the next (earlier) step, dc the cell-state gradient; both start at
@@ -421,7 +422,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
       const int64_t s = T - 1 - i;
       const int64_t t = reverse ? T - 1 - s : s, tp = reverse ? t + 1 : t - 1, tn = reverse ? t - 1 : t + 1;
       const scalar_t* cp = s == 0 ? c0.const_data_ptr<scalar_t>() : cs.const_data_ptr<scalar_t>() + tp * B * H;
-      const scalar_t *gh = dhs.const_data_ptr<scalar_t>() + t * B * H, *gc = dcs.const_data_ptr<scalar_t>() + t * B * H;
+      const scalar_t* gh = dhs.const_data_ptr<scalar_t>() + t * B * H;
+      const scalar_t* gc = dcs.defined() ? dcs.const_data_ptr<scalar_t>() + t * B * H : nullptr;
       const scalar_t* a = act.const_data_ptr<scalar_t>() + t * B * 4 * H;
       scalar_t* dg = dgx.mutable_data_ptr<scalar_t>() + t * B * 4 * H;
       // A slice's share of the previous step's GEMM gives exactly the dh units its cell needs next, so one
@@ -437,14 +439,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
       for (int64_t r = 0; r < B; ++r) {
         const int64_t o = r * H + j0;
         if (geo.active(t, r)) {
-          cell_bwd_row<scalar_t>(gh + o, dhp + o, gc + o, dcp + o, a + 4 * r * H + j0, cp + o,
-                                 dg + 4 * r * H + j0, dcp + o, H, n);
+          cell_bwd_row<scalar_t>(gh + o, dhp + o, gc ? gc + o : dcp + o, gc ? dcp + o : nullptr,
+                                 a + 4 * r * H + j0, cp + o, dg + 4 * r * H + j0, dcp + o, H, n);
           if (pp) std::fill(pp + o, pp + o + n, scalar_t(0));
         } else {
           for (int64_t k = 0; k < 4; ++k) std::fill_n(dg + (4 * r + k) * H + j0, n, scalar_t(0));
           for (int64_t j = o; j < o + n; ++j) {
             pp[j] = static_cast<scalar_t>(acc_t<scalar_t>(gh[j]) + acc_t<scalar_t>(dhp[j]));
-            dcp[j] = static_cast<scalar_t>(acc_t<scalar_t>(gc[j]) + acc_t<scalar_t>(dcp[j]));
+            if (gc) dcp[j] = static_cast<scalar_t>(acc_t<scalar_t>(gc[j]) + acc_t<scalar_t>(dcp[j]));
           }
         }
       }

@@ -102,7 +102,7 @@ __global__ void cell_fwd_kernel(const T* pre, const T* __restrict__ bias, const 
   }
 }
 
-// dh + dh2 and dc + dc2 are the incoming gradients (dh2, dc2 may be null); dcp may alias dc2. Inactive rows
+// dh + dh2 and dc + dc2 are the incoming gradients (dh2, dc, dc2 may be null); dcp may alias dc2. Inactive rows
 // (the layer with lengths) hand their gradients through: dgates 0, dcp = dc, pass = dh.
 template <typename T>
 __global__ void cell_bwd_kernel(const T* __restrict__ dh, const T* __restrict__ dh2, const T* __restrict__ dc,
@@ -114,7 +114,7 @@ __global__ void cell_bwd_kernel(const T* __restrict__ dh, const T* __restrict__ 
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = idx / H, j = idx - r * H, g0 = r * 4 * H + j;
     const A gh = A(dh[idx]) + (dh2 ? A(dh2[idx]) : A(0));
-    const A gc = A(dc[idx]) + (dc2 ? A(dc2[idx]) : A(0));
+    const A gc = (dc ? A(dc[idx]) : A(0)) + (dc2 ? A(dc2[idx]) : A(0));
     if (!active(len, t, r)) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) dgates[g0 + k * H] = T(0);
@@ -345,7 +345,8 @@ __global__ void __launch_bounds__(kPThreads, 1) layer_bwd_persistent_kernel(
       const int r = x / NU, u = x % NU, zi = r * N + u;
       const int64_t j = j0 + u, o = r * H + j, g0 = t * B * 4 * H + r * 4 * H + j;
       if (j >= H) continue;
-      const float gh = float(dhs[t * B * H + o]) + z[zi], gc = float(dcs[t * B * H + o]) + dcs_run[zi];
+      const float gh = float(dhs[t * B * H + o]) + z[zi];
+      const float gc = (dcs ? float(dcs[t * B * H + o]) : 0.f) + dcs_run[zi];
       if (!active(len, t, r)) {
 #pragma unroll
         for (int k = 0; k < 4; ++k) dgx[g0 + k * H] = T(0);
@@ -555,7 +556,7 @@ bool layer_bwd_persistent(const at::Tensor& w_hh, const at::Tensor& dhs, const a
     if (plan.nt == 0) return false;
     with_nt(plan.nt, [&](auto c) {
       launch_cooperative(layer_bwd_persistent_kernel<T, c.value>, plan, c10::cuda::getCurrentCUDAStream(),
-                         w_hh.const_data_ptr<T>(), dhs.const_data_ptr<T>(), dcs.const_data_ptr<T>(),
+                         w_hh.const_data_ptr<T>(), dhs.const_data_ptr<T>(), ptr_or_null<T>(dcs),
                          c0.const_data_ptr<T>(), cs.const_data_ptr<T>(), act.const_data_ptr<T>(),
                          dgx.mutable_data_ptr<T>(), dh.mutable_data_ptr<T>(), dc.mutable_data_ptr<T>(), steps, B, H,
                          ptr_or_null<int64_t>(len), reverse, plan.layout);
@@ -603,14 +604,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cuda(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cuda(
-    const at::Tensor& grad_hs_, const at::Tensor& grad_cs_, const at::Tensor& w_hh_, const at::Tensor& c0_,
-    const at::Tensor& cs_, const at::Tensor& act_, const std::optional<at::Tensor>& lengths, bool reverse) {
+    const at::Tensor& grad_hs_, const std::optional<at::Tensor>& grad_cs, const at::Tensor& w_hh_,
+    const at::Tensor& c0_, const at::Tensor& cs_, const at::Tensor& act_, const std::optional<at::Tensor>& lengths,
+    bool reverse) {
   at::Tensor len_host;
   const LstmLayerGeometry geo = check_lstm_layer(act_, "act", w_hh_, c0_, lengths, len_host);
-  check_lstm_layer_grads(geo, grad_hs_, grad_cs_, cs_, act_);
+  const at::Tensor dcs = check_lstm_layer_grads(geo, grad_hs_, grad_cs, cs_, act_);  // undefined: zero
   const c10::cuda::CUDAGuard guard(act_.device());
   const int64_t T = geo.T, B = geo.B, H = geo.H;
-  const at::Tensor dhs = grad_hs_.contiguous(), dcs = grad_cs_.contiguous(), w_hh = w_hh_.contiguous();
+  const at::Tensor dhs = grad_hs_.contiguous(), w_hh = w_hh_.contiguous();
   const at::Tensor c0 = c0_.contiguous(), cs = cs_.contiguous(), act = act_.contiguous();
   const at::Tensor len = device_lengths(geo, len_host, act.device());
   at::Tensor dgx = at::empty({T, B, 4 * H}, act.options());
@@ -627,7 +629,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cuda(
       at::Tensor dg_t = dgx.select(0, t);
       cell_bwd_kernel<scalar_t><<<blocks_for(B * H), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           dhs.const_data_ptr<scalar_t>() + t * B * H, dh.const_data_ptr<scalar_t>(),
-          dcs.const_data_ptr<scalar_t>() + t * B * H, dc.const_data_ptr<scalar_t>(),
+          dcs.defined() ? dcs.const_data_ptr<scalar_t>() + t * B * H : nullptr, dc.const_data_ptr<scalar_t>(),
           act.const_data_ptr<scalar_t>() + t * B * 4 * H, cp, dg_t.mutable_data_ptr<scalar_t>(),
           dc.mutable_data_ptr<scalar_t>(), pass.defined() ? pass.mutable_data_ptr<scalar_t>() : nullptr, B, H,
           ptr_or_null<int64_t>(len), t);

@@ -234,8 +234,10 @@ def _layer_setup_context(ctx, inputs, output):
 
 def _layer_backward(ctx, grads, bwd_op):
     x, w_ih, w_hh, h0, c0, hs, cs, act, lengths = ctx.saved_tensors
-    grad_hs, grad_cs = (torch.zeros_like(o) if g is None else g for g, o in zip(grads[:2], (hs, cs)))
-    grad_gates, grad_h0, grad_c0 = bwd_op(grad_hs, grad_cs, w_hh, c0, cs, act, lengths, ctx.reverse)
+    # A model that reads only hs and h_n / c_n leaves grad_cs None (or holding only the final step, from c_n):
+    # the op takes None as zero rather than a zero-filled [T, B, H] tensor.
+    grad_hs = torch.zeros_like(hs) if grads[0] is None else grads[0]
+    grad_gates, grad_h0, grad_c0 = bwd_op(grad_hs, grads[1], w_hh, c0, cs, act, lengths, ctx.reverse)
     T, B, H4 = grad_gates.shape
     g2 = grad_gates.view(T * B, H4)
     need = ctx.needs_input_grad

@@ -400,6 +400,9 @@ def check_lstm(c: Checker, dt, T, B, I, H, lengths=False, reverse=False, mode="a
     hs, cs, act = torch.ops.fastnn.lstm_layer_fwd(x, w_ih, bias, w_hh, h0, c0, lens, reverse)
     c.compare(lab, "lstm_layer_bwd", [c.randn(T, B, H, dtype=dt), c.randn(T, B, H, dtype=dt), w_hh, c0, cs, act,
                                       lens, reverse], env=env)
+    # no gradient for the cell states (a model reading only hs): grad_cs None
+    c.compare(lab + " grad_cs None", "lstm_layer_bwd", [c.randn(T, B, H, dtype=dt), None, w_hh, c0, cs, act, lens,
+                                                        reverse], env=env)
 
 
 def lstm_configs(torch, quick):
