@@ -170,12 +170,14 @@ def test_layer_bwd_without_a_cell_state_gradient(device, dtype, reverse, with_le
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("with_lengths", [False, True])
-def test_layer_infer_op_matches_training_op(dtype, reverse, with_lengths):
-    # The no-grad op runs the input product in blocks of steps (here ceil(256 / 40) = 7: blocks of 7 and 2 steps,
-    # taken in the order the steps run) and keeps two cell-state buffers; it must give the training op's hs and
-    # final c. float32 runs the packed GEMM, float64 ATen's.
+@pytest.mark.parametrize("B", [40, 20])
+def test_layer_infer_op_matches_training_op(dtype, reverse, with_lengths, B):
+    # The no-grad op runs the input product in blocks of steps (at B = 40 ceil(256 / 40) = 7: blocks of 7 and 2
+    # steps, taken in the order the steps run; at B = 20 blocks of 13, so one) and keeps two cell-state buffers; it
+    # must give the training op's hs and final c. float32 runs the packed GEMM (at B = 20 with AVX-512 in the
+    # column form), float64 ATen's.
     torch.manual_seed(3)
-    T, B, I, H = 9, 40, 5, 24
+    T, I, H = 9, 5, 24
     args = (torch.randn(T, B, I, dtype=dtype), torch.randn(4 * H, I, dtype=dtype) / 2, torch.randn(4 * H, dtype=dtype),
             torch.randn(4 * H, H, dtype=dtype) / 4, torch.randn(B, H, dtype=dtype), torch.randn(B, H, dtype=dtype))
     lengths = torch.randint(1, T + 1, (B,)) if with_lengths else None
@@ -443,11 +445,14 @@ def test_layer_split_over_threads_with_lengths(dtype):
     (35, 45),  # row tiles 6 x 5 + 4 + 1 or 8 x 4 + 1 + 1 + 1; 45 = a pair of 16-column panels (AVX-512 takes
                # two at a time) and a partial one of 13 columns
     (13, 61),  # a pair, a single full panel and a partial one
+    (27, 45),  # with AVX-512 the forward's column form at 32 padded rows (12 columns a group); 13 at 16 (24)
+    (32, 150),  # the column form with the units split over two threads (slices of 80 and 70 units)
 ])
 def test_layer_packed_recurrent_gemm_tails(B, H):
     # float32 layers of more than one step run their recurrent products on csrc/cpu/gemm.h; these shapes reach
     # every row-tile size, panels in pairs and alone, and a partial last panel, forward and backward, with rows
-    # that stop early (the backward's pass-through is added onto the product) in both directions.
+    # that stop early (the backward's pass-through is added onto the product) in both directions. With AVX-512 a
+    # forward of B <= 32 rows runs the column form instead (gemm_cols), its 16 x 16 transposes cut at B and H.
     torch.manual_seed(1)
     ours, theirs = _twins(torch.float32, input_size=11, hidden_size=H, num_layers=1, bidirectional=True)
     ref = nn.LSTM(11, H, bidirectional=True, dtype=torch.float64)

@@ -190,4 +190,146 @@ inline void gemm(const float* a, int64_t lda, int64_t M, int64_t K, const float*
 #endif
 }
 
+// ---- The column form, for a few rows: C^T = (A . W)^T with W the broadcast operand ----
+// At B <= 32 rows (an LSTM step) the kernel above reads each packed panel of W once per 8-row block of A, four
+// times a step at 32 rows, and its k costs two panel loads and eight broadcasts for 16 FMAs. Here A is stored
+// transposed (at: [K][R], R = 16 or 32 rows, the rows past M zero), so one or two 16-row vectors of A per k meet
+// the broadcast elements of NC columns of W: 24 FMAs for 14 loads at 32 rows (NC = 12), W read once a step.
+// One core ran a 32 x 512 x 1024 step at 173-194 GFLOP/s this way against 142-154 on the kernel above
+// (docs/measurements.md, "LSTM recurrence in the column form"). AVX-512 only (32 vector registers).
+#if defined(__AVX512F__)
+constexpr bool kColsAvailable = true;
+#else
+constexpr bool kColsAvailable = false;
+#endif
+constexpr int64_t kColsMaxRows = 32;
+inline int64_t cols_rows(int64_t M) { return M <= 16 ? 16 : 32; }  // R: at's and ct's padded row count
+inline int64_t cols_group(int64_t M) { return M <= 16 ? 24 : 12; }  // NC: columns per group, 24 accumulators
+inline int64_t cols_groups(int64_t ncols, int64_t M) { return (ncols + cols_group(M) - 1) / cols_group(M); }
+// Floats that pack_cols writes for K x ncols; a ct for ncols columns holds cols_groups * NC * R floats.
+inline int64_t cols_packed_size(int64_t K, int64_t ncols, int64_t M) {
+  return cols_groups(ncols, M) * cols_group(M) * K;
+}
+
+// Packs W (K x ncols, column c at col[c]: K contiguous floats, e.g. a row of W^T) for M rows: groups of NC
+// columns, each [K][NC], the columns past ncols zero.
+inline void pack_cols(const float* const* col, int64_t K, int64_t ncols, int64_t M, float* dst) {
+  const int64_t nc = cols_group(M);
+  for (int64_t g = 0; g < cols_groups(ncols, M); ++g, dst += K * nc)
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t j = g * nc + c;
+      for (int64_t k = 0; k < K; ++k) dst[k * nc + c] = j < ncols ? col[j][k] : 0.0f;
+    }
+}
+
+#if defined(__AVX512F__)
+template <int MV, int NC>
+inline void micro_cols(const float* at, int64_t K, const float* wp, float* ct) {
+  constexpr int R = 16 * MV;
+  __m512 acc[NC][MV];
+  for (int c = 0; c < NC; ++c)
+    for (int v = 0; v < MV; ++v) acc[c][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 a[MV];
+    for (int v = 0; v < MV; ++v) a[v] = _mm512_loadu_ps(at + k * R + 16 * v);
+    for (int c = 0; c < NC; ++c) {
+      const __m512 w = _mm512_set1_ps(wp[k * NC + c]);
+      for (int v = 0; v < MV; ++v) acc[c][v] = _mm512_fmadd_ps(w, a[v], acc[c][v]);
+    }
+  }
+  for (int c = 0; c < NC; ++c)
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(ct + c * R + 16 * v, acc[c][v]);
+}
+#endif
+
+// ct[c * R + r] = sum_k at[k * R + r] W(k, c) for every column c < ncols (rounded up to a group) and r < R, W
+// packed by pack_cols for M rows, R = cols_rows(M). Single-threaded. Only with kColsAvailable and M <= 32.
+inline void gemm_cols(const float* at, int64_t M, int64_t K, const float* wp, int64_t ncols, float* ct) {
+#if defined(__AVX512F__)
+  const int64_t nc = cols_group(M), R = cols_rows(M);
+  for (int64_t g = 0; g < cols_groups(ncols, M); ++g) {
+    if (R == 16) micro_cols<1, 24>(at, K, wp + g * K * nc, ct + g * nc * R);
+    else micro_cols<2, 12>(at, K, wp + g * K * nc, ct + g * nc * R);
+  }
+#else
+  (void)at, (void)M, (void)K, (void)wp, (void)ncols, (void)ct;
+#endif
+}
+
+#if defined(__AVX512F__)
+// r[i] holds row i of a 16 x 16 block; afterwards column i.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  // Now 128-bit lane L of r[4 i + q] holds column 4 L + q of rows 4 i .. 4 i + 3: regroup the lanes.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xDD);
+    t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+    r[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
+    r[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xDD);
+  }
+}
+inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1); }
+#endif
+
+// c[r * ldc + j] += ct[j * R + r] for r < rows, j < ncols: the column form's result added to a row-major C, in
+// 16 x 16 blocks transposed in registers.
+inline void add_cols_to_rows(const float* ct, int64_t R, int64_t ncols, int64_t rows, float* c, int64_t ldc) {
+#if defined(__AVX512F__)
+  for (int64_t j0 = 0; j0 < ncols; j0 += 16) {
+    const int64_t nj = std::min<int64_t>(16, ncols - j0);
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+      __m512 v[16];
+      for (int64_t i = 0; i < 16; ++i)
+        v[i] = i < nj ? _mm512_loadu_ps(ct + (j0 + i) * R + r0) : _mm512_setzero_ps();
+      transpose16(v);
+      const __mmask16 m = first_lanes(nj);
+      for (int64_t i = 0; i < std::min<int64_t>(16, rows - r0); ++i) {
+        float* row = c + (r0 + i) * ldc + j0;
+        _mm512_mask_storeu_ps(row, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, row), v[i]));
+      }
+    }
+  }
+#else
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < ncols; ++j) c[r * ldc + j] += ct[j * R + r];
+#endif
+}
+
+// dt[j * R + r] = a[r * lda + j] for j < ncols and r < R, rows past `rows` zero: a row-major A into the column
+// form's transposed layout.
+inline void rows_to_cols(const float* a, int64_t lda, int64_t rows, int64_t ncols, float* dt, int64_t R) {
+#if defined(__AVX512F__)
+  for (int64_t j0 = 0; j0 < ncols; j0 += 16) {
+    const int64_t nj = std::min<int64_t>(16, ncols - j0);
+    const __mmask16 m = first_lanes(nj);
+    for (int64_t r0 = 0; r0 < R; r0 += 16) {
+      __m512 v[16];
+      for (int64_t i = 0; i < 16; ++i)
+        v[i] = r0 + i < rows ? _mm512_maskz_loadu_ps(m, a + (r0 + i) * lda + j0) : _mm512_setzero_ps();
+      transpose16(v);
+      for (int64_t i = 0; i < nj; ++i) _mm512_storeu_ps(dt + (j0 + i) * R + r0, v[i]);
+    }
+  }
+#else
+  for (int64_t j = 0; j < ncols; ++j)
+    for (int64_t r = 0; r < R; ++r) dt[j * R + r] = r < rows ? a[r * lda + j] : 0.0f;
+#endif
+}
+
 }  // namespace fastnn::cpu::packed

@@ -181,6 +181,27 @@ bool packed_product(const T* a, int64_t lda, int64_t M, int64_t K, const at::Ten
   return false;
 }
 
+// The forward recurrence's product of one slice (units [j0, j0 + n)) in the column form: ct = the slice's gate
+// columns of (h_{t-1} W_hh^T)^T, from ht = h_{t-1}^T ([H][R]) and the slice's pack_cols block wp; then each row's
+// four gates of the slice (in a, the step's [B, 4H] gate rows) += its column of ct. float32 only (the layer uses
+// it only then).
+template <typename T>
+void cols_product(const float* ht, int64_t B, int64_t H, const float* wp, int64_t j0, int64_t n, float* ct, T* a) {
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t R = packed::cols_rows(B);
+    packed::gemm_cols(ht, B, H, wp, 4 * n, ct);
+    for (int64_t k = 0; k < 4; ++k) packed::add_cols_to_rows(ct + k * n * R, R, n, B, a + k * H + j0, 4 * H);
+  } else {
+    TORCH_CHECK(false, "lstm_layer: the column form is float32 only");
+  }
+}
+
+// n units of h_t (rows H apart) into the column form's ht for the next step (float32 only).
+template <typename T> void cols_store_h(const T* h, int64_t B, int64_t H, int64_t n, float* ht) {
+  if constexpr (std::is_same_v<T, float>) packed::rows_to_cols(h, H, B, n, ht, packed::cols_rows(B));
+  else TORCH_CHECK(false, "lstm_layer: the column form is float32 only");
+}
+
 // The recurrence splits hidden units, not batch rows, over the threads: a thread's slice of a step's GEMM (the
 // four gate columns of its units, single-threaded inside the parallel region) feeds straight into its slice of
 // the cell, and in the backward its slice of the h gradient is exactly what its cell reads next. A step is then
@@ -289,12 +310,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward(
   // once for packed::gemm, each thread its own slice (so it starts in that core's cache); with keep the input
   // product is done before the recurrence starts, so W_hh's blocks reuse W_ih's space. Elsewhere ATen multiplies
   // views.
-  const int64_t blk = packed::packed_size(H, sl.len(0)), ih_size = packed::packed_size(I, 4 * H);
-  const int64_t hh_at = keep ? 0 : ih_size;
-  at::Tensor wp;
+  // With AVX-512 and B <= 32 the recurrence runs in the column form (packed::gemm_cols): a slice's four gates
+  // are one packed block of 4 len(p) columns, h_{t-1} is kept transposed (ht, two buffers, steps alternating) and
+  // each step's product lands in the slice's scratch ct, which the rows then add into their gates.
+  const bool cols = packed_wanted(w_hh, T) && packed::kColsAvailable && B <= packed::kColsMaxRows;
+  const int64_t R = packed::cols_rows(B), ct_size = packed::cols_groups(4 * sl.len(0), B) * packed::cols_group(B) * R;
+  const int64_t blk = cols ? packed::cols_packed_size(H, 4 * sl.len(0), B) : 4 * packed::packed_size(H, sl.len(0));
+  const int64_t ih_size = packed::packed_size(I, 4 * H), hh_at = keep ? 0 : ih_size;
+  at::Tensor wp, ht, ct;
   std::vector<at::Tensor> w_blk(4 * sl.n);
   if (packed_wanted(w_hh, T)) {
-    wp = cpu::cached_empty({std::max(ih_size, hh_at + sl.n * 4 * blk)}, w_hh.options());
+    wp = cpu::cached_empty({std::max(ih_size, hh_at + sl.n * blk)}, w_hh.options());
     pack_input_weight(w_ih.contiguous(), wp.mutable_data_ptr<float>());
   } else {
     for (int64_t p = 0; p < sl.n; ++p)
@@ -310,11 +336,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward(
     else at::mm_out(out, x2.narrow(0, t0 * B, n * B), w_ih.t());
   };
   if (keep) input_product(0, T);
-  if (wp.defined()) {
+  if (cols) {
+    ht = at::empty({2, H, R}, w_hh.options());
+    ct = at::empty({sl.n, ct_size}, w_hh.options());
+    packed::rows_to_cols(h0.const_data_ptr<float>(), H, B, H, ht.mutable_data_ptr<float>(), R);
+    sl.run([&](int64_t p, int64_t j0, int64_t n) {
+      std::vector<const float*> col(4 * n);  // gate column k n + u of the slice: row k H + j0 + u of W_hh
+      for (int64_t k = 0; k < 4; ++k)
+        for (int64_t u = 0; u < n; ++u) col[k * n + u] = w_hh.const_data_ptr<float>() + (k * H + j0 + u) * H;
+      packed::pack_cols(col.data(), H, 4 * n, B, wp.mutable_data_ptr<float>() + hh_at + p * blk);
+    });
+  } else if (wp.defined()) {
     sl.run([&](int64_t p, int64_t j0, int64_t n) {
       for (int64_t k = 0; k < 4; ++k)
         packed::pack(w_hh.const_data_ptr<float>() + (k * H + j0) * H, 1, H, H, n,
-                     wp.mutable_data_ptr<float>() + hh_at + (4 * p + k) * blk);
+                     wp.mutable_data_ptr<float>() + hh_at + p * blk + k * packed::packed_size(H, n));
     });
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "lstm_layer_fwd_cpu", [&] {
@@ -323,6 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward(
     scalar_t *hsp = hs.mutable_data_ptr<scalar_t>(), *csp = cs.mutable_data_ptr<scalar_t>();
     scalar_t* actp = act.mutable_data_ptr<scalar_t>();
     int64_t t0 = 0;  // the first step in the gate buffer
+    float* ctp = ct.defined() ? ct.mutable_data_ptr<float>() : nullptr;
     // Step s's share of slice p (units [j0, j0 + n)): the gate products into the step's gate rows, then the cell.
     const auto step = [&](int64_t s, int64_t p, int64_t j0, int64_t n) {
       const int64_t t = reverse ? T - 1 - s : s, tp = reverse ? t + 1 : t - 1;
@@ -331,10 +368,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward(
       scalar_t* a = actp + (t - t0) * B * 4 * H;
       const scalar_t *hp = s == 0 ? h0p : hsp + tp * B * H, *cp = s == 0 ? c0p : csp + prev * B * H;
       scalar_t *hn = hsp + t * B * H, *cn = csp + cur * B * H;
-      for (int64_t k = 0; k < 4; ++k) {
-        if (!packed_product(hp, H, B, H, wp, hh_at + (4 * p + k) * blk, n, a + k * H + j0, 4 * H,
-                            /*accumulate=*/true))
-          act.select(0, t - t0).narrow(1, k * H + j0, n).addmm_(s == 0 ? h0 : hs.select(0, tp), w_blk[4 * p + k]);
+      if (cols) {
+        cols_product(ht.const_data_ptr<float>() + (s % 2) * H * R, B, H, wp.const_data_ptr<float>() + hh_at + p * blk,
+                     j0, n, ctp + p * ct_size, a);
+      } else {
+        for (int64_t k = 0; k < 4; ++k) {
+          if (!packed_product(hp, H, B, H, wp, hh_at + p * blk + k * packed::packed_size(H, n), n, a + k * H + j0,
+                              4 * H, /*accumulate=*/true))
+            act.select(0, t - t0).narrow(1, k * H + j0, n).addmm_(s == 0 ? h0 : hs.select(0, tp), w_blk[4 * p + k]);
+        }
       }
       for (int64_t r = 0; r < B; ++r) {
         const int64_t o = r * H + j0;
@@ -345,6 +387,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward(
           std::copy(cp + o, cp + o + n, cn + o);
           std::copy(hp + o, hp + o + n, hn + o);
         }
+      }
+      if (cols) {  // this slice's units of h_t, transposed, for the next step
+        cols_store_h(hn + j0, B, H, n, ht.mutable_data_ptr<float>() + ((s + 1) % 2) * H * R + j0 * R);
       }
     };
     for (int64_t s0 = 0; s0 < T; s0 += block) {  // keep: one block of all steps, whose input product is done
