@@ -211,15 +211,17 @@ inline int64_t cols_packed_size(int64_t K, int64_t ncols, int64_t M) {
   return cols_groups(ncols, M) * cols_group(M) * K;
 }
 
-// Packs W (K x ncols, column c at col[c]: K contiguous floats, e.g. a row of W^T) for M rows: groups of NC
-// columns, each [K][NC], the columns past ncols zero.
-inline void pack_cols(const float* const* col, int64_t K, int64_t ncols, int64_t M, float* dst) {
+// Packs W (K x ncols, element (k, c) at col[c][k * sk]) for M rows: groups of NC columns, each [K][NC], the
+// columns past ncols zero.
+inline void pack_cols(const float* const* col, int64_t sk, int64_t K, int64_t ncols, int64_t M, float* dst) {
   const int64_t nc = cols_group(M);
-  for (int64_t g = 0; g < cols_groups(ncols, M); ++g, dst += K * nc)
-    for (int64_t c = 0; c < nc; ++c) {
-      const int64_t j = g * nc + c;
-      for (int64_t k = 0; k < K; ++k) dst[k * nc + c] = j < ncols ? col[j][k] : 0.0f;
+  for (int64_t g = 0; g < cols_groups(ncols, M); ++g, dst += K * nc) {
+    const int64_t w = std::min(nc, ncols - g * nc);
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t c = 0; c < w; ++c) dst[k * nc + c] = col[g * nc + c][k * sk];
+      for (int64_t c = w; c < nc; ++c) dst[k * nc + c] = 0.0f;
     }
+  }
 }
 
 #if defined(__AVX512F__)
@@ -287,9 +289,10 @@ inline void transpose16(__m512 r[16]) {
 inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1); }
 #endif
 
-// c[r * ldc + j] += ct[j * R + r] for r < rows, j < ncols: the column form's result added to a row-major C, in
+// c[r * ldc + j] (+)= ct[j * R + r] for r < rows, j < ncols: the column form's result into a row-major C, in
 // 16 x 16 blocks transposed in registers.
-inline void add_cols_to_rows(const float* ct, int64_t R, int64_t ncols, int64_t rows, float* c, int64_t ldc) {
+inline void add_cols_to_rows(const float* ct, int64_t R, int64_t ncols, int64_t rows, float* c, int64_t ldc,
+                             bool accumulate = true) {
 #if defined(__AVX512F__)
   for (int64_t j0 = 0; j0 < ncols; j0 += 16) {
     const int64_t nj = std::min<int64_t>(16, ncols - j0);
@@ -301,13 +304,13 @@ inline void add_cols_to_rows(const float* ct, int64_t R, int64_t ncols, int64_t 
       const __mmask16 m = first_lanes(nj);
       for (int64_t i = 0; i < std::min<int64_t>(16, rows - r0); ++i) {
         float* row = c + (r0 + i) * ldc + j0;
-        _mm512_mask_storeu_ps(row, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, row), v[i]));
+        _mm512_mask_storeu_ps(row, m, accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, row), v[i]) : v[i]);
       }
     }
   }
 #else
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < ncols; ++j) c[r * ldc + j] += ct[j * R + r];
+    for (int64_t j = 0; j < ncols; ++j) c[r * ldc + j] = (accumulate ? c[r * ldc + j] : 0.0f) + ct[j * R + r];
 #endif
 }
 

@@ -143,6 +143,11 @@ bool packed_wanted(const at::Tensor& w_hh, int64_t T) {
   return packed::kAvailable && w_hh.scalar_type() == at::kFloat && T > 1;
 }
 
+// Whether the recurrent products run in packed::gemm_cols' column form: AVX-512 and at most 32 rows.
+bool cols_wanted(const at::Tensor& w_hh, int64_t T, int64_t B) {
+  return packed_wanted(w_hh, T) && packed::kColsAvailable && B <= packed::kColsMaxRows;
+}
+
 // w [N, K] (contiguous float32) transposed into packed::gemm's panels at wp, the threads packing a share each.
 void pack_input_weight(const at::Tensor& w, float* wp) {
   const int64_t N = w.size(0), K = w.size(1);
@@ -196,10 +201,25 @@ void cols_product(const float* ht, int64_t B, int64_t H, const float* wp, int64_
   }
 }
 
-// n units of h_t (rows H apart) into the column form's ht for the next step (float32 only).
-template <typename T> void cols_store_h(const T* h, int64_t B, int64_t H, int64_t n, float* ht) {
-  if constexpr (std::is_same_v<T, float>) packed::rows_to_cols(h, H, B, n, ht, packed::cols_rows(B));
+// n columns of B rows (ld apart) into the column form's transposed layout (float32 only): the forward's h_t for
+// the next step, the backward's gate gradients for the step before.
+template <typename T> void cols_store_h(const T* h, int64_t B, int64_t ld, int64_t n, float* ht) {
+  if constexpr (std::is_same_v<T, float>) packed::rows_to_cols(h, ld, B, n, ht, packed::cols_rows(B));
   else TORCH_CHECK(false, "lstm_layer: the column form is float32 only");
+}
+
+// The backward's recurrent product of one slice (n units) in the column form: ct = the slice's columns of
+// (dG W_hh)^T from gt = dG^T ([K][R], K = 4H) and the slice's pack_cols block wp, then dh's slice (rows ldh
+// apart) (+)= its transpose (float32 only).
+template <typename T>
+void cols_hand_back(const float* gt, int64_t B, int64_t K, const float* wp, int64_t n, float* ct, T* dh, int64_t ldh,
+                    bool accumulate) {
+  if constexpr (std::is_same_v<T, float>) {
+    packed::gemm_cols(gt, B, K, wp, n, ct);
+    packed::add_cols_to_rows(ct, packed::cols_rows(B), n, B, dh, ldh, accumulate);
+  } else {
+    TORCH_CHECK(false, "lstm_layer: the column form is float32 only");
+  }
 }
 
 // The recurrence splits hidden units, not batch rows, over the threads: a thread's slice of a step's GEMM (the
@@ -313,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward(
   // With AVX-512 and B <= 32 the recurrence runs in the column form (packed::gemm_cols): a slice's four gates
   // are one packed block of 4 len(p) columns, h_{t-1} is kept transposed (ht, two buffers, steps alternating) and
   // each step's product lands in the slice's scratch ct, which the rows then add into their gates.
-  const bool cols = packed_wanted(w_hh, T) && packed::kColsAvailable && B <= packed::kColsMaxRows;
+  const bool cols = cols_wanted(w_hh, T, B);
   const int64_t R = packed::cols_rows(B), ct_size = packed::cols_groups(4 * sl.len(0), B) * packed::cols_group(B) * R;
   const int64_t blk = cols ? packed::cols_packed_size(H, 4 * sl.len(0), B) : 4 * packed::packed_size(H, sl.len(0));
   const int64_t ih_size = packed::packed_size(I, 4 * H), hh_at = keep ? 0 : ih_size;
@@ -344,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward(
       std::vector<const float*> col(4 * n);  // gate column k n + u of the slice: row k H + j0 + u of W_hh
       for (int64_t k = 0; k < 4; ++k)
         for (int64_t u = 0; u < n; ++u) col[k * n + u] = w_hh.const_data_ptr<float>() + (k * H + j0 + u) * H;
-      packed::pack_cols(col.data(), H, 4 * n, B, wp.mutable_data_ptr<float>() + hh_at + p * blk);
+      packed::pack_cols(col.data(), 1, H, 4 * n, B, wp.mutable_data_ptr<float>() + hh_at + p * blk);
     });
   } else if (wp.defined()) {
     sl.run([&](int64_t p, int64_t j0, int64_t n) {
@@ -437,14 +457,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
   if (T * B * H == 0) return {dgx.zero_(), dh, dc};  // no step ran: h0 and c0 reach no output
   const UnitSlices sl(B, H, 4 * H);
   // Each slice's block of W_hh (K = 4H by len(p), at (i, j) W_hh[i, begin(p) + j]): float32 packs it for
-  // packed::gemm, by the thread that uses it; elsewhere ATen multiplies views (of dh and pass too).
-  const int64_t blk = packed::packed_size(4 * H, sl.len(0));
-  at::Tensor wp;
+  // packed::gemm (or, with cols, gemm_cols: the previous step's gate gradients kept transposed in gt, two
+  // buffers, iterations alternating, and the product landing in the slice's ct), by the thread that uses it;
+  // elsewhere ATen multiplies views (of dh and pass too).
+  const bool cols = cols_wanted(w_hh, T, B);
+  const int64_t R = packed::cols_rows(B), ct_size = packed::cols_groups(sl.len(0), B) * packed::cols_group(B) * R;
+  const int64_t blk = cols ? packed::cols_packed_size(4 * H, sl.len(0), B) : packed::packed_size(4 * H, sl.len(0));
+  at::Tensor wp, gt, ct;
   std::vector<at::Tensor> w_blk(sl.n), dh_blk(sl.n), pass_blk(sl.n);
   if (packed_wanted(w_hh, T)) {
     wp = cpu::cached_empty({sl.n * blk}, w_hh.options());
+    if (cols) {
+      gt = at::empty({2, 4 * H, R}, w_hh.options());
+      ct = at::empty({sl.n, ct_size}, w_hh.options());
+    }
     sl.run([&](int64_t p, int64_t j0, int64_t n) {
-      packed::pack(w_hh.const_data_ptr<float>() + j0, H, 1, 4 * H, n, wp.mutable_data_ptr<float>() + p * blk);
+      float* dst = wp.mutable_data_ptr<float>() + p * blk;
+      if (cols) {
+        std::vector<const float*> col(n);  // column u of the slice: W_hh[:, j0 + u]
+        for (int64_t u = 0; u < n; ++u) col[u] = w_hh.const_data_ptr<float>() + j0 + u;
+        packed::pack_cols(col.data(), H, 4 * H, n, B, dst);
+      } else {
+        packed::pack(w_hh.const_data_ptr<float>() + j0, H, 1, 4 * H, n, dst);
+      }
     });
   } else {
     for (int64_t p = 0; p < sl.n; ++p) {
@@ -462,6 +497,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "lstm_layer_bwd_cpu", [&] {
     scalar_t *dhp = dh.mutable_data_ptr<scalar_t>(), *dcp = dc.mutable_data_ptr<scalar_t>();
     scalar_t* pp = pass.defined() ? pass.mutable_data_ptr<scalar_t>() : nullptr;
+    float* ctp = ct.defined() ? ct.mutable_data_ptr<float>() : nullptr;
     // Step s's share of slice p (units [j0, j0 + n)), the steps running from the last to the first.
     const auto step = [&](int64_t i, int64_t p, int64_t j0, int64_t n) {
       const int64_t s = T - 1 - i;
@@ -478,8 +514,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
         if (wp.defined() && pp) {  // the rows past their length hand their gradient through: dh = pass + dG W_hh
           for (int64_t r = 0; r < B; ++r) std::copy_n(pp + r * H + j0, n, dhp + r * H + j0);
         }
-        if (!packed_product(dg_next, 4 * H, B, 4 * H, wp, p * blk, n, dhp + j0, H, /*accumulate=*/pp != nullptr))
+        if (cols) {
+          cols_hand_back(gt.const_data_ptr<float>() + ((i + 1) % 2) * 4 * H * R, B, 4 * H, wp.const_data_ptr<float>() + p * blk,
+                         n, ctp + p * ct_size, dhp + j0, H, /*accumulate=*/pp != nullptr);
+        } else if (!packed_product(dg_next, 4 * H, B, 4 * H, wp, p * blk, n, dhp + j0, H,
+                                   /*accumulate=*/pp != nullptr)) {
           hand_back(dh_blk[p], pass_blk[p], dgx.select(0, tn), w_blk[p]);
+        }
       }
       for (int64_t r = 0; r < B; ++r) {
         const int64_t o = r * H + j0;
@@ -494,6 +535,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
             if (gc) dcp[j] = static_cast<scalar_t>(acc_t<scalar_t>(gc[j]) + acc_t<scalar_t>(dcp[j]));
           }
         }
+      }
+      if (cols && s != 0) {  // this slice's gate gradients, transposed, for the next iteration (the step before)
+        for (int64_t k = 0; k < 4; ++k)
+          cols_store_h(dg + k * H + j0, B, 4 * H, n, gt.mutable_data_ptr<float>() + (i % 2) * 4 * H * R + (k * H + j0) * R);
       }
     };
     sl.run_steps(0, T, step);
