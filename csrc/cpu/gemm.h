@@ -194,9 +194,10 @@ inline void gemm(const float* a, int64_t lda, int64_t M, int64_t K, const float*
 // At B <= 32 rows (an LSTM step) the kernel above reads each packed panel of W once per 8-row block of A, four
 // times a step at 32 rows, and its k costs two panel loads and eight broadcasts for 16 FMAs. Here A is stored
 // transposed (at: [K][R], R = 16 or 32 rows, the rows past M zero), so one or two 16-row vectors of A per k meet
-// the broadcast elements of NC columns of W: 24 FMAs for 14 loads at 32 rows (NC = 12), W read once a step.
-// One core ran a 32 x 512 x 1024 step at 173-194 GFLOP/s this way against 142-154 on the kernel above
-// (docs/measurements.md, "LSTM recurrence in the column form"). AVX-512 only (32 vector registers).
+// the broadcast elements of NC columns of W: 24 FMAs for 14 loads at 32 rows (NC = 12), W read once a step, so
+// a core runs close to its FMA ceiling where the kernel above stays near two thirds of it at 32 rows
+// (docs/measurements.md, "LSTM recurrence in the column form"). AVX-512 only (24 accumulators need its 32
+// vector registers).
 #if defined(__AVX512F__)
 constexpr bool kColsAvailable = true;
 #else

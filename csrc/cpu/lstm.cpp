@@ -159,14 +159,16 @@ void pack_input_weight(const at::Tensor& w, float* wp) {
 }
 
 // out [M, N] = x [M, K] . w^T with w packed by pack_input_weight; x contiguous float32. The threads take a share
-// of the rows each, in blocks of 48: a block's A (48 x 512 floats) stays in L2 while the packed weights stream past
-// it (block sizes against MKL: docs/measurements.md, "LSTM").
+// of the rows each (at least 48, so that a few hundred rows still split), in blocks of up to 128: a block's A
+// (128 x 512 floats) stays in L2 while the packed weights stream past it, once a block, so the larger the block
+// the fewer times a thread streams all of W (blocks of 48 against 128: docs/measurements.md, "LSTM recurrence in
+// the column form").
 void input_product_packed(const at::Tensor& x, const float* wp, int64_t N, at::Tensor& out) {
-  constexpr int64_t kRows = 48;
+  constexpr int64_t kMinRows = 48, kRows = 128;
   const int64_t M = x.size(0), K = x.size(1);
   const float* xd = x.const_data_ptr<float>();
   float* od = out.mutable_data_ptr<float>();
-  at::parallel_for(0, M, kRows, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, M, kMinRows, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r += kRows)
       packed::gemm(xd + r * K, K, std::min(kRows, r1 - r), K, wp, N, od + r * N, N, /*accumulate=*/false);
   });
