@@ -205,8 +205,8 @@ void cols_product(const float* ht, int64_t B, int64_t H, const float* wp, int64_
 
 // n columns of B rows (ld apart) into the column form's transposed layout (float32 only): the forward's h_t for
 // the next step, the backward's gate gradients for the step before.
-template <typename T> void cols_store_h(const T* h, int64_t B, int64_t ld, int64_t n, float* ht) {
-  if constexpr (std::is_same_v<T, float>) packed::rows_to_cols(h, ld, B, n, ht, packed::cols_rows(B));
+template <typename T> void cols_store(const T* a, int64_t B, int64_t ld, int64_t n, float* at) {
+  if constexpr (std::is_same_v<T, float>) packed::rows_to_cols(a, ld, B, n, at, packed::cols_rows(B));
   else TORCH_CHECK(false, "lstm_layer: the column form is float32 only");
 }
 
@@ -382,6 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward(
     scalar_t* actp = act.mutable_data_ptr<scalar_t>();
     int64_t t0 = 0;  // the first step in the gate buffer
     float* ctp = ct.defined() ? ct.mutable_data_ptr<float>() : nullptr;
+    float* htp = ht.defined() ? ht.mutable_data_ptr<float>() : nullptr;
     // Step s's share of slice p (units [j0, j0 + n)): the gate products into the step's gate rows, then the cell.
     const auto step = [&](int64_t s, int64_t p, int64_t j0, int64_t n) {
       const int64_t t = reverse ? T - 1 - s : s, tp = reverse ? t + 1 : t - 1;
@@ -391,8 +392,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward(
       const scalar_t *hp = s == 0 ? h0p : hsp + tp * B * H, *cp = s == 0 ? c0p : csp + prev * B * H;
       scalar_t *hn = hsp + t * B * H, *cn = csp + cur * B * H;
       if (cols) {
-        cols_product(ht.const_data_ptr<float>() + (s % 2) * H * R, B, H, wp.const_data_ptr<float>() + hh_at + p * blk,
-                     j0, n, ctp + p * ct_size, a);
+        cols_product(htp + (s % 2) * H * R, B, H, wp.const_data_ptr<float>() + hh_at + p * blk, j0, n,
+                     ctp + p * ct_size, a);
       } else {
         for (int64_t k = 0; k < 4; ++k) {
           if (!packed_product(hp, H, B, H, wp, hh_at + p * blk + k * packed::packed_size(H, n), n, a + k * H + j0,
@@ -411,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward(
         }
       }
       if (cols) {  // this slice's units of h_t, transposed, for the next step
-        cols_store_h(hn + j0, B, H, n, ht.mutable_data_ptr<float>() + ((s + 1) % 2) * H * R + j0 * R);
+        cols_store(hn + j0, B, H, n, htp + ((s + 1) % 2) * H * R + j0 * R);
       }
     };
     for (int64_t s0 = 0; s0 < T; s0 += block) {  // keep: one block of all steps, whose input product is done
@@ -500,6 +501,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
     scalar_t *dhp = dh.mutable_data_ptr<scalar_t>(), *dcp = dc.mutable_data_ptr<scalar_t>();
     scalar_t* pp = pass.defined() ? pass.mutable_data_ptr<scalar_t>() : nullptr;
     float* ctp = ct.defined() ? ct.mutable_data_ptr<float>() : nullptr;
+    float* gtp = gt.defined() ? gt.mutable_data_ptr<float>() : nullptr;
     // Step s's share of slice p (units [j0, j0 + n)), the steps running from the last to the first.
     const auto step = [&](int64_t i, int64_t p, int64_t j0, int64_t n) {
       const int64_t s = T - 1 - i;
@@ -517,8 +519,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
           for (int64_t r = 0; r < B; ++r) std::copy_n(pp + r * H + j0, n, dhp + r * H + j0);
         }
         if (cols) {
-          cols_hand_back(gt.const_data_ptr<float>() + ((i + 1) % 2) * 4 * H * R, B, 4 * H, wp.const_data_ptr<float>() + p * blk,
-                         n, ctp + p * ct_size, dhp + j0, H, /*accumulate=*/pp != nullptr);
+          cols_hand_back(gtp + ((i + 1) % 2) * 4 * H * R, B, 4 * H, wp.const_data_ptr<float>() + p * blk, n,
+                         ctp + p * ct_size, dhp + j0, H, /*accumulate=*/pp != nullptr);
         } else if (!packed_product(dg_next, 4 * H, B, 4 * H, wp, p * blk, n, dhp + j0, H,
                                    /*accumulate=*/pp != nullptr)) {
           hand_back(dh_blk[p], pass_blk[p], dgx.select(0, tn), w_blk[p]);
@@ -540,7 +542,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
       }
       if (cols && s != 0) {  // this slice's gate gradients, transposed, for the next iteration (the step before)
         for (int64_t k = 0; k < 4; ++k)
-          cols_store_h(dg + k * H + j0, B, 4 * H, n, gt.mutable_data_ptr<float>() + (i % 2) * 4 * H * R + (k * H + j0) * R);
+          cols_store(dg + k * H + j0, B, 4 * H, n, gtp + (i % 2) * 4 * H * R + (k * H + j0) * R);
       }
     };
     sl.run_steps(0, T, step);
