@@ -212,19 +212,6 @@ inline int64_t cols_packed_size(int64_t K, int64_t ncols, int64_t M) {
   return cols_groups(ncols, M) * cols_group(M) * K;
 }
 
-// Packs W (K x ncols, element (k, c) at col[c][k * sk]) for M rows: groups of NC columns, each [K][NC], the
-// columns past ncols zero.
-inline void pack_cols(const float* const* col, int64_t sk, int64_t K, int64_t ncols, int64_t M, float* dst) {
-  const int64_t nc = cols_group(M);
-  for (int64_t g = 0; g < cols_groups(ncols, M); ++g, dst += K * nc) {
-    const int64_t w = std::min(nc, ncols - g * nc);
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t c = 0; c < w; ++c) dst[k * nc + c] = col[g * nc + c][k * sk];
-      for (int64_t c = w; c < nc; ++c) dst[k * nc + c] = 0.0f;
-    }
-  }
-}
-
 #if defined(__AVX512F__)
 template <int MV, int NC>
 inline void micro_cols(const float* at, int64_t K, const float* wp, float* ct) {
@@ -289,6 +276,51 @@ inline void transpose16(__m512 r[16]) {
 }
 inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1); }
 #endif
+
+// Packs W (K x ncols, element (k, c) at col[c][k * sk]) for M rows: groups of NC columns, each [K][NC], the
+// columns past ncols zero. With AVX-512 (the only kind of build that uses it) a group whose columns lie side by
+// side (the backward's W_hh[:, j0 + u]) copies a run of floats a k, and columns of contiguous k (the forward's
+// rows of W_hh) go 16 x 16 through registers; else one float at a time.
+inline void pack_cols(const float* const* col, int64_t sk, int64_t K, int64_t ncols, int64_t M, float* dst) {
+  const int64_t nc = cols_group(M);
+  for (int64_t g = 0; g < cols_groups(ncols, M); ++g, dst += K * nc) {
+    const float* const* gc = col + g * nc;
+    const int64_t w = std::min(nc, ncols - g * nc);
+#if defined(__AVX512F__)
+    bool adjacent = true;
+    for (int64_t c = 1; c < w; ++c) adjacent = adjacent && gc[c] == gc[0] + c;
+    if (adjacent) {
+      for (int64_t c0 = 0; c0 < nc; c0 += 16) {
+        const __mmask16 cm = first_lanes(std::min<int64_t>(16, nc - c0));
+        const __mmask16 lm = first_lanes(std::clamp<int64_t>(w - c0, 0, 16));
+        for (int64_t k = 0; k < K; ++k)
+          _mm512_mask_storeu_ps(dst + k * nc + c0, cm, _mm512_maskz_loadu_ps(lm, gc[0] + k * sk + c0));
+      }
+      continue;
+    }
+    if (sk == 1) {
+      for (int64_t c0 = 0; c0 < nc; c0 += 16) {
+        const int64_t cw = std::min<int64_t>(16, nc - c0), live = std::clamp<int64_t>(w - c0, 0, cw);
+        const __mmask16 cm = first_lanes(cw);
+        for (int64_t k0 = 0; k0 < K; k0 += 16) {
+          const int64_t nk = std::min<int64_t>(16, K - k0);
+          const __mmask16 km = first_lanes(nk);
+          __m512 v[16];
+          for (int64_t i = 0; i < 16; ++i)
+            v[i] = i < live ? _mm512_maskz_loadu_ps(km, gc[c0 + i] + k0) : _mm512_setzero_ps();
+          transpose16(v);  // v[i]: columns c0 .. c0 + 15 at k0 + i
+          for (int64_t i = 0; i < nk; ++i) _mm512_mask_storeu_ps(dst + (k0 + i) * nc + c0, cm, v[i]);
+        }
+      }
+      continue;
+    }
+#endif
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t c = 0; c < w; ++c) dst[k * nc + c] = gc[c][k * sk];
+      for (int64_t c = w; c < nc; ++c) dst[k * nc + c] = 0.0f;
+    }
+  }
+}
 
 // c[r * ldc + j] (+)= ct[j * R + r] for r < rows, j < ncols: the column form's result into a row-major C, in
 // 16 x 16 blocks transposed in registers.
