@@ -147,13 +147,14 @@ TORCH_LIBRARY(fastnn, m) {
   // [B, H]. The input product of all steps is one GEMM (into the gate buffer); then per step one in-place addmm
   // and the fused cell. -> (hs, cs, act): the states after every step [T, B, H] (a row past its length, int64
   // lengths [B], keeps its state) and the activated gates [T, B, 4H]. `reverse` walks t = T-1 .. 0.
-  // The backward returns (grad_gates [T, B, 4H], grad_h0, grad_c0); the weight, bias and input gradients are GEMMs
-  // or a sum of it. grad_cs None is a zero gradient (a model that reads only hs and the final states). lstm_layer_infer_fwd is the same recurrence without autograd: no per-step gates or cell states
-  // kept; it returns (hs, c_n).
+  // The backward returns (grad_gates [T, B, 4H], grad_h0, grad_c0, grad_bias [4H]): grad_bias is grad_gates summed
+  // over all steps and rows; the weight and input gradients are GEMMs of grad_gates. grad_cs None is a zero
+  // gradient (a model that reads only hs and the final states). lstm_layer_infer_fwd is the same recurrence without
+  // autograd: no per-step gates or cell states kept; it returns (hs, c_n).
   m.def("lstm_layer_fwd(Tensor x, Tensor w_ih, Tensor? bias, Tensor w_hh, Tensor h0, Tensor c0, Tensor? lengths,"
         " bool reverse) -> (Tensor, Tensor, Tensor)");
   m.def("lstm_layer_bwd(Tensor grad_hs, Tensor? grad_cs, Tensor w_hh, Tensor c0, Tensor cs, Tensor act,"
-        " Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor)");
+        " Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("lstm_layer_infer_fwd(Tensor x, Tensor w_ih, Tensor? bias, Tensor w_hh, Tensor h0, Tensor c0,"
         " Tensor? lengths, bool reverse) -> (Tensor, Tensor)");
 }

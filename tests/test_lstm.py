@@ -167,6 +167,53 @@ def test_layer_bwd_without_a_cell_state_gradient(device, dtype, reverse, with_le
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("with_lengths", [False, True])
+@pytest.mark.parametrize("B, H", [(5, 20), (27, 150)])
+def test_layer_bwd_reads_a_strided_grad_hs(device, with_lengths, B, H):
+    # A batch_first model hands the op the transpose of its [B, T, H] gradient (the CPU op reads it in place): the
+    # same results, bit for bit, as from its contiguous copy.
+    torch.manual_seed(7)
+    T, I = 6, 9
+    args = [torch.randn(T, B, I), torch.randn(4 * H, I) / 2, torch.randn(4 * H), torch.randn(4 * H, H) / 4,
+            torch.randn(B, H), torch.randn(B, H)]
+    args = [a.to(device) for a in args]
+    lengths = torch.randint(1, T + 1, (B,)) if with_lengths else None
+    hs, cs, act = torch.ops.fastnn.lstm_layer_fwd(*args, lengths, False)
+    g_bf = torch.randn(B, T, H, device=device)
+    for grad_cs in (None, torch.randn_like(cs)):
+        got = torch.ops.fastnn.lstm_layer_bwd(g_bf.transpose(0, 1), grad_cs, args[3], args[5], cs, act, lengths,
+                                              False)
+        want = torch.ops.fastnn.lstm_layer_bwd(g_bf.transpose(0, 1).contiguous(), grad_cs, args[3], args[5], cs,
+                                               act, lengths, False)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("B, H", [(5, 20), (27, 150)])  # one slice of units; two (the CPU's threads split them)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_layer_bwd_bias_gradient_is_the_gate_gradients_sum(device, dtype, B, H, reverse):
+    # The backward's grad_bias (on the CPU summed in the cell loop, each thread over its own units) is grad_gates
+    # summed over steps and rows; rows past their length add nothing.
+    torch.manual_seed(6)
+    T, I = 6, 11
+    args = [torch.randn(T, B, I), torch.randn(4 * H, I) / 2, torch.randn(4 * H), torch.randn(4 * H, H) / 4,
+            torch.randn(B, H), torch.randn(B, H)]
+    args = [a.to(device, dtype) for a in args]
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T
+    hs, cs, act = torch.ops.fastnn.lstm_layer_fwd(*args, lengths, reverse)
+    grad_gates, _, _, grad_bias = torch.ops.fastnn.lstm_layer_bwd(torch.randn_like(hs), torch.randn_like(cs),
+                                                                  args[3], args[5], cs, act, lengths, reverse)
+    assert grad_bias.shape == (4 * H,) and grad_bias.dtype == dtype
+    # bfloat16: the op sums the gradients before rounding them to bfloat16, the check after.
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    want = grad_gates.double().sum((0, 1))
+    torch.testing.assert_close(grad_bias.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("with_lengths", [False, True])

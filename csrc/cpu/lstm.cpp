@@ -70,9 +70,11 @@ void cell_fwd_row(const T* pre, const T* bias, const T* cp, T* act, T* c, T* h, 
 // n hidden units of one batch row of the backward (gates H apart, as above). The incoming gradients are sums of
 // two terms each (dh + dh2, dc + dc2; the second may be null) so the layer's recurrent and per-step gradients
 // need no separate add. Writes the pre-activation gradients dgates and dcp, the gradient of the previous cell
-// state (may alias dc2).
-template <typename T> void cell_bwd_row(const T* dh, const T* dh2, const T* dc, const T* dc2, const T* act,
-                                        const T* cp, T* dgates, T* dcp, int64_t H, int64_t n) {
+// state (may alias dc2); with dbias (gates H apart, as dgates) also adds dgates to it, the layer's bias gradient
+// summed while the values are in registers rather than in a pass over all steps' gradients afterwards.
+template <typename T>
+void cell_bwd_row(const T* dh, const T* dh2, const T* dc, const T* dc2, const T* act, const T* cp, T* dgates, T* dcp,
+                  int64_t H, int64_t n, acc_t<T>* dbias = nullptr) {
   using A = acc_t<T>;
   for_chunks<A>(n, [&](int64_t j, int64_t len) {
     const vec<A> i = load_as<A>(act + j, len), f = load_as<A>(act + H + j, len);
@@ -83,10 +85,12 @@ template <typename T> void cell_bwd_row(const T* dh, const T* dh2, const T* dc, 
     if (dh2) gh += load_as<A>(dh2 + j, len);
     if (dc2) gc += load_as<A>(dc2 + j, len);
     gc += gh * o * (A(1) - tc * tc);
-    store_as<A>(dgates + j, gc * g * i * (A(1) - i), len);
-    store_as<A>(dgates + H + j, gc * c0 * f * (A(1) - f), len);
-    store_as<A>(dgates + 2 * H + j, gc * i * (A(1) - g * g), len);
-    store_as<A>(dgates + 3 * H + j, gh * tc * o * (A(1) - o), len);
+    const vec<A> d[4] = {gc * g * i * (A(1) - i), gc * c0 * f * (A(1) - f), gc * i * (A(1) - g * g),
+                         gh * tc * o * (A(1) - o)};
+    for (int k = 0; k < 4; ++k) {
+      store_as<A>(dgates + k * H + j, d[k], len);
+      if (dbias) store_as<A>(dbias + k * H + j, load_as<A>(dbias + k * H + j, len) + d[k], len);
+    }
     store_as<A>(dcp + j, gc * f, len);
   });
 }
@@ -442,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor> lstm_layer_infer_fwd_cpu(
   return {hs, cn};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
     const at::Tensor& grad_hs_, const std::optional<at::Tensor>& grad_cs, const at::Tensor& w_hh_,
     const at::Tensor& c0_, const at::Tensor& cs_, const at::Tensor& act_, const std::optional<at::Tensor>& lengths,
     bool reverse) {
@@ -450,14 +454,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
   const LstmLayerGeometry geo = check_lstm_layer(act_, "act", w_hh_, c0_, lengths, len_holder);
   const int64_t T = geo.T, B = geo.B, H = geo.H;
   const at::Tensor dcs = check_lstm_layer_grads(geo, grad_hs_, grad_cs, cs_, act_);  // undefined: zero
-  const at::Tensor dhs = grad_hs_.contiguous(), w_hh = w_hh_.contiguous();
+  // grad_hs is read in place wherever its units are contiguous: a batch_first model hands over the transpose of
+  // its [B, T, H] gradient, which a copy to [T, B, H] would cost a pass over.
+  const at::Tensor dhs = grad_hs_.stride(2) == 1 ? grad_hs_ : grad_hs_.contiguous(), w_hh = w_hh_.contiguous();
+  const int64_t dhs_t = dhs.stride(0), dhs_r = dhs.stride(1);
   const at::Tensor c0 = c0_.contiguous(), cs = cs_.contiguous(), act = act_.contiguous();
   at::Tensor dgx = cpu::cached_empty({T, B, 4 * H}, act.options());
   // dh carries the recurrent gradient into the next (earlier) step, dc the cell-state gradient; both start at
   // zero for the last step. pass holds, for rows past their length, the h gradient they hand through.
   at::Tensor dh = at::zeros({B, H}, act.options()), dc = at::zeros({B, H}, act.options());
   at::Tensor pass = geo.len ? at::zeros({B, H}, act.options()) : at::Tensor();
-  if (T * B * H == 0) return {dgx.zero_(), dh, dc};  // no step ran: h0 and c0 reach no output
+  // The bias gradient, summed by the cell in the accumulation type; each thread adds only its own units' gates.
+  const bool wide = act.scalar_type() == at::kDouble;
+  at::Tensor dbias = at::zeros({4 * H}, act.options().dtype(wide ? at::kDouble : at::kFloat));
+  if (T * B * H == 0) return {dgx.zero_(), dh, dc, dbias.to(act.scalar_type())};  // h0, c0, bias reach nothing
   const UnitSlices sl(B, H, 4 * H);
   // Each slice's block of W_hh (K = 4H by len(p), at (i, j) W_hh[i, begin(p) + j]): float32 packs it for
   // packed::gemm (or, with cols, gemm_cols: the previous step's gate gradients kept transposed in gt, two
@@ -502,12 +512,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
     scalar_t* pp = pass.defined() ? pass.mutable_data_ptr<scalar_t>() : nullptr;
     float* ctp = ct.defined() ? ct.mutable_data_ptr<float>() : nullptr;
     float* gtp = gt.defined() ? gt.mutable_data_ptr<float>() : nullptr;
+    acc_t<scalar_t>* dbp = dbias.mutable_data_ptr<acc_t<scalar_t>>();
     // Step s's share of slice p (units [j0, j0 + n)), the steps running from the last to the first.
     const auto step = [&](int64_t i, int64_t p, int64_t j0, int64_t n) {
       const int64_t s = T - 1 - i;
       const int64_t t = reverse ? T - 1 - s : s, tp = reverse ? t + 1 : t - 1, tn = reverse ? t - 1 : t + 1;
       const scalar_t* cp = s == 0 ? c0.const_data_ptr<scalar_t>() : cs.const_data_ptr<scalar_t>() + tp * B * H;
-      const scalar_t* gh = dhs.const_data_ptr<scalar_t>() + t * B * H;
+      const scalar_t* gh = dhs.const_data_ptr<scalar_t>() + t * dhs_t;
       const scalar_t* gc = dcs.defined() ? dcs.const_data_ptr<scalar_t>() + t * B * H : nullptr;
       const scalar_t* a = act.const_data_ptr<scalar_t>() + t * B * 4 * H;
       scalar_t* dg = dgx.mutable_data_ptr<scalar_t>() + t * B * 4 * H;
@@ -528,14 +539,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
       }
       for (int64_t r = 0; r < B; ++r) {
         const int64_t o = r * H + j0;
+        const scalar_t* ghr = gh + r * dhs_r + j0;  // the row's slice of grad_hs
         if (geo.active(t, r)) {
-          cell_bwd_row<scalar_t>(gh + o, dhp + o, gc ? gc + o : dcp + o, gc ? dcp + o : nullptr,
-                                 a + 4 * r * H + j0, cp + o, dg + 4 * r * H + j0, dcp + o, H, n);
+          cell_bwd_row<scalar_t>(ghr, dhp + o, gc ? gc + o : dcp + o, gc ? dcp + o : nullptr,
+                                 a + 4 * r * H + j0, cp + o, dg + 4 * r * H + j0, dcp + o, H, n, dbp + j0);
           if (pp) std::fill(pp + o, pp + o + n, scalar_t(0));
         } else {
           for (int64_t k = 0; k < 4; ++k) std::fill_n(dg + (4 * r + k) * H + j0, n, scalar_t(0));
           for (int64_t j = o; j < o + n; ++j) {
-            pp[j] = static_cast<scalar_t>(acc_t<scalar_t>(gh[j]) + acc_t<scalar_t>(dhp[j]));
+            pp[j] = static_cast<scalar_t>(acc_t<scalar_t>(ghr[j - o]) + acc_t<scalar_t>(dhp[j]));
             if (gc) dcp[j] = static_cast<scalar_t>(acc_t<scalar_t>(gc[j]) + acc_t<scalar_t>(dcp[j]));
           }
         }
@@ -549,7 +561,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
     // The first step's gradient into h0: the whole GEMM, threaded by the BLAS.
     hand_back(dh, pass, dgx.select(0, reverse ? T - 1 : 0), w_hh);
   });
-  return {dgx, dh, dc};
+  return {dgx, dh, dc, dbias.to(act.scalar_type())};
 }
 
 }  // namespace

@@ -603,7 +603,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cuda(
   return {hs, cs, act};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cuda(
     const at::Tensor& grad_hs_, const std::optional<at::Tensor>& grad_cs, const at::Tensor& w_hh_,
     const at::Tensor& c0_, const at::Tensor& cs_, const at::Tensor& act_, const std::optional<at::Tensor>& lengths,
     bool reverse) {
@@ -617,7 +617,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cuda(
   const at::Tensor len = device_lengths(geo, len_host, act.device());
   at::Tensor dgx = at::empty({T, B, 4 * H}, act.options());
   at::Tensor dh = at::empty({B, H}, act.options()), dc = at::empty({B, H}, act.options());
-  if (T * B * H == 0) return {dgx.zero_(), dh.zero_(), dc.zero_()};
+  if (T * B * H == 0) return {dgx.zero_(), dh.zero_(), dc.zero_(), at::zeros({4 * H}, act.options())};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "lstm_layer_bwd_cuda", [&] {
     if (layer_bwd_persistent<scalar_t>(w_hh, dhs, dcs, c0, cs, act, dgx, dh, dc, len, T, B, H, reverse)) return;
     dh.zero_();  // the running gradients start at 0 (the persistent kernel writes both whole)
@@ -638,7 +638,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cuda(
       else at::mm_out(dh, dg_t, w_hh);
     }
   });
-  return {dgx, dh, dc};
+  // The bias gradient: one reduction over all steps' gate gradients (torch's, accumulating half types in float).
+  return {dgx, dh, dc, dgx.view({T * B, 4 * H}).sum(0)};
 }
 
 }  // namespace

@@ -218,7 +218,7 @@ torch.library.register_fake(torch.ops.fastnn.lstm_layer_infer_fwd.default)(_laye
 
 
 def _layer_fake_bwd(grad_hs, grad_cs, w_hh, c0, cs, act, lengths, reverse):
-    return act.new_empty(act.shape), c0.new_empty(c0.shape), c0.new_empty(c0.shape)
+    return act.new_empty(act.shape), c0.new_empty(c0.shape), c0.new_empty(c0.shape), act.new_empty(act.shape[2])
 
 
 def _layer_setup_context(ctx, inputs, output):
@@ -237,12 +237,12 @@ def _layer_backward(ctx, grads, bwd_op):
     # A model that reads only hs and h_n / c_n leaves grad_cs None (or holding only the final step, from c_n):
     # the op takes None as zero rather than a zero-filled [T, B, H] tensor.
     grad_hs = torch.zeros_like(hs) if grads[0] is None else grads[0]
-    grad_gates, grad_h0, grad_c0 = bwd_op(grad_hs, grads[1], w_hh, c0, cs, act, lengths, ctx.reverse)
+    grad_gates, grad_h0, grad_c0, grad_bias = bwd_op(grad_hs, grads[1], w_hh, c0, cs, act, lengths, ctx.reverse)
     T, B, H4 = grad_gates.shape
     g2 = grad_gates.view(T * B, H4)
     need = ctx.needs_input_grad
     grad_x = torch.mm(g2, w_ih).view(x.shape) if need[0] else None
-    grad_bias = g2.sum(0) if ctx.has_bias and need[2] else None
+    grad_bias = grad_bias if ctx.has_bias and need[2] else None
     # The weight gradients: dG^T x_t and dG^T h_prev(t) over all steps, where step t ran on h_{t-1} (forward) or
     # h_{t+1} (reverse), and on h0 at the first step. Both wanted: one GEMM over [x_t | h_prev(t)], whose K = D + H
     # runs closer to the BLAS's peak than two thinner products, for the price of one copy of the inputs.
