@@ -1,7 +1,7 @@
 """Model-level training steps: blocks built the way users build them, torch.nn modules vs the same model with
 fastnn's modules (fastnn.patch, or the fused linear + cross-entropy head), time and peak extra memory.
 
-    python bench/bench_models.py [--quick] [--device cpu|cuda] [--no-thp]
+    python bench/bench_models.py [--quick] [--device cpu|cuda] [--no-thp] [--repeats N] [--only BLOCK[,BLOCK]]
 
 Blocks (float32 on CPU), each a full step: forward, loss, backward, SGD update:
   encoder      nn.TransformerEncoderLayer (batch_first, GELU) -> per-token classifier -> CrossEntropyLoss
@@ -113,20 +113,38 @@ def check_same_loss(theirs: nn.Module, ours: nn.Module, inputs: tuple, name: str
     theirs.train(), ours.train()
 
 
+BLOCKS = ("encoder", "classifier", "lstm-tagger", "translator")
+
+
+def _only_blocks(extra: list[str]) -> set[str] | None:
+    """--only BLOCK[,BLOCK...]: the blocks to run (None: all)."""
+    if "--only" not in extra:
+        return None
+    i = extra.index("--only")
+    only = set(extra[i + 1].split(",")) if i + 1 < len(extra) else set()
+    if not only or not only <= set(BLOCKS):
+        raise SystemExit(f"--only takes block names among {', '.join(BLOCKS)}, got {extra[i + 1:i + 2]}")
+    return only
+
+
 def main():
     b = Bench("models", description=__doc__)
+    only = _only_blocks(b.extra)
     for name, case, theirs, inputs in blocks(b.quick, b.device):
+        if only is not None and name not in only:
+            continue
         theirs = theirs.to(b.device)
         inputs = tuple(t.to(b.device) for t in inputs)
         ours = with_fastnn(theirs)
         check_same_loss(theirs, ours, inputs, name)
         b.compare(case=case, fns={EAGER: sgd_step(theirs, inputs), FASTNN: sgd_step(ours, inputs)},
                   series=name, x=None)
-    n, length = (50, 30) if b.quick else (100, 30)
-    data = batch(n, length, VOCAB, b.device)
-    b.compare(case=f"small {n}x{length}", series="translator",
-              fns={EAGER: train_step("transformer", "small", "torch", VOCAB, data, b.device)[1],
-                   FASTNN: train_step("transformer", "small", "fastnn", VOCAB, data, b.device)[1]})
+    if only is None or "translator" in only:
+        n, length = (50, 30) if b.quick else (100, 30)
+        data = batch(n, length, VOCAB, b.device)
+        b.compare(case=f"small {n}x{length}", series="translator",
+                  fns={EAGER: train_step("transformer", "small", "torch", VOCAB, data, b.device)[1],
+                       FASTNN: train_step("transformer", "small", "fastnn", VOCAB, data, b.device)[1]})
     b.finish()
 
 

@@ -27,16 +27,60 @@ inline int64_t panels(int64_t ncols) { return (ncols + kNR - 1) / kNR; }
 // Floats that pack() writes for a K x ncols matrix.
 inline int64_t packed_size(int64_t K, int64_t ncols) { return panels(ncols) * K * kNR; }
 
+#if defined(__AVX512F__)
+// r[i] holds row i of a 16 x 16 block; afterwards column i.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  // Now 128-bit lane L of r[4 i + q] holds column 4 L + q of rows 4 i .. 4 i + 3: regroup the lanes.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xDD);
+    t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+    r[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
+    r[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xDD);
+  }
+}
+inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1); }
+#endif
+
 // Packs the K x ncols matrix whose element (k, j) is src[k * sk + j * sj] into panels of 16 columns, each [K][16],
 // the columns past ncols zero (so the last panel runs the full-width kernel).
 inline void pack(const float* src, int64_t sk, int64_t sj, int64_t K, int64_t ncols, float* dst) {
   for (int64_t p = 0; p < panels(ncols); ++p, dst += K * kNR) {
     const int64_t j0 = p * kNR, nr = std::min(kNR, ncols - j0);
     if (nr < kNR) std::fill_n(dst, K * kNR, 0.0f);
-    // Walk src along its contiguous direction: a panel is a 16-wide transpose when the columns are W's rows.
+    // Walk src along its contiguous direction: a panel is a 16-wide transpose when the columns are W's rows
+    // (with AVX-512 16 x 16 blocks of it through registers).
     if (sk == 1) {
+#if defined(__AVX512F__)
+      for (int64_t k0 = 0; k0 < K; k0 += 16) {
+        const int64_t nk = std::min<int64_t>(16, K - k0);
+        const __mmask16 km = first_lanes(nk);
+        __m512 v[16];
+        for (int64_t j = 0; j < 16; ++j)
+          v[j] = j < nr ? _mm512_maskz_loadu_ps(km, src + k0 + (j0 + j) * sj) : _mm512_setzero_ps();
+        transpose16(v);  // v[i]: the panel's 16 columns at k0 + i
+        for (int64_t i = 0; i < nk; ++i) _mm512_storeu_ps(dst + (k0 + i) * kNR, v[i]);
+      }
+#else
       for (int64_t j = 0; j < nr; ++j)
         for (int64_t k = 0; k < K; ++k) dst[k * kNR + j] = src[k + (j0 + j) * sj];
+#endif
     } else {
       for (int64_t k = 0; k < K; ++k)
         for (int64_t j = 0; j < nr; ++j) dst[k * kNR + j] = src[k * sk + (j0 + j) * sj];
@@ -246,36 +290,6 @@ inline void gemm_cols(const float* at, int64_t M, int64_t K, const float* wp, in
 #endif
 }
 
-#if defined(__AVX512F__)
-// r[i] holds row i of a 16 x 16 block; afterwards column i.
-inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-  // Now 128-bit lane L of r[4 i + q] holds column 4 L + q of rows 4 i .. 4 i + 3: regroup the lanes.
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
-    t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xDD);
-    t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
-    t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xDD);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
-    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
-    r[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
-    r[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xDD);
-  }
-}
-inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1); }
-#endif
 
 // Packs W (K x ncols, element (k, c) at col[c][k * sk]) for M rows: groups of NC columns, each [K][NC], the
 // columns past ncols zero. With AVX-512 (the only kind of build that uses it) a group whose columns lie side by
