@@ -492,14 +492,14 @@ def test_layer_split_over_threads_with_lengths(dtype):
     (35, 45),  # row tiles 6 x 5 + 4 + 1 or 8 x 4 + 1 + 1 + 1; 45 = a pair of 16-column panels (AVX-512 takes
                # two at a time) and a partial one of 13 columns
     (13, 61),  # a pair, a single full panel and a partial one
-    (27, 45),  # with AVX-512 the forward's column form at 32 padded rows (12 columns a group); 13 at 16 (24)
+    (27, 45),  # with AVX-512 the column form at its fewest rows, 27 padded to 32 (12 columns a group: 3 tails)
     (32, 150),  # the column form with the units split over two threads (slices of 80 and 70 units)
 ])
 def test_layer_packed_recurrent_gemm_tails(B, H):
     # float32 layers of more than one step run their recurrent products on csrc/cpu/gemm.h; these shapes reach
     # every row-tile size, panels in pairs and alone, and a partial last panel, forward and backward, with rows
-    # that stop early (the backward's pass-through is added onto the product) in both directions. With AVX-512 a
-    # forward of B <= 32 rows runs the column form instead (gemm_cols), its 16 x 16 transposes cut at B and H.
+    # that stop early (the backward's pass-through is added onto the product) in both directions. With AVX-512, 27
+    # to 32 rows run the column form instead (gemm_cols), its 16 x 16 transposes cut at B and H.
     torch.manual_seed(1)
     ours, theirs = _twins(torch.float32, input_size=11, hidden_size=H, num_layers=1, bidirectional=True)
     ref = nn.LSTM(11, H, bidirectional=True, dtype=torch.float64)

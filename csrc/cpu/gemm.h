@@ -234,27 +234,26 @@ inline void gemm(const float* a, int64_t lda, int64_t M, int64_t K, const float*
 #endif
 }
 
-// ---- The column form, for a few rows: C^T = (A . W)^T with W the broadcast operand ----
-// At B <= 32 rows (an LSTM step) the kernel above reads each packed panel of W once per 8-row block of A, four
-// times a step at 32 rows, and its k costs two panel loads and eight broadcasts for 16 FMAs. Here A is stored
-// transposed (at: [K][R], R = 16 or 32 rows, the rows past M zero), so one or two 16-row vectors of A per k meet
-// the broadcast elements of NC columns of W: 24 FMAs for 14 loads at 32 rows (NC = 12), W read once a step, so
-// a core runs close to its FMA ceiling where the kernel above stays near two thirds of it at 32 rows
-// (docs/measurements.md, "LSTM recurrence in the column form"). AVX-512 only (24 accumulators need its 32
-// vector registers).
+// ---- The column form, for an A of nearly 32 rows: C^T = (A . W)^T with W the broadcast operand ----
+// At 32 rows (an LSTM step) the kernel above reads each packed panel of W once per 8-row block of A, four times,
+// and its k costs two panel loads and eight broadcasts for 16 FMAs. Here A is stored transposed (at: [K][32],
+// the rows past M zero), so two 16-row vectors of A per k meet the broadcast elements of 12 columns of W: 24 FMAs
+// for 14 loads, W read once, so a core runs close to its FMA ceiling where the kernel above stays near two thirds
+// of it. Every row counts 32 though: below 27 rows the kernel above, whose cost follows the rows, is as fast or
+// faster (a 16-row form, 24 columns a group, was slower still: one vector of A per k makes it load-bound;
+// docs/measurements.md, "LSTM recurrence in the column form" and the section after it). AVX-512 only (24
+// accumulators need its 32 vector registers).
 #if defined(__AVX512F__)
 constexpr bool kColsAvailable = true;
 #else
 constexpr bool kColsAvailable = false;
 #endif
-constexpr int64_t kColsMaxRows = 32;
-inline int64_t cols_rows(int64_t M) { return M <= 16 ? 16 : 32; }  // R: at's and ct's padded row count
-inline int64_t cols_group(int64_t M) { return M <= 16 ? 24 : 12; }  // NC: columns per group, 24 accumulators
-inline int64_t cols_groups(int64_t ncols, int64_t M) { return (ncols + cols_group(M) - 1) / cols_group(M); }
+constexpr int64_t kColsMinRows = 27, kColsMaxRows = 32;
+constexpr int64_t kColsRows = 32;  // R: at's and ct's padded row count
+constexpr int64_t kColsGroup = 12;  // NC: columns per group
+inline int64_t cols_groups(int64_t ncols) { return (ncols + kColsGroup - 1) / kColsGroup; }
 // Floats that pack_cols writes for K x ncols; a ct for ncols columns holds cols_groups * NC * R floats.
-inline int64_t cols_packed_size(int64_t K, int64_t ncols, int64_t M) {
-  return cols_groups(ncols, M) * cols_group(M) * K;
-}
+inline int64_t cols_packed_size(int64_t K, int64_t ncols) { return cols_groups(ncols) * kColsGroup * K; }
 
 #if defined(__AVX512F__)
 template <int MV, int NC>
@@ -276,55 +275,45 @@ inline void micro_cols(const float* at, int64_t K, const float* wp, float* ct) {
 }
 #endif
 
-// ct[c * R + r] = sum_k at[k * R + r] W(k, c) for every column c < ncols (rounded up to a group) and r < R, W
-// packed by pack_cols for M rows, R = cols_rows(M). Single-threaded. Only with kColsAvailable and M <= 32.
-inline void gemm_cols(const float* at, int64_t M, int64_t K, const float* wp, int64_t ncols, float* ct) {
+// ct[c * R + r] = sum_k at[k * R + r] W(k, c) for every column c < ncols (rounded up to a group) and r < R =
+// kColsRows, W packed by pack_cols. Single-threaded. Only with kColsAvailable.
+inline void gemm_cols(const float* at, int64_t K, const float* wp, int64_t ncols, float* ct) {
 #if defined(__AVX512F__)
-  const int64_t nc = cols_group(M), R = cols_rows(M);
-  for (int64_t g = 0; g < cols_groups(ncols, M); ++g) {
-    if (R == 16) micro_cols<1, 24>(at, K, wp + g * K * nc, ct + g * nc * R);
-    else micro_cols<2, 12>(at, K, wp + g * K * nc, ct + g * nc * R);
-  }
+  constexpr int64_t nc = kColsGroup, R = kColsRows;
+  for (int64_t g = 0; g < cols_groups(ncols); ++g) micro_cols<R / 16, nc>(at, K, wp + g * K * nc, ct + g * nc * R);
 #else
-  (void)at, (void)M, (void)K, (void)wp, (void)ncols, (void)ct;
+  (void)at, (void)K, (void)wp, (void)ncols, (void)ct;
 #endif
 }
 
 
-// Packs W (K x ncols, element (k, c) at col[c][k * sk]) for M rows: groups of NC columns, each [K][NC], the
+// Packs W (K x ncols, element (k, c) at col[c][k * sk]): groups of NC columns, each [K][NC], the
 // columns past ncols zero. With AVX-512 (the only kind of build that uses it) a group whose columns lie side by
 // side (the backward's W_hh[:, j0 + u]) copies a run of floats a k, and columns of contiguous k (the forward's
 // rows of W_hh) go 16 x 16 through registers; else one float at a time.
-inline void pack_cols(const float* const* col, int64_t sk, int64_t K, int64_t ncols, int64_t M, float* dst) {
-  const int64_t nc = cols_group(M);
-  for (int64_t g = 0; g < cols_groups(ncols, M); ++g, dst += K * nc) {
+inline void pack_cols(const float* const* col, int64_t sk, int64_t K, int64_t ncols, float* dst) {
+  constexpr int64_t nc = kColsGroup;
+  for (int64_t g = 0; g < cols_groups(ncols); ++g, dst += K * nc) {
     const float* const* gc = col + g * nc;
     const int64_t w = std::min(nc, ncols - g * nc);
 #if defined(__AVX512F__)
+    static_assert(nc <= 16, "a group's columns are one vector");
+    const __mmask16 cm = first_lanes(nc), live = first_lanes(w);
     bool adjacent = true;
     for (int64_t c = 1; c < w; ++c) adjacent = adjacent && gc[c] == gc[0] + c;
     if (adjacent) {
-      for (int64_t c0 = 0; c0 < nc; c0 += 16) {
-        const __mmask16 cm = first_lanes(std::min<int64_t>(16, nc - c0));
-        const __mmask16 lm = first_lanes(std::clamp<int64_t>(w - c0, 0, 16));
-        for (int64_t k = 0; k < K; ++k)
-          _mm512_mask_storeu_ps(dst + k * nc + c0, cm, _mm512_maskz_loadu_ps(lm, gc[0] + k * sk + c0));
-      }
+      for (int64_t k = 0; k < K; ++k)
+        _mm512_mask_storeu_ps(dst + k * nc, cm, _mm512_maskz_loadu_ps(live, gc[0] + k * sk));
       continue;
     }
     if (sk == 1) {
-      for (int64_t c0 = 0; c0 < nc; c0 += 16) {
-        const int64_t cw = std::min<int64_t>(16, nc - c0), live = std::clamp<int64_t>(w - c0, 0, cw);
-        const __mmask16 cm = first_lanes(cw);
-        for (int64_t k0 = 0; k0 < K; k0 += 16) {
-          const int64_t nk = std::min<int64_t>(16, K - k0);
-          const __mmask16 km = first_lanes(nk);
-          __m512 v[16];
-          for (int64_t i = 0; i < 16; ++i)
-            v[i] = i < live ? _mm512_maskz_loadu_ps(km, gc[c0 + i] + k0) : _mm512_setzero_ps();
-          transpose16(v);  // v[i]: columns c0 .. c0 + 15 at k0 + i
-          for (int64_t i = 0; i < nk; ++i) _mm512_mask_storeu_ps(dst + (k0 + i) * nc + c0, cm, v[i]);
-        }
+      for (int64_t k0 = 0; k0 < K; k0 += 16) {
+        const int64_t nk = std::min<int64_t>(16, K - k0);
+        const __mmask16 km = first_lanes(nk);
+        __m512 v[16];
+        for (int64_t i = 0; i < 16; ++i) v[i] = i < w ? _mm512_maskz_loadu_ps(km, gc[i] + k0) : _mm512_setzero_ps();
+        transpose16(v);  // v[i]: the group's columns at k0 + i
+        for (int64_t i = 0; i < nk; ++i) _mm512_mask_storeu_ps(dst + (k0 + i) * nc, cm, v[i]);
       }
       continue;
     }

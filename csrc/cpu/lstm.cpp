@@ -147,9 +147,10 @@ bool packed_wanted(const at::Tensor& w_hh, int64_t T) {
   return packed::kAvailable && w_hh.scalar_type() == at::kFloat && T > 1;
 }
 
-// Whether the recurrent products run in packed::gemm_cols' column form: AVX-512 and at most 32 rows.
+// Whether the recurrent products run in packed::gemm_cols' column form: AVX-512 and 27 to 32 rows (the form
+// computes 32 whatever B is; below 27 the row kernel is as fast or faster).
 bool cols_wanted(const at::Tensor& w_hh, int64_t T, int64_t B) {
-  return packed_wanted(w_hh, T) && packed::kColsAvailable && B <= packed::kColsMaxRows;
+  return packed_wanted(w_hh, T) && packed::kColsAvailable && B >= packed::kColsMinRows && B <= packed::kColsMaxRows;
 }
 
 // w [N, K] (contiguous float32) transposed into packed::gemm's panels at wp, the threads packing a share each.
@@ -199,8 +200,8 @@ bool packed_product(const T* a, int64_t lda, int64_t M, int64_t K, const at::Ten
 template <typename T>
 void cols_product(const float* ht, int64_t B, int64_t H, const float* wp, int64_t j0, int64_t n, float* ct, T* a) {
   if constexpr (std::is_same_v<T, float>) {
-    const int64_t R = packed::cols_rows(B);
-    packed::gemm_cols(ht, B, H, wp, 4 * n, ct);
+    constexpr int64_t R = packed::kColsRows;
+    packed::gemm_cols(ht, H, wp, 4 * n, ct);
     for (int64_t k = 0; k < 4; ++k) packed::add_cols_to_rows(ct + k * n * R, R, n, B, a + k * H + j0, 4 * H);
   } else {
     TORCH_CHECK(false, "lstm_layer: the column form is float32 only");
@@ -210,7 +211,7 @@ void cols_product(const float* ht, int64_t B, int64_t H, const float* wp, int64_
 // n columns of B rows (ld apart) into the column form's transposed layout (float32 only): the forward's h_t for
 // the next step, the backward's gate gradients for the step before.
 template <typename T> void cols_store(const T* a, int64_t B, int64_t ld, int64_t n, float* at) {
-  if constexpr (std::is_same_v<T, float>) packed::rows_to_cols(a, ld, B, n, at, packed::cols_rows(B));
+  if constexpr (std::is_same_v<T, float>) packed::rows_to_cols(a, ld, B, n, at, packed::kColsRows);
   else TORCH_CHECK(false, "lstm_layer: the column form is float32 only");
 }
 
@@ -221,8 +222,8 @@ template <typename T>
 void cols_hand_back(const float* gt, int64_t B, int64_t K, const float* wp, int64_t n, float* ct, T* dh, int64_t ldh,
                     bool accumulate) {
   if constexpr (std::is_same_v<T, float>) {
-    packed::gemm_cols(gt, B, K, wp, n, ct);
-    packed::add_cols_to_rows(ct, packed::cols_rows(B), n, B, dh, ldh, accumulate);
+    packed::gemm_cols(gt, K, wp, n, ct);
+    packed::add_cols_to_rows(ct, packed::kColsRows, n, B, dh, ldh, accumulate);
   } else {
     TORCH_CHECK(false, "lstm_layer: the column form is float32 only");
   }
@@ -336,12 +337,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward(
   // once for packed::gemm, each thread its own slice (so it starts in that core's cache); with keep the input
   // product is done before the recurrence starts, so W_hh's blocks reuse W_ih's space. Elsewhere ATen multiplies
   // views.
-  // With AVX-512 and B <= 32 the recurrence runs in the column form (packed::gemm_cols): a slice's four gates
+  // With AVX-512 and 27 <= B <= 32 the recurrence runs in the column form (packed::gemm_cols): a slice's four gates
   // are one packed block of 4 len(p) columns, h_{t-1} is kept transposed (ht, two buffers, steps alternating) and
   // each step's product lands in the slice's scratch ct, which the rows then add into their gates.
   const bool cols = cols_wanted(w_hh, T, B);
-  const int64_t R = packed::cols_rows(B), ct_size = packed::cols_groups(4 * sl.len(0), B) * packed::cols_group(B) * R;
-  const int64_t blk = cols ? packed::cols_packed_size(H, 4 * sl.len(0), B) : 4 * packed::packed_size(H, sl.len(0));
+  const int64_t R = packed::kColsRows, ct_size = packed::cols_groups(4 * sl.len(0)) * packed::kColsGroup * R;
+  const int64_t blk = cols ? packed::cols_packed_size(H, 4 * sl.len(0)) : 4 * packed::packed_size(H, sl.len(0));
   const int64_t ih_size = packed::packed_size(I, 4 * H), hh_at = keep ? 0 : ih_size;
   at::Tensor wp, ht, ct;
   std::vector<at::Tensor> w_blk(4 * sl.n);
@@ -370,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_forward(
       std::vector<const float*> col(4 * n);  // gate column k n + u of the slice: row k H + j0 + u of W_hh
       for (int64_t k = 0; k < 4; ++k)
         for (int64_t u = 0; u < n; ++u) col[k * n + u] = w_hh.const_data_ptr<float>() + (k * H + j0 + u) * H;
-      packed::pack_cols(col.data(), 1, H, 4 * n, B, wp.mutable_data_ptr<float>() + hh_at + p * blk);
+      packed::pack_cols(col.data(), 1, H, 4 * n, wp.mutable_data_ptr<float>() + hh_at + p * blk);
     });
   } else if (wp.defined()) {
     sl.run([&](int64_t p, int64_t j0, int64_t n) {
@@ -474,8 +475,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
   // buffers, iterations alternating, and the product landing in the slice's ct), by the thread that uses it;
   // elsewhere ATen multiplies views (of dh and pass too).
   const bool cols = cols_wanted(w_hh, T, B);
-  const int64_t R = packed::cols_rows(B), ct_size = packed::cols_groups(sl.len(0), B) * packed::cols_group(B) * R;
-  const int64_t blk = cols ? packed::cols_packed_size(4 * H, sl.len(0), B) : packed::packed_size(4 * H, sl.len(0));
+  const int64_t R = packed::kColsRows, ct_size = packed::cols_groups(sl.len(0)) * packed::kColsGroup * R;
+  const int64_t blk = cols ? packed::cols_packed_size(4 * H, sl.len(0)) : packed::packed_size(4 * H, sl.len(0));
   at::Tensor wp, gt, ct;
   std::vector<at::Tensor> w_blk(sl.n), dh_blk(sl.n), pass_blk(sl.n);
   if (packed_wanted(w_hh, T)) {
@@ -489,7 +490,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
       if (cols) {
         std::vector<const float*> col(n);  // column u of the slice: W_hh[:, j0 + u]
         for (int64_t u = 0; u < n; ++u) col[u] = w_hh.const_data_ptr<float>() + j0 + u;
-        packed::pack_cols(col.data(), H, 4 * H, n, B, dst);
+        packed::pack_cols(col.data(), H, 4 * H, n, dst);
       } else {
         packed::pack(w_hh.const_data_ptr<float>() + j0, H, 1, 4 * H, n, dst);
       }
