@@ -286,7 +286,6 @@ inline void gemm_cols(const float* at, int64_t K, const float* wp, int64_t ncols
 #endif
 }
 
-
 // Packs W (K x ncols, element (k, c) at col[c][k * sk]): groups of NC columns, each [K][NC], the
 // columns past ncols zero. With AVX-512 (the only kind of build that uses it) a group whose columns lie side by
 // side (the backward's W_hh[:, j0 + u]) copies a run of floats a k, and columns of contiguous k (the forward's
