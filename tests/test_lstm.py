@@ -124,6 +124,13 @@ def test_cell_opcheck(suffix, bias):
                           (torch.randn(B, H), torch.randn(B, H), act, c.detach()))
 
 
+def _layer_args(T, B, I, H, dtype, device="cpu"):
+    """Fresh random arguments of the layer ops: [x, w_ih, bias, w_hh, h0, c0]."""
+    args = [torch.randn(T, B, I, dtype=dtype), torch.randn(4 * H, I, dtype=dtype) / 2, torch.randn(4 * H, dtype=dtype),
+            torch.randn(4 * H, H, dtype=dtype) / 4, torch.randn(B, H, dtype=dtype), torch.randn(B, H, dtype=dtype)]
+    return [a.to(device) for a in args]
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("with_lengths", [False, True])
 def test_layer_opcheck(reverse, with_lengths):
@@ -154,9 +161,7 @@ def test_layer_bwd_without_a_cell_state_gradient(device, dtype, reverse, with_le
     # results as an explicit zero tensor, bit for bit, rows past their length included.
     torch.manual_seed(5)
     T, B, I, H = 7, 5, 3, 20
-    args = [torch.randn(T, B, I, dtype=dtype), torch.randn(4 * H, I, dtype=dtype) / 2, torch.randn(4 * H, dtype=dtype),
-            torch.randn(4 * H, H, dtype=dtype) / 4, torch.randn(B, H, dtype=dtype), torch.randn(B, H, dtype=dtype)]
-    args = [a.to(device) for a in args]
+    args = _layer_args(T, B, I, H, dtype, device)
     lengths = torch.tensor([7, 1, 4, 0, 6]) if with_lengths else None
     hs, cs, act = torch.ops.fastnn.lstm_layer_fwd(*args, lengths, reverse)
     grad_hs = torch.randn_like(hs)
@@ -175,9 +180,7 @@ def test_layer_bwd_reads_a_strided_grad_hs(device, with_lengths, B, H):
     # same results, bit for bit, as from its contiguous copy.
     torch.manual_seed(7)
     T, I = 6, 9
-    args = [torch.randn(T, B, I), torch.randn(4 * H, I) / 2, torch.randn(4 * H), torch.randn(4 * H, H) / 4,
-            torch.randn(B, H), torch.randn(B, H)]
-    args = [a.to(device) for a in args]
+    args = _layer_args(T, B, I, H, torch.float32, device)
     lengths = torch.randint(1, T + 1, (B,)) if with_lengths else None
     hs, cs, act = torch.ops.fastnn.lstm_layer_fwd(*args, lengths, False)
     g_bf = torch.randn(B, T, H, device=device)
@@ -199,9 +202,7 @@ def test_layer_bwd_bias_gradient_is_the_gate_gradients_sum(device, dtype, B, H, 
     # summed over steps and rows; rows past their length add nothing.
     torch.manual_seed(6)
     T, I = 6, 11
-    args = [torch.randn(T, B, I), torch.randn(4 * H, I) / 2, torch.randn(4 * H), torch.randn(4 * H, H) / 4,
-            torch.randn(B, H), torch.randn(B, H)]
-    args = [a.to(device, dtype) for a in args]
+    args = _layer_args(T, B, I, H, dtype, device)
     lengths = torch.randint(1, T + 1, (B,))
     lengths[0] = T
     hs, cs, act = torch.ops.fastnn.lstm_layer_fwd(*args, lengths, reverse)
@@ -217,16 +218,15 @@ def test_layer_bwd_bias_gradient_is_the_gate_gradients_sum(device, dtype, B, H, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("with_lengths", [False, True])
-@pytest.mark.parametrize("B", [40, 20])
+@pytest.mark.parametrize("B", [40, 20, 32])
 def test_layer_infer_op_matches_training_op(dtype, reverse, with_lengths, B):
     # The no-grad op runs the input product in blocks of steps (at B = 40 ceil(256 / 40) = 7: blocks of 7 and 2
-    # steps, taken in the order the steps run; at B = 20 blocks of 13, so one) and keeps two cell-state buffers; it
-    # must give the training op's hs and final c. float32 runs the packed GEMM (at B = 20 with AVX-512 in the
-    # column form), float64 ATen's.
+    # steps, taken in the order the steps run; at B = 20 blocks of 13, so one; at B = 32 blocks of 8 and 1) and
+    # keeps two cell-state buffers; it must give the training op's hs and final c. float32 runs the packed GEMM (at
+    # B = 32 with AVX-512 in the column form), float64 ATen's.
     torch.manual_seed(3)
     T, I, H = 9, 5, 24
-    args = (torch.randn(T, B, I, dtype=dtype), torch.randn(4 * H, I, dtype=dtype) / 2, torch.randn(4 * H, dtype=dtype),
-            torch.randn(4 * H, H, dtype=dtype) / 4, torch.randn(B, H, dtype=dtype), torch.randn(B, H, dtype=dtype))
+    args = _layer_args(T, B, I, H, dtype)
     lengths = torch.randint(1, T + 1, (B,)) if with_lengths else None
     hs, cs, _ = torch.ops.fastnn.lstm_layer_fwd(*args, lengths, reverse)
     hs_i, c_n = torch.ops.fastnn.lstm_layer_infer_fwd(*args, lengths, reverse)

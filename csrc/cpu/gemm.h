@@ -248,8 +248,8 @@ constexpr bool kColsAvailable = true;
 #else
 constexpr bool kColsAvailable = false;
 #endif
-constexpr int64_t kColsMinRows = 27, kColsMaxRows = 32;
-constexpr int64_t kColsRows = 32;  // R: at's and ct's padded row count
+constexpr int64_t kColsRows = 32;     // R: at's and ct's padded row count, the most rows the form takes
+constexpr int64_t kColsMinRows = 27;  // the fewest rows it pays for
 constexpr int64_t kColsGroup = 12;  // NC: columns per group
 inline int64_t cols_groups(int64_t ncols) { return (ncols + kColsGroup - 1) / kColsGroup; }
 // Floats that pack_cols writes for K x ncols; a ct for ncols columns holds cols_groups * NC * R floats.

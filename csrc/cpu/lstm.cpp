@@ -150,7 +150,7 @@ bool packed_wanted(const at::Tensor& w_hh, int64_t T) {
 // Whether the recurrent products run in packed::gemm_cols' column form: AVX-512 and 27 to 32 rows (the form
 // computes 32 whatever B is; below 27 the row kernel is as fast or faster).
 bool cols_wanted(const at::Tensor& w_hh, int64_t T, int64_t B) {
-  return packed_wanted(w_hh, T) && packed::kColsAvailable && B >= packed::kColsMinRows && B <= packed::kColsMaxRows;
+  return packed_wanted(w_hh, T) && packed::kColsAvailable && B >= packed::kColsMinRows && B <= packed::kColsRows;
 }
 
 // w [N, K] (contiguous float32) transposed into packed::gemm's panels at wp, the threads packing a share each.
