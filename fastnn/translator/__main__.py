@@ -88,7 +88,15 @@ def main(argv=None) -> int:
         logging.getLogger("fastnn.translator").setLevel(logging.INFO)
         from .train import train
 
-        train(cfg, resume=args.resume, progress=not args.no_progress)
+        import torch.distributed as dist
+
+        try:
+            train(cfg, resume=args.resume, progress=not args.no_progress)
+        finally:
+            # A torchrun process ends its process group itself: left to the interpreter's exit, gloo's threads
+            # can outlive their group's destructor and abort the process after a finished run.
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
         return 0
     from .train import scores, translate_lines
 
