@@ -192,10 +192,14 @@ def ce_fwd_grad_kernel(G, X, T, W, WSUM, LOSS, DX, FLAG, n_cols, inner, ignore_i
                   HAS_W)
 
 
-def _config(n_cols: int, dtype: torch.dtype) -> dict:
+def _config(n_cols: int, dtype: torch.dtype, fwd_grad_sums: bool = False) -> dict:
+    """BLOCK and num_warps of a row kernel. ``fwd_grad_sums``: ce_fwd_grad_kernel on a row that also sums weighted
+    logits (label smoothing or probability targets): both passes' state, more registers than ptxas gives a thread
+    of 16 warps (it aims at 64 there and spilled), so half the warps, whose threads may use up to 128."""
     block = min(triton.next_power_of_2(max(n_cols, 1)), MAX_BLOCK)
+    per_warp = 512 if fwd_grad_sums else 256
     return dict(ACC=tl.float64 if dtype == torch.float64 else tl.float32, BLOCK=block,
-                num_warps=min(16, max(1, block // 256)))
+                num_warps=min(16, max(1, block // per_warp)))
 
 
 def _geometry(x: torch.Tensor):
@@ -283,9 +287,8 @@ def cross_entropy_forward_grad(x, target, weight, grad_loss, ignore_index, label
     if rows == 0:
         return loss, dx
     w, wsum, eps, cfg = _launch(x, target, weight, label_smoothing, inner, n_cols, forward=True)
+    cfg["num_warps"] = _config(n_cols, x.dtype, cfg["PROB"] or cfg["SMOOTH"])["num_warps"]
     flag, N = torch.zeros(2, dtype=torch.int64, device=x.device), x.shape[0]
-    # Half the forward's warps: the two passes together need more registers than 16 warps leave a thread.
-    cfg["num_warps"] = max(1, cfg["num_warps"] // 2)
     go, xo, to, lo, do = (grad_loss.contiguous().view(N, -1), x.view(N, -1), target.view(N, -1), loss.view(N, -1),
                           dx.view(N, -1))
     for o0, o1 in outer_chunks(N, inner):
@@ -312,18 +315,19 @@ def cross_entropy_backward(grad_loss, x, target, weight, stats, ignore_index, la
 
 
 def _aot_specs():
-    """Representative compilations for the ahead-of-time check (kernels/aot.py)."""
+    """Representative compilations for the ahead-of-time check (kernels/aot.py), with the launchers' warps."""
     for dt in ("fp32", "bf16"):
         for prob, has_w, smooth in ((False, False, False), (False, True, True), (True, False, False)):
             tsig = f"*{dt}" if prob else "*i64"
             common = dict(ACC=tl.float32, BLOCK=MAX_BLOCK, PROB=prob, HAS_W=has_w, LASTDIM=True)
             sig = {"X": f"*{dt}", "T": tsig, "W": f"*{dt}", "WSUM": "*fp32", "n_cols": "i32", "inner": "i32",
                    "ignore_index": "i64", "EPS": "*fp32"}
+            warps = _config(MAX_BLOCK, torch.float32)["num_warps"]
             yield (ce_fwd_kernel, dict(sig, LOSS="*fp32", STATS="*fp32", stats_plane="i32", FLAG="*i64"),
-                   dict(common, SMOOTH=smooth), 16)
-            yield (ce_bwd_kernel, dict(sig, G="*fp32", STATS="*fp32", stats_plane="i32", DX=f"*{dt}"), common, 16)
+                   dict(common, SMOOTH=smooth), warps)
+            yield (ce_bwd_kernel, dict(sig, G="*fp32", STATS="*fp32", stats_plane="i32", DX=f"*{dt}"), common, warps)
             yield (ce_fwd_grad_kernel, dict(sig, G="*fp32", LOSS="*fp32", DX=f"*{dt}", FLAG="*i64"),
-                   dict(common, SMOOTH=smooth), 8)
+                   dict(common, SMOOTH=smooth), _config(MAX_BLOCK, torch.float32, prob or smooth)["num_warps"])
 
 
 AOT = _aot_specs
