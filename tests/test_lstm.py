@@ -599,7 +599,7 @@ def test_persistent_kernels_in_the_cpu_emulator():
 @pytest.mark.parametrize("T", [0, 1, 5])
 @pytest.mark.parametrize("uses_cs", [False, True])
 def test_layer_gradients_of_any_subset_of_inputs(reverse, T, uses_cs):
-    # The backward multiplies both weight gradients in one GEMM and drops a frozen weight's half; a model that
+    # The backward skips the product of a frozen weight's gradient and adds h0's step into W_hh's; a model that
     # reads only hs leaves the cs gradient to be made. Each subset of inputs must get the full run's gradients.
     torch.manual_seed(3)
     B, I, H = 3, 5, 6

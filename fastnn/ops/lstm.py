@@ -244,23 +244,20 @@ def _layer_backward(ctx, grads, bwd_op):
     grad_x = torch.mm(g2, w_ih).view(x.shape) if need[0] else None
     grad_bias = grad_bias if ctx.has_bias and need[2] else None
     # The weight gradients: dG^T x_t and dG^T h_prev(t) over all steps, where step t ran on h_{t-1} (forward) or
-    # h_{t+1} (reverse), and on h0 at the first step. Both wanted: one GEMM over [x_t | h_prev(t)], whose K = D + H
-    # runs closer to the BLAS's peak than two thinner products, for the price of one copy of the inputs.
-    grad_w_ih = grad_w_hh = None
+    # h_{t+1} (reverse), and on h0 at the first step: products on x and hs as they are, with h0's step added in
+    # place. (One product over a copied [x_t | h_prev(t)] and two column slices of its result measured slower:
+    # docs/measurements.md.)
+    grad_w_ih = torch.mm(g2.t(), x.reshape(T * B, x.shape[2])) if need[1] else None
+    grad_w_hh = None
     if need[3]:
-        D, H = (x.shape[2] if need[1] else 0), H4 // 4
-        xh = x.new_empty(T, B, D + H)
-        if need[1]:
-            xh[..., :D] = x
-        if T:
-            first, rest, prev = (T - 1, slice(0, T - 1), hs[1:]) if ctx.reverse else (0, slice(1, T), hs[:-1])
-            xh[first, :, D:] = h0
-            xh[rest, :, D:] = prev
-        g_w = torch.mm(g2.t(), xh.view(T * B, D + H))
-        grad_w_ih = g_w[:, :D].contiguous() if need[1] else None
-        grad_w_hh = g_w[:, D:].contiguous()
-    elif need[1]:
-        grad_w_ih = torch.mm(g2.t(), x.reshape(T * B, x.shape[2]))
+        H = H4 // 4
+        if T == 0:
+            grad_w_hh = w_hh.new_zeros(w_hh.shape)
+        else:
+            rows = (T - 1) * B
+            g_rest, g_first = (g2[:rows], g2[rows:]) if ctx.reverse else (g2[B:], g2[:B])
+            h_rest = hs[1:] if ctx.reverse else hs[:-1]
+            grad_w_hh = torch.mm(g_rest.t(), h_rest.reshape(rows, H)).addmm_(g_first.t(), h0)
     return grad_x, grad_w_ih, grad_bias, grad_w_hh, grad_h0, grad_c0, None, None
 
 
