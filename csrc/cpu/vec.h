@@ -45,20 +45,38 @@ template <typename A> constexpr int kW = VecTraits<A>::W;
 
 template <typename A> static inline vec<A> splat(A a) { return vec<A>{} + a; }
 
-// len lanes from p, the rest `fill`.
+// len lanes from p, the rest `fill`. A tail (len < W) is one masked load with AVX-512; elsewhere lane by lane.
 template <typename A> static inline vec<A> load(const A* p, int64_t len = kW<A>, A fill = A(0)) {
   vec<A> v;
   if (len == kW<A>) {
     std::memcpy(&v, p, sizeof v);
-  } else {
-    v = splat<A>(fill);
-    for (int64_t i = 0; i < len; ++i) v[i] = p[i];
+    return v;
   }
+#if defined(__AVX512F__)
+  const __mmask16 k = static_cast<__mmask16>((1u << len) - 1);
+  if constexpr (std::is_same_v<A, float>)
+    return __builtin_bit_cast(vec<A>, _mm512_mask_loadu_ps(__builtin_bit_cast(__m512, splat<A>(fill)), k, p));
+  else
+    return __builtin_bit_cast(vec<A>, _mm512_mask_loadu_pd(__builtin_bit_cast(__m512d, splat<A>(fill)),
+                                                           static_cast<__mmask8>(k), p));
+#else
+  v = splat<A>(fill);
+  for (int64_t i = 0; i < len; ++i) v[i] = p[i];
   return v;
+#endif
 }
 template <typename A> static inline void store(A* p, vec<A> v, int64_t len = kW<A>) {
-  if (len == kW<A>) std::memcpy(p, &v, sizeof v);
-  else for (int64_t i = 0; i < len; ++i) p[i] = v[i];
+  if (len == kW<A>) {
+    std::memcpy(p, &v, sizeof v);
+    return;
+  }
+#if defined(__AVX512F__)
+  const __mmask16 k = static_cast<__mmask16>((1u << len) - 1);
+  if constexpr (std::is_same_v<A, float>) _mm512_mask_storeu_ps(p, k, __builtin_bit_cast(__m512, v));
+  else _mm512_mask_storeu_pd(p, static_cast<__mmask8>(k), __builtin_bit_cast(__m512d, v));
+#else
+  for (int64_t i = 0; i < len; ++i) p[i] = v[i];
+#endif
 }
 
 // v with the lanes from len on zeroed: a loop tail's unused lanes, before they are summed.
@@ -76,18 +94,28 @@ template <typename A, typename F> static inline void for_chunks(int64_t n, F&& f
 }
 
 // Horizontal and lane-wise helpers, generic over the vector type V.
+template <typename V> static inline V vmax(V a, V b) {  // a NaN in either sticks
+  return (b > a) | (b != b) ? b : a;
+}
+// v folded to one lane by halving: op(low half, high half) until one lane is left. Vector instructions rather than
+// a scalar chain through memory, which a short row (tens of classes) paid for once per reduction.
+template <typename V, typename Op> static inline auto fold(V v, Op op) {
+  using E = std::remove_cv_t<std::remove_reference_t<decltype(v[0])>>;
+  if constexpr (sizeof(V) == sizeof(E)) {
+    return v[0];
+  } else {
+    typedef E H __attribute__((vector_size(sizeof(V) / 2)));
+    H lo, hi;
+    std::memcpy(&lo, &v, sizeof lo);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+    return fold(op(lo, hi), op);
+  }
+}
 template <typename V> static inline auto hsum(V v) {  // pairwise: error grows with log2 of the width, not the width
-  for (size_t w = sizeof(V) / sizeof(v[0]) / 2; w >= 1; w /= 2)
-    for (size_t i = 0; i < w; ++i) v[i] += v[i + w];
-  return v[0];
+  return fold(v, [](auto a, auto b) { return a + b; });
 }
 template <typename V> static inline auto hmax(V v) {  // NaN wins
-  auto m = v[0];
-  for (size_t i = 1; i < sizeof(V) / sizeof(v[0]); ++i) m = (v[i] > m || v[i] != v[i]) ? v[i] : m;
-  return m;
-}
-template <typename V> static inline V vmax(V a, V b) {  // a NaN in b sticks, as in hmax
-  return (b > a) | (b != b) ? b : a;
+  return fold(v, [](auto a, auto b) { return vmax(a, b); });
 }
 
 static inline vec<float> exp_mantissa(vec<float> n, vec<float> x) {  // exp(x - n*ln2), n = round(x / ln2)
