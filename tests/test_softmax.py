@@ -103,6 +103,26 @@ def test_exp_over_its_whole_range_native(width):
         torch.testing.assert_close(out, expected, rtol=4e-7, atol=4e-7 if log else 1.2e-38)
 
 
+@pytest.mark.parametrize("n", [16411, 70001])  # odd rows (unaligned starts: head and tail), and the online path
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_large_outputs_stream_the_same_values_native(n, log):
+    """float32 outputs of 64 MiB or more are written with streaming stores (csrc/cpu/vec.h, write_row), softmax's
+    exp computed again rather than stored and scaled: every row must hold exactly what the same row gives in a
+    small tensor (plain stores), forward and backward, and match the float64 reference."""
+    rows = (64 << 20) // (4 * n) + 2
+    torch.manual_seed(5)
+    x, g = 3 * torch.randn(rows, n), torch.randn(rows, n)
+    y = FN[log](x, -1, backend="native")
+    dx = torch.ops.fastnn.softmax_bwd(g, y, -1, log)
+    for r in (0, 1, rows // 2, rows - 1):
+        assert torch.equal(y[r:r + 1], FN[log](x[r:r + 1], -1, backend="native")), f"forward row {r}"
+        assert torch.equal(dx[r:r + 1], torch.ops.fastnn.softmax_bwd(g[r:r + 1], y[r:r + 1], -1, log)), \
+            f"backward row {r}"
+    ref, ref_dx = _run(REF[log], x[:3].double(), g[:3].double(), -1)
+    torch.testing.assert_close(y[:3].double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx[:3].double(), ref_dx, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", [p.values[1] for p in device_backends("softmax") if p.values[0] == "cpu"])
 @pytest.mark.parametrize("shape,dim", [((4, 7), -1), ((3, 5, 4), 1), ((2, 9000), -1)])
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])

@@ -27,13 +27,19 @@ constexpr int64_t kOnlineBlock = 2048;   // an L1-sized block of the online pass
 constexpr int64_t kInnerBlock = 64;      // columns of a non-last-dim slab handled together
 constexpr int64_t kGrain = 32768;        // elements per parallel task, ATen's default grain
 
-// One row, in the accumulation type. y may alias x.
-template <typename A, bool LOG> void softmax_row(const A* x, A* y, int64_t n) {
+// One row, in the accumulation type. y may alias x. STREAM: y is written with streaming stores (write_row), so a
+// softmax row's exp is computed again in the writing pass rather than stored and then scaled in cache.
+template <typename A, bool LOG, bool STREAM> void softmax_row(const A* x, A* y, int64_t n) {
   A m, s;
   if (n <= kOnlineRow) {
     m = max_of(x, n);
     if constexpr (LOG) {
       s = sum_exp<A, false>(x, m, nullptr, n);
+    } else if constexpr (STREAM) {
+      s = sum_exp<A, false>(x, m, nullptr, n);
+      const A inv = A(1) / s;
+      write_row<true>(y, n, [&](int64_t i, int64_t len) { return exp(load(x + i, len) - m) * inv; });
+      return;
     } else {
       s = sum_exp<A, true>(x, m, y, n);
       const A inv = A(1) / s;
@@ -56,40 +62,49 @@ template <typename A, bool LOG> void softmax_row(const A* x, A* y, int64_t n) {
     }
     if constexpr (!LOG) {
       const A inv = A(1) / s;
-      for_chunks<A>(n, [&](int64_t i, int64_t len) { store(y + i, exp(load(x + i, len) - m) * inv, len); });
+      write_row<STREAM>(y, n, [&](int64_t i, int64_t len) { return exp(load(x + i, len) - m) * inv; });
       return;
     }
   }
   // (x - m) - log(s), not x - (m + log(s)): with |x| ~ 1e4 the sum m + log(s) would round away log(s).
   const A ls = std::log(s);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - m) - ls;
+  write_row<STREAM>(y, n, [&](int64_t i, int64_t len) { return (load(x + i, len) - m) - ls; });
 }
 
 // grad_input of one row: softmax  dx = y * (dy - sum(dy * y));  log_softmax  dx = dy - exp(y) * sum(dy).
-template <typename A, bool LOG> void softmax_bwd_row(const A* dy, const A* y, A* dx, int64_t n) {
+template <typename A, bool LOG, bool STREAM> void softmax_bwd_row(const A* dy, const A* y, A* dx, int64_t n) {
   if constexpr (LOG) {
     const A s = sum(dy, n);
-    for_chunks<A>(n, [&](int64_t i, int64_t len) { store(dx + i, load(dy + i, len) - exp(load(y + i, len)) * s, len); });
+    write_row<STREAM>(dx, n, [&](int64_t i, int64_t len) { return load(dy + i, len) - exp(load(y + i, len)) * s; });
   } else {
     const A d = dot(dy, y, n);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dx[i] = y[i] * (dy[i] - d);
+    write_row<STREAM>(dx, n, [&](int64_t i, int64_t len) { return load(y + i, len) * (load(dy + i, len) - d); });
   }
+}
+
+// Whether a last-dim kernel writing rows * n elements of T streams its output (write_row).
+template <typename T> bool streams(int64_t rows, int64_t n) {
+  return std::is_same_v<T, float> && rows * n * int64_t(sizeof(T)) >= kStreamBytes;
 }
 
 int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)); }
 
 template <typename T, bool LOG> void fwd_lastdim(const T* x, T* y, int64_t rows, int64_t n) {
   using A = acc_t<T>;
+  const bool stream = streams<T>(rows, n);
   at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<T, A>) {
-      for (int64_t r = begin; r < end; ++r) softmax_row<A, LOG>(x + r * n, y + r * n, n);
+      if (stream) {
+        for (int64_t r = begin; r < end; ++r) softmax_row<A, LOG, true>(x + r * n, y + r * n, n);
+        stream_fence<true>();
+      } else {
+        for (int64_t r = begin; r < end; ++r) softmax_row<A, LOG, false>(x + r * n, y + r * n, n);
+      }
     } else {
       std::unique_ptr<A[]> buf(new A[n]);  // one buffer per task, not per row
       for (int64_t r = begin; r < end; ++r) {
         load_row(x + r * n, buf.get(), n);
-        softmax_row<A, LOG>(buf.get(), buf.get(), n);
+        softmax_row<A, LOG, false>(buf.get(), buf.get(), n);
         store_row(buf.get(), y + r * n, n);
       }
     }
@@ -98,16 +113,22 @@ template <typename T, bool LOG> void fwd_lastdim(const T* x, T* y, int64_t rows,
 
 template <typename T, bool LOG> void bwd_lastdim(const T* dy, const T* y, T* dx, int64_t rows, int64_t n) {
   using A = acc_t<T>;
+  const bool stream = streams<T>(rows, n);
   at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<T, A>) {
-      for (int64_t r = begin; r < end; ++r) softmax_bwd_row<A, LOG>(dy + r * n, y + r * n, dx + r * n, n);
+      if (stream) {
+        for (int64_t r = begin; r < end; ++r) softmax_bwd_row<A, LOG, true>(dy + r * n, y + r * n, dx + r * n, n);
+        stream_fence<true>();
+      } else {
+        for (int64_t r = begin; r < end; ++r) softmax_bwd_row<A, LOG, false>(dy + r * n, y + r * n, dx + r * n, n);
+      }
     } else {
       std::unique_ptr<A[]> buf(new A[2 * n]);
       A *bdy = buf.get(), *by = buf.get() + n;
       for (int64_t r = begin; r < end; ++r) {
         load_row(dy + r * n, bdy, n);
         load_row(y + r * n, by, n);
-        softmax_bwd_row<A, LOG>(bdy, by, bdy, n);
+        softmax_bwd_row<A, LOG, false>(bdy, by, bdy, n);
         store_row(bdy, dx + r * n, n);
       }
     }

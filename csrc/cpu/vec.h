@@ -10,6 +10,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #if defined(__AVX512F__)
@@ -295,6 +296,36 @@ template <typename A> static inline A sum(const A* a, int64_t n) {
   vec<A> s{};
   for_chunks<A>(n, [&](int64_t i, int64_t len) { s += load(a + i, len); });
   return hsum(s);
+}
+
+// Outputs of at least this many bytes are written with streaming (non-temporal) stores where the kernels can:
+// far larger than a core's L2, they would leave it before anyone read them back, and a plain store first reads
+// each line it writes (read for ownership), a third more memory traffic for a row written once.
+constexpr int64_t kStreamBytes = int64_t(64) << 20;
+
+// out[0, n) = f(i, len) chunk by chunk, as for_chunks passes them, with streaming stores (AVX-512, float, when
+// STREAM) for the 64-byte aligned full vectors and plain ones for the head before the first aligned line and the
+// tail. A task that streamed ends with stream_fence() so that its writes are ordered before any later access.
+template <bool STREAM, typename A, typename F> static inline void write_row(A* out, int64_t n, F&& f) {
+#if defined(__AVX512F__)
+  if constexpr (STREAM && std::is_same_v<A, float>) {
+    const auto addr = reinterpret_cast<uintptr_t>(out);
+    if (addr % sizeof(A) == 0) {
+      const int64_t head = std::min<int64_t>(n, int64_t((64 - addr % 64) % 64 / sizeof(A)));
+      if (head) store(out, f(int64_t(0), head), head);
+      int64_t i = head;
+      for (; i + kW<A> <= n; i += kW<A>) _mm512_stream_ps(out + i, __builtin_bit_cast(__m512, f(i, int64_t(kW<A>))));
+      if (i < n) store(out + i, f(i, n - i), n - i);
+      return;
+    }
+  }
+#endif
+  for_chunks<A>(n, [&](int64_t i, int64_t len) { store(out + i, f(i, len), len); });
+}
+template <bool STREAM> static inline void stream_fence() {
+#if defined(__AVX512F__)
+  if constexpr (STREAM) _mm_sfence();
+#endif
 }
 
 // Storage <-> accumulation type, a row at a time (half types go through a float buffer).
