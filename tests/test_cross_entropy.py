@@ -275,6 +275,36 @@ def test_grad_in_forward_module_flag():
         F.cross_entropy(x, t, grad_in_forward=1)
 
 
+@pytest.mark.parametrize("mode", ["backward", "inplace", "grad_in_forward"])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_large_gradients_stream_the_same_values_native(mode, kind):
+    """float32 gradients of 64 MiB or more are written with streaming stores (csrc/cpu/cross_entropy_rows.h,
+    ce_streams): every row, the target's entry and an ignored row included, must hold exactly what the same row
+    gives in a small tensor (plain stores)."""
+    C = 16411  # odd: rows start unaligned, so each has a head, full vectors and a tail
+    N = (64 << 20) // (4 * C) + 2
+    torch.manual_seed(6)
+    x = 3 * torch.randn(N, C)
+    w = torch.rand(C) + 0.5
+    if kind == "index":
+        t = torch.randint(0, C, (N,))
+        t[0], t[1], t[N // 2] = -100, C - 1, 0  # an ignored row, and targets in the last and first vectors
+        kw = dict(weight=w, label_smoothing=0.1)
+    else:
+        t, kw = torch.softmax(torch.randn(N, C), 1), dict(weight=w)
+
+    def grads(x, t):
+        x = x.clone().requires_grad_()
+        flags = dict(inplace_backward=mode == "inplace", grad_in_forward=mode == "grad_in_forward")
+        loss = F.cross_entropy(x, t, reduction="sum", backend="native", **kw, **flags)
+        loss.backward()
+        return x.grad
+
+    big = grads(x, t)
+    for r in (0, 1, N // 2, N - 1):
+        assert torch.equal(big[r:r + 1], grads(x[r:r + 1], t[r:r + 1])), f"row {r}"
+
+
 def test_inplace_backward_refuses_when_logits_are_needed():
     # Autograd's version counter catches a caller whose logits another op saved for its own backward.
     x = torch.randn(4, 6, requires_grad=True)

@@ -99,19 +99,22 @@ template <typename A> A target_grad(A pt, A gk, A b, int64_t t, const Smooth<A>&
   return gk * (pt - A(1)) + b * (p.wsum * pt - (p.w ? p.w[t] : A(1)));
 }
 
-// Gradient of one row (dx may alias x).
-template <typename A> void bwd_index_row(const A* x, int64_t t, A m, A ls, A g, const Smooth<A>& p, A* dx) {
+// Gradient of one row (dx may alias x). STREAM: dx written with streaming stores (write_row).
+template <typename A, bool STREAM = false>
+void bwd_index_row(const A* x, int64_t t, A m, A ls, A g, const Smooth<A>& p, A* dx) {
   const A keep = (A(1) - p.eps) * (p.w ? p.w[t] : A(1)), add = p.eps / A(p.C);
   const A a = g * (keep + add * p.wsum), b = g * add;
-  const A xt = x[t];
-  for_chunks<A>(p.C, [&](int64_t i, int64_t len) {
+  const A dt = target_grad(exp((x[t] - m) - ls), g * keep, b, t, p);  // before the row is written: dx may be x
+  write_row<STREAM>(dx, p.C, [&](int64_t i, int64_t len) {
     const vec<A> e = exp((load(x + i, len) - m) - ls) * a;
-    store(dx + i, p.w ? e - load(p.w + i, len) * b : e - b, len);
+    vec<A> v = p.w ? e - load(p.w + i, len) * b : e - b;
+    if (t >= i && t < i + len) v[t - i] = dt;
+    return v;
   });
-  dx[t] = target_grad(exp((xt - m) - ls), g * keep, b, t, p);
 }
 
-template <typename A> void bwd_prob_row(const A* x, const A* y, A m, A ls, A g, const Smooth<A>& p, A* dx) {
+template <typename A, bool STREAM = false>
+void bwd_prob_row(const A* x, const A* y, A m, A ls, A g, const Smooth<A>& p, A* dx) {
   const A keep = A(1) - p.eps, add = p.eps / A(p.C);
   auto wy = [&](int64_t i, int64_t len) {
     vec<A> v = load(y + i, len) * keep + add;
@@ -124,8 +127,8 @@ template <typename A> void bwd_prob_row(const A* x, const A* y, A m, A ls, A g, 
     s += v;
   });
   const A gs = g * hsum(s);
-  for_chunks<A>(p.C, [&](int64_t i, int64_t len) {
-    store(dx + i, exp((load(x + i, len) - m) - ls) * gs - wy(i, len) * g, len);
+  write_row<STREAM>(dx, p.C, [&](int64_t i, int64_t len) {
+    return exp((load(x + i, len) - m) - ls) * gs - wy(i, len) * g;
   });
 }
 
@@ -153,7 +156,7 @@ inline void check_targets(const int64_t* t, int64_t n, int64_t C, int64_t ignore
 // Runs f(row, x_row, y_row, dx_row) over rows in parallel. Rows are read in place when the classes are
 // contiguous and T is the accumulation type; otherwise gathered into a per-task buffer (and dx_row scattered back
 // when WRITE). y (probability targets) may be null.
-template <typename T, bool WRITE, typename F>
+template <typename T, bool WRITE, bool STREAM = false, typename F>
 void for_rows(const CeGeometry& g, const T* x, const T* y, T* dx, F&& f) {
   using A = acc_t<T>;
   const int64_t C = g.classes, inner = g.inner;
@@ -173,6 +176,7 @@ void for_rows(const CeGeometry& g, const T* x, const T* y, T* dx, F&& f) {
       f(r, bx, y ? by : nullptr, bx);
       if constexpr (WRITE) for (int64_t c = 0; c < C; ++c) dx[base + c * inner] = static_cast<T>(bx[c]);
     }
+    stream_fence<STREAM>();
   });
 }
 
@@ -194,35 +198,41 @@ void ce_fwd_rows(const CeGeometry& g, const T* x, const int64_t* ti, const T* ty
   });
 }
 
+// Whether the backward rows write dx with streaming stores: float rows read in place (for_rows' direct path) whose
+// output reaches kStreamBytes. Only cross_entropy's own ops ask; linear + CE's chunks are read back at once.
+template <typename T> bool ce_streams(const CeGeometry& g) {
+  return std::is_same_v<T, float> && g.inner == 1 && g.rows() * g.classes * int64_t(sizeof(T)) >= kStreamBytes;
+}
+
 // dx may be x itself (inplace_backward).
-template <typename T>
+template <typename T, bool STREAM = false>
 void ce_bwd_rows(const CeGeometry& g, const acc_t<T>* grad, const T* x, const int64_t* ti, const T* ty,
                  const Smooth<acc_t<T>>& p, int64_t ignore_index, const acc_t<T>* m, const acc_t<T>* ls, T* dx) {
   using A = acc_t<T>;
-  for_rows<T, true>(g, x, ty, dx, [&](int64_t r, const A* xr, const A* yr, A* dr) {
-    if (!ti) bwd_prob_row(xr, yr, m[r], ls[r], grad[r], p, dr);
+  for_rows<T, true, STREAM>(g, x, ty, dx, [&](int64_t r, const A* xr, const A* yr, A* dr) {
+    if (!ti) bwd_prob_row<A, STREAM>(xr, yr, m[r], ls[r], grad[r], p, dr);
     else if (ti[r] == ignore_index) std::fill(dr, dr + p.C, A(0));
-    else bwd_index_row(xr, ti[r], m[r], ls[r], grad[r], p, dr);
+    else bwd_index_row<A, STREAM>(xr, ti[r], m[r], ls[r], grad[r], p, dr);
   });
 }
 
 // The forward and the backward of each row in one visit (the row is still in cache, or in the task's buffer, for
 // its second pass): the loss, and the gradient of grad[r] * loss[r] into dx (cross_entropy_fwd_grad).
-template <typename T>
+template <typename T, bool STREAM = false>
 void ce_fwd_grad_rows(const CeGeometry& g, const acc_t<T>* grad, const T* x, const int64_t* ti, const T* ty,
                       const Smooth<acc_t<T>>& p, int64_t ignore_index, acc_t<T>* loss, T* dx) {
   using A = acc_t<T>;
-  for_rows<T, true>(g, x, ty, dx, [&](int64_t r, const A* xr, const A* yr, A* dr) {
+  for_rows<T, true, STREAM>(g, x, ty, dx, [&](int64_t r, const A* xr, const A* yr, A* dr) {
     A m, ls;
     if (!ti) {
       loss[r] = fwd_prob_row(xr, yr, p, m, ls);
-      bwd_prob_row(xr, yr, m, ls, grad[r], p, dr);
+      bwd_prob_row<A, STREAM>(xr, yr, m, ls, grad[r], p, dr);
     } else if (ti[r] == ignore_index) {
       loss[r] = 0;
       std::fill(dr, dr + p.C, A(0));
     } else {
       loss[r] = fwd_index_row(xr, ti[r], p, m, ls);
-      bwd_index_row(xr, ti[r], m, ls, grad[r], p, dr);
+      bwd_index_row<A, STREAM>(xr, ti[r], m, ls, grad[r], p, dr);
     }
   });
 }
