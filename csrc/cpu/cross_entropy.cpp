@@ -6,7 +6,6 @@
 
 #include <optional>
 #include <tuple>
-#include <type_traits>
 
 #include "common.h"
 #include "cpu/alloc.h"
@@ -61,12 +60,11 @@ void cross_entropy_bwd_into(const at::Tensor& grad_loss, const CeCall& c, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.x.scalar_type(), "cross_entropy_bwd_cpu", [&] {
     using A = acc_t<scalar_t>;
     const Weights<scalar_t, A> w(weight, label_smoothing, c.g.classes);
-    auto rows = [&](auto stream) {
+    with_stream(ce_streams<scalar_t>(c.g), [&](auto stream) {
       ce_bwd_rows<scalar_t, decltype(stream)::value>(
           c.g, gl.const_data_ptr<A>(), c.x.const_data_ptr<scalar_t>(), c.indices(), c.probabilities<scalar_t>(), w.p,
           ignore_index, stat_plane<const A>(st, 0), stat_plane<const A>(st, 1), out.mutable_data_ptr<scalar_t>());
-    };
-    ce_streams<scalar_t>(c.g) ? rows(std::true_type{}) : rows(std::false_type{});
+    });
   });
 }
 
@@ -101,12 +99,11 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_grad_cpu(const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.x.scalar_type(), "cross_entropy_fwd_grad_cpu", [&] {
     using A = acc_t<scalar_t>;
     const Weights<scalar_t, A> w(weight, label_smoothing, c.g.classes);
-    auto rows = [&](auto stream) {
+    with_stream(ce_streams<scalar_t>(c.g), [&](auto stream) {
       ce_fwd_grad_rows<scalar_t, decltype(stream)::value>(
           c.g, gl.const_data_ptr<A>(), c.x.const_data_ptr<scalar_t>(), c.indices(), c.probabilities<scalar_t>(), w.p,
           ignore_index, loss.mutable_data_ptr<A>(), dx.mutable_data_ptr<scalar_t>());
-    };
-    ce_streams<scalar_t>(c.g) ? rows(std::true_type{}) : rows(std::false_type{});
+    });
   });
   return {loss, dx};
 }

@@ -198,10 +198,10 @@ void ce_fwd_rows(const CeGeometry& g, const T* x, const int64_t* ti, const T* ty
   });
 }
 
-// Whether the backward rows write dx with streaming stores: float rows read in place (for_rows' direct path) whose
-// output reaches kStreamBytes. Only cross_entropy's own ops ask; linear + CE's chunks are read back at once.
+// Whether the backward rows write dx with streaming stores: rows read in place (for_rows' direct path) whose output
+// streams (vec.h). Only cross_entropy's own ops ask; linear + CE's chunks are read back at once.
 template <typename T> bool ce_streams(const CeGeometry& g) {
-  return std::is_same_v<T, float> && g.inner == 1 && g.rows() * g.classes * int64_t(sizeof(T)) >= kStreamBytes;
+  return g.inner == 1 && streams<T>(g.rows() * g.classes);
 }
 
 // dx may be x itself (inplace_backward).

@@ -82,56 +82,47 @@ template <typename A, bool LOG, bool STREAM> void softmax_bwd_row(const A* dy, c
   }
 }
 
-// Whether a last-dim kernel writing rows * n elements of T streams its output (write_row).
-template <typename T> bool streams(int64_t rows, int64_t n) {
-  return std::is_same_v<T, float> && rows * n * int64_t(sizeof(T)) >= kStreamBytes;
-}
-
 int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)); }
 
 template <typename T, bool LOG> void fwd_lastdim(const T* x, T* y, int64_t rows, int64_t n) {
   using A = acc_t<T>;
-  const bool stream = streams<T>(rows, n);
-  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<T, A>) {
-      if (stream) {
-        for (int64_t r = begin; r < end; ++r) softmax_row<A, LOG, true>(x + r * n, y + r * n, n);
-        stream_fence<true>();
+  with_stream(streams<T>(rows * n), [&](auto stream) {
+    constexpr bool S = decltype(stream)::value;
+    at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+      if constexpr (std::is_same_v<T, A>) {
+        for (int64_t r = begin; r < end; ++r) softmax_row<A, LOG, S>(x + r * n, y + r * n, n);
+        stream_fence<S>();
       } else {
-        for (int64_t r = begin; r < end; ++r) softmax_row<A, LOG, false>(x + r * n, y + r * n, n);
+        std::unique_ptr<A[]> buf(new A[n]);  // one buffer per task, not per row
+        for (int64_t r = begin; r < end; ++r) {
+          load_row(x + r * n, buf.get(), n);
+          softmax_row<A, LOG, false>(buf.get(), buf.get(), n);
+          store_row(buf.get(), y + r * n, n);
+        }
       }
-    } else {
-      std::unique_ptr<A[]> buf(new A[n]);  // one buffer per task, not per row
-      for (int64_t r = begin; r < end; ++r) {
-        load_row(x + r * n, buf.get(), n);
-        softmax_row<A, LOG, false>(buf.get(), buf.get(), n);
-        store_row(buf.get(), y + r * n, n);
-      }
-    }
+    });
   });
 }
 
 template <typename T, bool LOG> void bwd_lastdim(const T* dy, const T* y, T* dx, int64_t rows, int64_t n) {
   using A = acc_t<T>;
-  const bool stream = streams<T>(rows, n);
-  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<T, A>) {
-      if (stream) {
-        for (int64_t r = begin; r < end; ++r) softmax_bwd_row<A, LOG, true>(dy + r * n, y + r * n, dx + r * n, n);
-        stream_fence<true>();
+  with_stream(streams<T>(rows * n), [&](auto stream) {
+    constexpr bool S = decltype(stream)::value;
+    at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+      if constexpr (std::is_same_v<T, A>) {
+        for (int64_t r = begin; r < end; ++r) softmax_bwd_row<A, LOG, S>(dy + r * n, y + r * n, dx + r * n, n);
+        stream_fence<S>();
       } else {
-        for (int64_t r = begin; r < end; ++r) softmax_bwd_row<A, LOG, false>(dy + r * n, y + r * n, dx + r * n, n);
+        std::unique_ptr<A[]> buf(new A[2 * n]);
+        A *bdy = buf.get(), *by = buf.get() + n;
+        for (int64_t r = begin; r < end; ++r) {
+          load_row(dy + r * n, bdy, n);
+          load_row(y + r * n, by, n);
+          softmax_bwd_row<A, LOG, false>(bdy, by, bdy, n);
+          store_row(bdy, dx + r * n, n);
+        }
       }
-    } else {
-      std::unique_ptr<A[]> buf(new A[2 * n]);
-      A *bdy = buf.get(), *by = buf.get() + n;
-      for (int64_t r = begin; r < end; ++r) {
-        load_row(dy + r * n, bdy, n);
-        load_row(y + r * n, by, n);
-        softmax_bwd_row<A, LOG, false>(bdy, by, bdy, n);
-        store_row(bdy, dx + r * n, n);
-      }
-    }
+    });
   });
 }
 

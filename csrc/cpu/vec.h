@@ -327,6 +327,16 @@ template <bool STREAM> static inline void stream_fence() {
   if constexpr (STREAM) _mm_sfence();
 #endif
 }
+// Whether an output of n elements of T is streamed (write_row): float32 (the type write_row streams) of at least
+// kStreamBytes.
+template <typename T> static inline bool streams(int64_t n) {
+  return std::is_same_v<T, float> && n * int64_t(sizeof(T)) >= kStreamBytes;
+}
+// f(std::true_type{}) or f(std::false_type{}): a runtime choice of STREAM made a compile-time one.
+template <typename F> static inline void with_stream(bool stream, F&& f) {
+  if (stream) f(std::true_type{});
+  else f(std::false_type{});
+}
 
 // Storage <-> accumulation type, a row at a time (half types go through a float buffer).
 template <typename T, typename A> static inline void load_row(const T* src, A* dst, int64_t n) {
