@@ -107,8 +107,8 @@ def test_exp_over_its_whole_range_native(width):
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 def test_large_outputs_stream_the_same_values_native(n, log):
     """float32 outputs of 64 MiB or more are written with streaming stores (csrc/cpu/vec.h, write_row), softmax's
-    exp computed again rather than stored and scaled: every row must hold exactly what the same row gives in a
-    small tensor (plain stores), forward and backward, and match the float64 reference."""
+    exp kept in a scratch row of the task and scaled from there: every row must hold exactly what the same row
+    gives in a small tensor (plain stores), forward and backward, and match the float64 reference."""
     rows = (64 << 20) // (4 * n) + 2
     torch.manual_seed(5)
     x, g = 3 * torch.randn(rows, n), torch.randn(rows, n)

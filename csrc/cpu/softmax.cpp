@@ -1,7 +1,8 @@
 // Softmax and log-softmax on the CPU, forward and backward, over any dim.
 //
 // Last dim (inner == 1), rows parallel over cores. A row that fits in cache takes the classic passes: max (one
-// read of x from memory), exp + sum storing exp (x from cache), then a scale in cache - one exp per element.
+// read of x from memory), exp + sum storing exp (x from cache), then a scale in cache - one exp per element (an output
+// written with streaming stores keeps the exp in a scratch row of the task instead).
 // A row too long for the cache (> kOnlineRow) takes the online form instead: one read computes max and sum
 // together block by block, a second writes the result - two reads of x rather than three plus a re-read of y.
 // Other dims (inner > 1) run the same reductions across `inner`-contiguous slabs so they vectorize without a
@@ -27,24 +28,20 @@ constexpr int64_t kOnlineBlock = 2048;   // an L1-sized block of the online pass
 constexpr int64_t kInnerBlock = 64;      // columns of a non-last-dim slab handled together
 constexpr int64_t kGrain = 32768;        // elements per parallel task, ATen's default grain
 
-// One row, in the accumulation type. y may alias x. STREAM: y is written with streaming stores (write_row), so a
-// softmax row's exp is computed again in the writing pass rather than stored and then scaled in cache.
-template <typename A, bool LOG, bool STREAM> void softmax_row(const A* x, A* y, int64_t n) {
+// One row, in the accumulation type. y may alias x. STREAM: y is written with streaming stores (write_row); a
+// softmax row that fits in cache then keeps its exp in scratch (n elements, the task's own, so it stays in cache)
+// and scales it from there into y, where a plain store of exp into y would first read y's lines from memory.
+template <typename A, bool LOG, bool STREAM> void softmax_row(const A* x, A* y, int64_t n, A* scratch) {
   A m, s;
   if (n <= kOnlineRow) {
     m = max_of(x, n);
     if constexpr (LOG) {
       s = sum_exp<A, false>(x, m, nullptr, n);
-    } else if constexpr (STREAM) {
-      s = sum_exp<A, false>(x, m, nullptr, n);
-      const A inv = A(1) / s;
-      write_row<true>(y, n, [&](int64_t i, int64_t len) { return exp(load(x + i, len) - m) * inv; });
-      return;
     } else {
-      s = sum_exp<A, true>(x, m, y, n);
+      A* e = STREAM ? scratch : y;
+      s = sum_exp<A, true>(x, m, e, n);
       const A inv = A(1) / s;
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) y[i] *= inv;
+      write_row<STREAM>(y, n, [&](int64_t i, int64_t len) { return load(e + i, len) * inv; });
       return;
     }
   } else {
@@ -90,13 +87,15 @@ template <typename T, bool LOG> void fwd_lastdim(const T* x, T* y, int64_t rows,
     constexpr bool S = decltype(stream)::value;
     at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
       if constexpr (std::is_same_v<T, A>) {
-        for (int64_t r = begin; r < end; ++r) softmax_row<A, LOG, S>(x + r * n, y + r * n, n);
+        // One scratch row per task, not per row (softmax_row).
+        std::unique_ptr<A[]> scratch(S && !LOG && n <= kOnlineRow ? new A[n] : nullptr);
+        for (int64_t r = begin; r < end; ++r) softmax_row<A, LOG, S>(x + r * n, y + r * n, n, scratch.get());
         stream_fence<S>();
       } else {
         std::unique_ptr<A[]> buf(new A[n]);  // one buffer per task, not per row
         for (int64_t r = begin; r < end; ++r) {
           load_row(x + r * n, buf.get(), n);
-          softmax_row<A, LOG, false>(buf.get(), buf.get(), n);
+          softmax_row<A, LOG, false>(buf.get(), buf.get(), n, nullptr);
           store_row(buf.get(), y + r * n, n);
         }
       }
