@@ -183,6 +183,21 @@ def test_extreme_logits(device, backend, dtype, option):
         _check(dy, ref_dy, t_dy, name="grad_target")
 
 
+def test_softplus_within_two_ulp_native():
+    """With target 1 the loss is softplus(-x) = log1p(exp(-|x|)) + max(-x, 0); the CPU kernel takes log1p on [0, 1]
+    in two reduced forms, split at exp(-|x|) = sqrt(2) - 1 (csrc/cpu/vec.h, log1p_unit). Over a dense range
+    around both branches, the split and the tails, float32 stays within 2 ulp of float64, as torch's does."""
+    x = torch.cat([torch.linspace(-20, 20, 400_001), torch.linspace(0.87, 0.89, 20_001),
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 87.0, -87.0, 103.0, 104.5, 1e4, -1e4])])
+    y = torch.ones_like(x)
+    out = F.binary_cross_entropy_with_logits(x, y, reduction="none", backend="native").double()
+    xd = x.double()
+    exact = torch.log1p(torch.exp(-xd.abs())) + torch.clamp(-xd, min=0)
+    ulp = (torch.nextafter(exact.float(), torch.tensor(float("inf"))) - exact.float()).double()
+    err = (out - exact).abs() / ulp
+    assert err.max().item() <= 2.0, f"{err.max().item():.2f} ulp at x = {x[err.argmax()].item()}"
+
+
 def _cpu_backends():
     return [p.values[1] for p in device_backends("bce_with_logits") if p.values[0] == "cpu"]
 

@@ -5,7 +5,7 @@
 //   d/dx = w * g * (lw * sigmoid(x) - pw * y)
 //   d/dy = w * g * ((pw - 1) * sp - x)
 //
-// exp(-|x|) <= 1 never overflows and log1p keeps its accuracy near 0, so logits of +-1e4 are exact. weight,
+// exp(-|x|) <= 1 never overflows and log1p_unit keeps its accuracy near 0, so logits of +-1e4 are exact. weight,
 // pos_weight and grad_output are Broadcast operands, read in place: a pos_weight of shape (C,) is one stride-1
 // run per row, a per-row weight (N, 1) one stride-0 run. Reductions sum fixed 1024-element chunks into float64
 // partials added in order, so the result does not depend on the thread count.
@@ -58,17 +58,21 @@ void for_runs(int64_t begin, int64_t end, const std::array<const Operand<T>*, N>
   }
 }
 
-template <typename A, typename T> static inline vec<A> read(const T* p, bool contiguous, int64_t j, int64_t len) {
+// The helpers below are always inlined: GCC may otherwise call them out of line from the element loops, a call per
+// vector (as csrc/cpu/vec.h says of exp and log).
+template <typename A, typename T>
+__attribute__((always_inline)) static inline vec<A> read(const T* p, bool contiguous, int64_t j, int64_t len) {
   return contiguous ? load_as<A>(p + j, len) : splat(static_cast<A>(*p));
 }
 
 // softplus(-x) = -log(sigmoid(x)), from e = exp(-|x|).
-template <typename A> static inline vec<A> softplus_neg(vec<A> x, vec<A> e) {
-  return log1p(e) + vmax(splat(A(0)), -x);
+template <typename A> __attribute__((always_inline)) static inline vec<A> softplus_neg(vec<A> x, vec<A> e) {
+  return log1p_unit(e) + vmax(splat(A(0)), -x);
 }
 
 // lw = 1 + (pw - 1) * y; exactly 1 without pos_weight, as torch (an infinite target would give 0 * inf = NaN).
-template <typename A> static inline vec<A> log_weight(bool has_pw, vec<A> pw, vec<A> y) {
+template <typename A>
+__attribute__((always_inline)) static inline vec<A> log_weight(bool has_pw, vec<A> pw, vec<A> y) {
   return has_pw ? A(1) + (pw - A(1)) * y : splat(A(1));
 }
 

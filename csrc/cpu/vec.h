@@ -176,6 +176,23 @@ static inline vec<double> exp(vec<double> x) {  // float64 is for checking, not 
 static inline float exp(float x) { return exp(splat(x))[0]; }
 static inline double exp(double x) { return std::exp(x); }
 
+// log(2^fe (1 + t)) for t in [sqrt(1/2) - 1, sqrt(2) - 1] and an integer fe: Cephes' degree-9 polynomial in t
+// (about 1 ulp), fe ln2 added in two parts.
+__attribute__((always_inline)) static inline vec<float> log_reduced(vec<float> t, vec<float> fe) {
+  using V = vec<float>;
+  const V z = t * t;
+  V p = splat(7.0376836292E-2f);
+  p = p * t - 1.1514610310E-1f;
+  p = p * t + 1.1676998740E-1f;
+  p = p * t - 1.2420140846E-1f;
+  p = p * t + 1.4249322787E-1f;
+  p = p * t - 1.6668057665E-1f;
+  p = p * t + 2.0000714765E-1f;
+  p = p * t - 2.4999993993E-1f;
+  p = p * t + 3.3333331174E-1f;
+  return p * t * z + fe * -2.12194440e-4f - 0.5f * z + t + fe * 0.693359375f;
+}
+
 // log(x): x = m * 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by Cephes' degree-9 polynomial in t = m - 1 (about
 // 1 ulp), e*ln2 added in two parts. Denormals are scaled into the normal range first. log(0) = -inf,
 // log(inf) = inf, x < 0 or NaN gives NaN.
@@ -192,18 +209,7 @@ __attribute__((always_inline)) static inline vec<float> log(vec<float> x) {
   const M lo = m < 0.707106781186547524f;            // m in [sqrt(1/2), sqrt(2)): take 2m and e - 1
   e += lo;                                           // a true lane of a mask is -1
   const V t = (lo ? m + m : m) - 1.0f;
-  const V fe = __builtin_convertvector(e, V);
-  const V z = t * t;
-  V p = splat(7.0376836292E-2f);
-  p = p * t - 1.1514610310E-1f;
-  p = p * t + 1.1676998740E-1f;
-  p = p * t - 1.2420140846E-1f;
-  p = p * t + 1.4249322787E-1f;
-  p = p * t - 1.6668057665E-1f;
-  p = p * t + 2.0000714765E-1f;
-  p = p * t - 2.4999993993E-1f;
-  p = p * t + 3.3333331174E-1f;
-  V y = p * t * z + fe * -2.12194440e-4f - 0.5f * z + t + fe * 0.693359375f;
+  V y = log_reduced(t, __builtin_convertvector(e, V));
   y = x == 0.0f ? splat(-std::numeric_limits<float>::infinity()) : y;
   y = x == std::numeric_limits<float>::infinity() ? x : y;
   y = (x < 0.0f) | (x != x) ? splat(std::numeric_limits<float>::quiet_NaN()) : y;
@@ -214,18 +220,18 @@ static inline vec<double> log(vec<double> x) {
   return x;
 }
 
-// log1p(x) = log(u) + (x - (u - 1)) / u with u = 1 + x rounded: the second term restores what the rounding of
-// u lost, so small x keeps full relative accuracy (Goldberg's compensation; for u == 1 it gives exactly x).
-// The losses use it for log1p(exp(-|x|)), the stable softplus.
-__attribute__((always_inline)) static inline vec<float> log1p(vec<float> x) {
-  const vec<float> u = x + 1.0f;
-  const vec<float> l = log(u);
-  // u = 0 (x = -1) and u = inf would make the correction 0/0 or inf - inf; log(u) alone is then exact.
-  return (u == 0.0f) | (u == std::numeric_limits<float>::infinity()) ? l : l + (x - (u - 1.0f)) / u;
+// log(1 + e) for e in [0, 1] (NaN propagates): the stable softplus log1p(exp(-|x|)) of the losses. 1 + e is never
+// rounded: below sqrt(2) - 1 it is 1 + t with t = e exactly, above it 2 (1 + t) with t = (e - 1) / 2, exact from
+// e = 1/2 on (Sterbenz) and a single rounding of e / 2 - 1/2 below. No exponent split, no division and no special
+// cases, against log1p's general form: about a third of its instructions.
+__attribute__((always_inline)) static inline vec<float> log1p_unit(vec<float> e) {
+  using V = vec<float>;
+  const auto hi = e > 0.414213562373095f;
+  return log_reduced(hi ? e * 0.5f - 0.5f : e, hi ? splat(1.0f) : splat(0.0f));
 }
-static inline vec<double> log1p(vec<double> x) {
-  for (int i = 0; i < kW<double>; ++i) x[i] = std::log1p(x[i]);
-  return x;
+static inline vec<double> log1p_unit(vec<double> e) {
+  for (int i = 0; i < kW<double>; ++i) e[i] = std::log1p(e[i]);
+  return e;
 }
 
 template <typename V> static inline V vabs(V v) { return v < 0 ? -v : v; }
