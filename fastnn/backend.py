@@ -42,7 +42,7 @@ def use_backend(name: str):
     Example::
 
         with fastnn.use_backend("triton"):
-            y = fastnn.functional.softmax(x)
+            y = fastnn.functional.softmax(x, dim=-1)
     """
     token = _selected.set(_check_name(name))
     try:

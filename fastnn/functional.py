@@ -2,6 +2,8 @@
 ``backend`` ("auto", "native", "triton", "reference"); see ``fastnn.use_backend``."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .ops import attention as _attention
@@ -12,13 +14,25 @@ from .ops import lstm as _lstm
 from .ops import softmax as _softmax
 
 
-def softmax(input: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None, *,
+def _implicit_dim(fn: str, input, dim: int | None, stacklevel: int):
+    # torch's dim=None: an old implicit choice (0 for 0-, 1- and 3-d input, else 1) with a deprecation warning,
+    # kept by torch.nn.functional and nn.Softmax alike; a drop-in picks the same dimension.
+    if dim is not None or not isinstance(input, torch.Tensor):
+        return dim
+    warnings.warn(f"Implicit dimension choice for {fn} has been deprecated. Change the call to include dim=X as "
+                  "an argument.", stacklevel=stacklevel)
+    return 0 if input.dim() in (0, 1, 3) else 1
+
+
+def softmax(input: torch.Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None, *,
             backend: str | None = None) -> torch.Tensor:
     """``torch.nn.functional.softmax``: exp(x) / sum(exp(x)) over ``dim``, computed stably.
 
     Args:
         input: tensor of any shape; float32, float64, float16 or bfloat16 (half types accumulate in float32).
-        dim: dimension to normalize over.
+        dim: dimension to normalize over. None: torch's deprecated implicit choice (dim 0 for 0-, 1- and 3-d
+            input, else 1), with torch's warning.
+        _stacklevel: the warning's stack level, as in torch.
         dtype: cast ``input`` to this dtype first.
     Returns:
         Tensor of ``input``'s shape.
@@ -27,13 +41,15 @@ def softmax(input: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None
         IndexError: ``dim`` out of range for ``input``'s rank.
         NaN/Inf, 0-d, zero-size and any strides (transposed, expanded, channels-last) give torch's result.
     """
+    dim = _implicit_dim("softmax", input, dim, _stacklevel)
     return _softmax.softmax(input, dim=dim, log=False, dtype=dtype, backend=backend)
 
 
-def log_softmax(input: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None, *,
-                backend: str | None = None) -> torch.Tensor:
+def log_softmax(input: torch.Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None,
+                *, backend: str | None = None) -> torch.Tensor:
     """``torch.nn.functional.log_softmax``: x - logsumexp(x) over ``dim``. Args, Returns and Raises as
     ``softmax``."""
+    dim = _implicit_dim("log_softmax", input, dim, _stacklevel)
     return _softmax.softmax(input, dim=dim, log=True, dtype=dtype, backend=backend)
 
 

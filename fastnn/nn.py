@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import warnings
 
 import torch
 from torch import nn
@@ -28,13 +27,6 @@ def _patchable(torch_cls: type):
     return deco
 
 
-def _legacy_softmax_dim(ndim: int) -> int:
-    # torch.nn.Softmax(dim=None) keeps this old implicit choice (with a warning); a drop-in must match it.
-    warnings.warn("Implicit dimension choice for softmax has been deprecated. Change the call to include dim=X "
-                  "as an argument.", stacklevel=3)
-    return 0 if ndim in (0, 1, 3) else 1
-
-
 class _SoftmaxBase(nn.Module):
     _log = False
     __constants__ = ["dim"]
@@ -44,8 +36,8 @@ class _SoftmaxBase(nn.Module):
         self.dim = dim
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        dim = self.dim if self.dim is not None else _legacy_softmax_dim(input.dim())
-        return (F.log_softmax if self._log else F.softmax)(input, dim)
+        # dim None: torch's implicit choice, warned about from the module's caller (torch's stack level too).
+        return (F.log_softmax if self._log else F.softmax)(input, self.dim, _stacklevel=5)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"

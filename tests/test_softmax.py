@@ -1,4 +1,6 @@
 """softmax / log_softmax through every backend against fastnn.reference in float64, forward and backward."""
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -167,13 +169,13 @@ def test_dtype_argument_casts_first():
 
 
 @pytest.mark.parametrize("call,exc,words", [
-    (lambda: F.softmax(torch.arange(6)), TypeError, ["input", "int64"]),
+    (lambda: F.softmax(torch.arange(6), -1), TypeError, ["input", "int64"]),
     (lambda: F.softmax(torch.randn(3, 4), 2), IndexError, ["dim", "[-2, 1]"]),
     (lambda: F.log_softmax(torch.randn(3), -2), IndexError, ["dim"]),
     (lambda: F.softmax([1.0, 2.0]), TypeError, ["input", "Tensor"]),
     (lambda: F.softmax(torch.randn(3), 0.5), TypeError, ["dim", "int"]),
-    (lambda: F.softmax(torch.randn(3), backend="cudnn"), ValueError, ["backend"]),
-    (lambda: F.softmax(torch.randn(3, device="meta"), backend="native"), ValueError, ["native", "meta"]),
+    (lambda: F.softmax(torch.randn(3), -1, backend="cudnn"), ValueError, ["backend"]),
+    (lambda: F.softmax(torch.randn(3, device="meta"), -1, backend="native"), ValueError, ["native", "meta"]),
     (lambda: torch.ops.fastnn.softmax_bwd(torch.randn(3, 4), torch.randn(4, 3), -1, False), RuntimeError,
      ["grad_output", "output", "shape"]),
     (lambda: torch.ops.fastnn.softmax_bwd(torch.randn(3), torch.randn(3).double(), -1, False), RuntimeError,
@@ -193,13 +195,31 @@ def test_backend_selection(monkeypatch):
         assert fastnn.get_backend() == "reference"
     monkeypatch.setenv("FASTNN_BACKEND", "native")
     assert fastnn.get_backend() == "native"
-    torch.testing.assert_close(F.softmax(x), torch.softmax(x, -1))
+    torch.testing.assert_close(F.softmax(x, -1), torch.softmax(x, -1))
     monkeypatch.setenv("FASTNN_BACKEND", "bogus")
     with pytest.raises(ValueError, match="FASTNN_BACKEND"):
-        F.softmax(x)
+        F.softmax(x, -1)
     with pytest.raises(ValueError, match="backend"):
         with fastnn.use_backend("fast"):
             pass
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("shape", [(), (7,), (3, 5), (2, 3, 4), (2, 3, 4, 5)])
+def test_functional_signature_and_implicit_dim_match_torch(log, shape):
+    # Positional and keyword arguments in torch's order (input, dim, _stacklevel, dtype); dim=None picks torch's
+    # deprecated implicit dimension (0 for 0-, 1- and 3-d input, else 1) with torch's warning, pointing at the caller.
+    ours, theirs = (F.log_softmax, torch.nn.functional.log_softmax) if log else (F.softmax, torch.nn.functional.softmax)
+    names = ["input", "dim", "_stacklevel", "dtype"]
+    assert list(inspect.signature(ours).parameters)[:4] == names == list(inspect.signature(theirs).parameters)
+    x = torch.randn(shape)
+    with pytest.warns(UserWarning, match="Implicit dimension choice") as record:
+        got = ours(x)
+    assert record[0].filename == __file__
+    with pytest.warns(UserWarning):
+        expected = theirs(x)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(ours(x, -1, 3, torch.float64), theirs(x, -1, 3, torch.float64))
 
 
 @pytest.mark.parametrize("cls,twin", [(nn.Softmax, fastnn.nn.Softmax), (nn.LogSoftmax, fastnn.nn.LogSoftmax)])
