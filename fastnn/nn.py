@@ -27,39 +27,34 @@ def _patchable(torch_cls: type):
     return deco
 
 
-class _SoftmaxBase(nn.Module):
-    _log = False
-    __constants__ = ["dim"]
-
-    def __init__(self, dim: int | None = None) -> None:
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        # dim None: torch's implicit choice, warned about from the module's caller (torch's stack level too).
-        return (F.log_softmax if self._log else F.softmax)(input, self.dim, _stacklevel=5)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}"
-
-    @classmethod
-    def from_torch(cls, module: nn.Module) -> "_SoftmaxBase":
-        return cls(module.dim)
-
-
+# The twins of torch's softmax modules and BCEWithLogitsLoss subclass them (constructor, buffers, extra_repr and
+# isinstance checks as torch's) and replace only forward.
 @_patchable(nn.Softmax)
-class Softmax(_SoftmaxBase):
+class Softmax(nn.Softmax):
     """``torch.nn.Softmax(dim)`` on fastnn's fused softmax. Shape: any; output has the input's shape.
 
     Raises: as ``fastnn.functional.softmax`` (TypeError for a non-floating input, IndexError for ``dim`` out of
     range); NaN/Inf, zero-size and any strides give torch's result."""
 
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # dim None: torch's implicit choice, warned about from the module's caller (torch's stack level too).
+        return F.softmax(input, self.dim, _stacklevel=5)
+
+    @classmethod
+    def from_torch(cls, module: nn.Module) -> "Softmax":
+        return cls(module.dim)
+
 
 @_patchable(nn.LogSoftmax)
-class LogSoftmax(_SoftmaxBase):
+class LogSoftmax(nn.LogSoftmax):
     """``torch.nn.LogSoftmax(dim)`` on fastnn's fused log-softmax. Shape and Raises: as ``Softmax``."""
 
-    _log = True
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(input, self.dim, _stacklevel=5)
+
+    @classmethod
+    def from_torch(cls, module: nn.Module) -> "LogSoftmax":
+        return cls(module.dim)
 
 
 def patch(model: nn.Module, *, verbose: bool = True) -> nn.Module:
@@ -114,26 +109,15 @@ def patch(model: nn.Module, *, verbose: bool = True) -> nn.Module:
 
 # ---- binary cross-entropy with logits ----------------------------------------------------------------------------
 @_patchable(nn.BCEWithLogitsLoss)
-class BCEWithLogitsLoss(nn.Module):
-    """``torch.nn.BCEWithLogitsLoss`` on fastnn's fused kernel: same constructor, and ``weight`` / ``pos_weight``
-    registered as buffers (None when not given), so ``state_dict`` keys match torch's.
+class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
+    """``torch.nn.BCEWithLogitsLoss`` on fastnn's fused kernel: torch's constructor, with ``weight`` and
+    ``pos_weight`` as buffers (None when not given), so ``state_dict`` keys match torch's.
 
     Shape: input (*), target (*) of the same shape; output (*) for ``reduction="none"``, else a scalar.
 
     Raises: as ``fastnn.functional.binary_cross_entropy_with_logits`` (TypeError / ValueError naming input,
     target, weight, pos_weight or reduction).
     """
-
-    __constants__ = ["reduction"]
-
-    def __init__(self, weight: torch.Tensor | None = None, size_average=None, reduce=None, reduction: str = "mean",
-                 pos_weight: torch.Tensor | None = None) -> None:
-        super().__init__()
-        if size_average is not None or reduce is not None:
-            reduction = nn._reduction.legacy_get_string(size_average, reduce)
-        self.reduction = reduction
-        self.register_buffer("weight", weight)
-        self.register_buffer("pos_weight", pos_weight)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(input, target, self.weight, pos_weight=self.pos_weight,

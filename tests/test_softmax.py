@@ -442,3 +442,21 @@ def test_rows_between_the_register_caps(device, backend, n, dtype, log):
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 def test_cuda_rows_past_the_registers(device, backend, n, dtype, log):
     _check_against_reference(device, backend, (5, n), -1, dtype, log)
+
+
+def test_every_twin_is_its_torch_class():
+    # Drop-in: code that checks isinstance(m, nn.Softmax) (or any patched class) still finds the patched module,
+    # with torch's public attributes, state_dict keys and repr.
+    made = {nn.LSTMCell: (4, 5), nn.LSTM: (4, 5), nn.MultiheadAttention: (8, 2), nn.TransformerEncoderLayer: (8, 2),
+            nn.Softmax: (1,), nn.LogSoftmax: (1,)}
+    lce = getattr(nn, "LinearCrossEntropyLoss", None)  # torch's, in the torch versions that have it
+    if lce is not None:
+        made[lce] = (8, 11)
+    for torch_cls, twin_cls in fastnn.nn.PATCHABLE.items():
+        assert issubclass(twin_cls, torch_cls), twin_cls
+        args = made.get(torch_cls, ())
+        theirs, ours = torch_cls(*args), twin_cls(*args)
+        public = {a for a in dir(theirs) if not a.startswith("_")}
+        assert public <= set(dir(ours)), (twin_cls, public - set(dir(ours)))
+        assert set(ours.state_dict()) == set(theirs.state_dict()) and repr(ours) == repr(theirs)
+        assert type(fastnn.patch(theirs, verbose=False)) is twin_cls
