@@ -19,8 +19,9 @@ def _implicit_dim(fn: str, input, dim: int | None, stacklevel: int):
     # kept by torch.nn.functional and nn.Softmax alike; a drop-in picks the same dimension.
     if dim is not None or not isinstance(input, torch.Tensor):
         return dim
-    warnings.warn(f"Implicit dimension choice for {fn} has been deprecated. Change the call to include dim=X as "
-                  "an argument.", stacklevel=stacklevel)
+    if not torch.compiler.is_compiling():  # Dynamo would not trace the call (torch.compile warns at trace time)
+        warnings.warn(f"Implicit dimension choice for {fn} has been deprecated. Change the call to include dim=X "
+                      "as an argument.", stacklevel=stacklevel)
     return 0 if input.dim() in (0, 1, 3) else 1
 
 

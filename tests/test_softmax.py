@@ -161,6 +161,15 @@ def test_torch_compile_fullgraph(device, backend):
     torch.testing.assert_close(dx, dx_eager)
 
 
+@pytest.mark.parametrize("twin,theirs", [(fastnn.nn.Softmax, nn.Softmax), (fastnn.nn.LogSoftmax, nn.LogSoftmax)])
+def test_implicit_dim_under_torch_compile_fullgraph(twin, theirs):
+    # dim=None warns outside compiled code only (Dynamo does not trace warnings.warn); the dimension is torch's.
+    x = torch.randn(2, 3, 4, 5)
+    with pytest.warns(UserWarning):
+        expected = theirs()(x)
+    torch.testing.assert_close(torch.compile(twin(), fullgraph=True)(x), expected)
+
+
 def test_dtype_argument_casts_first():
     x = torch.randn(4, 9, dtype=torch.float64)
     out = F.softmax(x, -1, dtype=torch.float32)
