@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/slabs.h"
 #include "cpu/vec.h"
 
 namespace fastnn::cpu {
@@ -25,7 +26,6 @@ namespace {
 
 constexpr int64_t kOnlineRow = 1 << 16;  // elements; x and y rows together then exceed half the 1 MiB L2
 constexpr int64_t kOnlineBlock = 2048;   // an L1-sized block of the online pass
-constexpr int64_t kInnerBlock = 64;      // columns of a non-last-dim slab handled together
 constexpr int64_t kGrain = 32768;        // elements per parallel task, ATen's default grain
 
 // One row, in the accumulation type. y may alias x. STREAM: y is written with streaming stores (write_row); a
@@ -125,27 +125,14 @@ template <typename T, bool LOG> void bwd_lastdim(const T* dy, const T* y, T* dx,
   });
 }
 
-// Non-last dim: each task owns a [size, w] slab of columns i0..i0+w of one outer index; the per-column
-// reductions run along `size` with the w columns contiguous, so the inner loops vectorize.
-template <typename T, typename F> void for_each_slab(const DimGeometry& g, F&& f) {
-  const int64_t blocks = (g.inner + kInnerBlock - 1) / kInnerBlock;
-  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(g.size * kInnerBlock, 1));
-  at::parallel_for(0, g.outer * blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t o = t / blocks, i0 = (t % blocks) * kInnerBlock;
-      f(o * g.size * g.inner + i0, std::min(kInnerBlock, g.inner - i0));
-    }
-  });
-}
-
 template <typename T, bool LOG> void fwd_inner(const T* x, T* y, const DimGeometry& g) {
   using A = acc_t<T>;
   const int64_t n = g.size, stride = g.inner;
   constexpr A ninf = -std::numeric_limits<A>::infinity();
-  for_each_slab<T>(g, [&](int64_t base, int64_t w) {
-    alignas(32) A m[kInnerBlock], s[kInnerBlock];
-    std::fill(m, m + kInnerBlock, ninf);
-    std::fill(s, s + kInnerBlock, A(0));
+  for_slabs(g.outer, n, stride, kGrain, [&](int64_t base, int64_t, int64_t w) {
+    alignas(64) A m[kSlab], s[kSlab];
+    std::fill(m, m + kSlab, ninf);
+    std::fill(s, s + kSlab, A(0));
     for (int64_t k = 0; k < n; ++k) {
       const T* xr = x + base + k * stride;
       for_chunks<A>(w, [&](int64_t j, int64_t len) { store(m + j, vmax(load(m + j), load_as<A>(xr + j, len, ninf))); });
@@ -172,9 +159,9 @@ template <typename T, bool LOG> void fwd_inner(const T* x, T* y, const DimGeomet
 template <typename T, bool LOG> void bwd_inner(const T* dy, const T* y, T* dx, const DimGeometry& g) {
   using A = acc_t<T>;
   const int64_t n = g.size, stride = g.inner;
-  for_each_slab<T>(g, [&](int64_t base, int64_t w) {
-    alignas(32) A d[kInnerBlock];
-    std::fill(d, d + kInnerBlock, A(0));
+  for_slabs(g.outer, n, stride, kGrain, [&](int64_t base, int64_t, int64_t w) {
+    alignas(64) A d[kSlab];
+    std::fill(d, d + kSlab, A(0));
     for (int64_t k = 0; k < n; ++k) {
       const T *dyr = dy + base + k * stride, *yr = y + base + k * stride;
       for_chunks<A>(w, [&](int64_t j, int64_t len) {

@@ -1,0 +1,30 @@
+// Reductions over a dimension that is not the last ([outer, size, inner] with inner > 1, common.h's DimGeometry):
+// softmax over other dims, and cross-entropy over the classes of a spatial input (N, C, d...).
+#pragma once
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fastnn::cpu {
+
+// Positions of one slab: the reductions run along `size` with the slab's positions contiguous in every step, so
+// their loops are vector operations across positions, with no transposing copy or gathered row.
+constexpr int64_t kSlab = 64;
+
+// f(base, first, w) for every slab, in parallel: w <= kSlab positions side by side of one outer index o, starting
+// at position i0; base = o * size * inner + i0 is the offset of its first element and first = o * inner + i0 its
+// first position counted over [outer, inner] (a row index of the reduced tensor). A task takes about `grain`
+// elements.
+template <typename F> void for_slabs(int64_t outer, int64_t size, int64_t inner, int64_t grain, F&& f) {
+  const int64_t blocks = (inner + kSlab - 1) / kSlab;
+  const int64_t slabs_per_task = std::max<int64_t>(1, grain / std::max<int64_t>(size * kSlab, 1));
+  at::parallel_for(0, outer * blocks, slabs_per_task, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o = t / blocks, i0 = (t % blocks) * kSlab;
+      f(o * size * inner + i0, o * inner + i0, std::min(kSlab, inner - i0));
+    }
+  });
+}
+
+}  // namespace fastnn::cpu
