@@ -12,13 +12,16 @@ The forward keeps, per block of BLOCK_M queries, a running max m, sum l and unno
 the keys BLOCK_N at a time (online softmax), in base 2: the scores are taken as s * log2(e), the scale and log2(e)
 folded into one factor, so each probability is one exp2. It walks the keys in two loops: the blocks that no bound
 or causal mask touches (no mask work at all there), then the causal diagonal and the ragged last block, masked.
-It writes the output and the per-row statistics m and log(l), natural log, s unscaled by log2(e) - the contract of
-every backend (csrc/attention.h) - the only things the backward needs besides q, k, v. They are kept apart, as the
-two planes of the launchers' stats (2, B, H, Lq) that the kernels take as ROW_MAX and LOGL: their sum would lose
-log(l) to ulp(m) at scores of 1e4 and more.
+It writes the output and the per-row statistics m and log2(l), in base 2 as it computed them (the other backends'
+stats, csrc/attention.h, are in natural units: s and log(l)), the only things the backward needs besides q, k, v.
+The backward recomputes each score s log2(e) exactly as the forward did, so s - m is exact (0 at the row's max)
+where a round trip through natural units, m ln(2) log2(e), would leave an ulp of m: at scores of 1e8 in float64
+several of torch's errors, and inf (NaN gradients) past 2^62 in float64 or 2^34 in float32. m and log2(l) are
+kept apart, as the two planes of the launchers' stats (2, B, H, Lq) that the kernels take as ROW_MAX and LOGL:
+their sum would lose log2(l) to ulp(m) at scores of 1e4 and more.
 
 The backward (_attn_bwd) is FlashAttention-2's: one program per (key block, kv head) walks the G query heads'
-query blocks, recomputes P = exp((S - m) - log(l)) once per tile and makes the five products
+query blocks, recomputes P = exp2((S log2(e) - m) - log2(l)) once per tile and makes the five products
   S = Q K^T,  dP = dO V^T,  dV += Pd^T dO,  dK += dS^T Q,  dQ += dS K  (dQ: atomically, in float32 / float64)
 with delta = rowsum(dO * O) (dropout included, since O already is the dropped product), dS = P * (dP - delta),
 Pd = P * Z and dP scaled by Z, Z the dropout mask scaled by 1/(1-p), regenerated from (seed, row, col) by _keep.
@@ -54,7 +57,6 @@ _DROP_SHIFT = tl.constexpr(32 - KEEP_BITS)
 # int (which has no .to) and one divisible by 16 would compile another variant.
 _SEEDS = ["seed_lo", "seed_hi"]
 _LOG2E = tl.constexpr(math.log2(math.e))
-_LN2 = tl.constexpr(math.log(2.0))
 
 
 @triton.jit
@@ -261,10 +263,9 @@ def _attn_fwd(Q, K, V, O, ROW_MAX, LOGL, MASK, KPM, H, G, Lq, Lk, D, DV, q_sb, q
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
     _store(O + bh * Lq * DV, _to(out, O.dtype.element_ty, UPCAST), offs_m, Lq, DV, offs_dv, dvmask, not EVEN_D)
     rmask = offs_m < Lq
-    # Back to natural units (the backends' contract): m = max s, log(l) = log2(l) ln 2.
-    ln2 = _const(_LN2, ACC)
-    tl.store(ROW_MAX + bh * Lq + offs_m, tl.where(empty, float("inf"), m_i * ln2), mask=rmask)
-    tl.store(LOGL + bh * Lq + offs_m, tl.math.log2(tl.where(empty, 1.0, l_i)) * ln2, mask=rmask)
+    # In base 2, as computed (the module's docstring): m = max s log2(e) and log2(l).
+    tl.store(ROW_MAX + bh * Lq + offs_m, tl.where(empty, float("inf"), m_i), mask=rmask)
+    tl.store(LOGL + bh * Lq + offs_m, tl.math.log2(tl.where(empty, 1.0, l_i)), mask=rmask)
 
 
 @triton.jit
@@ -304,14 +305,13 @@ def _bwd_step(dk, dv, k, v, k_base, v_base, start_m, offs_m0, offs_n, q_base, do
     m = tl.load(ROW_MAX + bh * Lq + offs_m, mask=rmask, other=float("inf"))  # +inf past Lq: P = 0 there
     logl = tl.load(LOGL + bh * Lq + offs_m, mask=rmask, other=0.0)
     delta = tl.load(DELTA + bh * Lq + offs_m, mask=rmask, other=0.0)
-    log2e = _const(_LOG2E, ACC)
     if KV_IN_LOOP:
         kt = _load(k_base, offs_n, Lk, D, offs_d, dmask, BOUND_N, not EVEN_D, True)
     else:
         kt = tl.trans(k)
     s = _scores(_mm(q, kt, ACC, PREC, UPCAST), c, offs_m, offs_n, b, h, Lq, Lk, MASK, smb, smh, smm, smn, KPM,
                 HAS_MASK, HAS_KPM, CAUSAL, BOUND_N, ACC)
-    p = tl.math.exp2((s - (m * log2e)[:, None]) - (logl * log2e)[:, None])  # m = +inf on empty rows: p = 0
+    p = tl.math.exp2((s - m[:, None]) - logl[:, None])  # m = +inf on empty rows: p = 0
     if KV_IN_LOOP:  # dO read here, so that its two staged copies are not held through Q K^T
         do = _load(do_base, offs_m, Lq, DV, offs_dv, dvmask, True, not EVEN_D)
         vt = _load(v_base, offs_n, Lk, DV, offs_dv, dvmask, BOUND_N, not EVEN_D, True)
@@ -643,8 +643,8 @@ def attention_forward(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal
     """q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), H a multiple of Hk, read through batch / head
     strides; attn_mask additive in the accumulation dtype, 4-d, each dim 1 or (B, H, Lq, Lk)'s (any strides), or
     None; key_padding_mask (B, Lk) bool or None.
-    Returns (out (B, H, Lq, Dv) in q's dtype, stats (2, B, H, Lq) float32 / float64: each row's max score m and
-    log of its sum of exp(s - m))."""
+    Returns (out (B, H, Lq, Dv) in q's dtype, stats (2, B, H, Lq) float32 / float64: in base 2, each row's max m of
+    the scores times log2(e) and log2 of its sum of exp2(s log2(e) - m), what attention_backward reads)."""
     q, k, v = _operand(q), _operand(k), _operand(v)
     B, H, Lq, D = q.shape
     out = q.new_empty((B, H, Lq, v.shape[3]))

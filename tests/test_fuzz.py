@@ -906,3 +906,19 @@ def test_attention_masked_row_gradient_with_huge_value(backend):
     case = _sdpa_case(q, k, v, attn_mask=mask)
     case.torch = lambda q, k, v: q * 0 + (k.sum() + v.sum()) * 0  # the contract: zeros, zero gradients
     run_case(case, backend)
+
+
+@pytest.mark.parametrize("backend", _cpu_backends("attention"))
+def test_attention_backward_scores_in_forward_units(backend):
+    # Dedicated run (Triton, float64): tied scores of 1e8 (q = k = 1e4, D = 1) gave a grad k 11x torch's error, and
+    # one key of -3e38 against 16 queries NaN grad q rows where torch's is 0. The Triton forward computed the row max
+    # m in base 2 and saved m ln(2); the backward's m ln(2) log2(e) missed the recomputed s log2(e) by an ulp of m:
+    # 3e-8 at 1e8, past 2^62 an exp2 overflow. Its stats are now kept in base 2, as computed.
+    q = torch.tensor([[[[1e4]]]], dtype=torch.float64)
+    k = torch.tensor([[[[1e4], [1e4]]]], dtype=torch.float64)
+    v = torch.tensor([[[[0.4623], [-0.088]]]], dtype=torch.float64)
+    run_case(_sdpa_case(q, k, v), backend)
+    q = torch.tensor([-0.6931, -0.112, -0.3182, 0.2999, -0.2652, -0.3827, -0.187, -0.2599],
+                     dtype=torch.float64).reshape(1, 1, 8, 1)
+    k, v = torch.tensor([[[[-3e38]]]], dtype=torch.float64), torch.tensor([[[[0.4623]]]], dtype=torch.float64)
+    run_case(_sdpa_case(q, k, v), backend)
