@@ -20,6 +20,8 @@ SHAPES = [
     ((97, 1025), -1),      # 1025 = one past a power of two: Triton's block is 2048, mostly masked
     ((113, 203), -1),      # both odd
     ((113, 203), 0),       # reduce over a non-last dim: strided rows, no transposing copy
+    ((150, 24), -1),       # short rows: the CPU takes 64 at a time as slabs (two full, one partial)
+    ((70, 1), -1),         # rows of one element
     ((3, 5, 7, 9), 1),     # non-last dim with inner = 63, not a multiple of the vector width
     ((2, 262144), -1),     # rows longer than one block: the online (two-pass) path of every backend
     ((0, 5), -1),          # zero rows
@@ -99,10 +101,11 @@ def test_exp_over_its_whole_range_native(width):
     rows = torch.zeros(len(x), width)
     rows[:, 0] = x
     for log in (False, True):
-        out = FN[log](rows, -1, backend="native")[:, 0].double()
         expected = TORCH_FN[log](rows.double(), -1)[:, 0]
-        # log: x - log(s) cancels near 0, so its error is absolute there
-        torch.testing.assert_close(out, expected, rtol=4e-7, atol=4e-7 if log else 1.2e-38)
+        # The rows as they are (short rows run as slabs), and as columns (dim 0: a non-last dim's slabs).
+        for out in (FN[log](rows, -1, backend="native")[:, 0], FN[log](rows.t().contiguous(), 0, backend="native")[0]):
+            # log: x - log(s) cancels near 0, so its error is absolute there
+            torch.testing.assert_close(out.double(), expected, rtol=4e-7, atol=4e-7 if log else 1.2e-38)
 
 
 @pytest.mark.parametrize("n", [16411, 70001])  # odd rows (unaligned starts: head and tail), and the online path

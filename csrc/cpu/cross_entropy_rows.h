@@ -198,6 +198,7 @@ void slab_stats(const T* x, const T* y, int64_t inner, int64_t w, const Smooth<A
   std::fill_n(ls, kSlab, A(0));
   std::fill_n(d, kSlab, A(0));
   std::fill_n(u, kSlab, A(0));
+  alignas(64) A comp[kSlab] = {};
   for (int64_t c = 0; c < p.C; ++c)
     for_chunks<A>(w, [&](int64_t j, int64_t len) {
       store(m + j, vmax(load(m + j), load_as<A>(x + c * inner + j, len, ninf)));
@@ -206,7 +207,7 @@ void slab_stats(const T* x, const T* y, int64_t inner, int64_t w, const Smooth<A
     const T* xc = x + c * inner;
     for_chunks<A>(w, [&](int64_t j, int64_t len) {
       const vec<A> v = load_as<A>(xc + j, len) - load(m + j);
-      store(ls + j, load(ls + j) + exp(v));  // the sum of exp, its log taken below
+      kahan_add(ls + j, comp + j, exp(v));  // the sum of exp, its log taken below
       if (dev) {
         vec<A> wu = y ? load_as<A>(y + c * inner + j, len) * keep + add : splat<A>(add);
         if (p.w) wu *= p.w[c];
@@ -303,7 +304,8 @@ void slab_losses(const T* x, const int64_t* ti, int64_t ignore_index, int64_t in
 // Rows of few contiguous classes also run as slabs: kSlab rows at a time, transposed into a [classes][kSlab]
 // buffer, where a row of its own is a single partial vector and its reductions are the work. The transposes cost
 // about what that saves in the backward (one pass, no reductions) from 12-16 classes on, in the forward and
-// backward together from 32-50, in the forward beyond 64 (docs/measurements.md, "Cross-entropy over few classes").
+// backward together from 32-50, in the forward beyond 64 (docs/measurements.md, "Short rows and spatial inputs as
+// slabs").
 enum class CePass { kForward, kBackward, kBoth };
 inline bool ce_slab_form(const CeGeometry& g, CePass pass) {
   const int64_t most = pass == CePass::kForward ? 64 : pass == CePass::kBoth ? 32 : 8;

@@ -125,34 +125,57 @@ template <typename T, bool LOG> void bwd_lastdim(const T* dy, const T* y, T* dx,
   });
 }
 
-template <typename T, bool LOG> void fwd_inner(const T* x, T* y, const DimGeometry& g) {
+// One slab: w <= kSlab rows side by side, element k of row j at x[k * stride + j] (y likewise; y may be x). The
+// reductions run along k as vector operations across the rows.
+template <typename T, bool LOG> void fwd_slab(const T* x, T* y, int64_t n, int64_t stride, int64_t w) {
   using A = acc_t<T>;
-  const int64_t n = g.size, stride = g.inner;
   constexpr A ninf = -std::numeric_limits<A>::infinity();
-  for_slabs(g.outer, n, stride, kGrain, [&](int64_t base, int64_t, int64_t w) {
-    alignas(64) A m[kSlab], s[kSlab];
-    std::fill(m, m + kSlab, ninf);
-    std::fill(s, s + kSlab, A(0));
-    for (int64_t k = 0; k < n; ++k) {
-      const T* xr = x + base + k * stride;
-      for_chunks<A>(w, [&](int64_t j, int64_t len) { store(m + j, vmax(load(m + j), load_as<A>(xr + j, len, ninf))); });
-    }
-    for (int64_t k = 0; k < n; ++k) {
-      const T* xr = x + base + k * stride;
-      for_chunks<A>(w, [&](int64_t j, int64_t len) {
-        store(s + j, load(s + j) + exp(load_as<A>(xr + j, len) - load(m + j)));
-      });
-    }
-    for (int64_t j = 0; j < w; ++j) s[j] = LOG ? std::log(s[j]) : A(1) / s[j];
-    for (int64_t k = 0; k < n; ++k) {
-      const T* xr = x + base + k * stride;
-      T* yr = y + base + k * stride;
-      for_chunks<A>(w, [&](int64_t j, int64_t len) {
-        const vec<A> v = load_as<A>(xr + j, len);
-        const vec<A> shifted = v - load(m + j);
-        store_as<A>(yr + j, LOG ? shifted - load(s + j) : exp(shifted) * load(s + j), len);
-      });
-    }
+  alignas(64) A m[kSlab], s[kSlab];
+  std::fill(m, m + kSlab, ninf);
+  std::fill(s, s + kSlab, A(0));
+  for (int64_t k = 0; k < n; ++k) {
+    const T* xr = x + k * stride;
+    for_chunks<A>(w, [&](int64_t j, int64_t len) { store(m + j, vmax(load(m + j), load_as<A>(xr + j, len, ninf))); });
+  }
+  alignas(64) A comp[kSlab] = {};
+  for (int64_t k = 0; k < n; ++k) {
+    const T* xr = x + k * stride;
+    for_chunks<A>(w, [&](int64_t j, int64_t len) {
+      kahan_add(s + j, comp + j, exp(load_as<A>(xr + j, len) - load(m + j)));
+    });
+  }
+  for_chunks<A>(w, [&](int64_t j, int64_t) { store(s + j, LOG ? log(load(s + j)) : A(1) / load(s + j)); });
+  for (int64_t k = 0; k < n; ++k) {
+    const T* xr = x + k * stride;
+    T* yr = y + k * stride;
+    for_chunks<A>(w, [&](int64_t j, int64_t len) {
+      const vec<A> shifted = load_as<A>(xr + j, len) - load(m + j);
+      store_as<A>(yr + j, LOG ? shifted - load(s + j) : exp(shifted) * load(s + j), len);
+    });
+  }
+}
+
+// Rows of at most this many elements take the slab form (fwd_slab) kSlab rows at a time, transposed into a
+// [n][kSlab] buffer: on its own such a row is one or two vectors whose horizontal max and sum, and the scalar log
+// or division, are most of its work. The transposes cost what that saves from about 24 elements on
+// (docs/measurements.md, "Short rows and spatial inputs as slabs").
+constexpr int64_t kShortRow = 24;
+
+template <typename T, bool LOG> void fwd_short_rows(const T* x, T* y, int64_t rows, int64_t n) {
+  using A = acc_t<T>;
+  for_slabs(1, n, rows, kGrain, [&](int64_t, int64_t first, int64_t w) {
+    alignas(64) A buf[kShortRow * kSlab];
+    for (int64_t j = 0; j < w; ++j)
+      for (int64_t k = 0; k < n; ++k) buf[k * kSlab + j] = static_cast<A>(x[(first + j) * n + k]);
+    fwd_slab<A, LOG>(buf, buf, n, kSlab, w);
+    for (int64_t j = 0; j < w; ++j)
+      for (int64_t k = 0; k < n; ++k) y[(first + j) * n + k] = static_cast<T>(buf[k * kSlab + j]);
+  });
+}
+
+template <typename T, bool LOG> void fwd_inner(const T* x, T* y, const DimGeometry& g) {
+  for_slabs(g.outer, g.size, g.inner, kGrain, [&](int64_t base, int64_t, int64_t w) {
+    fwd_slab<T, LOG>(x + base, y + base, g.size, g.inner, w);
   });
 }
 
@@ -190,8 +213,12 @@ at::Tensor softmax_fwd_cpu(const at::Tensor& input, int64_t dim, bool log) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_fwd_cpu", [&] {
     const auto* xp = x.const_data_ptr<scalar_t>();
     auto* yp = y.mutable_data_ptr<scalar_t>();
-    if (g.inner == 1) {
-      log ? fwd_lastdim<scalar_t, true>(xp, yp, g.outer, g.size) : fwd_lastdim<scalar_t, false>(xp, yp, g.outer, g.size);
+    if (g.inner == 1 && g.size <= kShortRow) {
+      log ? fwd_short_rows<scalar_t, true>(xp, yp, g.outer, g.size)
+          : fwd_short_rows<scalar_t, false>(xp, yp, g.outer, g.size);
+    } else if (g.inner == 1) {
+      log ? fwd_lastdim<scalar_t, true>(xp, yp, g.outer, g.size)
+          : fwd_lastdim<scalar_t, false>(xp, yp, g.outer, g.size);
     } else {
       log ? fwd_inner<scalar_t, true>(xp, yp, g) : fwd_inner<scalar_t, false>(xp, yp, g);
     }
