@@ -197,6 +197,8 @@ def _fake_bwd(grad_loss, input, target, weight, stats, ignore_index, label_smoot
 def _setup_context(ctx, inputs, output):
     input, target, weight, ctx.ignore_index, ctx.label_smoothing, ctx.inplace = inputs
     ctx.mark_non_differentiable(output[1])
+    # stats never gets a gradient: materializing one would zero-fill a (2, rows...) tensor on every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(input, target, weight, output[1])
 
 
@@ -212,6 +214,8 @@ def _target_grad(g, input, weight, stats, eps):
 def _backward(ctx, grads, bwd_op):
     input, target, weight, stats = ctx.saved_tensors
     g = grads[0]
+    if g is None:  # the loss took no part in what is differentiated
+        return None, None, None, None, None, None
     args = (target, weight, stats, ctx.ignore_index, ctx.label_smoothing)
     grad_target = None
     if ctx.needs_input_grad[1] and target.is_floating_point():
