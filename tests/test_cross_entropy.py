@@ -26,7 +26,7 @@ SHAPES = [
     (3, 5, 7),       # spatial (N, C, d): classes `inner` apart
     (2, 4, 3, 5),    # two spatial dims
     (2, 3, 70),      # more positions than one CPU slab (64): a full slab and a partial one
-    (130, 20),       # few classes: the CPU's forward takes slabs of 64 rows (three, the last partial), its backward rows
+    (130, 20),       # few classes: the CPU's forward runs slabs of 64 rows (the last partial), its backward rows
     (11,),           # unbatched (C,): target is 0-d
     (0, 5),          # no rows
 ]
@@ -110,7 +110,8 @@ def test_reference_matches_torch(shape, kind, weighted, smoothing, reduction):
     torch.testing.assert_close(ref_dx, their_dx, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("device,backend,shape", backend_shapes("cross_entropy", [(113, 123), (3, 5, 7), (130, 20), (4, 5000)],
+@pytest.mark.parametrize("device,backend,shape", backend_shapes("cross_entropy",
+                                                                [(113, 123), (3, 5, 7), (130, 20), (4, 5000)],
                                                                 [(3, 123), (2, 5, 3)]))
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("weighted,smoothing,reduction", [OPTIONS[1], OPTIONS[3], OPTIONS[4]])
