@@ -307,8 +307,9 @@ void slab_losses(const T* x, const int64_t* ti, int64_t ignore_index, int64_t in
 // backward together from 32-50, in the forward beyond 64 (docs/measurements.md, "Short rows and spatial inputs as
 // slabs").
 enum class CePass { kForward, kBackward, kBoth };
+constexpr int64_t kShortRowMost = 64;  // the largest of the three: ce_slabs' buffer holds that many classes
 inline bool ce_slab_form(const CeGeometry& g, CePass pass) {
-  const int64_t most = pass == CePass::kForward ? 64 : pass == CePass::kBoth ? 32 : 8;
+  const int64_t most = pass == CePass::kForward ? kShortRowMost : pass == CePass::kBoth ? 32 : 8;
   return g.inner > 1 || g.classes <= most;
 }
 
@@ -345,18 +346,13 @@ void ce_slabs(const CeGeometry& g, const acc_t<T>* grad, const T* x, const int64
     return;
   }
   // [1, C, rows] slabs of the row-major [rows, C]: first is the slab's first row, base unused.
+  TORCH_CHECK(C <= kShortRowMost, "cross_entropy: ", C, " classes taken as short rows");
   for_slabs(1, C, g.rows(), kRowGrain, [&](int64_t, int64_t first, int64_t w) {
-    std::unique_ptr<A[]> buf(new A[(ty ? 2 : 1) * C * kSlab]);
-    A *bx = buf.get(), *by = ty ? buf.get() + C * kSlab : nullptr;
-    for (int64_t j = 0; j < w; ++j)
-      for (int64_t c = 0; c < C; ++c) {
-        bx[c * kSlab + j] = static_cast<A>(x[(first + j) * C + c]);
-        if (by) by[c * kSlab + j] = static_cast<A>(ty[(first + j) * C + c]);
-      }
-    slab(static_cast<const A*>(bx), static_cast<const A*>(by), kSlab, first, w, bx);
-    if constexpr (GRAD)
-      for (int64_t j = 0; j < w; ++j)
-        for (int64_t c = 0; c < C; ++c) dx[(first + j) * C + c] = static_cast<T>(bx[c * kSlab + j]);
+    alignas(64) A bx[kShortRowMost * kSlab], by[kShortRowMost * kSlab];
+    rows_to_slab(x, C, first, w, bx);
+    if (ty) rows_to_slab(ty, C, first, w, by);
+    slab(static_cast<const A*>(bx), ty ? static_cast<const A*>(by) : nullptr, kSlab, first, w, bx);
+    if constexpr (GRAD) slab_to_rows(bx, C, first, w, dx);
   });
 }
 

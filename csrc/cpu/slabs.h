@@ -29,6 +29,17 @@ template <typename F> void for_slabs(int64_t outer, int64_t size, int64_t inner,
   });
 }
 
+// Rows [first, first + w) of a row-major [rows, n] into the slab layout buf[k * kSlab + j] (row first + j,
+// element k), in the accumulation type A, and back: short rows run as a slab through such a buffer.
+template <typename A, typename T> inline void rows_to_slab(const T* x, int64_t n, int64_t first, int64_t w, A* buf) {
+  for (int64_t j = 0; j < w; ++j)
+    for (int64_t k = 0; k < n; ++k) buf[k * kSlab + j] = static_cast<A>(x[(first + j) * n + k]);
+}
+template <typename A, typename T> inline void slab_to_rows(const A* buf, int64_t n, int64_t first, int64_t w, T* y) {
+  for (int64_t j = 0; j < w; ++j)
+    for (int64_t k = 0; k < n; ++k) y[(first + j) * n + k] = static_cast<T>(buf[k * kSlab + j]);
+}
+
 // sum[0, W) += v (W: a vector's lanes) with Kahan's compensation in comp: a slab sums each row's terms one after
 // another, and a row like [x, 0, ..., 0] adds its many small terms to an accumulator near 1, each rounded to its
 // ulp (float32: 17 ulp after 39 terms, where a row's own vector sum keeps the small terms in other lanes).

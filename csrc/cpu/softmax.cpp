@@ -165,11 +165,9 @@ template <typename T, bool LOG> void fwd_short_rows(const T* x, T* y, int64_t ro
   using A = acc_t<T>;
   for_slabs(1, n, rows, kGrain, [&](int64_t, int64_t first, int64_t w) {
     alignas(64) A buf[kShortRow * kSlab];
-    for (int64_t j = 0; j < w; ++j)
-      for (int64_t k = 0; k < n; ++k) buf[k * kSlab + j] = static_cast<A>(x[(first + j) * n + k]);
+    rows_to_slab(x, n, first, w, buf);
     fwd_slab<A, LOG>(buf, buf, n, kSlab, w);
-    for (int64_t j = 0; j < w; ++j)
-      for (int64_t k = 0; k < n; ++k) y[(first + j) * n + k] = static_cast<T>(buf[k * kSlab + j]);
+    slab_to_rows(buf, n, first, w, y);
   });
 }
 
